@@ -1,0 +1,46 @@
+"""memfit's error types.
+
+One base, :class:`MemfitError`, so that callers can catch everything memfit raises on purpose.
+Malformed arguments raise the built-in ``ValueError``/``TypeError`` instead.
+"""
+
+from __future__ import annotations
+
+
+class MemfitError(RuntimeError):
+    """Base of every error memfit raises on purpose."""
+
+
+class InfeasibleBudgetError(MemfitError):
+    """No plan fits the budget.
+
+    Attributes:
+        budget_bytes: the budget asked for.
+        min_feasible_bytes: the smallest budget for which a plan exists.
+    """
+
+    def __init__(self, budget_bytes: int, min_feasible_bytes: int, detail: str = "") -> None:
+        from memfit.units import format_bytes
+
+        self.budget_bytes = int(budget_bytes)
+        self.min_feasible_bytes = int(min_feasible_bytes)
+        message = (
+            f"budget {format_bytes(self.budget_bytes)} is infeasible: the smallest peak any plan "
+            f"reaches is {format_bytes(self.min_feasible_bytes)} "
+            f"({self.min_feasible_bytes} bytes); raise the budget to at least that"
+        )
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class PlanMismatchError(MemfitError):
+    """A plan does not fit the model it is applied to (other stages, shapes or dtypes)."""
+
+
+class UnsupportedModelError(MemfitError):
+    """memfit cannot find or run the model's chain of stages."""
+
+
+class AlreadyPlannedError(MemfitError):
+    """The model already carries a memfit plan; remove it first."""

@@ -1,0 +1,176 @@
+"""The chain's costs as plain numbers: what every solver and the simulator read.
+
+A :class:`ChainCosts` is built from a measured profile (``memfit.measure``) or written by hand
+(tests, synthetic chains). No torch here.
+
+Memory semantics (the simulator, :mod:`memfit.plan.simulate`, is their executable definition):
+
+* The level ``L`` starts at ``held_bytes`` (parameters, existing gradients, optimizer state, the
+  sample: everything live before the step). Stage 0's input belongs to it and is never freed.
+* ``Stage(i, option)`` in forward: the peak is ``L + forward_peak_bytes``, then
+  ``L += saved_bytes + output_bytes`` (``saved_bytes`` may be negative when the stage lets its
+  input go).
+* A recompute ``Segment(s, t)`` in forward runs stages ``s..t-1`` without saving: for each ``j``
+  the peak is ``L + nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for
+  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept).
+* ``Stage(i, option)`` in backward: the peak is ``L + backward_peak_bytes``, then
+  ``L += backward_delta_bytes`` (negative: saved tensors, the input and the output's gradient
+  are freed; the input's gradient and new parameter gradients are allocated).
+* A ``Segment(s, t, inner)`` in backward replays ``inner`` forward, drops the recomputed output
+  (``L -= output_bytes[t-1]``), then runs ``inner`` backward.
+
+Time: ``Stage`` costs ``forward_s + backward_s`` of its option; a ``Segment`` adds the no-save
+forward of its stages (``nosave_forward_s``) to the time of its inner plan.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KEEP = "keep"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptionCosts:
+    """Costs of running one stage with one option (``keep``, ``selective:<policy>``, ...).
+
+    Attributes:
+        forward_s: seconds of the stage's forward with this option.
+        backward_s: seconds of its backward (including any op-level recompute it implies).
+        saved_bytes: bytes still held after the forward beyond the stage's output (what backward
+            needs, net of the input if the stage lets it go).
+        forward_peak_bytes: peak above the level at the start of the forward.
+        backward_peak_bytes: peak above the level at the start of the backward.
+        backward_delta_bytes: level after the backward minus level before it.
+        detail: free-form, JSON-serialisable facts about the option (e.g. the ops it saves).
+    """
+
+    forward_s: float
+    backward_s: float
+    saved_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    backward_delta_bytes: int
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("forward_s", "backward_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"OptionCosts.{name} must be >= 0 seconds; got {value!r}")
+        for name in ("forward_peak_bytes", "backward_peak_bytes"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"OptionCosts.{name} must be >= 0; got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageCosts:
+    """One stage of the chain.
+
+    Attributes:
+        name: the stage's name (a module fqn such as ``transformer.h.3``, or ``embed``/``head``).
+        input_bytes: bytes of the stage's main input tensor.
+        output_bytes: bytes of its main output tensor (for the last stage: the loss).
+        options: option name -> costs; ``keep`` is always present.
+        nosave_forward_s: seconds of the forward inside a recompute segment (nothing saved).
+        nosave_forward_peak_bytes: its peak above the level at its start.
+        checkpointable: whether the stage can be part of a recompute segment.
+        joins_previous: whether a recompute segment may span this stage and the one before
+            (false where the side inputs change between them).
+    """
+
+    name: str
+    input_bytes: int
+    output_bytes: int
+    options: Mapping[str, OptionCosts]
+    nosave_forward_s: float
+    nosave_forward_peak_bytes: int
+    checkpointable: bool = True
+    joins_previous: bool = True
+
+    def __post_init__(self) -> None:
+        if KEEP not in self.options:
+            raise ValueError(
+                f"stage {self.name!r}: options must include {KEEP!r}; got {sorted(self.options)}"
+            )
+        if self.input_bytes < 0 or self.output_bytes < 0:
+            raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChainCosts:
+    """The whole chain: stages in execution order plus what is held before the step.
+
+    Attributes:
+        stages: the stages, first to last (the last one ends in the loss).
+        held_bytes: bytes live before the step starts.
+        fingerprint: identifies the model and sample the costs were measured on.
+    """
+
+    stages: Sequence[StageCosts]
+    held_bytes: int = 0
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("ChainCosts needs at least one stage")
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChainCosts:
+        stages = []
+        for stage in data["stages"]:
+            options = {name: OptionCosts(**option) for name, option in stage["options"].items()}
+            stages.append(StageCosts(**{**stage, "options": options}))
+        return cls(
+            stages=stages,
+            held_bytes=int(data.get("held_bytes", 0)),
+            fingerprint=str(data.get("fingerprint", "")),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ChainCosts:
+        return cls.from_dict(json.loads(text))
+
+
+def uniform_chain(
+    n: int,
+    *,
+    activation_bytes: int = 1 << 20,
+    saved_bytes: int = 4 << 20,
+    forward_s: float = 1.0,
+    backward_s: float = 2.0,
+    held_bytes: int = 0,
+) -> ChainCosts:
+    """A synthetic chain of ``n`` identical stages (tests, benchmarks, docs)."""
+    stages = [
+        StageCosts(
+            name=f"stage{i}",
+            input_bytes=activation_bytes,
+            output_bytes=activation_bytes,
+            options={
+                KEEP: OptionCosts(
+                    forward_s=forward_s,
+                    backward_s=backward_s,
+                    saved_bytes=saved_bytes,
+                    forward_peak_bytes=saved_bytes + activation_bytes,
+                    backward_peak_bytes=saved_bytes + activation_bytes,
+                    backward_delta_bytes=-(saved_bytes + activation_bytes),
+                )
+            },
+            nosave_forward_s=forward_s,
+            nosave_forward_peak_bytes=saved_bytes + activation_bytes,
+        )
+        for i in range(n)
+    ]
+    return ChainCosts(stages=stages, held_bytes=held_bytes, fingerprint=f"uniform{n}")

@@ -1,0 +1,203 @@
+"""The Plan: how every stage of the chain runs, as plain data (JSON in, JSON out, no pickle).
+
+A plan is a *schedule tree* over the chain ``[0, n)``: a list of items that partition it, in order.
+Each item is either
+
+* ``Stage(index, option)``: stage ``index`` runs with ``option`` (``keep``, ``selective:<policy>``,
+  ``offload``...), or
+* ``Segment(start, stop, inner)``: stages ``start..stop-1`` run once without saving anything but
+  ``start``'s input, and are recomputed in backward following ``inner``, itself a schedule tree
+  over ``[start, stop)``. One recomputed block is ``Segment(i, i + 1, (Stage(i, "keep"),))``;
+  nesting gives the multi-level schedules of the Rotor dynamic program.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Run stage ``index`` with ``option``."""
+
+    index: int
+    option: str = "keep"
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Recompute stages ``start..stop-1`` in backward, following the inner schedule."""
+
+    start: int
+    stop: int
+    inner: tuple[Item, ...]
+
+
+Item = Union[Stage, Segment]  # noqa: UP007 (used at runtime by isinstance-free code paths)
+Tree = tuple[Item, ...]
+
+
+def keep_tree(start: int, stop: int) -> Tree:
+    """Every stage of ``[start, stop)`` kept."""
+    return tuple(Stage(i) for i in range(start, stop))
+
+
+def recompute_one(index: int) -> Segment:
+    """Stage ``index`` recomputed as a whole in backward (torch's plain checkpoint)."""
+    return Segment(index, index + 1, (Stage(index),))
+
+
+def validate_tree(tree: Sequence[Item], start: int, stop: int, where: str = "plan") -> None:
+    """Check that ``tree`` partitions ``[start, stop)`` in order, recursively.
+
+    Raises:
+        ValueError: naming the first item that breaks the rule.
+    """
+    position = start
+    for item in tree:
+        if isinstance(item, Stage):
+            if item.index != position:
+                raise ValueError(f"{where}: expected stage {position}, found stage {item.index}")
+            if not isinstance(item.option, str) or not item.option:
+                raise ValueError(f"{where}: stage {item.index} has no option name")
+            position += 1
+        elif isinstance(item, Segment):
+            if item.start != position or not item.start < item.stop <= stop:
+                raise ValueError(
+                    f"{where}: expected a segment starting at {position} and ending by {stop}, "
+                    f"found [{item.start}, {item.stop})"
+                )
+            validate_tree(item.inner, item.start, item.stop, f"{where} > segment {item.start}")
+            position = item.stop
+        else:
+            raise ValueError(f"{where}: items are Stage or Segment; found {item!r}")
+    if position != stop:
+        raise ValueError(f"{where}: covers [{start}, {position}) but must cover [{start}, {stop})")
+
+
+def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for item in tree:
+        if isinstance(item, Stage):
+            out.append({"stage": item.index, "option": item.option})
+        else:
+            out.append({"segment": [item.start, item.stop], "inner": tree_to_data(item.inner)})
+    return out
+
+
+def tree_from_data(data: Any) -> Tree:
+    if not isinstance(data, list):
+        raise ValueError(f"plan tree must be a JSON list; got {type(data).__name__}")
+    items: list[Item] = []
+    for entry in data:
+        if isinstance(entry, dict) and "stage" in entry:
+            items.append(Stage(int(entry["stage"]), str(entry.get("option", "keep"))))
+        elif isinstance(entry, dict) and "segment" in entry:
+            start, stop = entry["segment"]
+            items.append(Segment(int(start), int(stop), tree_from_data(entry.get("inner", []))))
+        else:
+            raise ValueError(
+                f'plan tree items are {{"stage": i, "option": name}} or '
+                f'{{"segment": [start, stop], "inner": [...]}}; got {entry!r}'
+            )
+    return tuple(items)
+
+
+def stage_options(tree: Sequence[Item]) -> dict[int, str]:
+    """Stage index -> how it runs at the top level: its option, or ``recompute``."""
+    out: dict[int, str] = {}
+    for item in tree:
+        if isinstance(item, Stage):
+            out[item.index] = item.option
+        else:
+            for index in range(item.start, item.stop):
+                out[index] = "recompute"
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """A schedule for the chain plus what it is predicted to cost.
+
+    Attributes:
+        stage_names: the chain's stage names, in order (checked against the model on apply).
+        tree: the schedule tree over ``[0, len(stage_names))``.
+        strategy: the solver that made it (``optimal``, ``sqrt``, ``every:2``, ...).
+        budget_bytes: the budget it was made for (``None``: no budget).
+        predicted_peak_bytes: the simulator's step peak.
+        predicted_step_s: the simulator's step time.
+        fingerprint: the profile's fingerprint (model structure, shapes, dtypes).
+    """
+
+    stage_names: tuple[str, ...]
+    tree: Tree
+    strategy: str
+    predicted_peak_bytes: int
+    predicted_step_s: float
+    budget_bytes: int | None = None
+    fingerprint: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage_names", tuple(self.stage_names))
+        object.__setattr__(self, "tree", tuple(self.tree))
+        validate_tree(self.tree, 0, len(self.stage_names))
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Stage name -> ``keep``/``recompute``/``selective:...``, at the top level."""
+        by_index = stage_options(self.tree)
+        return {name: by_index[i] for i, name in enumerate(self.stage_names)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT_VERSION,
+            "stage_names": list(self.stage_names),
+            "tree": tree_to_data(self.tree),
+            "strategy": self.strategy,
+            "budget_bytes": self.budget_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "predicted_step_s": self.predicted_step_s,
+            "fingerprint": self.fingerprint,
+            "info": dict(self.info),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a plan is a JSON object; got {type(data).__name__}")
+        if data.get("format") != PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"plan format {data.get('format')!r} is not supported; "
+                f"expected {PLAN_FORMAT_VERSION} (re-run `memfit plan`)"
+            )
+        missing = [key for key in ("stage_names", "tree", "strategy") if key not in data]
+        if missing:
+            raise ValueError(f"plan JSON lacks {missing}; re-create it with `memfit plan`")
+        budget = data.get("budget_bytes")
+        return cls(
+            stage_names=tuple(str(name) for name in data["stage_names"]),
+            tree=tree_from_data(data["tree"]),
+            strategy=str(data["strategy"]),
+            budget_bytes=None if budget is None else int(budget),
+            predicted_peak_bytes=int(data.get("predicted_peak_bytes", 0)),
+            predicted_step_s=float(data.get("predicted_step_s", 0.0)),
+            fingerprint=str(data.get("fingerprint", "")),
+            info=dict(data.get("info", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"plan is not valid JSON: {error}") from None
+        return cls.from_dict(data)
