@@ -56,7 +56,7 @@ def parse_bytes(value: int | float | str) -> int:
             f"cannot read {value!r} as a size; write a number with an optional unit "
             f"(B, KB, MB, GB, KiB, MiB, GiB), e.g. {_EXAMPLES}"
         )
-    return int(round(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+    return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.bytes is None) == (self.fraction is None):
             raise ValueError("a Budget holds exactly one of bytes= or fraction=")
-        if self.fraction is not None and not 0.0 <= self.fraction:
+        if self.fraction is not None and not self.fraction >= 0.0:
             raise ValueError(f"budget fraction must be >= 0; got {self.fraction}")
 
     def resolve(self, held_bytes: int, activation_bytes: int) -> int:
@@ -101,10 +101,10 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
             percent = float(number)
         except ValueError:
             raise ValueError(
-                f"cannot read budget {value!r}; a percentage looks like \"40%\" "
+                f'cannot read budget {value!r}; a percentage looks like "40%" '
                 f"(of the step's activation memory without memfit)"
             ) from None
-        if not 0.0 <= percent:
+        if not percent >= 0.0:
             raise ValueError(f"budget percentage must be >= 0; got {value!r}")
         return Budget(fraction=percent / 100.0)
     try:

@@ -1,0 +1,24 @@
+"""Measuring: the memory meter, training steps, chain discovery and per-stage profiles."""
+
+from memfit.measure.chain import POST, PRE, Chain, find_chain
+from memfit.measure.meter import MemoryMeter, MemoryReading, Span
+from memfit.measure.profile import Profile, build_profile, fingerprint
+from memfit.measure.run import Measurement, StageReading, measure, measure_stages, time_step
+
+__all__ = [
+    "POST",
+    "PRE",
+    "Chain",
+    "Measurement",
+    "MemoryMeter",
+    "MemoryReading",
+    "Profile",
+    "Span",
+    "StageReading",
+    "build_profile",
+    "find_chain",
+    "fingerprint",
+    "measure",
+    "measure_stages",
+    "time_step",
+]

@@ -1,0 +1,175 @@
+"""The per-stage profile: measured costs of every stage under every option, as plain data.
+
+Built from :class:`~memfit.measure.run.StageReading` s of whole steps: one with every stage kept,
+one with every block recomputed (which gives the no-save forward of each block), and one per
+further option (``selective:*``). Every figure is a difference of levels the meter saw at stage
+boundaries, so the simulator replays the all-keep step to the byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.measure.chain import Chain
+from memfit.measure.run import Measurement, StageReading
+from memfit.measure.step import split_sample
+from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """A model's chain with measured costs.
+
+    Attributes:
+        costs: the chain's costs (what the planner reads).
+        measurement: the plain step (no plan), measured.
+        parameter_bytes: per stage, bytes of the parameters it owns.
+        recompute_measurement: the step with every block recomputed, when measured.
+    """
+
+    costs: ChainCosts
+    measurement: Measurement
+    parameter_bytes: tuple[int, ...]
+    recompute_measurement: Measurement | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(stage.name for stage in self.costs.stages)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.costs.fingerprint
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "costs": json.loads(self.costs.to_json()),
+            "measurement": self.measurement.to_dict(),
+            "parameter_bytes": list(self.parameter_bytes),
+            "recompute_measurement": (
+                None if self.recompute_measurement is None else self.recompute_measurement.to_dict()
+            ),
+            "info": dict(self.info),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        recompute = data.get("recompute_measurement")
+        return cls(
+            costs=ChainCosts.from_dict(data["costs"]),
+            measurement=Measurement(**data["measurement"]),
+            parameter_bytes=tuple(int(b) for b in data["parameter_bytes"]),
+            recompute_measurement=None if recompute is None else Measurement(**recompute),
+            info=dict(data.get("info", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        return cls.from_dict(json.loads(text))
+
+
+def fingerprint(model: nn.Module, sample: Any, chain: Chain) -> str:
+    """``"<model>-<sample>"``: short hashes of what a plan depends on. The model part covers the
+    chain and parameter names, shapes and dtypes; the sample part its shapes, dtypes, device."""
+    model_digest = hashlib.sha256(repr(chain.stage_names).encode())
+    for name, parameter in model.named_parameters():
+        model_digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+    sample_digest = hashlib.sha256()
+    args, kwargs = split_sample(sample)
+    for key, value in [*enumerate(args), *sorted(kwargs.items())]:
+        if isinstance(value, torch.Tensor):
+            sample_digest.update(
+                f"{key}:{tuple(value.shape)}:{value.dtype}:{value.device}".encode()
+            )
+        else:
+            sample_digest.update(f"{key}:{type(value).__name__}".encode())
+    return f"{model_digest.hexdigest()[:12]}-{sample_digest.hexdigest()[:8]}"
+
+
+def _parameter_bytes(model: nn.Module, chain: Chain) -> tuple[int, ...]:
+    in_blocks = {id(p) for block in chain.blocks for p in block.parameters()}
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
+    blocks = [
+        sum(p.numel() * p.element_size() for p in block.parameters()) for block in chain.blocks
+    ]
+    return (rest, *blocks, 0)
+
+
+def _option_costs(reading: StageReading, index: int, last: int, output_bytes: int) -> OptionCosts:
+    f_start, f_peak, f_end = reading.forward_span(index)
+    b_start, b_peak, b_end = reading.backward_span(index, last)
+    return OptionCosts(
+        forward_s=reading.forward_s[index],
+        backward_s=reading.backward_s[index],
+        saved_bytes=f_end - f_start - output_bytes,
+        forward_peak_bytes=f_peak - f_start,
+        backward_peak_bytes=b_peak - b_start,
+        backward_delta_bytes=b_end - b_start,
+    )
+
+
+def build_profile(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    keep: StageReading,
+    *,
+    recompute: StageReading | None = None,
+    options: Mapping[str, StageReading] | None = None,
+) -> Profile:
+    """Assemble a :class:`Profile` from stage readings of the same model and sample.
+
+    Args:
+        keep: the plain step.
+        recompute: the step with every block recomputed (each block its own segment); without
+            it, blocks cannot be recomputed by the planner.
+        options: option name -> the step with every block run with that option.
+    """
+    last = len(chain) - 1
+    stages = []
+    for index, name in enumerate(chain.stage_names):
+        output = keep.output_bytes.get(index, 0)
+        input_bytes = keep.output_bytes.get(index - 1, 0) if index > 0 else 0
+        menu = {KEEP: _option_costs(keep, index, last, output)}
+        is_block = 0 < index < last
+        if is_block:
+            for option, reading in (options or {}).items():
+                menu[option] = _option_costs(reading, index, last, output)
+        if is_block and recompute is not None:
+            start, peak, _end = recompute.forward_span(index)
+            nosave_s, nosave_peak = recompute.forward_s[index], peak - start
+        else:
+            nosave_s, nosave_peak = menu[KEEP].forward_s, menu[KEEP].forward_peak_bytes
+        stages.append(
+            StageCosts(
+                name=name,
+                input_bytes=input_bytes,
+                output_bytes=output,
+                options=menu,
+                nosave_forward_s=nosave_s,
+                nosave_forward_peak_bytes=nosave_peak,
+                checkpointable=is_block and recompute is not None,
+                joins_previous=index > 1 and keep.same_side_inputs.get(index, False),
+            )
+        )
+    costs = ChainCosts(
+        stages=stages,
+        held_bytes=keep.measurement.held_bytes,
+        fingerprint=fingerprint(model, sample, chain),
+    )
+    return Profile(
+        costs=costs,
+        measurement=keep.measurement,
+        parameter_bytes=_parameter_bytes(model, chain),
+        recompute_measurement=None if recompute is None else recompute.measurement,
+    )

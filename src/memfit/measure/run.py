@@ -1,0 +1,336 @@
+"""Measuring training steps: the whole step (``measure``) and its stages (``measure_stages``).
+
+Stage boundaries are marks dropped by module and tensor hooks: a block's forward pre-hook opens
+its forward span; a gradient hook on a stage's output opens that stage's backward span (the
+gradient of its output is ready). Memory comes from one step under the :class:`MemoryMeter`;
+times from separate steps without the profiler (medians over repeats after a warm-up).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.measure.chain import Chain, main_tensor
+from memfit.measure.meter import MemoryMeter, MemoryReading
+from memfit.measure.step import (
+    LossFn,
+    compute_loss,
+    held_bytes,
+    preserved_grads,
+    reset_grads,
+    sample_device,
+    split_sample,
+    synchronize,
+    tensor_bytes,
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Measurement:
+    """One training step, measured.
+
+    Attributes:
+        peak_bytes: step peak including what was held before the step.
+        held_bytes: bytes live before the step (parameters, gradients that exist, buffers,
+            the sample, optimizer state when given). On CUDA: the allocator's count.
+        activation_bytes: ``peak_bytes - held_bytes``: memory the step itself needs.
+        forward_peak_bytes: peak during forward and loss, above ``held_bytes``.
+        backward_peak_bytes: peak during backward, above ``held_bytes``.
+        step_s, forward_s, backward_s: medians over the timed repeats.
+        peak_op: the op at the peak (CPU).
+        accumulate: whether gradients existed before the step (gradient accumulation).
+        device: where the step ran.
+        repeats: how many timed steps the medians are over.
+    """
+
+    peak_bytes: int
+    held_bytes: int
+    activation_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    step_s: float
+    forward_s: float
+    backward_s: float
+    peak_op: str
+    accumulate: bool
+    device: str
+    repeats: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Clock:
+    """Marks with wall-clock times (synchronising CUDA so spans hold their own kernels)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, label: str) -> None:
+        synchronize(self.device)
+        self.marks.append((label, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        return {
+            label: later - now
+            for (label, now), (_next, later) in zip(self.marks, self.marks[1:], strict=False)
+        }
+
+
+Marker = Callable[[str], None]
+
+
+def _step(model: nn.Module, sample: Any, loss_fn: LossFn | None, mark: Marker) -> torch.Tensor:
+    args, kwargs = split_sample(sample)
+    mark("F:0")
+    loss = compute_loss(model(*args, **kwargs), loss_fn)
+    mark("B:loss")
+    loss.backward()
+    mark("end")
+    return loss.detach()
+
+
+def _same_side_inputs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+            if value is not other:
+                return False
+        elif value is not other:
+            try:
+                if bool(value != other):
+                    return False
+            except Exception:  # uncomparable objects: different unless identical
+                return False
+    return True
+
+
+@contextmanager
+def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
+    """Hooks that mark stage boundaries; yields stage index -> bytes of its output, and under
+    key ``-index`` whether block ``index`` got the same side inputs as the block before it."""
+    blocks = chain.blocks
+    last = len(chain) - 1
+    output_bytes: dict[int, int] = {}
+    side_inputs: dict[int, dict[str, Any]] = {}
+    handles = []
+
+    def on_grad(label: str) -> Callable[[torch.Tensor], None]:
+        return lambda _grad: mark(label)
+
+    def pre_hook(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            mark(f"F:{index}")
+            side_inputs[index] = {f"arg{i}": a for i, a in enumerate(args[1:])} | {
+                key: value for key, value in kwargs.items() if key != "hidden_states"
+            }
+            if index > 1 and index - 1 in side_inputs:
+                same = _same_side_inputs(side_inputs[index - 1], side_inputs[index])
+                output_bytes[-index] = int(same)
+            if index == 1:
+                first = main_tensor(args[0] if args else kwargs.get("hidden_states"))
+                if first is not None:
+                    output_bytes[0] = tensor_bytes(first)
+                    if first.requires_grad:
+                        first.register_hook(on_grad("B:0"))
+
+        return hook
+
+    def post_hook(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+            out = main_tensor(output)
+            if out is not None:
+                output_bytes[index] = tensor_bytes(out)
+                if out.requires_grad:
+                    out.register_hook(on_grad(f"B:{index}"))
+            if index == last - 1:
+                mark(f"F:{last}")
+
+        return hook
+
+    for k, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(k + 1), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(k + 1), with_kwargs=True))
+    try:
+        yield output_bytes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True, slots=True)
+class StageReading:
+    """Memory spans and median times of every stage of one way of running the model."""
+
+    memory: MemoryReading
+    forward_s: dict[int, float]
+    backward_s: dict[int, float]
+    output_bytes: dict[int, int]
+    measurement: Measurement
+    same_side_inputs: dict[int, bool]
+
+    def forward_span(self, index: int) -> tuple[int, int, int]:
+        """(start, peak, end) level of stage ``index``'s forward."""
+        label = "F:0" if index == 0 else f"F:{index}"
+        return _span(self.memory, label)
+
+    def backward_span(self, index: int, last: int) -> tuple[int, int, int]:
+        label = "B:loss" if index == last else f"B:{index}"
+        try:
+            return _span(self.memory, label)
+        except KeyError:  # no gradient flows into this stage (frozen input): no backward
+            level = self.memory.span("end").start_bytes
+            return level, level, level
+
+
+def _span(reading: MemoryReading, label: str) -> tuple[int, int, int]:
+    span = reading.span(label)
+    return span.start_bytes, span.peak_bytes, span.end_bytes
+
+
+def measure_stages(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain | None,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    repeats: int = 3,
+    warmup: int = 1,
+    optimizer: Any = None,
+) -> StageReading:
+    """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
+
+    With ``chain=None`` only the whole step is measured (``measure``).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
+    device = sample_device(model, sample)
+    last = len(chain) - 1 if chain is not None else 0
+
+    @contextmanager
+    def marks(mark: Marker) -> Iterator[dict[int, int]]:
+        if chain is None:
+            yield {}
+        else:
+            with _stage_marks(chain, mark) as sizes:
+                yield sizes
+
+    with preserved_grads(model):
+        for _ in range(warmup):
+            reset_grads(model, accumulate)
+            _step(model, sample, loss_fn, lambda _label: None)
+        clocks = []
+        for _ in range(repeats):
+            reset_grads(model, accumulate)
+            clock = _Clock(device)
+            with marks(clock.mark):
+                _step(model, sample, loss_fn, clock.mark)
+            clocks.append(clock.durations())
+        reset_grads(model, accumulate)
+        held = held_bytes(model, sample, optimizer)
+        meter = MemoryMeter(device)
+        with marks(meter.mark) as sizes, meter:
+            loss = _step(model, sample, loss_fn, meter.mark)
+        if device.type == "cuda":
+            held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
+    reading = meter.reading
+    sizes[last] = tensor_bytes(loss)
+
+    def median(label: str) -> float:
+        return statistics.median(durations.get(label, 0.0) for durations in clocks)
+
+    def total(labels: list[str]) -> float:
+        return statistics.median(sum(d.get(label, 0.0) for label in labels) for d in clocks)
+
+    forward_labels = [label for label in clocks[0] if label.startswith("F:")]
+    backward_labels = [label for label in clocks[0] if label.startswith("B:")]
+    measurement = Measurement(
+        peak_bytes=held + reading.peak_bytes,
+        held_bytes=held,
+        activation_bytes=reading.peak_bytes,
+        forward_peak_bytes=max(
+            span.peak_bytes for span in reading.spans if span.label.startswith("F:")
+        ),
+        backward_peak_bytes=max(
+            span.peak_bytes
+            for span in reading.spans
+            if span.label.startswith("B:") or span.label == "end"
+        ),
+        step_s=total(forward_labels + backward_labels),
+        forward_s=total(forward_labels),
+        backward_s=total(backward_labels),
+        peak_op=reading.peak_op,
+        accumulate=accumulate,
+        device=str(device),
+        repeats=repeats,
+    )
+    forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
+    backward_s = {i: median("B:loss" if i == last else f"B:{i}") for i in range(last + 1)}
+    outputs = {index: size for index, size in sizes.items() if index >= 0}
+    same = {-index: bool(flag) for index, flag in sizes.items() if index < 0}
+    return StageReading(reading, forward_s, backward_s, outputs, measurement, same)
+
+
+def measure(
+    model: nn.Module,
+    sample: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    repeats: int = 5,
+    warmup: int = 1,
+    optimizer: Any = None,
+) -> Measurement:
+    """Measure one training step: peak memory (to the byte on CPU) and median time.
+
+    Args:
+        model: the model, in the mode the user trains it (``model.train()``).
+        sample: a tuple of positional or a dict of keyword arguments for ``model(...)``.
+        loss_fn: maps the output to the scalar loss when it is neither a scalar nor has ``.loss``.
+        accumulate: measure the gradient-accumulation steady state (gradients exist before
+            the step) instead of ``zero_grad(set_to_none=True)``.
+        repeats: timed steps (the time is their median), after ``warmup`` untimed ones.
+        optimizer: its state counts as held before the step.
+
+    Returns:
+        A :class:`Measurement`. The model's gradients are left as they were.
+
+    Example:
+        >>> m = memfit.measure(model, (x, y))
+        >>> m.peak_bytes, m.activation_bytes, m.step_s
+    """
+    return measure_stages(
+        model,
+        sample,
+        None,
+        loss_fn=loss_fn,
+        accumulate=accumulate,
+        repeats=repeats,
+        warmup=warmup,
+        optimizer=optimizer,
+    ).measurement
+
+
+def time_step(
+    model: nn.Module, sample: Any, *, loss_fn: LossFn | None = None, accumulate: bool = False
+) -> float:
+    """Seconds of one training step (gradients reset to the steady state first)."""
+    device = sample_device(model, sample)
+    reset_grads(model, accumulate)
+    synchronize(device)
+    start = time.perf_counter()
+    _step(model, sample, loss_fn, lambda _label: None)
+    synchronize(device)
+    return time.perf_counter() - start

@@ -1,0 +1,166 @@
+"""One training step the way memfit measures it: forward, loss, backward.
+
+``sample`` is a tuple of positional arguments or a dict of keyword arguments for ``model(...)``.
+The loss is the output itself when it is a scalar tensor, ``output.loss`` when it has one (Hugging
+Face), else ``loss_fn(output)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def split_sample(sample: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    Raises:
+        TypeError: the sample is neither a tuple nor a dict.
+    """
+    if isinstance(sample, tuple):
+        return sample, {}
+    if isinstance(sample, Mapping):
+        if not all(isinstance(key, str) for key in sample):
+            raise TypeError("a dict sample must have str keys (keyword arguments of the model)")
+        return (), dict(sample)
+    hint = " (write (x,) for a single tensor)" if isinstance(sample, torch.Tensor) else ""
+    raise TypeError(
+        f"sample must be a tuple of positional arguments or a dict of keyword arguments for "
+        f"model(...); got {type(sample).__name__}{hint}"
+    )
+
+
+def compute_loss(output: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """The step's scalar loss from the model's output.
+
+    Raises:
+        TypeError: no scalar loss can be found, naming what came and what to pass.
+    """
+    if loss_fn is not None:
+        given = loss_fn(output)
+        if not (isinstance(given, torch.Tensor) and given.numel() == 1):
+            raise TypeError(f"loss_fn must return a scalar tensor; it returned {_describe(given)}")
+        return given
+    if isinstance(output, torch.Tensor) and output.numel() == 1:
+        return output
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss
+    raise TypeError(
+        f"cannot find the loss: the model returned {_describe(output)}, which is not a scalar "
+        f"tensor and has no .loss; pass loss_fn=lambda output: ... returning a scalar tensor "
+        f"(or give a Hugging Face model its labels)"
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def sample_device(model: nn.Module, sample: Any) -> torch.device:
+    """The device the step runs on: the sample's tensors', else the model's parameters'."""
+    args, kwargs = split_sample(sample)
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def run_step(
+    model: nn.Module,
+    sample: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    before_backward: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Forward, loss, backward; returns the detached loss."""
+    args, kwargs = split_sample(sample)
+    loss = compute_loss(model(*args, **kwargs), loss_fn)
+    if before_backward is not None:
+        before_backward()
+    loss.backward()
+    return loss.detach()
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), storage.data_ptr())
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and ties counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        if tensor is not None and tensor.device.type != "meta":
+            seen[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def held_bytes(model: nn.Module, sample: Any, extra: Any = None) -> int:
+    """Bytes live before the step: parameters, buffers, existing gradients, the sample, and any
+    tensors reachable from ``extra`` (e.g. an optimizer's state)."""
+    tensors: list[torch.Tensor | None] = []
+    for parameter in model.parameters():
+        tensors += [parameter, parameter.grad]
+    tensors += list(model.buffers())
+    tensors += list(_tensors_in(sample))
+    if extra is not None:
+        state = extra.state_dict() if hasattr(extra, "state_dict") else extra
+        tensors += list(_tensors_in(state))
+    return tensor_bytes(*tensors)
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+@contextmanager
+def preserved_grads(model: nn.Module) -> Iterator[None]:
+    """Give the user's gradients back after memfit's measuring steps."""
+    saved = {parameter: parameter.grad for parameter in model.parameters()}
+    try:
+        yield
+    finally:
+        for parameter, grad in saved.items():
+            parameter.grad = grad
+
+
+def reset_grads(model: nn.Module, accumulate: bool) -> None:
+    """Gradients as they are at the start of a step in the steady state the user trains in.
+
+    ``accumulate=False``: ``zero_grad(set_to_none=True)`` before every step (gradients are
+    allocated during backward). ``accumulate=True``: gradient buffers exist for the whole step
+    (gradient accumulation from the second micro-batch on).
+    """
+    for parameter in model.parameters():
+        if accumulate and parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            else:
+                parameter.grad.zero_()
+        else:
+            parameter.grad = None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

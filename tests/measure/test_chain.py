@@ -1,0 +1,68 @@
+"""Finding the chain of blocks."""
+
+import pytest
+import torch
+from torch import nn
+
+from memfit.errors import UnsupportedModelError
+from memfit.measure.chain import POST, PRE, find_chain
+from memfit.models import build
+
+
+def _find(model: nn.Module, sample: tuple, blocks=None):
+    return find_chain(model, lambda: model(*sample), blocks)
+
+
+@pytest.mark.parametrize("name", ["gpt", "mlp"])
+def test_builtin_models(name: str) -> None:
+    model, sample = build(name, layers=3)
+    chain = _find(model, sample)
+    assert chain.container == "blocks"
+    assert chain.stage_names == (PRE, "blocks.0", "blocks.1", "blocks.2", POST)
+    assert chain.block_of_stage(1) is model.blocks[0]
+    assert chain.block_of_stage(0) is None and chain.block_of_stage(4) is None
+
+
+def test_blocks_given_by_name_and_by_container() -> None:
+    model, sample = build("gpt", layers=3)
+    by_names = _find(model, sample, ["blocks.0", "blocks.1"])
+    assert by_names.block_names == ("blocks.0", "blocks.1")
+    assert _find(model, sample, "blocks").block_names == ("blocks.0", "blocks.1", "blocks.2")
+
+
+def test_blocks_out_of_order_are_not_a_chain() -> None:
+    model, sample = build("gpt", layers=3)
+    with pytest.raises(UnsupportedModelError, match="not a chain"):
+        _find(model, sample, ["blocks.1", "blocks.0"])
+
+
+def test_unknown_block_name() -> None:
+    model, sample = build("gpt", layers=2)
+    with pytest.raises(ValueError, match="not submodules"):
+        _find(model, sample, ["blocks.7"])
+
+
+class NoChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x).sum()
+
+
+class Parallel(nn.Module):
+    """A ModuleList whose members all read the same input: not a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(head(x) for head in self.heads).sum()
+
+
+@pytest.mark.parametrize("model", [NoChain(), Parallel()])
+def test_no_chain_is_a_clear_error(model: nn.Module) -> None:
+    with pytest.raises(UnsupportedModelError, match="blocks="):
+        _find(model, (torch.zeros(2, 4),))

@@ -1,0 +1,108 @@
+"""The meter against hand-computed bytes (CPU, float32): it must agree to the byte."""
+
+import pytest
+import torch
+from torch import nn
+
+from memfit.measure.meter import MemoryMeter
+
+L, WIDTH, BATCH = 3, 256, 64
+A = BATCH * WIDTH * 4  # one activation
+W = WIDTH * WIDTH * 4  # one weight
+B = WIDTH * 4  # one bias
+
+
+def linear_gelu_chain() -> nn.Module:
+    return nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.GELU()) for _ in range(L)])
+
+
+def test_plain_allocations_and_frees() -> None:
+    with MemoryMeter() as meter:
+        x = torch.empty(1000, dtype=torch.uint8)
+        meter.mark("second")
+        y = torch.empty(4000, dtype=torch.uint8)
+        del y
+        view = x[10:]  # a view allocates nothing
+    reading = meter.reading
+    assert (reading.peak_bytes, reading.end_bytes) == (5000, 1000)
+    assert [s.label for s in reading.spans] == ["<start>", "second"]
+    assert reading.span("second") == reading.spans[1]
+    assert (reading.spans[1].start_bytes, reading.spans[1].peak_bytes) == (1000, 5000)
+    assert view.numel() == 990
+
+
+def test_frees_of_memory_from_before_the_region_do_not_count() -> None:
+    before = torch.empty(10_000, dtype=torch.uint8)
+    with MemoryMeter() as meter:
+        del before
+        kept = torch.empty(100, dtype=torch.uint8)
+    assert (meter.reading.peak_bytes, meter.reading.end_bytes) == (100, 100)
+    assert kept.numel() == 100
+
+
+def test_forward_peak_and_saved_bytes_of_linear_gelu_chain() -> None:
+    model, x = linear_gelu_chain(), torch.randn(BATCH, WIDTH)
+    with MemoryMeter() as meter:
+        out = model(x)
+    # Each Linear allocates its output (saved by the GELU after it); each GELU its output (saved
+    # by the next Linear; the last one is `out`). Nothing else is allocated or freed.
+    assert meter.reading.peak_bytes == 2 * L * A
+    assert meter.reading.end_bytes == 2 * L * A
+    assert out.shape == (BATCH, WIDTH)
+
+
+def test_step_peak_of_linear_gelu_chain() -> None:
+    model, x = linear_gelu_chain(), torch.randn(BATCH, WIDTH)
+    with MemoryMeter() as meter:
+        out = model(x)
+        loss = out.sum()
+        meter.mark("backward")
+        loss.backward()
+    reading = meter.reading
+    grads = L * (W + B)
+    # Forward: 2LA of activations + the 4-byte loss.
+    assert reading.spans[0].end_bytes == 2 * L * A + 4
+    # Backward frees every saved activation; what stays: gradients, `out`, `loss`.
+    assert reading.end_bytes == grads + A + 4
+    # Peak: the first layer's bias gradient is allocated while its weight gradient, the other
+    # layers' gradients, the gradient of its output (A), `out`, `loss` and the loss's seed
+    # gradient (4 bytes) are live. The input needs no gradient, so no A for it.
+    assert reading.peak_bytes == grads + A + 4 + A + 4
+    assert reading.peak_op == "AddmmBackward0 > aten::sum"
+
+
+def test_repeatable() -> None:
+    model, x = linear_gelu_chain(), torch.randn(BATCH, WIDTH)
+    peaks = set()
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        with MemoryMeter() as meter:
+            model(x).sum().backward()
+        peaks.add(meter.reading.peak_bytes)
+    assert len(peaks) == 1
+
+
+def test_reading_before_exit_is_an_error() -> None:
+    meter = MemoryMeter()
+    with pytest.raises(RuntimeError, match="after the `with` block"):
+        _ = meter.reading
+
+
+def test_bad_device() -> None:
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        MemoryMeter("meta")
+
+
+@pytest.mark.cuda
+def test_cuda_meter_counts_allocations() -> None:
+    with MemoryMeter("cuda") as meter:
+        x = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+        meter.mark("more")
+        y = torch.empty(1 << 21, dtype=torch.uint8, device="cuda")
+        del y
+    reading = meter.reading
+    assert reading.device == "cuda"
+    assert reading.peak_bytes == 3 << 20
+    assert reading.end_bytes == 1 << 20
+    assert reading.span("more").peak_bytes == 3 << 20
+    assert x.numel() == 1 << 20
