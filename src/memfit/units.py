@@ -105,7 +105,7 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
                 f"(of the step's activation memory without memfit)"
             ) from None
         if not percent >= 0.0:
-            raise ValueError(f"budget percentage must be >= 0; got {value!r}")
+            raise ValueError(f'budget percentage must be >= 0, e.g. "40%"; got {value!r}')
         return Budget(fraction=percent / 100.0)
     try:
         return Budget(bytes=parse_bytes(value))
