@@ -1,0 +1,153 @@
+"""The chain's costs as numpy arrays, and the candidate first items of a subproblem.
+
+Shared by the exact min-peak DP (:mod:`memfit.plan.min_peak`) and the time DP
+(:mod:`memfit.plan.optimal`), so that both read the same geometry: for a subproblem "run a tree
+over ``[start, stop)`` forward then backward (dropping ``output_bytes[stop-1]`` in between when
+``drop``)", the candidate first items are each stage option of ``start`` and each recompute segment
+``[start, start + length)``; the rest of the interval is a subproblem of the same kind.
+
+All peaks are *effective* (never below the level the event leaves, see
+:mod:`memfit.plan.simulate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from memfit.plan.costs import KEEP, ChainCosts
+
+Int = np.int64
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """The first items of subproblem ``[start, stop)``: ``options`` stage options, then segments.
+
+    Segment row ``options + j`` is ``Segment(start, start + j + 1)``.
+
+    Attributes:
+        options: how many rows are stage options.
+        time_s: seconds the item adds besides its inner tree (option time, or no-save forward).
+        forward_peak: the item's forward peak above the level at its start.
+        residue: the level the item's forward leaves (rest runs on top of it).
+        back_offset: level at the start of the item's backward: residue + total of the rest.
+        back_peak: the stage option's backward peak (0 for segments: their inner tree's peak adds).
+        rest_start: where the rest of the interval starts.
+    """
+
+    options: int
+    time_s: np.ndarray
+    forward_peak: np.ndarray
+    residue: np.ndarray
+    back_offset: np.ndarray
+    back_peak: np.ndarray
+    rest_start: np.ndarray
+
+
+class ChainArrays:
+    """Per-stage and per-segment numbers of a :class:`ChainCosts`, with segments capped in length.
+
+    Args:
+        costs: the chain.
+        max_segment_stages: the longest recompute segment considered.
+    """
+
+    def __init__(self, costs: ChainCosts, max_segment_stages: int) -> None:
+        stages = costs.stages
+        n = self.n = len(stages)
+        self.held_bytes = int(costs.held_bytes)
+        self.option_names = [
+            (KEEP, *(name for name in stage.options if name != KEEP)) for stage in stages
+        ]
+        self.output = np.array([stage.output_bytes for stage in stages], dtype=Int)
+        inputs = np.array([stage.input_bytes for stage in stages], dtype=Int)
+        self.option_time: list[np.ndarray] = []
+        self.option_forward_peak: list[np.ndarray] = []
+        self.option_residue: list[np.ndarray] = []
+        self.option_back_peak: list[np.ndarray] = []
+        totals = np.zeros(n, dtype=Int)
+        for i, stage in enumerate(stages):
+            menu = [stage.options[name] for name in self.option_names[i]]
+            residue = np.array([o.saved_bytes + stage.output_bytes for o in menu], dtype=Int)
+            delta = np.array([o.backward_delta_bytes for o in menu], dtype=Int)
+            self.option_time.append(np.array([o.forward_s + o.backward_s for o in menu]))
+            forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
+            self.option_forward_peak.append(np.maximum(forward_peak, residue))
+            self.option_residue.append(residue)
+            back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
+            self.option_back_peak.append(np.maximum(back_peak, delta))
+            totals[i] = (residue + delta).max()
+        self.total_prefix = np.concatenate([[0], np.cumsum(totals)]).astype(Int)
+        # Inside a segment, a boundary j|j+1 where output_bytes[j] exceeds input_bytes[j+1]
+        # leaves bytes behind once per enclosing segment: bounded by the interval's length.
+        gaps = np.maximum(0, self.output[:-1] - inputs[1:])
+        self.gap_prefix = np.concatenate([[0], np.cumsum(gaps)]).astype(Int)
+        self._segments(costs, inputs, max_segment_stages)
+
+    def _segments(self, costs: ChainCosts, inputs: np.ndarray, cap: int) -> None:
+        n = self.n
+        stages = costs.stages
+        self.max_length = np.zeros(n, dtype=np.intp)
+        for s in range(n - 1, -1, -1):
+            if not stages[s].checkpointable:
+                continue
+            joined = s + 1 < n and stages[s + 1].checkpointable and stages[s + 1].joins_previous
+            self.max_length[s] = min(cap, 1 + (self.max_length[s + 1] if joined else 0))
+        self.cap = max(1, int(self.max_length.max(initial=0)))
+        shape = (n, self.cap + 1)
+        self.segment_peak = np.zeros(shape, dtype=Int)
+        self.segment_residue = np.zeros(shape, dtype=Int)
+        self.segment_time = np.zeros(shape)
+        nosave_peak = np.array([stage.nosave_forward_peak_bytes for stage in stages], dtype=Int)
+        nosave_s = np.array([stage.nosave_forward_s for stage in stages])
+        level = np.zeros(n, dtype=Int)
+        peak = np.zeros(n, dtype=Int)
+        seconds = np.zeros(n)
+        for length in range(1, self.cap + 1):
+            first = np.arange(n - length + 1)
+            last = first + length - 1
+            delta = self.output[last] - (inputs[last] if length > 1 else 0)
+            step_peak = np.maximum(nosave_peak[last], delta)
+            peak[first] = np.maximum(peak[first], level[first] + step_peak)
+            level[first] += delta
+            seconds[first] += nosave_s[last]
+            self.segment_peak[first, length] = peak[first]
+            self.segment_residue[first, length] = level[first]
+            self.segment_time[first, length] = seconds[first]
+
+    def total(self, start: np.ndarray | int, stop: int, drop: bool) -> np.ndarray:
+        """Upper bound on the level change of a whole subproblem ``[start, stop)`` (exact when
+        option totals agree and inputs equal the previous outputs, as in measured profiles)."""
+        start = np.asarray(start, dtype=Int)
+        last = max(stop - 1, 0)
+        gaps = self.gap_prefix[last] - self.gap_prefix[np.minimum(start, last)]
+        out = self.total_prefix[stop] - self.total_prefix[start] + (stop - start) * gaps
+        return out - (self.output[stop - 1] if drop else 0)
+
+    def candidates(self, start: int, stop: int, drop: bool, full: bool) -> Candidates:
+        """The first items of subproblem ``[start, stop)``.
+
+        Args:
+            start: first stage of the interval.
+            stop: end of the interval (exclusive).
+            drop: whether ``output_bytes[stop-1]`` is dropped between forward and backward.
+            full: whether ``Segment(start, stop)`` itself is a candidate.
+        """
+        longest = min(int(self.max_length[start]), stop - start - (0 if full else 1))
+        lengths = np.arange(1, longest + 1)
+        options = len(self.option_names[start])
+        rest_start = np.concatenate([np.full(options, start + 1), start + lengths])
+        residue = np.concatenate([self.option_residue[start], self.segment_residue[start, lengths]])
+        return Candidates(
+            options=options,
+            time_s=np.concatenate([self.option_time[start], self.segment_time[start, lengths]]),
+            forward_peak=np.concatenate(
+                [self.option_forward_peak[start], self.segment_peak[start, lengths]]
+            ),
+            residue=residue,
+            back_offset=residue + self.total(rest_start, stop, drop),
+            back_peak=np.concatenate([self.option_back_peak[start], np.zeros(longest, Int)]),
+            rest_start=rest_start,
+        )

@@ -1,0 +1,186 @@
+"""The simulator: a schedule tree replayed over the chain's costs, giving its peak and step time.
+
+It is the executable definition of the memory semantics in :mod:`memfit.plan.costs`:
+
+* the level ``L`` starts at ``held_bytes``;
+* the forward runs the tree's items in order, the backward runs them in reverse;
+* ``Stage(i, option)``: forward peak ``L + forward_peak_bytes``, then ``L += saved_bytes +
+  output_bytes``; backward peak ``L + backward_peak_bytes``, then ``L += backward_delta_bytes``;
+* ``Segment(s, t, inner)`` forward: stages ``s..t-1`` without saving: peak ``L +
+  nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
+  input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
+  (the recomputed output is not needed: the output's gradient is), then ``inner`` backward.
+
+One clarification: an event's peak is never below the level it leaves (``L`` after the change).
+Measured costs always satisfy this, since a transient peak includes the end state; counting the
+level as well keeps hand-written, inconsistent costs from under-reporting the peak.
+
+Step time is the sum of ``forward_s + backward_s`` of every ``Stage`` item (at any depth) plus,
+for every ``Segment`` (at any depth), the ``nosave_forward_s`` of its stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memfit.plan.costs import ChainCosts, StageCosts
+from memfit.plan.plan import Item, Segment, Stage, validate_tree
+
+FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Simulation:
+    """What a schedule costs.
+
+    Attributes:
+        peak_bytes: the highest level reached during the step, ``held_bytes`` included.
+        step_s: predicted seconds of forward plus backward.
+        peak_where: the event that reaches the peak, e.g. ``"backward of stage 7 (h.6) inside
+            segment [4, 8)"``.
+        peak_phase: ``"forward"``, ``"recompute"`` (a segment's replay in backward) or
+            ``"backward"``; ``"start"`` when nothing exceeds the held bytes.
+        timeline: ``(event, level_bytes after it)`` for every event, when asked for.
+    """
+
+    peak_bytes: int
+    step_s: float
+    peak_where: str
+    peak_phase: str
+    timeline: tuple[tuple[str, int], ...] = ()
+
+
+def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
+    """Check that ``tree`` is a valid schedule for ``costs``.
+
+    Args:
+        costs: the chain.
+        tree: a schedule tree over ``[0, len(costs))``.
+
+    Raises:
+        ValueError: the tree does not partition the chain, a stage runs an option its menu lacks,
+            or a segment holds a stage that is not checkpointable or does not join the one before.
+    """
+    validate_tree(tree, 0, len(costs.stages))
+    _check_items(costs.stages, tree)
+
+
+def _check_items(stages: Sequence[StageCosts], items: Sequence[Item]) -> None:
+    for item in items:
+        if isinstance(item, Stage):
+            stage = stages[item.index]
+            if item.option not in stage.options:
+                raise ValueError(
+                    f"stage {item.index} ({stage.name!r}) has no option {item.option!r}; "
+                    f"its options are {sorted(stage.options)}"
+                )
+            continue
+        for index in range(item.start, item.stop):
+            stage = stages[index]
+            if not stage.checkpointable:
+                raise ValueError(
+                    f"segment [{item.start}, {item.stop}) holds stage {index} ({stage.name!r}), "
+                    "which is not checkpointable"
+                )
+            if index > item.start and not stage.joins_previous:
+                raise ValueError(
+                    f"segment [{item.start}, {item.stop}) spans stage {index} ({stage.name!r}), "
+                    "which does not join the stage before it; end the segment before it"
+                )
+        _check_items(stages, item.inner)
+
+
+class _Replay:
+    """One pass over a tree: the level, the peak so far and where it happened."""
+
+    def __init__(self, costs: ChainCosts, record: bool) -> None:
+        self.stages = costs.stages
+        self.level = costs.held_bytes
+        self.peak = costs.held_bytes
+        self.where = "start of the step (held bytes)"
+        self.phase = "start"
+        self.step_s = 0.0
+        self.record = record
+        self.timeline: list[tuple[str, int]] = []
+
+    def event(self, label: str, phase: str, peak_above: int, delta: int) -> None:
+        top = self.level + max(peak_above, delta)
+        if top > self.peak:
+            self.peak, self.where, self.phase = top, label, phase
+        self.level += delta
+        if self.record:
+            self.timeline.append((label, self.level))
+
+    def name(self, index: int) -> str:
+        return f"stage {index} ({self.stages[index].name})"
+
+    def forward(self, items: Sequence[Item], phase: str, context: str) -> None:
+        for item in items:
+            if isinstance(item, Stage):
+                option = self.stages[item.index].options[item.option]
+                self.step_s += option.forward_s + option.backward_s
+                delta = option.saved_bytes + self.stages[item.index].output_bytes
+                label = f"{phase} of {self.name(item.index)}{context}"
+                self.event(label, phase, option.forward_peak_bytes, delta)
+                continue
+            inside = _inside(item, context)
+            for index in range(item.start, item.stop):
+                stage = self.stages[index]
+                self.step_s += stage.nosave_forward_s
+                delta = stage.output_bytes - (stage.input_bytes if index > item.start else 0)
+                label = f"{phase} (no save) of {self.name(index)}{inside}"
+                self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
+
+    def backward(self, items: Sequence[Item], context: str) -> None:
+        for item in reversed(items):
+            if isinstance(item, Stage):
+                option = self.stages[item.index].options[item.option]
+                label = f"backward of {self.name(item.index)}{context}"
+                self.event(label, BACKWARD, option.backward_peak_bytes, option.backward_delta_bytes)
+                continue
+            inside = _inside(item, context)
+            self.forward(item.inner, RECOMPUTE, inside)
+            dropped = self.stages[item.stop - 1].output_bytes
+            self.event(
+                f"drop recomputed output of {self.name(item.stop - 1)}", BACKWARD, 0, -dropped
+            )
+            self.backward(item.inner, inside)
+
+
+def _inside(segment: Segment, context: str) -> str:
+    here = f" inside segment [{segment.start}, {segment.stop})"
+    return here + (f" of{context.removeprefix(' inside')}" if context else "")
+
+
+def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False) -> Simulation:
+    """Replay ``tree`` over ``costs``: the step's peak bytes and seconds.
+
+    Args:
+        costs: the chain's costs.
+        tree: a schedule tree over ``[0, len(costs))`` (``Plan.tree``).
+        timeline: also return every event with the level after it.
+
+    Returns:
+        The :class:`Simulation`.
+
+    Raises:
+        ValueError: the tree is not a valid schedule for ``costs`` (see :func:`check_tree`).
+
+    Example:
+        >>> from memfit.plan import keep_tree, uniform_chain
+        >>> costs = uniform_chain(2, activation_bytes=1, saved_bytes=4)
+        >>> simulate(costs, keep_tree(0, 2)).peak_bytes
+        15
+    """
+    check_tree(costs, tree)
+    replay = _Replay(costs, timeline)
+    replay.forward(tree, FORWARD, "")
+    replay.backward(tree, "")
+    return Simulation(
+        peak_bytes=replay.peak,
+        step_s=replay.step_s,
+        peak_where=replay.where,
+        peak_phase=replay.phase,
+        timeline=tuple(replay.timeline),
+    )
