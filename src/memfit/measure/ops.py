@@ -1,0 +1,232 @@
+"""Per-op profile of the blocks: which ops save tensors for backward, how many bytes, how long.
+
+One forward of the model runs with a ``TorchDispatchMode`` that times every aten op of every
+block and records the storages it outputs, and with ``saved_tensors_hooks`` that record which
+storages autograd saves for backward. Ops are priced by measured time, not FLOPs: on a CPU a
+GELU or a LayerNorm is far from free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from memfit.measure.chain import Chain
+from memfit.measure.step import split_sample
+
+# Ops whose outputs are worth keeping because they are expensive to recompute.
+MATMUL_OPS = frozenset(
+    {
+        "aten.mm.default",
+        "aten.addmm.default",
+        "aten.bmm.default",
+        "aten.baddbmm.default",
+        "aten.convolution.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
+        "aten._scaled_dot_product_flash_attention.default",
+        "aten._scaled_dot_product_efficient_attention.default",
+        "aten._scaled_dot_product_cudnn_attention.default",
+    }
+)
+# Random ops are never saved: recomputing all of them in order keeps the RNG stream identical.
+RANDOM_OPS = frozenset(
+    {
+        "aten.native_dropout.default",
+        "aten.bernoulli_.float",
+        "aten.bernoulli.default",
+        "aten.rand_like.default",
+        "aten.randn_like.default",
+        "aten.uniform_.default",
+    }
+)
+
+
+@dataclass(slots=True)
+class OpStats:
+    """One op type inside a block.
+
+    Attributes:
+        op: the aten overload (``aten.mm.default``).
+        calls: how many times the block calls it.
+        seconds: total measured forward time of those calls.
+        output_bytes: bytes of the storages it outputs.
+        saved_bytes: of those, the bytes autograd saves for backward.
+    """
+
+    op: str
+    calls: int = 0
+    seconds: float = 0.0
+    output_bytes: int = 0
+    saved_bytes: int = 0
+
+
+@dataclass(slots=True)
+class BlockOps:
+    """The op profile of one block: op name -> stats, in first-call order."""
+
+    name: str
+    ops: dict[str, OpStats] = field(default_factory=dict)
+    producers: dict[int, str] = field(default_factory=dict)  # live storage ptr -> op
+    saved: set[int] = field(default_factory=set)  # storage ptrs already counted as saved
+
+    @property
+    def seconds(self) -> float:
+        return sum(stats.seconds for stats in self.ops.values())
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(stats.saved_bytes for stats in self.ops.values())
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, block: BlockOps) -> None:
+        super().__init__()
+        self.block = block
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        name = str(func)
+        stats = self.block.ops.setdefault(name, OpStats(name))
+        stats.calls += 1
+        stats.seconds += elapsed
+        inputs = {
+            leaf.untyped_storage().data_ptr()
+            for leaf in tree_leaves((args, kwargs))
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
+        }
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                ptr = leaf.untyped_storage().data_ptr()
+                if ptr in inputs:  # a view or an in-place op: the storage is its input's
+                    continue
+                if self.block.producers.get(ptr) != name or ptr in self.block.saved:
+                    # a new storage (or a freed one reused): attribute it to this op
+                    self.block.producers[ptr] = name
+                    self.block.saved.discard(ptr)
+                    stats.output_bytes += leaf.untyped_storage().nbytes()
+        return out
+
+
+def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
+    """Run one forward (and drop it) recording the op profile of every block of ``chain``."""
+    blocks = [BlockOps(name) for name in chain.block_names]
+    handles = []
+    stack = ExitStack()
+
+    def pack(index: int) -> Any:
+        block = blocks[index]
+
+        def hook(tensor: torch.Tensor) -> torch.Tensor:
+            # Resolved now, while the storage is alive and its pointer still names it.
+            ptr = tensor.untyped_storage().data_ptr()
+            op = block.producers.get(ptr)
+            if op is not None and ptr not in block.saved:
+                block.saved.add(ptr)
+                block.ops[op].saved_bytes += tensor.untyped_storage().nbytes()
+            return tensor
+
+        return hook
+
+    def pre_hook(index: int) -> Any:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack(index), _identity))
+            stack.enter_context(_Recorder(blocks[index]))
+
+        return hook
+
+    def post_hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+        stack.close()
+
+    for index, block in enumerate(chain.blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(index)))
+        handles.append(block.register_forward_hook(post_hook))
+    args, kwargs = split_sample(sample)
+    try:
+        with _fork_rng():
+            model(*args, **kwargs)
+    finally:
+        stack.close()
+        for handle in handles:
+            handle.remove()
+    return blocks
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@contextmanager
+def _fork_rng() -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+_NEVER_SAVED_PREFIXES = ("aten.empty", "aten.zeros", "aten.ones", "aten.full", "aten.new_")
+
+
+def short_op_name(op: str) -> str:
+    """``aten.addmm.default`` -> ``addmm``; ``aten.add.Tensor`` -> ``add.Tensor``."""
+    return op.removeprefix("aten.").removesuffix(".default")
+
+
+def full_op_name(short: str) -> str:
+    """The inverse of :func:`short_op_name`."""
+    return f"aten.{short}" if "." in short else f"aten.{short}.default"
+
+
+def saveable(op: str) -> bool:
+    """Whether a selective policy may save the op's output: not random (recomputing every random
+    op in order keeps the RNG stream), not in-place, not a factory whose output is filled later."""
+    packet = op.split(".")[1] if op.count(".") >= 2 else op
+    return (
+        op not in RANDOM_OPS
+        and not packet.endswith("_")
+        and not op.startswith(_NEVER_SAVED_PREFIXES)
+    )
+
+
+def candidate_policies(
+    blocks: list[BlockOps], coverages: tuple[float, ...] = (0.8, 0.95)
+) -> list[str]:
+    """A few Pareto-useful ``selective:`` options for these blocks, from their op profile.
+
+    Ops are ranked by measured forward seconds per byte they make autograd save (what recompute
+    costs against what saving costs). Each option saves the smallest prefix of that ranking whose
+    ops cover ``coverage`` of the block's recomputable forward time; ``selective:matmul``
+    (the matmul/attention outputs, the usual hand-made policy) joins them when those ops exist.
+    Options that save the same ops are given once.
+    """
+    seconds: dict[str, float] = {}
+    saved: dict[str, int] = {}
+    for block in blocks:
+        for stats in block.ops.values():
+            if stats.saved_bytes > 0 and saveable(stats.op):
+                seconds[stats.op] = seconds.get(stats.op, 0.0) + stats.seconds
+                saved[stats.op] = saved.get(stats.op, 0) + stats.saved_bytes
+    ranked = sorted(seconds, key=lambda op: seconds[op] / saved[op], reverse=True)
+    total = sum(seconds.values())
+    options: list[str] = []
+    if any(op in MATMUL_OPS for op in ranked):
+        options.append("selective:matmul")
+    chosen_sets: list[frozenset[str]] = [frozenset(op for op in ranked if op in MATMUL_OPS)]
+    for coverage in coverages:
+        covered, prefix = 0.0, []
+        for op in ranked:
+            if covered >= coverage * total:
+                break
+            prefix.append(op)
+            covered += seconds[op]
+        if prefix and frozenset(prefix) not in chosen_sets:
+            chosen_sets.append(frozenset(prefix))
+            options.append("selective:save=" + "+".join(short_op_name(op) for op in prefix))
+    return options

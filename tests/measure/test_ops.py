@@ -1,0 +1,55 @@
+"""The per-op profile of a block, against bytes computed by hand."""
+
+from memfit.measure.chain import find_chain
+from memfit.measure.ops import (
+    RANDOM_OPS,
+    candidate_policies,
+    full_op_name,
+    profile_ops,
+    saveable,
+    short_op_name,
+)
+from memfit.models import build
+
+B, T, W = 2, 16, 32
+
+
+def test_gpt_block_saved_bytes_by_op() -> None:
+    model, sample = build("gpt", layers=2, width=W, heads=4, seq=T, batch=B, vocab=64)
+    chain = find_chain(model, lambda: model(*sample))
+    blocks = profile_ops(model, sample, chain)
+    assert [b.name for b in blocks] == ["blocks.0", "blocks.1"]
+    ops = blocks[0].ops
+    act = B * T * W * 4
+    # qkv (3W wide, read by attention) and fc (4W wide, read by GELU) are saved; the two
+    # projections feed dropout, whose backward needs only its mask.
+    assert ops["aten.addmm.default"].calls == 4
+    assert ops["aten.addmm.default"].saved_bytes == 7 * act
+    assert ops["aten.gelu.default"].saved_bytes == 4 * act  # read by the last Linear
+    # two LayerNorms: output (read by a Linear) plus mean and rstd of shape (B, T, 1)
+    assert ops["aten.native_layer_norm.default"].saved_bytes == 2 * (act + 2 * B * T * 4)
+    assert all(stats.seconds >= 0 for stats in ops.values())
+    assert blocks[0].seconds > 0
+
+
+def test_policies_come_from_the_profile_and_never_save_random_ops() -> None:
+    model, sample = build("gpt", layers=2, width=W, heads=4, seq=T, batch=B, vocab=64)
+    chain = find_chain(model, lambda: model(*sample))
+    options = candidate_policies(profile_ops(model, sample, chain))
+    assert options[0] == "selective:matmul"
+    assert len(options) == len(set(options)) >= 2
+    for option in options[1:]:
+        saved = option.removeprefix("selective:save=").split("+")
+        assert "addmm" in saved
+        assert not any(full_op_name(name) in RANDOM_OPS for name in saved)
+
+
+def test_op_names() -> None:
+    assert short_op_name("aten.addmm.default") == "addmm"
+    assert short_op_name("aten.add.Tensor") == "add.Tensor"
+    assert full_op_name("addmm") == "aten.addmm.default"
+    assert full_op_name("add.Tensor") == "aten.add.Tensor"
+    assert not saveable("aten.native_dropout.default")
+    assert not saveable("aten.div_.Scalar")
+    assert not saveable("aten.empty_like.default")
+    assert saveable("aten.gelu.default")
