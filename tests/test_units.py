@@ -46,7 +46,7 @@ def test_budgets() -> None:
 
 @pytest.mark.parametrize("bad", ["forty%", "%", "-3%", "12 furlongs"])
 def test_malformed_budgets(bad: str) -> None:
-    with pytest.raises(ValueError, match="40%|12GiB"):
+    with pytest.raises(ValueError, match=r"40%|12GiB"):
         parse_budget(bad)
 
 

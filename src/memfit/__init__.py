@@ -1,3 +1,47 @@
-"""memfit: fit PyTorch training in less memory at the least cost in time."""
+"""memfit: fit PyTorch training in less memory at the least cost in time.
+
+>>> import memfit
+>>> plan = memfit.auto(model, (tokens, targets), budget="40%")   # profile + plan + apply
+>>> loss = model(tokens, targets); loss.backward()               # train as before
+>>> memfit.verify(model, (tokens, targets)).gradients_equal
+True
+"""
+
+from memfit.api import Verification, apply, auto, plan, profile, remove, verify
+from memfit.errors import (
+    AlreadyPlannedError,
+    InfeasibleBudgetError,
+    MemfitError,
+    PlanMismatchError,
+    UnsupportedModelError,
+)
+from memfit.measure import Measurement, MemoryMeter, Profile, measure
+from memfit.plan import ChainCosts, Plan
+from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyPlannedError",
+    "Budget",
+    "ChainCosts",
+    "InfeasibleBudgetError",
+    "Measurement",
+    "MemfitError",
+    "MemoryMeter",
+    "Plan",
+    "PlanMismatchError",
+    "Profile",
+    "UnsupportedModelError",
+    "Verification",
+    "apply",
+    "auto",
+    "format_bytes",
+    "measure",
+    "parse_budget",
+    "parse_bytes",
+    "plan",
+    "profile",
+    "remove",
+    "verify",
+]
