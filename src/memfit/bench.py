@@ -1,0 +1,181 @@
+"""Plans side by side on one model: predicted against measured peak, overhead, gradients.
+
+Every row is run for real: one metered step for its peak, one seeded step whose gradients are
+compared bit for bit with the unplanned model's, and timed steps interleaved with every other
+row (A, B, C, A, B, C, ...) so that overheads are ratios of medians measured in one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.api import _chain_of_plan, _gradients, _same
+from memfit.errors import InfeasibleBudgetError
+from memfit.measure.profile import Profile
+from memfit.measure.run import measure, time_step
+from memfit.measure.step import LossFn
+from memfit.plan.plan import Plan
+from memfit.plan.solve import solve
+from memfit.runtime.apply import apply_plan, remove_plan
+from memfit.units import parse_budget
+
+STRATEGY_LABELS = {"none": "none", "all": "all (HF-style)", "sqrt": "sqrt (Chen)"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchRow:
+    """One strategy at one budget, measured."""
+
+    strategy: str
+    budget: str
+    budget_bytes: int | None
+    feasible: bool
+    predicted_peak_bytes: int = 0
+    predicted_step_s: float = 0.0
+    measured_peak_bytes: int = 0
+    step_s: float = 0.0
+    overhead: float = 0.0
+    memory_saved: float = 0.0
+    gradients_equal: bool = False
+    min_feasible_bytes: int | None = None
+    plan: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return STRATEGY_LABELS.get(self.strategy, self.strategy)
+
+    @property
+    def prediction_error(self) -> float:
+        if not self.measured_peak_bytes:
+            return 0.0
+        return self.predicted_peak_bytes / self.measured_peak_bytes - 1.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchResult:
+    """All rows of a benchmark, with the unplanned step they are compared to."""
+
+    rows: tuple[BenchRow, ...]
+    baseline_peak_bytes: int
+    held_bytes: int
+    baseline_step_s: float
+    parameters: int
+    repeats: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row, raw in zip(self.rows, data["rows"], strict=True):
+            raw["label"] = row.label
+            raw["prediction_error"] = row.prediction_error
+        return data
+
+
+def bench(
+    model: nn.Module,
+    sample: Any,
+    profile: Profile,
+    *,
+    budgets: Sequence[str],
+    strategies: Sequence[str] = ("none", "all", "every:2", "sqrt", "optimal"),
+    loss_fn: LossFn | None = None,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Run every strategy at every budget on ``model`` and measure it.
+
+    Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
+    run once, and the budget column says whether they fit the first budget. ``optimal`` is run
+    at every budget.
+
+    Raises:
+        ValueError: a malformed budget or strategy.
+    """
+    say = progress or (lambda _message: None)
+    measurement = profile.measurement
+    resolved = [
+        (text, parse_budget(text).resolve(measurement.held_bytes, measurement.activation_bytes))
+        for text in budgets
+    ]
+    jobs: list[tuple[str, str, int | None]] = []
+    for strategy in strategies:
+        if strategy == "optimal":
+            jobs += [(strategy, text, value) for text, value in resolved]
+        else:
+            jobs.append((strategy, "-", None))
+    plans: list[Plan | None] = []
+    rows: list[dict[str, Any]] = []
+    for strategy, text, budget_bytes in jobs:
+        row: dict[str, Any] = dict(strategy=strategy, budget=text, budget_bytes=budget_bytes)
+        try:
+            chosen = solve(profile.costs, budget_bytes, strategy)
+        except InfeasibleBudgetError as error:
+            plans.append(None)
+            rows.append(row | dict(feasible=False, min_feasible_bytes=error.min_feasible_bytes))
+            continue
+        plans.append(chosen)
+        rows.append(
+            row
+            | dict(
+                feasible=True,
+                predicted_peak_bytes=chosen.predicted_peak_bytes,
+                predicted_step_s=chosen.predicted_step_s,
+                plan=chosen.to_dict(),
+            )
+        )
+    seed = 1234
+    reference_loss, reference = _gradients(model, sample, loss_fn, seed)
+    for index, maybe in enumerate(plans):
+        if maybe is None:
+            continue
+        chosen = maybe
+        say(f"measuring {rows[index]['strategy']} {rows[index]['budget']}")
+        chain = _chain_of_plan(model, chosen)
+        apply_plan(model, chain, chosen)
+        try:
+            loss, grads = _gradients(model, sample, loss_fn, seed)
+            peak = measure(model, sample, loss_fn=loss_fn, repeats=1, warmup=1).peak_bytes
+        finally:
+            remove_plan(model)
+        equal = torch.equal(loss, reference_loss) and all(
+            _same(grad, grads.get(name)) for name, grad in reference.items()
+        )
+        rows[index] |= dict(measured_peak_bytes=peak, gradients_equal=equal)
+    say("timing all rows side by side")
+    times: dict[int, list[float]] = {-1: []}
+    times.update({i: [] for i, p in enumerate(plans) if p is not None})
+    for _ in range(repeats):
+        for index in times:
+            timed = plans[index] if index >= 0 else None
+            if timed is not None:
+                apply_plan(model, _chain_of_plan(model, timed), timed)
+            try:
+                times[index].append(time_step(model, sample, loss_fn=loss_fn))
+            finally:
+                if timed is not None:
+                    remove_plan(model)
+    baseline_s = statistics.median(times[-1])
+    baseline_activation = measurement.activation_bytes
+    for index, row in enumerate(rows):
+        if index in times:
+            step_s = statistics.median(times[index])
+            activation = row["measured_peak_bytes"] - measurement.held_bytes
+            row |= dict(
+                step_s=step_s,
+                overhead=step_s / baseline_s - 1.0,
+                memory_saved=1.0 - activation / baseline_activation,
+            )
+    return BenchResult(
+        rows=tuple(BenchRow(**row) for row in rows),
+        baseline_peak_bytes=measurement.peak_bytes,
+        held_bytes=measurement.held_bytes,
+        baseline_step_s=baseline_s,
+        parameters=sum(p.numel() for p in model.parameters()),
+        repeats=repeats,
+    )

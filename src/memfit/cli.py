@@ -1,0 +1,257 @@
+"""The ``memfit`` command: demo, profile, plan, bench. Each subcommand is a thin layer over the
+public API; exit codes: 0 ok, 1 infeasible budget or failed check, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from memfit.errors import InfeasibleBudgetError, MemfitError
+
+DEFAULT_BUDGETS = "30%,50%,70%"
+DEMO_MODELS = ("gpt", "mlp")
+
+
+class _Output:
+    """Where results go: rich on a terminal, plain text otherwise; JSON on request."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        try:
+            from rich.console import Console
+
+            self.console: Any = Console(stderr=as_json)
+            if not self.console.is_terminal:  # files and pipes get whole tables, not 80 columns
+                self.console = Console(stderr=as_json, width=200)
+            self.error_console: Any = Console(stderr=True)
+        except ImportError:
+            self.console = self.error_console = None
+
+    def show(self, renderable: Any) -> None:
+        if self.console is not None:
+            self.console.print(renderable)
+        else:
+            print(renderable, file=sys.stderr if self.as_json else sys.stdout)
+
+    def say(self, message: str) -> None:
+        self.show(message)
+
+    def json(self, data: Any) -> None:
+        print(json.dumps(data, indent=1, default=str))
+
+    @contextmanager
+    def progress(self, message: str) -> Iterator[Callable[[str], None]]:
+        """A spinner with a changing message on a terminal; silent elsewhere."""
+        if self.error_console is None or not self.error_console.is_terminal:
+            yield lambda _message: None
+            return
+        with self.error_console.status(message) as status:
+            yield lambda text: status.update(f"{message}: {text}")
+
+
+def _size_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: getattr(args, key)
+        for key in ("layers", "width", "seq", "batch", "heads")
+        if getattr(args, key, None) is not None
+    }
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU x{os.cpu_count()}, torch {torch.__version__}, {date.today()}"
+
+
+def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
+    import memfit
+    from memfit.report.tables import profile_table
+    from memfit.targets import load_target
+
+    model, sample = load_target(args.target, _size_options(args))
+    with out.progress(f"profiling {args.target}"):
+        prof = memfit.profile(model, sample, repeats=args.repeats)
+    if args.output:
+        Path(args.output).write_text(prof.to_json())
+    if out.as_json:
+        out.json(prof.to_dict())
+    else:
+        out.show(profile_table(prof))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
+    import memfit
+    from memfit.report.tables import plan_table
+    from memfit.targets import load_target
+
+    model, sample = load_target(args.target, _size_options(args))
+    with out.progress(f"profiling {args.target}"):
+        prof = memfit.profile(model, sample, repeats=args.repeats)
+    plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
+    if args.output:
+        Path(args.output).write_text(plan.to_json())
+    if out.as_json:
+        out.json(plan.to_dict())
+    else:
+        out.show(plan_table(plan))
+        if args.output:
+            out.say(f"plan written to {args.output}")
+    return 0
+
+
+def _run_bench(
+    target: str, args: argparse.Namespace, out: _Output, directory: Path | None, strict: bool
+) -> tuple[dict[str, Any], bool]:
+    import memfit
+    from memfit.bench import bench
+    from memfit.models import describe
+    from memfit.plan.frontier import frontier
+    from memfit.report.plot import pareto_plot
+    from memfit.report.tables import bench_table, seed_metrics
+    from memfit.targets import load_target
+
+    model, sample = load_target(target, _size_options(args), strict=strict)
+    budgets = [text.strip() for text in args.budgets.split(",") if text.strip()]
+    with out.progress(f"{target}") as update:
+        update("profiling")
+        prof = memfit.profile(model, sample, repeats=args.repeats)
+        result = bench(model, sample, prof, budgets=budgets, repeats=args.repeats, progress=update)
+    title = f"{target}: {describe(model)} on {_machine()}"
+    data: dict[str, Any] = {
+        "target": target,
+        "model": describe(model),
+        "machine": _machine(),
+        "result": result.to_dict(),
+        "metrics": seed_metrics(result),
+    }
+    if not out.as_json:
+        out.show(bench_table(result, title))
+        metrics = data["metrics"]
+        if metrics:
+            out.say(
+                f"best trade: {metrics['memory_saved_pct']:.0f}% activation memory saved for "
+                f"{metrics['recompute_overhead_pct']:+.1f}% step time; "
+                f"{metrics['parameters_per_gib_of_peak'] / 1e6:.1f}M parameters per GiB of peak"
+            )
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            png = pareto_plot(
+                result, frontier(prof.costs), directory / f"{_slug(target)}.png", title=title
+            )
+            data["plot"] = str(png)
+        except ImportError:
+            out.say("matplotlib is not installed: no plot (pip install memfit[plot])")
+        (directory / f"{_slug(target)}.json").write_text(json.dumps(data, indent=1, default=str))
+    ok = all(row.gradients_equal for row in result.rows if row.feasible)
+    return data, ok
+
+
+def _slug(target: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in target).strip("-")
+
+
+def _cmd_bench(args: argparse.Namespace, out: _Output) -> int:
+    directory = Path(args.out) if args.out else None
+    data, ok = _run_bench(args.target, args, out, directory, strict=True)
+    if out.as_json:
+        out.json(data)
+    return 0 if ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
+    directory = Path(args.out)
+    results = []
+    ok = True
+    for target in args.models.split(","):
+        data, target_ok = _run_bench(target.strip(), args, out, directory, strict=False)
+        results.append(data)
+        ok = ok and target_ok
+    if out.as_json:
+        out.json(results)
+    else:
+        out.say(f"results and plots written to {directory}/")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memfit", description="Fit PyTorch training in less memory (activation checkpointing)."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def target_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("target", help="gpt, mlp, hf:gpt2, hf:llama, hf:bert or file.py:function")
+        _add_sizes(sub)
+        return sub
+
+    def _add_sizes(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--layers", type=int, help="number of blocks")
+        sub.add_argument("--width", type=int, help="hidden size")
+        sub.add_argument("--seq", type=int, help="sequence length")
+        sub.add_argument("--batch", type=int, help="batch size")
+        sub.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
+        sub.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+    sub = target_command("profile", "measure every stage of a model")
+    sub.add_argument("-o", "--output", help="write the profile as JSON")
+    sub.set_defaults(run=_cmd_profile)
+    sub = target_command("plan", "plan a model for a memory budget")
+    sub.add_argument("--budget", required=True, help='e.g. "40%%" or "12GiB"')
+    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument("-o", "--output", help="write the plan as JSON")
+    sub.set_defaults(run=_cmd_plan)
+    sub = target_command("bench", "run strategies and budgets side by side")
+    sub.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated budgets")
+    sub.add_argument("--out", help="folder for the plot and JSON")
+    sub.set_defaults(run=_cmd_bench)
+    sub = commands.add_parser("demo", help="built-in models, every strategy, for real")
+    _add_sizes(sub)
+    sub.add_argument("--models", default=",".join(DEMO_MODELS), help="comma-separated targets")
+    sub.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated budgets")
+    sub.add_argument("--out", default="memfit-out", help="folder for plots and JSON")
+    sub.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    out = _Output(as_json=getattr(args, "json", False))
+    try:
+        code: int = args.run(args, out)
+        return code
+    except InfeasibleBudgetError as error:
+        _error(out, str(error), args.debug)
+        return 1
+    except (ValueError, TypeError, MemfitError, ImportError) as error:
+        _error(out, str(error), args.debug)
+        return 1 if isinstance(error, MemfitError) else 2
+
+
+def _error(out: _Output, message: str, debug: bool) -> None:
+    if debug:
+        raise
+    print(f"memfit: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

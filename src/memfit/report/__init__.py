@@ -1,0 +1,1 @@
+"""Presenting results: rich tables, the Pareto plot, JSON."""

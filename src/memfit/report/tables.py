@@ -1,0 +1,137 @@
+"""Rich tables of profiles, plans and benchmarks (rich is optional: plain text without it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from memfit.bench import BenchResult
+from memfit.measure.profile import Profile
+from memfit.plan.plan import Plan
+from memfit.units import format_bytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def make_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
+    """A rich ``Table`` (or a plain-text stand-in with the same ``str``)."""
+    try:
+        from rich.table import Table
+    except ImportError:  # rich is optional
+        return _PlainTable(title, columns, rows)
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+class _PlainTable:
+    def __init__(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.lines = [title, " | ".join(columns), *(" | ".join(row) for row in rows)]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def profile_table(profile: Profile) -> Any:
+    """Per stage: time, memory, and what recompute would save."""
+    rows = []
+    for stage, params in zip(profile.costs.stages, profile.parameter_bytes, strict=True):
+        keep = stage.options["keep"]
+        rows.append(
+            [
+                stage.name,
+                f"{keep.forward_s * 1e3:.2f}",
+                f"{keep.backward_s * 1e3:.2f}",
+                _mib(stage.output_bytes),
+                _mib(keep.saved_bytes),
+                _mib(keep.forward_peak_bytes),
+                _mib(keep.backward_peak_bytes),
+                _mib(params),
+                "yes" if stage.checkpointable else "no",
+            ]
+        )
+    m = profile.measurement
+    title = (
+        f"Profile: step {m.step_s * 1e3:.1f} ms, peak {format_bytes(m.peak_bytes)} "
+        f"(held {format_bytes(m.held_bytes)} + activations {format_bytes(m.activation_bytes)})"
+    )
+    columns = [
+        "stage",
+        "fwd ms",
+        "bwd ms",
+        "output MiB",
+        "saved MiB",
+        "fwd peak MiB",
+        "bwd peak MiB",
+        "params MiB",
+        "recomputable",
+    ]
+    return make_table(title, columns, rows)
+
+
+def plan_table(plan: Plan) -> Any:
+    """How every stage runs under ``plan``."""
+    rows = [[name, option] for name, option in plan.options.items()]
+    budget = "none" if plan.budget_bytes is None else format_bytes(plan.budget_bytes)
+    title = (
+        f"Plan ({plan.strategy}, budget {budget}): predicted peak "
+        f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms"
+    )
+    return make_table(title, ["stage", "runs as"], rows)
+
+
+def bench_table(result: BenchResult, title: str) -> Any:
+    """One row per strategy and budget, with the seed metrics."""
+    rows = []
+    for row in result.rows:
+        if not row.feasible:
+            need = format_bytes(row.min_feasible_bytes or 0)
+            rows.append([row.label, row.budget, f"infeasible (needs {need})", *[""] * 6])
+            continue
+        rows.append(
+            [
+                row.label,
+                row.budget,
+                _mib(row.predicted_peak_bytes),
+                _mib(row.measured_peak_bytes),
+                f"{row.prediction_error * 100:+.2f}%",
+                f"{row.step_s * 1e3:.1f}",
+                f"{row.overhead * 100:+.1f}%",
+                f"{row.memory_saved * 100:.1f}%",
+                "yes" if row.gradients_equal else "NO",
+            ]
+        )
+    columns = [
+        "strategy",
+        "budget",
+        "predicted MiB",
+        "measured MiB",
+        "pred. err",
+        "step ms",
+        "overhead",
+        "act. saved",
+        "grads equal",
+    ]
+    return make_table(title, columns, rows)
+
+
+def seed_metrics(result: BenchResult) -> dict[str, float]:
+    """The headline figures of the best plan that saves memory (least overhead per saving).
+
+    ``compute_to_memory`` is the overhead in % paid per % of activation memory saved.
+    """
+    candidates = [r for r in result.rows if r.feasible and r.memory_saved > 0.01]
+    if not candidates:
+        return {}
+    best = min(candidates, key=lambda r: r.overhead / r.memory_saved)
+    return {
+        "recompute_overhead_pct": best.overhead * 100,
+        "memory_saved_pct": best.memory_saved * 100,
+        "parameters_per_gib_of_peak": result.parameters / (best.measured_peak_bytes / 2**30),
+        "compute_to_memory": best.overhead / best.memory_saved,
+    }

@@ -1,0 +1,83 @@
+"""What the CLI can run: built-in models, Hugging Face architectures from configs, user files.
+
+A target is ``gpt`` / ``mlp`` (built in), ``hf:<arch>`` (``hf:gpt2``, ``hf:llama``, ``hf:bert``:
+random weights from a small config, no downloads) or ``path/to/file.py:function`` (a function
+returning ``(model, sample)``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from memfit import models
+
+
+def load_target(
+    target: str, size: Mapping[str, Any] | None = None, *, strict: bool = True
+) -> tuple[nn.Module, Any]:
+    """Build ``(model, sample)`` for a target string; ``size`` overrides sizes (layers, ...).
+
+    With ``strict=False``, size options the target does not take are ignored (the demo applies
+    one set of sizes to several models).
+
+    Raises:
+        ValueError: unknown target, naming the accepted forms.
+    """
+    size = {key: value for key, value in (size or {}).items() if value is not None}
+    if target.startswith("hf:"):
+        from memfit.integrations.hf import build_hf
+
+        return build_hf(target[3:], **_accepted(build_hf, _hf_names(size), strict))
+    if ".py:" in target:
+        path, _, function = target.rpartition(":")
+        return _from_file(Path(path), function, size, strict)
+    if target in models.BUILDERS:
+        builder = models.BUILDERS[target]
+        return builder(**_accepted(builder, size, strict))
+    raise ValueError(
+        f"unknown target {target!r}; use a built-in model ({', '.join(sorted(models.BUILDERS))}), "
+        f"hf:<arch> (hf:gpt2, hf:llama, hf:bert) or path/to/file.py:function"
+    )
+
+
+def _hf_names(size: Mapping[str, Any]) -> dict[str, Any]:
+    renamed = {"width": "hidden"}
+    return {renamed.get(key, key): value for key, value in size.items()}
+
+
+def _accepted(function: Any, size: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    parameters = inspect.signature(function).parameters
+    unknown = sorted(set(size) - set(parameters))
+    if not strict:
+        return {key: value for key, value in size.items() if key in parameters}
+    if unknown:
+        raise ValueError(
+            f"size options {unknown} do not apply here; accepted: "
+            f"{sorted(name for name in parameters if name != 'arch')}"
+        )
+    return dict(size)
+
+
+def _from_file(
+    path: Path, function: str, size: Mapping[str, Any], strict: bool
+) -> tuple[nn.Module, Any]:
+    if not path.is_file():
+        raise ValueError(f"target file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"memfit_target_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise ValueError(f"{str(path)!r} has no function {function!r} returning (model, sample)")
+    result = builder(**_accepted(builder, size, strict)) if size else builder()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise ValueError(f"{path}:{function} must return (model, sample); got {type(result)}")
+    return result

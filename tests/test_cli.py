@@ -1,0 +1,105 @@
+"""The memfit command through main(argv): every subcommand, bad arguments, infeasible budgets."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memfit.cli import main
+
+TINY = ["--layers", "2", "--width", "32", "--seq", "16", "--batch", "2", "--repeats", "1"]
+# 4 blocks whose activations outweigh the embedding and head, so that 60% is feasible
+SMALL = ["--layers", "4", "--width", "64", "--seq", "64", "--batch", "2", "--repeats", "1"]
+
+
+def test_profile_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "gpt", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1" in out and "<post>" in out and "Profile" in out
+
+
+def test_profile_json_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "profile.json"
+    assert (
+        main(["profile", "mlp", "--layers", "2", "--repeats", "1", "--json", "-o", str(target)])
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["costs"]["stages"][1]["name"] == "blocks.0"
+    assert json.loads(target.read_text())["measurement"] == data["measurement"]
+
+
+def test_plan_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "plan.json"
+    assert main(["plan", "gpt", *SMALL, "--budget", "60%", "-o", str(target)]) == 0
+    from memfit import Plan
+
+    plan = Plan.from_json(target.read_text())
+    assert plan.strategy == "optimal"
+    assert "plan written" in capsys.readouterr().out
+
+
+def test_plan_infeasible_budget_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--budget", "1%"]) == 1
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "raise the budget" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["plan", "gpt"],  # no --budget
+        ["profile", "gpt", "--layers", "many"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_bad_values_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--budget", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memfit: error:") and "40%" in err and "Traceback" not in err
+    assert main(["profile", "no-such-model"]) == 2
+    assert "unknown target" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback() -> None:
+    with pytest.raises(ValueError, match="unknown target"):
+        main(["--debug", "profile", "no-such-model"])
+
+
+def test_user_file_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(
+        "from memfit.models import mlp\n"
+        "def build():\n"
+        "    return mlp(layers=2, width=16, hidden=32, batch=4)\n"
+    )
+    assert main(["profile", f"{source}:build", "--repeats", "1"]) == 0
+    assert "blocks.1" in capsys.readouterr().out
+    assert main(["profile", f"{source}:nothing"]) == 2
+
+
+def test_bench_writes_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "gpt", *SMALL, "--budgets", "60%,80%", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "optimal" in out and "all (HF-style)" in out
+    data = json.loads((tmp_path / "gpt.json").read_text())
+    rows = data["result"]["rows"]
+    assert {row["strategy"] for row in rows} >= {"none", "all", "sqrt", "optimal"}
+    assert all(row["gradients_equal"] for row in rows if row["feasible"])
+    assert (tmp_path / "gpt.png").stat().st_size > 10_000
+
+
+def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", *TINY, "--models", "mlp", "--budgets", "80%", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["target"] == "mlp"
+    assert (tmp_path / "mlp.png").exists()
