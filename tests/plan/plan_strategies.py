@@ -29,8 +29,10 @@ def chains(
     max_options: int = 3,
     unit: int = UNIT,
     constraints: bool = True,
+    consistent: bool = True,
 ) -> ChainCosts:
-    """A consistent chain of ``min_stages..max_stages`` stages with 1..``max_options`` options."""
+    """A chain of ``min_stages..max_stages`` stages with 1..``max_options`` options; when not
+    ``consistent``, inputs and backward deltas are drawn freely (costs no profile would give)."""
     n = draw(st.integers(min_stages, max_stages))
     size = st.integers(0, 8)
     first_input = draw(size)
@@ -42,17 +44,22 @@ def chains(
         saved = draw(size)
         forward_s, backward_s = draw(st.integers(1, 5)), draw(st.integers(1, 9))
         forward_peak = saved + output + draw(st.integers(0, 4))
+        given = first_input if i == 0 else outputs[i - 1]
+        if not consistent:
+            grads = draw(st.integers(-4, 4))
+            given = max(0, given + draw(st.integers(-1, 1)) * (i > 0))
         options = {KEEP: _option(draw, forward_s, backward_s, saved, output, grads, forward_peak)}
         for number in range(draw(st.integers(1, max_options)) - 1):
             less = draw(st.integers(0, saved))
             slower = backward_s + draw(st.integers(1, 6))
             peak = draw(st.integers(less + output, forward_peak))
-            option = _option(draw, forward_s, slower, less, output, grads, peak)
+            freed = grads if consistent else draw(st.integers(-4, 4))
+            option = _option(draw, forward_s, slower, less, output, freed, peak)
             options[f"selective:{number}"] = option
         stages.append(
             StageCosts(
                 name=f"s{i}",
-                input_bytes=(first_input if i == 0 else outputs[i - 1]) * unit,
+                input_bytes=given * unit,
                 output_bytes=output * unit,
                 options=options,
                 nosave_forward_s=forward_s,

@@ -44,7 +44,16 @@ def chain_and_budget(draw: st.DrawFn, **kwargs: int) -> tuple[ChainCosts, int]:
 @examples(400)
 @given(case=chain_and_budget(min_stages=1, max_stages=7, max_options=3))
 def test_optimal_matches_brute_force(case: tuple[ChainCosts, int]) -> None:
-    costs, budget = case
+    _check_against_brute_force(*case)
+
+
+@examples(250)
+@given(case=chain_and_budget(min_stages=5, max_stages=7, max_options=3))
+def test_optimal_matches_brute_force_on_longer_chains(case: tuple[ChainCosts, int]) -> None:
+    _check_against_brute_force(*case)
+
+
+def _check_against_brute_force(costs: ChainCosts, budget: int) -> None:
     expected = best_time(costs, budget)
     if expected is None:
         with pytest.raises(InfeasibleBudgetError) as error:
@@ -147,3 +156,18 @@ def test_uniform_chain_known_points() -> None:
     assert solve_optimal(costs, 45).simulation.step_s == 24.0
     assert solve_optimal(costs, 21).simulation.step_s == 30.0
     assert solve_optimal(costs, 11).simulation.peak_bytes == 11
+
+
+@examples(150)
+@given(case=chain_and_budget(min_stages=1, max_stages=7, max_options=3, consistent=False))
+def test_inconsistent_costs_stay_within_budget(case: tuple[ChainCosts, int]) -> None:
+    """Where options disagree on what backward frees, the DP is safe, maybe not optimal."""
+    costs, budget = case
+    expected = best_time(costs, budget)
+    try:
+        solution = solve_optimal(costs, budget)
+    except InfeasibleBudgetError as error:
+        assert error.min_feasible_bytes > budget
+        return
+    assert solution.simulation.peak_bytes <= budget
+    assert expected is not None and solution.simulation.step_s >= expected

@@ -119,7 +119,7 @@ def test_unknown_option(chain: ChainCosts) -> None:
 
 def _with_stage(chain: ChainCosts, index: int, **changes: object) -> ChainCosts:
     stages = list(chain.stages)
-    stages[index] = dataclasses.replace(stages[index], **changes)  # type: ignore[arg-type]
+    stages[index] = dataclasses.replace(stages[index], **changes)
     return dataclasses.replace(chain, stages=stages)
 
 

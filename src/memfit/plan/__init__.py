@@ -1,18 +1,30 @@
 """Planning: costs in, plan out. Pure numbers: this package never imports torch."""
 
 from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
+from memfit.plan.frontier import FrontierPoint, frontier
 from memfit.plan.plan import Plan, Segment, Stage, keep_tree, recompute_one, validate_tree
+from memfit.plan.simulate import Simulation, check_tree, simulate
+from memfit.plan.solve import Strategy, min_peak_bytes, parse_strategy, solve
 
 __all__ = [
     "KEEP",
     "ChainCosts",
+    "FrontierPoint",
     "OptionCosts",
     "Plan",
     "Segment",
+    "Simulation",
     "Stage",
     "StageCosts",
+    "Strategy",
+    "check_tree",
+    "frontier",
     "keep_tree",
+    "min_peak_bytes",
+    "parse_strategy",
     "recompute_one",
+    "simulate",
+    "solve",
     "uniform_chain",
     "validate_tree",
 ]

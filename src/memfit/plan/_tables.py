@@ -1,15 +1,17 @@
-"""The time DP's tables over a memory grid (the recurrence is documented in
-:mod:`memfit.plan.optimal`).
+"""The time DP's tables for recompute segments, over a memory grid (the recurrence is documented
+in :mod:`memfit.plan.optimal`).
 
-``TimeTables`` fills, for every subproblem and every number of free slots ``m`` (``m *
-slot_bytes`` bytes above the subproblem's starting level), the least seconds of a tree that fits,
-and the choice that reaches it; ``tree(m)`` walks the choices back into a schedule tree.
+``SegmentTables`` fills, for every segment ``[start, start + length)`` and every number of free
+slots ``m`` (``m * slot_bytes`` bytes above the level where its inner tree starts), the least
+seconds of an inner tree that fits, and the choice that reaches it; ``inner_tree`` walks the
+choices back into a tree. The grid only reaches the memory where every inner tree can run at its
+fastest: lookups above read the last column.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 
 from memfit.plan._chain import Candidates, ChainArrays
 from memfit.plan.plan import Item, Segment, Stage, Tree
@@ -20,13 +22,13 @@ def ceil_slots(values: np.ndarray, slot_bytes: int) -> np.ndarray:
     return -((-np.asarray(values, dtype=np.int64)) // slot_bytes)
 
 
-class TimeTables:
-    """The solved time DP on a grid of ``slots + 1`` memory levels of ``slot_bytes`` each.
+class SegmentTables:
+    """The solved segment DP on a grid of ``slots + 1`` memory levels of ``slot_bytes`` each.
 
     Args:
         arrays: the chain's arrays (their segment cap defines the class of trees).
         slot_bytes: bytes per slot.
-        slots: the top of the grid (the budget above ``held_bytes``, in slots).
+        slots: the top of the grid.
     """
 
     def __init__(self, arrays: ChainArrays, slot_bytes: int, slots: int) -> None:
@@ -41,46 +43,45 @@ class TimeTables:
         self.allowed = np.zeros((self.ring, cap + 1, slots + 1))
         self.inner_choice = np.zeros((n, cap + 1, slots + 1), dtype=dtype)
         self.full = np.zeros((n, cap + 1, slots + 1), dtype=bool)
-        self.top = np.zeros((n + 1, slots + 1))  # [start]: subproblem [start, n), no drop
-        self.top_choice = np.zeros((n, slots + 1), dtype=dtype)
-        inner = np.zeros((cap + 1, slots + 1))
+        # inner[start, length]: the inner tree of segment [start, start + length) (with drop).
+        self.inner = np.full((n, cap + 1, slots + 1), np.inf)
         for start in range(n - 1, -1, -1):
             row = start % self.ring
             self.allowed[row, 0] = 0.0
             for length in range(1, int(arrays.max_length[start]) + 1):
-                stop = start + length
-                best, choice = self._evaluate(start, stop, False, inner)
-                inner[length], self.inner_choice[start, length] = best, choice
+                best, choice = self._evaluate(start, start + length)
+                self.inner[start, length], self.inner_choice[start, length] = best, choice
                 whole = self._full_segment(start, length, best)
                 self.full[start, length] = whole < best
                 self.allowed[row, length] = np.minimum(whole, best)
-            self.top[start], self.top_choice[start] = self._evaluate(start, n, True, inner)
 
     def _shift(self, rows: np.ndarray, shifts: np.ndarray) -> np.ndarray:
         """``out[r, m] = rows[r, m - shifts[r]]``: infinite below 0, the last column above."""
         top = self.slots
-        shifts = np.clip(shifts, -top, top + 1)
+        shifts = np.minimum(np.maximum(shifts, -top), top + 1)
         left, right = max(0, int(shifts.max())), max(0, -int(shifts.min()))
-        padded = np.empty((rows.shape[0], left + top + 1 + right))
+        count = rows.shape[0]
+        padded = np.empty((count, left + top + 1 + right))
         padded[:, :left] = np.inf
         padded[:, left : left + top + 1] = rows
         padded[:, left + top + 1 :] = rows[:, -1:]
-        windows = sliding_window_view(padded, top + 1, axis=1)
-        return windows[np.arange(rows.shape[0]), left - shifts]
+        step = padded.strides[1]
+        windows = as_strided(
+            padded, (count, left + right + 1, top + 1), (padded.strides[0], step, step)
+        )
+        return windows[np.arange(count), left - shifts]
 
-    def _candidates(self, start: int, stop: int, top: bool) -> Candidates:
-        return self.arrays.candidates(start, stop, drop=not top, full=top)
+    def _candidates(self, start: int, stop: int) -> Candidates:
+        return self.arrays.candidates(start, stop, drop=True, full=False)
 
-    def _evaluate(
-        self, start: int, stop: int, top: bool, inner: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        cand = self._candidates(start, stop, top)
+    def _evaluate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        cand = self._candidates(start, stop)
         rest = cand.rest_start
-        rest_rows = self.top[rest] if top else self.allowed[rest % self.ring, stop - rest]
+        rest_rows = self.allowed[rest % self.ring, stop - rest]
         values = self._shift(rest_rows, ceil_slots(cand.residue, self.slot_bytes))
         options = cand.options
         if len(rest) > options:
-            inner_rows = inner[1 : len(rest) - options + 1]
+            inner_rows = self.inner[start, 1 : len(rest) - options + 1]
             inner_shift = ceil_slots(cand.back_offset[options:], self.slot_bytes)
             values[options:] += self._shift(inner_rows, inner_shift)
         need = np.maximum(cand.forward_peak, cand.back_offset + cand.back_peak)
@@ -102,42 +103,33 @@ class TimeTables:
         shifted[: max(0, need)] = np.inf
         return shifted + arrays.segment_time[start, length]
 
-    def tree(self, free_slots: int) -> Tree:
-        """The tree the tables chose for the whole chain with ``free_slots`` slots.
+    def free_slots(self, free_bytes: int) -> int:
+        """Slots that fit in ``free_bytes`` (-1 when negative; the top of the grid at most)."""
+        return -1 if free_bytes < 0 else min(self.slots, free_bytes // self.slot_bytes)
 
-        Raises:
-            ValueError: no tree fits that many slots on this grid.
-        """
-        if not np.isfinite(self.top[0, free_slots]):
-            raise ValueError(f"no tree fits {free_slots} slots of {self.slot_bytes} bytes")
-        return tuple(self._build(0, self.arrays.n, free_slots, top=True, allow_full=True))
+    def inner_tree(self, start: int, stop: int, free: int) -> Tree:
+        """The inner tree the tables chose for segment ``[start, stop)`` with ``free`` slots."""
+        return tuple(self._build(start, stop, free, allow_full=False))
 
-    def _build(
-        self, start: int, stop: int, free: int, *, top: bool, allow_full: bool
-    ) -> list[Item]:
+    def _build(self, start: int, stop: int, free: int, *, allow_full: bool) -> list[Item]:
         items: list[Item] = []
         arrays = self.arrays
         while start < stop:
             assert 0 <= free <= self.slots, (start, stop, free)
-            if top:
-                choice = int(self.top_choice[start, free])
-            else:
-                length = stop - start
-                if allow_full and self.full[start, length, free]:
-                    inner_free = min(self.slots, free - self._full_offset(start, length))
-                    inner = self._build(start, stop, inner_free, top=False, allow_full=False)
-                    items.append(Segment(start, stop, tuple(inner)))
-                    return items
-                choice = int(self.inner_choice[start, length, free])
-            cand = self._candidates(start, stop, top)
+            length = stop - start
+            if allow_full and self.full[start, length, free]:
+                inner_free = min(self.slots, free - self._full_offset(start, length))
+                items.append(Segment(start, stop, self.inner_tree(start, stop, inner_free)))
+                return items
+            choice = int(self.inner_choice[start, length, free])
+            cand = self._candidates(start, stop)
             if choice < cand.options:
                 items.append(Stage(start, arrays.option_names[start][choice]))
             else:
                 end = int(cand.rest_start[choice])
                 offset = int(ceil_slots(cand.back_offset[choice], self.slot_bytes))
-                inner_free = min(self.slots, free - offset)
-                inner = self._build(start, end, inner_free, top=False, allow_full=False)
-                items.append(Segment(start, end, tuple(inner)))
+                inner = self.inner_tree(start, end, min(self.slots, free - offset))
+                items.append(Segment(start, end, inner))
             free = min(self.slots, free - int(ceil_slots(cand.residue[choice], self.slot_bytes)))
             start = int(cand.rest_start[choice])
             allow_full = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memfit.plan._chain import ChainArrays, Int
+from memfit.plan._chain import ChainArrays, Int, default_segment_cap
 from memfit.plan.costs import ChainCosts
 from memfit.plan.plan import Item, Segment, Stage, Tree
 
@@ -129,10 +129,12 @@ def min_peak(costs: ChainCosts, max_segment_stages: int | None = None) -> MinPea
 
     Args:
         costs: the chain.
-        max_segment_stages: the longest recompute segment considered (``None``: the whole chain).
+        max_segment_stages: the longest recompute segment considered (default:
+            :func:`~memfit.plan._chain.default_segment_cap`, as the time DP).
 
     Returns:
         The solved :class:`MinPeak`; ``.tree()`` gives a tree reaching ``.peak_bytes``.
     """
-    cap = len(costs.stages) if max_segment_stages is None else max_segment_stages
+    n = len(costs.stages)
+    cap = default_segment_cap(n) if max_segment_stages is None else max_segment_stages
     return MinPeak(ChainArrays(costs, cap))
