@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from memfit.errors import AlreadyPlannedError, MemfitError, PlanMismatchError
+from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measure.chain import Chain, find_chain
 from memfit.measure.ops import candidate_policies, profile_ops
 from memfit.measure.profile import Profile, build_profile, fingerprint
@@ -210,6 +211,7 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 "the plan was made for samples of another shape, dtype or device; its memory "
                 "predictions do not hold for this sample: plan again with this sample"
             )
+    disable_hf_checkpointing(model)
     apply_plan(model, chain, plan)
 
 

@@ -1,0 +1,1 @@
+"""Model families: Hugging Face transformers (optional dependency, imported lazily)."""
