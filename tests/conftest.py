@@ -6,6 +6,11 @@ import pytest
 import torch
 
 
+# One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
+# 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

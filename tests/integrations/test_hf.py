@@ -111,5 +111,5 @@ def test_hf_gradient_checkpointing_is_turned_off_with_a_warning() -> None:
 
 
 def test_unknown_architecture() -> None:
-    with pytest.raises(ValueError, match="bert.*gpt2.*llama"):
+    with pytest.raises(ValueError, match=r"bert.*gpt2.*llama"):
         build_hf("t5")
