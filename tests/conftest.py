@@ -5,7 +5,6 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 import pytest
 import torch
 
-
 # One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
 # 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
 torch.set_num_threads(1)

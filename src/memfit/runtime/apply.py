@@ -10,6 +10,7 @@ after checking that they got the same side inputs (masks, rotary tables) as bloc
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,27 @@ def _same_inputs(
     return True
 
 
+def _guard_output(out: Any, watched: Any, name: str) -> Any:
+    """Check, when the gradient of a segment's output arrives (just before the segment is
+    recomputed), that nobody changed the segment's input in place since its forward."""
+    main = main_tensor(out)
+    if not (isinstance(watched, torch.Tensor) and main is not None and main.requires_grad):
+        return out
+    version, watched_ref = watched._version, weakref.ref(watched)  # never keep it alive
+
+    def check(grad: torch.Tensor) -> None:
+        alive = watched_ref()
+        if alive is not None and alive._version != version:
+            raise MemfitError(
+                f"the input of stage {name!r} was modified in place after its forward; "
+                f"recomputing the stage from it would give wrong gradients. Avoid the in-place "
+                f"op on the block's input (write x = x * 2, not x.mul_(2)) or keep this stage"
+            )
+
+    main.register_hook(check)
+    return out
+
+
 class _Executor:
     """Runs schedule items over the blocks of one chain."""
 
@@ -102,19 +124,11 @@ class _Executor:
     def run_segment(
         self, segment: Segment, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        version = x._version if isinstance(x, torch.Tensor) else None
-        name = self.name(segment.start)
-
         def body(x_: Any, *rest_: Any, **kwargs_: Any) -> Any:
-            if version is not None and x_._version != version:
-                raise MemfitError(
-                    f"the input of stage {name!r} was modified in place after its forward; "
-                    f"recomputing it would give wrong gradients. Avoid the in-place op on the "
-                    f"block's input (e.g. write x = x + y instead of x += y) or keep this stage"
-                )
             return self.run_items(segment.inner, x_, rest_, kwargs_)
 
-        return checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
+        out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
+        return _guard_output(out, x, self.name(segment.start))
 
     def head(self, segment: Segment) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
