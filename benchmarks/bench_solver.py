@@ -31,11 +31,21 @@ BASELINES = ("all", "sqrt", "every:2", "every:4")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def header() -> list[str]:
-    cpu = platform.processor() or platform.machine()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return [
-        f"- machine: {platform.system()} {platform.release()}, {cpu}, "
-        f"{os.cpu_count()} logical CPUs",
+        f"- machine: {platform.system()} {platform.release()}, {cpu_name()}, "
+        f"{os.cpu_count()} logical CPUs, load average at start {load}",
         f"- python {platform.python_version()}, numpy {np.__version__}",
         "- device: CPU only (the solver is numpy; no torch)",
     ]

@@ -61,14 +61,15 @@ def solve_top(
     for boundary in range(n + 1):
         states = np.concatenate(incoming[boundary]) if incoming[boundary] else np.empty((0, 5))
         incoming[boundary] = []
-        states = states[states[:, 0] + suffix_peak[boundary] <= budget_bytes]
         states = states[_pareto(states[:, 0], states[:, 1], max_states)]
         fronts.append(states)
         if boundary == n or len(states) == 0:
             continue
         cand = arrays.candidates(boundary, n, drop=False, full=True)
         level, seconds = states[:, 0], states[:, 1]
+        # The item must fit, and so must the least-peak way to finish after it.
         need = np.maximum(cand.forward_peak, cand.back_offset + cand.back_peak)
+        need = np.maximum(need, cand.residue + suffix_peak[cand.rest_start])
         fits = level[None, :] + need[:, None] <= budget_bytes
         total = seconds[None, :] + cand.time_s[:, None]
         options = cand.options

@@ -26,6 +26,8 @@ class MinPeak:
 
     Attributes:
         peak_bytes: the minimal peak of the step, ``held_bytes`` included.
+        top: ``[s]``: the minimal peak of a tree over ``[s, n)`` above its starting level
+            (``top[n] == 0``).
     """
 
     def __init__(self, arrays: ChainArrays) -> None:
