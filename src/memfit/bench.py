@@ -7,6 +7,7 @@ row (A, B, C, A, B, C, ...) so that overheads are ratios of medians measured in 
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,12 +21,29 @@ from memfit.errors import InfeasibleBudgetError
 from memfit.measure.profile import Profile
 from memfit.measure.run import measure, time_step
 from memfit.measure.step import LossFn
+from memfit.plan.costs import ChainCosts
 from memfit.plan.plan import Plan
 from memfit.plan.solve import solve
 from memfit.runtime.apply import apply_plan, remove_plan
 from memfit.units import parse_budget
 
-STRATEGY_LABELS = {"none": "none", "all": "all (HF-style)", "sqrt": "sqrt (Chen)"}
+STRATEGY_LABELS = {
+    "none": "none",
+    "all": "all (HF-style)",
+    "sqrt": "sqrt (Chen)",
+    "optimal": "optimal (memfit)",
+    "optimal-recompute": "optimal, no selective",
+}
+OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute")
+
+
+def without_selective(costs: ChainCosts) -> ChainCosts:
+    """The same chain with only ``keep`` in every stage's menu (recompute stays possible)."""
+    stages = [
+        dataclasses.replace(stage, options={"keep": stage.options["keep"]})
+        for stage in costs.stages
+    ]
+    return dataclasses.replace(costs, stages=stages)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,7 +101,14 @@ def bench(
     profile: Profile,
     *,
     budgets: Sequence[str],
-    strategies: Sequence[str] = ("none", "all", "every:2", "sqrt", "optimal"),
+    strategies: Sequence[str] = (
+        "none",
+        "all",
+        "every:2",
+        "sqrt",
+        "optimal-recompute",
+        "optimal",
+    ),
     loss_fn: LossFn | None = None,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
@@ -105,7 +130,7 @@ def bench(
     ]
     jobs: list[tuple[str, str, int | None]] = []
     for strategy in strategies:
-        if strategy == "optimal":
+        if strategy in OPTIMAL_STRATEGIES:
             jobs += [(strategy, text, value) for text, value in resolved]
         else:
             jobs.append((strategy, "-", None))
@@ -113,8 +138,11 @@ def bench(
     rows: list[dict[str, Any]] = []
     for strategy, text, budget_bytes in jobs:
         row: dict[str, Any] = dict(strategy=strategy, budget=text, budget_bytes=budget_bytes)
+        costs = profile.costs
+        if strategy == "optimal-recompute":
+            costs, strategy = without_selective(costs), "optimal"
         try:
-            chosen = solve(profile.costs, budget_bytes, strategy)
+            chosen = solve(costs, budget_bytes, strategy)
         except InfeasibleBudgetError as error:
             plans.append(None)
             rows.append(row | dict(feasible=False, min_feasible_bytes=error.min_feasible_bytes))

@@ -33,15 +33,21 @@ def pareto_plot(
         xs = [p.peak_bytes / 2**20 for p in frontier]
         ys = [p.step_s * 1e3 for p in frontier]
         axes.step(xs, ys, where="post", color="0.55", lw=1.5, label="optimal frontier (predicted)")
-    markers = {"none": "s", "all": "D", "sqrt": "^", "optimal": "o"}
-    colors = {"none": "black", "all": "tab:red", "sqrt": "tab:purple", "optimal": "tab:blue"}
+    markers = {"none": "s", "all": "D", "sqrt": "^", "optimal": "o", "optimal-recompute": "P"}
+    colors = {
+        "none": "black",
+        "all": "tab:red",
+        "sqrt": "tab:purple",
+        "optimal": "tab:blue",
+        "optimal-recompute": "tab:cyan",
+    }
     seen: set[str] = set()
     for row in result.rows:
         if not row.feasible:
             continue
         kind = row.strategy if row.strategy in markers else "every"
         marker, color = markers.get(kind, "v"), colors.get(kind, "tab:orange")
-        label = row.label if row.strategy != "optimal" else "optimal (memfit)"
+        label = row.label
         predicted = (row.predicted_peak_bytes / 2**20, row.predicted_step_s * 1e3)
         measured = (row.measured_peak_bytes / 2**20, row.step_s * 1e3)
         axes.plot(*predicted, marker=marker, mfc="none", mec=color, ms=9, ls="none")
@@ -54,7 +60,7 @@ def pareto_plot(
             label=None if label in seen else f"{label} (measured)",
         )
         axes.plot(*zip(predicted, measured, strict=True), color=color, lw=0.6, alpha=0.6)
-        if row.strategy == "optimal":
+        if row.strategy.startswith("optimal"):
             axes.annotate(row.budget, measured, textcoords="offset points", xytext=(6, 4))
         seen.add(label)
     axes.axhline(base_ms, color="0.8", lw=0.8, ls="--")
