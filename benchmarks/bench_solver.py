@@ -109,7 +109,11 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for stages in args.stages:
         lines += bench_chain(stages, args.repeats)
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     lines += [
+        f"Load average at the end: {load} (the machine is shared: figures above a load of 1 "
+        "include waiting for the CPU).",
+        "",
         "Budgets are the held bytes plus a fraction of the fastest plan's activation memory. "
         "`solve s` is the whole `solve(costs, budget, 'optimal')` call: min-peak DP, segment "
         "tables, top-level sweep, fallbacks and simulation. `source` says which candidate won "
