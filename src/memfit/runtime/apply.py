@@ -1,11 +1,15 @@
 """Executing a plan's schedule tree on the model, in place, and undoing it.
 
 Mechanism: the *instance* ``forward`` of blocks is overridden (nothing is wrapped or renamed, so
-the module tree and ``state_dict()`` keys stay as they are; ``remove_plan`` deletes the
-overrides). A top-level ``Segment(s, t, inner)`` makes block ``s`` run blocks ``s..t-1`` inside one
-``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following ``inner`` (nested segments
-are nested checkpoints: multi-level recompute). Blocks ``s+1..t-1`` then pass their input through,
-after checking that they got the same side inputs (masks, rotary tables) as block ``s``.
+the module tree and ``state_dict()`` keys stay as they are, and the model's own loop over its
+blocks is untouched; ``remove_plan`` deletes the overrides). A top-level ``Segment(s, t, inner)``
+makes block ``s`` (the segment's *head*) run blocks ``s..t-1`` inside one
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following ``inner``: nested segments
+are nested checkpoints, i.e. multi-level recompute. Blocks ``s+1..t-1`` then pass their input
+through, after checking that running them inside the head was right (see ``guards``).
+
+Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see the pass-through
+(input = output = the segment's output), and the head's hooks see the whole segment.
 """
 
 from __future__ import annotations
@@ -19,21 +23,39 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memfit.errors import AlreadyPlannedError, MemfitError, PlanMismatchError
+from memfit.errors import AlreadyPlannedError, PlanMismatchError
 from memfit.measure.chain import Chain, main_tensor
 from memfit.plan.plan import Item, Plan, Segment, Stage
-from memfit.runtime.options import KEEP, run_with_option, saved_ops
+from memfit.runtime.guards import Inputs, guard_input, rng_state, same_rng_state, same_side_inputs
+from memfit.runtime.options import KEEP, Forward, option_kind, stage_wrapper
 
 _STATE = "_memfit_applied"
 _MISSING = object()
+_BEFORE_APPLY: list[Callable[[nn.Module], object]] = []
+
+
+def register_before_apply(hook: Callable[[nn.Module], object]) -> None:
+    """Run ``hook(model)`` in every :func:`apply_plan`, after the plan is checked and before the
+    model changes: integrations turn off a model family's own checkpointing this way (the
+    runtime cannot import them). Registering the same hook twice has no effect."""
+    if hook not in _BEFORE_APPLY:
+        _BEFORE_APPLY.append(hook)
 
 
 @dataclass
 class _Applied:
     plan: Plan
-    chain: Chain
-    previous: dict[int, Any] = field(default_factory=dict)  # id(block) -> its old instance forward
-    blocks: list[nn.Module] = field(default_factory=list)
+    previous: list[tuple[nn.Module, Any]] = field(default_factory=list)  # block, old forward
+
+
+@dataclass
+class _SegmentCall:
+    """What a segment's head leaves for its pass-throughs during one forward."""
+
+    side_inputs: Inputs
+    output: weakref.ref[torch.Tensor]  # weak: never keep an activation alive past its use
+    tail: tuple[Any, ...] | list[Any] | None  # the head output's items after the hidden state
+    rng: tuple[torch.Tensor, ...]
 
 
 def applied_plan(model: nn.Module) -> Plan | None:
@@ -53,60 +75,24 @@ def _split(
     raise PlanMismatchError("a planned block was called without its main input")
 
 
-def _same_inputs(
-    a: tuple[tuple[Any, ...], dict[str, Any]], b: tuple[tuple[Any, ...], dict[str, Any]]
-) -> bool:
-    (args_a, kwargs_a), (args_b, kwargs_b) = a, b
-    if len(args_a) != len(args_b) or kwargs_a.keys() != kwargs_b.keys():
-        return False
-    pairs = [*zip(args_a, args_b, strict=True), *((kwargs_a[k], kwargs_b[k]) for k in kwargs_a)]
-    for x, y in pairs:
-        if x is y:
-            continue
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return False
-        try:
-            if bool(x != y):
-                return False
-        except Exception:
-            return False
-    return True
-
-
-def _guard_output(out: Any, watched: Any, name: str) -> Any:
-    """Check, when the gradient of a segment's output arrives (just before the segment is
-    recomputed), that nobody changed the segment's input in place since its forward."""
-    main = main_tensor(out)
-    if not (isinstance(watched, torch.Tensor) and main is not None and main.requires_grad):
-        return out
-    version, watched_ref = watched._version, weakref.ref(watched)  # never keep it alive
-
-    def check(grad: torch.Tensor) -> None:
-        alive = watched_ref()
-        if alive is not None and alive._version != version:
-            raise MemfitError(
-                f"the input of stage {name!r} was modified in place after its forward; "
-                f"recomputing the stage from it would give wrong gradients. Avoid the in-place "
-                f"op on the block's input (write x = x * 2, not x.mul_(2)) or keep this stage"
-            )
-
-    main.register_hook(check)
-    return out
-
-
 class _Executor:
     """Runs schedule items over the blocks of one chain."""
 
-    def __init__(self, chain: Chain, originals: dict[int, Callable[..., Any]]) -> None:
+    def __init__(self, chain: Chain, forwards: dict[tuple[int, str], Forward]) -> None:
         self.chain = chain
-        self.originals = originals  # stage index -> the block's own forward
-        self.side_inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        # the tail of a head's tuple output (never the hidden state: holding it would keep
-        # a whole activation alive for the step)
-        self.tails: dict[int, tuple[Any, ...] | None] = {}
+        self.forwards = forwards  # (stage, option) -> the block's forward wrapped for the option
+        self.calls: dict[int, _SegmentCall] = {}  # segment start -> its current forward
 
     def name(self, index: int) -> str:
         return self.chain.stage_names[index]
+
+    def run_stage(self, stage: Stage, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not torch.is_grad_enabled():  # no backward: nothing to save or recompute
+            return self.forwards[(stage.index, KEEP)](x, *rest, **kwargs)
+        out = self.forwards[(stage.index, stage.option)](x, *rest, **kwargs)
+        if option_kind(stage.option).recomputes:
+            guard_input(out, x, self.name(stage.index))
+        return out
 
     def run_items(
         self, items: Sequence[Item], x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
@@ -114,8 +100,7 @@ class _Executor:
         out: Any = x
         for item in items:
             if isinstance(item, Stage):
-                forward = run_with_option(item.option, self.originals[item.index])
-                out = forward(x, *rest, **kwargs)
+                out = self.run_stage(item, x, rest, kwargs)
             else:
                 out = self.run_segment(item, x, rest, kwargs)
             x = main_tensor(out)
@@ -124,103 +109,169 @@ class _Executor:
     def run_segment(
         self, segment: Segment, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if not torch.is_grad_enabled():
+            return self.run_items(segment.inner, x, rest, kwargs)
+
         def body(x_: Any, *rest_: Any, **kwargs_: Any) -> Any:
             return self.run_items(segment.inner, x_, rest_, kwargs_)
 
         out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
-        return _guard_output(out, x, self.name(segment.start))
+        return guard_input(out, x, self.name(segment.start))
 
-    def head(self, segment: Segment) -> Callable[..., Any]:
+    def head(self, segment: Segment) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
             x, rest, side = _split(args, kwargs)
-            self.side_inputs[segment.start] = (rest, side)
             out = self.run_segment(segment, x, rest, side)
-            self.tails[segment.start] = tuple(out[1:]) if isinstance(out, tuple) else None
+            if segment.stop == segment.start + 1:  # no pass-throughs to prepare
+                return out
+            main = main_tensor(out)
+            if isinstance(out, torch.Tensor):
+                tail = None
+            elif isinstance(out, tuple | list) and out and out[0] is main:
+                tail = out[1:]
+            else:
+                raise PlanMismatchError(
+                    f"stage {self.name(segment.start)!r} returns {type(out).__name__}; blocks "
+                    f"joined in one recompute segment must return a tensor or a tuple whose "
+                    f"first item is the hidden state: recompute them one by one"
+                )
+            assert main is not None  # out is a tensor, or a sequence whose first item is main
+            self.calls[segment.start] = _SegmentCall(
+                (rest, side), weakref.ref(main), tail, rng_state(main.device)
+            )
             return out
 
         return forward
 
-    def pass_through(self, segment: Segment, index: int) -> Callable[..., Any]:
+    def pass_through(self, segment: Segment, index: int) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
             x, rest, side = _split(args, kwargs)
-            expected = self.side_inputs.get(segment.start)
-            if expected is None or not _same_inputs(expected, (rest, side)):
+            call = self.calls.get(segment.start)
+            main = main_tensor(x)
+            joined = f"{self.name(segment.start)!r}, which runs it inside one recompute segment"
+            if call is None or main is None or call.output() is not main:
+                raise PlanMismatchError(
+                    f"stage {self.name(index)!r} did not get the output of the block before "
+                    f"it from {joined}: the model skips blocks or changes the hidden state "
+                    f"between them; recompute these blocks one by one"
+                )
+            if not same_side_inputs(call.side_inputs, (rest, side)):
                 raise PlanMismatchError(
                     f"stage {self.name(index)!r} got other side inputs (masks, positions...) "
-                    f"than {self.name(segment.start)!r}, which runs it inside one recompute "
-                    f"segment; this model cannot join these blocks in a segment: plan again "
-                    f"(the profile marks where side inputs change) or use per-block recompute"
+                    f"than {joined}; this model cannot join these blocks in a segment (e.g. "
+                    f"sliding and full attention layers alternate): recompute them one by one"
                 )
-            tail = self.tails[segment.start]
-            return x if tail is None else (x, *tail)
+            if not same_rng_state(call.rng, rng_state(main.device)):
+                raise PlanMismatchError(
+                    f"the model drew random numbers before stage {self.name(index)!r} (between "
+                    f"blocks, e.g. LayerDrop), so running it earlier inside {joined} changes "
+                    f"the random stream: turn that off or recompute these blocks one by one"
+                )
+            if index == segment.stop - 1:
+                del self.calls[segment.start]
+            if call.tail is None:
+                return x
+            return (x, *call.tail) if isinstance(call.tail, tuple) else [x, *call.tail]
 
         return forward
 
 
 def _check(plan: Plan, chain: Chain) -> None:
     if tuple(plan.stage_names) != tuple(chain.stage_names):
+        expected, received = list(chain.stage_names), list(plan.stage_names)
         raise PlanMismatchError(
-            f"the plan's stages {list(plan.stage_names)[:4]}... are not this model's chain "
-            f"{list(chain.stage_names)[:4]}...; make the plan for this model"
+            f"the plan's stages {received[:4]}... ({len(received)}) are not this model's chain "
+            f"{expected[:4]}... ({len(expected)}); make the plan for this model"
         )
     last = len(chain) - 1
     for item in plan.tree:
-        if isinstance(item, Stage):
-            if item.index in (0, last) and item.option != KEEP:
-                raise PlanMismatchError(
-                    f"stage {chain.stage_names[item.index]!r} can only be kept; the plan asks "
-                    f"{item.option!r}"
-                )
-            saved_ops(item.option)  # unknown options fail here, before anything changes
-        elif item.start == 0 or item.stop > last:
+        if isinstance(item, Stage) and item.index in (0, last) and item.option != KEEP:
+            raise PlanMismatchError(
+                f"stage {chain.stage_names[item.index]!r} can only be kept; the plan asks "
+                f"{item.option!r}"
+            )
+        if isinstance(item, Segment) and (item.start == 0 or item.stop > last):
             raise PlanMismatchError(
                 f"the plan recomputes {chain.stage_names[item.start]!r}..."
                 f"{chain.stage_names[item.stop - 1]!r}, but <pre> and <post> cannot be recomputed"
             )
 
 
+def _stages(items: Sequence[Item]) -> list[Stage]:
+    out: list[Stage] = []
+    for item in items:
+        out.extend([item] if isinstance(item, Stage) else _stages(item.inner))
+    return out
+
+
 def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
-    """Run ``model``'s blocks as ``plan`` says, from now on.
+    """Run ``model``'s blocks as ``plan`` says, from now on (in place).
+
+    The model keeps its module tree, ``state_dict()`` and forward loop; gradients stay bitwise
+    equal to the unplanned model's (non-reentrant checkpoints that preserve RNG and autocast
+    state). Turns off a model family's own checkpointing first (Hugging Face: with a warning).
 
     Args:
-        model: the model; it keeps its module tree and ``state_dict()``.
+        model: the model.
         chain: the model's chain (``plan.stage_names`` must equal ``chain.stage_names``).
         plan: the plan.
 
     Raises:
         AlreadyPlannedError: the model carries a plan already (never double wrapping).
-        PlanMismatchError: the plan does not fit this chain.
+        PlanMismatchError: the plan does not fit this chain, or asks to recompute ``<pre>`` or
+            ``<post>``.
+        ValueError: the plan names an unknown stage option. Nothing changes on any error.
+
+    Example:
+        >>> apply_plan(model, chain, plan); model(*sample).backward(); remove_plan(model)
     """
     if model.__dict__.get(_STATE) is not None:
         raise AlreadyPlannedError("the model already carries a memfit plan; remove it first")
     _check(plan, chain)
     originals = {i + 1: block.forward for i, block in enumerate(chain.blocks)}
-    executor = _Executor(chain, originals)
-    overrides: dict[int, Callable[..., Any]] = {}
+    forwards: dict[tuple[int, str], Forward] = {(i, KEEP): f for i, f in originals.items()}
+    for stage in _stages(plan.tree):  # unknown options fail here, before anything changes
+        if stage.index in originals and (stage.index, stage.option) not in forwards:
+            wrap = stage_wrapper(stage.option)
+            forwards[(stage.index, stage.option)] = wrap(originals[stage.index])
+    executor = _Executor(chain, forwards)
+    overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):
             if item.option != KEEP:
-                overrides[item.index] = run_with_option(item.option, originals[item.index])
+                overrides[item.index] = _top_stage(executor, item)
         else:
             overrides[item.start] = executor.head(item)
             for index in range(item.start + 1, item.stop):
                 overrides[index] = executor.pass_through(item, index)
-    state = _Applied(plan=plan, chain=chain)
+    for hook in _BEFORE_APPLY:
+        hook(model)
+    state = _Applied(plan=plan)
     for index, forward in overrides.items():
         block = chain.blocks[index - 1]
-        state.previous[id(block)] = block.__dict__.get("forward", _MISSING)
-        state.blocks.append(block)
+        state.previous.append((block, block.__dict__.get("forward", _MISSING)))
         block.forward = forward
     model.__dict__[_STATE] = state
 
 
+def _top_stage(executor: _Executor, stage: Stage) -> Forward:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x, rest, side = _split(args, kwargs)
+        return executor.run_stage(stage, x, rest, side)
+
+    return forward
+
+
 def remove_plan(model: nn.Module) -> bool:
-    """Undo :func:`apply_plan`; returns whether there was a plan to remove."""
+    """Undo :func:`apply_plan`, restoring any instance ``forward`` that blocks had before.
+
+    Returns:
+        Whether there was a plan to remove.
+    """
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return False
-    for block in state.blocks:
-        previous = state.previous[id(block)]
+    for block, previous in state.previous:
         del block.forward
         if previous is not _MISSING:
             block.forward = previous

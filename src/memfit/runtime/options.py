@@ -1,21 +1,30 @@
-"""How a stage option runs: ``keep`` as is, ``selective:*`` under torch's selective checkpoint.
+"""Stage options: a registry from option names to how a block's forward is wrapped.
 
-Option names are self-describing, so a plan's JSON is all ``apply`` needs:
+Option names are self-describing, so a plan's JSON is all ``apply`` needs. Built in:
 
 * ``keep``: the block runs untouched; autograd saves what it always saves.
-* ``selective:matmul``: save the outputs of matmuls, convolutions and attention kernels,
-  recompute everything else in backward.
-* ``selective:save=<op>+<op>...``: save the outputs of exactly these aten ops (short names as
-  :func:`memfit.measure.ops.short_op_name` writes them, e.g. ``addmm+gelu``).
+* ``selective:<policy>``: torch's selective checkpoint (non-reentrant ``checkpoint`` with a
+  ``CheckpointPolicy`` function as ``context_fn``): the outputs of the policy's ops are saved,
+  everything else is recomputed in backward. Policies: ``selective:matmul`` (matmuls,
+  convolutions, attention kernels) and ``selective:save=<op>+<op>...`` (exactly these aten ops,
+  short names as :func:`memfit.measure.ops.short_op_name` writes them, e.g. ``addmm+gelu``).
 
-Random ops are never saved, so recompute replays all of them in order and dropout masks come
-out bit-identical.
+A new family (``offload``, say) is one :func:`register_option` call; a new named selective
+policy is one :func:`register_selective_policy` call. Random ops are never saved, so recompute
+replays all of them in order and dropout masks come out bit-identical.
+
+Known gap: around a compiled function, selective checkpointing sees ``aten.mm.out`` instead of
+``aten.mm.default``. Saving an ``.out`` op is unsafe (the recompute would return the cached
+tensor without writing the ``out=`` buffer the compiled code reads; torch 2.13 raises "cached
+tensor has been mutated"), so such ops are recomputed and a warning is logged once per stage.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.checkpoint import (
@@ -26,51 +35,169 @@ from torch.utils.checkpoint import (
 
 from memfit.measure.ops import MATMUL_OPS, full_op_name, saveable
 
+logger = logging.getLogger(__name__)
+
+Forward = Callable[..., Any]
+StageWrapper = Callable[[Forward], Forward]
+
 KEEP = "keep"
 SELECTIVE = "selective:"
 
 
-def saved_ops(option: str) -> frozenset[str] | None:
-    """The aten ops a ``selective:`` option saves (``None`` for ``keep``).
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptionKind:
+    """One family of stage options.
+
+    Attributes:
+        prefix: the whole option name (``keep``), or its prefix ending in ``:`` (``selective:``)
+            for a family whose names carry a parameter.
+        form: how the option is written, for error messages (``selective:<policy>``).
+        recomputes: whether the stage reruns its forward from its input in backward; then the
+            runtime watches that input for in-place changes.
+        wrapper: option name -> wrapper of a block's forward. Raises ``ValueError`` for a
+            malformed name; called when a plan is applied, before anything changes.
+    """
+
+    prefix: str
+    form: str
+    recomputes: bool
+    wrapper: Callable[[str], StageWrapper]
+
+    def __post_init__(self) -> None:
+        if not self.prefix or (":" in self.prefix and not self.prefix.endswith(":")):
+            raise ValueError(f"prefix {self.prefix!r}: expected 'name' or 'family:'")
+
+
+_KINDS: dict[str, OptionKind] = {}
+# name -> the aten ops (full overload names) that the policy saves
+_SELECTIVE_POLICIES: dict[str, frozenset[str]] = {}
+
+
+def register_option(kind: OptionKind) -> None:
+    """Make a family of stage options available to plans.
 
     Raises:
-        ValueError: an option name memfit does not know, listing the forms it takes.
+        ValueError: the prefix is registered already.
     """
-    if option == KEEP:
-        return None
-    if option == "selective:matmul":
-        return MATMUL_OPS
-    if option.startswith("selective:save="):
-        names = [name for name in option.removeprefix("selective:save=").split("+") if name]
+    if kind.prefix in _KINDS:
+        raise ValueError(f"stage option {kind.prefix!r} is registered already")
+    _KINDS[kind.prefix] = kind
+
+
+def register_selective_policy(name: str, ops: frozenset[str]) -> None:
+    """Make ``selective:<name>`` save the outputs of ``ops`` (``aten.mm.default``-style names).
+
+    Raises:
+        ValueError: the name is taken or malformed, or an op may not be saved (random, in-place).
+    """
+    if name in _SELECTIVE_POLICIES or not name or "=" in name:
+        raise ValueError(f"selective policy name {name!r} is taken or malformed")
+    _check_saveable(f"{SELECTIVE}{name}", ops)
+    _SELECTIVE_POLICIES[name] = frozenset(ops)
+
+
+def option_kind(option: str) -> OptionKind:
+    """The family an option name belongs to.
+
+    Raises:
+        ValueError: an option memfit does not know, listing the registered forms.
+    """
+    family = option if option in _KINDS else option.partition(":")[0] + ":"
+    kind = _KINDS.get(family)
+    if kind is None:
+        forms = ", ".join(repr(k.form) for k in _KINDS.values())
+        raise ValueError(f"unknown stage option {option!r}; expected one of {forms}")
+    return kind
+
+
+def stage_wrapper(option: str) -> StageWrapper:
+    """How a stage with ``option`` runs: a function from the block's forward to the new one.
+
+    Raises:
+        ValueError: unknown or malformed option.
+    """
+    return option_kind(option).wrapper(option)
+
+
+def _check_saveable(option: str, ops: frozenset[str]) -> None:
+    unsafe = sorted(op for op in ops if not saveable(op))
+    if unsafe:
+        raise ValueError(
+            f"option {option!r} saves {unsafe}: random or in-place ops cannot be saved"
+        )
+
+
+def saved_ops(option: str) -> frozenset[str]:
+    """The aten ops a ``selective:`` option saves.
+
+    Raises:
+        ValueError: not a ``selective:`` option, an unknown policy, or unsafe ops.
+    """
+    policy = option.removeprefix(SELECTIVE)
+    if option.startswith(SELECTIVE) and policy in _SELECTIVE_POLICIES:
+        return _SELECTIVE_POLICIES[policy]
+    if option.startswith(SELECTIVE + "save="):
+        names = [name for name in policy.removeprefix("save=").split("+") if name]
         ops = frozenset(full_op_name(name) for name in names)
-        unsafe = sorted(op for op in ops if not saveable(op))
-        if unsafe:
-            raise ValueError(
-                f"option {option!r} saves {unsafe}: random or in-place ops cannot be saved"
-            )
+        _check_saveable(option, ops)
         if ops:
             return ops
+    policies = [f"{SELECTIVE}{name}" for name in _SELECTIVE_POLICIES]
     raise ValueError(
-        f"unknown stage option {option!r}; expected 'keep', 'selective:matmul' or "
+        f"unknown selective option {option!r}; expected one of {policies} or "
         f"'selective:save=<op>+<op>' (aten op names such as addmm+gelu)"
     )
 
 
-def _policy(ops: frozenset[str]) -> Callable[..., CheckpointPolicy]:
+def selective_policy(ops: frozenset[str], option: str) -> Callable[..., CheckpointPolicy]:
+    """The ``CheckpointPolicy`` function of ``create_selective_checkpoint_contexts`` for ``ops``.
+
+    ``.out`` variants of saved ops (seen around compiled code) are recomputed, never saved:
+    see the module docstring.
+    """
+    warned = False
+
     def policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if str(op) in ops else CheckpointPolicy.PREFER_RECOMPUTE
+        nonlocal warned
+        name = str(op)
+        if name in ops:
+            return CheckpointPolicy.MUST_SAVE
+        if not warned and name.endswith(".out") and name[: -len("out")] + "default" in ops:
+            warned = True
+            logger.warning(
+                "%s: %s (an out= variant, as compiled code calls it) cannot be saved safely; "
+                "it is recomputed, so this stage saves less and recomputes more than planned",
+                option,
+                name,
+            )
+        return CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
 
-def run_with_option(option: str, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` wrapped so that it runs with ``option``."""
+def _keep(_option: str) -> StageWrapper:
+    return lambda forward: forward
+
+
+def _selective(option: str) -> StageWrapper:
     ops = saved_ops(option)
-    if ops is None:
-        return forward
-    context_fn = functools.partial(create_selective_checkpoint_contexts, _policy(ops))
 
-    def selective(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    def wrap(forward: Forward) -> Forward:
+        # a fresh policy per wrapped stage, so its one-time warning names every stage's problem
+        context_fn = functools.partial(
+            create_selective_checkpoint_contexts, selective_policy(ops, option)
+        )
 
-    return selective
+        def selective(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+        return selective
+
+    return wrap
+
+
+register_option(OptionKind(prefix=KEEP, form=KEEP, recomputes=False, wrapper=_keep))
+register_option(
+    OptionKind(prefix=SELECTIVE, form="selective:<policy>", recomputes=True, wrapper=_selective)
+)
+register_selective_policy("matmul", MATMUL_OPS)

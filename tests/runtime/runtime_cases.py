@@ -1,0 +1,27 @@
+"""Plans made by hand for the runtime tests (no profile, no solver)."""
+
+from memfit.measure.chain import Chain
+from memfit.plan.plan import Item, Plan, Segment, Stage, recompute_one
+
+
+def make_plan(chain: Chain, tree: tuple[Item, ...]) -> Plan:
+    return Plan(
+        stage_names=chain.stage_names,
+        tree=tree,
+        strategy="test",
+        predicted_peak_bytes=0,
+        predicted_step_s=0.0,
+    )
+
+
+def one_segment(chain: Chain) -> Plan:
+    """All blocks in one recompute segment."""
+    last = len(chain) - 1
+    blocks = tuple(Stage(i) for i in range(1, last))
+    return make_plan(chain, (Stage(0), Segment(1, last, blocks), Stage(last)))
+
+
+def per_block(chain: Chain) -> Plan:
+    """Every block recomputed on its own."""
+    last = len(chain) - 1
+    return make_plan(chain, (Stage(0), *map(recompute_one, range(1, last)), Stage(last)))

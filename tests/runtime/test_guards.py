@@ -1,0 +1,211 @@
+"""Guardrails: whatever would make a planned step silently wrong raises, naming the stage."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from runtime_cases import make_plan, one_segment, per_block
+from torch import nn
+
+from memfit.errors import MemfitError, PlanMismatchError
+from memfit.measure.chain import Chain, find_chain
+from memfit.plan.plan import Plan, Stage, recompute_one
+from memfit.runtime import apply_plan, remove_plan
+
+WIDTH = 8
+
+
+class Toy(nn.Module):
+    """Blocks of ``block_type`` driven by ``loop(blocks, x) -> x``; loss = sum of squares."""
+
+    def __init__(self, block_type: type[nn.Module], loop: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(block_type() for _ in range(4))
+        self.loop = loop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loop(self.blocks, x * 1.0).pow(2).sum()
+
+
+class Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
+        return self.dropout(torch.tanh(self.linear(x))) * scale
+
+
+class TanhFirst(nn.Module):
+    """Saves no tensor of its input's (tanh saves its output), so changing the input in place
+    after the forward is legal without a plan."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.tanh(x))
+
+
+class PairOut(Dense):
+    """Returns ``(hidden, extra)``, as older HF layers did."""
+
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> Any:
+        out = super().forward(x, scale)
+        return out, out.detach().mean()
+
+
+class DictOut(Dense):
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> Any:
+        return {"hidden": super().forward(x, scale)}
+
+
+def plain(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def grads_of(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = model(x)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def check_same_gradients(model: nn.Module, x: torch.Tensor, plan: Callable[[Chain], Plan]) -> None:
+    reference = grads_of(model, x)
+    chain = find_chain(model, lambda: model(x))
+    apply_plan(model, chain, plan(chain))
+    try:
+        loss, grads = grads_of(model, x)
+    finally:
+        remove_plan(model)
+    assert torch.equal(loss, reference[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference[1], strict=True))
+
+
+def raises_when_planned(
+    model: nn.Module, x: torch.Tensor, chain: Chain, plan: Plan, error: type, match: str
+) -> None:
+    apply_plan(model, chain, plan)
+    try:
+        with pytest.raises(error, match=match):
+            model(x).backward()
+    finally:
+        remove_plan(model)
+
+
+def mutate_inputs(blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        out = block(h)
+        h.mul_(2.0)
+        h = out
+    return h
+
+
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["input grad", "frozen input"])
+@pytest.mark.parametrize("option", ["segment", "selective:matmul"])
+def test_in_place_change_of_a_recomputed_input(option: str, requires_grad: bool) -> None:
+    model = Toy(TanhFirst, mutate_inputs)
+    x = torch.randn(4, WIDTH, requires_grad=requires_grad)
+    model(x).backward()  # fine without a plan
+    chain = find_chain(model, lambda: model(x))
+    first = recompute_one(1) if option == "segment" else Stage(1, option)
+    plan = make_plan(chain, (Stage(0), first, *map(Stage, range(2, 6))))
+    raises_when_planned(model, x, chain, plan, MemfitError, r"input of stage 'blocks\.0'.*in place")
+
+
+def alternating_side_inputs(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    scales = [torch.tensor(1.0), torch.tensor(0.5)]  # like sliding/full attention masks
+    for i, block in enumerate(blocks):
+        x = block(x, scale=scales[i % 2])
+    return x
+
+
+def test_side_inputs_that_differ_between_blocks() -> None:
+    model, x = Toy(Dense, alternating_side_inputs), torch.randn(4, WIDTH)
+    chain = find_chain(model, lambda: model(x))
+    raises_when_planned(
+        model, x, chain, one_segment(chain), PlanMismatchError, r"'blocks\.1' got other side"
+    )
+    check_same_gradients(model, x, per_block)
+
+
+class KeywordDense(Dense):
+    """Called with ``hidden_states=`` as a keyword, as some HF stacks do."""
+
+    def forward(self, hidden_states: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
+        return super().forward(hidden_states, scale)
+
+
+def shared_side_inputs(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    scale = torch.tensor(0.5)
+    for block in blocks:
+        x = block(hidden_states=x, scale=scale)
+    return x
+
+
+def test_shared_side_inputs_join_a_segment() -> None:
+    check_same_gradients(Toy(KeywordDense, shared_side_inputs), torch.randn(4, WIDTH), one_segment)
+
+
+def layer_drop(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        if torch.rand([]) < 1.0:  # draws, never drops: only the random stream moves
+            x = block(x)
+    return x
+
+
+def test_random_numbers_drawn_between_blocks() -> None:
+    model, x = Toy(Dense, layer_drop), torch.randn(4, WIDTH)
+    chain = find_chain(model, lambda: model(x))
+    raises_when_planned(
+        model, x, chain, one_segment(chain), PlanMismatchError, r"random.*'blocks\.1'"
+    )
+    check_same_gradients(model, x, per_block)
+
+
+def rescaled_between_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+        x = x * 0.5
+    return x
+
+
+def test_hidden_state_changed_between_blocks() -> None:
+    model, x = Toy(Dense, rescaled_between_blocks), torch.randn(4, WIDTH)
+    blocks = tuple(model.blocks)  # find_chain refuses this model; a hand-made chain does not
+    chain = Chain("blocks", tuple(f"blocks.{i}" for i in range(4)), blocks)
+    plan = one_segment(chain)
+    raises_when_planned(
+        model, x, chain, plan, PlanMismatchError, r"'blocks\.1' did not get the output"
+    )
+
+
+def first_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)[0]
+    return x
+
+
+def test_tuple_outputs_pass_through_a_segment() -> None:
+    check_same_gradients(Toy(PairOut, first_item), torch.randn(4, WIDTH), one_segment)
+
+
+def dict_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)["hidden"]
+    return x
+
+
+def test_other_outputs_cannot_join_a_segment() -> None:
+    model, x = Toy(DictOut, dict_item), torch.randn(4, WIDTH)
+    chain = find_chain(model, lambda: model(x))
+    plan = one_segment(chain)
+    raises_when_planned(model, x, chain, plan, PlanMismatchError, r"'blocks\.0' returns dict")
+    check_same_gradients(model, x, per_block)
