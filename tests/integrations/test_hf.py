@@ -1,76 +1,156 @@
 """Hugging Face models built from small configs (random weights, no downloads)."""
 
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
 import memfit
-from memfit.api import _chain
-from memfit.integrations.hf import build_hf, disable_hf_checkpointing
+from memfit.errors import PlanMismatchError
+from memfit.integrations.hf import build_hf, disable_hf_checkpointing, hf_block_names
+from memfit.measure.chain import Chain, find_chain
 from memfit.plan.plan import Plan, Segment, Stage, recompute_one
+from memfit.runtime import apply_plan, remove_plan
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
 STACKS = {
+    "bert": "bert.encoder.layer",
     "gpt2": "transformer.h",
     "llama": "model.layers",
-    "bert": "bert.encoder.layer",
+    "opt": "model.decoder.layers",
+    "vit": "vit.layers",
+}
+# stages: 0 <pre>, 1..4 the layers, 5 <post>
+TREES: dict[str, tuple] = {
+    "all keep": tuple(Stage(i) for i in range(6)),
+    "every layer recomputed": (Stage(0), *[recompute_one(i) for i in range(1, 5)], Stage(5)),
+    "one segment": (Stage(0), Segment(1, 5, tuple(Stage(i) for i in range(1, 5))), Stage(5)),
+    "nested": (
+        Stage(0),
+        Segment(1, 4, (recompute_one(1), Stage(2), recompute_one(3))),
+        Stage(4),
+        Stage(5),
+    ),
+    "selective matmul": (Stage(0), *[Stage(i, "selective:matmul") for i in range(1, 5)], Stage(5)),
 }
 
 
-def _grads(model, sample, seed=0):
+def chain_of(model: nn.Module, sample: dict[str, Any]) -> Chain:
+    return find_chain(model, lambda: model(**sample))
+
+
+def plan_for(chain: Chain, tree: tuple) -> Plan:
+    return Plan(
+        stage_names=chain.stage_names,
+        tree=tree,
+        strategy="test",
+        predicted_peak_bytes=0,
+        predicted_step_s=0.0,
+    )
+
+
+def step(model: nn.Module, sample: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     loss = model(**sample).loss
     loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
-def _trees(n: int) -> dict[str, tuple]:
-    last = n - 1
-    return {
-        "every block recomputed": (
-            Stage(0),
-            *[recompute_one(i) for i in range(1, last)],
-            Stage(last),
-        ),
-        "one segment, nested": (
-            Stage(0),
-            Segment(1, last, (recompute_one(1), Stage(2), *[Stage(i) for i in range(3, last)])),
-            Stage(last),
-        ),
-        "selective matmul": (
-            Stage(0),
-            *[Stage(i, "selective:matmul") for i in range(1, last)],
-            Stage(last),
-        ),
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
     }
+
+
+def assert_same_step(reference: tuple, planned: tuple, label: str) -> None:
+    assert torch.equal(planned[0], reference[0]), label
+    assert planned[1].keys() == reference[1].keys(), label
+    for name, grad in reference[1].items():
+        assert torch.equal(planned[1][name], grad), f"{label}: {name}"
 
 
 @pytest.mark.parametrize("arch", sorted(STACKS))
 def test_chain_found_and_gradients_bit_identical(arch: str) -> None:
-    model, sample = build_hf(arch, layers=3)
-    chain = _chain(model, sample, None)
+    model, sample = build_hf(arch, layers=4)
+    assert model.training
+    chain = chain_of(model, sample)
     assert chain.container == STACKS[arch]
-    reference_loss, reference = _grads(model, sample)
-    for label, tree in _trees(len(chain)).items():
-        plan = Plan(
-            stage_names=chain.stage_names,
-            tree=tree,
-            strategy=label,
-            predicted_peak_bytes=0,
-            predicted_step_s=0.0,
-        )
-        memfit.apply(model, plan)
+    assert hf_block_names(model) == chain.block_names
+    reference = step(model, sample)
+    for label, tree in TREES.items():
+        apply_plan(model, chain, plan_for(chain, tree))
         try:
-            loss, grads = _grads(model, sample)
+            planned = step(model, sample)
         finally:
-            memfit.remove(model)
-        assert torch.equal(loss, reference_loss), label
-        assert grads.keys() == reference.keys(), label
-        assert all(torch.equal(grads[k], reference[k]) for k in reference), label
+            remove_plan(model)
+        assert_same_step(reference, planned, label)
+
+
+def enable_hf_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class Wrapper(nn.Module):
+    """A plain module holding an HF model, as training frameworks do."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **sample: Any) -> Any:
+        return self.inner(**sample)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["hf model", "wrapped"])
+def test_hf_checkpointing_is_turned_off_with_a_warning(wrapped: bool) -> None:
+    inner, sample = build_hf("llama", layers=2)
+    model = Wrapper(inner) if wrapped else inner
+    chain = chain_of(model, sample)
+    reference = step(model, sample)
+    enable_hf_checkpointing(inner)
+    assert inner.is_activation_checkpointing
+    plan = plan_for(chain, (Stage(0), Segment(1, 3, (Stage(1), recompute_one(2))), Stage(3)))
+    with pytest.warns(UserWarning, match="memfit's plan replaces it"):
+        apply_plan(model, chain, plan)
+    assert not inner.is_activation_checkpointing
+    planned = step(model, sample)
+    remove_plan(model)
+    assert_same_step(reference, planned, "after turning HF checkpointing off")
+    assert disable_hf_checkpointing(model) is False
+
+
+def test_alternating_sliding_and_full_attention_cannot_share_a_segment() -> None:
+    config = transformers.Gemma2Config(
+        num_hidden_layers=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=128,
+        max_position_embeddings=32,
+        sliding_window=4,
+        attention_dropout=0.1,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 16))
+    sample = {"input_ids": ids, "labels": ids}
+    assert config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, plan_for(chain, TREES["one segment"]))
+    with pytest.raises(PlanMismatchError, match=r"'model\.layers\.1' got other side inputs"):
+        model(**sample)
+    remove_plan(model)
+    reference = step(model, sample)
+    apply_plan(model, chain, plan_for(chain, TREES["every layer recomputed"]))
+    planned = step(model, sample)
+    remove_plan(model)
+    assert_same_step(reference, planned, "per-layer recompute on Gemma2")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -84,32 +164,15 @@ def test_optimal_plans_on_hf_models(arch: str) -> None:
     finally:
         memfit.remove(model)
     assert report.gradients_equal and report.loss_equal, report.mismatched
+    assert plan.budget_bytes is not None
     assert report.measured_peak_bytes <= plan.budget_bytes
     assert abs(report.prediction_error) <= 0.02
 
 
-def test_hf_gradient_checkpointing_is_turned_off_with_a_warning() -> None:
-    model, sample = build_hf("gpt2", layers=2)
-    reference_loss, reference = _grads(model, sample)
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
-        model.activation_checkpointing_enable()
-        enabled = lambda: model.is_activation_checkpointing  # noqa: E731
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        enabled = lambda: model.is_gradient_checkpointing  # noqa: E731
-    assert enabled()
-    profile = memfit.profile(model, sample, repeats=1, options=())
-    plan = memfit.plan(profile, budget=None, strategy="all")
-    with pytest.warns(UserWarning, match="memfit turned it off"):
-        memfit.apply(model, plan)
-    assert not enabled()
-    loss, grads = _grads(model, sample)
-    memfit.remove(model)
-    assert torch.equal(loss, reference_loss)
-    assert all(torch.equal(grads[k], reference[k]) for k in reference)
-    assert disable_hf_checkpointing(model) is False
-
-
 def test_unknown_architecture() -> None:
-    with pytest.raises(ValueError, match=r"bert.*gpt2.*llama"):
+    with pytest.raises(ValueError, match=r"'t5'.*\['bert', 'gpt2', 'llama', 'opt', 'vit'\]"):
         build_hf("t5")
+
+
+def test_hf_block_names_of_a_plain_model() -> None:
+    assert hf_block_names(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) is None

@@ -1,9 +1,10 @@
-"""Hugging Face transformers: small random-weight models from configs, and HF's own gradient
-checkpointing (turned off in favour of a memfit plan, never stacked with it).
+"""Hugging Face transformers: small random-weight models from configs, the layer stack, and HF's
+own gradient checkpointing (turned off in favour of a memfit plan, never stacked with it).
 
-transformers is optional: it is imported only here, and only when used. memfit finds the layer
-stack of every HF encoder/decoder with its generic chain search (each layer is called once, in
-order, on the previous layer's hidden states), so no per-architecture table is needed.
+transformers is optional: it is imported only inside the functions that need it. memfit finds
+the layer stack of HF encoders/decoders with its generic chain search (each layer is called once,
+in order, on the previous layer's hidden states); :func:`hf_block_names` names it from the
+model's own metadata where that search cannot run (LayerDrop skipping layers, say).
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.runtime.apply import register_before_apply
+
+Sample = dict[str, torch.Tensor]
+
 
 def _require_transformers() -> Any:
     try:
         import transformers
     except ImportError:
         raise ImportError(
-            "Hugging Face targets need transformers: pip install 'memfit[hf]'"
+            "Hugging Face models need transformers: pip install 'memfit[hf]'"
         ) from None
     return transformers
+
+
+def _token_sample(vocab: int, batch: int, seq: int, generator: torch.Generator) -> Sample:
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 def _gpt2(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) -> Any:
@@ -36,6 +46,8 @@ def _gpt2(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) ->
         resid_pdrop=0.1,
         embd_pdrop=0.1,
         attn_pdrop=0.1,
+        bos_token_id=vocab - 1,  # GPT-2's own 50256 lies outside a small vocabulary
+        eos_token_id=vocab - 1,
         use_cache=False,
     )
     return t.GPT2LMHeadModel(config)
@@ -50,10 +62,27 @@ def _llama(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) -
         num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=seq,
         vocab_size=vocab,
-        attention_dropout=0.1,
+        attention_dropout=0.1,  # llama's only dropout
         use_cache=False,
     )
     return t.LlamaForCausalLM(config)
+
+
+def _opt(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) -> Any:
+    config = t.OPTConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        word_embed_proj_dim=hidden,
+        ffn_dim=hidden * 4,
+        num_attention_heads=heads,
+        max_position_embeddings=seq,
+        vocab_size=vocab,
+        dropout=0.1,
+        attention_dropout=0.1,
+        layerdrop=0.0,  # LayerDrop draws random numbers between layers: see runtime guards
+        use_cache=False,
+    )
+    return t.OPTForCausalLM(config)
 
 
 def _bert(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) -> Any:
@@ -66,11 +95,34 @@ def _bert(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) ->
         vocab_size=vocab,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
+        use_cache=False,
     )
     return t.BertForMaskedLM(config)
 
 
-ARCHITECTURES: dict[str, Callable[..., Any]] = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}
+def _vit(t: Any, layers: int, hidden: int, heads: int, seq: int, vocab: int) -> Any:
+    config = t.ViTConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_attention_heads=heads,
+        image_size=_VIT_IMAGE,
+        patch_size=_VIT_PATCH,
+        num_labels=10,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    return t.ViTForImageClassification(config)
+
+
+_VIT_IMAGE, _VIT_PATCH = 32, 8
+ARCHITECTURES: dict[str, Callable[..., Any]] = {
+    "bert": _bert,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "opt": _opt,
+    "vit": _vit,
+}
 
 
 def build_hf(
@@ -83,15 +135,29 @@ def build_hf(
     batch: int = 2,
     vocab: int = 256,
     seed: int = 0,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+) -> tuple[nn.Module, Sample]:
     """A small Hugging Face model with random weights (no download) and a sample batch.
 
-    The sample is a dict with ``input_ids``, ``labels`` (and for BERT an ``attention_mask``
-    with padding), so that ``model(**sample).loss`` is the loss. Dropout is on (train mode).
+    Dropout is on wherever the config has it and the model is in train mode. The sample is a
+    dict such that ``model(**sample).loss`` is the loss: ``input_ids`` and ``labels`` (BERT adds
+    an ``attention_mask`` with padding; ViT takes 32x32 ``pixel_values`` and class ``labels``
+    and ignores ``seq`` and ``vocab``).
+
+    Args:
+        arch: one of :data:`ARCHITECTURES` (``bert``, ``gpt2``, ``llama``, ``opt``, ``vit``).
+        layers, hidden, heads, seq, batch, vocab: sizes.
+        seed: seeds the weights and the sample.
+
+    Returns:
+        ``(model, sample)``.
 
     Raises:
         ValueError: unknown architecture, listing the ones available.
         ImportError: transformers is not installed.
+
+    Example:
+        >>> model, sample = build_hf("llama", layers=2)
+        >>> model(**sample).loss.backward()
     """
     if arch not in ARCHITECTURES:
         raise ValueError(
@@ -102,39 +168,85 @@ def build_hf(
     model = ARCHITECTURES[arch](transformers, layers, hidden, heads, seq, vocab)
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-    sample: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if arch == "vit":
+        pixels = torch.randn(batch, 3, _VIT_IMAGE, _VIT_IMAGE, generator=generator)
+        labels = torch.randint(0, 10, (batch,), generator=generator)
+        return model, {"pixel_values": pixels, "labels": labels}
+    sample = _token_sample(vocab, batch, seq, generator)
     if arch == "bert":
         mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[0, seq - seq // 4 :] = 0  # some padding, so the mask matters
+        mask[0, seq - seq // 4 :] = 0  # some padding, so that the mask matters
         sample["attention_mask"] = mask
-        labels = input_ids.clone()
-        labels[mask == 0] = -100
-        sample["labels"] = labels
+        sample["labels"][mask == 0] = -100
     return model, sample
+
+
+def hf_block_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The fqns of a Hugging Face model's layer stack, from its own metadata, or ``None``.
+
+    The layers are the modules whose class HF lists in ``_no_split_modules`` or that subclass
+    ``GradientCheckpointingLayer``; when they sit in several containers (encoder and decoder),
+    the container with the most layers wins. Pass the result as ``blocks=``.
+
+    Returns:
+        The fqns in module order, or ``None`` when the model names no layers (not an HF model).
+    """
+    layer_class: tuple[type, ...] = ()
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layer_class = (GradientCheckpointingLayer,)
+    except ImportError:  # transformers missing, or older than its layer base class
+        pass
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    groups: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name and (type(module).__name__ in no_split or isinstance(module, layer_class)):
+            groups.setdefault(name.rpartition(".")[0], []).append(name)
+    stacks: list[list[str]] = [names for names in groups.values() if len(names) >= 2]
+    if not stacks:
+        return None
+    largest: list[str] = max(stacks, key=len)
+    return tuple(largest)
+
+
+def _checkpointing_on(module: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
 
 def disable_hf_checkpointing(model: nn.Module) -> bool:
     """Turn off Hugging Face's own gradient checkpointing if the user enabled it.
 
-    A memfit plan replaces it; stacking both would recompute twice. Warns when it acts.
+    A memfit plan replaces it; both at once would checkpoint inside checkpoints. Looks inside
+    wrappers too (an HF model held by a plain ``nn.Module``). Warns when it acts.
+    :func:`memfit.runtime.apply_plan` calls it.
+
+    Args:
+        model: any model; HF models are recognised by their ``gradient_checkpointing`` flags.
 
     Returns:
-        Whether HF checkpointing was on.
+        Whether HF checkpointing was on (and is now off).
     """
-    # transformers 5 renamed it "activation checkpointing"; 4.x knows only the old names
-    renamed = hasattr(model, "is_activation_checkpointing")
-    enabled = getattr(
-        model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False
-    )
-    if not enabled:
+    if not _checkpointing_on(model):
         return False
     warnings.warn(
         "Hugging Face gradient checkpointing was enabled on this model; memfit turned it off "
-        "because its plan decides what to recompute (both at once would recompute twice)",
+        "because memfit's plan replaces it (both at once would recompute twice)",
         UserWarning,
         stacklevel=3,
     )
-    disable = "activation_checkpointing_disable" if renamed else "gradient_checkpointing_disable"
-    getattr(model, disable)()
+    for module in model.modules():
+        if not _checkpointing_on(module):
+            continue
+        # transformers 5 renamed it "activation checkpointing" and warns on the old names
+        for method in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+            if hasattr(module, method):
+                getattr(module, method)()
+                break
+    for module in model.modules():  # layers of custom code that HF's switch does not reach
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.gradient_checkpointing = False  # type: ignore[assignment]
     return True
+
+
+register_before_apply(disable_hf_checkpointing)
