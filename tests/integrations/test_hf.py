@@ -86,6 +86,23 @@ def test_chain_found_and_gradients_bit_identical(arch: str) -> None:
         assert_same_step(reference, planned, label)
 
 
+def test_frozen_embeddings_under_bfloat16_autocast() -> None:
+    model, sample = build_hf("llama", layers=4)
+    model.get_input_embeddings().weight.requires_grad_(False)  # llama: the first layer's input
+    chain = chain_of(model, sample)  # no longer requires grad, as with LoRA
+
+    def autocast_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(model, sample)
+
+    reference = autocast_step()
+    assert "model.layers.0.mlp.up_proj.weight" in reference[1]
+    apply_plan(model, chain, plan_for(chain, TREES["nested"]))
+    planned = autocast_step()
+    remove_plan(model)
+    assert_same_step(reference, planned, "frozen embeddings, bf16 autocast")
+
+
 def enable_hf_checkpointing(model: nn.Module) -> None:
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
         model.activation_checkpointing_enable()

@@ -9,6 +9,7 @@ model's own metadata where that search cannot run (LayerDrop skipping layers, sa
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -192,12 +193,10 @@ def hf_block_names(model: nn.Module) -> tuple[str, ...] | None:
         The fqns in module order, or ``None`` when the model names no layers (not an HF model).
     """
     layer_class: tuple[type, ...] = ()
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layer_class = (GradientCheckpointingLayer,)
-    except ImportError:  # transformers missing, or older than its layer base class
-        pass
+    # an HF model means transformers is imported already; never pay its import for other models
+    layers_module = sys.modules.get("transformers.modeling_layers")
+    if layers_module is not None and hasattr(layers_module, "GradientCheckpointingLayer"):
+        layer_class = (layers_module.GradientCheckpointingLayer,)
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     groups: dict[str, list[str]] = {}
     for name, module in model.named_modules():
@@ -236,13 +235,11 @@ def disable_hf_checkpointing(model: nn.Module) -> bool:
         stacklevel=3,
     )
     for module in model.modules():
-        if not _checkpointing_on(module):
-            continue
         # transformers 5 renamed it "activation checkpointing" and warns on the old names
-        for method in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
-            if hasattr(module, method):
-                getattr(module, method)()
-                break
+        names = ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+        disable = next((getattr(module, n) for n in names if hasattr(module, n)), None)
+        if disable is not None and _checkpointing_on(module):
+            disable()
     for module in model.modules():  # layers of custom code that HF's switch does not reach
         if getattr(module, "gradient_checkpointing", False) is True:
             module.gradient_checkpointing = False  # type: ignore[assignment]
