@@ -102,20 +102,21 @@ def _segment_ok(costs: ChainCosts, start: int, stop: int) -> bool:
 def all_trees(costs: ChainCosts) -> Iterator[Tree]:
     """Every schedule tree of the class, one by one (tiny chains only)."""
 
-    def trees(start: int, stop: int, whole: bool) -> Iterator[tuple[Item, ...]]:
+    def trees(start: int, stop: int, whole: bool, inside: bool) -> Iterator[tuple[Item, ...]]:
         if start == stop:
             yield ()
             return
-        firsts: list[Item] = [Stage(start, name) for name in costs.stages[start].options]
+        names = [KEEP] if inside else list(costs.stages[start].options)  # keep-only in segments
+        firsts: list[Item] = [Stage(start, name) for name in names]
         for end in range(start + 1, stop + 1):
             if (end < stop or whole) and _segment_ok(costs, start, end):
-                firsts += [Segment(start, end, inner) for inner in trees(start, end, False)]
+                firsts += [Segment(start, end, inner) for inner in trees(start, end, False, True)]
         for first in firsts:
             end = first.index + 1 if isinstance(first, Stage) else first.stop
-            for rest in trees(end, stop, True):
+            for rest in trees(end, stop, True, inside):
                 yield (first, *rest)
 
-    return trees(0, len(costs.stages), True)
+    return trees(0, len(costs.stages), True, False)
 
 
 Summary = tuple[int, int, float, Tree]  # (peak above start, level change, seconds, tree)
@@ -139,7 +140,8 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
         if start == stop:
             return [(0, -stages[stop - 1].output_bytes if drop else 0, 0.0, ())]
         found: list[Summary] = []
-        for name, option in stages[start].options.items():
+        menu = {KEEP: stages[start].options[KEEP]} if drop else stages[start].options
+        for name, option in menu.items():
             forward = event(
                 (0, 0), option.forward_peak_bytes, option.saved_bytes + stages[start].output_bytes
             )

@@ -28,12 +28,12 @@ TREES: dict[str, tuple] = {
     "all keep": tuple(Stage(i) for i in range(6)),
     "every block recomputed": (Stage(0), *[recompute_one(i) for i in range(1, 5)], Stage(5)),
     "one segment": (Stage(0), Segment(1, 5, tuple(Stage(i) for i in range(1, 5))), Stage(5)),
-    # outer segment over 3 blocks; inside it, block 1 recomputed again, block 2 kept,
-    # block 3 under a selective policy
+    # outer segment over 3 blocks; inside it, block 1 recomputed again, blocks 2, 3 kept;
+    # block 4 under a selective policy at the top level
     "nested": (
         Stage(0),
-        Segment(1, 4, (recompute_one(1), Stage(2), Stage(3, "selective:matmul"))),
-        recompute_one(4),
+        Segment(1, 4, (recompute_one(1), Stage(2), Stage(3))),
+        Stage(4, "selective:matmul"),
         Stage(5),
     ),
     "three levels": (
@@ -43,7 +43,7 @@ TREES: dict[str, tuple] = {
             5,
             (
                 Segment(1, 3, (recompute_one(1), Stage(2))),
-                Stage(3, "selective:matmul"),
+                Stage(3),
                 recompute_one(4),
             ),
         ),
@@ -169,8 +169,16 @@ def test_wrong_plans_raise_and_change_nothing() -> None:
     unknown_inside = make_plan(chain, (Stage(0), Segment(1, 5, tuple(
         Stage(i, "offload:nvme" if i == 3 else "keep") for i in range(1, 5)
     )), Stage(5)))  # fmt: skip
-    with pytest.raises(ValueError, match="unknown stage option 'offload:nvme'"):
+    with pytest.raises(PlanMismatchError, match="'offload:nvme' inside a recompute segment"):
         apply_plan(model, chain, unknown_inside)
+    selective_inside = make_plan(chain, (Stage(0), Segment(1, 5, tuple(
+        Stage(i, "selective:matmul" if i == 3 else "keep") for i in range(1, 5)
+    )), Stage(5)))  # fmt: skip
+    with pytest.raises(PlanMismatchError, match="only keep or nested segments"):
+        apply_plan(model, chain, selective_inside)
+    unknown = make_plan(chain, (Stage(0), Stage(1, "offload:nvme"), *TREES["all keep"][2:]))
+    with pytest.raises(ValueError, match="unknown stage option 'offload:nvme'"):
+        apply_plan(model, chain, unknown)
     assert applied_plan(model) is None
     assert module_state(model) == before
 
@@ -229,7 +237,7 @@ RECOMPUTES = {
     "every block recomputed": [1, 1, 1, 1],
     "one segment": [1, 1, 1, 1],
     "nested": [2, 1, 1, 1],
-    "three levels": [3, 2, 2, 1],
+    "three levels": [3, 2, 1, 1],
     "selective matmul": [1, 1, 1, 1],
 }
 

@@ -185,14 +185,17 @@ class ChainArrays:
         """
         every = self._first[start]
         longest = min(int(self.max_length[start]), stop - start - (0 if full else 1))
-        count = every.options + longest
-        residue, rest_start = every.residue[:count], every.rest_start[:count]
+        # Inside a segment (drop) a stage can only be kept: an option's own saving would be
+        # undone by the segment's no-save forward (see simulate.check_tree).
+        options = 1 if drop else every.options
+        rows = np.r_[0:options, every.options : every.options + longest]
+        residue, rest_start = every.residue[rows], every.rest_start[rows]
         return Candidates(
-            options=every.options,
-            time_s=every.time_s[:count],
-            forward_peak=every.forward_peak[:count],
+            options=options,
+            time_s=every.time_s[rows],
+            forward_peak=every.forward_peak[rows],
             residue=residue,
             back_offset=residue + self.total(rest_start, stop, drop),
-            back_peak=every.back_peak[:count],
+            back_peak=every.back_peak[rows],
             rest_start=rest_start,
         )

@@ -113,7 +113,7 @@ class MinPeak:
                         items.append(Segment(start, stop, tuple(inner)))
                         return items
                     choice = -1 - choice
-            options = len(arrays.option_names[start])
+            options = len(arrays.option_names[start]) if top else 1  # inner: keep only
             if choice < options:
                 items.append(Stage(start, arrays.option_names[start][choice]))
                 start += 1

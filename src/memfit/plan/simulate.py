@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memfit.plan.costs import ChainCosts, StageCosts
+from memfit.plan.costs import KEEP, ChainCosts, StageCosts
 from memfit.plan.plan import Item, Segment, Stage, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
@@ -66,7 +66,9 @@ def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
     _check_items(costs.stages, tree)
 
 
-def _check_items(stages: Sequence[StageCosts], items: Sequence[Item]) -> None:
+def _check_items(
+    stages: Sequence[StageCosts], items: Sequence[Item], in_segment: bool = False
+) -> None:
     for item in items:
         if isinstance(item, Stage):
             stage = stages[item.index]
@@ -74,6 +76,14 @@ def _check_items(stages: Sequence[StageCosts], items: Sequence[Item]) -> None:
                 raise ValueError(
                     f"stage {item.index} ({stage.name!r}) has no option {item.option!r}; "
                     f"its options are {sorted(stage.options)}"
+                )
+            if in_segment and item.option != KEEP:
+                # torch needs the same saved tensors in a segment's forward and its recompute,
+                # so an option runs in both; a selective stash made in the no-save forward is
+                # then held until backward, and the option saves nothing there.
+                raise ValueError(
+                    f"stage {item.index} ({stage.name!r}) runs {item.option!r} inside a "
+                    f"recompute segment; only keep (or a nested segment) can run there"
                 )
             continue
         for index in range(item.start, item.stop):
@@ -88,7 +98,7 @@ def _check_items(stages: Sequence[StageCosts], items: Sequence[Item]) -> None:
                     f"segment [{item.start}, {item.stop}) spans stage {index} ({stage.name!r}), "
                     "which does not join the stage before it; end the segment before it"
                 )
-        _check_items(stages, item.inner)
+        _check_items(stages, item.inner, in_segment=True)
 
 
 class _Replay:

@@ -195,6 +195,16 @@ def _check(plan: Plan, chain: Chain) -> None:
                 f"the plan recomputes {chain.stage_names[item.start]!r}..."
                 f"{chain.stage_names[item.stop - 1]!r}, but <pre> and <post> cannot be recomputed"
             )
+        if isinstance(item, Segment):
+            for stage in _stages(item.inner):
+                if stage.option != KEEP:
+                    # torch needs the same saved tensors in a segment's forward and recompute,
+                    # so the option would run in the no-save forward too, and its stash (a dict
+                    # the checkpoint never sees) would live until backward: no memory saved.
+                    raise PlanMismatchError(
+                        f"stage {chain.stage_names[stage.index]!r} runs {stage.option!r} inside "
+                        f"a recompute segment; only keep or nested segments can run there"
+                    )
 
 
 def _stages(items: Sequence[Item]) -> list[Stage]:
