@@ -7,6 +7,7 @@
 True
 """
 
+import memfit.integrations  # noqa: F401  (registers HF's checkpointing switch with the runtime)
 from memfit.api import Verification, apply, auto, plan, profile, remove, verify
 from memfit.errors import (
     AlreadyPlannedError,

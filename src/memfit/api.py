@@ -103,6 +103,8 @@ def profile(
         raise AlreadyPlannedError(
             "the model already carries a memfit plan; call memfit.remove(model) before profiling"
         )
+    # Measure the model as memfit will run it: HF's own checkpointing off (with a warning).
+    disable_hf_checkpointing(model)
     chain = _chain(model, sample, blocks)
     if isinstance(options, str):
         if options != "auto":
@@ -211,7 +213,6 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 "the plan was made for samples of another shape, dtype or device; its memory "
                 "predictions do not hold for this sample: plan again with this sample"
             )
-    disable_hf_checkpointing(model)
     apply_plan(model, chain, plan)
 
 

@@ -193,3 +193,15 @@ def test_unknown_architecture() -> None:
 
 def test_hf_block_names_of_a_plain_model() -> None:
     assert hf_block_names(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) is None
+
+
+def test_profile_turns_hf_checkpointing_off_before_measuring() -> None:
+    import memfit
+
+    model, sample = build_hf("gpt2", layers=2)
+    plain = memfit.profile(model, sample, repeats=1, options=())
+    enable_hf_checkpointing(model)
+    with pytest.warns(UserWarning, match="memfit's plan replaces it"):
+        again = memfit.profile(model, sample, repeats=1, options=())
+    # the baseline is the model without any checkpointing, to the byte
+    assert again.measurement.peak_bytes == plain.measurement.peak_bytes
