@@ -60,7 +60,7 @@ def pareto_plot(
             label=None if label in seen else f"{label} (measured)",
         )
         axes.plot(*zip(predicted, measured, strict=True), color=color, lw=0.6, alpha=0.6)
-        if row.strategy.startswith("optimal"):
+        if row.strategy == "optimal":
             axes.annotate(row.budget, measured, textcoords="offset points", xytext=(6, 4))
         seen.add(label)
     axes.axhline(base_ms, color="0.8", lw=0.8, ls="--")
