@@ -103,3 +103,12 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data[0]["target"] == "mlp"
     assert (tmp_path / "mlp.png").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:transformers")
+def test_hugging_face_target(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    assert main(["profile", "hf:gpt2", "--layers", "2", "--repeats", "1"]) == 0
+    assert "transformer.h.1" in capsys.readouterr().out
+    assert main(["profile", "hf:t5"]) == 2
+    assert "unknown Hugging Face architecture" in capsys.readouterr().err

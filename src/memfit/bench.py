@@ -178,8 +178,11 @@ def bench(
     say("timing all rows side by side")
     times: dict[int, list[float]] = {-1: []}
     times.update({i: [] for i, p in enumerate(plans) if p is not None})
-    for _ in range(repeats):
-        for index in times:
+    order = list(times)
+    for round_ in range(repeats):
+        # each round starts at another row, so no row always follows the same one
+        shift = round_ % len(order)
+        for index in order[shift:] + order[:shift]:
             timed = plans[index] if index >= 0 else None
             if timed is not None:
                 apply_plan(model, _chain_of_plan(model, timed), timed)

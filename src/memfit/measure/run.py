@@ -8,6 +8,7 @@ times from separate steps without the profiler (medians over repeats after a war
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -330,7 +331,12 @@ def time_step(
     device = sample_device(model, sample)
     reset_grads(model, accumulate)
     synchronize(device)
-    start = time.perf_counter()
-    _step(model, sample, loss_fn, lambda _label: None)
-    synchronize(device)
-    return time.perf_counter() - start
+    gc.collect()  # as timeit does: no collector pause inside the timed step
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        _step(model, sample, loss_fn, lambda _label: None)
+        synchronize(device)
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
