@@ -54,13 +54,8 @@ def _chain_of_plan(model: nn.Module, plan: Plan) -> Chain:
 def _every_block(chain: Chain, option: str | None) -> Plan:
     last = len(chain) - 1
     blocks = [recompute_one(i) if option is None else Stage(i, option) for i in range(1, last)]
-    return Plan(
-        stage_names=chain.stage_names,
-        tree=(Stage(0), *blocks, Stage(last)),
-        strategy="all" if option is None else f"every block {option}",
-        predicted_peak_bytes=0,
-        predicted_step_s=0.0,
-    )
+    strategy = "all" if option is None else f"every block {option}"
+    return Plan.from_tree(chain.stage_names, (Stage(0), *blocks, Stage(last)), strategy)
 
 
 def profile(

@@ -43,13 +43,7 @@ def chain_of(model: nn.Module, sample: dict[str, Any]) -> Chain:
 
 
 def plan_for(chain: Chain, tree: tuple) -> Plan:
-    return Plan(
-        stage_names=chain.stage_names,
-        tree=tree,
-        strategy="test",
-        predicted_peak_bytes=0,
-        predicted_step_s=0.0,
-    )
+    return Plan.from_tree(chain.stage_names, tree, "test")
 
 
 def step(model: nn.Module, sample: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

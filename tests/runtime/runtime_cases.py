@@ -5,13 +5,7 @@ from memfit.plan.plan import Item, Plan, Segment, Stage, recompute_one
 
 
 def make_plan(chain: Chain, tree: tuple[Item, ...]) -> Plan:
-    return Plan(
-        stage_names=chain.stage_names,
-        tree=tree,
-        strategy="test",
-        predicted_peak_bytes=0,
-        predicted_step_s=0.0,
-    )
+    return Plan.from_tree(chain.stage_names, tree, "test")
 
 
 def one_segment(chain: Chain) -> Plan:

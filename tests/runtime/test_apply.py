@@ -151,13 +151,7 @@ def test_wrong_plans_raise_and_change_nothing() -> None:
     model, sample = build("mlp", **SIZES["mlp"])
     chain = chain_of(model, sample)
     before = module_state(model)
-    other = Plan(
-        stage_names=("<pre>", "a", "b", "c", "d", "<post>"),
-        tree=TREES["one segment"],
-        strategy="x",
-        predicted_peak_bytes=0,
-        predicted_step_s=0.0,
-    )
+    other = Plan.from_tree(("<pre>", "a", "b", "c", "d", "<post>"), TREES["one segment"], "x")
     with pytest.raises(PlanMismatchError, match=r"not this model's chain \['<pre>', 'blocks.0'"):
         apply_plan(model, chain, other)
     recompute_pre = make_plan(chain, (Segment(0, 1, (Stage(0),)), *TREES["all keep"][1:]))

@@ -21,6 +21,8 @@ from memfit.errors import UnsupportedModelError
 PRE = "<pre>"
 POST = "<post>"
 
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # a block call's side inputs: (args, kwargs)
+
 
 @dataclass(frozen=True, eq=False)
 class Chain:
@@ -59,6 +61,33 @@ def main_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, dict) and value:
         return main_tensor(next(iter(value.values())))
     return None
+
+
+def same_side_inputs(expected: Inputs, received: Inputs) -> bool:
+    """Whether two calls got the same side inputs: tensors by identity, the rest by equality."""
+    (args_a, kwargs_a), (args_b, kwargs_b) = expected, received
+    if len(args_a) != len(args_b) or kwargs_a.keys() != kwargs_b.keys():
+        return False
+    pairs = [*zip(args_a, args_b, strict=True), *((kwargs_a[k], kwargs_b[k]) for k in kwargs_a)]
+    for a, b in pairs:
+        if a is b:
+            continue
+        # an equal copy of a tensor may still be another mask; only the same object is safe
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return False
+        try:
+            if bool(a != b):
+                return False
+        except Exception:  # objects whose != is not a plain bool (arrays, odd __ne__)
+            return False
+    return True
+
+
+def side_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Inputs:
+    """A block call's arguments other than its main input (first positional or hidden_states)."""
+    if args:
+        return args[1:], kwargs
+    return (), {key: value for key, value in kwargs.items() if key != "hidden_states"}
 
 
 def _first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

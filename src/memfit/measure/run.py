@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.measure.chain import Chain, main_tensor
+from memfit.measure.chain import Chain, Inputs, main_tensor, same_side_inputs, side_inputs
 from memfit.measure.meter import MemoryMeter, MemoryReading
 from memfit.measure.step import (
     LossFn,
@@ -100,23 +100,6 @@ def _step(model: nn.Module, sample: Any, loss_fn: LossFn | None, mark: Marker) -
     return loss.detach()
 
 
-def _same_side_inputs(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for key, value in a.items():
-        other = b[key]
-        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
-            if value is not other:
-                return False
-        elif value is not other:
-            try:
-                if bool(value != other):
-                    return False
-            except Exception:  # uncomparable objects: different unless identical
-                return False
-    return True
-
-
 @contextmanager
 def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     """Hooks that mark stage boundaries; yields stage index -> bytes of its output, and under
@@ -124,7 +107,7 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     blocks = chain.blocks
     last = len(chain) - 1
     output_bytes: dict[int, int] = {}
-    side_inputs: dict[int, dict[str, Any]] = {}
+    calls: dict[int, Inputs] = {}
     handles = []
 
     def on_grad(label: str) -> Callable[[torch.Tensor], None]:
@@ -133,11 +116,9 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     def pre_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mark(f"F:{index}")
-            side_inputs[index] = {f"arg{i}": a for i, a in enumerate(args[1:])} | {
-                key: value for key, value in kwargs.items() if key != "hidden_states"
-            }
-            if index > 1 and index - 1 in side_inputs:
-                same = _same_side_inputs(side_inputs[index - 1], side_inputs[index])
+            calls[index] = side_inputs(args, kwargs)
+            if index > 1 and index - 1 in calls:
+                same = same_side_inputs(calls[index - 1], calls[index])
                 output_bytes[-index] = int(same)
             if index == 1:
                 first = main_tensor(args[0] if args else kwargs.get("hidden_states"))

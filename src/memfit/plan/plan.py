@@ -148,6 +148,17 @@ class Plan:
         object.__setattr__(self, "tree", tuple(self.tree))
         validate_tree(self.tree, 0, len(self.stage_names))
 
+    @classmethod
+    def from_tree(cls, stage_names: Sequence[str], tree: Sequence[Item], strategy: str) -> Plan:
+        """A plan written by hand (or by a baseline) with no predictions attached."""
+        return cls(
+            stage_names=tuple(stage_names),
+            tree=tuple(tree),
+            strategy=strategy,
+            predicted_peak_bytes=0,
+            predicted_step_s=0.0,
+        )
+
     @property
     def options(self) -> dict[str, str]:
         """Stage name -> ``keep``/``recompute``/``selective:...``, at the top level."""

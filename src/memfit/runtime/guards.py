@@ -17,29 +17,9 @@ from typing import Any
 import torch
 
 from memfit.errors import MemfitError
-from memfit.measure.chain import main_tensor
+from memfit.measure.chain import Inputs, main_tensor, same_side_inputs
 
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def same_side_inputs(expected: Inputs, received: Inputs) -> bool:
-    """Whether two calls got the same side inputs: tensors by identity, the rest by equality."""
-    (args_a, kwargs_a), (args_b, kwargs_b) = expected, received
-    if len(args_a) != len(args_b) or kwargs_a.keys() != kwargs_b.keys():
-        return False
-    pairs = [*zip(args_a, args_b, strict=True), *((kwargs_a[k], kwargs_b[k]) for k in kwargs_a)]
-    for a, b in pairs:
-        if a is b:
-            continue
-        # an equal copy of a tensor may still be another mask; only the same object is safe
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return False
-        try:
-            if bool(a != b):
-                return False
-        except Exception:  # objects whose != is not a plain bool (arrays, odd __ne__)
-            return False
-    return True
+__all__ = ["Inputs", "guard_input", "rng_state", "same_rng_state", "same_side_inputs"]
 
 
 def guard_input(out: Any, watched: Any, stage: str) -> Any:
