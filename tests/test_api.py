@@ -135,3 +135,18 @@ def test_plan_from_a_model_needs_a_sample() -> None:
     with pytest.raises(TypeError, match=r"Profile or an nn\.Module"):
         memfit.plan("model", budget="50%")
     assert Stage(0) == Stage(0, "keep")
+
+
+def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) -> None:
+    from memfit.bench import without_selective
+    from memfit.plan.frontier import frontier
+    from memfit.plan.solve import solve
+
+    _model, _sample, prof = gpt_profile
+    recompute_only = frontier(without_selective(prof.costs))
+    assert len(recompute_only) >= 2
+    for point in recompute_only:
+        # at every budget of the keep/recompute frontier, the full menu is at least as fast
+        with_selective = solve(prof.costs, point.peak_bytes)
+        assert with_selective.predicted_peak_bytes <= point.peak_bytes
+        assert with_selective.predicted_step_s <= point.step_s * (1 + 1e-9), point

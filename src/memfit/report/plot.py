@@ -14,6 +14,7 @@ def pareto_plot(
     frontier: Sequence[FrontierPoint],
     path: Path,
     *,
+    recompute_frontier: Sequence[FrontierPoint] = (),
     title: str,
 ) -> Path:
     """Write a PNG: the predicted frontier as a staircase, every row predicted (hollow) and
@@ -29,10 +30,15 @@ def pareto_plot(
 
     base_ms = result.baseline_step_s * 1e3
     figure, axes = plt.subplots(figsize=(9, 6), dpi=110)
-    if frontier:
-        xs = [p.peak_bytes / 2**20 for p in frontier]
-        ys = [p.step_s * 1e3 for p in frontier]
-        axes.step(xs, ys, where="post", color="0.55", lw=1.5, label="optimal frontier (predicted)")
+    lines = (
+        (recompute_frontier, "0.75", "--", "frontier, keep/recompute only (predicted)"),
+        (frontier, "0.45", "-", "frontier with selective options (predicted)"),
+    )
+    for points, color, style, label in lines:
+        if points:
+            xs = [p.peak_bytes / 2**20 for p in points]
+            ys = [p.step_s * 1e3 for p in points]
+            axes.step(xs, ys, where="post", color=color, ls=style, lw=1.5, label=label)
     markers = {"none": "s", "all": "D", "sqrt": "^", "optimal": "o", "optimal-recompute": "P"}
     colors = {
         "none": "black",
