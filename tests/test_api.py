@@ -138,12 +138,11 @@ def test_plan_from_a_model_needs_a_sample() -> None:
 
 
 def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) -> None:
-    from memfit.bench import without_selective
     from memfit.plan.frontier import frontier
     from memfit.plan.solve import solve
 
     _model, _sample, prof = gpt_profile
-    recompute_only = frontier(without_selective(prof.costs))
+    recompute_only = frontier(prof.costs.keep_only())
     assert len(recompute_only) >= 2
     for point in recompute_only:
         # at every budget of the keep/recompute frontier, the full menu is at least as fast

@@ -38,7 +38,8 @@ def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
     return find_chain(model, lambda: model(*args, **kwargs), blocks)
 
 
-def _chain_of_plan(model: nn.Module, plan: Plan) -> Chain:
+def chain_of_plan(model: nn.Module, plan: Plan) -> Chain:
+    """The chain a plan names, looked up in ``model`` (PlanMismatchError if it lacks a block)."""
     modules = dict(model.named_modules())
     names = plan.stage_names[1:-1]
     missing = [name for name in names if name not in modules]
@@ -190,7 +191,7 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
     if applied_plan(model) is not None:
         raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
-    chain = _chain_of_plan(model, plan)
+    chain = chain_of_plan(model, plan)
     if plan.fingerprint:
         expected_model, _, expected_sample = plan.fingerprint.partition("-")
         if sample is None:
@@ -276,9 +277,11 @@ class Verification:
         return asdict(self) | {"ok": self.ok, "prediction_error": self.prediction_error}
 
 
-def _gradients(
+def seeded_gradients(
     model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Loss and parameter gradients of one step from RNG seed ``seed``; the user's RNG state is
+    restored, the model's ``.grad`` fields are left at ``None``."""
     reset_grads(model, accumulate=False)
     args, kwargs = split_sample(sample)
     device = _device(model)
@@ -321,13 +324,13 @@ def verify(
     current = applied_plan(model)
     if current is None:
         raise MemfitError("memfit.verify needs a planned model: call memfit.apply or memfit.auto")
-    chain = _chain_of_plan(model, current)
+    chain = chain_of_plan(model, current)
     saved_grads = {p: p.grad for p in model.parameters()}
     try:
-        planned_loss, planned_grads = _gradients(model, sample, loss_fn, seed)
+        planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
         planned = measure(model, sample, loss_fn=loss_fn, repeats=1)
         remove_plan(model)
-        reference_loss, reference_grads = _gradients(model, sample, loss_fn, seed)
+        reference_loss, reference_grads = seeded_gradients(model, sample, loss_fn, seed)
         baseline = measure(model, sample, loss_fn=loss_fn, repeats=1)
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(repeats):
@@ -343,7 +346,9 @@ def verify(
         for parameter, grad in saved_grads.items():
             parameter.grad = grad
     mismatched = tuple(
-        name for name, grad in reference_grads.items() if not _same(grad, planned_grads.get(name))
+        name
+        for name, grad in reference_grads.items()
+        if not same_tensors(grad, planned_grads.get(name))
     )
     return Verification(
         gradients_equal=not mismatched,
@@ -359,7 +364,8 @@ def verify(
     )
 
 
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Bitwise equal, or both missing."""
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)

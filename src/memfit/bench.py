@@ -7,7 +7,6 @@ row (A, B, C, A, B, C, ...) so that overheads are ratios of medians measured in 
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,12 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.api import _chain_of_plan, _gradients, _same
+from memfit.api import chain_of_plan, same_tensors, seeded_gradients
 from memfit.errors import InfeasibleBudgetError
 from memfit.measure.profile import Profile
 from memfit.measure.run import measure, time_step
 from memfit.measure.step import LossFn
-from memfit.plan.costs import ChainCosts
 from memfit.plan.plan import Plan
 from memfit.plan.solve import solve
 from memfit.runtime.apply import apply_plan, remove_plan
@@ -35,15 +33,6 @@ STRATEGY_LABELS = {
     "optimal-recompute": "optimal, no selective",
 }
 OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute")
-
-
-def without_selective(costs: ChainCosts) -> ChainCosts:
-    """The same chain with only ``keep`` in every stage's menu (recompute stays possible)."""
-    stages = [
-        dataclasses.replace(stage, options={"keep": stage.options["keep"]})
-        for stage in costs.stages
-    ]
-    return dataclasses.replace(costs, stages=stages)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,7 +129,7 @@ def bench(
         row: dict[str, Any] = dict(strategy=strategy, budget=text, budget_bytes=budget_bytes)
         costs = profile.costs
         if strategy == "optimal-recompute":
-            costs, strategy = without_selective(costs), "optimal"
+            costs, strategy = costs.keep_only(), "optimal"
         try:
             chosen = solve(costs, budget_bytes, strategy)
         except InfeasibleBudgetError as error:
@@ -158,21 +147,21 @@ def bench(
             )
         )
     seed = 1234
-    reference_loss, reference = _gradients(model, sample, loss_fn, seed)
+    reference_loss, reference = seeded_gradients(model, sample, loss_fn, seed)
     for index, maybe in enumerate(plans):
         if maybe is None:
             continue
         chosen = maybe
         say(f"measuring {rows[index]['strategy']} {rows[index]['budget']}")
-        chain = _chain_of_plan(model, chosen)
+        chain = chain_of_plan(model, chosen)
         apply_plan(model, chain, chosen)
         try:
-            loss, grads = _gradients(model, sample, loss_fn, seed)
+            loss, grads = seeded_gradients(model, sample, loss_fn, seed)
             peak = measure(model, sample, loss_fn=loss_fn, repeats=1, warmup=1).peak_bytes
         finally:
             remove_plan(model)
         equal = torch.equal(loss, reference_loss) and all(
-            _same(grad, grads.get(name)) for name, grad in reference.items()
+            same_tensors(grad, grads.get(name)) for name, grad in reference.items()
         )
         rows[index] |= dict(measured_peak_bytes=peak, gradients_equal=equal)
     say("timing all rows side by side")
@@ -185,7 +174,7 @@ def bench(
         for index in order[shift:] + order[:shift]:
             timed = plans[index] if index >= 0 else None
             if timed is not None:
-                apply_plan(model, _chain_of_plan(model, timed), timed)
+                apply_plan(model, chain_of_plan(model, timed), timed)
             try:
                 # One untimed step first: the allocator's state after another row's step (its
                 # cached or returned pages) would otherwise be charged to this row.

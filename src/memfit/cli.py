@@ -114,7 +114,7 @@ def _run_bench(
     target: str, args: argparse.Namespace, out: _Output, directory: Path | None, strict: bool
 ) -> tuple[dict[str, Any], bool]:
     import memfit
-    from memfit.bench import bench, without_selective
+    from memfit.bench import bench
     from memfit.models import describe
     from memfit.plan.frontier import frontier
     from memfit.report.plot import pareto_plot
@@ -151,7 +151,7 @@ def _run_bench(
                 result,
                 frontier(prof.costs),
                 directory / f"{_slug(target)}.png",
-                recompute_frontier=frontier(without_selective(prof.costs)),
+                recompute_frontier=frontier(prof.costs.keep_only()),
                 title=title,
             )
             data["plot"] = str(png)

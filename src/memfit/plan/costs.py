@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KEEP = "keep"
@@ -122,6 +122,12 @@ class ChainCosts:
 
     def __len__(self) -> int:
         return len(self.stages)
+
+    def keep_only(self) -> ChainCosts:
+        """The same chain with ``keep`` as every stage's only option (recompute segments stay
+        possible): the menu of plain checkpointing, without selective options."""
+        stages = [replace(stage, options={KEEP: stage.options[KEEP]}) for stage in self.stages]
+        return replace(self, stages=stages)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
