@@ -164,7 +164,7 @@ def test_alternating_sliding_and_full_attention_cannot_share_a_segment() -> None
     assert_same_step(reference, planned, "per-layer recompute on Gemma2")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_optimal_plans_on_hf_models(arch: str) -> None:
     model, sample = build_hf(arch, layers=4, hidden=64, seq=64, batch=2)
     profile = memfit.profile(model, sample, repeats=1)
