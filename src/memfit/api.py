@@ -19,13 +19,15 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, MemfitError, PlanMismatchError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measure.chain import Chain, find_chain
-from memfit.measure.ops import candidate_policies, profile_ops
+from memfit.measure.ops import candidate_policies, profile_ops, selective_detail
 from memfit.measure.profile import Profile, build_profile, fingerprint
 from memfit.measure.run import Measurement, StageReading, measure, measure_stages, time_step
 from memfit.measure.step import LossFn, compute_loss, reset_grads, split_sample
 from memfit.plan.plan import Plan, Stage, recompute_one
 from memfit.plan.solve import solve
+from memfit.runtime import REBUILD, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import applied_plan, apply_plan, remove_plan
+from memfit.runtime.options import is_selective
 from memfit.units import Budget, parse_budget
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,8 @@ def profile(
         accumulate: profile the gradient-accumulation steady state.
         repeats: timed steps per way of running the model.
         options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
-            picks a few selective-recompute policies from the blocks' op profile; or a list
-            such as ``["selective:matmul"]``; ``()`` for none.
+            measures ``rebuild`` and a few selective-recompute policies picked from the blocks'
+            op profile; or a list such as ``["rebuild", "selective:matmul"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
 
     Returns:
@@ -90,6 +92,7 @@ def profile(
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
+        ValueError: an unknown option name (checked before anything is measured).
 
     Example:
         >>> prof = memfit.profile(model, (tokens, targets))
@@ -99,30 +102,48 @@ def profile(
         raise AlreadyPlannedError(
             "the model already carries a memfit plan; call memfit.remove(model) before profiling"
         )
+    if isinstance(options, str):
+        if options != "auto":
+            raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
+    else:
+        options = list(options)
+        for name in options:  # a bad name fails here, before anything is measured or changed
+            stage_wrapper(name)
     # Measure the model as memfit will run it: HF's own checkpointing off (with a warning).
     disable_hf_checkpointing(model)
     chain = _chain(model, sample, blocks)
     if isinstance(options, str):
-        if options != "auto":
-            raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
-        options = candidate_policies(profile_ops(model, sample, chain))
+        block_ops = profile_ops(model, sample, chain)
+        options = [REBUILD, *candidate_policies(block_ops)]
+    else:
+        block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     settings: dict[str, Any] = dict(
         loss_fn=loss_fn, accumulate=accumulate, repeats=repeats, optimizer=optimizer
     )
     keep = measure_stages(model, sample, chain, **settings)
     readings: dict[str, StageReading] = {}
+    details: dict[str, list[dict[str, Any]]] = {}
     recompute: StageReading | None = None
-    for option in (None, *options):
+    measured: list[str | None] = [None, *options]
+    for option in measured:
         apply_plan(model, chain, _every_block(chain, option))
         try:
-            reading = measure_stages(model, sample, chain, **settings)
+            with recording() as rebuilt:
+                reading = measure_stages(model, sample, chain, **settings)
         finally:
             remove_plan(model)
         if option is None:
             recompute = reading
-        else:
-            readings[option] = reading
-    return build_profile(model, sample, chain, keep, recompute=recompute, options=readings)
+            continue
+        readings[option] = reading
+        if is_selective(option):
+            saved = saved_ops(option)
+            details[option] = [selective_detail(block, saved) for block in block_ops]
+        elif rebuilt:  # the first forward's blocks, in chain order
+            details[option] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
+    return build_profile(
+        model, sample, chain, keep, recompute=recompute, options=readings, details=details
+    )
 
 
 def plan(

@@ -2,7 +2,9 @@
 
 Every row is run for real: one metered step for its peak, one seeded step whose gradients are
 compared bit for bit with the unplanned model's, and timed steps interleaved with every other
-row (A, B, C, A, B, C, ...) so that overheads are ratios of medians measured in one run.
+row. Each timed step of a row is paired with an unplanned step right after it, and the row's
+overhead is the median of those paired ratios: on a shared machine whose speed drifts, a pair
+sees the same drift, so the ratio cancels it (a ratio of medians taken minutes apart would not).
 """
 
 from __future__ import annotations
@@ -84,6 +86,20 @@ class BenchResult:
         return data
 
 
+def _timed(model: nn.Module, sample: Any, loss_fn: LossFn | None, plan: Plan | None) -> float:
+    """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned)."""
+    if plan is not None:
+        apply_plan(model, chain_of_plan(model, plan), plan)
+    try:
+        # One untimed step first: the allocator's state after another row's step (its cached or
+        # returned pages) would otherwise be charged to this one.
+        time_step(model, sample, loss_fn=loss_fn)
+        return time_step(model, sample, loss_fn=loss_fn)
+    finally:
+        if plan is not None:
+            remove_plan(model)
+
+
 def bench(
     model: nn.Module,
     sample: Any,
@@ -105,12 +121,14 @@ def bench(
     """Run every strategy at every budget on ``model`` and measure it.
 
     Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
-    run once, and the budget column says whether they fit the first budget. ``optimal`` is run
-    at every budget.
+    run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
+    every budget.
 
     Raises:
-        ValueError: a malformed budget or strategy.
+        ValueError: a malformed budget or strategy, or ``repeats < 1``.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (timed steps per row); got {repeats}")
     say = progress or (lambda _message: None)
     measurement = profile.measurement
     resolved = [
@@ -165,35 +183,29 @@ def bench(
         )
         rows[index] |= dict(measured_peak_bytes=peak, gradients_equal=equal)
     say("timing all rows side by side")
-    times: dict[int, list[float]] = {-1: []}
-    times.update({i: [] for i, p in enumerate(plans) if p is not None})
-    order = list(times)
+    timed_rows = [i for i, p in enumerate(plans) if p is not None]
+    row_s: dict[int, list[float]] = {i: [] for i in timed_rows}
+    ratios: dict[int, list[float]] = {i: [] for i in timed_rows}
+    baseline_samples: list[float] = []
     for round_ in range(repeats):
         # each round starts at another row, so no row always follows the same one
-        shift = round_ % len(order)
-        for index in order[shift:] + order[:shift]:
-            timed = plans[index] if index >= 0 else None
-            if timed is not None:
-                apply_plan(model, chain_of_plan(model, timed), timed)
-            try:
-                # One untimed step first: the allocator's state after another row's step (its
-                # cached or returned pages) would otherwise be charged to this row.
-                time_step(model, sample, loss_fn=loss_fn)
-                times[index].append(time_step(model, sample, loss_fn=loss_fn))
-            finally:
-                if timed is not None:
-                    remove_plan(model)
-    baseline_s = statistics.median(times[-1])
+        shift = round_ % len(timed_rows) if timed_rows else 0
+        for index in timed_rows[shift:] + timed_rows[:shift]:
+            planned = _timed(model, sample, loss_fn, plans[index])
+            unplanned = _timed(model, sample, loss_fn, None)
+            row_s[index].append(planned)
+            baseline_samples.append(unplanned)
+            ratios[index].append(planned / unplanned)
+    baseline_s = statistics.median(baseline_samples) if baseline_samples else 0.0
     baseline_activation = measurement.activation_bytes
-    for index, row in enumerate(rows):
-        if index in times:
-            step_s = statistics.median(times[index])
-            activation = row["measured_peak_bytes"] - measurement.held_bytes
-            row |= dict(
-                step_s=step_s,
-                overhead=step_s / baseline_s - 1.0,
-                memory_saved=1.0 - activation / baseline_activation,
-            )
+    for index in timed_rows:
+        row = rows[index]
+        activation = row["measured_peak_bytes"] - measurement.held_bytes
+        row |= dict(
+            step_s=statistics.median(row_s[index]),
+            overhead=statistics.median(ratios[index]) - 1.0,
+            memory_saved=1.0 - activation / baseline_activation if baseline_activation else 0.0,
+        )
     return BenchResult(
         rows=tuple(BenchRow(**row) for row in rows),
         baseline_peak_bytes=measurement.peak_bytes,

@@ -11,6 +11,9 @@ level each. CUDA: the caching allocator's own counters, read and reset at every 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -66,6 +69,24 @@ class MemoryReading:
         raise KeyError(f"no span {label!r}; spans are {[s.label for s in self.spans]}")
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration (C++ logging bypasses Python)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class MemoryMeter:
     """Context manager measuring memory of the code inside it.
 
@@ -107,7 +128,8 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+            with _quiet_stderr():  # kineto logs every start and stop on fd 2
+                self._profiler.__enter__()
         return self
 
     def mark(self, label: str) -> None:
@@ -139,7 +161,8 @@ class MemoryMeter:
                 device="cuda",
             )
             return
-        self._profiler.__exit__(exc_type, exc, traceback)
+        with _quiet_stderr():
+            self._profiler.__exit__(exc_type, exc, traceback)
         if exc_type is None:
             self._reading = _replay(self._profiler, self._labels)
         self._profiler = None

@@ -195,6 +195,21 @@ def saveable(op: str) -> bool:
     )
 
 
+def selective_detail(block: BlockOps, saved: frozenset[str]) -> dict[str, list[str]]:
+    """Which of ``block``'s ops a selective policy saving ``saved`` keeps and which it reruns in
+    backward (short op names, in the block's order): the plan's per-stage explanation."""
+    saves = [op for op, stats in block.ops.items() if op in saved and stats.saved_bytes > 0]
+    reruns = [
+        op
+        for op, stats in block.ops.items()
+        if op not in saved and (stats.output_bytes > 0 or op in RANDOM_OPS)
+    ]
+    return {
+        "saves": [short_op_name(op) for op in saves],
+        "recomputes": [short_op_name(op) for op in reruns],
+    }
+
+
 def candidate_policies(
     blocks: list[BlockOps], coverages: tuple[float, ...] = (0.8, 0.95)
 ) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,13 @@ def _parameter_bytes(model: nn.Module, chain: Chain) -> tuple[int, ...]:
     return (rest, *blocks, 0)
 
 
-def _option_costs(reading: StageReading, index: int, last: int, output_bytes: int) -> OptionCosts:
+def _option_costs(
+    reading: StageReading,
+    index: int,
+    last: int,
+    output_bytes: int,
+    detail: Mapping[str, Any] | None = None,
+) -> OptionCosts:
     f_start, f_peak, f_end = reading.forward_span(index)
     b_start, b_peak, b_end = reading.backward_span(index, last)
     return OptionCosts(
@@ -115,6 +121,7 @@ def _option_costs(reading: StageReading, index: int, last: int, output_bytes: in
         forward_peak_bytes=f_peak - f_start,
         backward_peak_bytes=b_peak - b_start,
         backward_delta_bytes=b_end - b_start,
+        detail=dict(detail or {}),
     )
 
 
@@ -126,6 +133,7 @@ def build_profile(
     *,
     recompute: StageReading | None = None,
     options: Mapping[str, StageReading] | None = None,
+    details: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> Profile:
     """Assemble a :class:`Profile` from stage readings of the same model and sample.
 
@@ -134,6 +142,8 @@ def build_profile(
         recompute: the step with every block recomputed (each block its own segment); without
             it, blocks cannot be recomputed by the planner.
         options: option name -> the step with every block run with that option.
+        details: option name -> per block (in chain order), what the option saves and reruns,
+            for plans to show (``{"saves": [...], "recomputes": [...]}``, say).
     """
     last = len(chain) - 1
     stages = []
@@ -144,7 +154,9 @@ def build_profile(
         is_block = 0 < index < last
         if is_block:
             for option, reading in (options or {}).items():
-                menu[option] = _option_costs(reading, index, last, output)
+                per_block = (details or {}).get(option)
+                detail = per_block[index - 1] if per_block and len(per_block) >= index else None
+                menu[option] = _option_costs(reading, index, last, output, detail)
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
             nosave_s, nosave_peak = recompute.forward_s[index], peak - start

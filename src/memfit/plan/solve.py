@@ -11,7 +11,7 @@ from memfit.plan import baselines
 from memfit.plan.costs import ChainCosts
 from memfit.plan.min_peak import min_peak
 from memfit.plan.optimal import Planner
-from memfit.plan.plan import Plan, Tree
+from memfit.plan.plan import Plan, Tree, stage_options
 from memfit.plan.simulate import simulate
 from memfit.units import format_bytes
 
@@ -116,6 +116,9 @@ def solve(
                 f"down to {format_bytes(floor)}",
             )
     info["solve_time_s"] = time.perf_counter() - started
+    ops = _option_details(costs, tree)
+    if ops:
+        info["ops"] = ops
     return Plan(
         stage_names=tuple(stage.name for stage in costs.stages),
         tree=tree,
@@ -126,6 +129,16 @@ def solve(
         fingerprint=costs.fingerprint,
         info=info,
     )
+
+
+def _option_details(costs: ChainCosts, tree: Tree) -> dict[str, dict[str, Any]]:
+    """Stage name -> what its top-level option saves and reruns, where the profile says so."""
+    details = {}
+    for index, option in stage_options(tree).items():
+        menu = costs.stages[index].options
+        if option in menu and menu[option].detail:
+            details[costs.stages[index].name] = dict(menu[option].detail)
+    return details
 
 
 def _baseline(costs: ChainCosts, member: Strategy, period: int) -> Tree:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memfit.bench import BenchResult
@@ -74,15 +74,36 @@ def profile_table(profile: Profile) -> Any:
     return make_table(title, columns, rows)
 
 
+def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
+    """One line on what a stage's option keeps and reruns, for the plan table."""
+    if option == "recompute":
+        return "keeps its input; reruns the block in backward"
+    if not detail:
+        return "saves what autograd saves" if option == "keep" else ""
+    parts = []
+    if detail.get("saves"):
+        parts.append("saves " + ", ".join(detail["saves"]))
+    if detail.get("recomputes"):
+        parts.append("recomputes " + ", ".join(detail["recomputes"]))
+    if detail.get("rebuilds"):
+        rebuilt = ", ".join(f"{label} {_mib(n)} MiB" for label, n in detail["rebuilds"].items())
+        parts.append("rebuilds in backward: " + rebuilt)
+    return "; ".join(parts)
+
+
 def plan_table(plan: Plan) -> Any:
-    """How every stage runs under ``plan``."""
-    rows = [[name, option] for name, option in plan.options.items()]
+    """How every stage runs under ``plan``, and what each option saves and reruns."""
+    details = plan.info.get("ops", {})
+    rows = [
+        [name, option, describe_ops(option, details.get(name))]
+        for name, option in plan.options.items()
+    ]
     budget = "none" if plan.budget_bytes is None else format_bytes(plan.budget_bytes)
     title = (
         f"Plan ({plan.strategy}, budget {budget}): predicted peak "
         f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms"
     )
-    return make_table(title, ["stage", "runs as"], rows)
+    return make_table(title, ["stage", "runs as", "ops"], rows)
 
 
 def bench_table(result: BenchResult, title: str) -> Any:

@@ -9,12 +9,17 @@ from memfit.runtime.options import (
     saved_ops,
     stage_wrapper,
 )
+from memfit.runtime.rebuild import REBUILD, pure_module, rebuilding, recording
 
 __all__ = [
+    "REBUILD",
     "OptionKind",
     "applied_plan",
     "apply_plan",
     "option_kind",
+    "pure_module",
+    "rebuilding",
+    "recording",
     "register_before_apply",
     "register_option",
     "register_selective_policy",

@@ -110,6 +110,11 @@ def option_kind(option: str) -> OptionKind:
     return kind
 
 
+def is_selective(option: str) -> bool:
+    """Whether ``option`` is one of torch's selective checkpoints (``selective:<policy>``)."""
+    return option.startswith(SELECTIVE)
+
+
 def stage_wrapper(option: str) -> StageWrapper:
     """How a stage with ``option`` runs: a function from the block's forward to the new one.
 
