@@ -35,6 +35,14 @@ TREES: dict[str, tuple] = {
         Stage(5),
     ),
     "selective matmul": (Stage(0), *[Stage(i, "selective:matmul") for i in range(1, 5)], Stage(5)),
+    "rebuild": (Stage(0), *[Stage(i, "rebuild") for i in range(1, 5)], Stage(5)),
+    "rebuild mixed": (
+        Stage(0),
+        Stage(1, "rebuild"),
+        Segment(2, 4, (recompute_one(2), Stage(3))),
+        Stage(4, "rebuild"),
+        Stage(5),
+    ),
 }
 
 
@@ -91,10 +99,11 @@ def test_frozen_embeddings_under_bfloat16_autocast() -> None:
 
     reference = autocast_step()
     assert "model.layers.0.mlp.up_proj.weight" in reference[1]
-    apply_plan(model, chain, plan_for(chain, TREES["nested"]))
-    planned = autocast_step()
-    remove_plan(model)
-    assert_same_step(reference, planned, "frozen embeddings, bf16 autocast")
+    for label in ("nested", "rebuild mixed"):
+        apply_plan(model, chain, plan_for(chain, TREES[label]))
+        planned = autocast_step()
+        remove_plan(model)
+        assert_same_step(reference, planned, f"frozen embeddings, bf16 autocast, {label}")
 
 
 def enable_hf_checkpointing(model: nn.Module) -> None:

@@ -55,6 +55,15 @@ TREES: dict[str, tuple] = {
         *[Stage(i, "selective:save=addmm+gelu") for i in range(1, 5)],
         Stage(5),
     ),
+    "rebuild": (Stage(0), *[Stage(i, "rebuild") for i in range(1, 5)], Stage(5)),
+    # every kind of top-level item side by side
+    "rebuild mixed": (
+        Stage(0),
+        Stage(1, "rebuild"),
+        Segment(2, 4, (recompute_one(2), Stage(3))),
+        Stage(4, "rebuild"),
+        Stage(5),
+    ),
 }
 
 
@@ -170,6 +179,11 @@ def test_wrong_plans_raise_and_change_nothing() -> None:
     )), Stage(5)))  # fmt: skip
     with pytest.raises(PlanMismatchError, match="only keep or nested segments"):
         apply_plan(model, chain, selective_inside)
+    rebuild_inside = make_plan(chain, (Stage(0), Segment(1, 5, tuple(
+        Stage(i, "rebuild" if i == 2 else "keep") for i in range(1, 5)
+    )), Stage(5)))  # fmt: skip
+    with pytest.raises(PlanMismatchError, match="'rebuild' inside a recompute segment"):
+        apply_plan(model, chain, rebuild_inside)
     unknown = make_plan(chain, (Stage(0), Stage(1, "offload:nvme"), *TREES["all keep"][2:]))
     with pytest.raises(ValueError, match="unknown stage option 'offload:nvme'"):
         apply_plan(model, chain, unknown)
@@ -201,10 +215,11 @@ def test_autocast_bfloat16_on_cpu() -> None:
     reference = autocast_step()
     assert reference[0].dtype == torch.float32  # cross-entropy runs in fp32 under autocast
     chain = chain_of(model, sample)
-    apply_plan(model, chain, make_plan(chain, TREES["three levels"]))
-    planned = autocast_step()
-    remove_plan(model)
-    assert_same_step(reference, planned)
+    for label in ("three levels", "rebuild mixed"):
+        apply_plan(model, chain, make_plan(chain, TREES[label]))
+        planned = autocast_step()
+        remove_plan(model)
+        assert_same_step(reference, planned)
 
 
 def test_gradient_accumulation_over_two_micro_batches() -> None:
@@ -214,12 +229,13 @@ def test_gradient_accumulation_over_two_micro_batches() -> None:
     step(model, sample, seed=1, zero=False)
     reference = step(model, second, seed=2, zero=False)
     chain = chain_of(model, sample)
-    apply_plan(model, chain, make_plan(chain, TREES["nested"]))
-    model.zero_grad(set_to_none=True)
-    step(model, sample, seed=1, zero=False)
-    planned = step(model, second, seed=2, zero=False)
-    remove_plan(model)
-    assert_same_step(reference, planned)
+    for label in ("nested", "rebuild mixed"):
+        apply_plan(model, chain, make_plan(chain, TREES[label]))
+        model.zero_grad(set_to_none=True)
+        step(model, sample, seed=1, zero=False)
+        planned = step(model, second, seed=2, zero=False)
+        remove_plan(model)
+        assert_same_step(reference, planned)
 
 
 # How often each block's forward runs in backward: once per enclosing checkpoint whose recompute
@@ -233,6 +249,7 @@ RECOMPUTES = {
     "nested": [2, 1, 1, 1],
     "three levels": [3, 2, 1, 1],
     "selective matmul": [1, 1, 1, 1],
+    "rebuild": [0, 0, 0, 0],  # rebuild reruns single ops, never a block
 }
 
 

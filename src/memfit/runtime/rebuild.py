@@ -197,7 +197,8 @@ class _BlockForward:
         if tensor.grad_fn is None and not isinstance(tensor, nn.Parameter):
             packed = two_valued(tensor)
             if packed is not None:
-                freed = tensor.untyped_storage().nbytes() - packed.nonzero.numel()
+                kept = packed.nonzero.numel() + packed.value.element_size()
+                freed = tensor.untyped_storage().nbytes() - kept
                 self._count(TWO_VALUED_LABEL, freed)
                 return packed
         self.saved.add(ptr)

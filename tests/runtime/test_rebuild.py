@@ -1,0 +1,216 @@
+"""The ``rebuild`` option: what it drops (to the byte), what it rebuilds (to the bit), misuse."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import memfit
+from memfit.models import build
+from memfit.plan.solve import solve
+from memfit.report.tables import describe_ops
+from memfit.runtime import pure_module, rebuilding, recording
+from memfit.runtime.rebuild import TWO_VALUED_LABEL, TWO_VALUED_MIN_NUMEL, two_valued
+
+# big enough that dropout masks (batch * seq * width floats) pass the two-valued size floor
+GPT = dict(layers=3, width=64, heads=4, vocab=128, seq=32, batch=4)
+
+
+def saved_storage_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` builds its graph."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
+
+
+def test_a_gpt_block_frees_its_norm_and_gelu_outputs_and_most_of_its_masks() -> None:
+    model, _sample = build("gpt", **GPT)
+    block = model.blocks[0]
+    x = torch.randn(GPT["batch"], GPT["seq"], GPT["width"], requires_grad=True)
+    tokens = GPT["batch"] * GPT["seq"]
+    floats = 4  # bytes
+    norm_outputs = 2 * tokens * GPT["width"] * floats  # ln1, ln2
+    gelu_output = tokens * 4 * GPT["width"] * floats
+    masks = 2 * tokens * GPT["width"] * floats  # two dropouts, float masks on CPU
+    with recording() as log, rebuilding():
+        kept_under_rebuild = block(x)
+    bool_masks_and_values = masks // 4 + 2 * floats
+    assert log == [
+        {
+            "LayerNorm": norm_outputs,
+            "gelu": gelu_output,
+            TWO_VALUED_LABEL: masks - bool_masks_and_values,
+        }
+    ]
+    assert kept_under_rebuild.requires_grad
+
+
+def test_profile_measures_the_drop_the_plan_explains_it() -> None:
+    model, sample = build("gpt", **GPT)
+    prof = memfit.profile(model, sample, options=["rebuild", "selective:matmul"], repeats=1)
+    block = prof.costs.stages[1]
+    keep, rebuild = block.options["keep"], block.options["rebuild"]
+    dropped = sum(rebuild.detail["rebuilds"].values())
+    # the meter, which knows nothing of rebuild, sees exactly what rebuild says it freed
+    assert keep.saved_bytes - rebuild.saved_bytes == dropped
+    selective = block.options["selective:matmul"].detail
+    assert "addmm" in selective["saves"] and "gelu" in selective["recomputes"]
+    # a menu where rebuild is the only way to save memory, so the plan must use it
+    only_rebuild = replace(
+        prof.costs,
+        stages=[
+            replace(
+                stage,
+                checkpointable=False,
+                options={k: v for k, v in stage.options.items() if k in ("keep", "rebuild")},
+            )
+            for stage in prof.costs.stages
+        ],
+    )
+    chosen = solve(only_rebuild, prof.measurement.peak_bytes - 1)
+    shown = {name: chosen.info["ops"][name] for name, o in chosen.options.items() if o == "rebuild"}
+    assert shown, chosen.options
+    assert all(detail == rebuild.detail for detail in shown.values())
+    assert memfit.Plan.from_json(chosen.to_json()).info["ops"] == chosen.info["ops"]
+    line = describe_ops("rebuild", next(iter(shown.values())))
+    assert (
+        line
+        == "rebuilds in backward: LayerNorm 64.00 KiB, masks as bool 47.99 KiB, gelu 128.00 KiB"
+    )
+
+
+def test_rebuilt_tensors_are_bit_identical_and_the_graph_is_the_same() -> None:
+    torch.manual_seed(3)
+    layer = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    reference = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
+    with rebuilding():
+        out = layer(x)
+    rebuilt = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    for a, b in zip(reference, rebuilt, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_through_rebuilt_tensors() -> None:
+    torch.manual_seed(4)
+    layer = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 1))
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def gradient_penalty(forward) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(forward().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), layer[0].weight)[0]
+
+    reference = gradient_penalty(lambda: layer(x))
+
+    def rebuilt_forward() -> torch.Tensor:
+        with rebuilding():
+            return layer(x)
+
+    assert torch.equal(gradient_penalty(rebuilt_forward), reference)
+
+
+def test_an_input_changed_in_place_after_the_forward_raises() -> None:
+    norm, linear = nn.LayerNorm(32), nn.Linear(32, 8)
+    hidden = torch.randn(4, 32, requires_grad=True) * 1.0  # a non-leaf we may change in place
+    with rebuilding():
+        out = linear(norm(hidden))
+    with torch.no_grad():
+        hidden.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        out.sum().backward()
+
+
+def test_nothing_happens_without_grad() -> None:
+    block = nn.Sequential(nn.LayerNorm(8), nn.GELU())
+    with recording() as log, torch.no_grad(), rebuilding():
+        block(torch.randn(2, 8))
+    assert log == [{}]
+
+
+def test_pure_modules() -> None:
+    assert pure_module(nn.LayerNorm(4)) and pure_module(nn.GELU()) and pure_module(nn.RMSNorm(4))
+    assert not pure_module(nn.Dropout()) and not pure_module(nn.Linear(2, 2))
+
+
+def test_a_module_whose_input_is_not_saved_is_not_rebuilt() -> None:
+    # GELU's input is saved by GELU, but a LayerNorm fed by a dropout output (saved by nobody)
+    # would need that output kept: rebuild leaves such outputs alone.
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.norm(x * 2))  # x * 2 is saved by LayerNorm: rebuildable
+
+    x = torch.randn(4, 16, requires_grad=True)
+    with recording() as log, rebuilding():
+        Odd()(x)
+    assert log == [{"LayerNorm": 4 * 16 * 4}]
+    assert saved_storage_bytes(lambda: nn.Linear(16, 16)(x)) > 0
+
+
+def test_two_valued_masks_round_trip_bit_for_bit() -> None:
+    mask = torch.empty(64, 128).bernoulli_(0.9).div_(0.9)
+    packed = two_valued(mask)
+    assert packed is not None and packed.nonzero.dtype == torch.bool
+    assert torch.equal(packed.rebuild().view(torch.int32), mask.view(torch.int32))
+    additive = torch.full((64, 128), float("-inf")).triu(1)  # a causal mask: 0 and -inf
+    assert torch.equal(two_valued(additive).rebuild(), additive)
+    late = torch.zeros(64, 128)
+    late[-1, -1] = 3.0  # the only nonzero is the last element
+    assert torch.equal(two_valued(late).rebuild(), late)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["negative zero", "nan", "three values", "small", "requires grad", "view", "integer"],
+)
+def test_two_valued_refuses_what_it_cannot_restore_exactly(case: str) -> None:
+    mask = torch.empty(64, 128).bernoulli_(0.5)
+    tensor = {
+        "negative zero": mask.clone().index_fill_(1, torch.tensor([7]), -0.0),
+        "nan": mask.clone().index_fill_(1, torch.tensor([100]), float("nan")),
+        "three values": mask.clone().index_fill_(1, torch.tensor([127]), 2.0),
+        "small": mask[:1, : TWO_VALUED_MIN_NUMEL // 256],
+        "requires grad": mask.clone().requires_grad_(),
+        "view": mask[1:],
+        "integer": mask.long(),
+    }[case]
+    assert two_valued(tensor) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    st.floats(allow_nan=False, allow_infinity=True, width=16).filter(lambda v: v != 0),
+    st.floats(min_value=0.0, max_value=1.0),
+    st.integers(min_value=TWO_VALUED_MIN_NUMEL, max_value=3 * TWO_VALUED_MIN_NUMEL),
+)
+def test_two_valued_is_exact_for_any_value_and_density(dtype, value, density, numel) -> None:
+    mask = torch.rand(numel) < density
+    tensor = torch.where(mask, torch.tensor(value, dtype=dtype), torch.zeros((), dtype=dtype))
+    packed = two_valued(tensor)
+    assert packed is not None
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    assert torch.equal(packed.rebuild().view(bits), tensor.view(bits))
+
+
+def test_functional_gelu_and_silu_are_rebuilt_without_modules() -> None:
+    x = torch.randn(8, 32, requires_grad=True)
+    weight = torch.randn(32, 32, requires_grad=True)
+    with recording() as log, rebuilding():
+        out = F.gelu(x @ weight, approximate="tanh") @ weight + F.silu(x @ weight) @ weight
+    assert log == [{"gelu": 8 * 32 * 4, "silu": 8 * 32 * 4}]
+    out.sum().backward()
