@@ -12,6 +12,7 @@ from memfit.integrations.hf import build_hf, disable_hf_checkpointing, hf_block_
 from memfit.measure.chain import Chain, find_chain
 from memfit.plan.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
+from trees import TREES as SHARED_TREES
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
@@ -25,22 +26,11 @@ STACKS = {
 }
 # stages: 0 <pre>, 1..4 the layers, 5 <post>
 TREES: dict[str, tuple] = {
-    "all keep": tuple(Stage(i) for i in range(6)),
-    "every layer recomputed": (Stage(0), *[recompute_one(i) for i in range(1, 5)], Stage(5)),
-    "one segment": (Stage(0), Segment(1, 5, tuple(Stage(i) for i in range(1, 5))), Stage(5)),
+    **SHARED_TREES,
     "nested": (
         Stage(0),
         Segment(1, 4, (recompute_one(1), Stage(2), recompute_one(3))),
         Stage(4),
-        Stage(5),
-    ),
-    "selective matmul": (Stage(0), *[Stage(i, "selective:matmul") for i in range(1, 5)], Stage(5)),
-    "rebuild": (Stage(0), *[Stage(i, "rebuild") for i in range(1, 5)], Stage(5)),
-    "rebuild mixed": (
-        Stage(0),
-        Stage(1, "rebuild"),
-        Segment(2, 4, (recompute_one(2), Stage(3))),
-        Stage(4, "rebuild"),
         Stage(5),
     ),
 }
@@ -167,7 +157,7 @@ def test_alternating_sliding_and_full_attention_cannot_share_a_segment() -> None
         model(**sample)
     remove_plan(model)
     reference = step(model, sample)
-    apply_plan(model, chain, plan_for(chain, TREES["every layer recomputed"]))
+    apply_plan(model, chain, plan_for(chain, TREES["every block recomputed"]))
     planned = step(model, sample)
     remove_plan(model)
     assert_same_step(reference, planned, "per-layer recompute on Gemma2")

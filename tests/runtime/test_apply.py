@@ -12,6 +12,7 @@ from memfit.measure.chain import Chain, find_chain
 from memfit.models import build
 from memfit.plan.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import applied_plan, apply_plan, remove_plan
+from trees import TREES as SHARED_TREES
 
 SIZES: dict[str, dict[str, int]] = {
     "gpt": dict(layers=4, width=32, heads=4, seq=16, batch=2, vocab=64),
@@ -25,9 +26,7 @@ def chain_of(model: nn.Module, sample: tuple[Any, ...]) -> Chain:
 
 # stages: 0 <pre>, 1..4 the blocks, 5 <post>
 TREES: dict[str, tuple] = {
-    "all keep": tuple(Stage(i) for i in range(6)),
-    "every block recomputed": (Stage(0), *[recompute_one(i) for i in range(1, 5)], Stage(5)),
-    "one segment": (Stage(0), Segment(1, 5, tuple(Stage(i) for i in range(1, 5))), Stage(5)),
+    **SHARED_TREES,
     # outer segment over 3 blocks; inside it, block 1 recomputed again, blocks 2, 3 kept;
     # block 4 under a selective policy at the top level
     "nested": (
@@ -49,19 +48,9 @@ TREES: dict[str, tuple] = {
         ),
         Stage(5),
     ),
-    "selective matmul": (Stage(0), *[Stage(i, "selective:matmul") for i in range(1, 5)], Stage(5)),
     "selective by op": (
         Stage(0),
         *[Stage(i, "selective:save=addmm+gelu") for i in range(1, 5)],
-        Stage(5),
-    ),
-    "rebuild": (Stage(0), *[Stage(i, "rebuild") for i in range(1, 5)], Stage(5)),
-    # every kind of top-level item side by side
-    "rebuild mixed": (
-        Stage(0),
-        Stage(1, "rebuild"),
-        Segment(2, 4, (recompute_one(2), Stage(3))),
-        Stage(4, "rebuild"),
         Stage(5),
     ),
 }
