@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{[tuple(t.shape) for t in sample]}",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held "
         f"{m.held_bytes / 2**20:.1f} MiB + activations {m.activation_bytes / 2**20:.1f} MiB",
-        f"- timing: {args.repeats} interleaved repeats per row, medians; overhead = row median / "
-        "unplanned median - 1, all measured in this one run",
+        f"- timing: {args.repeats} rounds over all rows, each timed step of a row paired with an "
+        "unplanned step right after it; overhead = median over rounds of (row step / paired "
+        "unplanned step) - 1, all measured in this one run; step ms = the row's median",
         "",
         "| strategy | budget | predicted MiB | measured MiB | pred. error | step ms | overhead "
         "| activation saved | grads bit-identical | plan |",
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for row in result.rows:
         if not row.feasible:
+            need = row.min_feasible_bytes or 0
+            share = (need - m.held_bytes) / m.activation_bytes
             lines.append(
-                f"| {row.label} | {row.budget} | infeasible: needs "
-                f"{(row.min_feasible_bytes or 0) / 2**20:.1f} MiB | | | | | | | |"
+                f"| {row.label} | {row.budget} | infeasible: needs {need / 2**20:.1f} MiB "
+                f"(= {share:.1%} of activation memory) | | | | | | | |"
             )
             continue
         plan = memfit.Plan.from_dict(row.plan or {})

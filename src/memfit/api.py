@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,8 +22,16 @@ from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measure.chain import Chain, find_chain
 from memfit.measure.ops import candidate_policies, profile_ops, selective_detail
 from memfit.measure.profile import Profile, build_profile, fingerprint
-from memfit.measure.run import Measurement, StageReading, measure, measure_stages, time_step
-from memfit.measure.step import LossFn, compute_loss, reset_grads, split_sample
+from memfit.measure.run import (
+    Measurement,
+    StageReading,
+    measure,
+    measure_stages,
+    stage_clock,
+    time_step,
+)
+from memfit.measure.step import LossFn, compute_loss, reset_grads, sample_device, split_sample
+from memfit.plan.costs import KEEP
 from memfit.plan.plan import Plan, Stage, recompute_one
 from memfit.plan.solve import solve
 from memfit.runtime import REBUILD, recording, saved_ops, stage_wrapper
@@ -59,6 +68,22 @@ def _every_block(chain: Chain, option: str | None) -> Plan:
     blocks = [recompute_one(i) if option is None else Stage(i, option) for i in range(1, last)]
     strategy = "all" if option is None else f"every block {option}"
     return Plan.from_tree(chain.stage_names, (Stage(0), *blocks, Stage(last)), strategy)
+
+
+RECOMPUTE = "recompute"
+
+
+@contextmanager
+def _planned(model: nn.Module, chain: Chain, plan: Plan | None) -> Iterator[None]:
+    """``model`` runs ``plan`` inside the block (nothing when ``None``)."""
+    if plan is None:
+        yield
+        return
+    apply_plan(model, chain, plan)
+    try:
+        yield
+    finally:
+        remove_plan(model)
 
 
 def profile(
@@ -117,30 +142,41 @@ def profile(
         options = [REBUILD, *candidate_policies(block_ops)]
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
-    settings: dict[str, Any] = dict(
-        loss_fn=loss_fn, accumulate=accumulate, repeats=repeats, optimizer=optimizer
-    )
-    keep = measure_stages(model, sample, chain, **settings)
+    if repeats < 1:
+        raise ValueError(
+            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
+        )
+    # Every way of running the blocks: keep, recompute (each block its own segment), options.
+    ways: dict[str, Plan | None] = {KEEP: None, RECOMPUTE: _every_block(chain, None)}
+    ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
+    # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's drift
+    # reaches every way alike and the planner compares options measured side by side.
+    clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, way_plan in ways.items():
+            with _planned(model, chain, way_plan):
+                clocks[way].append(
+                    stage_clock(model, sample, chain, loss_fn=loss_fn, accumulate=accumulate)
+                )
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
-    recompute: StageReading | None = None
-    measured: list[str | None] = [None, *options]
-    for option in measured:
-        apply_plan(model, chain, _every_block(chain, option))
-        try:
-            with recording() as rebuilt:
-                reading = measure_stages(model, sample, chain, **settings)
-        finally:
-            remove_plan(model)
-        if option is None:
-            recompute = reading
-            continue
-        readings[option] = reading
-        if is_selective(option):
-            saved = saved_ops(option)
-            details[option] = [selective_detail(block, saved) for block in block_ops]
-        elif rebuilt:  # the first forward's blocks, in chain order
-            details[option] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
+    for way, way_plan in ways.items():
+        with _planned(model, chain, way_plan), recording() as rebuilt:
+            readings[way] = measure_stages(
+                model,
+                sample,
+                chain,
+                loss_fn=loss_fn,
+                accumulate=accumulate,
+                optimizer=optimizer,
+                clocks=clocks[way],
+            )
+        if is_selective(way):
+            saved = saved_ops(way)
+            details[way] = [selective_detail(block, saved) for block in block_ops]
+        elif rebuilt:  # the warm-up forward's blocks, in chain order
+            details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
+    keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
     return build_profile(
         model, sample, chain, keep, recompute=recompute, options=readings, details=details
     )
@@ -305,7 +341,7 @@ def seeded_gradients(
     restored, the model's ``.grad`` fields are left at ``None``."""
     reset_grads(model, accumulate=False)
     args, kwargs = split_sample(sample)
-    device = _device(model)
+    device = sample_device(model, sample)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -314,10 +350,6 @@ def seeded_gradients(
     grads = {name: p.grad for name, p in model.named_parameters()}
     reset_grads(model, accumulate=False)
     return loss.detach(), grads
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def verify(

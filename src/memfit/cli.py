@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--width", type=int, help="hidden size")
         sub.add_argument("--seq", type=int, help="sequence length")
         sub.add_argument("--batch", type=int, help="batch size")
+        sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
         sub.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
         sub.add_argument("--json", action="store_true", help="print JSON on stdout")
 
@@ -246,9 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InfeasibleBudgetError as error:
         _error(out, str(error), args.debug)
         return 1
-    except (ValueError, TypeError, MemfitError, ImportError) as error:
+    except MemfitError as error:
         _error(out, str(error), args.debug)
-        return 1 if isinstance(error, MemfitError) else 2
+        return 1
+    except (ValueError, TypeError, ImportError) as error:
+        # bad input as our checks word it; anything else from deep inside says where to look
+        _error(out, f"{error} (run with --debug for the traceback)", args.debug)
+        return 2
 
 
 def _error(out: _Output, message: str, debug: bool) -> None:

@@ -79,5 +79,12 @@ def _from_file(
         raise ValueError(f"{str(path)!r} has no function {function!r} returning (model, sample)")
     result = builder(**_accepted(builder, size, strict)) if size else builder()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise ValueError(f"{path}:{function} must return (model, sample); got {type(result)}")
+        got = (
+            f"a tuple of {len(result)} ({', '.join(type(item).__name__ for item in result)})"
+            if isinstance(result, tuple)
+            else f"a {type(result).__name__}"
+        )
+        raise ValueError(
+            f"{path}:{function} must return (model, sample) with model an nn.Module; got {got}"
+        )
     return result

@@ -51,7 +51,14 @@ class TanhFirst(nn.Module):
 
 
 class PairOut(Dense):
-    """Returns ``(hidden, extra)``, as older HF layers did."""
+    """Returns ``(hidden, None)``, as HF layers do without attention weights or caches."""
+
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> Any:
+        return super().forward(x, scale), None
+
+
+class WithWeights(Dense):
+    """Returns ``(hidden, weights)``, as HF layers do with ``output_attentions=True``."""
 
     def forward(self, x: torch.Tensor, scale: Any = 1.0) -> Any:
         out = super().forward(x, scale)
@@ -195,6 +202,16 @@ def first_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 def test_tuple_outputs_pass_through_a_segment() -> None:
     check_same_gradients(Toy(PairOut, first_item), torch.randn(4, WIDTH), one_segment)
+
+
+def test_blocks_returning_more_tensors_cannot_join_a_segment() -> None:
+    # a pass-through block could only return the segment head's weights, not its own
+    model, x = Toy(WithWeights, first_item), torch.randn(4, WIDTH)
+    chain = find_chain(model, lambda: model(x))
+    raises_when_planned(
+        model, x, chain, one_segment(chain), PlanMismatchError, "tensors besides the hidden state"
+    )
+    check_same_gradients(model, x, per_block)
 
 
 def dict_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

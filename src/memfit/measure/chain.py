@@ -83,19 +83,30 @@ def same_side_inputs(expected: Inputs, received: Inputs) -> bool:
     return True
 
 
+MAIN_KEYWORD = "hidden_states"  # how Hugging Face passes a layer its main input by keyword
+
+
+def split_main(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A block call's main input (the hidden state the chain threads through) and the rest.
+
+    The one rule for chain discovery, measuring and the runtime: the first positional argument,
+    else the keyword ``hidden_states``; ``None`` (and everything as the rest) when neither is
+    there.
+    """
+    if args:
+        return args[0], args[1:], kwargs
+    if MAIN_KEYWORD in kwargs:
+        rest = dict(kwargs)
+        return rest.pop(MAIN_KEYWORD), (), rest
+    return None, (), dict(kwargs)
+
+
 def side_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Inputs:
-    """A block call's arguments other than its main input (first positional or hidden_states)."""
-    if args:
-        return args[1:], kwargs
-    return (), {key: value for key, value in kwargs.items() if key != "hidden_states"}
-
-
-def _first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    return next(iter(kwargs.values()), None)
+    """A block call's arguments other than its main input (see :func:`split_main`)."""
+    _main, rest, rest_kwargs = split_main(args, kwargs)
+    return rest, rest_kwargs
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -147,7 +158,7 @@ def find_chain(
         module = modules[name]
 
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            first = main_tensor(_first_argument(args, kwargs))
+            first = main_tensor(split_main(args, kwargs)[0])
             calls.append((name, id(first) if first is not None else -1, None))
 
         def post_hook(_m: nn.Module, _a: Any, _k: Any, output: Any) -> None:

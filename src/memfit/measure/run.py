@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.measure.chain import Chain, Inputs, main_tensor, same_side_inputs, side_inputs
+from memfit.measure.chain import (
+    Chain,
+    Inputs,
+    main_tensor,
+    same_side_inputs,
+    side_inputs,
+    split_main,
+)
 from memfit.measure.meter import MemoryMeter, MemoryReading
 from memfit.measure.step import (
     LossFn,
@@ -121,7 +128,7 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
                 same = same_side_inputs(calls[index - 1], calls[index])
                 output_bytes[-index] = int(same)
             if index == 1:
-                first = main_tensor(args[0] if args else kwargs.get("hidden_states"))
+                first = main_tensor(split_main(args, kwargs)[0])
                 if first is not None:
                     output_bytes[0] = tensor_bytes(first)
                     if first.requires_grad:
@@ -181,6 +188,43 @@ def _span(reading: MemoryReading, label: str) -> tuple[int, int, int]:
     return span.start_bytes, span.peak_bytes, span.end_bytes
 
 
+def _timed_step(
+    model: nn.Module, sample: Any, chain: Chain | None, loss_fn: LossFn | None, accumulate: bool
+) -> dict[str, float]:
+    reset_grads(model, accumulate)
+    clock = _Clock(sample_device(model, sample))
+    if chain is None:
+        _step(model, sample, loss_fn, clock.mark)
+    else:
+        with _stage_marks(chain, clock.mark):
+            _step(model, sample, loss_fn, clock.mark)
+    return clock.durations()
+
+
+def stage_clock(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """One timed step of ``model`` as it is now, cut at the stage marks: label -> seconds.
+
+    For :func:`measure_stages`'s ``clocks``: callers time several ways of running the model in
+    turns (A, B, C, A, B, C...), so that the machine's drift reaches them all alike. ``warmup``
+    untimed steps come first: right after another way of running, the allocator's state (pages
+    returned to the system by a leaner plan) would be charged to this one (measured: +17% to
+    +46% on the keep step of the built-in GPT right after a recompute step).
+    """
+    with preserved_grads(model):
+        for _ in range(warmup):
+            reset_grads(model, accumulate)
+            _step(model, sample, loss_fn, lambda _label: None)
+        return _timed_step(model, sample, chain, loss_fn, accumulate)
+
+
 def measure_stages(
     model: nn.Module,
     sample: Any,
@@ -191,11 +235,16 @@ def measure_stages(
     repeats: int = 3,
     warmup: int = 1,
     optimizer: Any = None,
+    clocks: Sequence[Mapping[str, float]] | None = None,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
-    With ``chain=None`` only the whole step is measured (``measure``).
+    With ``chain=None`` only the whole step is measured (``measure``). ``clocks``: stage
+    durations timed already (:func:`stage_clock`, interleaved with other ways of running the
+    model); then only the memory is measured here.
     """
+    if clocks is not None and not clocks:
+        raise ValueError("clocks, when given, must hold at least one timed step")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
     device = sample_device(model, sample)
@@ -213,13 +262,10 @@ def measure_stages(
         for _ in range(warmup):
             reset_grads(model, accumulate)
             _step(model, sample, loss_fn, lambda _label: None)
-        clocks = []
-        for _ in range(repeats):
-            reset_grads(model, accumulate)
-            clock = _Clock(device)
-            with marks(clock.mark):
-                _step(model, sample, loss_fn, clock.mark)
-            clocks.append(clock.durations())
+        if clocks is None:
+            clocks = [
+                _timed_step(model, sample, chain, loss_fn, accumulate) for _ in range(repeats)
+            ]
         reset_grads(model, accumulate)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
@@ -256,7 +302,7 @@ def measure_stages(
         peak_op=reading.peak_op,
         accumulate=accumulate,
         device=str(device),
-        repeats=repeats,
+        repeats=len(clocks),
     )
     forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
     backward_s = {i: median("B:loss" if i == last else f"B:{i}") for i in range(last + 1)}

@@ -78,22 +78,6 @@ def sample_device(model: nn.Module, sample: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def run_step(
-    model: nn.Module,
-    sample: Any,
-    loss_fn: LossFn | None = None,
-    *,
-    before_backward: Callable[[], None] | None = None,
-) -> torch.Tensor:
-    """Forward, loss, backward; returns the detached loss."""
-    args, kwargs = split_sample(sample)
-    loss = compute_loss(model(*args, **kwargs), loss_fn)
-    if before_backward is not None:
-        before_backward()
-    loss.backward()
-    return loss.detach()
-
-
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     storage = tensor.untyped_storage()
     return (str(tensor.device), storage.data_ptr())

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measure.chain import Chain, main_tensor
+from memfit.measure.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
 from memfit.plan.plan import Item, Plan, Segment, Stage
 from memfit.runtime.guards import Inputs, guard_input, rng_state, same_rng_state, same_side_inputs
 from memfit.runtime.options import KEEP, Forward, option_kind, stage_wrapper
@@ -67,12 +67,14 @@ def applied_plan(model: nn.Module) -> Plan | None:
 def _split(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    if args:
-        return args[0], args[1:], kwargs
-    if "hidden_states" in kwargs:
-        rest = dict(kwargs)
-        return rest.pop("hidden_states"), (), rest
-    raise PlanMismatchError("a planned block was called without its main input")
+    main, rest, side = split_main(args, kwargs)
+    if main is None:
+        raise PlanMismatchError(
+            f"a planned block was called without its main input: expected the hidden state as "
+            f"the first positional argument or as {MAIN_KEYWORD}=...; got only the keywords "
+            f"{sorted(kwargs)}. Call the blocks that way, or memfit.remove(model)"
+        )
+    return main, rest, side
 
 
 class _Executor:
@@ -136,6 +138,13 @@ class _Executor:
                     f"first item is the hidden state: recompute them one by one"
                 )
             assert main is not None  # out is a tensor, or a sequence whose first item is main
+            if tail is not None and any(isinstance(item, torch.Tensor) for item in tail):
+                raise PlanMismatchError(
+                    f"stage {self.name(segment.start)!r} returns tensors besides the hidden "
+                    f"state (attention weights, caches); the blocks after it in its recompute "
+                    f"segment cannot return their own: recompute these blocks one by one (or "
+                    f"turn off output_attentions / use_cache while training)"
+                )
             self.calls[segment.start] = _SegmentCall(
                 (rest, side), weakref.ref(main), tail, rng_state(main.device)
             )
@@ -236,7 +245,9 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         >>> apply_plan(model, chain, plan); model(*sample).backward(); remove_plan(model)
     """
     if model.__dict__.get(_STATE) is not None:
-        raise AlreadyPlannedError("the model already carries a memfit plan; remove it first")
+        raise AlreadyPlannedError(
+            "the model already carries a memfit plan; call memfit.remove(model) first"
+        )
     _check(plan, chain)
     originals = {i + 1: block.forward for i, block in enumerate(chain.blocks)}
     forwards: dict[tuple[int, str], Forward] = {(i, KEEP): f for i, f in originals.items()}
