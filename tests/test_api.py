@@ -149,3 +149,19 @@ def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) 
         with_selective = solve(prof.costs, point.peak_bytes)
         assert with_selective.predicted_peak_bytes <= point.peak_bytes
         assert with_selective.predicted_step_s <= point.step_s * (1 + 1e-9), point
+
+
+def test_repeats_must_be_positive(gpt_profile) -> None:
+    from memfit.bench import bench
+
+    model, sample, prof = gpt_profile
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        memfit.profile(model, sample, repeats=0)
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        bench(model, sample, prof, budgets=["50%"], repeats=0)
+    memfit.apply(model, memfit.plan(prof, budget="70%"))
+    try:
+        with pytest.raises(ValueError, match="repeats must be at least 1"):
+            memfit.verify(model, sample, repeats=0)
+    finally:
+        memfit.remove(model)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.api import chain_of_plan, same_tensors, seeded_gradients
+from memfit.api import chain_of_plan, same_tensors, seeded_gradients, timed_step_under
 from memfit.errors import InfeasibleBudgetError
 from memfit.measure.profile import Profile
-from memfit.measure.run import measure, time_step
+from memfit.measure.run import measure
 from memfit.measure.step import LossFn
 from memfit.plan.plan import Plan
 from memfit.plan.solve import solve
@@ -84,20 +84,6 @@ class BenchResult:
             raw["label"] = row.label
             raw["prediction_error"] = row.prediction_error
         return data
-
-
-def _timed(model: nn.Module, sample: Any, loss_fn: LossFn | None, plan: Plan | None) -> float:
-    """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned)."""
-    if plan is not None:
-        apply_plan(model, chain_of_plan(model, plan), plan)
-    try:
-        # One untimed step first: the allocator's state after another row's step (its cached or
-        # returned pages) would otherwise be charged to this one.
-        time_step(model, sample, loss_fn=loss_fn)
-        return time_step(model, sample, loss_fn=loss_fn)
-    finally:
-        if plan is not None:
-            remove_plan(model)
 
 
 def bench(
@@ -191,8 +177,8 @@ def bench(
         # each round starts at another row, so no row always follows the same one
         shift = round_ % len(timed_rows) if timed_rows else 0
         for index in timed_rows[shift:] + timed_rows[:shift]:
-            planned = _timed(model, sample, loss_fn, plans[index])
-            unplanned = _timed(model, sample, loss_fn, None)
+            planned = timed_step_under(model, sample, plans[index], loss_fn)
+            unplanned = timed_step_under(model, sample, None, loss_fn)
             row_s[index].append(planned)
             baseline_samples.append(unplanned)
             ratios[index].append(planned / unplanned)

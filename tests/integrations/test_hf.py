@@ -198,3 +198,11 @@ def test_profile_turns_hf_checkpointing_off_before_measuring() -> None:
         again = memfit.profile(model, sample, repeats=1, options=())
     # the baseline is the model without any checkpointing, to the byte
     assert again.measurement.peak_bytes == plain.measurement.peak_bytes
+
+
+def test_a_bad_option_name_fails_before_the_model_changes() -> None:
+    model, sample = build_hf("llama", layers=2)
+    enable_hf_checkpointing(model)
+    with pytest.raises(ValueError, match="unknown stage option 'offlaod'"):
+        memfit.profile(model, sample, options=["rebuild", "offlaod"])
+    assert model.is_activation_checkpointing  # untouched: nothing was measured or turned off

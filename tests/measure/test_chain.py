@@ -66,3 +66,17 @@ class Parallel(nn.Module):
 def test_no_chain_is_a_clear_error(model: nn.Module) -> None:
     with pytest.raises(UnsupportedModelError, match="blocks="):
         _find(model, (torch.zeros(2, 4),))
+
+
+def test_one_rule_for_the_main_input() -> None:
+    from memfit.measure.chain import side_inputs, split_main
+
+    x, mask = torch.ones(2), torch.zeros(2)
+    assert split_main((x, mask), {"scale": 2}) == (x, (mask,), {"scale": 2})
+    main, rest, kwargs = split_main((), {"attention_mask": mask, "hidden_states": x})
+    assert main is x and rest == () and kwargs == {"attention_mask": mask}
+    assert split_main((), {"attention_mask": mask}) == (None, (), {"attention_mask": mask})
+    assert side_inputs((), {"hidden_states": x, "attention_mask": mask}) == (
+        (),
+        {"attention_mask": mask},
+    )
