@@ -17,9 +17,9 @@ What can be rebuilt (recipes):
   ``RMSNorm``, ``GroupNorm``, ``GELU``, ``SiLU``, ``Mish``, and Hugging Face's norm and
   activation classes (``*LayerNorm``, ``*RMSNorm``, ``*GELUActivation``, ...).
 
-* a tensor holding only zeros and one other value, with no autograd history (a dropout mask on
-  CPU, where it is a float tensor the size of the activation): kept as a bool mask and the value,
-  a quarter of the bytes or less, checked bit for bit before it is dropped.
+* a CPU tensor holding only zeros and one other value, with no autograd history (a dropout mask:
+  on CPU a float tensor the size of the activation; CUDA's are bool already): kept as a bool mask
+  and the value, a quarter of the bytes or less, checked bit for bit before it is dropped.
 
 A recipe is used only when every tensor it needs is saved by autograd already in this block (or
 is a parameter), so keeping it costs nothing. The rebuilt tensor is bit-identical: the same
@@ -138,6 +138,7 @@ def two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     bits = _BITS.get(tensor.element_size())
     if (
         bits is None
+        or tensor.device.type != "cpu"  # elsewhere masks are bool already, and checks would sync
         or not tensor.is_floating_point()
         or tensor.requires_grad
         or tensor.numel() < TWO_VALUED_MIN_NUMEL
