@@ -54,6 +54,8 @@ def test_stage_times_add_up_to_the_step(gpt_profile) -> None:
 def test_profile_json_round_trip(gpt_profile) -> None:
     _model, _sample, prof = gpt_profile
     again = memfit.Profile.from_json(prof.to_json())
+    assert again.info["ops"]["blocks.11"] == prof.info["ops"]["blocks.11"]
+    assert {row["op"] for row in prof.info["ops"]["blocks.0"]} >= {"addmm", "gelu"}
     assert again.costs == prof.costs
     assert again.measurement == prof.measurement
 

@@ -16,6 +16,7 @@ def test_profile_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "gpt", *TINY]) == 0
     out = capsys.readouterr().out
     assert "blocks.1" in out and "<post>" in out and "Profile" in out
+    assert "Ops of blocks.0" in out and "needs" in out and "random numbers" in out
 
 
 def test_profile_json_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -177,8 +177,16 @@ def profile(
         elif rebuilt:  # the warm-up forward's blocks, in chain order
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
+    ops = {block.name: block.to_rows() for block in block_ops}
     return build_profile(
-        model, sample, chain, keep, recompute=recompute, options=readings, details=details
+        model,
+        sample,
+        chain,
+        keep,
+        recompute=recompute,
+        options=readings,
+        details=details,
+        info={"ops": ops} if ops else None,
     )
 
 

@@ -75,7 +75,7 @@ def _machine() -> str:
 
 def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
     import memfit
-    from memfit.report.tables import profile_table
+    from memfit.report.tables import ops_table, profile_table
     from memfit.targets import load_target
 
     model, sample = load_target(args.target, _size_options(args))
@@ -85,8 +85,11 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
         Path(args.output).write_text(prof.to_json())
     if out.as_json:
         out.json(prof.to_dict())
-    else:
-        out.show(profile_table(prof))
+        return 0
+    out.show(profile_table(prof))
+    ops = ops_table(prof)
+    if ops is not None:
+        out.show(ops)
     return 0
 
 

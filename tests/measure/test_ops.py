@@ -30,6 +30,19 @@ def test_gpt_block_saved_bytes_by_op() -> None:
     assert ops["aten.native_layer_norm.default"].saved_bytes == 2 * (act + 2 * B * T * 4)
     assert all(stats.seconds >= 0 for stats in ops.values())
     assert blocks[0].seconds > 0
+    # what recomputing each op needs
+    assert ops["aten.gelu.default"].needs == {"addmm"}
+    assert ops["aten.native_layer_norm.default"].needs == {
+        "block input",
+        "add.Tensor",
+        "parameters",
+    }
+    assert "random numbers" in ops["aten.empty_like.default"].needs  # dropout's mask, on CPU
+    rows = blocks[0].to_rows()
+    assert {row["op"] for row in rows} == {
+        short_op_name(op) for op, stats in ops.items() if stats.saved_bytes > 0
+    }
+    assert next(row for row in rows if row["op"] == "gelu")["needs"] == ["addmm"]
 
 
 def test_policies_come_from_the_profile_and_never_save_random_ops() -> None:

@@ -59,6 +59,8 @@ class OpStats:
         seconds: total measured forward time of those calls.
         output_bytes: bytes of the storages it outputs.
         saved_bytes: of those, the bytes autograd saves for backward.
+        needs: what recomputing it takes: the ops of the block whose outputs it reads (short
+            names), ``parameters``, and ``block input`` for anything made before the block.
     """
 
     op: str
@@ -66,6 +68,18 @@ class OpStats:
     seconds: float = 0.0
     output_bytes: int = 0
     saved_bytes: int = 0
+    needs: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: short op names, ``needs`` sorted."""
+        return {
+            "op": short_op_name(self.op),
+            "calls": self.calls,
+            "seconds": self.seconds,
+            "output_bytes": self.output_bytes,
+            "saved_bytes": self.saved_bytes,
+            "needs": sorted(self.needs),
+        }
 
 
 @dataclass(slots=True)
@@ -76,6 +90,11 @@ class BlockOps:
     ops: dict[str, OpStats] = field(default_factory=dict)
     producers: dict[int, str] = field(default_factory=dict)  # live storage ptr -> op
     saved: set[int] = field(default_factory=set)  # storage ptrs already counted as saved
+    parameters: set[int] = field(default_factory=set)  # storage ptrs of the block's parameters
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The ops that make autograd save something, JSON-ready, in first-call order."""
+        return [stats.to_dict() for stats in self.ops.values() if stats.saved_bytes > 0]
 
     @property
     def seconds(self) -> float:
@@ -104,10 +123,20 @@ class _Recorder(TorchDispatchMode):
             for leaf in tree_leaves((args, kwargs))
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
         }
+        for ptr in inputs:
+            producer = self.block.producers.get(ptr)
+            if producer is not None:
+                stats.needs.add(short_op_name(producer))
+            else:
+                known = ptr in self.block.parameters
+                stats.needs.add("parameters" if known else "block input")
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 ptr = leaf.untyped_storage().data_ptr()
                 if ptr in inputs:  # a view or an in-place op: the storage is its input's
+                    if name in RANDOM_OPS and ptr in self.block.producers:
+                        # filled with random numbers in place (dropout's mask on CPU)
+                        self.block.ops[self.block.producers[ptr]].needs.add("random numbers")
                     continue
                 if self.block.producers.get(ptr) != name or ptr in self.block.saved:
                     # a new storage (or a freed one reused): attribute it to this op
@@ -119,7 +148,10 @@ class _Recorder(TorchDispatchMode):
 
 def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
     """Run one forward (and drop it) recording the op profile of every block of ``chain``."""
-    blocks = [BlockOps(name) for name in chain.block_names]
+    blocks = [
+        BlockOps(name, parameters={p.untyped_storage().data_ptr() for p in block.parameters()})
+        for name, block in zip(chain.block_names, chain.blocks, strict=True)
+    ]
     handles = []
     stack = ExitStack()
 

@@ -32,6 +32,8 @@ class Profile:
         measurement: the plain step (no plan), measured.
         parameter_bytes: per stage, bytes of the parameters it owns.
         recompute_measurement: the step with every block recomputed, when measured.
+        info: JSON-ready facts; ``info["ops"]``: block name -> its ops that make autograd save
+            something (op, calls, seconds, output and saved bytes, what recomputing it needs).
     """
 
     costs: ChainCosts
@@ -134,6 +136,7 @@ def build_profile(
     recompute: StageReading | None = None,
     options: Mapping[str, StageReading] | None = None,
     details: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> Profile:
     """Assemble a :class:`Profile` from stage readings of the same model and sample.
 
@@ -144,6 +147,7 @@ def build_profile(
         options: option name -> the step with every block run with that option.
         details: option name -> per block (in chain order), what the option saves and reruns,
             for plans to show (``{"saves": [...], "recomputes": [...]}``, say).
+        info: JSON-ready facts kept with the profile (``ops``: each block's op profile).
     """
     last = len(chain) - 1
     stages = []
@@ -184,4 +188,5 @@ def build_profile(
         measurement=keep.measurement,
         parameter_bytes=_parameter_bytes(model, chain),
         recompute_measurement=None if recompute is None else recompute.measurement,
+        info=dict(info or {}),
     )

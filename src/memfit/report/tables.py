@@ -91,6 +91,31 @@ def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
     return "; ".join(parts)
 
 
+def ops_table(profile: Profile) -> Any | None:
+    """The first block's op profile (the others of a uniform model look alike): per op type
+    that makes autograd save something, its time, its saved bytes, what recomputing it needs,
+    and per measured option how the block runs it. ``None`` when the profile has no op data."""
+    ops = profile.info.get("ops") or {}
+    if not ops:
+        return None
+    name, rows = next(iter(ops.items()))
+    title = (
+        f"Ops of {name} that save tensors for backward (seconds from one forward under a "
+        f"dispatch mode: they rank ops, whole steps price options)"
+    )
+    table_rows = [
+        [
+            row["op"],
+            str(row["calls"]),
+            f"{row['seconds'] * 1e3:.2f}",
+            _mib(row["saved_bytes"]),
+            ", ".join(row["needs"]),
+        ]
+        for row in rows
+    ]
+    return make_table(title, ["op", "calls", "fwd ms", "saved MiB", "needs"], table_rows)
+
+
 def plan_table(plan: Plan) -> Any:
     """How every stage runs under ``plan``, and what each option saves and reruns."""
     details = plan.info.get("ops", {})
