@@ -9,12 +9,13 @@ TREES: dict[str, tuple] = {
     "one segment": (Stage(0), Segment(1, 5, tuple(Stage(i) for i in range(1, 5))), Stage(5)),
     "selective matmul": (Stage(0), *[Stage(i, "selective:matmul") for i in range(1, 5)], Stage(5)),
     "rebuild": (Stage(0), *[Stage(i, "rebuild") for i in range(1, 5)], Stage(5)),
+    "rebuild+linear": (Stage(0), *[Stage(i, "rebuild+linear") for i in range(1, 5)], Stage(5)),
     # every kind of top-level item side by side
     "rebuild mixed": (
         Stage(0),
         Stage(1, "rebuild"),
         Segment(2, 4, (recompute_one(2), Stage(3))),
-        Stage(4, "rebuild"),
+        Stage(4, "rebuild+linear"),
         Stage(5),
     ),
 }

@@ -34,7 +34,7 @@ from memfit.measure.step import LossFn, compute_loss, reset_grads, sample_device
 from memfit.plan.costs import KEEP
 from memfit.plan.plan import Plan, Stage, recompute_one
 from memfit.plan.solve import solve
-from memfit.runtime import REBUILD, recording, saved_ops, stage_wrapper
+from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import applied_plan, apply_plan, remove_plan
 from memfit.runtime.options import is_selective
 from memfit.units import Budget, parse_budget
@@ -107,8 +107,9 @@ def profile(
         accumulate: profile the gradient-accumulation steady state.
         repeats: timed steps per way of running the model.
         options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
-            measures ``rebuild`` and a few selective-recompute policies picked from the blocks'
-            op profile; or a list such as ``["rebuild", "selective:matmul"]``; ``()`` for none.
+            measures ``rebuild``, ``rebuild+linear`` and a few selective-recompute policies
+            picked from the blocks' op profile; or a list such as
+            ``["rebuild", "selective:matmul"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
 
     Returns:
@@ -139,7 +140,7 @@ def profile(
     chain = _chain(model, sample, blocks)
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
-        options = [REBUILD, *candidate_policies(block_ops)]
+        options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     if repeats < 1:

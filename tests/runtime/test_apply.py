@@ -239,6 +239,7 @@ RECOMPUTES = {
     "three levels": [3, 2, 1, 1],
     "selective matmul": [1, 1, 1, 1],
     "rebuild": [0, 0, 0, 0],  # rebuild reruns single ops, never a block
+    "rebuild+linear": [0, 0, 0, 0],
 }
 
 

@@ -53,6 +53,13 @@ def test_a_gpt_block_frees_its_norm_and_gelu_outputs_and_most_of_its_masks() -> 
         }
     ]
     assert kept_under_rebuild.requires_grad
+    with recording() as log, rebuilding(linear=True):
+        block(x)
+    # and the qkv (3 wide) and fc (4 wide) outputs, rebuilt with one matmul each; the
+    # projections' outputs are not saved at all (dropout keeps only its mask)
+    linear_outputs = (3 + 4) * tokens * GPT["width"] * floats
+    assert log[0]["Linear"] == linear_outputs
+    assert log[0]["LayerNorm"] == norm_outputs and log[0]["gelu"] == gelu_output
 
 
 def test_profile_measures_the_drop_the_plan_explains_it() -> None:
@@ -85,20 +92,35 @@ def test_profile_measures_the_drop_the_plan_explains_it() -> None:
     line = describe_ops("rebuild", next(iter(shown.values())))
     assert (
         line
-        == "rebuilds in backward: LayerNorm 64.00 KiB, masks as bool 47.99 KiB, gelu 128.00 KiB"
+        == "rebuilds in backward: LayerNorm 64.00 KiB, gelu 128.00 KiB, masks as bool 47.99 KiB"
     )
 
 
-def test_rebuilt_tensors_are_bit_identical_and_the_graph_is_the_same() -> None:
+@pytest.mark.parametrize("linear", [False, True], ids=["rebuild", "rebuild+linear"])
+def test_rebuilt_tensors_are_bit_identical_and_the_graph_is_the_same(linear: bool) -> None:
     torch.manual_seed(3)
     layer = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
     x = torch.randn(8, 64, requires_grad=True)
     reference = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
-    with rebuilding():
+    with recording() as log, rebuilding(linear):
         out = layer(x)
+    # chained under rebuild+linear: the LayerNorm output feeds the Linear rebuilt from it, whose
+    # output feeds the GELU rebuilt from it
+    assert set(log[0]) == ({"LayerNorm", "Linear", "gelu"} if linear else {"LayerNorm", "gelu"})
     rebuilt = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     for a, b in zip(reference, rebuilt, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_block_output_is_never_dropped() -> None:
+    norm = nn.LayerNorm(16)
+    x = torch.randn(4, 16, requires_grad=True)
+    with recording() as log, rebuilding() as state:
+        out = norm(x)
+        saved_by_the_caller_too = out * out  # saves `out` inside the block
+        state.outputs = out
+    assert log == [{}]
+    saved_by_the_caller_too.sum().backward()
 
 
 def test_double_backward_through_rebuilt_tensors() -> None:

@@ -86,7 +86,7 @@ def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
     if detail.get("recomputes"):
         parts.append("recomputes " + ", ".join(detail["recomputes"]))
     if detail.get("rebuilds"):
-        rebuilt = ", ".join(f"{label} {format_bytes(n)}" for label, n in detail["rebuilds"].items())
+        rebuilt = ", ".join(f"{k} {format_bytes(n)}" for k, n in sorted(detail["rebuilds"].items()))
         parts.append("rebuilds in backward: " + rebuilt)
     return "; ".join(parts)
 

@@ -9,10 +9,11 @@ from memfit.runtime.options import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.rebuild import REBUILD, pure_module, rebuilding, recording
+from memfit.runtime.rebuild import REBUILD, REBUILD_LINEAR, pure_module, rebuilding, recording
 
 __all__ = [
     "REBUILD",
+    "REBUILD_LINEAR",
     "OptionKind",
     "applied_plan",
     "apply_plan",

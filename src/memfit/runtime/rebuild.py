@@ -1,30 +1,33 @@
-"""The ``rebuild`` option: selective recompute at unpack time, without a checkpoint.
+"""The ``rebuild`` options: selective recompute at unpack time, without a checkpoint.
 
 Many tensors autograd saves are cheap, deterministic functions of *other* tensors it saves
 anyway: a GELU's output (the next matmul saves it) is a function of the GELU's input (the GELU
 saves that), a LayerNorm's output of the LayerNorm's input. ``rebuild`` runs the block as it is,
-under ``saved_tensors_hooks``: when autograd saves such an output whose inputs are saved already,
-the hook keeps a recipe instead of the tensor, and backward rebuilds the tensor with the very
-same op on the very same inputs when it unpacks it. So the tensor's memory is freed from forward
-to backward at the price of one cheap op, and unlike a checkpoint nothing else reruns: no
-matmuls, no dropout (no RNG replay), no dispatch mode, no second pass of Python.
+under ``saved_tensors_hooks`` that hold every saved tensor in a handle. When the block's forward
+ends, every saved storage that can be rebuilt from what stays saved is dropped, and backward
+rebuilds it with the very same op on the very same inputs when it unpacks it (once: handles of
+one storage share its rebuilt value). Unlike a checkpoint nothing else reruns: no dropout (no RNG
+replay), no dispatch mode, no second pass of Python over the block.
 
 What can be rebuilt (recipes):
 
-* autograd nodes that keep their own input: ``GeluBackward0``, ``SiluBackward0``,
-  ``MishBackward0`` (``F.gelu``/``F.silu``/``F.mish`` anywhere in the block);
+* the outputs of autograd nodes that keep their own input: ``GeluBackward0``,
+  ``SiluBackward0``, ``MishBackward0`` (``F.gelu``/``F.silu``/``F.mish`` anywhere in the block);
 * the output of a pure module, rerun with the same arguments: torch's ``LayerNorm``,
   ``RMSNorm``, ``GroupNorm``, ``GELU``, ``SiLU``, ``Mish``, and Hugging Face's norm and
-  activation classes (``*LayerNorm``, ``*RMSNorm``, ``*GELUActivation``, ...).
-
+  activation classes (``*LayerNorm``, ``*RMSNorm``, ``*GELUActivation``, ...); with
+  ``rebuild+linear`` also ``nn.Linear`` (one matmul each);
 * a CPU tensor holding only zeros and one other value, with no autograd history (a dropout mask:
   on CPU a float tensor the size of the activation; CUDA's are bool already): kept as a bool mask
   and the value, a quarter of the bytes or less, checked bit for bit before it is dropped.
 
-A recipe is used only when every tensor it needs is saved by autograd already in this block (or
-is a parameter), so keeping it costs nothing. The rebuilt tensor is bit-identical: the same
-kernel on the same values, under the autocast state of the forward. Inputs changed in place
-after the forward are detected (version counters) and raise, as autograd does.
+A storage is dropped only when every tensor its recipe reads is saved in the block too (kept, or
+dropped and rebuilt in turn: LayerNorm -> Linear -> GELU chains rebuild in order) or is a
+parameter, and never when the block returns it. Deciding at the end of the forward, with every
+saved tensor known, is what makes chains safe; the price is that dropped tensors live until the
+block's forward ends. The rebuilt tensor is bit-identical: the same kernel on the same values,
+under the autocast state of the forward. Inputs changed in place after the forward are detected
+(version counters) and raise, as autograd does.
 
 ``rebuild`` runs only at the top level of a plan (not inside recompute segments): hooks inside
 a checkpointed function would replace the checkpoint's own and silently save everything.
@@ -41,11 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from memfit.runtime.options import Forward, OptionKind, StageWrapper, register_option
 
 REBUILD = "rebuild"
+REBUILD_LINEAR = "rebuild+linear"
 
 # autograd node type -> the op that made the node's output, rebuilt from the node's saved input
 NODE_RECIPES: dict[str, Callable[[Any], torch.Tensor]] = {
@@ -81,41 +85,255 @@ def _ptr(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-@dataclass(slots=True)
-class _Recipe:
-    """How to rebuild one saved tensor: ``make()`` rebuilds its base, then the same view."""
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
 
-    label: str  # what it rebuilds: the op (gelu) or the module class (LayerNorm)
-    make: Callable[[], torch.Tensor]
-    inputs: tuple[tuple[torch.Tensor, int], ...]  # (tensor, version at save time)
-    base_geometry: tuple[tuple[int, ...], tuple[int, ...]]
-    view: tuple[tuple[int, ...], tuple[int, ...], int]
-    autocast: tuple[str, bool, torch.dtype]  # (device type, enabled, dtype) to rebuild under
 
-    def rebuild(self) -> torch.Tensor:
-        for tensor, version in self.inputs:
+def _geometry(tensor: torch.Tensor) -> Geometry:
+    return (tuple(tensor.shape), tensor.stride(), int(tensor.storage_offset()))
+
+
+class _Source:
+    """One storage autograd saved and ``rebuild`` dropped: how to rebuild it (at most once per
+    backward: the value is cached while anything that may still unpack it is alive)."""
+
+    __slots__ = ("autocast", "cached", "checks", "geometry", "label", "make", "nbytes")
+
+    def __init__(self, label: str, geometry: Geometry, nbytes: int) -> None:
+        self.label = label  # what it rebuilds: the op (gelu) or the module class (LayerNorm)
+        self.geometry = geometry  # of the tensor make() returns, on its storage
+        self.nbytes = nbytes
+        self.make: Callable[[], torch.Tensor] = _unset
+        self.checks: tuple[tuple[torch.Tensor, int], ...] = ()  # (kept input, its version)
+        self.autocast: tuple[str, bool, torch.dtype] | None = None  # (device, enabled, dtype)
+        self.cached: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached
+        for tensor, version in self.checks:
             if tensor._version != version:
                 raise RuntimeError(
                     "memfit rebuild: a tensor needed to rebuild a saved activation was modified "
                     f"in place after the forward (version {version} -> {tensor._version}); "
                     "plan this stage without 'rebuild' or avoid the in-place change"
                 )
-        device, enabled, dtype = self.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            base = self.make()
-        if (tuple(base.shape), base.stride()) != self.base_geometry:
+        if self.autocast is None:
+            value = self.make()
+        else:
+            device, enabled, dtype = self.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                value = self.make()
+        if _geometry(value) != self.geometry or value.untyped_storage().nbytes() != self.nbytes:
             raise RuntimeError(
-                f"memfit rebuild: the rebuilt tensor has shape/strides {tuple(base.shape)}/"
-                f"{base.stride()}, the saved one had {self.base_geometry}; plan this stage "
-                "without 'rebuild'"
+                f"memfit rebuild: the rebuilt {self.label} output has layout {_geometry(value)} "
+                f"on {value.untyped_storage().nbytes()} bytes, the saved one had "
+                f"{self.geometry} on {self.nbytes}; plan this stage without 'rebuild'"
             )
-        size, stride, offset = self.view
-        return base.as_strided(size, stride, offset)
+        self.cached = value
+        return value
+
+
+def _unset() -> torch.Tensor:
+    raise AssertionError("a rebuild source was used before the block's forward ended")
+
+
+class _Handle:
+    """What autograd keeps for one saved tensor: the tensor itself until the block's forward
+    ends, then either still the tensor or the source to rebuild its storage from."""
+
+    __slots__ = ("source", "tensor", "view")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self.source: _Source | None = None
+        self.view = _geometry(tensor)
+
+    def unpack(self) -> torch.Tensor:
+        if self.source is None:
+            assert self.tensor is not None
+            return self.tensor
+        return self.source.value().as_strided(*self.view)
+
+
+class _Ref:
+    """An argument of a recorded module call: the tensor (kept) or its storage's source."""
+
+    __slots__ = ("source", "tensor", "view")
+
+    def __init__(self, tensor: torch.Tensor, source: _Source | None) -> None:
+        self.tensor = tensor if source is None else None
+        self.source = source
+        self.view = _geometry(tensor)
+
+    def __call__(self) -> torch.Tensor:
+        if self.source is None:
+            assert self.tensor is not None
+            return self.tensor
+        return self.source.value().as_strided(*self.view)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How one storage would be rebuilt: ``made(sources)`` gives ``(make, autocast)``."""
+
+    label: str
+    inputs: list[torch.Tensor]  # what a rebuild reads: must stay saved (or be rebuilt in turn)
+    shaped: torch.Tensor  # the tensor make() returns again (its layout on the storage)
+    made: Callable[[dict[int, _Source]], tuple[Callable[[], torch.Tensor], Any]]
+
+
+@dataclass(slots=True)
+class _Call:
+    """A pure module's call seen during the block's forward (its output is alive meanwhile)."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    autocast: tuple[str, bool, torch.dtype]
+
+
+class _BlockForward:
+    """One forward of one block under ``rebuild``: every saved tensor is held by a handle, and
+    when the forward ends, the storages that can be rebuilt from what stays saved are dropped."""
+
+    def __init__(self, linear: bool = False) -> None:
+        self.linear = linear  # also rebuild nn.Linear outputs (one matmul each)
+        self.handles: dict[int, list[_Handle]] = {}  # storage -> the handles that save it
+        self.bases: dict[int, torch.Tensor] = {}  # storage -> the tensor owning it
+        self.calls: dict[int, _Call] = {}  # output storage of a pure module call -> the call
+        self.dropped: dict[str, int] = {}  # label -> bytes freed
+        self.outputs: Any = None  # what the block returned: never dropped
+
+    def module_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if pure_module(module) or (self.linear and type(module) is nn.Linear):
+            device = output.device.type
+            state = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            self.calls[_ptr(output)] = _Call(module, args, dict(kwargs), output, state)
+
+    def pack(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type == "meta":
+            return tensor
+        handle = _Handle(tensor)
+        ptr = _ptr(tensor)
+        self.handles.setdefault(ptr, []).append(handle)
+        self.bases.setdefault(ptr, tensor if tensor._base is None else tensor._base)
+        return handle
+
+    def finish(self) -> None:
+        """Decide, now that every saved tensor of the block is known, what to drop."""
+        keep = {_ptr(t) for t in tree_leaves(self.outputs) if isinstance(t, torch.Tensor)}
+        plans: dict[int, _Plan] = {}
+        for ptr, base in self.bases.items():
+            if ptr not in keep:
+                plan = self._plan(ptr, base)
+                if plan is not None and all(self._available(t) for t in plan.inputs):
+                    plans[ptr] = plan
+        sources = {
+            ptr: _Source(plan.label, _geometry(plan.shaped), plan.shaped.untyped_storage().nbytes())
+            for ptr, plan in plans.items()
+        }
+        for ptr, plan in plans.items():
+            source = sources[ptr]
+            kept = [t for t in plan.inputs if _ptr(t) not in sources]
+            source.checks = tuple((t, t._version) for t in kept)
+            source.make, source.autocast = plan.made(sources)
+        del plans
+        packed = self._pack_two_valued(keep, sources)
+        for ptr, source in sources.items():
+            freed = source.nbytes - packed.get(ptr, 0)
+            self.dropped[source.label] = self.dropped.get(source.label, 0) + freed
+            for handle in self.handles[ptr]:
+                handle.tensor, handle.source = None, source
+        self.handles.clear()
+        self.bases.clear()
+        self.calls.clear()
+        self.outputs = None
+
+    def _available(self, tensor: torch.Tensor) -> bool:
+        # saved by autograd in this block (kept, or itself rebuilt), or a parameter
+        return isinstance(tensor, nn.Parameter) or _ptr(tensor) in self.handles
+
+    def _plan(self, ptr: int, base: torch.Tensor) -> _Plan | None:
+        node = base.grad_fn
+        node_recipe = NODE_RECIPES.get(type(node).__name__) if node is not None else None
+        if node_recipe is not None:
+            device = base.device.type
+            # the aten op the node recorded, on the input it received: no autocast around it
+            off = (device, False, torch.get_autocast_dtype(device))
+            make = functools.partial(node_recipe, node)
+            # the node's input is unpacked through its own handle: kept, or rebuilt in turn
+            return _Plan(
+                label=type(node).__name__.removesuffix("Backward0").lower(),
+                inputs=[node._saved_self],  # type: ignore[union-attr]
+                shaped=base,
+                made=lambda _sources: (make, off),
+            )
+        call = self.calls.get(ptr)
+        if call is None:
+            return None
+        found = call  # for the closure: a call whose output owns this storage
+
+        def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
+            def ref(leaf: Any) -> Any:
+                if isinstance(leaf, torch.Tensor):
+                    return _Ref(leaf, sources.get(_ptr(leaf)))
+                return leaf
+
+            args, kwargs = tree_map(ref, (found.args, found.kwargs))
+            return functools.partial(_rerun, found.module, args, kwargs), found.autocast
+
+        return _Plan(
+            label=type(call.module).__name__,
+            inputs=[
+                t for t in tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor)
+            ],
+            shaped=call.output,
+            made=made,
+        )
+
+    def _pack_two_valued(self, keep: set[int], sources: dict[int, _Source]) -> dict[int, int]:
+        """Tensors of zeros and one value (dropout masks) as bool masks; storage -> bytes kept."""
+        kept_bytes: dict[int, int] = {}
+        for ptr, base in self.bases.items():
+            if ptr in keep or ptr in sources or base.grad_fn is not None:
+                continue
+            if isinstance(base, nn.Parameter) or base.untyped_storage().nbytes() != base.nbytes:
+                continue
+            packed = two_valued(base)
+            if packed is None:
+                continue
+            source = _Source(TWO_VALUED_LABEL, _geometry(base), base.untyped_storage().nbytes())
+            source.make = packed.rebuild
+            sources[ptr] = source
+            kept_bytes[ptr] = packed.nonzero.numel() + packed.value.element_size()
+        return kept_bytes
+
+
+def _rerun(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The module's output again, from its arguments (``_Ref`` leaves resolved now)."""
+
+    def resolve(leaf: Any) -> Any:
+        return leaf() if isinstance(leaf, _Ref) else leaf
+
+    resolved_args, resolved_kwargs = tree_map(resolve, (args, kwargs))
+    # .forward, not __call__: the user's hooks saw this call once already
+    out = module.forward(*resolved_args, **resolved_kwargs)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    return packed.unpack() if isinstance(packed, _Handle) else packed
 
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-TWO_VALUED_MIN_NUMEL = 4096
-TWO_VALUED_LABEL = "masks as bool"  # below this the check costs more than it could save
+TWO_VALUED_MIN_NUMEL = 4096  # below this the check costs more than it could save
+TWO_VALUED_LABEL = "masks as bool"
 
 
 @dataclass(slots=True)
@@ -168,97 +386,6 @@ def two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     )
 
 
-class _BlockForward:
-    """The state of one forward of one block under ``rebuild``."""
-
-    def __init__(self) -> None:
-        self.dropped: dict[str, int] = {}  # what was not saved as it was: label -> bytes
-        self.saved: set[int] = set()  # storages autograd saves as they are (alive to backward)
-        # output node of a pure module call -> (module, args, kwargs), for this forward only
-        self.calls: dict[Any, tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] = {}
-
-    def module_hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None and pure_module(module):
-            self.calls[output.grad_fn] = (module, args, dict(kwargs))
-
-    def _available(self, tensors: list[torch.Tensor]) -> bool:
-        return all(isinstance(t, nn.Parameter) or _ptr(t) in self.saved for t in tensors)
-
-    def pack(self, tensor: torch.Tensor) -> Any:
-        ptr = _ptr(tensor)
-        if ptr in self.saved or tensor.device.type == "meta":
-            return tensor
-        base = tensor if tensor._base is None else tensor._base
-        recipe = self._recipe(base, tensor)
-        if recipe is not None:
-            self._count(recipe.label, base.untyped_storage().nbytes())
-            return recipe
-        if tensor.grad_fn is None and not isinstance(tensor, nn.Parameter):
-            packed = two_valued(tensor)
-            if packed is not None:
-                kept = packed.nonzero.numel() + packed.value.element_size()
-                freed = tensor.untyped_storage().nbytes() - kept
-                self._count(TWO_VALUED_LABEL, freed)
-                return packed
-        self.saved.add(ptr)
-        return tensor
-
-    def _count(self, label: str, nbytes: int) -> None:
-        self.dropped[label] = self.dropped.get(label, 0) + nbytes
-
-    def _recipe(self, base: torch.Tensor, tensor: torch.Tensor) -> _Recipe | None:
-        node = base.grad_fn
-        if node is None:
-            return None
-        make: Callable[[], torch.Tensor]
-        device = base.device.type
-        # node recipes call the aten op the node recorded, on the input it received: no autocast
-        autocast = (device, False, torch.get_autocast_dtype(device))
-        node_type = type(node).__name__
-        node_recipe = NODE_RECIPES.get(node_type)
-        if node_recipe is not None:
-            inputs = [node._saved_self]  # type: ignore[attr-defined]  # saved by autograd
-            make = functools.partial(node_recipe, node)
-            label = node_type.removesuffix("Backward0").lower()
-        elif node in self.calls:
-            module, args, kwargs = self.calls[node]
-            label = type(module).__name__
-            inputs = [
-                leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)
-            ]
-            make = functools.partial(_rerun, module, args, kwargs)
-            # the module reruns its own ops: under the autocast state of the forward
-            autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        else:
-            return None
-        if not self._available(inputs):
-            return None
-        return _Recipe(
-            label=label,
-            make=make,
-            inputs=tuple((t, t._version) for t in inputs),
-            base_geometry=(tuple(base.shape), base.stride()),
-            view=(tuple(tensor.shape), tensor.stride(), int(tensor.storage_offset())),
-            autocast=autocast,
-        )
-
-
-def _rerun(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    # .forward, not __call__: the user's hooks saw this call once already
-    out = module.forward(*args, **kwargs)
-    assert isinstance(out, torch.Tensor)
-    return out
-
-
-def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    assert isinstance(packed, _Recipe | _TwoValued)
-    return packed.rebuild()
-
-
 _logs: list[list[dict[str, int]]] = []
 
 
@@ -275,30 +402,34 @@ def recording() -> Iterator[list[dict[str, int]]]:
 
 
 @contextmanager
-def rebuilding() -> Iterator[_BlockForward]:
-    """Run a forward under ``rebuild``: saved outputs of cheap ops become recipes."""
-    state = _BlockForward()
-    handle = register_module_forward_hook(state.module_hook, with_kwargs=True)
+def rebuilding(linear: bool = False) -> Iterator[_BlockForward]:
+    """Run a forward under ``rebuild`` (``linear``: ``rebuild+linear``). Set ``.outputs`` of the
+    yielded state to what the block returns, so that it is never dropped."""
+    state = _BlockForward(linear)
+    hook = register_module_forward_hook(state.module_hook, with_kwargs=True)
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack):
             yield state
     finally:
-        handle.remove()
-        state.calls.clear()
-        for log in _logs:
-            log.append(dict(state.dropped))
+        hook.remove()
+    state.finish()  # only when the forward succeeded: on an error everything stays saved
+    for log in _logs:
+        log.append(dict(state.dropped))
 
 
 def _rebuild(option: str) -> StageWrapper:
-    if option != REBUILD:
-        raise ValueError(f"unknown option {option!r}; expected {REBUILD!r}")
+    if option not in (REBUILD, REBUILD_LINEAR):
+        raise ValueError(f"unknown option {option!r}; expected {REBUILD!r} or {REBUILD_LINEAR!r}")
+    linear = option == REBUILD_LINEAR
 
     def wrap(forward: Forward) -> Forward:
         def rebuilt(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            with rebuilding():
-                return forward(*args, **kwargs)
+            with rebuilding(linear) as state:
+                out = forward(*args, **kwargs)
+                state.outputs = out
+            return out
 
         return rebuilt
 
@@ -306,3 +437,6 @@ def _rebuild(option: str) -> StageWrapper:
 
 
 register_option(OptionKind(prefix=REBUILD, form=REBUILD, recomputes=False, wrapper=_rebuild))
+register_option(
+    OptionKind(prefix=REBUILD_LINEAR, form=REBUILD_LINEAR, recomputes=False, wrapper=_rebuild)
+)
