@@ -138,34 +138,21 @@ def _unset() -> torch.Tensor:
 
 
 class _Handle:
-    """What autograd keeps for one saved tensor: the tensor itself until the block's forward
-    ends, then either still the tensor or the source to rebuild its storage from."""
+    """A saved tensor, or where to rebuild it from: what autograd keeps for each saved tensor
+    (the tensor until the block's forward ends, then the tensor or its storage's source), and
+    what a module recipe keeps for each tensor argument."""
 
     __slots__ = ("source", "tensor", "view")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor: torch.Tensor | None = tensor
-        self.source: _Source | None = None
-        self.view = _geometry(tensor)
-
-    def unpack(self) -> torch.Tensor:
-        if self.source is None:
-            assert self.tensor is not None
-            return self.tensor
-        return self.source.value().as_strided(*self.view)
-
-
-class _Ref:
-    """An argument of a recorded module call: the tensor (kept) or its storage's source."""
-
-    __slots__ = ("source", "tensor", "view")
-
-    def __init__(self, tensor: torch.Tensor, source: _Source | None) -> None:
-        self.tensor = tensor if source is None else None
+    def __init__(self, tensor: torch.Tensor, source: _Source | None = None) -> None:
+        self.tensor: torch.Tensor | None = tensor if source is None else None
         self.source = source
         self.view = _geometry(tensor)
 
-    def __call__(self) -> torch.Tensor:
+    def drop(self, source: _Source) -> None:
+        self.tensor, self.source = None, source
+
+    def unpack(self) -> torch.Tensor:
         if self.source is None:
             assert self.tensor is not None
             return self.tensor
@@ -248,7 +235,7 @@ class _BlockForward:
             freed = source.nbytes - packed.get(ptr, 0)
             self.dropped[source.label] = self.dropped.get(source.label, 0) + freed
             for handle in self.handles[ptr]:
-                handle.tensor, handle.source = None, source
+                handle.drop(source)
         self.handles.clear()
         self.bases.clear()
         self.calls.clear()
@@ -281,7 +268,7 @@ class _BlockForward:
         def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
             def ref(leaf: Any) -> Any:
                 if isinstance(leaf, torch.Tensor):
-                    return _Ref(leaf, sources.get(_ptr(leaf)))
+                    return _Handle(leaf, sources.get(_ptr(leaf)))
                 return leaf
 
             args, kwargs = tree_map(ref, (found.args, found.kwargs))
@@ -315,10 +302,10 @@ class _BlockForward:
 
 
 def _rerun(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The module's output again, from its arguments (``_Ref`` leaves resolved now)."""
+    """The module's output again, from its arguments (``_Handle`` leaves resolved now)."""
 
     def resolve(leaf: Any) -> Any:
-        return leaf() if isinstance(leaf, _Ref) else leaf
+        return leaf.unpack() if isinstance(leaf, _Handle) else leaf
 
     resolved_args, resolved_kwargs = tree_map(resolve, (args, kwargs))
     # .forward, not __call__: the user's hooks saw this call once already
