@@ -236,3 +236,97 @@ def test_functional_gelu_and_silu_are_rebuilt_without_modules() -> None:
         out = F.gelu(x @ weight, approximate="tanh") @ weight + F.silu(x @ weight) @ weight
     assert log == [{"gelu": 8 * 32 * 4, "silu": 8 * 32 * 4}]
     out.sum().backward()
+
+
+def grads_with_and_without_rebuild(forward, leaves, linear: bool = False):
+    """Gradients of ``forward().sum()`` w.r.t. ``leaves`` plain, then under rebuild; the log."""
+    plain = torch.autograd.grad(forward().sum(), leaves)
+    with recording() as log:
+        with rebuilding(linear):
+            out = forward()
+        rebuilt = torch.autograd.grad(out.sum(), leaves)
+    return plain, rebuilt, log[0]
+
+
+def test_a_saved_tensor_changed_in_place_inside_the_block_raises_as_autograd_does() -> None:
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        x = h * 1.0
+        out = x @ w  # saves x
+        with torch.no_grad():
+            x.mul_(3)
+        return out
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        forward().sum().backward()
+    with rebuilding():
+        out = forward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_outputs_changed_in_place_are_not_rebuilt() -> None:
+    norm, h = nn.LayerNorm(8), torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        y = norm(h)
+        y.mul_(2)  # legal in grad mode: y is not saved by anything yet
+        return y @ w
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [h, w, norm.weight])
+    assert "LayerNorm" not in log
+    assert all(torch.equal(a, b) for a, b in zip(plain, rebuilt, strict=True))
+
+
+def test_views_of_another_dtype_are_not_rebuilt() -> None:
+    norm, h = nn.LayerNorm(32), torch.randn(64, 32, requires_grad=True)
+    wc = torch.randn(64, 16, dtype=torch.complex64)
+
+    def forward() -> torch.Tensor:
+        c = torch.view_as_complex(norm(h).reshape(64, 16, 2))
+        return (c * wc).abs()
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [h, norm.weight])
+    assert "LayerNorm" not in log
+    assert all(torch.equal(a, b) for a, b in zip(plain, rebuilt, strict=True))
+
+
+def test_modules_with_hooks_or_of_a_subclass_are_not_rerun() -> None:
+    class Shifted(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + torch.rand_like(x)  # not pure
+
+    hooked = nn.LayerNorm(16)
+    hooked.register_forward_hook(lambda _m, _i, out: out * 2)
+    h, w = torch.randn(4, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+    for norm in (Shifted(16), hooked):
+        with recording() as log, rebuilding():
+            (norm(h) @ w).sum()
+        assert "LayerNorm" not in log[0] and "Shifted" not in log[0]
+
+
+def test_a_later_block_leaves_an_earlier_blocks_nodes_alone() -> None:
+    torch.manual_seed(5)
+    first, second = nn.LayerNorm(16), nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    with recording() as log:
+        with rebuilding() as state:
+            y = F.gelu(first(x))
+            state.outputs = y
+        with rebuilding() as state:
+            out = second(y)  # saves y, whose node (a GELU) belongs to the first block
+            state.outputs = out
+    assert log == [{"LayerNorm": 4 * 16 * 4}, {}]
+
+
+def test_arguments_and_unusual_tensors_are_saved_as_they_are() -> None:
+    mask = torch.empty(64, 128).bernoulli_(0.5)  # two-valued, but made outside the block
+    x, w = torch.randn(64, 128), torch.randn(128, 128, requires_grad=True)
+    sparse = torch.eye(64).to_sparse()
+    with recording() as log, rebuilding(inputs=(mask,)):
+        out = torch.sparse.mm(sparse, (x @ w) * mask)  # saves the sparse matrix and the mask
+    assert log == [{}]
+    out.sum().backward()

@@ -36,12 +36,14 @@ a checkpointed function would replace the checkpoint's own and silently save eve
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.utils.parametrize
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.utils._pytree import tree_leaves, tree_map
@@ -76,13 +78,42 @@ def pure_module(module: nn.Module) -> bool:
     """Whether ``rebuild`` may rerun ``module`` to rebuild its output (deterministic, no RNG,
     no side effects)."""
     cls = type(module)
-    return isinstance(module, PURE_MODULES) or (
+    return cls in PURE_MODULES or (
         cls.__module__.startswith("transformers.") and cls.__name__.endswith(_HF_PURE_SUFFIXES)
     )
 
 
 def _ptr(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
+
+
+def _strided(tensor: Any) -> bool:
+    """A plain (or parameter) strided tensor with a storage of its own kind: what rebuild handles."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and type(tensor) in (torch.Tensor, nn.Parameter)
+        and tensor.layout == torch.strided
+        and tensor.device.type != "meta"
+    )
+
+
+def _next_sequence_nr() -> int:
+    """The sequence number the next autograd node made on this thread will get."""
+    with torch.enable_grad():
+        return int((torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()) + 1  # type: ignore[union-attr]
+
+
+def _rerunnable(module: nn.Module, linear: bool) -> bool:
+    """Whether rerunning ``module.forward`` gives its output again: a pure module of a known
+    class (exactly, not a subclass), without hooks or parametrizations whose effects a bare
+    ``forward`` would skip or repeat."""
+    if not (pure_module(module) or (linear and type(module) is nn.Linear)):
+        return False
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch.nn.utils.parametrize.is_parametrized(module)
+    )
 
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
@@ -142,12 +173,24 @@ class _Handle:
     (the tensor until the block's forward ends, then the tensor or its storage's source), and
     what a module recipe keeps for each tensor argument."""
 
-    __slots__ = ("source", "tensor", "view")
+    __slots__ = ("dtype", "source", "tensor", "version", "view")
 
     def __init__(self, tensor: torch.Tensor, source: _Source | None = None) -> None:
         self.tensor: torch.Tensor | None = tensor if source is None else None
         self.source = source
         self.view = _geometry(tensor)
+        self.dtype = tensor.dtype
+        self.version = tensor._version  # autograd skips its own check when hooks are set
+
+    def plain(self) -> bool:
+        """Whether the saved tensor is a plain strided view of its storage, unchanged since."""
+        tensor = self.tensor
+        return (
+            tensor is not None
+            and tensor._version == self.version
+            and not tensor.is_conj()
+            and not tensor.is_neg()
+        )
 
     def drop(self, source: _Source) -> None:
         self.tensor, self.source = None, source
@@ -155,6 +198,13 @@ class _Handle:
     def unpack(self) -> torch.Tensor:
         if self.source is None:
             assert self.tensor is not None
+            if self.tensor._version != self.version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by "
+                    f"an inplace operation: a tensor of shape {tuple(self.tensor.shape)} saved "
+                    f"under memfit's rebuild is at version {self.tensor._version}; expected "
+                    f"version {self.version}"
+                )
             return self.tensor
         return self.source.value().as_strided(*self.view)
 
@@ -166,6 +216,7 @@ class _Plan:
     label: str
     inputs: list[torch.Tensor]  # what a rebuild reads: must stay saved (or be rebuilt in turn)
     shaped: torch.Tensor  # the tensor make() returns again (its layout on the storage)
+    state: tuple[tuple[torch.Tensor, int], ...]  # module parameters/buffers and their versions
     made: Callable[[dict[int, _Source]], tuple[Callable[[], torch.Tensor], Any]]
 
 
@@ -177,6 +228,8 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     output: torch.Tensor
+    version: int  # of the output when the module returned it
+    state: tuple[tuple[torch.Tensor, int], ...]  # the module's parameters and buffers, versions
     autocast: tuple[str, bool, torch.dtype]
 
 
@@ -184,8 +237,12 @@ class _BlockForward:
     """One forward of one block under ``rebuild``: every saved tensor is held by a handle, and
     when the forward ends, the storages that can be rebuilt from what stays saved are dropped."""
 
-    def __init__(self, linear: bool = False) -> None:
+    def __init__(self, linear: bool = False, inputs: Any = None) -> None:
         self.linear = linear  # also rebuild nn.Linear outputs (one matmul each)
+        self.thread = threading.get_ident()  # the global module hook ignores other threads
+        self.first_node = _next_sequence_nr()  # autograd nodes made before are not the block's
+        # storages of the block's arguments: made (and kept alive) outside, never dropped
+        self.inputs = {_ptr(t) for t in tree_leaves(inputs) if _strided(t)}
         self.handles: dict[int, list[_Handle]] = {}  # storage -> the handles that save it
         self.bases: dict[int, torch.Tensor] = {}  # storage -> the tensor owning it
         self.calls: dict[int, _Call] = {}  # output storage of a pure module call -> the call
@@ -195,15 +252,19 @@ class _BlockForward:
     def module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (isinstance(output, torch.Tensor) and output.requires_grad and _strided(output)):
             return
-        if pure_module(module) or (self.linear and type(module) is nn.Linear):
-            device = output.device.type
-            state = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-            self.calls[_ptr(output)] = _Call(module, args, dict(kwargs), output, state)
+        if threading.get_ident() != self.thread or not _rerunnable(module, self.linear):
+            return
+        device = output.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        state = tuple((t, t._version) for t in (*module.parameters(), *module.buffers()))
+        self.calls[_ptr(output)] = _Call(
+            module, args, dict(kwargs), output, output._version, state, autocast
+        )
 
     def pack(self, tensor: torch.Tensor) -> Any:
-        if tensor.device.type == "meta":
+        if not _strided(tensor):  # sparse, meta, tensor subclasses: saved as they are
             return tensor
         handle = _Handle(tensor)
         ptr = _ptr(tensor)
@@ -213,13 +274,15 @@ class _BlockForward:
 
     def finish(self) -> None:
         """Decide, now that every saved tensor of the block is known, what to drop."""
-        keep = {_ptr(t) for t in tree_leaves(self.outputs) if isinstance(t, torch.Tensor)}
+        outputs = {_ptr(t) for t in tree_leaves(self.outputs) if _strided(t)}
+        keep = outputs | self.inputs
         plans: dict[int, _Plan] = {}
         for ptr, base in self.bases.items():
-            if ptr not in keep:
-                plan = self._plan(ptr, base)
-                if plan is not None and all(self._available(t) for t in plan.inputs):
-                    plans[ptr] = plan
+            if ptr in keep or not all(h.plain() for h in self.handles[ptr]):
+                continue  # returned, passed in, or changed in place since it was saved
+            plan = self._plan(ptr, base)
+            if plan is not None and self._usable(plan):
+                plans[ptr] = plan
         sources = {
             ptr: _Source(plan.label, _geometry(plan.shaped), plan.shaped.untyped_storage().nbytes())
             for ptr, plan in plans.items()
@@ -227,7 +290,7 @@ class _BlockForward:
         for ptr, plan in plans.items():
             source = sources[ptr]
             kept = [t for t in plan.inputs if _ptr(t) not in sources]
-            source.checks = tuple((t, t._version) for t in kept)
+            source.checks = (*((t, t._version) for t in kept), *plan.state)
             source.make, source.autocast = plan.made(sources)
         del plans
         packed = self._pack_two_valued(keep, sources)
@@ -241,14 +304,23 @@ class _BlockForward:
         self.calls.clear()
         self.outputs = None
 
-    def _available(self, tensor: torch.Tensor) -> bool:
-        # saved by autograd in this block (kept, or itself rebuilt), or a parameter
-        return isinstance(tensor, nn.Parameter) or _ptr(tensor) in self.handles
+    def _usable(self, plan: _Plan) -> bool:
+        """Every tensor the recipe reads is saved in this block unchanged (kept, or rebuilt in
+        turn) or is a parameter, and every saved view of the storage has the recipe's dtype."""
+        for tensor in plan.inputs:
+            if isinstance(tensor, nn.Parameter):
+                continue
+            handles = self.handles.get(_ptr(tensor))
+            if not handles or not all(h.plain() for h in handles):
+                return False
+        return all(h.dtype == plan.shaped.dtype for h in self.handles[_ptr(plan.shaped)])
 
     def _plan(self, ptr: int, base: torch.Tensor) -> _Plan | None:
         node = base.grad_fn
         node_recipe = NODE_RECIPES.get(type(node).__name__) if node is not None else None
-        if node_recipe is not None:
+        # only nodes made in this block: reading an older node's input would unpack (and
+        # maybe rebuild) a tensor saved by an earlier block
+        if node_recipe is not None and node._sequence_nr() >= self.first_node:  # type: ignore[union-attr]
             device = base.device.type
             # the aten op the node recorded, on the input it received: no autocast around it
             off = (device, False, torch.get_autocast_dtype(device))
@@ -258,11 +330,12 @@ class _BlockForward:
                 label=type(node).__name__.removesuffix("Backward0").lower(),
                 inputs=[node._saved_self],  # type: ignore[union-attr]
                 shaped=base,
+                state=(),
                 made=lambda _sources: (make, off),
             )
         call = self.calls.get(ptr)
-        if call is None:
-            return None
+        if call is None or call.output._version != call.version:
+            return None  # no pure module made it, or it was changed in place after
         found = call  # for the closure: a call whose output owns this storage
 
         def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
@@ -280,6 +353,7 @@ class _BlockForward:
                 t for t in tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor)
             ],
             shaped=call.output,
+            state=call.state,
             made=made,
         )
 
@@ -288,6 +362,9 @@ class _BlockForward:
         kept_bytes: dict[int, int] = {}
         for ptr, base in self.bases.items():
             if ptr in keep or ptr in sources or base.grad_fn is not None:
+                continue
+            handles = self.handles[ptr]
+            if not all(h.plain() and h.dtype == base.dtype for h in handles):
                 continue
             if isinstance(base, nn.Parameter) or base.untyped_storage().nbytes() != base.nbytes:
                 continue
@@ -389,10 +466,11 @@ def recording() -> Iterator[list[dict[str, int]]]:
 
 
 @contextmanager
-def rebuilding(linear: bool = False) -> Iterator[_BlockForward]:
-    """Run a forward under ``rebuild`` (``linear``: ``rebuild+linear``). Set ``.outputs`` of the
-    yielded state to what the block returns, so that it is never dropped."""
-    state = _BlockForward(linear)
+def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForward]:
+    """Run a forward under ``rebuild`` (``linear``: ``rebuild+linear``). ``inputs``: the block's
+    arguments, never dropped (made outside, they would stay alive anyway); set ``.outputs`` of
+    the yielded state to what the block returns, for the same reason."""
+    state = _BlockForward(linear, inputs)
     hook = register_module_forward_hook(state.module_hook, with_kwargs=True)
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack):
@@ -413,7 +491,7 @@ def _rebuild(option: str) -> StageWrapper:
         def rebuilt(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            with rebuilding(linear) as state:
+            with rebuilding(linear, (args, kwargs)) as state:
                 out = forward(*args, **kwargs)
                 state.outputs = out
             return out
