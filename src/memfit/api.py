@@ -74,11 +74,12 @@ RECOMPUTE = "recompute"
 
 
 @contextmanager
-def _planned(model: nn.Module, chain: Chain, plan: Plan | None) -> Iterator[None]:
-    """``model`` runs ``plan`` inside the block (nothing when ``None``)."""
+def _planned(model: nn.Module, chain: Chain | None, plan: Plan | None) -> Iterator[None]:
+    """``model`` runs ``plan`` inside the ``with`` statement (as it is when ``None``)."""
     if plan is None:
         yield
         return
+    assert chain is not None
     apply_plan(model, chain, plan)
     try:
         yield
@@ -128,6 +129,10 @@ def profile(
         raise AlreadyPlannedError(
             "the model already carries a memfit plan; call memfit.remove(model) before profiling"
         )
+    if repeats < 1:
+        raise ValueError(
+            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
+        )
     if isinstance(options, str):
         if options != "auto":
             raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
@@ -143,10 +148,6 @@ def profile(
         options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
-    if repeats < 1:
-        raise ValueError(
-            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
-        )
     # Every way of running the blocks: keep, recompute (each block its own segment), options.
     ways: dict[str, Plan | None] = {KEEP: None, RECOMPUTE: _every_block(chain, None)}
     ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
@@ -432,14 +433,10 @@ def timed_step_under(
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
     carry a plan), after one untimed step: right after another way of running, the allocator's
     state (pages a leaner plan gave back) would otherwise be charged to this one."""
-    if plan is not None:
-        apply_plan(model, chain_of_plan(model, plan), plan)
-    try:
+    chain = None if plan is None else chain_of_plan(model, plan)
+    with _planned(model, chain, plan):
         time_step(model, sample, loss_fn=loss_fn)
         return time_step(model, sample, loss_fn=loss_fn)
-    finally:
-        if plan is not None:
-            remove_plan(model)
 
 
 def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
