@@ -206,3 +206,24 @@ def test_a_bad_option_name_fails_before_the_model_changes() -> None:
     with pytest.raises(ValueError, match="unknown stage option 'offlaod'"):
         memfit.profile(model, sample, options=["rebuild", "offlaod"])
     assert model.is_activation_checkpointing  # untouched: nothing was measured or turned off
+
+
+@pytest.mark.parametrize(
+    ("arch", "rebuilt"),
+    [("gpt2", {"LayerNorm", "NewGELUActivation", "Conv1D"}), ("llama", {"LlamaRMSNorm", "silu"})],
+)
+def test_rebuild_finds_the_norms_activations_and_linears_of_hf_blocks(arch, rebuilt) -> None:
+    from memfit.runtime import recording
+
+    model, sample = build_hf(arch, layers=2)
+    chain = chain_of(model, sample)
+    tree = (Stage(0), Stage(1, "rebuild+linear"), Stage(2, "rebuild+linear"), Stage(3))
+    reference = step(model, sample)
+    apply_plan(model, chain, plan_for(chain, tree))
+    try:
+        with recording() as log:
+            planned = step(model, sample)
+    finally:
+        remove_plan(model)
+    assert rebuilt <= set(log[0]), log[0]
+    assert_same_step(reference, planned, f"{arch} rebuild+linear")

@@ -16,7 +16,7 @@ What can be rebuilt (recipes):
 * the output of a pure module, rerun with the same arguments: torch's ``LayerNorm``,
   ``RMSNorm``, ``GroupNorm``, ``GELU``, ``SiLU``, ``Mish``, and Hugging Face's norm and
   activation classes (``*LayerNorm``, ``*RMSNorm``, ``*GELUActivation``, ...); with
-  ``rebuild+linear`` also ``nn.Linear`` (one matmul each);
+  ``rebuild+linear`` also ``nn.Linear`` and Hugging Face's ``Conv1D`` (one matmul each);
 * a CPU tensor holding only zeros and one other value, with no autograd history (a dropout mask:
   on CPU a float tensor the size of the activation; CUDA's are bool already): kept as a bool mask
   and the value, a quarter of the bytes or less, checked bit for bit before it is dropped.
@@ -83,6 +83,15 @@ def pure_module(module: nn.Module) -> bool:
     )
 
 
+def linear_module(module: nn.Module) -> bool:
+    """Whether ``rebuild+linear`` may rerun ``module``: ``nn.Linear`` and Hugging Face's
+    ``Conv1D`` (GPT-2's linear layers: one ``addmm``), exactly these classes."""
+    cls = type(module)
+    return cls is nn.Linear or (
+        cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+    )
+
+
 def _ptr(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
@@ -107,7 +116,7 @@ def _rerunnable(module: nn.Module, linear: bool) -> bool:
     """Whether rerunning ``module.forward`` gives its output again: a pure module of a known
     class (exactly, not a subclass), without hooks or parametrizations whose effects a bare
     ``forward`` would skip or repeat."""
-    if not (pure_module(module) or (linear and type(module) is nn.Linear)):
+    if not (pure_module(module) or (linear and linear_module(module))):
         return False
     return not (
         module._forward_hooks
