@@ -193,12 +193,19 @@ def _timed_step(
 ) -> dict[str, float]:
     reset_grads(model, accumulate)
     clock = _Clock(sample_device(model, sample))
-    if chain is None:
+    with _marks(chain, clock.mark):
         _step(model, sample, loss_fn, clock.mark)
-    else:
-        with _stage_marks(chain, clock.mark):
-            _step(model, sample, loss_fn, clock.mark)
     return clock.durations()
+
+
+@contextmanager
+def _marks(chain: Chain | None, mark: Marker) -> Iterator[dict[int, int]]:
+    """Stage marks when there is a chain (see :func:`_stage_marks`), else only the step's."""
+    if chain is None:
+        yield {}
+    else:
+        with _stage_marks(chain, mark) as sizes:
+            yield sizes
 
 
 def stage_clock(
@@ -250,14 +257,6 @@ def measure_stages(
     device = sample_device(model, sample)
     last = len(chain) - 1 if chain is not None else 0
 
-    @contextmanager
-    def marks(mark: Marker) -> Iterator[dict[int, int]]:
-        if chain is None:
-            yield {}
-        else:
-            with _stage_marks(chain, mark) as sizes:
-                yield sizes
-
     with preserved_grads(model):
         for _ in range(warmup):
             reset_grads(model, accumulate)
@@ -269,7 +268,7 @@ def measure_stages(
         reset_grads(model, accumulate)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
-        with marks(meter.mark) as sizes, meter:
+        with _marks(chain, meter.mark) as sizes, meter:
             loss = _step(model, sample, loss_fn, meter.mark)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
