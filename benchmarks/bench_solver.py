@@ -1,6 +1,6 @@
 """How fast is the optimal solver, and how good are its plans?
 
-Times ``memfit.plan.solve(costs, budget, "optimal")`` on synthetic heterogeneous chains of 100 and
+Times ``memfit.planning.solve(costs, budget, "optimal")`` on synthetic heterogeneous chains of 100 and
 1,000 stages with a 3-option menu per block (``keep`` plus two ``selective:*`` options that save
 less and spend more time in backward), at budgets spread over the activation memory, and compares
 the plans' predicted step time with the baselines that fit the same budget. Medians of repeats
@@ -22,9 +22,9 @@ import time
 import numpy as np
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.plan import min_peak_bytes, simulate, solve
-from memfit.plan.optimal import fastest_tree
-from memfit.plan.synthetic import heterogeneous_chain
+from memfit.planning import min_peak_bytes, simulate, solve
+from memfit.planning.optimal import fastest_tree
+from memfit.planning.synthetic import heterogeneous_chain
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 BASELINES = ("all", "sqrt", "every:2", "every:4")

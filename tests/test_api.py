@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import memfit
-from memfit.measure import POST, PRE
+from memfit.measuring import POST, PRE
 from memfit.models import build
-from memfit.plan.plan import Stage, keep_tree
-from memfit.plan.simulate import simulate
+from memfit.planning.plan import Stage, keep_tree
+from memfit.planning.simulate import simulate
 
 SMALL_GPT = dict(layers=6, width=128, heads=4, vocab=512, seq=64, batch=4)
 
@@ -140,8 +140,8 @@ def test_plan_from_a_model_needs_a_sample() -> None:
 
 
 def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) -> None:
-    from memfit.plan.frontier import frontier
-    from memfit.plan.solve import solve
+    from memfit.planning.frontier import frontier
+    from memfit.planning.solve import solve
 
     _model, _sample, prof = gpt_profile
     recompute_only = frontier(prof.costs.keep_only())

@@ -1,7 +1,7 @@
 """Schedule trees over a 4-block chain (stage 0 ``<pre>``, 1..4 the blocks, 5 ``<post>``) that the
 runtime tests of the built-in and the Hugging Face models share."""
 
-from memfit.plan.plan import Segment, Stage, recompute_one
+from memfit.planning.plan import Segment, Stage, recompute_one
 
 TREES: dict[str, tuple] = {
     "all keep": tuple(Stage(i) for i in range(6)),

@@ -16,8 +16,8 @@ from memfit.errors import (
     PlanMismatchError,
     UnsupportedModelError,
 )
-from memfit.measure import Measurement, MemoryMeter, Profile, measure
-from memfit.plan import ChainCosts, Plan
+from memfit.measuring import Measurement, MemoryMeter, Profile, measure
+from memfit.planning import ChainCosts, Plan
 from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
 
 __version__ = "0.1.0"

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.api import chain_of_plan, same_tensors, seeded_gradients, timed_step_under
 from memfit.errors import InfeasibleBudgetError
-from memfit.measure.profile import Profile
-from memfit.measure.run import measure
-from memfit.measure.step import LossFn
-from memfit.plan.plan import Plan
-from memfit.plan.solve import solve
-from memfit.runtime.apply import apply_plan, remove_plan
+from memfit.measuring.profile import Profile
+from memfit.measuring.run import measure
+from memfit.measuring.step import LossFn
+from memfit.planning.plan import Plan
+from memfit.planning.solve import solve
+from memfit.runtime.apply import apply_plan, chain_of_plan, remove_plan
 from memfit.units import parse_budget
+from memfit.verification import same_tensors, seeded_gradients, timed_step_under
 
 STRATEGY_LABELS = {
     "none": "none",

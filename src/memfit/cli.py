@@ -119,7 +119,7 @@ def _run_bench(
     import memfit
     from memfit.bench import bench
     from memfit.models import describe
-    from memfit.plan.frontier import frontier
+    from memfit.planning.frontier import frontier
     from memfit.report.plot import pareto_plot
     from memfit.report.tables import bench_table, seed_metrics
     from memfit.targets import load_target

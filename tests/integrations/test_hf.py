@@ -9,8 +9,8 @@ from torch import nn
 import memfit
 from memfit.errors import PlanMismatchError
 from memfit.integrations.hf import build_hf, disable_hf_checkpointing, hf_block_names
-from memfit.measure.chain import Chain, find_chain
-from memfit.plan.plan import Plan, Segment, Stage, recompute_one
+from memfit.measuring.chain import Chain, find_chain
+from memfit.planning.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
 from trees import TREES as SHARED_TREES
 

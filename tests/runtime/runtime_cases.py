@@ -1,7 +1,7 @@
 """Plans made by hand for the runtime tests (no profile, no solver)."""
 
-from memfit.measure.chain import Chain
-from memfit.plan.plan import Item, Plan, Segment, Stage, recompute_one
+from memfit.measuring.chain import Chain
+from memfit.planning.plan import Item, Plan, Segment, Stage, recompute_one
 
 
 def make_plan(chain: Chain, tree: tuple[Item, ...]) -> Plan:

@@ -8,9 +8,9 @@ from runtime_cases import make_plan
 from torch import nn
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measure.chain import Chain, find_chain
+from memfit.measuring.chain import Chain, find_chain
 from memfit.models import build
-from memfit.plan.plan import Plan, Segment, Stage, recompute_one
+from memfit.planning.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import applied_plan, apply_plan, remove_plan
 from trees import TREES as SHARED_TREES
 

@@ -9,8 +9,8 @@ from runtime_cases import make_plan, one_segment, per_block
 from torch import nn
 
 from memfit.errors import MemfitError, PlanMismatchError
-from memfit.measure.chain import Chain, find_chain
-from memfit.plan.plan import Plan, Stage, recompute_one
+from memfit.measuring.chain import Chain, find_chain
+from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
 
 WIDTH = 8

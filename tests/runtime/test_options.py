@@ -9,10 +9,10 @@ from runtime_cases import make_plan
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy
 
-from memfit.measure.chain import find_chain
-from memfit.measure.ops import MATMUL_OPS
+from memfit.measuring.chain import find_chain
+from memfit.measuring.ops import MATMUL_OPS
 from memfit.models import build
-from memfit.plan.plan import Stage
+from memfit.planning.plan import Stage
 from memfit.runtime import (
     OptionKind,
     apply_plan,

@@ -11,7 +11,7 @@ from torch import nn
 
 import memfit
 from memfit.models import build
-from memfit.plan.solve import solve
+from memfit.planning.solve import solve
 from memfit.report.tables import describe_ops
 from memfit.runtime import pure_module, rebuilding, recording
 from memfit.runtime.rebuild import TWO_VALUED_LABEL, TWO_VALUED_MIN_NUMEL, two_valued

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memfit.bench import BenchResult
-from memfit.plan.frontier import FrontierPoint
+from memfit.planning.frontier import FrontierPoint
 
 
 def pareto_plot(

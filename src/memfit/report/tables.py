@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memfit.bench import BenchResult
-from memfit.measure.profile import Profile
-from memfit.plan.plan import Plan
+from memfit.measuring.profile import Profile
+from memfit.planning.plan import Plan
 from memfit.units import format_bytes
 
 

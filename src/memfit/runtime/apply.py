@@ -15,7 +15,8 @@ Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measure.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
-from memfit.plan.plan import Item, Plan, Segment, Stage
+from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.planning.plan import Item, Plan, Segment, Stage
 from memfit.runtime.guards import Inputs, guard_input, rng_state, same_rng_state, same_side_inputs
 from memfit.runtime.options import KEEP, Forward, option_kind, stage_wrapper
 
@@ -297,3 +298,31 @@ def remove_plan(model: nn.Module) -> bool:
         if previous is not _MISSING:
             block.forward = previous
     return True
+
+
+def chain_of_plan(model: nn.Module, plan: Plan) -> Chain:
+    """The chain a plan names, looked up in ``model`` (PlanMismatchError if it lacks a block)."""
+    modules = dict(model.named_modules())
+    names = plan.stage_names[1:-1]
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise PlanMismatchError(
+            f"the plan names blocks {missing[:3]} that {type(model).__name__} does not have; "
+            f"it was made for another model (plan stages: {list(plan.stage_names[:4])}...)"
+        )
+    container = names[0].rpartition(".")[0] if names else ""
+    return Chain(container, tuple(names), tuple(modules[name] for name in names))
+
+
+@contextmanager
+def planned(model: nn.Module, chain: Chain | None, plan: Plan | None) -> Iterator[None]:
+    """``model`` runs ``plan`` inside the ``with`` statement (as it is when ``None``)."""
+    if plan is None:
+        yield
+        return
+    assert chain is not None
+    apply_plan(model, chain, plan)
+    try:
+        yield
+    finally:
+        remove_plan(model)

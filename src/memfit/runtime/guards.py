@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from memfit.errors import MemfitError
-from memfit.measure.chain import Inputs, main_tensor, same_side_inputs
+from memfit.measuring.chain import Inputs, main_tensor, same_side_inputs
 
 __all__ = ["Inputs", "guard_input", "rng_state", "same_rng_state", "same_side_inputs"]
 

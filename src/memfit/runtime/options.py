@@ -7,7 +7,7 @@ Option names are self-describing, so a plan's JSON is all ``apply`` needs. Built
   ``CheckpointPolicy`` function as ``context_fn``): the outputs of the policy's ops are saved,
   everything else is recomputed in backward. Policies: ``selective:matmul`` (matmuls,
   convolutions, attention kernels) and ``selective:save=<op>+<op>...`` (exactly these aten ops,
-  short names as :func:`memfit.measure.ops.short_op_name` writes them, e.g. ``addmm+gelu``).
+  short names as :func:`memfit.measuring.ops.short_op_name` writes them, e.g. ``addmm+gelu``).
 
 A new family (``offload``, say) is one :func:`register_option` call; a new named selective
 policy is one :func:`register_selective_policy` call. Random ops are never saved, so recompute
@@ -33,7 +33,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from memfit.measure.ops import MATMUL_OPS, full_op_name, saveable
+from memfit.measuring.ops import MATMUL_OPS, full_op_name, saveable
 
 logger = logging.getLogger(__name__)
 

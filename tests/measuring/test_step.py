@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.measure.run import measure
-from memfit.measure.step import compute_loss, held_bytes, reset_grads, split_sample
+from memfit.measuring.run import measure
+from memfit.measuring.step import compute_loss, held_bytes, reset_grads, split_sample
 from memfit.models import build
 
 

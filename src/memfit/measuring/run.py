@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.measure.chain import (
+from memfit.measuring.chain import (
     Chain,
     Inputs,
     main_tensor,
@@ -27,8 +27,8 @@ from memfit.measure.chain import (
     side_inputs,
     split_main,
 )
-from memfit.measure.meter import MemoryMeter, MemoryReading
-from memfit.measure.step import (
+from memfit.measuring.meter import MemoryMeter, MemoryReading
+from memfit.measuring.step import (
     LossFn,
     compute_loss,
     held_bytes,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.measure.meter import MemoryMeter
+from memfit.measuring.meter import MemoryMeter
 
 L, WIDTH, BATCH = 3, 256, 64
 A = BATCH * WIDTH * 4  # one activation

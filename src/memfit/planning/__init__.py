@@ -1,10 +1,10 @@
 """Planning: costs in, plan out. Pure numbers: this package never imports torch."""
 
-from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
-from memfit.plan.frontier import FrontierPoint, frontier
-from memfit.plan.plan import Plan, Segment, Stage, keep_tree, recompute_one, validate_tree
-from memfit.plan.simulate import Simulation, check_tree, simulate
-from memfit.plan.solve import Strategy, min_peak_bytes, parse_strategy, solve
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
+from memfit.planning.frontier import FrontierPoint, frontier
+from memfit.planning.plan import Plan, Segment, Stage, keep_tree, recompute_one, validate_tree
+from memfit.planning.simulate import Simulation, check_tree, simulate
+from memfit.planning.solve import Strategy, min_peak_bytes, parse_strategy, solve
 
 __all__ = [
     "KEEP",

@@ -4,8 +4,8 @@ The whole chain's tree is a sequence of items (stage options and segments). The 
 keeps, at every stage boundary ``s``, the Pareto set of ``(level, seconds so far)`` over the ways
 to cover ``[0, s)``. Every constraint of an item is known when it is chosen: its forward peak
 above the current level, and its backward, which runs after the whole rest of the chain at
-``level + residue + Tot(rest)`` (``Tot`` as in :mod:`memfit.plan.optimal`); a segment's inner tree
-is read from :class:`~memfit.plan._tables.SegmentTables` at the bytes left there. So levels stay
+``level + residue + Tot(rest)`` (``Tot`` as in :mod:`memfit.planning.optimal`); a segment's inner tree
+is read from :class:`~memfit.planning._tables.SegmentTables` at the bytes left there. So levels stay
 exact at the top, where most items of a long chain sit, and only segments are rounded to slots.
 Sets larger than ``max_states`` keep the lowest and the fastest state of each level bucket.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from memfit.plan._chain import ChainArrays
-from memfit.plan._tables import SegmentTables
-from memfit.plan.plan import Item, Segment, Stage, Tree
+from memfit.planning._chain import ChainArrays
+from memfit.planning._tables import SegmentTables
+from memfit.planning.plan import Item, Segment, Stage, Tree
 
 
 def _pareto(level: np.ndarray, seconds: np.ndarray, max_states: int) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 Algorithm: the Rotor dynamic program of Beaumont, Eyraud-Dubois, Herrmann, Joly and Shilova,
 "Optimal checkpointing for heterogeneous chains: how to train deep neural networks with limited
-memory" (2019), recast over memfit's schedule trees (:mod:`memfit.plan.plan`: nested recompute
+memory" (2019), recast over memfit's schedule trees (:mod:`memfit.planning.plan`: nested recompute
 segments, per-stage option menus, ``checkpointable``/``joins_previous``) and derived from the
-simulator's semantics (:mod:`memfit.plan.simulate`), so that the two agree.
+simulator's semantics (:mod:`memfit.planning.simulate`), so that the two agree.
 
 Subproblem ``P(s, t, drop)``: run a tree over ``[s, t)`` forward then backward, dropping
 ``output_bytes[t-1]`` in between when ``drop`` (a segment's inner tree; the whole chain has no
@@ -29,14 +29,14 @@ of the same range (that only reruns the same forward), which keeps the class fin
 
 Two sweeps solve it (the line of Rotor, with its memory axis split in two):
 
-* segments (:mod:`memfit.plan._tables`): ``T`` above for every interval of at most ``K`` stages
+* segments (:mod:`memfit.planning._tables`): ``T`` above for every interval of at most ``K`` stages
   with ``drop``, vectorised with numpy over a grid of memory slots; every byte figure is rounded
   up to whole slots, so every tree the tables accept fits. The grid reaches the largest memory any
   segment's fastest inner tree needs (above it nothing gets faster) and depends on the chain, not
   the budget, so more budget never costs time. When every byte figure is a multiple of one unit
   and that memory spans at most ``EXACT_SLOTS`` units, the unit is the slot and the tables are
   exact;
-* the whole chain (:mod:`memfit.plan._top`): a forward sweep over stage boundaries keeping the
+* the whole chain (:mod:`memfit.planning._top`): a forward sweep over stage boundaries keeping the
   Pareto set of ``(level, seconds)``, with levels in exact bytes. The recurrence read forwards:
   choosing ``X`` at level ``L`` needs ``L + fpeak(X) <= B`` and, since ``Tot(rest)`` is known,
   ``L + a(X) + Tot(rest) + bpeak(X) <= B`` (a segment reads its inner time from the tables at the
@@ -44,7 +44,7 @@ Two sweeps solve it (the line of Rotor, with its memory axis split in two):
   min-peak of the rest are dropped.
 
 Budgets at or above the fastest tree's peak get that tree. The exact min-peak DP
-(:mod:`memfit.plan.min_peak`) gives the minimal feasible budget. The returned tree is
+(:mod:`memfit.planning.min_peak`) gives the minimal feasible budget. The returned tree is
 re-simulated.
 
 Known inefficiencies:
@@ -74,14 +74,14 @@ from typing import Any
 import numpy as np
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.plan import baselines
-from memfit.plan._chain import ChainArrays, default_segment_cap
-from memfit.plan._tables import SegmentTables
-from memfit.plan._top import solve_top
-from memfit.plan.costs import ChainCosts
-from memfit.plan.min_peak import MinPeak
-from memfit.plan.plan import Stage, Tree
-from memfit.plan.simulate import Simulation, simulate
+from memfit.planning import baselines
+from memfit.planning._chain import ChainArrays, default_segment_cap
+from memfit.planning._tables import SegmentTables
+from memfit.planning._top import solve_top
+from memfit.planning.costs import ChainCosts
+from memfit.planning.min_peak import MinPeak
+from memfit.planning.plan import Stage, Tree
+from memfit.planning.simulate import Simulation, simulate
 
 EXACT_SLOTS = 4096
 
@@ -162,7 +162,7 @@ def _fallbacks(costs: ChainCosts, floor_tree: Tree) -> dict[str, Callable[[], Tr
 
 class Planner:
     """The optimal solver for one chain: the budget-independent work done once, then any number
-    of budgets (:meth:`solve`), as :mod:`memfit.plan.frontier` does.
+    of budgets (:meth:`solve`), as :mod:`memfit.planning.frontier` does.
 
     Args:
         costs: the chain.
@@ -251,7 +251,7 @@ def solve_optimal(
         InfeasibleBudgetError: no tree of the class fits; carries the minimal peak.
 
     Example:
-        >>> from memfit.plan import uniform_chain
+        >>> from memfit.planning import uniform_chain
         >>> costs = uniform_chain(4, activation_bytes=1, saved_bytes=4)
         >>> solution = solve_optimal(costs, 20)
         >>> solution.simulation.peak_bytes <= 20

@@ -1,5 +1,5 @@
 """The time DP's tables for recompute segments, over a memory grid (the recurrence is documented
-in :mod:`memfit.plan.optimal`).
+in :mod:`memfit.planning.optimal`).
 
 ``SegmentTables`` fills, for every segment ``[start, start + length)`` and every number of free
 slots ``m`` (``m * slot_bytes`` bytes above the level where its inner tree starts), the least
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from memfit.plan._chain import Candidates, ChainArrays
-from memfit.plan.plan import Item, Segment, Stage, Tree
+from memfit.planning._chain import Candidates, ChainArrays
+from memfit.planning.plan import Item, Segment, Stage, Tree
 
 
 def ceil_slots(values: np.ndarray, slot_bytes: int) -> np.ndarray:

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
-from memfit.plan.plan import Segment, Stage, keep_tree, recompute_one
-from memfit.plan.simulate import simulate
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
+from memfit.planning.plan import Segment, Stage, keep_tree, recompute_one
+from memfit.planning.simulate import simulate
 
 
 def _stage(

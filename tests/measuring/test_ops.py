@@ -1,7 +1,7 @@
 """The per-op profile of a block, against bytes computed by hand."""
 
-from memfit.measure.chain import find_chain
-from memfit.measure.ops import (
+from memfit.measuring.chain import find_chain
+from memfit.measuring.ops import (
     RANDOM_OPS,
     candidate_policies,
     full_op_name,

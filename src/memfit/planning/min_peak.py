@@ -1,6 +1,6 @@
 """The smallest peak any schedule tree reaches: an exact dynamic program, no discretisation.
 
-Same subproblems and candidates as the time DP (:mod:`memfit.plan.optimal`, which documents the
+Same subproblems and candidates as the time DP (:mod:`memfit.planning.optimal`, which documents the
 recurrence), with the peak as the objective: for a first item ``X`` and the rest ``R``,
 
     peak(X + R) = max(forward_peak(X), residue(X) + peak(R), back_offset(X) + back_peak(X))
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from memfit.plan._chain import ChainArrays, Int, default_segment_cap
-from memfit.plan.costs import ChainCosts
-from memfit.plan.plan import Item, Segment, Stage, Tree
+from memfit.planning._chain import ChainArrays, Int, default_segment_cap
+from memfit.planning.costs import ChainCosts
+from memfit.planning.plan import Item, Segment, Stage, Tree
 
 
 class MinPeak:
@@ -132,7 +132,7 @@ def min_peak(costs: ChainCosts, max_segment_stages: int | None = None) -> MinPea
     Args:
         costs: the chain.
         max_segment_stages: the longest recompute segment considered (default:
-            :func:`~memfit.plan._chain.default_segment_cap`, as the time DP).
+            :func:`~memfit.planning._chain.default_segment_cap`, as the time DP).
 
     Returns:
         The solved :class:`MinPeak`; ``.tree()`` gives a tree reaching ``.peak_bytes``.

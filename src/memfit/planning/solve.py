@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.plan import baselines
-from memfit.plan.costs import ChainCosts
-from memfit.plan.min_peak import min_peak
-from memfit.plan.optimal import Planner
-from memfit.plan.plan import Plan, Tree, stage_options
-from memfit.plan.simulate import simulate
+from memfit.planning import baselines
+from memfit.planning.costs import ChainCosts
+from memfit.planning.min_peak import min_peak
+from memfit.planning.optimal import Planner
+from memfit.planning.plan import Plan, Tree, stage_options
+from memfit.planning.simulate import simulate
 from memfit.units import format_bytes
 
 
@@ -72,11 +72,11 @@ def solve(
             as they are; ``optimal`` gives the fastest plan).
         strategy: one of ``Strategy.choices()``: ``none``, ``all``, ``every:k``, ``sqrt``,
             ``optimal``.
-        **options: passed to :class:`~memfit.plan.optimal.Planner` for ``optimal`` (``slots``,
+        **options: passed to :class:`~memfit.planning.optimal.Planner` for ``optimal`` (``slots``,
             ``max_segment_stages``, ``max_states``).
 
     Returns:
-        The :class:`~memfit.plan.plan.Plan` with the simulator's predictions.
+        The :class:`~memfit.planning.plan.Plan` with the simulator's predictions.
 
     Raises:
         InfeasibleBudgetError: the strategy's plan does not fit the budget (``optimal``: no plan
@@ -84,7 +84,7 @@ def solve(
         ValueError: an unknown strategy or a negative budget.
 
     Example:
-        >>> from memfit.plan import uniform_chain
+        >>> from memfit.planning import uniform_chain
         >>> plan = solve(uniform_chain(4), None, "every:2")
         >>> plan.options["stage0"], plan.options["stage1"]
         ('recompute', 'keep')
@@ -161,7 +161,7 @@ def min_peak_bytes(costs: ChainCosts) -> int:
         The simulated peak of the min-peak tree, ``held_bytes`` included.
 
     Example:
-        >>> from memfit.plan import uniform_chain
+        >>> from memfit.planning import uniform_chain
         >>> min_peak_bytes(uniform_chain(8, activation_bytes=1, saved_bytes=4))
         11
     """

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from memfit.errors import UnsupportedModelError
-from memfit.measure.chain import POST, PRE, find_chain
+from memfit.measuring.chain import POST, PRE, find_chain
 from memfit.models import build
 
 
@@ -69,7 +69,7 @@ def test_no_chain_is_a_clear_error(model: nn.Module) -> None:
 
 
 def test_one_rule_for_the_main_input() -> None:
-    from memfit.measure.chain import side_inputs, split_main
+    from memfit.measuring.chain import side_inputs, split_main
 
     x, mask = torch.ones(2), torch.zeros(2)
     assert split_main((x, mask), {"scale": 2}) == (x, (mask,), {"scale": 2})

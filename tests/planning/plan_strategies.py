@@ -13,9 +13,9 @@ from functools import cache
 
 from hypothesis import strategies as st
 
-from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts
-from memfit.plan.plan import Item, Segment, Stage, Tree
-from memfit.plan.simulate import simulate
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.planning.plan import Item, Segment, Stage, Tree
+from memfit.planning.simulate import simulate
 
 UNIT = 1 << 20
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from plan_strategies import chains
 
-from memfit.plan import baselines
-from memfit.plan.costs import ChainCosts, uniform_chain
-from memfit.plan.plan import Segment, Stage, keep_tree, recompute_one
-from memfit.plan.simulate import check_tree
+from memfit.planning import baselines
+from memfit.planning.costs import ChainCosts, uniform_chain
+from memfit.planning.plan import Segment, Stage, keep_tree, recompute_one
+from memfit.planning.simulate import check_tree
 
 
 def _constrained(

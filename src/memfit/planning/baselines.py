@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from memfit.plan.costs import ChainCosts
-from memfit.plan.plan import Item, Segment, Stage, Tree, keep_tree, recompute_one
+from memfit.planning.costs import ChainCosts
+from memfit.planning.plan import Item, Segment, Stage, Tree, keep_tree, recompute_one
 
 
 def keep_all(costs: ChainCosts) -> Tree:
@@ -55,7 +55,7 @@ def every_k(costs: ChainCosts, k: int) -> Tree:
         ValueError: ``k`` is below 1.
 
     Example:
-        >>> from memfit.plan import uniform_chain
+        >>> from memfit.planning import uniform_chain
         >>> [type(item).__name__ for item in every_k(uniform_chain(4), 2)]
         ['Segment', 'Stage', 'Segment', 'Stage']
     """

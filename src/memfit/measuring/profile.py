@@ -1,6 +1,6 @@
 """The per-stage profile: measured costs of every stage under every option, as plain data.
 
-Built from :class:`~memfit.measure.run.StageReading` s of whole steps: one with every stage kept,
+Built from :class:`~memfit.measuring.run.StageReading` s of whole steps: one with every stage kept,
 one with every block recomputed (which gives the no-save forward of each block), and one per
 further option (``selective:*``). Every figure is a difference of levels the meter saw at stage
 boundaries, so the simulator replays the all-keep step to the byte.
@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.measure.chain import Chain
-from memfit.measure.run import Measurement, StageReading
-from memfit.measure.step import split_sample
-from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.measuring.chain import Chain
+from memfit.measuring.run import Measurement, StageReading
+from memfit.measuring.step import split_sample
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 
 
 @dataclass(frozen=True, kw_only=True)

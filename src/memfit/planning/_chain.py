@@ -1,13 +1,13 @@
 """The chain's costs as numpy arrays, and the candidate first items of a subproblem.
 
-Shared by the exact min-peak DP (:mod:`memfit.plan.min_peak`) and the time DP
-(:mod:`memfit.plan.optimal`), so that both read the same geometry: for a subproblem "run a tree
+Shared by the exact min-peak DP (:mod:`memfit.planning.min_peak`) and the time DP
+(:mod:`memfit.planning.optimal`), so that both read the same geometry: for a subproblem "run a tree
 over ``[start, stop)`` forward then backward (dropping ``output_bytes[stop-1]`` in between when
 ``drop``)", the candidate first items are each stage option of ``start`` and each recompute segment
 ``[start, start + length)``; the rest of the interval is a subproblem of the same kind.
 
 All peaks are *effective* (never below the level the event leaves, see
-:mod:`memfit.plan.simulate`).
+:mod:`memfit.planning.simulate`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memfit.plan.costs import KEEP, ChainCosts
+from memfit.planning.costs import KEEP, ChainCosts
 
 Int = np.int64
 
@@ -24,7 +24,7 @@ Int = np.int64
 def default_segment_cap(n: int) -> int:
     """The longest recompute segment the solvers consider for ``n`` stages.
 
-    Measured on synthetic 100- and 1000-stage chains (:mod:`memfit.plan.synthetic`) at 5-80% of
+    Measured on synthetic 100- and 1000-stage chains (:mod:`memfit.planning.synthetic`) at 5-80% of
     the activation memory: a cap of 32 (or none, on 100 stages) found plans at most 0.2% faster
     and the same minimal peak within 0.3%, at twice the solve time or more (the segment tables
     grow with the cap squared, and one grid then spans longer segments); a cap of 8 was up to

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memfit.plan.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 
 MIB = 1 << 20
 

@@ -1,9 +1,9 @@
 """The chain's costs as plain numbers: what every solver and the simulator read.
 
-A :class:`ChainCosts` is built from a measured profile (``memfit.measure``) or written by hand
+A :class:`ChainCosts` is built from a measured profile (``memfit.measuring``) or written by hand
 (tests, synthetic chains). No torch here.
 
-Memory semantics (the simulator, :mod:`memfit.plan.simulate`, is their executable definition):
+Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their executable definition):
 
 * The level ``L`` starts at ``held_bytes`` (parameters, existing gradients, optimizer state, the
   sample: everything live before the step). Stage 0's input belongs to it and is never freed.

@@ -1,7 +1,7 @@
 """The Pareto frontier of (peak, step time) over all budgets.
 
 The optimal solver's budget-independent work (the min-peak DP and the segment tables, see
-:mod:`memfit.plan.optimal`) is done once; then the top-level sweep runs at ``points`` budgets
+:mod:`memfit.planning.optimal`) is done once; then the top-level sweep runs at ``points`` budgets
 spread evenly between the minimal peak and the fastest plan's peak. Every tree is re-simulated
 exactly and dominated points are dropped, so each point is a real plan: no plan found is both
 lower and faster, though a finer spread of budgets may find points in between.
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from memfit.plan.costs import ChainCosts
-from memfit.plan.optimal import Planner
-from memfit.plan.plan import Tree
+from memfit.planning.costs import ChainCosts
+from memfit.planning.optimal import Planner
+from memfit.planning.plan import Tree
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,7 +41,7 @@ def frontier(costs: ChainCosts, points: int = 24, **options: Any) -> list[Fronti
         costs: the chain.
         points: how many budgets to solve (at least 2); the result has at most ``points``
             points, fewer where plans coincide or dominate one another.
-        **options: passed to :class:`~memfit.plan.optimal.Planner` (``slots``,
+        **options: passed to :class:`~memfit.planning.optimal.Planner` (``slots``,
             ``max_segment_stages``, ``max_states``: 512 here, where it costs at most 0.1% of
             step time on a synthetic 100-stage chain and runs 1.5 times faster than 2048).
 
@@ -53,7 +53,7 @@ def frontier(costs: ChainCosts, points: int = 24, **options: Any) -> list[Fronti
         ValueError: ``points`` below 2.
 
     Example:
-        >>> from memfit.plan import uniform_chain
+        >>> from memfit.planning import uniform_chain
         >>> front = frontier(uniform_chain(8, activation_bytes=1, saved_bytes=4), points=4)
         >>> [(point.peak_bytes, point.step_s) for point in front]
         [(11, 52.0), (22, 29.0), (31, 27.0), (45, 24.0)]

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from plan_strategies import UNIT, all_trees, best_time, chains, pareto_summaries, peaks
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.plan import baselines
-from memfit.plan.costs import ChainCosts, uniform_chain
-from memfit.plan.min_peak import min_peak
-from memfit.plan.optimal import fastest_tree, solve_optimal
-from memfit.plan.simulate import simulate
+from memfit.planning import baselines
+from memfit.planning.costs import ChainCosts, uniform_chain
+from memfit.planning.min_peak import min_peak
+from memfit.planning.optimal import fastest_tree, solve_optimal
+from memfit.planning.simulate import simulate
 
 
 def examples(count: int) -> settings:

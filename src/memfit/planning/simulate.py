@@ -1,6 +1,6 @@
 """The simulator: a schedule tree replayed over the chain's costs, giving its peak and step time.
 
-It is the executable definition of the memory semantics in :mod:`memfit.plan.costs`:
+It is the executable definition of the memory semantics in :mod:`memfit.planning.costs`:
 
 * the level ``L`` starts at ``held_bytes``;
 * the forward runs the tree's items in order, the backward runs them in reverse;
@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memfit.plan.costs import KEEP, ChainCosts, StageCosts
-from memfit.plan.plan import Item, Segment, Stage, validate_tree
+from memfit.planning.costs import KEEP, ChainCosts, StageCosts
+from memfit.planning.plan import Item, Segment, Stage, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
 
@@ -178,7 +178,7 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
         ValueError: the tree is not a valid schedule for ``costs`` (see :func:`check_tree`).
 
     Example:
-        >>> from memfit.plan import keep_tree, uniform_chain
+        >>> from memfit.planning import keep_tree, uniform_chain
         >>> costs = uniform_chain(2, activation_bytes=1, saved_bytes=4)
         >>> simulate(costs, keep_tree(0, 2)).peak_bytes
         15

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from plan_strategies import chains, peaks
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.plan import (
+from memfit.planning import (
     Plan,
     Strategy,
     frontier,
@@ -24,8 +24,8 @@ from memfit.plan import (
     simulate,
     solve,
 )
-from memfit.plan.costs import ChainCosts, uniform_chain
-from memfit.plan.synthetic import heterogeneous_chain
+from memfit.planning.costs import ChainCosts, uniform_chain
+from memfit.planning.synthetic import heterogeneous_chain
 
 CHAIN = uniform_chain(8, activation_bytes=1, saved_bytes=4)
 
@@ -120,9 +120,9 @@ def test_frontier_on_a_long_chain() -> None:
 
 
 def test_plan_imports_no_torch() -> None:
-    """plan/ imports only the standard library, numpy, scipy and memfit's torch-free modules."""
+    """planning/ imports only the standard library, numpy, scipy and memfit's torch-free modules."""
     allowed = {"numpy", "scipy", "memfit"}
-    folder = pathlib.Path(importlib.import_module("memfit.plan").__file__ or "").parent
+    folder = pathlib.Path(importlib.import_module("memfit.planning").__file__ or "").parent
     paths = sorted(folder.glob("*.py"))
     assert len(paths) >= 10
     for path in paths:
@@ -137,7 +137,7 @@ def test_plan_imports_no_torch() -> None:
                 top = name.split(".")[0]
                 assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
                 if top == "memfit":
-                    assert name.split(".")[1] in ("plan", "errors", "units"), (path.name, name)
+                    assert name.split(".")[1] in ("planning", "errors", "units"), (path.name, name)
 
 
 @pytest.mark.parametrize(
@@ -145,5 +145,5 @@ def test_plan_imports_no_torch() -> None:
     ["simulate", "baselines", "optimal", "frontier", "solve", "synthetic", "min_peak"],
 )
 def test_docstring_examples(module: str) -> None:
-    result = doctest.testmod(importlib.import_module(f"memfit.plan.{module}"))
+    result = doctest.testmod(importlib.import_module(f"memfit.planning.{module}"))
     assert result.failed == 0

@@ -1,9 +1,9 @@
 """Measuring: the memory meter, training steps, chain discovery and per-stage profiles."""
 
-from memfit.measure.chain import POST, PRE, Chain, find_chain
-from memfit.measure.meter import MemoryMeter, MemoryReading, Span
-from memfit.measure.profile import Profile, build_profile, fingerprint
-from memfit.measure.run import Measurement, StageReading, measure, measure_stages, time_step
+from memfit.measuring.chain import POST, PRE, Chain, find_chain
+from memfit.measuring.meter import MemoryMeter, MemoryReading, Span
+from memfit.measuring.profile import Profile, build_profile, fingerprint
+from memfit.measuring.run import Measurement, StageReading, measure, measure_stages, time_step
 
 __all__ = [
     "POST",

@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from memfit.measure.chain import Chain
-from memfit.measure.step import split_sample
+from memfit.measuring.chain import Chain
+from memfit.measuring.step import split_sample
 
 # Ops whose outputs are worth keeping because they are expensive to recompute.
 MATMUL_OPS = frozenset(

@@ -1,0 +1,148 @@
+"""``memfit.profile``: find the model's chain and measure every stage under every option.
+
+Every way of running the blocks (keep, recompute, each option) is timed in turns and metered once;
+the readings become the :class:`~memfit.measuring.Profile` the planner reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from memfit.errors import AlreadyPlannedError
+from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
+from memfit.measuring.profile import Profile, build_profile
+from memfit.measuring.run import StageReading, measure_stages, stage_clock
+from memfit.measuring.step import LossFn, split_sample
+from memfit.planning.costs import KEEP
+from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
+from memfit.runtime.apply import applied_plan, planned
+from memfit.runtime.options import is_selective
+
+Blocks = Sequence[str] | str | None
+RECOMPUTE = "recompute"
+
+
+def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
+    args, kwargs = split_sample(sample)
+    return find_chain(model, lambda: model(*args, **kwargs), blocks)
+
+
+def _every_block(chain: Chain, option: str | None) -> Plan:
+    last = len(chain) - 1
+    blocks = [recompute_one(i) if option is None else Stage(i, option) for i in range(1, last)]
+    strategy = "all" if option is None else f"every block {option}"
+    return Plan.from_tree(chain.stage_names, (Stage(0), *blocks, Stage(last)), strategy)
+
+
+RECOMPUTE = "recompute"
+
+
+def profile(
+    model: nn.Module,
+    sample: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    blocks: Blocks = None,
+    accumulate: bool = False,
+    repeats: int = 3,
+    options: Sequence[str] | str = "auto",
+    optimizer: Any = None,
+) -> Profile:
+    """Find the model's chain and measure every stage under every option.
+
+    Args:
+        model: the model, in training mode.
+        sample: a tuple of positional or a dict of keyword arguments for ``model(...)``.
+        loss_fn: maps the output to the scalar loss when needed (see :func:`measure`).
+        blocks: the blocks' fqns (or their container's); ``None`` finds them.
+        accumulate: profile the gradient-accumulation steady state.
+        repeats: timed steps per way of running the model.
+        options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
+            measures ``rebuild``, ``rebuild+linear`` and a few selective-recompute policies
+            picked from the blocks' op profile; or a list such as
+            ``["rebuild", "selective:matmul"]``; ``()`` for none.
+        optimizer: its state counts as held before the step.
+
+    Returns:
+        A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads.
+
+    Raises:
+        AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
+        UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
+        ValueError: an unknown option name (checked before anything is measured).
+
+    Example:
+        >>> prof = memfit.profile(model, (tokens, targets))
+        >>> prof.measurement.peak_bytes
+    """
+    if applied_plan(model) is not None:
+        raise AlreadyPlannedError(
+            "the model already carries a memfit plan; call memfit.remove(model) before profiling"
+        )
+    if repeats < 1:
+        raise ValueError(
+            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
+        )
+    if isinstance(options, str):
+        if options != "auto":
+            raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
+    else:
+        options = list(options)
+        for name in options:  # a bad name fails here, before anything is measured or changed
+            stage_wrapper(name)
+    # Measure the model as memfit will run it: HF's own checkpointing off (with a warning).
+    disable_hf_checkpointing(model)
+    chain = _chain(model, sample, blocks)
+    if isinstance(options, str):
+        block_ops = profile_ops(model, sample, chain)
+        options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
+    else:
+        block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
+    # Every way of running the blocks: keep, recompute (each block its own segment), options.
+    ways: dict[str, Plan | None] = {KEEP: None, RECOMPUTE: _every_block(chain, None)}
+    ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
+    # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's drift
+    # reaches every way alike and the planner compares options measured side by side.
+    clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, way_plan in ways.items():
+            with planned(model, chain, way_plan):
+                clocks[way].append(
+                    stage_clock(model, sample, chain, loss_fn=loss_fn, accumulate=accumulate)
+                )
+    readings: dict[str, StageReading] = {}
+    details: dict[str, list[dict[str, Any]]] = {}
+    for way, way_plan in ways.items():
+        with planned(model, chain, way_plan), recording() as rebuilt:
+            readings[way] = measure_stages(
+                model,
+                sample,
+                chain,
+                loss_fn=loss_fn,
+                accumulate=accumulate,
+                optimizer=optimizer,
+                clocks=clocks[way],
+            )
+        if is_selective(way):
+            saved = saved_ops(way)
+            details[way] = [selective_detail(block, saved) for block in block_ops]
+        elif rebuilt:  # the warm-up forward's blocks, in chain order
+            details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
+    keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
+    ops = {block.name: block.to_rows() for block in block_ops}
+    return build_profile(
+        model,
+        sample,
+        chain,
+        keep,
+        recompute=recompute,
+        options=readings,
+        details=details,
+        info={"ops": ops} if ops else None,
+    )

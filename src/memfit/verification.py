@@ -1,0 +1,163 @@
+"""``memfit.verify``: a planned model against itself unplanned, bit for bit, byte for byte.
+
+The checks here (seeded gradients compared with ``torch.equal``, metered peaks, paired timings)
+are the ones the benchmark (:mod:`memfit.bench`) runs for every row too.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import MemfitError
+from memfit.measuring.run import Measurement, measure, time_step
+from memfit.measuring.step import LossFn, compute_loss, reset_grads, sample_device, split_sample
+from memfit.planning.plan import Plan
+from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, planned, remove_plan
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verification:
+    """What :func:`verify` found.
+
+    Attributes:
+        gradients_equal: every parameter gradient bitwise equal to the unplanned model's.
+        loss_equal: the loss bitwise equal.
+        mismatched: names of parameters whose gradients differ.
+        measured_peak_bytes: the planned step's measured peak.
+        baseline_peak_bytes: the unplanned step's measured peak.
+        predicted_peak_bytes: the plan's prediction.
+        budget_bytes: the plan's budget (None without one).
+        overhead: planned step time / unplanned step time - 1 (medians, interleaved runs).
+    """
+
+    gradients_equal: bool
+    loss_equal: bool
+    mismatched: tuple[str, ...]
+    measured_peak_bytes: int
+    baseline_peak_bytes: int
+    predicted_peak_bytes: int
+    budget_bytes: int | None
+    overhead: float
+    planned: Measurement
+    baseline: Measurement
+
+    @property
+    def ok(self) -> bool:
+        """Gradients and loss equal, and the peak within the budget."""
+        fits = self.budget_bytes is None or self.measured_peak_bytes <= self.budget_bytes
+        return self.gradients_equal and self.loss_equal and fits
+
+    @property
+    def prediction_error(self) -> float:
+        """(predicted - measured) / measured peak."""
+        return self.predicted_peak_bytes / self.measured_peak_bytes - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok, "prediction_error": self.prediction_error}
+
+
+def seeded_gradients(
+    model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Loss and parameter gradients of one step from RNG seed ``seed``; the user's RNG state is
+    restored, the model's ``.grad`` fields are left at ``None``."""
+    reset_grads(model, accumulate=False)
+    args, kwargs = split_sample(sample)
+    device = sample_device(model, sample)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        loss = compute_loss(model(*args, **kwargs), loss_fn)
+        loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    reset_grads(model, accumulate=False)
+    return loss.detach(), grads
+
+
+def verify(
+    model: nn.Module,
+    sample: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+) -> Verification:
+    """Check a planned model against itself unplanned: gradients, loss, peak and overhead.
+
+    Runs one step with and without the plan from the same RNG state (dropout on) and compares
+    every parameter gradient and the loss bit for bit; measures both peaks; times both steps in
+    pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
+
+    Raises:
+        MemfitError: the model carries no plan.
+        ValueError: ``repeats < 1``.
+
+    Example:
+        >>> memfit.auto(model, batch, budget="40%")
+        >>> report = memfit.verify(model, batch)
+        >>> assert report.gradients_equal and report.ok
+    """
+    current = applied_plan(model)
+    if current is None:
+        raise MemfitError("memfit.verify needs a planned model: call memfit.apply or memfit.auto")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (timed pairs of steps); got {repeats}")
+    chain = chain_of_plan(model, current)
+    saved_grads = {p: p.grad for p in model.parameters()}
+    try:
+        planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
+        planned = measure(model, sample, loss_fn=loss_fn, repeats=1)
+        remove_plan(model)
+        reference_loss, reference_grads = seeded_gradients(model, sample, loss_fn, seed)
+        baseline = measure(model, sample, loss_fn=loss_fn, repeats=1)
+        ratios = [
+            timed_step_under(model, sample, current, loss_fn)
+            / timed_step_under(model, sample, None, loss_fn)
+            for _ in range(repeats)
+        ]
+    finally:
+        if applied_plan(model) is None:
+            apply_plan(model, chain, current)
+        for parameter, grad in saved_grads.items():
+            parameter.grad = grad
+    mismatched = tuple(
+        name
+        for name, grad in reference_grads.items()
+        if not same_tensors(grad, planned_grads.get(name))
+    )
+    return Verification(
+        gradients_equal=not mismatched,
+        loss_equal=torch.equal(reference_loss, planned_loss),
+        mismatched=mismatched,
+        measured_peak_bytes=planned.peak_bytes,
+        baseline_peak_bytes=baseline.peak_bytes,
+        predicted_peak_bytes=current.predicted_peak_bytes,
+        budget_bytes=current.budget_bytes,
+        overhead=statistics.median(ratios) - 1.0,
+        planned=planned,
+        baseline=baseline,
+    )
+
+
+def timed_step_under(
+    model: nn.Module, sample: Any, plan: Plan | None, loss_fn: LossFn | None = None
+) -> float:
+    """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
+    carry a plan), after one untimed step: right after another way of running, the allocator's
+    state (pages a leaner plan gave back) would otherwise be charged to this one."""
+    chain = None if plan is None else chain_of_plan(model, plan)
+    with planned(model, chain, plan):
+        time_step(model, sample, loss_fn=loss_fn)
+        return time_step(model, sample, loss_fn=loss_fn)
+
+
+def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Bitwise equal, or both missing."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
