@@ -8,6 +8,7 @@ GELU or a LayerNorm is far from free.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,17 +37,74 @@ MATMUL_OPS = frozenset(
         "aten._scaled_dot_product_cudnn_attention.default",
     }
 )
-# Random ops are never saved: recomputing all of them in order keeps the RNG stream identical.
-RANDOM_OPS = frozenset(
-    {
-        "aten.native_dropout.default",
-        "aten.bernoulli_.float",
-        "aten.bernoulli.default",
-        "aten.rand_like.default",
-        "aten.randn_like.default",
-        "aten.uniform_.default",
-    }
-)
+
+
+def _overload(op: Any) -> Any:
+    """The ``OpOverload`` behind ``op`` (itself, or a name such as ``aten.mm.default``);
+    ``None`` for a name torch does not know."""
+    if not isinstance(op, str):
+        return op
+    return _overload_by_name(op)
+
+
+@functools.cache
+def _overload_by_name(name: str) -> Any:
+    namespace, _, rest = name.partition(".")
+    packet, _, overload = rest.partition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), packet), overload or "default")
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _dropout_position(op: Any) -> int | None:
+    """Position of the op's ``dropout_p`` argument (attention kernels), else ``None``."""
+    for position, argument in enumerate(op._schema.arguments):
+        if argument.name == "dropout_p":
+            return position
+    return None
+
+
+def is_random_op(op: Any) -> bool:
+    """Whether ``op`` (an ``OpOverload`` or its name) may draw random numbers.
+
+    torch tags every such aten op ``nondeterministic_seeded`` (``rand``, ``randn``, ``normal``,
+    ``randint``, ``multinomial``, ``bernoulli_``, dropout, and the fused attention kernels, which
+    draw only when their ``dropout_p`` is above 0: see :func:`draws_random`). A name torch does
+    not know is not random.
+    """
+    overload = _overload(op)
+    tags = getattr(overload, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def draws_random(op: Any, args: Any = (), kwargs: Any = None) -> bool:
+    """Whether this call of ``op`` draws random numbers.
+
+    Ops with a ``dropout_p`` argument (``_scaled_dot_product_flash_attention``,
+    ``_efficient_attention``, ``..._for_cpu``...) draw only when it is above 0: with dropout
+    off they are deterministic matmuls worth saving. Any other random-tagged op always draws.
+    """
+    if not is_random_op(op):
+        return False
+    overload = _overload(op)
+    position = _dropout_position(overload)
+    if position is None:
+        return True
+    if kwargs and "dropout_p" in kwargs:
+        dropout = kwargs["dropout_p"]
+    elif position < len(args):
+        dropout = args[position]
+    else:
+        dropout = overload._schema.arguments[position].default_value
+    return bool(dropout)
+
+
+def decides_per_call(op: Any) -> bool:
+    """Whether ``op`` is random only for some calls (an attention kernel: its ``dropout_p``)."""
+    overload = _overload(op)
+    return is_random_op(overload) and _dropout_position(overload) is not None
 
 
 @dataclass(slots=True)
@@ -60,7 +118,9 @@ class OpStats:
         output_bytes: bytes of the storages it outputs.
         saved_bytes: of those, the bytes autograd saves for backward.
         needs: what recomputing it takes: the ops of the block whose outputs it reads (short
-            names), ``parameters``, and ``block input`` for anything made before the block.
+            names), ``parameters``, ``block input`` for anything made before the block, and
+            ``random numbers`` when it draws them (or a random op fills its output in place).
+        random: whether some call of it drew random numbers (never saved by a policy).
     """
 
     op: str
@@ -69,6 +129,7 @@ class OpStats:
     output_bytes: int = 0
     saved_bytes: int = 0
     needs: set[str] = field(default_factory=set)
+    random: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: short op names, ``needs`` sorted."""
@@ -118,6 +179,10 @@ class _Recorder(TorchDispatchMode):
         stats = self.block.ops.setdefault(name, OpStats(name))
         stats.calls += 1
         stats.seconds += elapsed
+        random = draws_random(func, args, kwargs)
+        if random:
+            stats.random = True
+            stats.needs.add("random numbers")
         inputs = {
             leaf.untyped_storage().data_ptr()
             for leaf in tree_leaves((args, kwargs))
@@ -134,7 +199,7 @@ class _Recorder(TorchDispatchMode):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 ptr = leaf.untyped_storage().data_ptr()
                 if ptr in inputs:  # a view or an in-place op: the storage is its input's
-                    if name in RANDOM_OPS and ptr in self.block.producers:
+                    if random and ptr in self.block.producers:
                         # filled with random numbers in place (dropout's mask on CPU)
                         self.block.ops[self.block.producers[ptr]].needs.add("random numbers")
                     continue
@@ -217,11 +282,15 @@ def full_op_name(short: str) -> str:
 
 
 def saveable(op: str) -> bool:
-    """Whether a selective policy may save the op's output: not random (recomputing every random
-    op in order keeps the RNG stream), not in-place, not a factory whose output is filled later."""
+    """Whether a selective policy may name the op: not random (recomputing every random op in
+    order keeps the RNG stream; a saved one would be skipped and shift every draw after it), not
+    in-place, not a factory whose output is filled later.
+
+    Attention kernels are random only with dropout on: they may be named, and the policy
+    recomputes the calls that draw (:func:`draws_random`)."""
     packet = op.split(".")[1] if op.count(".") >= 2 else op
     return (
-        op not in RANDOM_OPS
+        (not is_random_op(op) or decides_per_call(op))
         and not packet.endswith("_")
         and not op.startswith(_NEVER_SAVED_PREFIXES)
     )
@@ -230,11 +299,15 @@ def saveable(op: str) -> bool:
 def selective_detail(block: BlockOps, saved: frozenset[str]) -> dict[str, list[str]]:
     """Which of ``block``'s ops a selective policy saving ``saved`` keeps and which it reruns in
     backward (short op names, in the block's order): the plan's per-stage explanation."""
-    saves = [op for op, stats in block.ops.items() if op in saved and stats.saved_bytes > 0]
+    saves = [
+        op
+        for op, stats in block.ops.items()
+        if op in saved and stats.saved_bytes > 0 and not stats.random
+    ]
     reruns = [
         op
         for op, stats in block.ops.items()
-        if op not in saved and (stats.output_bytes > 0 or op in RANDOM_OPS)
+        if (op not in saved or stats.random) and (stats.output_bytes > 0 or stats.random)
     ]
     return {
         "saves": [short_op_name(op) for op in saves],
@@ -257,7 +330,7 @@ def candidate_policies(
     saved: dict[str, int] = {}
     for block in blocks:
         for stats in block.ops.values():
-            if stats.saved_bytes > 0 and saveable(stats.op):
+            if stats.saved_bytes > 0 and saveable(stats.op) and not stats.random:
                 seconds[stats.op] = seconds.get(stats.op, 0.0) + stats.seconds
                 saved[stats.op] = saved.get(stats.op, 0) + stats.saved_bytes
     ranked = sorted(seconds, key=lambda op: seconds[op] / saved[op], reverse=True)

@@ -10,8 +10,10 @@ Option names are self-describing, so a plan's JSON is all ``apply`` needs. Built
   short names as :func:`memfit.measuring.ops.short_op_name` writes them, e.g. ``addmm+gelu``).
 
 A new family (``offload``, say) is one :func:`register_option` call; a new named selective
-policy is one :func:`register_selective_policy` call. Random ops are never saved, so recompute
-replays all of them in order and dropout masks come out bit-identical.
+policy is one :func:`register_selective_policy` call. Random ops (torch's ``nondeterministic_seeded``
+tag, :func:`memfit.measuring.ops.is_random_op`) are never saved, so recompute replays all of them
+in order and dropout masks come out bit-identical: naming one is an error, and attention kernels
+are saved only at calls with dropout off.
 
 Known gap: around a compiled function, selective checkpointing sees ``aten.mm.out`` instead of
 ``aten.mm.default``. Saving an ``.out`` op is unsafe (the recompute would return the cached
@@ -33,7 +35,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from memfit.measuring.ops import MATMUL_OPS, full_op_name, saveable
+from memfit.measuring.ops import MATMUL_OPS, draws_random, full_op_name, saveable
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,9 @@ def _check_saveable(option: str, ops: frozenset[str]) -> None:
     unsafe = sorted(op for op in ops if not saveable(op))
     if unsafe:
         raise ValueError(
-            f"option {option!r} saves {unsafe}: random or in-place ops cannot be saved"
+            f"option {option!r} saves {unsafe}: random or in-place ops cannot be saved, nor "
+            f"factories (a random op must rerun in backward for the recompute to draw the same "
+            f"numbers); drop them from the option: they are recomputed"
         )
 
 
@@ -158,14 +162,15 @@ def selective_policy(ops: frozenset[str], option: str) -> Callable[..., Checkpoi
     """The ``CheckpointPolicy`` function of ``create_selective_checkpoint_contexts`` for ``ops``.
 
     ``.out`` variants of saved ops (seen around compiled code) are recomputed, never saved:
-    see the module docstring.
+    see the module docstring. Calls that draw random numbers (an attention kernel with dropout
+    on) are recomputed too, so the recompute replays the RNG stream in the forward's order.
     """
     warned = False
 
-    def policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
+    def policy(_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         nonlocal warned
         name = str(op)
-        if name in ops:
+        if name in ops and not draws_random(op, args, kwargs):
             return CheckpointPolicy.MUST_SAVE
         if not warned and name.endswith(".out") and name[: -len("out")] + "default" in ops:
             warned = True
