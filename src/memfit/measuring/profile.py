@@ -127,6 +127,18 @@ def _option_costs(
     )
 
 
+def _checkpoint_bytes(recompute: StageReading, keep: StageReading, last: int) -> int:
+    """What a one-block checkpoint keeps from its forward to its backward besides the block's
+    output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
+    device's). The smallest such figure over the blocks, so that what one block stashes itself
+    (a cache filled in its forward) is not taken for every checkpoint's."""
+    kept = []
+    for index in range(1, last):
+        start, _peak, end = recompute.forward_span(index)
+        kept.append(end - start - keep.output_bytes.get(index, 0))
+    return max(0, min(kept, default=0))
+
+
 def build_profile(
     model: nn.Module,
     sample: Any,
@@ -150,6 +162,7 @@ def build_profile(
         info: JSON-ready facts kept with the profile (``ops``: each block's op profile).
     """
     last = len(chain) - 1
+    checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, last)
     stages = []
     for index, name in enumerate(chain.stage_names):
         output = keep.output_bytes.get(index, 0)
@@ -163,7 +176,9 @@ def build_profile(
                 menu[option] = _option_costs(reading, index, last, output, detail)
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
-            nosave_s, nosave_peak = recompute.forward_s[index], peak - start
+            # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
+            nosave_s = recompute.forward_s[index]
+            nosave_peak = max(0, peak - start - checkpoint)
         else:
             nosave_s, nosave_peak = menu[KEEP].forward_s, menu[KEEP].forward_peak_bytes
         stages.append(
@@ -182,6 +197,7 @@ def build_profile(
         stages=stages,
         held_bytes=keep.measurement.held_bytes,
         fingerprint=fingerprint(model, sample, chain),
+        checkpoint_bytes=checkpoint,
     )
     return Profile(
         costs=costs,

@@ -70,6 +70,10 @@ class ChainArrays:
         stages = costs.stages
         n = self.n = len(stages)
         self.held_bytes = int(costs.held_bytes)
+        # a checkpoint's RNG state: held by a segment from its forward on, and once more during
+        # its backward (see simulate); nested segments' states in the no-save forward are not
+        # counted here, so the simulator may refuse a DP tree and a fallback then serves
+        self.checkpoint_bytes = int(costs.checkpoint_bytes)
         self.option_names = [
             (KEEP, *(name for name in stage.options if name != KEEP)) for stage in stages
         ]
@@ -115,8 +119,8 @@ class ChainArrays:
         self.segment_time = np.zeros(shape)
         nosave_peak = np.array([stage.nosave_forward_peak_bytes for stage in stages], dtype=Int)
         nosave_s = np.array([stage.nosave_forward_s for stage in stages])
-        level = np.zeros(n, dtype=Int)
-        peak = np.zeros(n, dtype=Int)
+        level = np.full(n, self.checkpoint_bytes, dtype=Int)
+        peak = level.copy()
         seconds = np.zeros(n)
         for length in range(1, self.cap + 1):
             first = np.arange(n - length + 1)
@@ -126,7 +130,9 @@ class ChainArrays:
             peak[first] = np.maximum(peak[first], level[first] + step_peak)
             level[first] += delta
             seconds[first] += nosave_s[last]
-            self.segment_peak[first, length] = peak[first]
+            # several stages: the runtime's RNG check between them when the forward ends
+            check = 2 * self.checkpoint_bytes if length > 1 else 0
+            self.segment_peak[first, length] = np.maximum(peak[first], level[first] + check)
             self.segment_residue[first, length] = level[first]
             self.segment_time[first, length] = seconds[first]
 
@@ -195,7 +201,9 @@ class ChainArrays:
             time_s=every.time_s[rows],
             forward_peak=every.forward_peak[rows],
             residue=residue,
-            back_offset=residue + self.total(rest_start, stop, drop),
+            back_offset=residue
+            + self.total(rest_start, stop, drop)
+            + np.where(np.arange(len(rows)) >= options, self.checkpoint_bytes, 0),
             back_peak=every.back_peak[rows],
             rest_start=rest_start,
         )

@@ -93,7 +93,11 @@ class SegmentTables:
     def _full_offset(self, start: int, length: int) -> int:
         arrays = self.arrays
         stop = start + length
-        back_offset = arrays.segment_residue[start, length] + arrays.total(stop, stop, True)
+        back_offset = (
+            arrays.segment_residue[start, length]
+            + arrays.total(stop, stop, True)
+            + arrays.checkpoint_bytes  # the RNG state saved around the recompute
+        )
         return int(ceil_slots(back_offset, self.slot_bytes))
 
     def _full_segment(self, start: int, length: int, inner: np.ndarray) -> np.ndarray:

@@ -79,6 +79,7 @@ class MinPeak:
             int(arrays.segment_peak[start, length]),
             int(arrays.segment_residue[start, length])
             + int(arrays.total(np.array(stop), stop, True))
+            + arrays.checkpoint_bytes  # the RNG state saved around the recompute
             + int(self.inner[start, length]),
         )
         full_time = arrays.segment_time[start, length] + self.inner_time[start, length]

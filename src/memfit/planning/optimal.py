@@ -108,7 +108,7 @@ class Solution:
 
 def unit_bytes(costs: ChainCosts) -> int:
     """The largest unit that every byte figure of the chain is a multiple of (at least 1)."""
-    values: list[int] = []
+    values: list[int] = [costs.checkpoint_bytes]
     for stage in costs.stages:
         values += [stage.input_bytes, stage.output_bytes, stage.nosave_forward_peak_bytes]
         for option in stage.options.values():

@@ -9,7 +9,13 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
 * ``Segment(s, t, inner)`` forward: stages ``s..t-1`` without saving: peak ``L +
   nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
   input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
-  (the recomputed output is not needed: the output's gradient is), then ``inner`` backward.
+  (the recomputed output is not needed: the output's gradient is), then ``inner`` backward;
+* every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
+  forward to the end of its backward, plus one per segment nested in it (their checkpoints run
+  in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
+  the optimal DP holds that one through the inner backward too, an upper bound); a segment of several stages
+  peaks ``2 * checkpoint_bytes`` above the level its forward leaves (memfit's runtime reads the
+  RNG state once more between its blocks and compares).
 
 One clarification: an event's peak is never below the level it leaves (``L`` after the change).
 Measured costs always satisfy this, since a transient peak includes the end state; counting the
@@ -106,6 +112,7 @@ class _Replay:
 
     def __init__(self, costs: ChainCosts, record: bool) -> None:
         self.stages = costs.stages
+        self.checkpoint_bytes = costs.checkpoint_bytes
         self.level = costs.held_bytes
         self.peak = costs.held_bytes
         self.where = "start of the step (held bytes)"
@@ -122,6 +129,11 @@ class _Replay:
         if self.record:
             self.timeline.append((label, self.level))
 
+    def rng_event(self, label: str, phase: str, peak_above: int, delta: int) -> None:
+        """An event of the checkpoints' RNG states: none at all where they take no memory."""
+        if self.checkpoint_bytes:
+            self.event(label, phase, peak_above, delta)
+
     def name(self, index: int) -> str:
         return f"stage {index} ({self.stages[index].name})"
 
@@ -135,12 +147,17 @@ class _Replay:
                 self.event(label, phase, option.forward_peak_bytes, delta)
                 continue
             inside = _inside(item, context)
+            states = self.checkpoint_bytes * (1 + _nested(item.inner))
+            self.rng_event(f"{phase}: checkpoint RNG states{inside}", phase, 0, states)
             for index in range(item.start, item.stop):
                 stage = self.stages[index]
                 self.step_s += stage.nosave_forward_s
                 delta = stage.output_bytes - (stage.input_bytes if index > item.start else 0)
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
+            if item.stop - item.start > 1:
+                label = f"{phase}: RNG check between the blocks{inside}"
+                self.rng_event(label, phase, 2 * self.checkpoint_bytes, 0)
 
     def backward(self, items: Sequence[Item], context: str) -> None:
         for item in reversed(items):
@@ -150,12 +167,25 @@ class _Replay:
                 self.event(label, BACKWARD, option.backward_peak_bytes, option.backward_delta_bytes)
                 continue
             inside = _inside(item, context)
+            self.rng_event(
+                f"recompute: RNG state saved{inside}", RECOMPUTE, 0, self.checkpoint_bytes
+            )
             self.forward(item.inner, RECOMPUTE, inside)
+            self.rng_event(
+                f"recompute: RNG state restored{inside}", RECOMPUTE, 0, -self.checkpoint_bytes
+            )
             dropped = self.stages[item.stop - 1].output_bytes
             self.event(
                 f"drop recomputed output of {self.name(item.stop - 1)}", BACKWARD, 0, -dropped
             )
             self.backward(item.inner, inside)
+            states = self.checkpoint_bytes * (1 + _nested(item.inner))
+            self.rng_event(f"backward: checkpoint RNG states freed{inside}", BACKWARD, 0, -states)
+
+
+def _nested(items: Sequence[Item]) -> int:
+    """Segments inside ``items``, at any depth."""
+    return sum(1 + _nested(item.inner) for item in items if isinstance(item, Segment))
 
 
 def _inside(segment: Segment, context: str) -> str:
