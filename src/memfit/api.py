@@ -8,6 +8,7 @@ verification in :mod:`memfit.verification`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -39,7 +40,9 @@ def plan(
 
     Args:
         profile_or_model: a :class:`Profile`, or a model (then ``sample`` is required and the
-            model is profiled first, with ``profile_options`` passed to :func:`profile`).
+            model is profiled first, with ``profile_options`` passed to :func:`profile`:
+            ``keep_output``, ``accumulate``, ``optimizer``, ``options``...). The plan records
+            the loop the profile measured (``plan.keep_output``, ``plan.accumulate``).
         budget: bytes of step peak (``"12GiB"``, ``"800MB"``, ``12 * 2**30``), or a percentage of
             the step's activation memory without memfit (``"40%"``); ``None``: no cap (for the
             baselines).
@@ -73,6 +76,9 @@ def plan(
         else parsed.resolve(prof.measurement.held_bytes, prof.measurement.activation_bytes)
     )
     result = solve(prof.costs, budget_bytes, strategy)
+    # the plan holds for the loop the profile measured: verify measures that one again
+    step = prof.measurement
+    result = dataclasses.replace(result, keep_output=step.keep_output, accumulate=step.accumulate)
     logger.info("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
 
@@ -128,6 +134,10 @@ def auto(
     **profile_options: Any,
 ) -> Plan:
     """Profile, plan and apply in one call; returns the plan applied.
+
+    Args:
+        profile_options: passed to :func:`profile`, e.g. ``keep_output=False`` for a loop that
+            keeps only the loss, ``accumulate=True``, ``optimizer=opt``.
 
     Example:
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")

@@ -103,12 +103,14 @@ def bench(
     loss_fn: LossFn | None = None,
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
+    keep_output: bool | None = None,
 ) -> BenchResult:
     """Run every strategy at every budget on ``model`` and measure it.
 
     Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
     run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
-    every budget.
+    every budget. ``keep_output``: whether the model's output stays alive through backward in
+    the measured steps (``None``: as the profile measured it, ``profile.measurement``).
 
     Raises:
         ValueError: a malformed budget or strategy, or ``repeats < 1``.
@@ -117,6 +119,7 @@ def bench(
         raise ValueError(f"repeats must be at least 1 (timed steps per row); got {repeats}")
     say = progress or (lambda _message: None)
     measurement = profile.measurement
+    keep = measurement.keep_output if keep_output is None else keep_output
     resolved = [
         (text, parse_budget(text).resolve(measurement.held_bytes, measurement.activation_bytes))
         for text in budgets
@@ -161,7 +164,9 @@ def bench(
         apply_plan(model, chain, chosen)
         try:
             loss, grads = seeded_gradients(model, sample, loss_fn, seed)
-            peak = measure(model, sample, loss_fn=loss_fn, repeats=1, warmup=1).peak_bytes
+            peak = measure(
+                model, sample, loss_fn=loss_fn, repeats=1, warmup=1, keep_output=keep
+            ).peak_bytes
         finally:
             remove_plan(model)
         equal = torch.equal(loss, reference_loss) and all(
@@ -177,8 +182,8 @@ def bench(
         # each round starts at another row, so no row always follows the same one
         shift = round_ % len(timed_rows) if timed_rows else 0
         for index in timed_rows[shift:] + timed_rows[:shift]:
-            planned = timed_step_under(model, sample, plans[index], loss_fn)
-            unplanned = timed_step_under(model, sample, None, loss_fn)
+            planned = timed_step_under(model, sample, plans[index], loss_fn, keep)
+            unplanned = timed_step_under(model, sample, None, loss_fn, keep)
             row_s[index].append(planned)
             baseline_samples.append(unplanned)
             ratios[index].append(planned / unplanned)

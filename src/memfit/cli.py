@@ -66,6 +66,11 @@ def _size_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _keep(args: argparse.Namespace) -> bool:
+    """Whether the measured loop keeps the model's output alive through backward."""
+    return not getattr(args, "drop_output", False)
+
+
 def _machine() -> str:
     import torch
 
@@ -80,7 +85,7 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
 
     model, sample = load_target(args.target, _size_options(args))
     with out.progress(f"profiling {args.target}"):
-        prof = memfit.profile(model, sample, repeats=args.repeats)
+        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
     if args.output:
         Path(args.output).write_text(prof.to_json())
     if out.as_json:
@@ -100,7 +105,7 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
 
     model, sample = load_target(args.target, _size_options(args))
     with out.progress(f"profiling {args.target}"):
-        prof = memfit.profile(model, sample, repeats=args.repeats)
+        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
     plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
     if args.output:
         Path(args.output).write_text(plan.to_json())
@@ -128,7 +133,7 @@ def _run_bench(
     budgets = [text.strip() for text in args.budgets.split(",") if text.strip()]
     with out.progress(f"{target}") as update:
         update("profiling")
-        prof = memfit.profile(model, sample, repeats=args.repeats)
+        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
         result = bench(model, sample, prof, budgets=budgets, repeats=args.repeats, progress=update)
     title = f"{target}: {describe(model)} on {_machine()}"
     data: dict[str, Any] = {
@@ -213,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
         sub.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
         sub.add_argument("--json", action="store_true", help="print JSON on stdout")
+        sub.add_argument(
+            "--drop-output",
+            action="store_true",
+            help="plan for a loop that keeps only the loss (default: the model's output stays "
+            "alive through backward, as in `out = model(**b); out.loss.backward()`)",
+        )
 
     sub = target_command("profile", "measure every stage of a model")
     sub.add_argument("-o", "--output", help="write the profile as JSON")

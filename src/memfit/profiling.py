@@ -53,6 +53,7 @@ def profile(
     repeats: int = 3,
     options: Sequence[str] | str = "auto",
     optimizer: Any = None,
+    keep_output: bool = True,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -68,6 +69,9 @@ def profile(
             picked from the blocks' op profile; or a list such as
             ``["rebuild", "selective:matmul"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
+        keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
+            through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
+            for a loop that keeps only the loss (see :func:`measure`).
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads.
@@ -114,7 +118,14 @@ def profile(
         for way, way_plan in ways.items():
             with planned(model, chain, way_plan):
                 clocks[way].append(
-                    stage_clock(model, sample, chain, loss_fn=loss_fn, accumulate=accumulate)
+                    stage_clock(
+                        model,
+                        sample,
+                        chain,
+                        loss_fn=loss_fn,
+                        accumulate=accumulate,
+                        keep_output=keep_output,
+                    )
                 )
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
@@ -128,6 +139,7 @@ def profile(
                 accumulate=accumulate,
                 optimizer=optimizer,
                 clocks=clocks[way],
+                keep_output=keep_output,
             )
         if is_selective(way):
             saved = saved_ops(way)

@@ -86,12 +86,24 @@ def verify(
     loss_fn: LossFn | None = None,
     repeats: int = 5,
     seed: int = 0,
+    optimizer: Any = None,
+    accumulate: bool | None = None,
+    keep_output: bool | None = None,
 ) -> Verification:
     """Check a planned model against itself unplanned: gradients, loss, peak and overhead.
 
     Runs one step with and without the plan from the same RNG state (dropout on) and compares
     every parameter gradient and the loss bit for bit; measures both peaks; times both steps in
     pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
+    The peaks are measured in the steady state the plan was made for.
+
+    Args:
+        optimizer: its state counts as held before the step (pass the one the plan was
+            profiled with, so that the peak compares with a budget in bytes).
+        accumulate: measure the gradient-accumulation steady state; ``None``: as the plan
+            records (``plan.accumulate``).
+        keep_output: keep the model's output alive through backward (the usual loop);
+            ``None``: as the plan records (``plan.keep_output``).
 
     Raises:
         MemfitError: the model carries no plan.
@@ -108,16 +120,22 @@ def verify(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1 (timed pairs of steps); got {repeats}")
     chain = chain_of_plan(model, current)
+    step = dict(
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        accumulate=current.accumulate if accumulate is None else accumulate,
+        keep_output=current.keep_output if keep_output is None else keep_output,
+    )
     saved_grads = {p: p.grad for p in model.parameters()}
     try:
         planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
-        planned = measure(model, sample, loss_fn=loss_fn, repeats=1)
+        planned = measure(model, sample, repeats=1, **step)
         remove_plan(model)
         reference_loss, reference_grads = seeded_gradients(model, sample, loss_fn, seed)
-        baseline = measure(model, sample, loss_fn=loss_fn, repeats=1)
+        baseline = measure(model, sample, repeats=1, **step)
         ratios = [
-            timed_step_under(model, sample, current, loss_fn)
-            / timed_step_under(model, sample, None, loss_fn)
+            timed_step_under(model, sample, current, loss_fn, step["keep_output"])
+            / timed_step_under(model, sample, None, loss_fn, step["keep_output"])
             for _ in range(repeats)
         ]
     finally:
@@ -145,15 +163,19 @@ def verify(
 
 
 def timed_step_under(
-    model: nn.Module, sample: Any, plan: Plan | None, loss_fn: LossFn | None = None
+    model: nn.Module,
+    sample: Any,
+    plan: Plan | None,
+    loss_fn: LossFn | None = None,
+    keep_output: bool = True,
 ) -> float:
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
     carry a plan), after one untimed step: right after another way of running, the allocator's
     state (pages a leaner plan gave back) would otherwise be charged to this one."""
     chain = None if plan is None else chain_of_plan(model, plan)
     with planned(model, chain, plan):
-        time_step(model, sample, loss_fn=loss_fn)
-        return time_step(model, sample, loss_fn=loss_fn)
+        time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
+        return time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
 
 
 def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -55,6 +55,8 @@ class Measurement:
         step_s, forward_s, backward_s: medians over the timed repeats.
         peak_op: the op at the peak (CPU).
         accumulate: whether gradients existed before the step (gradient accumulation).
+        keep_output: whether the model's output stayed alive through backward (the loop
+            ``out = model(**batch); out.loss.backward()``) or only the loss did.
         device: where the step ran.
         repeats: how many timed steps the medians are over.
     """
@@ -71,6 +73,7 @@ class Measurement:
     accumulate: bool
     device: str
     repeats: int
+    keep_output: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,10 +100,17 @@ class _Clock:
 Marker = Callable[[str], None]
 
 
-def _step(model: nn.Module, sample: Any, loss_fn: LossFn | None, mark: Marker) -> torch.Tensor:
+def _step(
+    model: nn.Module, sample: Any, loss_fn: LossFn | None, mark: Marker, keep_output: bool = True
+) -> torch.Tensor:
+    """Forward, loss, backward. ``keep_output``: the output (logits, caches) stays alive through
+    backward, as in ``out = model(**batch); out.loss.backward()``; else only the loss does."""
     args, kwargs = split_sample(sample)
     mark("F:0")
-    loss = compute_loss(model(*args, **kwargs), loss_fn)
+    output = model(*args, **kwargs)
+    loss = compute_loss(output, loss_fn)
+    if not keep_output:
+        del output
     mark("B:loss")
     loss.backward()
     mark("end")
@@ -189,12 +199,17 @@ def _span(reading: MemoryReading, label: str) -> tuple[int, int, int]:
 
 
 def _timed_step(
-    model: nn.Module, sample: Any, chain: Chain | None, loss_fn: LossFn | None, accumulate: bool
+    model: nn.Module,
+    sample: Any,
+    chain: Chain | None,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    keep_output: bool = True,
 ) -> dict[str, float]:
     reset_grads(model, accumulate)
     clock = _Clock(sample_device(model, sample))
     with _marks(chain, clock.mark):
-        _step(model, sample, loss_fn, clock.mark)
+        _step(model, sample, loss_fn, clock.mark, keep_output)
     return clock.durations()
 
 
@@ -216,6 +231,7 @@ def stage_clock(
     loss_fn: LossFn | None = None,
     accumulate: bool = False,
     warmup: int = 1,
+    keep_output: bool = True,
 ) -> dict[str, float]:
     """One timed step of ``model`` as it is now, cut at the stage marks: label -> seconds.
 
@@ -228,8 +244,8 @@ def stage_clock(
     with preserved_grads(model):
         for _ in range(warmup):
             reset_grads(model, accumulate)
-            _step(model, sample, loss_fn, lambda _label: None)
-        return _timed_step(model, sample, chain, loss_fn, accumulate)
+            _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
 
 
 def measure_stages(
@@ -243,12 +259,13 @@ def measure_stages(
     warmup: int = 1,
     optimizer: Any = None,
     clocks: Sequence[Mapping[str, float]] | None = None,
+    keep_output: bool = True,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
     With ``chain=None`` only the whole step is measured (``measure``). ``clocks``: stage
     durations timed already (:func:`stage_clock`, interleaved with other ways of running the
-    model); then only the memory is measured here.
+    model); then only the memory is measured here. ``keep_output``: see :func:`measure`.
     """
     if clocks is not None and not clocks:
         raise ValueError("clocks, when given, must hold at least one timed step")
@@ -260,16 +277,17 @@ def measure_stages(
     with preserved_grads(model):
         for _ in range(warmup):
             reset_grads(model, accumulate)
-            _step(model, sample, loss_fn, lambda _label: None)
+            _step(model, sample, loss_fn, lambda _label: None, keep_output)
         if clocks is None:
             clocks = [
-                _timed_step(model, sample, chain, loss_fn, accumulate) for _ in range(repeats)
+                _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
+                for _ in range(repeats)
             ]
         reset_grads(model, accumulate)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
         with _marks(chain, meter.mark) as sizes, meter:
-            loss = _step(model, sample, loss_fn, meter.mark)
+            loss = _step(model, sample, loss_fn, meter.mark, keep_output)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
     reading = meter.reading
@@ -302,6 +320,7 @@ def measure_stages(
         accumulate=accumulate,
         device=str(device),
         repeats=len(clocks),
+        keep_output=keep_output,
     )
     forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
     backward_s = {i: median("B:loss" if i == last else f"B:{i}") for i in range(last + 1)}
@@ -319,6 +338,7 @@ def measure(
     repeats: int = 5,
     warmup: int = 1,
     optimizer: Any = None,
+    keep_output: bool = True,
 ) -> Measurement:
     """Measure one training step: peak memory (to the byte on CPU) and median time.
 
@@ -330,6 +350,10 @@ def measure(
             the step) instead of ``zero_grad(set_to_none=True)``.
         repeats: timed steps (the time is their median), after ``warmup`` untimed ones.
         optimizer: its state counts as held before the step.
+        keep_output: ``True`` (default): the model's output stays alive through backward, as
+            in the usual loop ``out = model(**batch); out.loss.backward()`` (logits, caches:
+            gigabytes with a large vocabulary); ``False`` for loops that keep only the loss
+            (``loss = model(**batch).loss; loss.backward()``).
 
     Returns:
         A :class:`Measurement`. The model's gradients are left as they were.
@@ -347,11 +371,17 @@ def measure(
         repeats=repeats,
         warmup=warmup,
         optimizer=optimizer,
+        keep_output=keep_output,
     ).measurement
 
 
 def time_step(
-    model: nn.Module, sample: Any, *, loss_fn: LossFn | None = None, accumulate: bool = False
+    model: nn.Module,
+    sample: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    keep_output: bool = True,
 ) -> float:
     """Seconds of one training step (gradients reset to the steady state first)."""
     device = sample_device(model, sample)
@@ -361,7 +391,7 @@ def time_step(
     gc.disable()
     try:
         start = time.perf_counter()
-        _step(model, sample, loss_fn, lambda _label: None)
+        _step(model, sample, loss_fn, lambda _label: None, keep_output)
         synchronize(device)
         return time.perf_counter() - start
     finally:

@@ -132,6 +132,12 @@ class Plan:
         predicted_peak_bytes: the simulator's step peak.
         predicted_step_s: the simulator's step time.
         fingerprint: the profile's fingerprint (model structure, shapes, dtypes).
+        keep_output: the training loop it was made for: ``True`` when the model's output
+            stays alive through backward (``out = model(**b); out.loss.backward()``), ``False``
+            when only the loss does. ``verify`` measures the same loop.
+        accumulate: made for the gradient-accumulation steady state (gradients exist before
+            the step).
+        info: JSON-ready facts (solver details, what each option saves).
     """
 
     stage_names: tuple[str, ...]
@@ -141,6 +147,8 @@ class Plan:
     predicted_step_s: float
     budget_bytes: int | None = None
     fingerprint: str = ""
+    keep_output: bool = True
+    accumulate: bool = False
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,6 +173,12 @@ class Plan:
         by_index = stage_options(self.tree)
         return {name: by_index[i] for i, name in enumerate(self.stage_names)}
 
+    @property
+    def loop(self) -> str:
+        """The training loop the plan was made for, in words (tables, summaries)."""
+        kept = "output kept through backward" if self.keep_output else "only the loss kept"
+        return kept + (", gradient accumulation" if self.accumulate else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT_VERSION,
@@ -175,6 +189,7 @@ class Plan:
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "predicted_step_s": self.predicted_step_s,
             "fingerprint": self.fingerprint,
+            "step": {"keep_output": self.keep_output, "accumulate": self.accumulate},
             "info": dict(self.info),
         }
 
@@ -194,6 +209,11 @@ class Plan:
         if missing:
             raise ValueError(f"plan JSON lacks {missing}; re-create it with `memfit plan`")
         budget = data.get("budget_bytes")
+        step = data.get("step", {})
+        if not isinstance(step, Mapping):
+            raise ValueError(
+                f'plan "step" is an object such as {{"keep_output": true}}; got {step!r}'
+            )
         return cls(
             stage_names=tuple(str(name) for name in data["stage_names"]),
             tree=tree_from_data(data["tree"]),
@@ -202,6 +222,8 @@ class Plan:
             predicted_peak_bytes=int(data.get("predicted_peak_bytes", 0)),
             predicted_step_s=float(data.get("predicted_step_s", 0.0)),
             fingerprint=str(data.get("fingerprint", "")),
+            keep_output=bool(step.get("keep_output", True)),
+            accumulate=bool(step.get("accumulate", False)),
             info=dict(data.get("info", {})),
         )
 

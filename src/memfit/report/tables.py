@@ -126,7 +126,8 @@ def plan_table(plan: Plan) -> Any:
     budget = "none" if plan.budget_bytes is None else format_bytes(plan.budget_bytes)
     title = (
         f"Plan ({plan.strategy}, budget {budget}): predicted peak "
-        f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms"
+        f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms; "
+        f"loop: {plan.loop}"
     )
     return make_table(title, ["stage", "runs as", "ops"], rows)
 
