@@ -36,8 +36,19 @@ def test_plan_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     from memfit import Plan
 
     plan = Plan.from_json(target.read_text())
-    assert plan.strategy == "optimal"
-    assert "plan written" in capsys.readouterr().out
+    assert plan.strategy == "optimal" and plan.keep_output
+    out = capsys.readouterr().out
+    assert "plan written" in out and "output kept through backward" in out
+
+
+def test_plan_for_a_loss_only_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "plan.json"
+    argv = ["plan", "mlp", "--layers", "4", "--repeats", "1", "--budget", "60%"]
+    assert main([*argv, "--drop-output", "-o", str(target)]) == 0
+    from memfit import Plan
+
+    assert not Plan.from_json(target.read_text()).keep_output
+    assert "only the loss kept" in capsys.readouterr().out
 
 
 def test_plan_infeasible_budget_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
