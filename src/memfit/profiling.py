@@ -34,10 +34,13 @@ def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
 
 
 def _every_block(chain: Chain, option: str | None) -> Plan:
-    last = len(chain) - 1
-    blocks = [recompute_one(i) if option is None else Stage(i, option) for i in range(1, last)]
+    blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
+    tree = [
+        (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
+        for i, block in enumerate(blocks)
+    ]
     strategy = "all" if option is None else f"every block {option}"
-    return Plan.from_tree(chain.stage_names, (Stage(0), *blocks, Stage(last)), strategy)
+    return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
 
 
 RECOMPUTE = "recompute"

@@ -5,6 +5,13 @@ the blocks in order, and ``<post>`` (everything after the last block: final norm
 The blocks come from the user (``blocks=``) or from the model itself: the largest
 ``nn.ModuleList``/``nn.Sequential`` whose children are each called once, in order, each taking
 the previous one's output as its first argument (every Hugging Face encoder/decoder stack).
+
+Models with several block lists run one after the other (an encoder-decoder: T5, BART, Whisper)
+get all of them: the lists are *groups* of one chain, and what runs between two groups (the
+encoder's final norm, the decoder's embeddings) is a stage of its own, ``<after encoder.block>``,
+which is always kept and never joins a recompute segment. Its output is the next group's first
+input; what it makes besides (the encoder output every decoder block reads) stays live until
+its backward, after the last decoder block's.
 """
 
 from __future__ import annotations
@@ -26,30 +33,70 @@ Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # a block call's side inputs: (
 
 @dataclass(frozen=True, eq=False)
 class Chain:
-    """The stages of a model: ``<pre>``, the blocks, ``<post>``.
+    """The stages of a model: ``<pre>``, the blocks (in one or more groups), ``<post>``.
 
     Attributes:
-        container: fqn of the module holding the blocks (``""``: the model itself).
+        container: fqn of the module holding the blocks (``""``: the model itself; several
+            groups: their containers joined by ``,``).
         block_names: fqn of every block, in execution order.
         blocks: the block modules, in the same order.
+        groups: where each group of blocks starts, as positions in ``blocks`` (``(0,)`` for a
+            single list). Before every group but the first sits a between stage.
     """
 
     container: str
     block_names: tuple[str, ...]
     blocks: tuple[nn.Module, ...]
+    groups: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        starts = self.groups
+        if not starts or starts[0] != 0 or list(starts) != sorted(set(starts)):
+            raise ValueError(f"Chain.groups must start at 0 and increase; got {starts}")
+        if starts[-1] >= max(len(self.blocks), 1):
+            raise ValueError(f"Chain.groups {starts} point past the {len(self.blocks)} blocks")
+        positions: list[int | None] = [None]  # <pre>
+        names = [PRE]
+        for k, name in enumerate(self.block_names):
+            if k and k in starts:
+                positions.append(None)
+                names.append(f"<after {self.block_names[k - 1].rpartition('.')[0]}>")
+            positions.append(k)
+            names.append(name)
+        positions.append(None)
+        names.append(POST)
+        object.__setattr__(self, "_positions", tuple(positions))
+        object.__setattr__(self, "_names", tuple(names))
 
     @property
     def stage_names(self) -> tuple[str, ...]:
-        return (PRE, *self.block_names, POST)
+        return self._names  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
-        return len(self.block_names) + 2
+        return len(self.stage_names)
+
+    def block_position(self, index: int) -> int | None:
+        """Position in ``blocks`` of stage ``index``'s block (``None``: not a block stage)."""
+        positions: tuple[int | None, ...] = self._positions  # type: ignore[attr-defined]
+        return positions[index] if 0 <= index < len(positions) else None
 
     def block_of_stage(self, index: int) -> nn.Module | None:
-        """The block module of stage ``index`` (``None`` for ``<pre>`` and ``<post>``)."""
-        if 1 <= index <= len(self.blocks):
-            return self.blocks[index - 1]
-        return None
+        """The block module of stage ``index`` (``None`` for ``<pre>``, ``<post>`` and the
+        stages between groups)."""
+        position = self.block_position(index)
+        return None if position is None else self.blocks[position]
+
+    @property
+    def block_stages(self) -> tuple[int, ...]:
+        """The stage index of every block, in order."""
+        positions: tuple[int | None, ...] = self._positions  # type: ignore[attr-defined]
+        return tuple(i for i, position in enumerate(positions) if position is not None)
+
+
+def is_block_stage_name(name: str) -> bool:
+    """Whether a stage name (from a plan or profile) names a block rather than a stage of the
+    chain's own (``<pre>``, ``<post>``, ``<after ...>``)."""
+    return not name.startswith("<")
 
 
 def main_tensor(value: Any) -> torch.Tensor | None:
@@ -122,22 +169,27 @@ def find_chain(
 ) -> Chain:
     """Find the model's chain by watching one forward pass.
 
+    Without ``blocks``, the chain is the largest list of blocks that runs as a chain (lists
+    inside a block of another such list do not count), plus every
+    other such list that runs wholly before or after it, is not inside it or around it, and
+    holds blocks of one class with at least a quarter of its blocks' parameters each (the
+    encoder of an encoder-decoder; not a small ``Sequential`` in the head).
+
     Args:
         model: the model.
         run_forward: runs one forward of the model on the sample (grad mode as in training).
-        blocks: the blocks' fqns in order, or the fqn of their container; ``None`` to search.
+        blocks: the blocks' fqns in order, the fqn of their container, or the fqns of several
+            containers (an encoder's and a decoder's, in any order); ``None`` to search.
 
     Raises:
         UnsupportedModelError: no chain found (and how to name one with ``blocks=``), or the
             named blocks are not called once each, in order, as a chain.
     """
     modules = dict(model.named_modules())
+    lists = (nn.ModuleList, nn.Sequential)
     if blocks is None:
         containers = _candidates(model)
-        groups = {
-            name: [f"{name}.{child}" if name else child for child, _ in module.named_children()]
-            for name, module in containers.items()
-        }
+        groups = {name: _children(name, module) for name, module in containers.items()}
     else:
         names = [blocks] if isinstance(blocks, str) else list(blocks)
         missing = [name for name in names if name not in modules]
@@ -146,10 +198,10 @@ def find_chain(
                 f"blocks= names {missing} are not submodules of {type(model).__name__}; "
                 f"expected fqns such as {list(modules)[1:4]}"
             )
-        if len(names) == 1 and isinstance(modules[names[0]], nn.ModuleList | nn.Sequential):
-            container = modules[names[0]]
-            names = [f"{names[0]}.{child}" for child, _ in container.named_children()]
-        groups = {"<blocks=>": names}
+        if names and all(isinstance(modules[name], lists) for name in names):
+            groups = {name: _children(name, modules[name]) for name in names}
+        else:
+            groups = {"<blocks=>": names}
     calls: list[tuple[str, int, int | None]] = []  # (block fqn, input id, output id)
     handles = []
     watched = {name for names in groups.values() for name in names}
@@ -185,28 +237,80 @@ def find_chain(
         return all(seen[k + 1][1] == seen[k][2] for k in range(len(seen) - 1))
 
     found = {container: names for container, names in groups.items() if is_chain(names)}
+    if blocks is not None and len(found) < len(groups):
+        raise UnsupportedModelError(
+            f"blocks={blocks!r} is not a chain: each block must be called once, in the given "
+            f"order, taking the previous block's output as its first argument"
+        )
     if not found:
-        if blocks is not None:
-            raise UnsupportedModelError(
-                f"blocks={blocks!r} is not a chain: each block must be called once, in the "
-                f"given order, taking the previous block's output as its first argument"
-            )
         raise UnsupportedModelError(
             f"found no chain of blocks in {type(model).__name__}: no nn.ModuleList or "
             f"nn.Sequential has children called once each, in order, each on the previous "
             f"one's output. Name the blocks with blocks=['layer.0', 'layer.1', ...]"
         )
+    # a list inside one block of another chain (T5's sublayers in a block) is that block's
+    # business, not a chain of the model's
+    found = {
+        container: names
+        for container, names in found.items()
+        if blocks is not None
+        or not any(
+            container.startswith(block + ".")
+            for other, group in found.items()
+            if other != container
+            for block in group
+        )
+    }
+    order = {call[0]: i for i, call in reversed(list(enumerate(calls)))}  # first call of each
+
+    def span(names: list[str]) -> tuple[int, int]:
+        return order[names[0]], order[names[-1]]
+
+    def block_params(name: str) -> int:
+        return sum(p.numel() for p in modules[name].parameters())
 
     def size(item: tuple[str, list[str]]) -> tuple[int, int]:
-        params = sum(p.numel() for name in item[1] for p in modules[name].parameters())
-        return (len(item[1]), params)
+        return (len(item[1]), sum(block_params(name) for name in item[1]))
 
-    container, names = max(found.items(), key=size)
-    if container == "<blocks=>":
+    if blocks is not None:
+        chosen = list(found.items())
+    else:
+        primary = max(found.items(), key=size)
+        chosen = [primary]
+        floor = size(primary)[1] / len(primary[1]) / 4
+        for container, names in sorted(found.items(), key=size, reverse=True):
+            first, last = span(names)
+            if (
+                all(_apart(container, other) for other, _ in chosen)
+                and all(last < span(o)[0] or first > span(o)[1] for _, o in chosen)
+                and len({type(modules[name]) for name in names}) == 1
+                and all(block_params(name) >= max(floor, 1) for name in names)
+            ):
+                chosen.append((container, names))
+    chosen.sort(key=lambda item: span(item[1])[0])
+    names = [name for _, group in chosen for name in group]
+    starts = [0]
+    for _, group in chosen[:-1]:
+        starts.append(starts[-1] + len(group))
+    if chosen[0][0] == "<blocks=>":
         parents = {name.rpartition(".")[0] for name in names}
         container = parents.pop() if len(parents) == 1 else ""
+    else:
+        container = ",".join(name for name, _ in chosen)
     return Chain(
         container=container,
         block_names=tuple(names),
         blocks=tuple(modules[name] for name in names),
+        groups=tuple(starts),
     )
+
+
+def _children(name: str, module: nn.Module) -> list[str]:
+    return [f"{name}.{child}" if name else child for child, _ in module.named_children()]
+
+
+def _apart(a: str, b: str) -> bool:
+    """Whether neither module fqn is inside the other (``""`` is the root, around all)."""
+    if a == b or a == "" or b == "":
+        return False
+    return not (a.startswith(b + ".") or b.startswith(a + "."))

@@ -99,12 +99,16 @@ def fingerprint(model: nn.Module, sample: Any, chain: Chain) -> str:
 
 
 def _parameter_bytes(model: nn.Module, chain: Chain) -> tuple[int, ...]:
+    """Per stage, bytes of the parameters it owns: ``<pre>`` all but the blocks'."""
     in_blocks = {id(p) for block in chain.blocks for p in block.parameters()}
     rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
-    blocks = [
-        sum(p.numel() * p.element_size() for p in block.parameters()) for block in chain.blocks
-    ]
-    return (rest, *blocks, 0)
+    per_stage = [0] * len(chain)
+    per_stage[0] = rest
+    for index in chain.block_stages:
+        block = chain.block_of_stage(index)
+        assert block is not None
+        per_stage[index] = sum(p.numel() * p.element_size() for p in block.parameters())
+    return tuple(per_stage)
 
 
 def _option_costs(
@@ -168,11 +172,12 @@ def build_profile(
         output = keep.output_bytes.get(index, 0)
         input_bytes = keep.output_bytes.get(index - 1, 0) if index > 0 else 0
         menu = {KEEP: _option_costs(keep, index, last, output)}
-        is_block = 0 < index < last
-        if is_block:
+        position = chain.block_position(index)
+        is_block = position is not None
+        if position is not None:
             for option, reading in (options or {}).items():
                 per_block = (details or {}).get(option)
-                detail = per_block[index - 1] if per_block and len(per_block) >= index else None
+                detail = per_block[position] if per_block and len(per_block) > position else None
                 menu[option] = _option_costs(reading, index, last, output, detail)
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
@@ -190,7 +195,11 @@ def build_profile(
                 nosave_forward_s=nosave_s,
                 nosave_forward_peak_bytes=nosave_peak,
                 checkpointable=is_block and recompute is not None,
-                joins_previous=index > 1 and keep.same_side_inputs.get(index, False),
+                joins_previous=(
+                    is_block
+                    and chain.block_of_stage(index - 1) is not None
+                    and keep.same_side_inputs.get(index, False)
+                ),
             )
         )
     costs = ChainCosts(

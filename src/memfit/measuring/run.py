@@ -121,8 +121,6 @@ def _step(
 def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     """Hooks that mark stage boundaries; yields stage index -> bytes of its output, and under
     key ``-index`` whether block ``index`` got the same side inputs as the block before it."""
-    blocks = chain.blocks
-    last = len(chain) - 1
     output_bytes: dict[int, int] = {}
     calls: dict[int, Inputs] = {}
     handles = []
@@ -134,15 +132,15 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mark(f"F:{index}")
             calls[index] = side_inputs(args, kwargs)
-            if index > 1 and index - 1 in calls:
+            if index - 1 in calls:
                 same = same_side_inputs(calls[index - 1], calls[index])
                 output_bytes[-index] = int(same)
-            if index == 1:
+            if chain.block_of_stage(index - 1) is None:  # <pre> or a stage between groups
                 first = main_tensor(split_main(args, kwargs)[0])
                 if first is not None:
-                    output_bytes[0] = tensor_bytes(first)
+                    output_bytes[index - 1] = tensor_bytes(first)
                     if first.requires_grad:
-                        first.register_hook(on_grad("B:0"))
+                        first.register_hook(on_grad(f"B:{index - 1}"))
 
         return hook
 
@@ -153,14 +151,16 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
                     out.register_hook(on_grad(f"B:{index}"))
-            if index == last - 1:
-                mark(f"F:{last}")
+            if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
+                mark(f"F:{index + 1}")
 
         return hook
 
-    for k, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre_hook(k + 1), with_kwargs=True))
-        handles.append(block.register_forward_hook(post_hook(k + 1), with_kwargs=True))
+    for index in chain.block_stages:
+        block = chain.block_of_stage(index)
+        assert block is not None
+        handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(index), with_kwargs=True))
     try:
         yield output_bytes
     finally:

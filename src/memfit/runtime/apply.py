@@ -25,7 +25,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.measuring.chain import (
+    MAIN_KEYWORD,
+    Chain,
+    is_block_stage_name,
+    main_tensor,
+    split_main,
+)
 from memfit.planning.plan import Item, Plan, Segment, Stage
 from memfit.runtime.guards import Inputs, guard_input, rng_state, same_rng_state, same_side_inputs
 from memfit.runtime.options import KEEP, Forward, option_kind, stage_wrapper
@@ -193,18 +199,28 @@ def _check(plan: Plan, chain: Chain) -> None:
             f"the plan's stages {received[:4]}... ({len(received)}) are not this model's chain "
             f"{expected[:4]}... ({len(expected)}); make the plan for this model"
         )
-    last = len(chain) - 1
     for item in plan.tree:
-        if isinstance(item, Stage) and item.index in (0, last) and item.option != KEEP:
+        if (
+            isinstance(item, Stage)
+            and chain.block_of_stage(item.index) is None
+            and item.option != KEEP
+        ):
             raise PlanMismatchError(
                 f"stage {chain.stage_names[item.index]!r} can only be kept; the plan asks "
                 f"{item.option!r}"
             )
-        if isinstance(item, Segment) and (item.start == 0 or item.stop > last):
-            raise PlanMismatchError(
-                f"the plan recomputes {chain.stage_names[item.start]!r}..."
-                f"{chain.stage_names[item.stop - 1]!r}, but <pre> and <post> cannot be recomputed"
-            )
+        if isinstance(item, Segment):
+            outside = [
+                chain.stage_names[i]
+                for i in range(item.start, item.stop)
+                if chain.block_of_stage(i) is None
+            ]
+            if outside:
+                raise PlanMismatchError(
+                    f"the plan recomputes {chain.stage_names[item.start]!r}..."
+                    f"{chain.stage_names[item.stop - 1]!r}, but {outside[0]!r} is not a block: "
+                    f"<pre>, <post> and the stages between block lists cannot be recomputed"
+                )
         if isinstance(item, Segment):
             for stage in _stages(item.inner):
                 if stage.option != KEEP:
@@ -250,7 +266,11 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             "the model already carries a memfit plan; call memfit.remove(model) first"
         )
     _check(plan, chain)
-    originals = {i + 1: block.forward for i, block in enumerate(chain.blocks)}
+    originals = {
+        index: block.forward
+        for index in chain.block_stages
+        if (block := chain.block_of_stage(index)) is not None
+    }
     forwards: dict[tuple[int, str], Forward] = {(i, KEEP): f for i, f in originals.items()}
     for stage in _stages(plan.tree):  # unknown options fail here, before anything changes
         if stage.index in originals and (stage.index, stage.option) not in forwards:
@@ -270,7 +290,8 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         hook(model)
     state = _Applied(plan=plan)
     for index, forward in overrides.items():
-        block = chain.blocks[index - 1]
+        block = chain.block_of_stage(index)
+        assert block is not None  # _check: only blocks are overridden
         state.previous.append((block, block.__dict__.get("forward", _MISSING)))
         block.forward = forward
     model.__dict__[_STATE] = state
@@ -303,15 +324,26 @@ def remove_plan(model: nn.Module) -> bool:
 def chain_of_plan(model: nn.Module, plan: Plan) -> Chain:
     """The chain a plan names, looked up in ``model`` (PlanMismatchError if it lacks a block)."""
     modules = dict(model.named_modules())
-    names = plan.stage_names[1:-1]
+    names: list[str] = []
+    starts = [0]
+    for name in plan.stage_names[1:-1]:
+        if is_block_stage_name(name):
+            names.append(name)
+        elif names:  # a stage between two block lists: a new group starts after it
+            starts.append(len(names))
     missing = [name for name in names if name not in modules]
     if missing:
         raise PlanMismatchError(
             f"the plan names blocks {missing[:3]} that {type(model).__name__} does not have; "
             f"it was made for another model (plan stages: {list(plan.stage_names[:4])}...)"
         )
-    container = names[0].rpartition(".")[0] if names else ""
-    return Chain(container, tuple(names), tuple(modules[name] for name in names))
+    containers = dict.fromkeys(name.rpartition(".")[0] for name in names)
+    return Chain(
+        ",".join(containers),
+        tuple(names),
+        tuple(modules[name] for name in names),
+        tuple(starts) if names else (0,),
+    )
 
 
 @contextmanager
