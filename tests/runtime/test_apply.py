@@ -153,7 +153,10 @@ def test_wrong_plans_raise_and_change_nothing() -> None:
     with pytest.raises(PlanMismatchError, match=r"not this model's chain \['<pre>', 'blocks.0'"):
         apply_plan(model, chain, other)
     recompute_pre = make_plan(chain, (Segment(0, 1, (Stage(0),)), *TREES["all keep"][1:]))
-    with pytest.raises(PlanMismatchError, match="<pre>, <post> and the stages between block lists cannot be recomputed"):
+    with pytest.raises(
+        PlanMismatchError,
+        match="<pre>, <post> and the stages between block lists cannot be recomputed",
+    ):
         apply_plan(model, chain, recompute_pre)
     selective_post = make_plan(chain, (*TREES["all keep"][:5], Stage(5, "selective:matmul")))
     with pytest.raises(PlanMismatchError, match="'<post>' can only be kept"):
