@@ -20,6 +20,7 @@ from torch import nn
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.profile import Profile
 from memfit.measuring.run import measure
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
@@ -86,6 +87,7 @@ class BenchResult:
         return data
 
 
+@preserving_state
 def bench(
     model: nn.Module,
     sample: Any,

@@ -15,6 +15,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 from memfit.measuring.run import Measurement, measure, time_step
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, compute_loss, reset_grads, sample_device, split_sample
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, planned, remove_plan
@@ -79,6 +80,7 @@ def seeded_gradients(
     return loss.detach(), grads
 
 
+@preserving_state
 def verify(
     model: nn.Module,
     sample: Any,
@@ -92,6 +94,7 @@ def verify(
     Runs one step with and without the plan from the same RNG state (dropout on) and compares
     every parameter gradient and the loss bit for bit; measures both peaks; times both steps in
     pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
+    The model (gradients, buffers, modes) and the RNG states are left as they were.
 
     Raises:
         MemfitError: the model carries no plan.
@@ -108,7 +111,6 @@ def verify(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1 (timed pairs of steps); got {repeats}")
     chain = chain_of_plan(model, current)
-    saved_grads = {p: p.grad for p in model.parameters()}
     try:
         planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
         planned = measure(model, sample, loss_fn=loss_fn, repeats=1)
@@ -123,8 +125,6 @@ def verify(
     finally:
         if applied_plan(model) is None:
             apply_plan(model, chain, current)
-        for parameter, grad in saved_grads.items():
-            parameter.grad = grad
     mismatched = tuple(
         name
         for name, grad in reference_grads.items()
