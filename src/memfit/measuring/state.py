@@ -10,7 +10,7 @@ what a step can change and puts it back afterwards:
   objects come back, their values untouched even by steps that accumulate into gradients);
 * ``requires_grad`` of every parameter and ``training`` of every module;
 * buffers (running statistics, ``num_batches_tracked``): copied to host memory at entry (never
-  to the device: a CUDA meter counts what is allocated there), copied back where they changed;
+  to the device: a CUDA meter counts what is allocated there), copied back at exit;
 * the global CPU RNG state, and the CUDA ones when CUDA is initialised;
 * Hugging Face ``config`` objects (``use_cache``, ...) and the per-module checkpointing switches
   (``gradient_checkpointing``, ``_gradient_checkpointing_func``).
@@ -66,7 +66,7 @@ class ModelState:
         self.parameters = dict(model.named_parameters())
         self.training = {module: module.training for module in model.modules()}
         self.buffers = [
-            (module, name, buffer, buffer._version, buffer.detach().to("cpu", copy=True))
+            (module, name, buffer, buffer.detach().to("cpu", copy=True))
             for module in model.modules()
             for name, buffer in module._buffers.items()
             if buffer is not None
@@ -97,11 +97,12 @@ class ModelState:
         for module, flag in self.training.items():
             module.training = flag  # not .train(): that recurses and may run user overrides
         with torch.no_grad():
-            for module, name, buffer, version, copy in self.buffers:
+            for module, name, buffer, copy in self.buffers:
                 if module._buffers.get(name) is not buffer:
                     module._buffers[name] = buffer
-                if buffer._version != version:
-                    buffer.copy_(copy)
+                # Always: BatchNorm's kernel updates its running statistics without bumping
+                # their version counters, so versions cannot tell what changed.
+                buffer.copy_(copy)
         for (module, name), value in self.switches.items():
             module.__dict__[name] = value
         for config, saved in self.configs:
