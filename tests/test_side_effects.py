@@ -77,9 +77,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "training": {n: m.training for n, m in model.named_modules()},
         "rng": torch.get_rng_state(),
         "config": getattr(getattr(model, "config", None), "to_dict", dict)(),
-        "switches": {
-            n: m.__dict__.get("gradient_checkpointing") for n, m in model.named_modules()
-        },
+        "switches": {n: m.__dict__.get("gradient_checkpointing") for n, m in model.named_modules()},
     }
 
 
@@ -134,9 +132,7 @@ def test_cnn_with_batchnorm_and_dropout() -> None:
 def test_hugging_face_model_from_config_defaults() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64
-    )
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64)
     model = transformers.GPT2LMHeadModel(config).train()
     ids = torch.randint(0, 64, (2, 16))
     sample = {"input_ids": ids, "labels": ids}

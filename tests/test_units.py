@@ -95,7 +95,9 @@ def test_other_numbers_are_refused_naming_the_forms(bad: object) -> None:
 def test_infeasible_message_in_the_users_units() -> None:
     held, activation, smallest = 1 << 20, 2 << 20, (1 << 20) + 1_300_000
     fraction = Budget(fraction=0.4)
-    text = infeasible_message(fraction, fraction.resolve(held, activation), smallest, held, activation)
+    text = infeasible_message(
+        fraction, fraction.resolve(held, activation), smallest, held, activation
+    )
     assert text.startswith("budget 40% of 2.00 MiB activation memory = 819.20 KiB")
     assert "smallest feasible is 1.24 MiB of activation memory = 62%" in text
     assert Budget(fraction=0.62).resolve(held, activation) >= smallest  # the advice works

@@ -117,9 +117,7 @@ class ModelState:
 
     def check_parameters(self) -> None:
         """Raise if a parameter's values changed (only the model's own forward can do that)."""
-        changed = [
-            name for name, p in self.parameters.items() if p._version != self.versions[name]
-        ]
+        changed = [name for name, p in self.parameters.items() if p._version != self.versions[name]]
         if changed:
             raise MemfitError(
                 f"the model changed parameters in place while memfit ran its steps "
