@@ -104,4 +104,6 @@ def test_infeasible_message_in_the_users_units() -> None:
     assert Budget(fraction=0.61).resolve(held, activation) < smallest  # and is the least
     text = infeasible_message(Budget(bytes=2 << 20), 2 << 20, smallest, held, activation)
     assert "budget 2.00 MiB (2097152 bytes) of step peak = 1.00 MiB held + 50% of 2.00 MiB" in text
-    assert f"smallest feasible is 2.24 MiB ({smallest} bytes) = 62%" in text
+    assert f"smallest feasible is 2.24 MiB ({smallest} bytes) = 1.00 MiB held + 62%" in text
+    text = infeasible_message(Budget(bytes=1000), 1000, smallest, held, activation)
+    assert "= less than the 1.00 MiB held before the step is infeasible" in text

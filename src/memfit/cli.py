@@ -43,7 +43,7 @@ def _load(target: str, args: argparse.Namespace, strict: bool = True) -> tuple[A
     user's own file raises comes out as a ``MemfitError`` (see :mod:`memfit.targets`)."""
     from memfit.targets import load_target
 
-    return _usage(load_target, target, _size_options(args), strict=strict)  # type: ignore[no-any-return]
+    return _usage(load_target, target, _size_options(args), strict=strict)
 
 
 def _budgets(text: str) -> list[str]:

@@ -122,9 +122,9 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
         return value
     if isinstance(value, float):
         return _float_budget(value, repr(value))
-    if isinstance(value, str) and _BYTES_RE.match(value) and not value.strip()[-1:].isalpha():
-        if not value.strip().isdigit():  # a float written out, "0.4": read as the float is
-            return _float_budget(float(value), repr(value))
+    text = value.strip() if isinstance(value, str) else ""
+    if _BYTES_RE.match(text) and text[-1:].isdigit() and not text.isdigit():
+        return _float_budget(float(text), repr(value))  # a float written out, "0.4": as 0.4
     if isinstance(value, str) and value.strip().endswith("%"):
         number = value.strip()[:-1].strip()
         try:
@@ -189,11 +189,16 @@ def infeasible_message(
             f'raise the budget to at least "{percent}%"'
         )
     share = (budget_bytes - held_bytes) * 100 / activation_bytes
+    parts = (
+        f"{format_bytes(held_bytes)} held + {share:.0f}% of {activation} activation memory"
+        if share >= 0
+        else f"less than the {format_bytes(held_bytes)} held before the step"
+    )
     return (
-        f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) of step peak = "
-        f"{format_bytes(held_bytes)} held + {share:.0f}% of {activation} activation memory is "
+        f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) of step peak = {parts} is "
         f"infeasible; the smallest feasible is {format_bytes(min_bytes)} ({min_bytes} bytes) = "
-        f"{percent}%; raise the budget to at least that"
+        f"{format_bytes(held_bytes)} held + {percent}% of {activation}; raise the budget to at "
+        f"least that"
     )
 
 
