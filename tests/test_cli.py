@@ -55,6 +55,8 @@ def test_plan_infeasible_budget_exits_1(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["plan", "gpt", *TINY, "--budget", "1%"]) == 1
     err = capsys.readouterr().err
     assert "infeasible" in err and "raise the budget" in err
+    assert "budget 1% of " in err and "activation memory" in err  # in the units given
+    assert "smallest feasible is" in err and 'at least "' in err
     assert "Traceback" not in err
 
 
@@ -65,6 +67,7 @@ def test_plan_infeasible_budget_exits_1(capsys: pytest.CaptureFixture[str]) -> N
         ["frobnicate"],
         ["plan", "gpt"],  # no --budget
         ["profile", "gpt", "--layers", "many"],
+        ["profile", "gpt", "--repeats", "0"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,3 +127,49 @@ def test_hugging_face_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert "transformer.h.1" in capsys.readouterr().out
     assert main(["profile", "hf:t5"]) == 2
     assert "unknown Hugging Face architecture" in capsys.readouterr().err
+
+
+BROKEN_MODEL = """
+import torch
+from torch import nn
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def forward(self, x):
+        raise ValueError("my model refuses this batch")
+
+
+def build():
+    return Broken(), (torch.randn(2, 4),)
+
+
+def build_fails():
+    raise TypeError("cannot build: no weights here")
+"""
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [("build", "my model refuses this batch"), ("build_fails", "cannot build: no weights here")],
+)
+def test_errors_of_the_users_model_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], function: str, message: str
+) -> None:
+    """A ValueError or TypeError raised by the user's own code is no usage error."""
+    source = tmp_path / "broken.py"
+    source.write_text(BROKEN_MODEL)
+    assert main(["profile", f"{source}:{function}", "--repeats", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("memfit: error:") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("budget", ["0.0", "2.5", "-1%"])
+def test_bad_budgets_exit_2_before_loading(budget: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # the target does not exist: the budget is read first
+    assert main(["plan", "no-such-model", "--budget", budget]) == 2
+    err = capsys.readouterr().err
+    assert "budget" in err and "unknown target" not in err

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
+from memfit.units import Budget, format_bytes, infeasible_message, parse_budget, parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,43 @@ def test_format_bytes() -> None:
 @given(st.integers(min_value=0, max_value=2**50))
 def test_integers_round_trip(n: int) -> None:
     assert parse_bytes(str(n)) == n
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.4, Budget(fraction=0.4)),
+        (1.0, Budget(fraction=1.0)),
+        ("0.4", Budget(fraction=0.4)),
+        (12e9, Budget(bytes=12 * 10**9)),
+        (4096.0, Budget(bytes=4096)),
+        ("4096", Budget(bytes=4096)),
+        (0, Budget(bytes=0)),
+    ],
+)
+def test_numbers_as_budgets(value: object, expected: Budget) -> None:
+    """A float in (0, 1] is a fraction (it silently became 0 bytes before), a whole one bytes."""
+    assert parse_budget(value) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0.0, 2.5, -0.4, float("nan"), float("inf"), "1.5", "0.0"])
+def test_other_numbers_are_refused_naming_the_forms(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"cannot read budget .*\(0, 1\].*40%.*12GiB"):
+        parse_budget(bad)  # type: ignore[arg-type]
+
+
+def test_infeasible_message_in_the_users_units() -> None:
+    held, activation, smallest = 1 << 20, 2 << 20, (1 << 20) + 1_300_000
+    fraction = Budget(fraction=0.4)
+    text = infeasible_message(
+        fraction, fraction.resolve(held, activation), smallest, held, activation
+    )
+    assert text.startswith("budget 40% of 2.00 MiB activation memory = 819.20 KiB")
+    assert "smallest feasible is 1.24 MiB of activation memory = 62%" in text
+    assert Budget(fraction=0.62).resolve(held, activation) >= smallest  # the advice works
+    assert Budget(fraction=0.61).resolve(held, activation) < smallest  # and is the least
+    text = infeasible_message(Budget(bytes=2 << 20), 2 << 20, smallest, held, activation)
+    assert "budget 2.00 MiB (2097152 bytes) of step peak = 1.00 MiB held + 50% of 2.00 MiB" in text
+    assert f"smallest feasible is 2.24 MiB ({smallest} bytes) = 1.00 MiB held + 62%" in text
+    text = infeasible_message(Budget(bytes=1000), 1000, smallest, held, activation)
+    assert "= less than the 1.00 MiB held before the step is infeasible" in text

@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from memfit.errors import AlreadyPlannedError, PlanMismatchError
+from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.profiling import profile
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
-from memfit.units import Budget, parse_budget
+from memfit.units import Budget, infeasible_message, parse_budget
 from memfit.verification import Verification, verify
 
 __all__ = ["Verification", "apply", "auto", "plan", "profile", "remove", "verify"]
@@ -43,16 +43,19 @@ def plan(
             model is profiled first, with ``profile_options`` passed to :func:`profile`:
             ``keep_output``, ``accumulate``, ``optimizer``, ``options``...). The plan records
             the loop the profile measured (``plan.keep_output``, ``plan.accumulate``).
-        budget: bytes of step peak (``"12GiB"``, ``"800MB"``, ``12 * 2**30``), or a percentage of
-            the step's activation memory without memfit (``"40%"``); ``None``: no cap (for the
-            baselines).
+        budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
+            float in (0, 1] such as ``0.4``), or bytes of step peak (``"12GiB"``, ``"800MB"``,
+            ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
+            :func:`~memfit.units.parse_budget`). ``None``: no cap (for the baselines).
         strategy: ``optimal`` (default), ``none``, ``all``, ``sqrt`` or ``every:k``.
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
 
     Raises:
-        InfeasibleBudgetError: no plan fits; carries the smallest feasible budget.
+        InfeasibleBudgetError: no plan fits; the message states the smallest feasible budget in
+            the units of ``budget`` (a percentage for a percentage, bytes and percentage for
+            bytes), ``.min_feasible_bytes`` carries it in bytes of step peak.
         ValueError: malformed budget or strategy.
 
     Example:
@@ -70,12 +73,19 @@ def plan(
         raise TypeError(
             f"memfit.plan takes a Profile or an nn.Module; got {type(profile_or_model).__name__}"
         )
-    budget_bytes = (
-        None
-        if parsed is None
-        else parsed.resolve(prof.measurement.held_bytes, prof.measurement.activation_bytes)
-    )
-    result = solve(prof.costs, budget_bytes, strategy)
+    held, activation = prof.measurement.held_bytes, prof.measurement.activation_bytes
+    budget_bytes = None if parsed is None else parsed.resolve(held, activation)
+    try:
+        result = solve(prof.costs, budget_bytes, strategy)
+    except InfeasibleBudgetError as error:
+        if parsed is None or budget_bytes is None:
+            raise
+        message = infeasible_message(
+            parsed, budget_bytes, error.min_feasible_bytes, held, activation
+        )
+        raise InfeasibleBudgetError(
+            budget_bytes, error.min_feasible_bytes, error.detail, message=message
+        ) from None
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
     result = dataclasses.replace(result, keep_output=step.keep_output, accumulate=step.accumulate)
@@ -135,9 +145,24 @@ def auto(
 ) -> Plan:
     """Profile, plan and apply in one call; returns the plan applied.
 
+    Profiling leaves the model as it found it; only the plan's own changes remain (undone by
+    :func:`remove`; Hugging Face's own checkpointing stays off, with a warning).
+
     Args:
-        profile_options: passed to :func:`profile`, e.g. ``keep_output=False`` for a loop that
-            keeps only the loss, ``accumulate=True``, ``optimizer=opt``.
+        model: the model, in training mode.
+        sample: a tuple of positional or a dict of keyword arguments for ``model(...)``.
+        budget: as for :func:`plan`: ``"40%"`` or a float in (0, 1] (of activation memory),
+            or bytes of step peak (``"12GiB"``, an int, an integral float above 1).
+        strategy: as for :func:`plan`.
+        **profile_options: passed to :func:`profile`, e.g. ``keep_output=False`` for a loop
+            that keeps only the loss, ``accumulate=True``, ``optimizer=opt``.
+
+    Returns:
+        The :class:`~memfit.planning.Plan` applied.
+
+    Raises:
+        InfeasibleBudgetError: no plan fits (see :func:`plan`); the model is left unplanned.
+        ValueError: malformed budget or strategy.
 
     Example:
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")

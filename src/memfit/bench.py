@@ -20,12 +20,13 @@ from torch import nn
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.profile import Profile
 from memfit.measuring.run import measure
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.runtime.apply import apply_plan, chain_of_plan, remove_plan
 from memfit.units import parse_budget
-from memfit.verification import same_tensors, seeded_gradients, timed_step_under
+from memfit.verification import mismatched_gradients, seeded_gradients, timed_step_under
 
 STRATEGY_LABELS = {
     "none": "none",
@@ -86,6 +87,7 @@ class BenchResult:
         return data
 
 
+@preserving_state
 def bench(
     model: nn.Module,
     sample: Any,
@@ -169,9 +171,7 @@ def bench(
             ).peak_bytes
         finally:
             remove_plan(model)
-        equal = torch.equal(loss, reference_loss) and all(
-            same_tensors(grad, grads.get(name)) for name, grad in reference.items()
-        )
+        equal = torch.equal(loss, reference_loss) and not mismatched_gradients(reference, grads)
         rows[index] |= dict(measured_peak_bytes=peak, gradients_equal=equal)
     say("timing all rows side by side")
     timed_rows = [i for i, p in enumerate(plans) if p is not None]

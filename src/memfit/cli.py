@@ -1,5 +1,10 @@
 """The ``memfit`` command: demo, profile, plan, bench. Each subcommand is a thin layer over the
-public API; exit codes: 0 ok, 1 infeasible budget or failed check, 2 usage error."""
+public API.
+
+Exit codes: 0 ok; 1 infeasible budget, failed check, or an error raised while running (by the
+user's model file, its forward, or memfit); 2 usage error (bad flags, budget, strategy or
+target), checked before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,42 @@ from memfit.errors import InfeasibleBudgetError, MemfitError
 
 DEFAULT_BUDGETS = "30%,50%,70%"
 DEMO_MODELS = ("gpt", "mlp")
+
+
+class UsageError(Exception):
+    """The command line asked for something malformed (exit code 2); ``__cause__`` says what."""
+
+
+def _usage(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``function``, reading its malformed-argument errors as usage errors."""
+    try:
+        return function(*args, **kwargs)
+    except (ValueError, TypeError, ImportError) as error:
+        raise UsageError(str(error)) from error
+
+
+def _load(target: str, args: argparse.Namespace, strict: bool = True) -> tuple[Any, Any]:
+    """The target's (model, sample). An unknown target or size is a usage error; an error the
+    user's own file raises comes out as a ``MemfitError`` (see :mod:`memfit.targets`)."""
+    from memfit.targets import load_target
+
+    return _usage(load_target, target, _size_options(args), strict=strict)
+
+
+def _budgets(text: str) -> list[str]:
+    from memfit.units import parse_budget
+
+    budgets = [item.strip() for item in text.split(",") if item.strip()]
+    for budget in budgets:
+        _usage(parse_budget, budget)
+    return budgets
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
 
 
 class _Output:
@@ -81,9 +122,8 @@ def _machine() -> str:
 def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
     import memfit
     from memfit.report.tables import ops_table, profile_table
-    from memfit.targets import load_target
 
-    model, sample = load_target(args.target, _size_options(args))
+    model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
     if args.output:
@@ -100,10 +140,13 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
 
 def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     import memfit
+    from memfit.planning.solve import parse_strategy
     from memfit.report.tables import plan_table
-    from memfit.targets import load_target
+    from memfit.units import parse_budget
 
-    model, sample = load_target(args.target, _size_options(args))
+    _usage(parse_budget, args.budget)
+    _usage(parse_strategy, args.strategy)
+    model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
     plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
@@ -127,10 +170,9 @@ def _run_bench(
     from memfit.planning.frontier import frontier
     from memfit.report.plot import pareto_plot
     from memfit.report.tables import bench_table, seed_metrics
-    from memfit.targets import load_target
 
-    model, sample = load_target(target, _size_options(args), strict=strict)
-    budgets = [text.strip() for text in args.budgets.split(",") if text.strip()]
+    budgets = _budgets(args.budgets)
+    model, sample = _load(target, args, strict)
     with out.progress(f"{target}") as update:
         update("profiling")
         prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
@@ -216,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seq", type=int, help="sequence length")
         sub.add_argument("--batch", type=int, help="batch size")
         sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
-        sub.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
+        sub.add_argument("--repeats", type=_positive, default=3, help="timed steps per measurement")
         sub.add_argument("--json", action="store_true", help="print JSON on stdout")
         sub.add_argument(
             "--drop-output",
@@ -254,23 +296,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING)
+    # The profiler's start/stop lines on stderr (two per metered step) would bury the output.
+    # The command owns its process; the library never sets this.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     out = _Output(as_json=getattr(args, "json", False))
     try:
         code: int = args.run(args, out)
         return code
-    except InfeasibleBudgetError as error:
-        _error(out, str(error), args.debug)
-        return 1
-    except MemfitError as error:
-        _error(out, str(error), args.debug)
-        return 1
-    except (ValueError, TypeError, ImportError) as error:
-        # bad input as our checks word it; anything else from deep inside says where to look
-        _error(out, f"{error} (run with --debug for the traceback)", args.debug)
+    except UsageError as error:
+        if args.debug and error.__cause__ is not None:
+            raise error.__cause__ from None
+        _error(f"{error} (run with --debug for the traceback)", args.debug)
         return 2
+    except (InfeasibleBudgetError, MemfitError) as error:
+        _error(str(error), args.debug)
+        return 1
+    except Exception as error:
+        # raised while running: by the user's model (its forward, its loss) or deep inside
+        _error(f"{type(error).__name__}: {error} (run with --debug for the traceback)", args.debug)
+        return 1
 
 
-def _error(out: _Output, message: str, debug: bool) -> None:
+def _error(message: str, debug: bool) -> None:
     if debug:
         raise
     print(f"memfit: error: {message}", file=sys.stderr)

@@ -15,20 +15,30 @@ class InfeasibleBudgetError(MemfitError):
     """No plan fits the budget.
 
     Attributes:
-        budget_bytes: the budget asked for.
+        budget_bytes: the budget asked for, in bytes of step peak.
         min_feasible_bytes: the smallest budget for which a plan exists.
+        detail: why, when the solver says more (e.g. a baseline that always peaks there).
     """
 
-    def __init__(self, budget_bytes: int, min_feasible_bytes: int, detail: str = "") -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        min_feasible_bytes: int,
+        detail: str = "",
+        *,
+        message: str | None = None,
+    ) -> None:
         from memfit.units import format_bytes
 
         self.budget_bytes = int(budget_bytes)
         self.min_feasible_bytes = int(min_feasible_bytes)
-        message = (
-            f"budget {format_bytes(self.budget_bytes)} is infeasible: the smallest peak any plan "
-            f"reaches is {format_bytes(self.min_feasible_bytes)} "
-            f"({self.min_feasible_bytes} bytes); raise the budget to at least that"
-        )
+        self.detail = detail
+        if message is None:  # only bytes known (the solver's view); memfit.plan words it better
+            message = (
+                f"budget {format_bytes(self.budget_bytes)} is infeasible: the smallest peak any "
+                f"plan reaches is {format_bytes(self.min_feasible_bytes)} "
+                f"({self.min_feasible_bytes} bytes); raise the budget to at least that"
+            )
         if detail:
             message += f" ({detail})"
         super().__init__(message)

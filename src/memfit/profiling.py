@@ -6,6 +6,7 @@ the readings become the :class:`~memfit.measuring.Profile` the planner reads.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
 from memfit.measuring.profile import Profile, build_profile
 from memfit.measuring.run import StageReading, measure_stages, stage_clock
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan, Stage, recompute_one
@@ -43,9 +45,7 @@ def _every_block(chain: Chain, option: str | None) -> Plan:
     return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
 
 
-RECOMPUTE = "recompute"
-
-
+@preserving_state
 def profile(
     model: nn.Module,
     sample: Any,
@@ -77,7 +77,10 @@ def profile(
             for a loop that keeps only the loss (see :func:`measure`).
 
     Returns:
-        A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads.
+        A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
+        model and the process are left as they were: parameters, buffers (BatchNorm
+        statistics), ``.grad``, ``requires_grad``, train/eval modes, RNG states, Hugging Face
+        config and checkpointing switches (see :mod:`memfit.measuring.state`).
 
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
@@ -103,8 +106,11 @@ def profile(
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             stage_wrapper(name)
-    # Measure the model as memfit will run it: HF's own checkpointing off (with a warning).
-    disable_hf_checkpointing(model)
+    # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
+    # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        disable_hf_checkpointing(model)
     chain = _chain(model, sample, blocks)
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)

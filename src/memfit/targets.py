@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from memfit import models
+from memfit.errors import MemfitError
+
+
+class TargetCodeError(MemfitError):
+    """The user's target file raised while memfit imported it or called its function."""
 
 
 def load_target(
@@ -28,6 +34,7 @@ def load_target(
 
     Raises:
         ValueError: unknown target, naming the accepted forms.
+        TargetCodeError: the user's target file raised (importing it or calling its function).
     """
     size = {key: value for key, value in (size or {}).items() if value is not None}
     if target.startswith("hf:"):
@@ -64,6 +71,16 @@ def _accepted(function: Any, size: Mapping[str, Any], strict: bool) -> dict[str,
     return dict(size)
 
 
+@contextmanager
+def _user_code(where: str) -> Iterator[None]:
+    """Errors of the user's own code are theirs, not malformed arguments to memfit: whatever
+    they raise (a ``ValueError`` too) comes out as :class:`TargetCodeError`."""
+    try:
+        yield
+    except Exception as error:
+        raise TargetCodeError(f"{where} raised {type(error).__name__}: {error}") from error
+
+
 def _from_file(
     path: Path, function: str, size: Mapping[str, Any], strict: bool
 ) -> tuple[nn.Module, Any]:
@@ -73,11 +90,14 @@ def _from_file(
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot import {str(path)!r} as a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with _user_code(f"importing {path}"):
+        spec.loader.exec_module(module)
     builder = getattr(module, function, None)
     if not callable(builder):
         raise ValueError(f"{str(path)!r} has no function {function!r} returning (model, sample)")
-    result = builder(**_accepted(builder, size, strict)) if size else builder()
+    accepted = _accepted(builder, size, strict) if size else {}
+    with _user_code(f"{path}:{function}()"):
+        result = builder(**accepted)
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         got = (
             f"a tuple of {len(result)} ({', '.join(type(item).__name__ for item in result)})"

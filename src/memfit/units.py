@@ -10,6 +10,7 @@ Budget(bytes=None, fraction=0.4)
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ _UNITS = {
 }
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _EXAMPLES = '"12GiB", "800MB", "1.5 GiB", 12884901888 or "40%"'
+_BUDGET_FORMS = (
+    'a percentage of activation memory ("40%", or a float in (0, 1] such as 0.4), '
+    'or bytes of step peak ("12GiB", "800MB", or an integer such as 12884901888)'
+)
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -88,13 +93,38 @@ class Budget:
 
 
 def parse_budget(value: int | float | str | Budget) -> Budget:
-    """Parse a budget: bytes ("12GiB", 12 * 2**30) or a percentage of activation memory ("40%").
+    """Parse a budget.
+
+    Accepted forms:
+
+    * a fraction of the step's activation memory without memfit: ``"40%"``, or a float in
+      ``(0, 1]`` (``0.4`` is ``"40%"``; ``1.0`` is ``"100%"``), or a plain number in ``(0, 1]``
+      written as a string (``"0.4"``);
+    * bytes of step peak: an int (``12 * 2**30``), an integral float above 1 (``12e9``), or a
+      string with an optional unit (``"12GiB"``, ``"800MB"``, ``"4096"``).
+
+    Args:
+        value: the budget as the user wrote it.
+
+    Returns:
+        A :class:`Budget`.
 
     Raises:
-        ValueError: malformed, with an example of a valid budget.
+        ValueError: anything else (``0.0``, ``2.5``, ``"1.5"`` bytes, negative sizes, NaN),
+            naming the value received and the accepted forms.
+        TypeError: neither a number, a string nor a :class:`Budget`.
+
+    Example:
+        >>> parse_budget(0.4) == parse_budget("40%")
+        True
     """
     if isinstance(value, Budget):
         return value
+    if isinstance(value, float):
+        return _float_budget(value, repr(value))
+    text = value.strip() if isinstance(value, str) else ""
+    if _BYTES_RE.match(text) and text[-1:].isdigit() and not text.isdigit():
+        return _float_budget(float(text), repr(value))  # a float written out, "0.4": as 0.4
     if isinstance(value, str) and value.strip().endswith("%"):
         number = value.strip()[:-1].strip()
         try:
@@ -111,6 +141,65 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
         return Budget(bytes=parse_bytes(value))
     except ValueError as error:
         raise ValueError(f"invalid budget {value!r}: {error}") from None
+
+
+def _float_budget(number: float, received: str) -> Budget:
+    if 0.0 < number <= 1.0:
+        return Budget(fraction=number)
+    if number > 1.0 and number != float("inf") and number.is_integer():
+        return Budget(bytes=int(number))
+    raise ValueError(
+        f"cannot read budget {received}: a number is either a fraction in (0, 1] of activation "
+        f"memory or a whole number of bytes above 1; accepted forms: {_BUDGET_FORMS}"
+    )
+
+
+def infeasible_message(
+    budget: Budget, budget_bytes: int, min_bytes: int, held_bytes: int, activation_bytes: int
+) -> str:
+    """Why a budget is infeasible, in the units the user wrote it in.
+
+    Args:
+        budget: the budget as parsed.
+        budget_bytes: it resolved, in bytes of step peak.
+        min_bytes: the smallest feasible step peak.
+        held_bytes, activation_bytes: of the profile (see :meth:`Budget.resolve`).
+
+    Example:
+        >>> infeasible_message(Budget(fraction=0.4), 3000, 3600, 2000, 2500)
+        'budget 40% of 2.44 KiB activation memory = 1000 B (step peak 2.93 KiB with 1.95 KiB held) is infeasible; the smallest feasible is 1.56 KiB of activation memory = 64% (step peak 3.52 KiB); raise the budget to at least "64%"'
+    """
+    smallest = format_bytes(min_bytes - held_bytes)
+    if activation_bytes <= 0:
+        return (
+            f"budget {budget} = {format_bytes(budget_bytes)} of step peak is infeasible; the "
+            f"smallest feasible is {format_bytes(min_bytes)} ({min_bytes} bytes); raise the "
+            f"budget to at least that"
+        )
+    percent = math.ceil((min_bytes - held_bytes) * 100 / activation_bytes)
+    while Budget(fraction=percent / 100).resolve(held_bytes, activation_bytes) < min_bytes:
+        percent += 1  # float rounding in resolve: the suggestion must be feasible itself
+    activation = format_bytes(activation_bytes)
+    if budget.fraction is not None:
+        return (
+            f"budget {budget} of {activation} activation memory = "
+            f"{format_bytes(budget_bytes - held_bytes)} (step peak {format_bytes(budget_bytes)} "
+            f"with {format_bytes(held_bytes)} held) is infeasible; the smallest feasible is "
+            f"{smallest} of activation memory = {percent}% (step peak {format_bytes(min_bytes)}); "
+            f'raise the budget to at least "{percent}%"'
+        )
+    share = (budget_bytes - held_bytes) * 100 / activation_bytes
+    parts = (
+        f"{format_bytes(held_bytes)} held + {share:.0f}% of {activation} activation memory"
+        if share >= 0
+        else f"less than the {format_bytes(held_bytes)} held before the step"
+    )
+    return (
+        f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) of step peak = {parts} is "
+        f"infeasible; the smallest feasible is {format_bytes(min_bytes)} ({min_bytes} bytes) = "
+        f"{format_bytes(held_bytes)} held + {percent}% of {activation}; raise the budget to at "
+        f"least that"
+    )
 
 
 def format_bytes(n: int | float) -> str:

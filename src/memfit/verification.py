@@ -7,6 +7,7 @@ are the ones the benchmark (:mod:`memfit.bench`) runs for every row too.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 from memfit.measuring.run import Measurement, measure, time_step
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, compute_loss, reset_grads, sample_device, split_sample
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, planned, remove_plan
@@ -79,6 +81,7 @@ def seeded_gradients(
     return loss.detach(), grads
 
 
+@preserving_state
 def verify(
     model: nn.Module,
     sample: Any,
@@ -95,7 +98,8 @@ def verify(
     Runs one step with and without the plan from the same RNG state (dropout on) and compares
     every parameter gradient and the loss bit for bit; measures both peaks; times both steps in
     pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
-    The peaks are measured in the steady state the plan was made for.
+    The peaks are measured in the steady state the plan was made for. The model (gradients,
+    buffers, modes) and the RNG states are left as they were.
 
     Args:
         optimizer: its state counts as held before the step (pass the one the plan was
@@ -126,7 +130,6 @@ def verify(
         accumulate=current.accumulate if accumulate is None else accumulate,
         keep_output=current.keep_output if keep_output is None else keep_output,
     )
-    saved_grads = {p: p.grad for p in model.parameters()}
     try:
         planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
         planned = measure(model, sample, repeats=1, **step)
@@ -141,13 +144,7 @@ def verify(
     finally:
         if applied_plan(model) is None:
             apply_plan(model, chain, current)
-        for parameter, grad in saved_grads.items():
-            parameter.grad = grad
-    mismatched = tuple(
-        name
-        for name, grad in reference_grads.items()
-        if not same_tensors(grad, planned_grads.get(name))
-    )
+    mismatched = mismatched_gradients(reference_grads, planned_grads)
     return Verification(
         gradients_equal=not mismatched,
         loss_equal=torch.equal(reference_loss, planned_loss),
@@ -183,3 +180,13 @@ def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return torch.equal(a, b)
+
+
+def mismatched_gradients(
+    reference: Mapping[str, torch.Tensor | None], planned: Mapping[str, torch.Tensor | None]
+) -> tuple[str, ...]:
+    """Names of the parameters whose planned gradient is not bitwise the reference's (the check
+    :func:`verify` and the benchmark's rows make)."""
+    return tuple(
+        name for name, grad in reference.items() if not same_tensors(grad, planned.get(name))
+    )

@@ -106,3 +106,64 @@ def test_cuda_meter_counts_allocations() -> None:
     assert reading.end_bytes == 1 << 20
     assert reading.span("more").peak_bytes == 3 << 20
     assert x.numel() == 1 << 20
+
+
+@pytest.mark.cuda
+def test_cuda_meter_keeps_the_users_peak_statistics() -> None:
+    torch.cuda.reset_peak_memory_stats()
+    big = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    peak = torch.cuda.max_memory_allocated()
+    with MemoryMeter("cuda") as meter:
+        x = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+        meter.mark("more")
+    assert meter.reading.peak_bytes == 1 << 20 and x.numel() == 1 << 20
+    assert torch.cuda.max_memory_allocated() == peak
+
+
+def _event(name: str, start_ns: int, kind: object, fields: object = None) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, start_time_ns=start_ns, typed=(kind, fields), children=[])
+
+
+def test_replay_counts_only_the_metered_device() -> None:
+    """The CUDA path runs through the same replay: allocations of other devices (another GPU,
+    the host) do not count. A synthetic event tree stands in for a CUDA profiler run."""
+    from types import SimpleNamespace
+
+    from torch._C._profiler import _EventType
+
+    from memfit.measuring.meter import MARK_PREFIX, _replay
+
+    def allocation(start_ns: int, size: int, ptr: int, device: str) -> object:
+        fields = SimpleNamespace(device=torch.device(device), alloc_size=size, ptr=ptr)
+        return _event("[memory]", start_ns, _EventType.Allocation, fields)
+
+    roots = [
+        allocation(1, 1000, 1, "cuda:0"),
+        allocation(2, 5000, 2, "cuda:1"),  # another GPU
+        allocation(3, 7000, 3, "cpu"),  # the host
+        _event(f"{MARK_PREFIX}0", 4, _EventType.TorchOp),
+        allocation(5, 300, 4, "cuda:0"),
+        allocation(6, -1000, 1, "cuda:0"),
+        allocation(7, -64, 99, "cuda:0"),  # freed, allocated before the region: ignored
+    ]
+    reading = _replay(roots, ["second"], torch.device("cuda", 0))
+    assert reading.device == "cuda"
+    assert (reading.peak_bytes, reading.end_bytes) == (1300, 300)
+    second = reading.span("second")
+    assert (second.start_bytes, second.peak_bytes, second.end_bytes) == (1000, 1300, 300)
+    on_host = _replay(roots, ["second"], torch.device("cpu"))
+    assert (on_host.peak_bytes, on_host.end_bytes) == (7000, 7000)
+
+
+def test_meter_keeps_fd_2() -> None:
+    """No file-descriptor juggling around the profiler: fd 2 stays the process's."""
+    import os
+
+    before = os.fstat(2)
+    with MemoryMeter() as meter:
+        assert os.fstat(2) == before
+        torch.empty(16)
+    assert meter.reading.peak_bytes == 64

@@ -1,24 +1,27 @@
-"""The memory meter: peak bytes of a region of code, on CPU to the byte, on CUDA from the allocator.
+"""The memory meter: peak bytes of a region of code, to the byte, on CPU and CUDA alike.
 
-CPU: PyTorch keeps no allocator counters for the CPU, so the meter records every allocation and
-free of the CPU allocator inside the region with the profiler (``profile_memory=True``) and
+PyTorch keeps no allocator counters for the CPU, so the meter records every allocation and free
+of the device's allocator inside the region with the profiler (``profile_memory=True``) and
 replays them in order, counting only memory allocated inside the region (the profiler's running
 totals are process-global and unusable). ``mark(label)`` drops a named boundary into the same
 event stream, so a region can be cut into spans (the stages of a step) with a start, peak and end
-level each. CUDA: the caching allocator's own counters, read and reset at every mark.
+level each.
+
+CUDA goes the same way: the caching allocator reports every block it hands out or takes back to
+the profiler (host side, in program order, sizes as ``memory_allocated`` counts them). Reading
+``max_memory_allocated`` instead would need ``reset_peak_memory_stats`` at every mark, which
+destroys the user's own peak statistics; the meter never resets them.
+
+The profiler writes two lines (``profiler_start``/``profiler_stop``) to stderr on every run
+unless ``KINETO_LOG_LEVEL=6`` is in the environment before its first use; the library leaves
+the environment and file descriptors alone (the CLI sets the variable for its own process).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -51,7 +54,7 @@ class MemoryReading:
     Attributes:
         peak_bytes: peak of bytes allocated inside the region and live at the same time.
         end_bytes: bytes allocated inside the region and still live at its end.
-        peak_op: the op that made the allocation at the peak (CPU only; ``""`` on CUDA).
+        peak_op: the op that made the allocation at the peak.
         spans: the region cut at every ``mark``, in order.
         device: ``"cpu"`` or ``"cuda"``.
     """
@@ -67,24 +70,6 @@ class MemoryReading:
             if span.label == label:
                 return span
         raise KeyError(f"no span {label!r}; spans are {[s.label for s in self.spans]}")
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null for the duration (C++ logging bypasses Python)."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 (embedded interpreters): nothing to silence
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class MemoryMeter:
@@ -104,11 +89,10 @@ class MemoryMeter:
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"MemoryMeter measures 'cpu' or 'cuda'; got device {device!r}")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._profiler: Any = None
         self._labels: list[str] = []
-        self._cuda_spans: list[Span] = []
-        self._cuda_open: tuple[str, int] = ("<start>", 0)
-        self._cuda_base = 0
         self._reading: MemoryReading | None = None
 
     @property
@@ -121,27 +105,19 @@ class MemoryMeter:
         self._reading = None
         self._labels = []
         if self.device.type == "cuda":
+            # Allocations are recorded when the host asks for them; syncing only keeps kernels
+            # queued before the region from running inside it.
             torch.cuda.synchronize(self.device)
-            self._cuda_base = torch.cuda.memory_allocated(self.device)
-            self._cuda_spans = []
-            self._cuda_open = ("<start>", 0)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_stderr():  # kineto logs every start and stop on fd 2
-                self._profiler.__enter__()
+        # Host activity only: the CUDA allocator's events are reported without CUPTI.
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
         return self
 
     def mark(self, label: str) -> None:
         """Close the current span and open one called ``label``."""
-        if self.device.type == "cuda":
-            self._close_cuda_span()
-            self._cuda_open = (label, self._cuda_level())
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._labels.append(label)
-            with record_function(f"{MARK_PREFIX}{len(self._labels) - 1}"):
-                pass
+        self._labels.append(label)
+        with record_function(f"{MARK_PREFIX}{len(self._labels) - 1}"):
+            pass
 
     def __exit__(
         self,
@@ -151,38 +127,24 @@ class MemoryMeter:
     ) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self._close_cuda_span()
-            spans = tuple(self._cuda_spans)
-            self._reading = MemoryReading(
-                peak_bytes=max(span.peak_bytes for span in spans),
-                end_bytes=self._cuda_level(),
-                peak_op="",
-                spans=spans,
-                device="cuda",
-            )
-            return
-        with _quiet_stderr():
-            self._profiler.__exit__(exc_type, exc, traceback)
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(exc_type, exc, traceback)
         if exc_type is None:
-            self._reading = _replay(self._profiler, self._labels)
-        self._profiler = None
-
-    def _cuda_level(self) -> int:
-        return torch.cuda.memory_allocated(self.device) - self._cuda_base
-
-    def _close_cuda_span(self) -> None:
-        label, start = self._cuda_open
-        peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
-        end = self._cuda_level()
-        self._cuda_spans.append(Span(label, start, max(peak, start, end), end))
+            roots = profiler.profiler.kineto_results.experimental_event_tree()
+            self._reading = _replay(roots, self._labels, self.device)
 
 
-def _replay(profiler: Any, labels: list[str]) -> MemoryReading:
-    """Replay the CPU allocation events of a finished profiler run, in time order."""
+def _replay(roots: list[Any], labels: list[str], device: torch.device) -> MemoryReading:
+    """Replay the allocation events on ``device`` of a finished profiler run, in time order.
+
+    Args:
+        roots: the profiler's event tree (``kineto_results.experimental_event_tree()``).
+        labels: the marks' labels, in the order :meth:`MemoryMeter.mark` was called.
+        device: whose allocations count (``cuda`` with its index).
+    """
     from torch._C._profiler import _EventType
 
     order = 0
-    roots = profiler.profiler.kineto_results.experimental_event_tree()
     stack: list[tuple[Any, str]] = [(root, "") for root in reversed(roots)]
     allocations: list[tuple[int, int, int, int, str]] = []
     marks: list[tuple[int, int, int]] = []
@@ -191,7 +153,9 @@ def _replay(profiler: Any, labels: list[str]) -> MemoryReading:
         order += 1
         if event.typed[0] == _EventType.Allocation:
             fields = event.typed[1]
-            if fields.device.type == "cpu":
+            if fields.device.type == device.type and (
+                device.index is None or fields.device.index == device.index
+            ):
                 allocations.append(
                     (event.start_time_ns, order, int(fields.alloc_size), int(fields.ptr), parent)
                 )
@@ -227,5 +191,5 @@ def _replay(profiler: Any, labels: list[str]) -> MemoryReading:
             peak, peak_op = level, op
     spans.append(Span(span_label, span_start, span_peak, level))
     return MemoryReading(
-        peak_bytes=peak, end_bytes=level, peak_op=peak_op, spans=tuple(spans), device="cpu"
+        peak_bytes=peak, end_bytes=level, peak_op=peak_op, spans=tuple(spans), device=device.type
     )

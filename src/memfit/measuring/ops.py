@@ -230,7 +230,11 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
             if op is not None and ptr not in block.saved:
                 block.saved.add(ptr)
                 block.ops[op].saved_bytes += tensor.untyped_storage().nbytes()
-            return tensor
+            # Not the tensor itself: a node that saves its own output (softmax, layer norm's
+            # mean) would then hold a tensor whose grad_fn is that node, a cycle through C++
+            # that Python's collector cannot see. This forward never runs backward, so the
+            # graph would never free it: every profile leaked the whole forward.
+            return tensor.detach()
 
         return hook
 

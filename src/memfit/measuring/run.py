@@ -28,6 +28,7 @@ from memfit.measuring.chain import (
     split_main,
 )
 from memfit.measuring.meter import MemoryMeter, MemoryReading
+from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
     compute_loss,
@@ -329,6 +330,7 @@ def measure_stages(
     return StageReading(reading, forward_s, backward_s, outputs, measurement, same)
 
 
+@preserving_state
 def measure(
     model: nn.Module,
     sample: Any,
@@ -356,7 +358,8 @@ def measure(
             (``loss = model(**batch).loss; loss.backward()``).
 
     Returns:
-        A :class:`Measurement`. The model's gradients are left as they were.
+        A :class:`Measurement`. The model (gradients, buffers, modes) and the RNG states are
+        left as they were.
 
     Example:
         >>> m = memfit.measure(model, (x, y))
@@ -388,6 +391,7 @@ def time_step(
     reset_grads(model, accumulate)
     synchronize(device)
     gc.collect()  # as timeit does: no collector pause inside the timed step
+    enabled = gc.isenabled()  # and as timeit does, leave it as found (off stays off)
     gc.disable()
     try:
         start = time.perf_counter()
@@ -395,4 +399,5 @@ def time_step(
         synchronize(device)
         return time.perf_counter() - start
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
