@@ -1,5 +1,6 @@
 """Causal LMs with their default config (use_cache=True) train under every plan, bit for bit."""
 
+import io
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -202,3 +203,26 @@ def test_drop_caches_by_type() -> None:
     args, kwargs, changed = drop_caches(where, (x, None, cache), {"memory": cache})
     assert args == (x, None, None) and kwargs == {"memory": None, "use_cache": False}
     assert changed == ["argument 2", "memory", "use_cache"]
+
+
+def test_a_planned_decoder_survives_torch_save() -> None:
+    torch.manual_seed(0)
+    model = llama("eager")
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    sample = {"input_ids": ids, "labels": ids}
+    chain = find_chain(model, lambda: model(**sample))
+    apply_plan(model, chain, make_plan(chain, TREES["rebuild mixed"]))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.mul_(0.5)  # weights of its own
+    planned = step(loaded, sample)
+    assert remove_plan(loaded) is True
+    assert applied_plan(model) is not None
+    reference = step(loaded, sample)
+    assert torch.equal(planned[0], reference[0])
+    assert all(torch.equal(planned[1][name], grad) for name, grad in reference[1].items())
+    assert planned[1].keys() == reference[1].keys()
