@@ -9,9 +9,11 @@ When it runs in backward (a checkpoint's recompute: autograd's graph task is run
 
 * restores the running statistics of the block's norm layers afterwards (BatchNorm and the
   other ``_NormBase`` layers with ``track_running_stats`` update them in train mode; the rerun
-  would update them a second time). The values are copied back without bumping the version
-  counters, which autograd checks when the recomputed BatchNorm's backward unpacks them; in
-  train mode that backward uses the batch statistics only.
+  would update them a second time): values and version counters as before the rerun, so the
+  step leaves them exactly as an unplanned step does. Setting the counters back is safe: only
+  the rerun's own BatchNorm saved them since, through the checkpoint's saved-tensor hooks
+  (which skip autograd's version check), and in train mode its backward reads the batch
+  statistics, not these.
 * turns an error into :class:`~memfit.errors.UnsupportedModelError` naming the stage: the same
   block ran in the forward, so failing now means it cannot be replayed (a cache, a counter or
   other state its forward changed). Memory errors and memfit's own errors pass unchanged, and so
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _StopRecomputationError
 
 from memfit.errors import MemfitError, UnsupportedModelError
@@ -45,24 +48,34 @@ def norm_layers(block: nn.Module) -> tuple[_NormBase, ...]:
     return tuple(m for m in block.modules() if isinstance(m, _NormBase) and m.track_running_stats)
 
 
-def _running_stats(norms: tuple[_NormBase, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    saved = []
-    for norm in norms:
-        if norm.training:  # in eval mode they are only read
-            for name in RUNNING_STATS:
-                tensor = getattr(norm, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    saved.append((tensor, tensor.detach().clone()))
-    return saved
+Saved = list[tuple[torch.Tensor, torch.Tensor, int]]  # tensor, its value and version before
 
 
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _running_stats(norms: tuple[_NormBase, ...]) -> Saved:
+    tensors = [
+        tensor
+        for norm in norms
+        if norm.training  # in eval mode they are only read
+        for tensor in (getattr(norm, name, None) for name in RUNNING_STATS)
+        if isinstance(tensor, torch.Tensor)
+    ]
+    if not tensors:
+        return []
+    # outside the recompute's dispatch modes: a selective checkpoint would take the copies for
+    # ops of the block and find them missing from its forward
+    with _disable_current_modes(), torch.no_grad():
+        return [(tensor, tensor.clone(), tensor._version) for tensor in tensors]
+
+
+def _restore(saved: Saved) -> None:
+    """Values and version counters as before the rerun: the rerun leaves no trace."""
     if not saved:
         return
-    tensors = tuple(tensor for tensor, _ in saved)
-    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tensors):
-        for tensor, value in saved:
+    with _disable_current_modes(), torch.no_grad():
+        for tensor, value, _ in saved:
             tensor.copy_(value)
+    tensors = tuple(tensor for tensor, _, _ in saved)
+    torch._C._autograd._unsafe_set_version_counter(tensors, tuple(v for _, _, v in saved))
 
 
 class BlockForward:
