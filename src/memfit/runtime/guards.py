@@ -146,7 +146,8 @@ class Watch:
         if changed:
             raise UnsupportedModelError(
                 f"stage {self.stage!r} changes its {', '.join(changed)} in place; recomputing it "
-                f"in backward would read the changed values and give wrong gradients. Make the "
+                f"in backward would read the changed values (wrong gradients, or an error from "
+                f"autograd deep in backward). Make the "
                 f"block compute a new tensor instead (mask = mask.masked_fill(...), not "
                 f"mask.masked_fill_(...)), or plan this stage as keep"
             )
