@@ -61,12 +61,8 @@ def cache_arguments(block: nn.Module) -> CacheArguments:
         for index, parameter in enumerate(parameters)
         if parameter.kind in positional and parameter.name in (*CACHE_ARGUMENTS, USE_CACHE)
     )
-    use_cache = next((p for p in parameters if p.name == USE_CACHE), None)
-    default = (
-        None
-        if use_cache is None or use_cache.default is inspect.Parameter.empty
-        else (use_cache.default)
-    )
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    default = defaults.get(USE_CACHE)
     keeps = bool(getattr(block, "_can_checkpoint_with_cache", False))
     return CacheArguments(positions, keeps, default)
 

@@ -149,7 +149,7 @@ class Watch:
                 f"in backward would read the changed values (wrong gradients, or an error from "
                 f"autograd deep in backward). Make the "
                 f"block compute a new tensor instead (mask = mask.masked_fill(...), not "
-                f"mask.masked_fill_(...)), or plan this stage as keep"
+                f"mask.masked_fill_(...)), or keep this stage in the plan (no recompute)"
             )
         written = self._written()
         if written:
@@ -158,7 +158,7 @@ class Watch:
                 f"{', ...' if len(written) > 3 else ''}); recomputing it in backward would run "
                 f"the write again and read the changed state, so the step would differ from an "
                 f"unplanned one. Move the write out of the block's forward (e.g. into a hook on "
-                f"the model), or plan this stage as keep"
+                f"the model), or keep this stage in the plan (no recompute)"
             )
 
     def _written(self) -> list[str]:

@@ -114,7 +114,7 @@ class BlockForward:
                 f"{str(error)[:300]}). The block does not compute the same thing twice: it "
                 f"reads state that its first run changed (a cache under an argument name memfit "
                 f"does not know, a counter, a global flag). Pass such state explicitly and "
-                f"unchanged, or plan this stage as keep"
+                f"unchanged, or keep this stage in the plan (no recompute)"
             ) from error
         finally:
             _restore(saved)
