@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import memfit
+from memfit.errors import InfeasibleBudgetError
 from memfit.integrations.hf import FAMILIES, build_hf
 from memfit.measuring.profile import Profile
 from memfit.planning.plan import Plan, Stage, recompute_one
@@ -128,7 +129,14 @@ def check_planned(profiled: Profiled, plan: Plan) -> int:
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_optimal_plan(profiled: Profiled, budget: str) -> None:
-    plan = memfit.plan(profiled.profile, budget=budget)
+    try:
+        plan = memfit.plan(profiled.profile, budget=budget)
+    except InfeasibleBudgetError as error:
+        # Tiny models: parameter gradients, embeddings, head and one block's backward are a
+        # large share of the step, so 30% can lie below the floor. Then the smallest feasible
+        # budget the error names must hold, to the byte: plan and check at exactly that.
+        assert error.min_feasible_bytes > error.budget_bytes
+        plan = memfit.plan(profiled.profile, budget=error.min_feasible_bytes)
     peak_bytes = check_planned(profiled, plan)
     assert plan.budget_bytes is not None
     assert peak_bytes <= plan.budget_bytes

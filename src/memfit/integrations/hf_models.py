@@ -201,7 +201,7 @@ FAMILIES: dict[str, Family] = {
         config="ViTConfig",
         model="ViTForImageClassification",
         sizes=lambda s: _encoder(
-            s, image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // 4, num_labels=IMAGE_CLASSES
+            s, image_size=IMAGE_SIZE, patch_size=IMAGE_SIZE // 8, num_labels=IMAGE_CLASSES
         ),
         sample="pixels",
     ),
