@@ -8,7 +8,7 @@ from torch import nn
 
 import memfit
 from memfit.errors import PlanMismatchError
-from memfit.integrations.hf import build_hf, disable_hf_checkpointing, hf_block_names
+from memfit.integrations.hf import FAMILIES, build_hf, disable_hf_checkpointing, hf_block_names
 from memfit.measuring.chain import Chain, find_chain
 from memfit.planning.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
@@ -18,10 +18,14 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
 STACKS = {
+    "bart": "model.decoder.layers",  # the larger of two equal stacks (cross-attention)
     "bert": "bert.encoder.layer",
+    "convnext": "convnext.encoder.stages",
+    "falcon": "transformer.h",
     "gpt2": "transformer.h",
     "llama": "model.layers",
     "opt": "model.decoder.layers",
+    "roberta": "roberta.encoder.layer",
     "vit": "vit.layers",
 }
 # stages: 0 <pre>, 1..4 the layers, 5 <post>
@@ -180,8 +184,35 @@ def test_optimal_plans_on_hf_models(arch: str) -> None:
 
 
 def test_unknown_architecture() -> None:
-    with pytest.raises(ValueError, match=r"'t5'.*\['bert', 'gpt2', 'llama', 'opt', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"'t5'.*\['bart', 'bert', 'convnext', 'falcon', "):
         build_hf("t5")
+
+
+def test_bad_attention_implementation() -> None:
+    with pytest.raises(ValueError, match=r"one of \['eager', 'sdpa'\]; got 'flash'"):
+        build_hf("llama", attn_implementation="flash")
+    with pytest.raises(
+        ValueError,
+        match="ConvNextForImageClassification does not support attn_implementation='sdpa'",
+    ):
+        build_hf("convnext", attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_builders_keep_the_library_defaults(arch: str) -> None:
+    model, sample = build_hf(arch)
+    library = type(model.config)().to_dict()
+    built = model.config.to_dict()
+    kept = [key for key in library if "drop" in key or key in ("use_cache", "tie_word_embeddings")]
+    assert kept, library.keys()
+    assert {key: built[key] for key in kept} == {key: library[key] for key in kept}
+    default = "sdpa" if FAMILIES[arch].supports(transformers, "sdpa") else "eager"
+    assert model.config._attn_implementation == default
+    assert model.training
+    if "input_ids" in sample:
+        assert int(sample["input_ids"].max()) < model.config.vocab_size
+    eager, _ = build_hf(arch, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
 
 
 def test_hf_block_names_of_a_plain_model() -> None:
