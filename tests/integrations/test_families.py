@@ -25,7 +25,7 @@ block under one option: recompute (strategy ``all``), ``rebuild``, ``rebuild+lin
 | RoBERTa (padding mask) | RobertaForMaskedLM | eager, sdpa | same |
 | ViT | ViTForImageClassification | eager, sdpa | same |
 | ConvNeXt | ConvNextForImageClassification | none (no attention) | same |
-| BART (encoder-decoder; chain = decoder layers) | BartForConditionalGeneration | eager, sdpa | same |
+| BART (encoder-decoder: encoder and decoder layers, one chain) | BartForConditionalGeneration | eager, sdpa | same |
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def profiled(request: pytest.FixtureRequest) -> Profiled:
 
 def every_block(profile: Profile, option: str) -> Plan:
     """Every block under ``option`` (``recompute``: each its own segment), with predictions."""
-    last = len(profile.stage_names) - 1
-    blocks = [
-        recompute_one(i) if option == "recompute" else Stage(i, option) for i in range(1, last)
-    ]
-    tree = (Stage(0), *blocks, Stage(last))
+    tree = tuple(
+        (recompute_one(i) if option == "recompute" else Stage(i, option))
+        if stage.checkpointable  # a block (not <pre>, <post> or a stage between block lists)
+        else Stage(i)
+        for i, stage in enumerate(profile.costs.stages)
+    )
     simulation = simulate(profile.costs, tree)
     return Plan(
         stage_names=profile.stage_names,
