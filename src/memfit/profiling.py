@@ -118,7 +118,11 @@ def profile(
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     # Every way of running the blocks: keep, recompute (each block its own segment), options.
-    ways: dict[str, Plan | None] = {KEEP: None, RECOMPUTE: _every_block(chain, None)}
+    # keep is measured as a plan too (every block kept): planned blocks run without KV caches
+    ways: dict[str, Plan | None] = {
+        KEEP: _every_block(chain, KEEP),
+        RECOMPUTE: _every_block(chain, None),
+    }
     ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
     # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's drift
     # reaches every way alike and the planner compares options measured side by side.

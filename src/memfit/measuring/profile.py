@@ -143,6 +143,19 @@ def _checkpoint_bytes(recompute: StageReading, keep: StageReading, last: int) ->
     return max(0, min(kept, default=0))
 
 
+def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
+    """Side inputs (masks, position tables) that the kept step frees when the forward ends
+    and the checkpoints of recomputed blocks hold until their backward: what the stages after
+    the blocks keep more with every block recomputed than with every block kept."""
+    last = len(chain) - 1
+    extra = 0
+    for index in range(1, last + 1):
+        if chain.block_of_stage(index) is None:
+            kept, recomputed = keep.forward_span(index), recompute.forward_span(index)
+            extra += max(0, (recomputed[2] - recomputed[0]) - (kept[2] - kept[0]))
+    return extra
+
+
 def build_profile(
     model: nn.Module,
     sample: Any,
@@ -207,6 +220,7 @@ def build_profile(
         held_bytes=keep.measurement.held_bytes,
         fingerprint=fingerprint(model, sample, chain),
         checkpoint_bytes=checkpoint,
+        side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),
     )
     return Profile(
         costs=costs,

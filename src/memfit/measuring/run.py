@@ -123,6 +123,8 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     """Hooks that mark stage boundaries; yields stage index -> bytes of its output, and under
     key ``-index`` whether block ``index`` got the same side inputs as the block before it."""
     output_bytes: dict[int, int] = {}
+    # only the previous block's side inputs, and only until the next block compares: holding
+    # every block's (masks, rotary tables) to the end of the step would change the step measured
     calls: dict[int, Inputs] = {}
     handles = []
 
@@ -132,10 +134,12 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
     def pre_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mark(f"F:{index}")
-            calls[index] = side_inputs(args, kwargs)
-            if index - 1 in calls:
-                same = same_side_inputs(calls[index - 1], calls[index])
-                output_bytes[-index] = int(same)
+            current = side_inputs(args, kwargs)
+            previous = calls.pop(index - 1, None)
+            if previous is not None:
+                output_bytes[-index] = int(same_side_inputs(previous, current))
+            if chain.block_of_stage(index + 1) is not None:
+                calls[index] = current
             if chain.block_of_stage(index - 1) is None:  # <pre> or a stage between groups
                 first = main_tensor(split_main(args, kwargs)[0])
                 if first is not None:

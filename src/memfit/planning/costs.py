@@ -118,18 +118,25 @@ class ChainCosts:
         checkpoint_bytes: bytes each recompute segment's checkpoint keeps from its forward to
             its backward besides the tensors (the RNG state: 5,056 bytes on CPU, none of the
             device's memory on CUDA), measured.
+        side_input_bytes: bytes of the blocks' side inputs (masks, position tables) that a
+            kept step frees when the forward ends but that checkpoints hold as their inputs:
+            with any top-level segment or selective stage they stay live from the last stage's
+            forward to the backward of the first such item (measured: the last stages' saved
+            bytes with every block recomputed, less those with every block kept).
     """
 
     stages: Sequence[StageCosts]
     held_bytes: int = 0
     fingerprint: str = ""
     checkpoint_bytes: int = 0
+    side_input_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
-        if self.checkpoint_bytes < 0:
-            raise ValueError(f"checkpoint_bytes must be >= 0; got {self.checkpoint_bytes}")
+        for name in ("checkpoint_bytes", "side_input_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "stages", tuple(self.stages))
 
     def __len__(self) -> int:
@@ -155,6 +162,7 @@ class ChainCosts:
             held_bytes=int(data.get("held_bytes", 0)),
             fingerprint=str(data.get("fingerprint", "")),
             checkpoint_bytes=int(data.get("checkpoint_bytes", 0)),
+            side_input_bytes=int(data.get("side_input_bytes", 0)),
         )
 
     @classmethod

@@ -219,7 +219,10 @@ class Planner:
             return Solution(tree=self.fastest, simulation=self.fastest_simulation, info=info)
         if self.floor_simulation.peak_bytes > budget_bytes:
             raise InfeasibleBudgetError(budget_bytes, self.floor_simulation.peak_bytes)
-        found = solve_top(self.arrays, self.tables, budget_bytes, self.floor.top, self.max_states)
+        # the DP does not see the side inputs that checkpoints hold (the simulator does):
+        # it plans as if they were held all step, and the tree it finds is simulated below
+        dp_budget = budget_bytes - costs.side_input_bytes
+        found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})
         simulations = {name: simulate(costs, tree) for name, tree in trees.items()}

@@ -15,7 +15,11 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
   the optimal DP holds that one through the inner backward too, an upper bound); a segment of several stages
   peaks ``2 * checkpoint_bytes`` above the level its forward leaves (memfit's runtime reads the
-  RNG state once more between its blocks and compares).
+  RNG state once more between its blocks and compares);
+* with a top-level segment or ``selective:`` stage, ``side_input_bytes`` (the blocks' masks and
+  position tables, which the kept step frees when its forward ends but checkpoints hold as
+  their inputs) stay live from just before the last stage's forward to the end of the first
+  such item's backward.
 
 One clarification: an event's peak is never below the level it leaves (``L`` after the change).
 Measured costs always satisfy this, since a transient peak includes the end state; counting the
@@ -183,6 +187,15 @@ class _Replay:
             self.rng_event(f"backward: checkpoint RNG states freed{inside}", BACKWARD, 0, -states)
 
 
+SIDE_HELD = "forward: side inputs held by the checkpoints"
+SIDE_FREED = "backward: side inputs freed with the first checkpoint"
+
+
+def _holds_inputs(item: Item) -> bool:
+    """Whether a top-level item runs under a checkpoint, which holds the block's inputs."""
+    return isinstance(item, Segment) or item.option.startswith("selective:")
+
+
 def _nested(items: Sequence[Item]) -> int:
     """Segments inside ``items``, at any depth."""
     return sum(1 + _nested(item.inner) for item in items if isinstance(item, Segment))
@@ -215,8 +228,21 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     """
     check_tree(costs, tree)
     replay = _Replay(costs, timeline)
-    replay.forward(tree, FORWARD, "")
-    replay.backward(tree, "")
+    holders = [i for i, item in enumerate(tree) if _holds_inputs(item)]
+    if holders and costs.side_input_bytes:
+        # the checkpoints hold the blocks' side inputs that a kept step frees when the forward
+        # ends: from the last stage's forward to the first holder's backward
+        last = len(tree) - 1
+        replay.forward(tree[:last], FORWARD, "")
+        replay.event(SIDE_HELD, FORWARD, 0, costs.side_input_bytes)
+        replay.forward(tree[last:], FORWARD, "")
+        first = holders[0]
+        replay.backward(tree[first:], "")
+        replay.event(SIDE_FREED, BACKWARD, 0, -costs.side_input_bytes)
+        replay.backward(tree[:first], "")
+    else:
+        replay.forward(tree, FORWARD, "")
+        replay.backward(tree, "")
     return Simulation(
         peak_bytes=replay.peak,
         step_s=replay.step_s,

@@ -148,7 +148,10 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):
-            if item.option != KEEP:
+            # kept blocks too: a planned model runs every block without its KV cache in
+            # training (as HF's checkpointing turns use_cache off model-wide), so that a block
+            # costs the same kept or inside a segment, and the profile's figures hold
+            if chain.block_of_stage(item.index) is not None:
                 overrides[item.index] = TopStage(executor, item)
         else:
             overrides[item.start] = Head(executor, item)
