@@ -15,6 +15,10 @@ tag, :func:`memfit.measuring.ops.is_random_op`) are never saved, so recompute re
 in order and dropout masks come out bit-identical: naming one is an error, and attention kernels
 are saved only at calls with dropout off.
 
+A saved output that the stage's forward then writes in place (``scores /= sqrt(d)`` after a
+``bmm``) is copied into the cache just before the write, so the recompute does not apply the
+write twice: see :mod:`memfit.runtime.saved_writes`.
+
 Known gap: around a compiled function, selective checkpointing sees ``aten.mm.out`` instead of
 ``aten.mm.default``. Saving an ``.out`` op is unsafe (the recompute would return the cached
 tensor without writing the ``out=`` buffer the compiled code reads; torch 2.13 raises "cached
