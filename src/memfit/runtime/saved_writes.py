@@ -106,7 +106,9 @@ class SavedWrites(TorchDispatchMode):
         ``writer`` changes them."""
         copied = False
         if not _returns_alias(op):
-            for entry in dict(self.storage.get(op, {})).values():
+            entries = self.storage.get(op, ())
+            # torch 2.13: {call index: entry}; torch 2.4 to 2.12: a list of entries
+            for entry in list(entries.values() if isinstance(entries, dict) else entries):
                 for wrapper in tree_leaves(entry):
                     value = getattr(wrapper, "val", None)
                     if not isinstance(value, torch.Tensor) or _storage(value) != storage:
