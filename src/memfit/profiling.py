@@ -6,13 +6,14 @@ the readings become the :class:`~memfit.measuring.Profile` the planner reads.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from memfit.errors import AlreadyPlannedError
+from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
@@ -25,6 +26,8 @@ from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import applied_plan, planned
 from memfit.runtime.options import is_selective
+
+logger = logging.getLogger(__name__)
 
 Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
@@ -128,18 +131,27 @@ def profile(
     # reaches every way alike and the planner compares options measured side by side.
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     for _ in range(repeats):
-        for way, way_plan in ways.items():
-            with planned(model, chain, way_plan):
-                clocks[way].append(
-                    stage_clock(
-                        model,
-                        sample,
-                        chain,
-                        loss_fn=loss_fn,
-                        accumulate=accumulate,
-                        keep_output=keep_output,
+        for way, way_plan in list(ways.items()):
+            try:
+                with planned(model, chain, way_plan):
+                    clocks[way].append(
+                        stage_clock(
+                            model,
+                            sample,
+                            chain,
+                            loss_fn=loss_fn,
+                            accumulate=accumulate,
+                            keep_output=keep_output,
+                        )
                     )
-                )
+            except UnsupportedModelError as error:
+                if way in (KEEP, RECOMPUTE):
+                    raise
+                # an option this model cannot run correctly (a selective option saving an op
+                # whose output is then written in place, where no copy can stand in): off the
+                # menu, so no plan picks it
+                logger.warning("option %r left out of the profile: %s", way, error)
+                del ways[way], clocks[way]
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
     for way, way_plan in ways.items():

@@ -121,6 +121,8 @@ class OpStats:
             names), ``parameters``, ``block input`` for anything made before the block, and
             ``random numbers`` when it draws them (or a random op fills its output in place).
         random: whether some call of it drew random numbers (never saved by a policy).
+        written_later: whether a later op of the block wrote into its output in place
+            (``scores /= sqrt(d)`` after a ``bmm``): a policy saving it needs a copy.
     """
 
     op: str
@@ -130,6 +132,7 @@ class OpStats:
     saved_bytes: int = 0
     needs: set[str] = field(default_factory=set)
     random: bool = False
+    written_later: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: short op names, ``needs`` sorted."""
@@ -188,6 +191,10 @@ class _Recorder(TorchDispatchMode):
             for leaf in tree_leaves((args, kwargs))
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
         }
+        for ptr in _written_storages(func, args, kwargs):
+            producer = self.block.producers.get(ptr)
+            if producer is not None and producer != name:
+                self.block.ops[producer].written_later = True
         for ptr in inputs:
             producer = self.block.producers.get(ptr)
             if producer is not None:
@@ -209,6 +216,25 @@ class _Recorder(TorchDispatchMode):
                     self.block.saved.discard(ptr)
                     stats.output_bytes += leaf.untyped_storage().nbytes()
         return out
+
+
+def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
+    """Storage pointers of the arguments ``func`` writes in place (``self`` of ``div_``,
+    ``out=``), from its schema."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return set()
+    written = set()
+    for position, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = (kwargs or {}).get(argument.name, args[position] if position < len(args) else None)
+        written |= {
+            leaf.untyped_storage().data_ptr()
+            for leaf in tree_leaves(value)
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
+        }
+    return written
 
 
 def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
@@ -328,21 +354,32 @@ def candidate_policies(
     costs against what saving costs). Each option saves the smallest prefix of that ranking whose
     ops cover ``coverage`` of the block's recomputable forward time; ``selective:matmul``
     (the matmul/attention outputs, the usual hand-made policy) joins them when those ops exist.
-    Options that save the same ops are given once.
+    Options that save the same ops are given once. An op whose output a later op of its block
+    writes in place is never proposed (saving it costs the runtime a copy; see
+    :mod:`memfit.runtime.saved_writes`): then the matmuls that remain are proposed as
+    ``selective:save=...`` in place of ``selective:matmul``.
     """
     seconds: dict[str, float] = {}
     saved: dict[str, int] = {}
+    written = {stats.op for block in blocks for stats in block.ops.values() if stats.written_later}
     for block in blocks:
         for stats in block.ops.values():
             if stats.saved_bytes > 0 and saveable(stats.op) and not stats.random:
                 seconds[stats.op] = seconds.get(stats.op, 0.0) + stats.seconds
                 saved[stats.op] = saved.get(stats.op, 0) + stats.saved_bytes
-    ranked = sorted(seconds, key=lambda op: seconds[op] / saved[op], reverse=True)
-    total = sum(seconds.values())
+    ranked = sorted(
+        (op for op in seconds if op not in written),
+        key=lambda op: seconds[op] / saved[op],
+        reverse=True,
+    )
+    total = sum(seconds[op] for op in ranked)
     options: list[str] = []
-    if any(op in MATMUL_OPS for op in ranked):
+    matmuls = frozenset(op for op in ranked if op in MATMUL_OPS)
+    if matmuls and not written & MATMUL_OPS:
         options.append("selective:matmul")
-    chosen_sets: list[frozenset[str]] = [frozenset(op for op in ranked if op in MATMUL_OPS)]
+    elif matmuls:
+        options.append("selective:save=" + "+".join(short_op_name(op) for op in sorted(matmuls)))
+    chosen_sets: list[frozenset[str]] = [matmuls]
     for coverage in coverages:
         covered, prefix = 0.0, []
         for op in ranked:

@@ -15,6 +15,10 @@ tag, :func:`memfit.measuring.ops.is_random_op`) are never saved, so recompute re
 in order and dropout masks come out bit-identical: naming one is an error, and attention kernels
 are saved only at calls with dropout off.
 
+A saved output that the stage's forward then writes in place (``scores /= sqrt(d)`` after a
+``bmm``) is copied into the cache just before the write, so the recompute does not apply the
+write twice: see :mod:`memfit.runtime.saved_writes`.
+
 Known gap: around a compiled function, selective checkpointing sees ``aten.mm.out`` instead of
 ``aten.mm.default``. Saving an ``.out`` op is unsafe (the recompute would return the cached
 tensor without writing the ``out=`` buffer the compiled code reads; torch 2.13 raises "cached
@@ -36,6 +40,7 @@ from torch.utils.checkpoint import (
 )
 
 from memfit.measuring.ops import MATMUL_OPS, draws_random, full_op_name, saveable
+from memfit.runtime.saved_writes import SavedWrites
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +177,14 @@ class SelectivePolicy:
         self.option = option
         self.warned = False  # one log line per stage
 
+    def saves(self, op: Any, args: Any, kwargs: Any) -> bool:
+        """Whether this call's output is saved."""
+        return str(op) in self.ops and not draws_random(op, args, kwargs)
+
     def __call__(self, _ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        name = str(op)
-        if name in self.ops and not draws_random(op, args, kwargs):
+        if self.saves(op, args, kwargs):
             return CheckpointPolicy.MUST_SAVE
+        name = str(op)
         if (
             not self.warned
             and name.endswith(".out")
@@ -201,16 +210,52 @@ def _keep(_option: str) -> StageWrapper:
 
 
 class Selective:
-    """A block's forward under torch's selective checkpoint with one policy."""
+    """A block's forward under torch's selective checkpoint with one policy.
+
+    Its first forward also runs under :class:`~memfit.runtime.saved_writes.SavedWrites`, which
+    keeps saved outputs that the forward then changes in place out of torch's cache (a copy
+    stands in), so the recompute does not apply those writes twice.
+    """
 
     def __init__(self, forward: Forward, ops: frozenset[str], option: str) -> None:
         self.forward = forward
+        self.stage = getattr(forward, "stage", "?")
         # a policy per wrapped stage, so its one-time warning names every stage's problem
         self.policy = SelectivePolicy(ops, option)
 
+    def contexts(self) -> tuple[Any, Any]:
+        """The ``context_fn`` of one checkpointed call: (first forward, recompute) contexts."""
+        caching, cached = create_selective_checkpoint_contexts(self.policy)
+        writes = SavedWrites(self.policy.saves, caching.storage, self.stage, self.policy.option)
+        return _Stacked(writes, caching), cached
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
-        return checkpoint(self.forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return checkpoint(
+            self.forward, *args, use_reentrant=False, context_fn=self.contexts, **kwargs
+        )
+
+
+class _Stacked:
+    """Enters ``inner`` then ``outer`` (so ``outer``'s dispatch mode sees ops first), and
+    leaves them in the reverse order."""
+
+    def __init__(self, inner: Any, outer: Any) -> None:
+        self.inner = inner
+        self.outer = outer
+
+    def __enter__(self) -> None:
+        self.inner.__enter__()
+        try:
+            self.outer.__enter__()
+        except BaseException:
+            self.inner.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.outer.__exit__(*exc)
+        finally:
+            self.inner.__exit__(*exc)
 
 
 def _selective(option: str) -> StageWrapper:
