@@ -106,18 +106,26 @@ def test_between_stage_is_kept_and_never_joins_a_segment() -> None:
         apply_plan(model, chain, Plan.from_tree(chain.stage_names, option_between, "bad"))
 
 
-@pytest.mark.parametrize("budget", ["40%", "60%"])
+@pytest.mark.parametrize("budget", ["floor", "40%", "60%"])
 def test_plans_over_both_lists_are_exact(budget: str) -> None:
     model, sample = _model()
     prof = memfit.profile(model, sample, repeats=1)
-    plan = memfit.plan(prof, budget=budget)
-    planned = {
-        index
-        for item in plan.tree
-        if not (isinstance(item, Stage) and item.option == "keep")
-        for index in (range(item.start, item.stop) if isinstance(item, Segment) else (item.index,))
-    }
-    assert planned & {1, 2, 3} and planned & {5, 6, 7}  # both lists save memory
+    if budget == "floor":
+        with pytest.raises(memfit.InfeasibleBudgetError) as error:
+            memfit.plan(prof, budget="1%")
+        plan = memfit.plan(prof, budget=error.value.min_feasible_bytes)
+        planned = {
+            index
+            for item in plan.tree
+            if not (isinstance(item, Stage) and item.option == "keep")
+            for index in (
+                range(item.start, item.stop) if isinstance(item, Segment) else (item.index,)
+            )
+        }
+        # the smallest peak needs both lists: the decoder is no longer kept whole in <post>
+        assert planned & {1, 2, 3} and planned & {5, 6, 7}
+    else:  # which blocks a budget picks depends on measured times; the checks below do not
+        plan = memfit.plan(prof, budget=budget)
     memfit.apply(model, plan, sample)
     try:
         report = memfit.verify(model, sample, repeats=1)

@@ -221,6 +221,7 @@ def build_profile(
         fingerprint=fingerprint(model, sample, chain),
         checkpoint_bytes=checkpoint,
         side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),
+        side_grad_bytes=keep.side_grad_bytes,
     )
     return Profile(
         costs=costs,

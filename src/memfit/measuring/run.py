@@ -13,11 +13,12 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from memfit.measuring.chain import (
     Chain,
@@ -118,11 +119,22 @@ def _step(
     return loss.detach()
 
 
+@dataclass
+class _Marked:
+    """What the stage marks saw: stage index -> bytes of its output; block index -> whether
+    it got the same side inputs as the block before it; the largest bytes of side inputs that
+    require grad (an encoder output every decoder block reads) that any block got."""
+
+    output_bytes: dict[int, int] = field(default_factory=dict)
+    same: dict[int, bool] = field(default_factory=dict)
+    side_grad_bytes: int = 0
+
+
 @contextmanager
-def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
-    """Hooks that mark stage boundaries; yields stage index -> bytes of its output, and under
-    key ``-index`` whether block ``index`` got the same side inputs as the block before it."""
-    output_bytes: dict[int, int] = {}
+def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
+    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`)."""
+    marked = _Marked()
+    output_bytes = marked.output_bytes
     # only the previous block's side inputs, and only until the next block compares: holding
     # every block's (masks, rotary tables) to the end of the step would change the step measured
     calls: dict[int, Inputs] = {}
@@ -137,7 +149,15 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
             current = side_inputs(args, kwargs)
             previous = calls.pop(index - 1, None)
             if previous is not None:
-                output_bytes[-index] = int(same_side_inputs(previous, current))
+                marked.same[index] = same_side_inputs(previous, current)
+            grads = [
+                leaf
+                for leaf in tree_leaves(current)
+                if isinstance(leaf, torch.Tensor)
+                and leaf.requires_grad
+                and not isinstance(leaf, nn.Parameter)
+            ]
+            marked.side_grad_bytes = max(marked.side_grad_bytes, tensor_bytes(*grads))
             if chain.block_of_stage(index + 1) is not None:
                 calls[index] = current
             if chain.block_of_stage(index - 1) is None:  # <pre> or a stage between groups
@@ -167,7 +187,7 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[dict[int, int]]:
         handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
         handles.append(block.register_forward_hook(post_hook(index), with_kwargs=True))
     try:
-        yield output_bytes
+        yield marked
     finally:
         for handle in handles:
             handle.remove()
@@ -183,6 +203,7 @@ class StageReading:
     output_bytes: dict[int, int]
     measurement: Measurement
     same_side_inputs: dict[int, bool]
+    side_grad_bytes: int = 0
 
     def forward_span(self, index: int) -> tuple[int, int, int]:
         """(start, peak, end) level of stage ``index``'s forward."""
@@ -219,13 +240,13 @@ def _timed_step(
 
 
 @contextmanager
-def _marks(chain: Chain | None, mark: Marker) -> Iterator[dict[int, int]]:
+def _marks(chain: Chain | None, mark: Marker) -> Iterator[_Marked]:
     """Stage marks when there is a chain (see :func:`_stage_marks`), else only the step's."""
     if chain is None:
-        yield {}
+        yield _Marked()
     else:
-        with _stage_marks(chain, mark) as sizes:
-            yield sizes
+        with _stage_marks(chain, mark) as marked:
+            yield marked
 
 
 def stage_clock(
@@ -291,12 +312,12 @@ def measure_stages(
         reset_grads(model, accumulate)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
-        with _marks(chain, meter.mark) as sizes, meter:
+        with _marks(chain, meter.mark) as marked, meter:
             loss = _step(model, sample, loss_fn, meter.mark, keep_output)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
     reading = meter.reading
-    sizes[last] = tensor_bytes(loss)
+    marked.output_bytes[last] = tensor_bytes(loss)
 
     def median(label: str) -> float:
         return statistics.median(durations.get(label, 0.0) for durations in clocks)
@@ -329,9 +350,15 @@ def measure_stages(
     )
     forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
     backward_s = {i: median("B:loss" if i == last else f"B:{i}") for i in range(last + 1)}
-    outputs = {index: size for index, size in sizes.items() if index >= 0}
-    same = {-index: bool(flag) for index, flag in sizes.items() if index < 0}
-    return StageReading(reading, forward_s, backward_s, outputs, measurement, same)
+    return StageReading(
+        reading,
+        forward_s,
+        backward_s,
+        marked.output_bytes,
+        measurement,
+        marked.same,
+        marked.side_grad_bytes,
+    )
 
 
 @preserving_state

@@ -123,6 +123,11 @@ class ChainCosts:
             with any top-level segment or selective stage they stay live from the last stage's
             forward to the backward of the first such item (measured: the last stages' saved
             bytes with every block recomputed, less those with every block kept).
+        side_grad_bytes: bytes of the largest side input that requires grad (an encoder
+            output every decoder block reads). Its gradient accumulates at other times when
+            the blocks are recomputed, which the stage costs (measured with every block kept)
+            do not show; the optimal planner keeps this much in reserve under the budget for
+            plans that recompute.
     """
 
     stages: Sequence[StageCosts]
@@ -130,11 +135,12 @@ class ChainCosts:
     fingerprint: str = ""
     checkpoint_bytes: int = 0
     side_input_bytes: int = 0
+    side_grad_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
-        for name in ("checkpoint_bytes", "side_input_bytes"):
+        for name in ("checkpoint_bytes", "side_input_bytes", "side_grad_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -163,6 +169,7 @@ class ChainCosts:
             fingerprint=str(data.get("fingerprint", "")),
             checkpoint_bytes=int(data.get("checkpoint_bytes", 0)),
             side_input_bytes=int(data.get("side_input_bytes", 0)),
+            side_grad_bytes=int(data.get("side_grad_bytes", 0)),
         )
 
     @classmethod

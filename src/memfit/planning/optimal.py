@@ -81,7 +81,7 @@ from memfit.planning._top import solve_top
 from memfit.planning.costs import ChainCosts
 from memfit.planning.min_peak import MinPeak
 from memfit.planning.plan import Stage, Tree
-from memfit.planning.simulate import Simulation, simulate
+from memfit.planning.simulate import Simulation, holds_inputs, simulate
 
 EXACT_SLOTS = 4096
 
@@ -206,6 +206,12 @@ class Planner:
             "setup_s": time.perf_counter() - started,
         }
 
+    def reserve(self, tree: Tree) -> int:
+        """Bytes a tree keeps free under the budget beyond its simulated peak: the side-input
+        gradient reserve (``ChainCosts.side_grad_bytes``) when any block runs under a
+        checkpoint, whose timing the costs measured with every block kept do not show."""
+        return self.costs.side_grad_bytes if any(map(holds_inputs, tree)) else 0
+
     def solve(self, budget_bytes: int) -> Solution:
         """The fastest tree whose simulated peak fits ``budget_bytes``.
 
@@ -214,19 +220,25 @@ class Planner:
         """
         started = time.perf_counter()
         costs, info = self.costs, dict(self.info)
-        if self.fastest_simulation.peak_bytes <= budget_bytes:
+        fastest_peak = self.fastest_simulation.peak_bytes + self.reserve(self.fastest)
+        if fastest_peak <= budget_bytes:
             info.update(source="fastest", solve_time_s=time.perf_counter() - started)
             return Solution(tree=self.fastest, simulation=self.fastest_simulation, info=info)
-        if self.floor_simulation.peak_bytes > budget_bytes:
-            raise InfeasibleBudgetError(budget_bytes, self.floor_simulation.peak_bytes)
+        floor_peak = self.floor_simulation.peak_bytes + self.reserve(self.floor_tree)
+        if floor_peak > budget_bytes:
+            raise InfeasibleBudgetError(budget_bytes, floor_peak)
         # the DP does not see the side inputs that checkpoints hold (the simulator does):
         # it plans as if they were held all step, and the tree it finds is simulated below
-        dp_budget = budget_bytes - costs.side_input_bytes
+        dp_budget = budget_bytes - costs.side_input_bytes - costs.side_grad_bytes
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})
         simulations = {name: simulate(costs, tree) for name, tree in trees.items()}
-        fits = [name for name, sim in simulations.items() if sim.peak_bytes <= budget_bytes]
+        fits = [
+            name
+            for name, sim in simulations.items()
+            if sim.peak_bytes + self.reserve(trees[name]) <= budget_bytes
+        ]
         source = min(fits, key=lambda name: simulations[name].step_s)  # dp first on ties
         info.update(source=source, solve_time_s=time.perf_counter() - started)
         return Solution(tree=trees[source], simulation=simulations[source], info=info)

@@ -191,7 +191,7 @@ SIDE_HELD = "forward: side inputs held by the checkpoints"
 SIDE_FREED = "backward: side inputs freed with the first checkpoint"
 
 
-def _holds_inputs(item: Item) -> bool:
+def holds_inputs(item: Item) -> bool:
     """Whether a top-level item runs under a checkpoint, which holds the block's inputs."""
     return isinstance(item, Segment) or item.option.startswith("selective:")
 
@@ -228,7 +228,7 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     """
     check_tree(costs, tree)
     replay = _Replay(costs, timeline)
-    holders = [i for i, item in enumerate(tree) if _holds_inputs(item)]
+    holders = [i for i, item in enumerate(tree) if holds_inputs(item)]
     if holders and costs.side_input_bytes:
         # the checkpoints hold the blocks' side inputs that a kept step frees when the forward
         # ends: from the last stage's forward to the first holder's backward
