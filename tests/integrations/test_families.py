@@ -84,6 +84,11 @@ KNOWN_GAPS = {
         "model does not count"
     ),
 }
+KNOWN_GAPS[("falcon", "eager", "selective:matmul")] = (
+    "prediction 6.5% high, by the same attention scores: the profile counts them among the side "
+    "inputs that checkpoints hold, which a selective stage whose matmul outputs are written in "
+    "place (and copied) does not"
+)
 KNOWN_GAPS |= {
     ("falcon", "eager", budget): KNOWN_GAPS[("falcon", "eager", "recompute")]
     for budget in ("30%", "60%")

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
 STACKS = {
-    "bart": "model.decoder.layers",  # the larger of two equal stacks (cross-attention)
+    "bart": "model.encoder.layers,model.decoder.layers",  # both stacks: groups of one chain
     "bert": "bert.encoder.layer",
     "convnext": "convnext.encoder.stages",
     "falcon": "transformer.h",
@@ -45,7 +45,35 @@ def chain_of(model: nn.Module, sample: dict[str, Any]) -> Chain:
 
 
 def plan_for(chain: Chain, tree: tuple) -> Plan:
-    return Plan.from_tree(chain.stage_names, tree, "test")
+    return Plan.from_tree(chain.stage_names, adapt(tree, chain), "test")
+
+
+def adapt(tree: tuple, chain: Chain) -> tuple:
+    """A tree over the 4-block chain of tests/trees.py, mapped onto ``chain``'s stages; for a
+    chain of two block lists (an encoder-decoder, 2 + 2 blocks) segments are cut where the
+    stage between the lists lies (it is always kept)."""
+    if len(chain.groups) == 1:
+        return tree
+    last = len(chain) - 1
+    where = {0: 0, 5: last} | {k: chain.block_stages[k - 1] for k in range(1, 5)}
+    items: list = [Stage(i) for i in range(len(chain)) if i not in where.values()]
+    for item in tree:
+        if isinstance(item, Stage):
+            items.append(Stage(where[item.index], item.option))
+            continue
+        stages = [where[k] for k in range(item.start, item.stop)]
+        runs: list[list[int]] = [[stages[0]]]
+        for index in stages[1:]:
+            if index == runs[-1][-1] + 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        if len(runs) == 1 and item.stop - item.start == 1:
+            items.append(recompute_one(stages[0]))
+            continue
+        for run in runs:  # cut at the stage between the lists; kept whole inside
+            items.append(Segment(run[0], run[-1] + 1, tuple(Stage(i) for i in run)))
+    return tuple(sorted(items, key=lambda item: getattr(item, "index", getattr(item, "start", 0))))
 
 
 def step(model: nn.Module, sample: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -67,10 +95,12 @@ def assert_same_step(reference: tuple, planned: tuple, label: str) -> None:
 
 @pytest.mark.parametrize("arch", sorted(STACKS))
 def test_chain_found_and_gradients_bit_identical(arch: str) -> None:
-    model, sample = build_hf(arch, layers=4)
+    # an encoder-decoder's two stacks of 2 layers make the 4 blocks the shared trees are over
+    model, sample = build_hf(arch, layers=2 if arch == "bart" else 4)
     assert model.training
     chain = chain_of(model, sample)
     assert chain.container == STACKS[arch]
+    assert len(chain.block_names) == 4
     assert hf_block_names(model) == chain.block_names
     reference = step(model, sample)
     for label, tree in TREES.items():

@@ -108,8 +108,8 @@ def test_falcon_eager_attention() -> None:
     profile = memfit.profile(model, sample, repeats=1)
     selective = [name for name in profile.costs.stages[1].options if name.startswith("selective:")]
     assert selective and all(not saved_ops(name) & written for name in selective)
-    # 2 layers: logits dominate, the smallest feasible budget is about 75%
-    memfit.auto(model, sample, budget="80%")
+    # 2 layers: logits dominate, the smallest feasible budget is about 81%
+    memfit.auto(model, sample, budget="90%")
     assert memfit.verify(model, sample, repeats=1).gradients_equal
     memfit.remove(model)
     # an explicit plan that saves the written bmm is correct too (a copy stands in)

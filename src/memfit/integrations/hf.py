@@ -31,9 +31,9 @@ def hf_block_names(model: nn.Module) -> tuple[str, ...] | None:
     """The fqns of a Hugging Face model's layer stack, from its own metadata, or ``None``.
 
     The layers are the modules whose class HF lists in ``_no_split_modules`` or that subclass
-    ``GradientCheckpointingLayer``; when they sit in several containers (encoder and decoder),
-    the container with the most layers wins (then the one with more parameters: BART's
-    decoder, as :func:`~memfit.measuring.chain.find_chain` picks it). Pass the result as ``blocks=``.
+    ``GradientCheckpointingLayer``; when they sit in several containers (an encoder's and a
+    decoder's), every container with as many layers as the largest is a group of the chain,
+    as :func:`~memfit.measuring.chain.find_chain` finds them. Pass the result as ``blocks=``.
 
     Returns:
         The fqns in module order, or ``None`` when the model names no layers (not an HF model).
@@ -51,14 +51,15 @@ def hf_block_names(model: nn.Module) -> tuple[str, ...] | None:
     stacks: list[list[str]] = [names for names in groups.values() if len(names) >= 2]
     if not stacks:
         return None
-    modules = dict(model.named_modules())
-
-    def size(names: list[str]) -> tuple[int, int]:
-        # ties (an encoder-decoder's equal stacks) go to the larger one, as in find_chain
-        return len(names), sum(p.numel() for name in names for p in modules[name].parameters())
-
-    largest: list[str] = max(stacks, key=size)
-    return tuple(largest)
+    most = max(len(names) for names in stacks)
+    # stacks nested in another stack's layers are that layer's business
+    outer = [
+        names
+        for names in stacks
+        if len(names) == most
+        and not any(names[0].startswith(layer + ".") for other in stacks for layer in other)
+    ]
+    return tuple(name for names in outer for name in names)
 
 
 def _checkpointing_on(module: nn.Module) -> bool:

@@ -200,6 +200,10 @@ def find_chain(
             )
         if names and all(isinstance(modules[name], lists) for name in names):
             groups = {name: _children(name, modules[name]) for name in names}
+        elif len({name.rpartition(".")[0] for name in names}) > 1:  # blocks of several lists
+            groups = {}
+            for name in names:
+                groups.setdefault(name.rpartition(".")[0], []).append(name)
         else:
             groups = {"<blocks=>": names}
     calls: list[tuple[str, int, int | None]] = []  # (block fqn, input id, output id)
