@@ -8,10 +8,11 @@ import torch
 from runtime_cases import make_plan, one_segment, per_block
 from torch import nn
 
-from memfit.errors import MemfitError, PlanMismatchError
+import memfit
+from memfit.errors import MemfitError, PlanMismatchError, UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.planning.plan import Plan, Stage, recompute_one
-from memfit.runtime import apply_plan, remove_plan
+from memfit.runtime import applied_plan, apply_plan, remove_plan
 
 WIDTH = 8
 
@@ -226,3 +227,166 @@ def test_other_outputs_cannot_join_a_segment() -> None:
     plan = one_segment(chain)
     raises_when_planned(model, x, chain, plan, PlanMismatchError, r"'blocks\.0' returns dict")
     check_same_gradients(model, x, per_block)
+
+
+class EditsItsMask(nn.Module):
+    """Adds its mask (add saves neither operand, so the edit after it is legal unplanned),
+    then changes the mask in place for the next block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(self.linear(x) + mask)
+        mask.sub_(1.0)
+        return out
+
+
+def with_mask(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(WIDTH)
+    for block in blocks:
+        x = block(x, mask)
+    return x
+
+
+class EditsMaskInTuple(EditsItsMask):
+    """The same in a tuple, as HF passes rotary tables: torch's checkpoint saves top-level
+    tensor arguments with their versions (and fails in backward), not tensors in containers;
+    without memfit's check the recompute would silently read the edited mask."""
+
+    def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, masks[0])
+
+
+def with_masks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    masks = (torch.zeros(WIDTH),)
+    for block in blocks:
+        x = block(x, masks)
+    return x
+
+
+class Counts(Dense):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x, scale)
+
+
+class KeepsLast(Dense):
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
+        self.last = x.detach()  # a tensor attribute, rebound every forward
+        return super().forward(x, scale)
+
+
+class CountsInBuffer(Dense):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
+        self.seen.add_(1)
+        return super().forward(x, scale)
+
+
+def recompute_first(chain: Chain) -> Plan:
+    return make_plan(chain, (Stage(0), recompute_one(1), *map(Stage, range(2, 6))))
+
+
+def selective_first(chain: Chain) -> Plan:
+    return make_plan(chain, (Stage(0), Stage(1, "selective:matmul"), *map(Stage, range(2, 6))))
+
+
+def rebuild_all(chain: Chain) -> Plan:
+    return make_plan(chain, (Stage(0), *(Stage(i, "rebuild") for i in range(1, 5)), Stage(5)))
+
+
+RECOMPUTING = [one_segment, per_block, recompute_first, selective_first]
+
+BAD_BLOCKS = {
+    "mask edited in place": (
+        EditsItsMask,
+        with_mask,
+        r"'blocks\.0' changes its positional argument 1 in place",
+    ),
+    "mask in a tuple": (
+        EditsMaskInTuple,
+        with_masks,
+        r"'blocks\.0' changes its positional argument 1 in place",
+    ),
+    "counter": (Counts, plain, r"'blocks\.0' writes to its modules' state.*blocks\.0\.calls"),
+    "tensor attribute": (
+        KeepsLast,
+        plain,
+        r"'blocks\.0' writes to its modules' state.*blocks\.0\.last",
+    ),
+    "buffer in place": (
+        CountsInBuffer,
+        plain,
+        r"'blocks\.0' writes to its modules' state.*blocks\.0\.seen",
+    ),
+}
+
+
+@pytest.mark.parametrize("plan", RECOMPUTING, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("label", list(BAD_BLOCKS))
+def test_recomputed_blocks_may_not_write_state_or_arguments(label: str, plan: Callable) -> None:
+    block_type, loop, match = BAD_BLOCKS[label]
+    model, x = Toy(block_type, loop), torch.randn(4, WIDTH)
+    model(x).backward()  # fine without a plan
+    chain = find_chain(model, lambda: model(x))
+    apply_plan(model, chain, plan(chain))
+    try:
+        with pytest.raises(UnsupportedModelError, match=match):
+            model(x)  # raised in the forward, before any backward
+    finally:
+        remove_plan(model)
+
+
+@pytest.mark.parametrize("label", list(BAD_BLOCKS))
+def test_blocks_that_run_once_may_write_state(label: str) -> None:
+    block_type, loop, _ = BAD_BLOCKS[label]
+    model, x = Toy(block_type, loop), torch.randn(4, WIDTH)
+    check_same_gradients(model, x, rebuild_all)  # rebuild reruns single ops, never the block
+
+
+@pytest.mark.parametrize("label", list(BAD_BLOCKS))
+def test_auto_raises_and_leaves_nothing_applied(label: str) -> None:
+    block_type, loop, match = BAD_BLOCKS[label]
+    model, x = Toy(block_type, loop), torch.randn(4, WIDTH)
+    with pytest.raises(UnsupportedModelError, match=match):
+        memfit.auto(model, (x,), budget=None, strategy="all", repeats=1, options=())
+    assert applied_plan(model) is None
+    assert all("forward" not in vars(block) for block in model.blocks)
+
+
+class Remembers(nn.Module):
+    """Keeps its keys in a list it is given (a KV cache under a name memfit does not know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
+        memory.append(self.key(x))
+        keys = torch.cat(memory)
+        weights = (x @ keys.T).view(len(x), len(x)).softmax(-1)  # one batch of keys only
+        return torch.tanh(weights @ keys[-len(x) :])
+
+
+def remembering(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, [])
+    return x
+
+
+def test_a_block_that_cannot_be_replayed_names_its_stage() -> None:
+    # (under selective:matmul this block replays consistently: its matmuls come from the cache)
+    model, x = Toy(Remembers, remembering), torch.randn(4, WIDTH)
+    model(x).backward()  # fine without a plan
+    chain = find_chain(model, lambda: model(x))
+    match = r"stage 'blocks\.0' \(Remembers\) ran in the forward but failed when memfit recomputed"
+    raises_when_planned(model, x, chain, recompute_first(chain), UnsupportedModelError, match)

@@ -1,37 +1,30 @@
-"""Executing a plan's schedule tree on the model, in place, and undoing it.
+"""Applying a plan's schedule tree to the model, in place, and undoing it.
 
 Mechanism: the *instance* ``forward`` of blocks is overridden (nothing is wrapped or renamed, so
 the module tree and ``state_dict()`` keys stay as they are, and the model's own loop over its
-blocks is untouched; ``remove_plan`` deletes the overrides). A top-level ``Segment(s, t, inner)``
-makes block ``s`` (the segment's *head*) run blocks ``s..t-1`` inside one
-``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following ``inner``: nested segments
-are nested checkpoints, i.e. multi-level recompute. Blocks ``s+1..t-1`` then pass their input
-through, after checking that running them inside the head was right (see ``guards``).
-
-Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see the pass-through
-(input = output = the segment's output), and the head's hooks see the whole segment.
+blocks is untouched; ``remove_plan`` deletes the overrides). The overrides and how they run the
+schedule are in :mod:`memfit.runtime.executor`; they are plain objects, so copies of a planned
+model (``copy.deepcopy``, ``pickle``, ``torch.save``) carry the plan and run their own weights.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.measuring.chain import Chain
 from memfit.planning.plan import Item, Plan, Segment, Stage
-from memfit.runtime.guards import Inputs, guard_input, rng_state, same_rng_state, same_side_inputs
-from memfit.runtime.options import KEEP, Forward, option_kind, stage_wrapper
+from memfit.runtime.caches import cache_arguments
+from memfit.runtime.executor import Executor, Head, PassThrough, TopStage
+from memfit.runtime.options import KEEP, Forward, stage_wrapper
+from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
-_MISSING = object()
 _BEFORE_APPLY: list[Callable[[nn.Module], object]] = []
 
 
@@ -46,144 +39,14 @@ def register_before_apply(hook: Callable[[nn.Module], object]) -> None:
 @dataclass
 class _Applied:
     plan: Plan
-    previous: list[tuple[nn.Module, Any]] = field(default_factory=list)  # block, old forward
-
-
-@dataclass
-class _SegmentCall:
-    """What a segment's head leaves for its pass-throughs during one forward."""
-
-    side_inputs: Inputs
-    output: weakref.ref[torch.Tensor]  # weak: never keep an activation alive past its use
-    tail: tuple[Any, ...] | list[Any] | None  # the head output's items after the hidden state
-    rng: tuple[torch.Tensor, ...]
+    # block, the instance forward it had before (None: none)
+    previous: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
 
 def applied_plan(model: nn.Module) -> Plan | None:
     """The plan applied to ``model``, or ``None``."""
     state = model.__dict__.get(_STATE)
     return state.plan if state is not None else None
-
-
-def _split(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    main, rest, side = split_main(args, kwargs)
-    if main is None:
-        raise PlanMismatchError(
-            f"a planned block was called without its main input: expected the hidden state as "
-            f"the first positional argument or as {MAIN_KEYWORD}=...; got only the keywords "
-            f"{sorted(kwargs)}. Call the blocks that way, or memfit.remove(model)"
-        )
-    return main, rest, side
-
-
-class _Executor:
-    """Runs schedule items over the blocks of one chain."""
-
-    def __init__(self, chain: Chain, forwards: dict[tuple[int, str], Forward]) -> None:
-        self.chain = chain
-        self.forwards = forwards  # (stage, option) -> the block's forward wrapped for the option
-        self.calls: dict[int, _SegmentCall] = {}  # segment start -> its current forward
-
-    def name(self, index: int) -> str:
-        return self.chain.stage_names[index]
-
-    def run_stage(self, stage: Stage, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not torch.is_grad_enabled():  # no backward: nothing to save or recompute
-            return self.forwards[(stage.index, KEEP)](x, *rest, **kwargs)
-        out = self.forwards[(stage.index, stage.option)](x, *rest, **kwargs)
-        if option_kind(stage.option).recomputes:
-            guard_input(out, x, self.name(stage.index))
-        return out
-
-    def run_items(
-        self, items: Sequence[Item], x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        out: Any = x
-        for item in items:
-            if isinstance(item, Stage):
-                out = self.run_stage(item, x, rest, kwargs)
-            else:
-                out = self.run_segment(item, x, rest, kwargs)
-            x = main_tensor(out)
-        return out
-
-    def run_segment(
-        self, segment: Segment, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if not torch.is_grad_enabled():
-            return self.run_items(segment.inner, x, rest, kwargs)
-
-        def body(x_: Any, *rest_: Any, **kwargs_: Any) -> Any:
-            return self.run_items(segment.inner, x_, rest_, kwargs_)
-
-        out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
-        return guard_input(out, x, self.name(segment.start))
-
-    def head(self, segment: Segment) -> Forward:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            x, rest, side = _split(args, kwargs)
-            out = self.run_segment(segment, x, rest, side)
-            if segment.stop == segment.start + 1:  # no pass-throughs to prepare
-                return out
-            main = main_tensor(out)
-            if isinstance(out, torch.Tensor):
-                tail = None
-            elif isinstance(out, tuple | list) and out and out[0] is main:
-                tail = out[1:]
-            else:
-                raise PlanMismatchError(
-                    f"stage {self.name(segment.start)!r} returns {type(out).__name__}; blocks "
-                    f"joined in one recompute segment must return a tensor or a tuple whose "
-                    f"first item is the hidden state: recompute them one by one"
-                )
-            assert main is not None  # out is a tensor, or a sequence whose first item is main
-            if tail is not None and any(isinstance(item, torch.Tensor) for item in tail):
-                raise PlanMismatchError(
-                    f"stage {self.name(segment.start)!r} returns tensors besides the hidden "
-                    f"state (attention weights, caches); the blocks after it in its recompute "
-                    f"segment cannot return their own: recompute these blocks one by one (or "
-                    f"turn off output_attentions / use_cache while training)"
-                )
-            self.calls[segment.start] = _SegmentCall(
-                (rest, side), weakref.ref(main), tail, rng_state(main.device)
-            )
-            return out
-
-        return forward
-
-    def pass_through(self, segment: Segment, index: int) -> Forward:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            x, rest, side = _split(args, kwargs)
-            call = self.calls.get(segment.start)
-            main = main_tensor(x)
-            joined = f"{self.name(segment.start)!r}, which runs it inside one recompute segment"
-            if call is None or main is None or call.output() is not main:
-                raise PlanMismatchError(
-                    f"stage {self.name(index)!r} did not get the output of the block before "
-                    f"it from {joined}: the model skips blocks or changes the hidden state "
-                    f"between them; recompute these blocks one by one"
-                )
-            if not same_side_inputs(call.side_inputs, (rest, side)):
-                raise PlanMismatchError(
-                    f"stage {self.name(index)!r} got other side inputs (masks, positions...) "
-                    f"than {joined}; this model cannot join these blocks in a segment (e.g. "
-                    f"sliding and full attention layers alternate): recompute them one by one"
-                )
-            if not same_rng_state(call.rng, rng_state(main.device)):
-                raise PlanMismatchError(
-                    f"the model drew random numbers before stage {self.name(index)!r} (between "
-                    f"blocks, e.g. LayerDrop), so running it earlier inside {joined} changes "
-                    f"the random stream: turn that off or recompute these blocks one by one"
-                )
-            if index == segment.stop - 1:
-                del self.calls[segment.start]
-            if call.tail is None:
-                return x
-            return (x, *call.tail) if isinstance(call.tail, tuple) else [x, *call.tail]
-
-        return forward
 
 
 def _check(plan: Plan, chain: Chain) -> None:
@@ -250,38 +113,42 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             "the model already carries a memfit plan; call memfit.remove(model) first"
         )
     _check(plan, chain)
-    originals = {i + 1: block.forward for i, block in enumerate(chain.blocks)}
+    names = chain.stage_names
+    originals = {
+        i + 1: BlockForward(block, names[i + 1], block.__dict__.get("forward"))
+        for i, block in enumerate(chain.blocks)
+    }
     forwards: dict[tuple[int, str], Forward] = {(i, KEEP): f for i, f in originals.items()}
     for stage in _stages(plan.tree):  # unknown options fail here, before anything changes
         if stage.index in originals and (stage.index, stage.option) not in forwards:
             wrap = stage_wrapper(stage.option)
             forwards[(stage.index, stage.option)] = wrap(originals[stage.index])
-    executor = _Executor(chain, forwards)
+    caches = {i + 1: cache_arguments(block) for i, block in enumerate(chain.blocks)}
+    modules = {
+        i + 1: tuple(
+            (f"{names[i + 1]}.{sub}" if sub else names[i + 1], module)
+            for sub, module in block.named_modules()
+        )
+        for i, block in enumerate(chain.blocks)
+    }
+    executor = Executor(chain, forwards, caches, modules)
     overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):
             if item.option != KEEP:
-                overrides[item.index] = _top_stage(executor, item)
+                overrides[item.index] = TopStage(executor, item)
         else:
-            overrides[item.start] = executor.head(item)
+            overrides[item.start] = Head(executor, item)
             for index in range(item.start + 1, item.stop):
-                overrides[index] = executor.pass_through(item, index)
+                overrides[index] = PassThrough(executor, item, index)
     for hook in _BEFORE_APPLY:
         hook(model)
     state = _Applied(plan=plan)
     for index, forward in overrides.items():
         block = chain.blocks[index - 1]
-        state.previous.append((block, block.__dict__.get("forward", _MISSING)))
+        state.previous.append((block, block.__dict__.get("forward")))
         block.forward = forward
     model.__dict__[_STATE] = state
-
-
-def _top_stage(executor: _Executor, stage: Stage) -> Forward:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        x, rest, side = _split(args, kwargs)
-        return executor.run_stage(stage, x, rest, side)
-
-    return forward
 
 
 def remove_plan(model: nn.Module) -> bool:
@@ -295,7 +162,7 @@ def remove_plan(model: nn.Module) -> bool:
         return False
     for block, previous in state.previous:
         del block.forward
-        if previous is not _MISSING:
+        if previous is not None:
             block.forward = previous
     return True
 

@@ -7,19 +7,44 @@
 * :func:`rng_state` / :func:`same_rng_state`: a multi-block segment runs its blocks back to back,
   which keeps the random stream only when the model draws no random numbers between blocks
   (LayerDrop does).
+* :class:`Watch`: recompute reruns a block in backward, which is only right when its first run
+  changed neither its arguments in place (a mask) nor its modules' state (``self.calls += 1``, a
+  tensor attribute, a buffer): the rerun would read the changed values and write them again.
+  Checked around the first run of every recomputed top-level item, before any backward.
+
+What the watch cannot see: Python containers changed in place (``self.log.append(x)``), state
+outside the block's modules (globals, other modules), and tensors reached through containers.
+The running statistics of norm layers (``_NormBase``: BatchNorm, InstanceNorm with
+``track_running_stats``) are not state writes here: the runtime restores them after every rerun
+(:mod:`memfit.runtime.replay`).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._pytree import tree_leaves
 
-from memfit.errors import MemfitError
+from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.chain import Inputs, main_tensor, same_side_inputs
 
-__all__ = ["Inputs", "guard_input", "rng_state", "same_rng_state", "same_side_inputs"]
+__all__ = [
+    "Inputs",
+    "Watch",
+    "guard_input",
+    "rng_state",
+    "same_rng_state",
+    "same_side_inputs",
+]
+
+NamedModules = Sequence[tuple[str, nn.Module]]
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_ABSENT = object()  # an attribute missing before or after a run (never stored in a model)
 
 
 def guard_input(out: Any, watched: Any, stage: str) -> Any:
@@ -62,3 +87,92 @@ def rng_state(device: torch.device | None) -> tuple[torch.Tensor, ...]:
 def same_rng_state(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
     """Whether two :func:`rng_state` readings are equal."""
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _arguments(main: Any, rest: tuple[Any, ...], side: dict[str, Any]) -> list[tuple[str, Any]]:
+    labelled = [("the hidden state", main)]
+    labelled += [(f"positional argument {i + 1}", value) for i, value in enumerate(rest)]
+    labelled += [(f"argument {name!r}", value) for name, value in side.items()]
+    return [
+        (label, leaf)
+        for label, value in labelled
+        for leaf in tree_leaves(value)
+        if isinstance(leaf, torch.Tensor)
+    ]
+
+
+def _tensors_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters, buffers and tensor attributes (norm statistics excepted)."""
+    tensors = {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}
+    tensors.update((k, v) for k, v in module._parameters.items() if v is not None)
+    tensors.update((k, v) for k, v in module._buffers.items() if v is not None)
+    if isinstance(module, _NormBase):  # restored after every rerun (memfit.runtime.replay)
+        for name in RUNNING_STATS:
+            tensors.pop(name, None)
+    return tensors
+
+
+class Watch:
+    """What a recomputed top-level item may not change in its first run, read before it.
+
+    Args:
+        stage: the item's first stage, for messages.
+        modules: the item's blocks and their submodules, with their fqns.
+        main, rest, side: the item's arguments (the hidden state, positional, keyword).
+    """
+
+    def __init__(
+        self, stage: str, modules: NamedModules, main: Any, rest: tuple[Any, ...], side: Any
+    ) -> None:
+        self.stage = stage
+        self.inputs = [(label, t, t._version) for label, t in _arguments(main, rest, side)]
+        self.modules = [
+            (
+                name,
+                module,
+                dict(vars(module)),
+                {k: (t, t._version) for k, t in _tensors_of(module).items()},
+            )
+            for name, module in modules
+        ]
+
+    def check(self) -> None:
+        """Raise if the run changed an argument in place or wrote to its modules' state.
+
+        Raises:
+            UnsupportedModelError: naming the stage, what changed and what to do.
+        """
+        changed = sorted({label for label, t, version in self.inputs if t._version != version})
+        if changed:
+            raise UnsupportedModelError(
+                f"stage {self.stage!r} changes its {', '.join(changed)} in place; recomputing it "
+                f"in backward would read the changed values (wrong gradients, or an error from "
+                f"autograd deep in backward). Make the "
+                f"block compute a new tensor instead (mask = mask.masked_fill(...), not "
+                f"mask.masked_fill_(...)), or keep this stage in the plan (no recompute)"
+            )
+        written = self._written()
+        if written:
+            raise UnsupportedModelError(
+                f"stage {self.stage!r} writes to its modules' state in forward ({', '.join(written[:3])}"
+                f"{', ...' if len(written) > 3 else ''}); recomputing it in backward would run "
+                f"the write again and read the changed state, so the step would differ from an "
+                f"unplanned one. Move the write out of the block's forward (e.g. into a hook on "
+                f"the model), or keep this stage in the plan (no recompute)"
+            )
+
+    def _written(self) -> list[str]:
+        written: list[str] = []
+        for name, module, attributes, tensors in self.modules:
+            now = vars(module)
+            prefix = f"{name}." if name else ""
+            for key in attributes.keys() | now.keys():
+                if now.get(key, _ABSENT) is not attributes.get(key, _ABSENT):
+                    written.append(prefix + key)
+            current = _tensors_of(module)
+            for key in tensors.keys() | current.keys():
+                before = tensors.get(key)
+                tensor = current.get(key)
+                if before is None or tensor is not before[0] or tensor._version != before[1]:
+                    written.append(prefix + key)
+        return sorted(set(written))

@@ -154,51 +154,62 @@ def saved_ops(option: str) -> frozenset[str]:
     )
 
 
-def selective_policy(ops: frozenset[str], option: str) -> Callable[..., CheckpointPolicy]:
+class SelectivePolicy:
     """The ``CheckpointPolicy`` function of ``create_selective_checkpoint_contexts`` for ``ops``.
 
     ``.out`` variants of saved ops (seen around compiled code) are recomputed, never saved:
-    see the module docstring.
+    see the module docstring. A plain object (not a closure), so planned models pickle.
     """
-    warned = False
 
-    def policy(_ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
-        nonlocal warned
+    def __init__(self, ops: frozenset[str], option: str) -> None:
+        self.ops = ops
+        self.option = option
+        self.warned = False  # one log line per stage
+
+    def __call__(self, _ctx: Any, op: Any, *_args: Any, **_kwargs: Any) -> CheckpointPolicy:
         name = str(op)
-        if name in ops:
+        if name in self.ops:
             return CheckpointPolicy.MUST_SAVE
-        if not warned and name.endswith(".out") and name[: -len("out")] + "default" in ops:
-            warned = True
+        if (
+            not self.warned
+            and name.endswith(".out")
+            and name[: -len("out")] + "default" in self.ops
+        ):
+            self.warned = True
             logger.warning(
                 "%s: %s (an out= variant, as compiled code calls it) cannot be saved safely; "
                 "it is recomputed, so this stage saves less and recomputes more than planned",
-                option,
+                self.option,
                 name,
             )
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    return policy
+
+def selective_policy(ops: frozenset[str], option: str) -> SelectivePolicy:
+    """A fresh :class:`SelectivePolicy` for ``ops`` (``option`` names it in the log)."""
+    return SelectivePolicy(ops, option)
 
 
 def _keep(_option: str) -> StageWrapper:
     return lambda forward: forward
 
 
+class Selective:
+    """A block's forward under torch's selective checkpoint with one policy."""
+
+    def __init__(self, forward: Forward, ops: frozenset[str], option: str) -> None:
+        self.forward = forward
+        # a policy per wrapped stage, so its one-time warning names every stage's problem
+        self.policy = SelectivePolicy(ops, option)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        context_fn = functools.partial(create_selective_checkpoint_contexts, self.policy)
+        return checkpoint(self.forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
 def _selective(option: str) -> StageWrapper:
     ops = saved_ops(option)
-
-    def wrap(forward: Forward) -> Forward:
-        # a fresh policy per wrapped stage, so its one-time warning names every stage's problem
-        context_fn = functools.partial(
-            create_selective_checkpoint_contexts, selective_policy(ops, option)
-        )
-
-        def selective(*args: Any, **kwargs: Any) -> Any:
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-        return selective
-
-    return wrap
+    return functools.partial(Selective, ops=ops, option=option)
 
 
 register_option(OptionKind(prefix=KEEP, form=KEEP, recomputes=False, wrapper=_keep))

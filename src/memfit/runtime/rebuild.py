@@ -491,23 +491,27 @@ def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForwa
         log.append(dict(state.dropped))
 
 
+class Rebuilt:
+    """A block's forward under ``rebuild`` (``linear``: ``rebuild+linear``); a plain object, so
+    planned models pickle."""
+
+    def __init__(self, forward: Forward, linear: bool) -> None:
+        self.forward = forward
+        self.linear = linear
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        with rebuilding(self.linear, (args, kwargs)) as state:
+            out = self.forward(*args, **kwargs)
+            state.outputs = out
+        return out
+
+
 def _rebuild(option: str) -> StageWrapper:
     if option not in (REBUILD, REBUILD_LINEAR):
         raise ValueError(f"unknown option {option!r}; expected {REBUILD!r} or {REBUILD_LINEAR!r}")
-    linear = option == REBUILD_LINEAR
-
-    def wrap(forward: Forward) -> Forward:
-        def rebuilt(*args: Any, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
-            with rebuilding(linear, (args, kwargs)) as state:
-                out = forward(*args, **kwargs)
-                state.outputs = out
-            return out
-
-        return rebuilt
-
-    return wrap
+    return functools.partial(Rebuilt, linear=option == REBUILD_LINEAR)
 
 
 register_option(OptionKind(prefix=REBUILD, form=REBUILD, recomputes=False, wrapper=_rebuild))

@@ -1,0 +1,274 @@
+"""Running a plan's schedule items over the blocks: the objects that replace blocks' ``forward``.
+
+A top-level ``Segment(s, t, inner)`` makes block ``s`` (the segment's *head*) run blocks
+``s..t-1`` inside one ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following
+``inner``: nested segments are nested checkpoints, i.e. multi-level recompute. Blocks
+``s+1..t-1`` then pass their input through, after checking that running them inside the head
+was right (see ``guards``). A top-level ``Stage`` with an option runs the block wrapped for it.
+
+Every override (:class:`Head`, :class:`PassThrough`, :class:`TopStage`) is a plain object
+holding the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
+``AveragedModel``) and ``pickle``/``torch.save`` copy them with the model and rebind them to the
+copy's blocks. What one forward leaves for the next blocks (:class:`SegmentCall`, with weak
+references) is never copied or pickled.
+
+In a forward with gradients, planned blocks run without their KV cache (``caches``), and each
+recomputed item is watched in its first run for in-place changes of its arguments and writes to
+its modules' state (``guards.Watch``).
+
+Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see the pass-through
+(input = output = the segment's output), and the head's hooks see the whole segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from memfit.errors import PlanMismatchError
+from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.planning.plan import Item, Segment, Stage
+from memfit.runtime.caches import CacheArguments, drop_caches
+from memfit.runtime.guards import (
+    Inputs,
+    NamedModules,
+    Watch,
+    guard_input,
+    rng_state,
+    same_rng_state,
+    same_side_inputs,
+)
+from memfit.runtime.options import KEEP, Forward, option_kind
+
+logger = logging.getLogger(__name__)
+# first blocks of the chains whose dropped cache was logged: one line per model, not one per
+# plan that profiling applies for a step
+_CACHE_LOGGED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (main input, positional rest, keywords)
+
+
+@dataclass
+class SegmentCall:
+    """What a segment's head leaves for its pass-throughs during one forward."""
+
+    side_inputs: Inputs  # as the head received them (before its cache was dropped)
+    output: weakref.ref[torch.Tensor]  # weak: never keep an activation alive past its use
+    tail: tuple[Any, ...] | list[Any] | None  # the head output's items after the hidden state
+    rng: tuple[torch.Tensor, ...]
+
+
+def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+    """A planned block call's main input and the rest (PlanMismatchError without a main input)."""
+    main, rest, side = split_main(args, kwargs)
+    if main is None:
+        raise PlanMismatchError(
+            f"a planned block was called without its main input: expected the hidden state as "
+            f"the first positional argument or as {MAIN_KEYWORD}=...; got only the keywords "
+            f"{sorted(kwargs)}. Call the blocks that way, or memfit.remove(model)"
+        )
+    return main, rest, side
+
+
+class Executor:
+    """Runs schedule items over the blocks of one chain.
+
+    Args:
+        chain: the chain.
+        forwards: ``(stage, option)`` -> the block's forward wrapped for the option.
+        caches: stage -> where its block's forward takes a KV cache.
+        modules: stage -> its block and the block's submodules, with fqns (for ``Watch``).
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        forwards: dict[tuple[int, str], Forward],
+        caches: dict[int, CacheArguments],
+        modules: Mapping[int, NamedModules],
+    ) -> None:
+        self.chain = chain
+        self.forwards = forwards
+        self.caches = caches
+        self.modules = modules
+        self.calls: dict[int, SegmentCall] = {}  # segment start -> its current forward
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state["calls"] = {}  # per-forward, with weak references: never copied or pickled
+        return state
+
+    def name(self, index: int) -> str:
+        return self.chain.stage_names[index]
+
+    def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        """Split a planned top-level call, without its KV cache when gradients are on."""
+        if torch.is_grad_enabled():
+            args, kwargs, dropped = drop_caches(self.caches[index], args, kwargs)
+            if dropped and self.chain.blocks[0] not in _CACHE_LOGGED:
+                _CACHE_LOGGED.add(self.chain.blocks[0])
+                logger.warning(
+                    "memfit: stage %r is called with a KV cache (%s); planned blocks run "
+                    "without it in forwards with gradients (recompute would replay them with "
+                    "the forward's keys in the cache), as Hugging Face's gradient checkpointing "
+                    "does; generation under torch.no_grad() keeps it. Pass use_cache=False "
+                    "while training to silence this",
+                    self.name(index),
+                    ", ".join(dropped),
+                )
+        return split(args, kwargs)
+
+    def watched(self, start: int, stop: int, call: Call) -> Watch | None:
+        """A watch over stages ``start..stop-1`` for their first run, when backward follows."""
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return None
+        modules = [named for index in range(start, stop) for named in self.modules[index]]
+        return Watch(self.name(start), modules, *call)
+
+    def run_stage(self, stage: Stage, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not torch.is_grad_enabled():  # no backward: nothing to save or recompute
+            return self.forwards[(stage.index, KEEP)](x, *rest, **kwargs)
+        out = self.forwards[(stage.index, stage.option)](x, *rest, **kwargs)
+        if option_kind(stage.option).recomputes:
+            guard_input(out, x, self.name(stage.index))
+        return out
+
+    def run_items(
+        self, items: Sequence[Item], x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        out: Any = x
+        for item in items:
+            if isinstance(item, Stage):
+                out = self.run_stage(item, x, rest, kwargs)
+            else:
+                out = self.run_segment(item, x, rest, kwargs)
+            x = main_tensor(out)
+        return out
+
+    def run_segment(
+        self, segment: Segment, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not torch.is_grad_enabled():
+            return self.run_items(segment.inner, x, rest, kwargs)
+        body = _SegmentBody(self, segment)
+        out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
+        return guard_input(out, x, self.name(segment.start))
+
+
+class _SegmentBody:
+    """The function a segment's checkpoint runs (and reruns in backward)."""
+
+    def __init__(self, executor: Executor, segment: Segment) -> None:
+        self.executor = executor
+        self.segment = segment
+
+    def __call__(self, x: Any, *rest: Any, **kwargs: Any) -> Any:
+        return self.executor.run_items(self.segment.inner, x, rest, kwargs)
+
+
+class Head:
+    """The forward of a top-level segment's first block: runs the whole segment."""
+
+    def __init__(self, executor: Executor, segment: Segment) -> None:
+        self.executor = executor
+        self.segment = segment
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        executor, segment = self.executor, self.segment
+        call = executor.call(segment.start, args, kwargs)
+        watch = executor.watched(segment.start, segment.stop, call)
+        out = executor.run_segment(segment, *call)
+        if watch is not None:
+            watch.check()
+        if segment.stop == segment.start + 1:  # no pass-throughs to prepare
+            return out
+        name = executor.name(segment.start)
+        main = main_tensor(out)
+        if isinstance(out, torch.Tensor):
+            tail = None
+        elif isinstance(out, tuple | list) and out and out[0] is main:
+            tail = out[1:]
+        else:
+            raise PlanMismatchError(
+                f"stage {name!r} returns {type(out).__name__}; blocks joined in one recompute "
+                f"segment must return a tensor or a tuple whose first item is the hidden "
+                f"state: recompute them one by one"
+            )
+        assert main is not None  # out is a tensor, or a sequence whose first item is main
+        if tail is not None and any(isinstance(item, torch.Tensor) for item in tail):
+            raise PlanMismatchError(
+                f"stage {name!r} returns tensors besides the hidden state (attention weights, "
+                f"caches); the blocks after it in its recompute segment cannot return their "
+                f"own: recompute these blocks one by one (or turn off output_attentions / "
+                f"use_cache while training)"
+            )
+        _, rest, side = split(args, kwargs)
+        executor.calls[segment.start] = SegmentCall(
+            (rest, side), weakref.ref(main), tail, rng_state(main.device)
+        )
+        return out
+
+
+class PassThrough:
+    """The forward of a later block of a top-level segment: its head ran it already."""
+
+    def __init__(self, executor: Executor, segment: Segment, index: int) -> None:
+        self.executor = executor
+        self.segment = segment
+        self.index = index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        executor, segment, index = self.executor, self.segment, self.index
+        x, rest, side = split(args, kwargs)
+        call = executor.calls.get(segment.start)
+        main = main_tensor(x)
+        name = executor.name(index)
+        joined = f"{executor.name(segment.start)!r}, which runs it inside one recompute segment"
+        if call is None or main is None or call.output() is not main:
+            raise PlanMismatchError(
+                f"stage {name!r} did not get the output of the block before it from {joined}: "
+                f"the model skips blocks or changes the hidden state between them; recompute "
+                f"these blocks one by one"
+            )
+        if not same_side_inputs(call.side_inputs, (rest, side)):
+            raise PlanMismatchError(
+                f"stage {name!r} got other side inputs (masks, positions...) than {joined}; "
+                f"this model cannot join these blocks in a segment (e.g. sliding and full "
+                f"attention layers alternate): recompute them one by one"
+            )
+        if not same_rng_state(call.rng, rng_state(main.device)):
+            raise PlanMismatchError(
+                f"the model drew random numbers before stage {name!r} (between blocks, e.g. "
+                f"LayerDrop), so running it earlier inside {joined} changes the random "
+                f"stream: turn that off or recompute these blocks one by one"
+            )
+        if index == segment.stop - 1:
+            del executor.calls[segment.start]
+        if call.tail is None:
+            return x
+        return (x, *call.tail) if isinstance(call.tail, tuple) else [x, *call.tail]
+
+
+class TopStage:
+    """The forward of a block that runs a stage option at the top level of the plan."""
+
+    def __init__(self, executor: Executor, stage: Stage) -> None:
+        self.executor = executor
+        self.stage = stage
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        executor, stage = self.executor, self.stage
+        call = executor.call(stage.index, args, kwargs)
+        watch = None
+        if option_kind(stage.option).recomputes:
+            watch = executor.watched(stage.index, stage.index + 1, call)
+        out = executor.run_stage(stage, *call)
+        if watch is not None:
+            watch.check()
+        return out
