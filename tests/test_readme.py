@@ -26,7 +26,7 @@ SMALLER = {
     "gpt": ["--width", "64", "--seq", "64", "--batch", "2", "--repeats", "1"],
     "hf:gpt2": ["--repeats", "1"],  # ten rows, each timed against the unplanned model
 }
-# `memfit profile path/to/model.py:build` needs the user's file: what the README says it holds.
+# `memfit profile path/to/model.py:build` needs the user's file: one as the README describes it.
 USER_FILE = """
 import torch
 from torch import nn
