@@ -22,7 +22,7 @@ from memfit import models
 # of 2 x 32 tokens it was 74% of activation memory and the README's `--budget 40%` failed. At 8
 # layers of 2 x 128 tokens, with the builders keeping the library's defaults (SDPA, caches), it
 # measured 21-23% (bert, roberta, gemma2, gpt2, bart), 29-35% (llama, mistral, qwen3, phi3,
-# falcon) and 47% (opt); a plan command takes about 2 s on a 2-vCPU machine.
+# falcon) and 47% (opt); `memfit plan hf:llama` took 2-5 s on a shared 2-vCPU machine.
 HF_SIZES: dict[str, int] = {"layers": 8, "seq": 128, "batch": 2}
 # ViT ignores seq (65 tokens per 32x32 image): batch 8 brings its floor from 45% to 24%.
 HF_ARCH_SIZES: dict[str, dict[str, int]] = {"vit": {"batch": 8}}
