@@ -1,6 +1,6 @@
 """What the CLI can run: built-in models, Hugging Face architectures from configs, user files.
 
-A target is ``gpt`` / ``mlp`` (built in), ``hf:<arch>`` (``hf:gpt2``, ``hf:llama``, ``hf:bert``:
+A target is ``gpt`` / ``mlp`` (built in), ``hf:<arch>`` (``hf:gpt2``, ``hf:llama``, ``hf:bert``, ...:
 random weights from a small config, no downloads) or ``path/to/file.py:function`` (a function
 returning ``(model, sample)``).
 """
@@ -23,6 +23,16 @@ from memfit.errors import MemfitError
 class TargetCodeError(MemfitError):
     """The user's target file raised while memfit imported it or called its function."""
 
+# Sizes of the hf: targets where the command line gives none. Parameter gradients, the head's
+# logits and one block's backward working set set a floor under every plan's peak; at 2 layers
+# of 2 x 32 tokens it was 74% of activation memory and the README's `--budget 40%` failed. At 8
+# layers of 2 x 128 tokens, with the builders keeping the library's defaults (SDPA, caches), it
+# measured 21-23% (bert, roberta, gemma2, gpt2, bart), 29-35% (llama, mistral, qwen3, phi3,
+# falcon) and 47% (opt); `memfit plan hf:llama` took 2-5 s on a shared 2-vCPU machine.
+HF_SIZES: dict[str, int] = {"layers": 8, "seq": 128, "batch": 2}
+# ViT ignores seq (65 tokens per 32x32 image): batch 8 brings its floor from 45% to 24%.
+HF_ARCH_SIZES: dict[str, dict[str, int]] = {"vit": {"batch": 8}}
+
 
 def load_target(
     target: str, size: Mapping[str, Any] | None = None, *, strict: bool = True
@@ -40,16 +50,21 @@ def load_target(
     if target.startswith("hf:"):
         from memfit.integrations.hf import build_hf
 
-        return build_hf(target[3:], **_accepted(build_hf, _hf_names(size), strict))
+        arch = target[3:]
+        sizes = {**HF_SIZES, **HF_ARCH_SIZES.get(arch, {}), **_hf_names(size)}
+        return build_hf(arch, **_accepted(build_hf, sizes, strict))
     if ".py:" in target:
         path, _, function = target.rpartition(":")
         return _from_file(Path(path), function, size, strict)
     if target in models.BUILDERS:
         builder = models.BUILDERS[target]
         return builder(**_accepted(builder, size, strict))
+    from memfit.integrations.hf import ARCHITECTURES
+
+    hf_names = ", ".join(f"hf:{arch}" for arch in sorted(ARCHITECTURES))
     raise ValueError(
         f"unknown target {target!r}; use a built-in model ({', '.join(sorted(models.BUILDERS))}), "
-        f"hf:<arch> (hf:gpt2, hf:llama, hf:bert) or path/to/file.py:function"
+        f"hf:<arch> ({hf_names}) or path/to/file.py:function"
     )
 
 
