@@ -23,6 +23,7 @@ from memfit.errors import MemfitError
 class TargetCodeError(MemfitError):
     """The user's target file raised while memfit imported it or called its function."""
 
+
 # Sizes of the hf: targets where the command line gives none. Parameter gradients, the head's
 # logits and one block's backward working set set a floor under every plan's peak; at 2 layers
 # of 2 x 32 tokens it was 74% of activation memory and the README's `--budget 40%` failed. At 8
