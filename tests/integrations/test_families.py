@@ -50,7 +50,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
 STAGE_OPTIONS = ("rebuild", "rebuild+linear", "selective:matmul")
 BUDGETS = ("30%", "60%")
-SIZES = {"layers": 4, "hidden": 32, "heads": 2, "seq": 64, "batch": 2, "vocab": 128}
+SIZES = {"layers": 8, "hidden": 32, "heads": 2, "seq": 128, "batch": 2, "vocab": 128}
 SEED = 0
 
 
@@ -75,19 +75,19 @@ class Profiled:
     reference: tuple[torch.Tensor, dict[str, torch.Tensor | None]]
 
 
-# Known gaps, checked strictly: the check must fail as described (a pass fails the test, so a
-# fix shows up), and the gap is in docs/architecture.md.
+# Known gaps in the predicted peak, checked strictly: gradients and budget are checked as for
+# every family, the prediction must still miss by more than 2% (a fix fails the test until the
+# gap is removed here), and the gap is in docs/architecture.md.
 KNOWN_GAPS = {
     ("falcon", "eager", "recompute"): (
-        "prediction 3.9% low: Falcon's eager attention returns its attention scores, and a "
-        "recomputed first and last block keep 64 KiB more than their output, which the memory "
-        "model does not count"
+        "prediction 3-7% low (the measured peak stays within the budget): Falcon's eager "
+        "attention returns its attention scores, which a recomputed block's caller holds until "
+        "the next block returns; the memory model does not count them"
     ),
 }
 KNOWN_GAPS[("falcon", "eager", "selective:matmul")] = (
-    "prediction 6.5% high, by the same attention scores: the profile counts them among the side "
-    "inputs that checkpoints hold, which a selective stage whose matmul outputs are written in "
-    "place (and copied) does not"
+    "prediction about 6% high, by the same attention scores: measured with every block "
+    "selective, the first block's count as saved until its backward"
 )
 KNOWN_GAPS |= {
     ("falcon", "eager", budget): KNOWN_GAPS[("falcon", "eager", "recompute")]
@@ -104,14 +104,8 @@ def profiled(request: pytest.FixtureRequest) -> Profiled:
     return Profiled((arch, attention), model, sample, profile, reference)
 
 
-def check_or_known_gap(profiled: Profiled, way: str, plan: Plan) -> int:
-    """:func:`check_planned`, or for a known gap: the check fails, and the test is xfailed."""
-    reason = KNOWN_GAPS.get((*profiled.variant, way))
-    if reason is None:
-        return check_planned(profiled, plan)
-    with pytest.raises(AssertionError):
-        check_planned(profiled, plan)
-    pytest.xfail(reason)
+def known_gap(profiled: Profiled, way: str) -> str | None:
+    return KNOWN_GAPS.get((*profiled.variant, way))
 
 
 def every_block(profile: Profile, option: str) -> Plan:
@@ -133,7 +127,7 @@ def every_block(profile: Profile, option: str) -> Plan:
     )
 
 
-def check_planned(profiled: Profiled, plan: Plan) -> int:
+def check_planned(profiled: Profiled, plan: Plan, gap: str | None = None) -> int:
     """Run ``plan`` on the model: loss and gradients bit for bit as unplanned, the predicted
     peak within 2% of the measured one. Returns the measured peak.
 
@@ -152,10 +146,11 @@ def check_planned(profiled: Profiled, plan: Plan) -> int:
     assert grads.keys() == reference_grads.keys()
     mismatched = [name for name, g in reference_grads.items() if not same_tensors(g, grads[name])]
     assert not mismatched, (plan.tree, mismatched)
-    assert abs(plan.predicted_peak_bytes / peak_bytes - 1.0) <= 0.02, (
-        plan.predicted_peak_bytes,
-        peak_bytes,
-    )
+    error = plan.predicted_peak_bytes / peak_bytes - 1.0
+    if gap is None:
+        assert abs(error) <= 0.02, (plan.predicted_peak_bytes, peak_bytes)
+    else:  # a known gap must still be there: a fix shows up as a failure to remove it
+        assert abs(error) > 0.02, f"known gap closed, remove it from KNOWN_GAPS: {gap}"
     return peak_bytes
 
 
@@ -169,9 +164,12 @@ def test_optimal_plan(profiled: Profiled, budget: str) -> None:
         # budget the error names must hold, to the byte: plan and check at exactly that.
         assert error.min_feasible_bytes > error.budget_bytes
         plan = memfit.plan(profiled.profile, budget=error.min_feasible_bytes)
-    peak_bytes = check_or_known_gap(profiled, budget, plan)
+    gap = known_gap(profiled, budget)
+    peak_bytes = check_planned(profiled, plan, gap)
     assert plan.budget_bytes is not None
     assert peak_bytes <= plan.budget_bytes
+    if gap is not None:
+        pytest.xfail(gap)  # everything else held
 
 
 @pytest.mark.parametrize("option", ["recompute", *STAGE_OPTIONS])
@@ -181,5 +179,8 @@ def test_every_block_under_one_option(profiled: Profiled, option: str) -> None:
         if option == "recompute"
         else every_block(profiled.profile, option)
     )
-    peak_bytes = check_or_known_gap(profiled, option, plan)
+    gap = known_gap(profiled, option)
+    peak_bytes = check_planned(profiled, plan, gap)
     assert peak_bytes <= profiled.profile.measurement.peak_bytes
+    if gap is not None:
+        pytest.xfail(gap)  # everything else held

@@ -212,6 +212,8 @@ def build_profile(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
                     and keep.same_side_inputs.get(index, False)
+                    # a segment's blocks pass on one output: no attention weights of their own
+                    and not {index - 1, index} & keep.tails
                 ),
             )
         )

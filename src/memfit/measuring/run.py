@@ -128,6 +128,9 @@ class _Marked:
     output_bytes: dict[int, int] = field(default_factory=dict)
     same: dict[int, bool] = field(default_factory=dict)
     side_grad_bytes: int = 0
+    # blocks whose output holds tensors besides the hidden state (attention weights): the
+    # runtime cannot join them with their neighbours in one recompute segment
+    tails: set[int] = field(default_factory=set)
 
 
 @contextmanager
@@ -172,6 +175,10 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
     def post_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
             out = main_tensor(output)
+            if isinstance(output, tuple | list) and any(
+                isinstance(leaf, torch.Tensor) for leaf in tree_leaves(list(output[1:]))
+            ):
+                marked.tails.add(index)
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
@@ -204,6 +211,7 @@ class StageReading:
     measurement: Measurement
     same_side_inputs: dict[int, bool]
     side_grad_bytes: int = 0
+    tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
 
     def forward_span(self, index: int) -> tuple[int, int, int]:
         """(start, peak, end) level of stage ``index``'s forward."""
@@ -358,6 +366,7 @@ def measure_stages(
         measurement,
         marked.same,
         marked.side_grad_bytes,
+        frozenset(marked.tails),
     )
 
 
