@@ -252,19 +252,6 @@ def find_chain(
             f"nn.Sequential has children called once each, in order, each on the previous "
             f"one's output. Name the blocks with blocks=['layer.0', 'layer.1', ...]"
         )
-    # a list inside one block of another chain (T5's sublayers in a block) is that block's
-    # business, not a chain of the model's
-    found = {
-        container: names
-        for container, names in found.items()
-        if blocks is not None
-        or not any(
-            container.startswith(block + ".")
-            for other, group in found.items()
-            if other != container
-            for block in group
-        )
-    }
     order = {call[0]: i for i, call in reversed(list(enumerate(calls)))}  # first call of each
 
     def span(names: list[str]) -> tuple[int, int]:
@@ -276,19 +263,54 @@ def find_chain(
     def size(item: tuple[str, list[str]]) -> tuple[int, int]:
         return (len(item[1]), sum(block_params(name) for name in item[1]))
 
+    def uniform(names: list[str]) -> bool:
+        """Blocks of one class, each with parameters: a stack of layers, not a pipeline of
+        different modules (an MLP's ``Sequential``, T5's sublayers)."""
+        return len({type(modules[n]) for n in names}) == 1 and all(map(block_params, names))
+
+    def inside(container: str, names: list[str]) -> bool:
+        return any(container.startswith(block + ".") for block in names)
+
+    if blocks is None:
+        nested = {
+            container
+            for container in found
+            if any(inside(container, group) for other, group in found.items() if other != container)
+        }
+        # a list inside one block of another chain (T5's sublayers in a block) is that block's
+        # business, unless it is a stack of layers; a chain each of whose blocks holds such a
+        # stack (ConvNeXt's and Swin's stages) gives way to the stacks, as groups
+        refined = {
+            container
+            for container, group in found.items()
+            if all(
+                any(inside(inner, [block]) and uniform(found[inner]) for inner in nested)
+                for block in group
+            )
+        }
+        found = {
+            container: names
+            for container, names in found.items()
+            if container not in refined and (container not in nested or uniform(names))
+        }
+
     if blocks is not None:
         chosen = list(found.items())
     else:
         primary = max(found.items(), key=size)
         chosen = [primary]
         floor = size(primary)[1] / len(primary[1]) / 4
+        kind = type(modules[primary[1][0]])
         for container, names in sorted(found.items(), key=size, reverse=True):
             first, last = span(names)
             if (
                 all(_apart(container, other) for other, _ in chosen)
                 and all(last < span(o)[0] or first > span(o)[1] for _, o in chosen)
-                and len({type(modules[name]) for name in names}) == 1
-                and all(block_params(name) >= max(floor, 1) for name in names)
+                and uniform(names)
+                and (
+                    type(modules[names[0]]) is kind  # the same layers (ConvNeXt's stages)
+                    or all(block_params(name) >= floor for name in names)
+                )
             ):
                 chosen.append((container, names))
     chosen.sort(key=lambda item: span(item[1])[0])

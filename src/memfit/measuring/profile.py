@@ -131,13 +131,13 @@ def _option_costs(
     )
 
 
-def _checkpoint_bytes(recompute: StageReading, keep: StageReading, last: int) -> int:
+def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
     """What a one-block checkpoint keeps from its forward to its backward besides the block's
     output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
     device's). The smallest such figure over the blocks, so that what one block stashes itself
     (a cache filled in its forward) is not taken for every checkpoint's."""
     kept = []
-    for index in range(1, last):
+    for index in chain.block_stages:  # the stages between block lists are never recomputed
         start, _peak, end = recompute.forward_span(index)
         kept.append(end - start - keep.output_bytes.get(index, 0))
     return max(0, min(kept, default=0))
@@ -179,7 +179,7 @@ def build_profile(
         info: JSON-ready facts kept with the profile (``ops``: each block's op profile).
     """
     last = len(chain) - 1
-    checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, last)
+    checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, chain)
     stages = []
     for index, name in enumerate(chain.stage_names):
         output = keep.output_bytes.get(index, 0)
