@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import InfeasibleBudgetError, MemfitError
+from memfit.integrations.hf_models import FAMILIES
 
 DEFAULT_BUDGETS = "30%,50%,70%"
 DEMO_MODELS = ("gpt", "mlp")
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def target_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("target", help="gpt, mlp, hf:gpt2, hf:llama, hf:bert or file.py:function")
+        families = ", ".join(f"hf:{name}" for name in sorted(FAMILIES))
+        sub.add_argument("target", help=f"gpt, mlp, {families} or file.py:function")
         _add_sizes(sub)
         return sub
 
