@@ -46,7 +46,9 @@ class Model(nn.Module):
         for block in self.blocks:
             outputs = block(h)  # held until the next block returns, as in Falcon
             h = outputs[0]
-        return self.head(h).square().mean()
+        with torch.no_grad():  # a statistic (logged, say): the step's peak is in its forward
+            spread = (h.unsqueeze(1) - h.unsqueeze(2)).square().mean()  # all pairs' distances
+        return self.head(h).square().mean() + 0 * spread
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def _every_block_selective(profile: memfit.Profile) -> Plan:
     )
 
 
-@pytest.mark.parametrize("way", ["all", "sqrt", "60%", "80%", "selective"])
+@pytest.mark.parametrize("way", ["all", "sqrt", "90%", "95%", "selective"])
 def test_predictions_count_the_tails(
     case: tuple[Model, tuple[torch.Tensor], memfit.Profile], way: str
 ) -> None:
