@@ -145,9 +145,7 @@ def _tail_shift(reading: StageReading, chain: Chain, index: int) -> int:
     return shift
 
 
-def _checkpoint_bytes(
-    recompute: StageReading, keep: StageReading, chain: Chain, last: int
-) -> int:
+def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain, last: int) -> int:
     """What a one-block checkpoint keeps from its forward to its backward besides the block's
     output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
     device's). The smallest such figure over the blocks, so that what one block stashes itself
@@ -214,13 +212,13 @@ def build_profile(
             for option, reading in (options or {}).items():
                 per_block = (details or {}).get(option)
                 detail = per_block[position] if per_block and len(per_block) > position else None
-                costs = _option_costs(reading, index, last, output, detail)
+                measured = _option_costs(reading, index, last, output, detail)
                 if holds_inputs(Stage(index, option)):
                     # measured with every block under a checkpoint: the tails' shift is not
                     # this stage's (the simulator holds the tails)
                     shift = _tail_shift(reading, chain, index)
-                    costs = replace(costs, saved_bytes=costs.saved_bytes - shift)
-                menu[option] = costs
+                    measured = replace(measured, saved_bytes=measured.saved_bytes - shift)
+                menu[option] = measured
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
