@@ -78,21 +78,7 @@ class Profiled:
 # Known gaps in the predicted peak, checked strictly: gradients and budget are checked as for
 # every family, the prediction must still miss by more than 2% (a fix fails the test until the
 # gap is removed here), and the gap is in docs/architecture.md.
-KNOWN_GAPS = {
-    ("falcon", "eager", "recompute"): (
-        "prediction 3-7% low (the measured peak stays within the budget): Falcon's eager "
-        "attention returns its attention scores, which a recomputed block's caller holds until "
-        "the next block returns; the memory model does not count them"
-    ),
-}
-KNOWN_GAPS[("falcon", "eager", "selective:matmul")] = (
-    "prediction about 6% high, by the same attention scores: measured with every block "
-    "selective, the first block's count as saved until its backward"
-)
-KNOWN_GAPS |= {
-    ("falcon", "eager", budget): KNOWN_GAPS[("falcon", "eager", "recompute")]
-    for budget in ("30%", "60%")
-}
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 
 @pytest.fixture(scope="module", params=_variants(), ids=lambda v: f"{v[0]}-{v[1]}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from memfit.measuring.chain import Chain
 from memfit.measuring.run import Measurement, StageReading
 from memfit.measuring.step import split_sample
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.planning.plan import Stage
+from memfit.planning.simulate import holds_inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +133,18 @@ def _option_costs(
     )
 
 
+def _tail_shift(reading: StageReading, chain: Chain, index: int) -> int:
+    """What the tails (:attr:`StageCosts.tail_bytes`) add to block ``index``'s forward span in
+    a step with every block under a checkpoint: its own tail, less the previous block's, which
+    the caller frees when this block returns (after the span's end, the next block's mark,
+    unless this block is the last of its list: its span ends in its own forward hook)."""
+    tails = reading.tail_bytes
+    shift = tails.get(index, 0)
+    if chain.block_of_stage(index + 1) is not None:
+        shift -= tails.get(index - 1, 0)
+    return shift
+
+
 def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
     """What a one-block checkpoint keeps from its forward to its backward besides the block's
     output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
@@ -139,20 +153,27 @@ def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
     kept = []
     for index in chain.block_stages:  # the stages between block lists are never recomputed
         start, _peak, end = recompute.forward_span(index)
-        kept.append(end - start - keep.output_bytes.get(index, 0))
+        shift = _tail_shift(recompute, chain, index)
+        kept.append(end - start - keep.output_bytes.get(index, 0) - shift)
     return max(0, min(kept, default=0))
 
 
 def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
     """Side inputs (masks, position tables) that the kept step frees when the forward ends
     and the checkpoints of recomputed blocks hold until their backward: what the stages after
-    the blocks keep more with every block recomputed than with every block kept."""
+    the blocks keep more with every block recomputed than with every block kept. The tails of
+    the last two blocks before such a stage (:attr:`StageCosts.tail_bytes`) are freed in its
+    span with every block recomputed, not with every block kept: they are added back."""
     last = len(chain) - 1
     extra = 0
+    tails = recompute.tail_bytes
     for index in range(1, last + 1):
         if chain.block_of_stage(index) is None:
             kept, recomputed = keep.forward_span(index), recompute.forward_span(index)
-            extra += max(0, (recomputed[2] - recomputed[0]) - (kept[2] - kept[0]))
+            freed = tails.get(index - 1, 0)
+            if chain.block_of_stage(index - 2) is not None:
+                freed += tails.get(index - 2, 0)
+            extra += max(0, (recomputed[2] - recomputed[0]) + freed - (kept[2] - kept[0]))
     return extra
 
 
@@ -191,7 +212,13 @@ def build_profile(
             for option, reading in (options or {}).items():
                 per_block = (details or {}).get(option)
                 detail = per_block[position] if per_block and len(per_block) > position else None
-                menu[option] = _option_costs(reading, index, last, output, detail)
+                measured = _option_costs(reading, index, last, output, detail)
+                if holds_inputs(Stage(index, option)):
+                    # measured with every block under a checkpoint: the tails' shift is not
+                    # this stage's (the simulator holds the tails)
+                    shift = _tail_shift(reading, chain, index)
+                    measured = replace(measured, saved_bytes=measured.saved_bytes - shift)
+                menu[option] = measured
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
@@ -208,6 +235,7 @@ def build_profile(
                 nosave_forward_s=nosave_s,
                 nosave_forward_peak_bytes=nosave_peak,
                 checkpointable=is_block and recompute is not None,
+                tail_bytes=0 if recompute is None else recompute.tail_bytes.get(index, 0),
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None

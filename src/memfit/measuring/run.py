@@ -32,6 +32,7 @@ from memfit.measuring.meter import MemoryMeter, MemoryReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
+    _storage_key,
     compute_loss,
     held_bytes,
     preserved_grads,
@@ -131,6 +132,25 @@ class _Marked:
     # blocks whose output holds tensors besides the hidden state (attention weights): the
     # runtime cannot join them with their neighbours in one recompute segment
     tails: set[int] = field(default_factory=set)
+    # block index -> bytes of those tensors (distinct storages that are neither the hidden
+    # state's nor the block's inputs'): what the caller holds until the next block returns
+    tail_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
+    """Bytes of the tensors a block returns besides its hidden state, counting each storage
+    once and leaving out the hidden state's and the block's inputs' (a position bias passed on)."""
+    known = {
+        _storage_key(leaf)
+        for leaf in [main, *tree_leaves([args, kwargs])]
+        if isinstance(leaf, torch.Tensor)
+    }
+    tails = [
+        leaf
+        for leaf in tree_leaves(list(output[1:]))
+        if isinstance(leaf, torch.Tensor) and _storage_key(leaf) not in known
+    ]
+    return tensor_bytes(*tails)
 
 
 @contextmanager
@@ -173,12 +193,13 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
         return hook
 
     def post_hook(index: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+        def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             out = main_tensor(output)
             if isinstance(output, tuple | list) and any(
                 isinstance(leaf, torch.Tensor) for leaf in tree_leaves(list(output[1:]))
             ):
                 marked.tails.add(index)
+                marked.tail_bytes[index] = _tail_bytes(output, out, args, kwargs)
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
@@ -212,6 +233,7 @@ class StageReading:
     same_side_inputs: dict[int, bool]
     side_grad_bytes: int = 0
     tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
+    tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
 
     def forward_span(self, index: int) -> tuple[int, int, int]:
         """(start, peak, end) level of stage ``index``'s forward."""
@@ -367,6 +389,7 @@ def measure_stages(
         marked.same,
         marked.side_grad_bytes,
         frozenset(marked.tails),
+        dict(marked.tail_bytes),
     )
 
 

@@ -24,6 +24,9 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   nested checkpoint runs in the outer no-save forward too); a segment of several stages peaks
   two more above its level when its forward ends (memfit's check that no random numbers were
   drawn between its blocks).
+* A top-level segment or ``selective:`` stage whose last stage returns tensors besides its output
+  (``tail_bytes``: attention scores a checkpoint does not save) leaves them to its caller from
+  the end of its forward to the end of the next top-level item's forward.
 
 Time: ``Stage`` costs ``forward_s + backward_s`` of its option; a ``Segment`` adds the no-save
 forward of its stages (``nosave_forward_s``) to the time of its inner plan.
@@ -87,6 +90,9 @@ class StageCosts:
         checkpointable: whether the stage can be part of a recompute segment.
         joins_previous: whether a recompute segment may span this stage and the one before
             (false where the side inputs change between them).
+        tail_bytes: bytes of the tensors the stage returns besides its output (Falcon eager's
+            attention scores) when it runs under a checkpoint: its caller holds them until the
+            next stage returns. A kept stage's are tensors autograd saves anyway (no extra).
     """
 
     name: str
@@ -97,13 +103,14 @@ class StageCosts:
     nosave_forward_peak_bytes: int
     checkpointable: bool = True
     joins_previous: bool = True
+    tail_bytes: int = 0
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:
             raise ValueError(
                 f"stage {self.name!r}: options must include {KEEP!r}; got {sorted(self.options)}"
             )
-        if self.input_bytes < 0 or self.output_bytes < 0:
+        if self.input_bytes < 0 or self.output_bytes < 0 or self.tail_bytes < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")
 
 

@@ -227,9 +227,11 @@ class Planner:
         floor_peak = self.floor_simulation.peak_bytes + self.reserve(self.floor_tree)
         if floor_peak > budget_bytes:
             raise InfeasibleBudgetError(budget_bytes, floor_peak)
-        # the DP does not see the side inputs that checkpoints hold (the simulator does):
-        # it plans as if they were held all step, and the tree it finds is simulated below
-        dp_budget = budget_bytes - costs.side_input_bytes - costs.side_grad_bytes
+        # the DP does not see the side inputs that checkpoints hold, nor the tails their
+        # callers hold (the simulator does): it plans as if they were held all step (one tail
+        # at a time: the largest), and the tree it finds is simulated below
+        tail = max(stage.tail_bytes for stage in costs.stages)
+        dp_budget = budget_bytes - costs.side_input_bytes - costs.side_grad_bytes - tail
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})

@@ -19,7 +19,11 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
 * with a top-level segment or ``selective:`` stage, ``side_input_bytes`` (the blocks' masks and
   position tables, which the kept step frees when its forward ends but checkpoints hold as
   their inputs) stay live from just before the last stage's forward to the end of the first
-  such item's backward.
+  such item's backward;
+* a top-level segment or ``selective:`` stage whose last stage has ``tail_bytes`` (tensors it
+  returns besides its output, which a checkpoint does not save) adds them when its forward ends;
+  they are freed when the next top-level item's forward ends (its caller holds them until the
+  next block returns).
 
 One clarification: an event's peak is never below the level it leaves (``L`` after the change).
 Measured costs always satisfy this, since a transient peak includes the end state; counting the
@@ -229,20 +233,27 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     check_tree(costs, tree)
     replay = _Replay(costs, timeline)
     holders = [i for i, item in enumerate(tree) if holds_inputs(item)]
-    if holders and costs.side_input_bytes:
-        # the checkpoints hold the blocks' side inputs that a kept step frees when the forward
-        # ends: from the last stage's forward to the first holder's backward
-        last = len(tree) - 1
-        replay.forward(tree[:last], FORWARD, "")
-        replay.event(SIDE_HELD, FORWARD, 0, costs.side_input_bytes)
-        replay.forward(tree[last:], FORWARD, "")
-        first = holders[0]
-        replay.backward(tree[first:], "")
-        replay.event(SIDE_FREED, BACKWARD, 0, -costs.side_input_bytes)
-        replay.backward(tree[:first], "")
-    else:
-        replay.forward(tree, FORWARD, "")
-        replay.backward(tree, "")
+    side = costs.side_input_bytes if holders else 0
+    # the checkpoints hold the blocks' side inputs that a kept step frees when the forward
+    # ends: from the last stage's forward to the first holder's backward
+    tail, last = 0, 0  # the previous top-level item's tail (its caller holds it), last stage
+    for position, item in enumerate(tree):
+        if side and position == len(tree) - 1:
+            replay.event(SIDE_HELD, FORWARD, 0, side)
+        replay.forward([item], FORWARD, "")
+        if tail:
+            replay.event(f"forward: tail of {replay.name(last)} freed", FORWARD, 0, -tail)
+        last = item.stop - 1 if isinstance(item, Segment) else item.index
+        tail = costs.stages[last].tail_bytes if holds_inputs(item) else 0
+        if position == len(tree) - 1:
+            tail = 0  # the step's forward ends here
+        if tail:
+            replay.event(f"forward: tail of {replay.name(last)} held", FORWARD, 0, tail)
+    first = holders[0] if side else len(tree)
+    replay.backward(tree[first:], "")
+    if side:
+        replay.event(SIDE_FREED, BACKWARD, 0, -side)
+    replay.backward(tree[:first], "")
     return Simulation(
         peak_bytes=replay.peak,
         step_s=replay.step_s,
