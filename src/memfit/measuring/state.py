@@ -71,11 +71,12 @@ class ModelState:
             for name, buffer in module._buffers.items()
             if buffer is not None
         ]
+        # every module: turning HF checkpointing off may set a switch on a module whose
+        # instance had none (a class attribute), which restoring must remove again
         self.switches = {
             (module, name): module.__dict__.get(name, _MISSING)
             for module in model.modules()
             for name in _HF_SWITCHES
-            if name in module.__dict__
         }
         self.configs = [(config, dict(vars(config))) for config in _configs(model)]
         self.cpu_rng = torch.get_rng_state()
@@ -104,7 +105,10 @@ class ModelState:
                 # their version counters, so versions cannot tell what changed.
                 buffer.copy_(copy)
         for (module, name), value in self.switches.items():
-            module.__dict__[name] = value
+            if value is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
         for config, saved in self.configs:
             for key in set(vars(config)) - set(saved):
                 delattr(config, key)

@@ -135,7 +135,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             wrap = stage_wrapper(stage.option)
             forwards[(stage.index, stage.option)] = wrap(originals[stage.index])
     blocks = {index: chain.block_of_stage(index) for index in chain.block_stages}
-    caches = {index: cache_arguments(block) for index, block in blocks.items() if block}
+    caches = {index: cache_arguments(block) for index, block in blocks.items() if block is not None}
     modules = {
         index: tuple(
             (f"{names[index]}.{sub}" if sub else names[index], module)

@@ -4,7 +4,8 @@ A top-level ``Segment(s, t, inner)`` makes block ``s`` (the segment's *head*) ru
 ``s..t-1`` inside one ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following
 ``inner``: nested segments are nested checkpoints, i.e. multi-level recompute. Blocks
 ``s+1..t-1`` then pass their input through, after checking that running them inside the head
-was right (see ``guards``). A top-level ``Stage`` with an option runs the block wrapped for it.
+was right (see ``guards``). A top-level ``Stage`` runs the block wrapped for its option (a kept
+block too: every planned block runs without its KV cache in training).
 
 Every override (:class:`Head`, :class:`PassThrough`, :class:`TopStage`) is a plain object
 holding the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
@@ -45,6 +46,7 @@ from memfit.runtime.guards import (
     same_side_inputs,
 )
 from memfit.runtime.options import KEEP, Forward, option_kind
+from memfit.runtime.replay import replaying
 
 logger = logging.getLogger(__name__)
 # first blocks of the chains whose dropped cache was logged: one line per model, not one per
@@ -126,7 +128,7 @@ class Executor:
 
     def watched(self, start: int, stop: int, call: Call) -> Watch | None:
         """A watch over stages ``start..stop-1`` for their first run, when backward follows."""
-        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+        if not torch.is_grad_enabled() or replaying():
             return None
         modules = [named for index in range(start, stop) for named in self.modules[index]]
         return Watch(self.name(start), modules, *call)
@@ -256,7 +258,8 @@ class PassThrough:
 
 
 class TopStage:
-    """The forward of a block that runs a stage option at the top level of the plan."""
+    """The forward of a block that is a top-level stage of the plan: its option's wrapper (for a
+    kept block, the block itself, called without its KV cache in training)."""
 
     def __init__(self, executor: Executor, stage: Stage) -> None:
         self.executor = executor

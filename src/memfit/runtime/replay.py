@@ -105,7 +105,7 @@ class BlockForward:
         saved = _running_stats(self.norms)
         try:
             return forward(*args, **kwargs)
-        except (_StopRecomputationError, MemfitError, torch.OutOfMemoryError):
+        except (_StopRecomputationError, MemfitError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as error:
             raise UnsupportedModelError(
