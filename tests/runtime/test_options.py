@@ -24,7 +24,7 @@ from memfit.runtime import (
     stage_wrapper,
 )
 from memfit.runtime import options as registry
-from memfit.runtime.options import selective_policy
+from memfit.runtime.options import SelectivePolicy
 
 aten = torch.ops.aten
 
@@ -93,7 +93,7 @@ def test_a_new_option_family_is_one_registration() -> None:
 def test_selective_policy_saves_default_overloads_and_never_out_variants(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    policy = selective_policy(MATMUL_OPS, "selective:matmul")
+    policy = SelectivePolicy(MATMUL_OPS, "selective:matmul")
     assert policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
     assert policy(None, aten.addmm.default) == CheckpointPolicy.MUST_SAVE
     assert policy(None, aten.gelu.default) == CheckpointPolicy.PREFER_RECOMPUTE

@@ -200,11 +200,6 @@ class SelectivePolicy:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def selective_policy(ops: frozenset[str], option: str) -> SelectivePolicy:
-    """A fresh :class:`SelectivePolicy` for ``ops`` (``option`` names it in the log)."""
-    return SelectivePolicy(ops, option)
-
-
 def _keep(_option: str) -> StageWrapper:
     return lambda forward: forward
 
