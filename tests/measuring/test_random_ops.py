@@ -22,7 +22,7 @@ from memfit.measuring.ops import (
 )
 from memfit.planning.plan import Plan, Stage
 from memfit.runtime import apply_plan, remove_plan, saved_ops, stage_wrapper
-from memfit.runtime.options import selective_policy
+from memfit.runtime.options import SelectivePolicy
 
 aten = torch.ops.aten
 W = 16
@@ -115,7 +115,7 @@ def test_attention_kernels_draw_only_with_dropout_on() -> None:
     assert draws_random(flash_cpu, (q, q, q, 0.1)) and not draws_random(flash_cpu, (q, q, q))
     assert draws_random(efficient, (q, q, q, None, True), {"dropout_p": 0.2})
     assert not draws_random(efficient, (q, q, q, None, True, 0.0))
-    policy = selective_policy(saved_ops("selective:matmul"), "selective:matmul")
+    policy = SelectivePolicy(saved_ops("selective:matmul"), "selective:matmul")
     assert policy(None, flash_cpu, q, q, q, 0.0) == CheckpointPolicy.MUST_SAVE
     assert policy(None, flash_cpu, q, q, q, 0.1) == CheckpointPolicy.PREFER_RECOMPUTE
     assert policy(None, efficient, q, q, q, None, True, dropout_p=0.1) == (
