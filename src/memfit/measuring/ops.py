@@ -218,23 +218,36 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
-    """Storage pointers of the arguments ``func`` writes in place (``self`` of ``div_``,
-    ``out=``), from its schema."""
+@functools.cache
+def written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the arguments ``func``'s schema marks as written in place
+    (``Tensor(a!)``: ``self`` of ``div_``, ``out=``); none for an op without a schema."""
     schema = getattr(func, "_schema", None)
-    if schema is None:
-        return set()
-    written = set()
-    for position, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = (kwargs or {}).get(argument.name, args[position] if position < len(args) else None)
-        written |= {
-            leaf.untyped_storage().data_ptr()
-            for leaf in tree_leaves(value)
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
-        }
+    if schema is None:  # a higher-order op: no schema to read
+        return ()
+    return tuple(
+        (position, argument.name)
+        for position, argument in enumerate(schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
+
+
+def written_tensors(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors a call of ``func`` writes in place (see :func:`written_arguments`)."""
+    written = []
+    for position, name in written_arguments(func):
+        value = (kwargs or {}).get(name, args[position] if position < len(args) else None)
+        written += [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
     return written
+
+
+def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
+    """Storage pointers of the tensors a call of ``func`` writes in place."""
+    return {
+        tensor.untyped_storage().data_ptr()
+        for tensor in written_tensors(func, args, kwargs)
+        if tensor.device.type != "meta"
+    }
 
 
 def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:

@@ -31,19 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from memfit.errors import UnsupportedModelError
-
-
-@functools.cache
-def _written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
-    """(position, name) of the arguments ``func``'s schema marks as written (``Tensor(a!)``)."""
-    schema = getattr(func, "_schema", None)
-    if schema is None:  # a higher-order op: no schema to read
-        return ()
-    return tuple(
-        (position, argument.name)
-        for position, argument in enumerate(schema.arguments)
-        if argument.alias_info is not None and argument.alias_info.is_write
-    )
+from memfit.measuring.ops import written_arguments, written_tensors
 
 
 @functools.cache
@@ -54,14 +42,6 @@ def _returns_alias(func: Any) -> bool:
 
 def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
-
-
-def _written_tensors(func: Any, args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    written = []
-    for position, name in _written_arguments(func):
-        value = kwargs[name] if name in kwargs else args[position] if position < len(args) else None
-        written += [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
-    return written
 
 
 class SavedWrites(TorchDispatchMode):
@@ -89,8 +69,8 @@ class SavedWrites(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if self.saved and _written_arguments(func):
-            for tensor in _written_tensors(func, args, kwargs):
+        if self.saved and written_arguments(func):
+            for tensor in written_tensors(func, args, kwargs):
                 op = self.saved.pop(_storage(tensor), None)
                 if op is not None:
                     self._copy_cached(op, _storage(tensor), func)
