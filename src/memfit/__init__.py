@@ -14,6 +14,7 @@ from memfit.errors import (
     InfeasibleBudgetError,
     MemfitError,
     PlanMismatchError,
+    RankMismatchError,
     UnsupportedModelError,
 )
 from memfit.measuring import Measurement, MemoryMeter, Profile, measure
@@ -33,6 +34,7 @@ __all__ = [
     "Plan",
     "PlanMismatchError",
     "Profile",
+    "RankMismatchError",
     "UnsupportedModelError",
     "Verification",
     "apply",

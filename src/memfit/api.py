@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from memfit.distributed import agree_on_plan, ranks
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.plan import Plan
@@ -86,6 +87,8 @@ def plan(
         raise InfeasibleBudgetError(
             budget_bytes, error.min_feasible_bytes, error.detail, message=message
         ) from None
+    if int(prof.info.get("ranks", 1)) > 1 and ranks() > 1:  # merged over the ranks: all solved it
+        result = agree_on_plan(result)
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
     result = dataclasses.replace(result, keep_output=step.keep_output, accumulate=step.accumulate)

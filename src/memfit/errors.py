@@ -54,3 +54,8 @@ class UnsupportedModelError(MemfitError):
 
 class AlreadyPlannedError(MemfitError):
     """The model already carries a memfit plan; remove it first."""
+
+
+class RankMismatchError(MemfitError):
+    """The ranks of a distributed job disagree on what memfit must plan for (sample shapes,
+    chain, options): raised on every rank alike, so that none waits for the others."""

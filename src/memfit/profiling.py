@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
@@ -60,6 +61,7 @@ def profile(
     options: Sequence[str] | str = "auto",
     optimizer: Any = None,
     keep_output: bool = True,
+    distributed: bool | None = None,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -78,6 +80,11 @@ def profile(
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
             for a loop that keeps only the loss (see :func:`measure`).
+        distributed: ``None`` (default): when a process group of several ranks is initialised
+            (``torchrun``), every rank must call this with the same sample shapes; each
+            measures, and all get the same merged profile (the worst rank's memory, the slowest
+            rank's times), so that every rank plans the same schedule
+            (:mod:`memfit.distributed`). ``False``: this process alone.
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
@@ -89,6 +96,7 @@ def profile(
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
         ValueError: an unknown option name (checked before anything is measured).
+        RankMismatchError: ranks with other sample shapes, chains or options (on every rank).
 
     Example:
         >>> prof = memfit.profile(model, (tokens, targets))
@@ -109,15 +117,28 @@ def profile(
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             stage_wrapper(name)
+    world = ranks(distributed)
+    if world > 1:  # before the first step: a step one rank skips hangs the others
+        agree(
+            "sample shapes",
+            describe_sample(sample),
+            "Give every rank a sample of the same shapes (pad to one length), or pass "
+            "distributed=False to plan each rank alone (ranks may then run different plans and "
+            "wait for each other at every collective)",
+        )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         disable_hf_checkpointing(model)
     chain = _chain(model, sample, blocks)
+    if world > 1:
+        agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
+        if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
+            options = list(rank0(options))
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     # Every way of running the blocks: keep, recompute (each block its own segment), options.
@@ -173,7 +194,7 @@ def profile(
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
     ops = {block.name: block.to_rows() for block in block_ops}
-    return build_profile(
+    result = build_profile(
         model,
         sample,
         chain,
@@ -183,3 +204,4 @@ def profile(
         details=details,
         info={"ops": ops} if ops else None,
     )
+    return merge_profiles(result) if world > 1 else result

@@ -253,7 +253,7 @@ def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
 def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
     """Run one forward (and drop it) recording the op profile of every block of ``chain``."""
     blocks = [
-        BlockOps(name, parameters={p.untyped_storage().data_ptr() for p in block.parameters()})
+        BlockOps(name, parameters=set())
         for name, block in zip(chain.block_names, chain.blocks, strict=True)
     ]
     handles = []
@@ -278,7 +278,10 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
         return hook
 
     def pre_hook(index: int) -> Any:
-        def hook(_module: nn.Module, _args: Any) -> None:
+        def hook(module: nn.Module, _args: Any) -> None:
+            # read in the forward: FSDP2's pre-hook (which runs first) has swapped the
+            # sharded parameters for the gathered ones the ops see
+            blocks[index].parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack(index), _identity))
             stack.enter_context(_Recorder(blocks[index]))
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from memfit.measuring.chain import Chain
 from memfit.measuring.run import Measurement, StageReading
-from memfit.measuring.step import split_sample
+from memfit.measuring.step import local_tensor, own_fsdp_unit, split_sample
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.plan import Stage
 from memfit.planning.simulate import holds_inputs
@@ -103,13 +103,19 @@ def fingerprint(model: nn.Module, sample: Any, chain: Chain) -> str:
 def _parameter_bytes(model: nn.Module, chain: Chain) -> tuple[int, ...]:
     """Per stage, bytes of the parameters it owns: ``<pre>`` all but the blocks'."""
     in_blocks = {id(p) for block in chain.blocks for p in block.parameters()}
-    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
+    rest = sum(
+        local_tensor(p).numel() * p.element_size()
+        for p in model.parameters()
+        if id(p) not in in_blocks
+    )
     per_stage = [0] * len(chain)
     per_stage[0] = rest
     for index in chain.block_stages:
         block = chain.block_of_stage(index)
         assert block is not None
-        per_stage[index] = sum(p.numel() * p.element_size() for p in block.parameters())
+        per_stage[index] = sum(
+            local_tensor(p).numel() * p.element_size() for p in block.parameters()
+        )
     return tuple(per_stage)
 
 
@@ -177,6 +183,24 @@ def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
     return extra
 
 
+def _gathered_bytes(chain: Chain) -> int:
+    """Bytes of the largest FSDP2 unit block's parameters, gathered (``numel`` of a sharded
+    parameter is the whole one's)."""
+    return max(
+        (
+            sum(p.numel() * p.element_size() for p in block.parameters())
+            for block in chain.blocks
+            if own_fsdp_unit(block)
+        ),
+        default=0,
+    )
+
+
+def _own_units(chain: Chain, *indices: int) -> bool:
+    blocks = [chain.block_of_stage(index) for index in indices]
+    return any(block is not None and own_fsdp_unit(block) for block in blocks)
+
+
 def build_profile(
     model: nn.Module,
     sample: Any,
@@ -242,6 +266,9 @@ def build_profile(
                     and keep.same_side_inputs.get(index, False)
                     # a segment's blocks pass on one output: no attention weights of their own
                     and not {index - 1, index} & keep.tails
+                    # FSDP2 units: a segment across them would hold all its blocks' gathered
+                    # parameters at once through its recompute (memfit.runtime.sharding)
+                    and not _own_units(chain, index - 1, index)
                 ),
             )
         )
@@ -252,6 +279,7 @@ def build_profile(
         checkpoint_bytes=checkpoint,
         side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),
         side_grad_bytes=keep.side_grad_bytes,
+        gathered_bytes=_gathered_bytes(chain),
     )
     return Profile(
         costs=costs,

@@ -78,17 +78,37 @@ def sample_device(model: nn.Module, sample: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a ``DTensor``'s local shard (FSDP2's sharded parameters,
+    their gradients and optimizer states), any other tensor itself."""
+    local = getattr(tensor, "_local_tensor", None)  # DTensor, without importing it
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
+def sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2's sharded parameters between its calls)."""
+    return hasattr(tensor, "_local_tensor") and hasattr(tensor, "device_mesh")
+
+
+def own_fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` itself: its parameters are gathered
+    before and freed after each of its calls (FSDP2's hooks on it)."""
+    get = getattr(module, "_get_fsdp_state", None)  # FSDPModule, without importing FSDP
+    return callable(get) and get() is not None
+
+
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    storage = tensor.untyped_storage()
+    storage = local_tensor(tensor).untyped_storage()
     return (str(tensor.device), storage.data_ptr())
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and ties counted once)."""
+    """Bytes of the distinct storages behind ``tensors`` (views and ties counted once; a
+    ``DTensor`` counts its local shard: what this rank holds)."""
     seen: dict[tuple[str, int], int] = {}
     for tensor in tensors:
         if tensor is not None and tensor.device.type != "meta":
-            seen[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+            seen[_storage_key(tensor)] = local_tensor(tensor).untyped_storage().nbytes()
     return sum(seen.values())
 
 

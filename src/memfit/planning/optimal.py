@@ -209,8 +209,10 @@ class Planner:
     def reserve(self, tree: Tree) -> int:
         """Bytes a tree keeps free under the budget beyond its simulated peak: the side-input
         gradient reserve (``ChainCosts.side_grad_bytes``) when any block runs under a
-        checkpoint, whose timing the costs measured with every block kept do not show."""
-        return self.costs.side_grad_bytes if any(map(holds_inputs, tree)) else 0
+        checkpoint, whose timing the costs measured with every block kept do not show, and
+        the reserve for a late-freed FSDP2 buffer (``ChainCosts.gathered_bytes``)."""
+        side = self.costs.side_grad_bytes if any(map(holds_inputs, tree)) else 0
+        return side + self.costs.gathered_bytes
 
     def solve(self, budget_bytes: int) -> Solution:
         """The fastest tree whose simulated peak fits ``budget_bytes``.
@@ -231,7 +233,13 @@ class Planner:
         # callers hold (the simulator does): it plans as if they were held all step (one tail
         # at a time: the largest), and the tree it finds is simulated below
         tail = max(stage.tail_bytes for stage in costs.stages)
-        dp_budget = budget_bytes - costs.side_input_bytes - costs.side_grad_bytes - tail
+        dp_budget = (
+            budget_bytes
+            - costs.side_input_bytes
+            - costs.side_grad_bytes
+            - costs.gathered_bytes
+            - tail
+        )
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})

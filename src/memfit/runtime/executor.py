@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import PlanMismatchError
 from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.measuring.step import own_fsdp_unit
 from memfit.planning.plan import Item, Segment, Stage
 from memfit.runtime.caches import CacheArguments, drop_caches
 from memfit.runtime.guards import (
@@ -47,6 +48,7 @@ from memfit.runtime.guards import (
 )
 from memfit.runtime.options import KEEP, Forward, option_kind
 from memfit.runtime.replay import replaying
+from memfit.runtime.sharding import enter_block
 
 logger = logging.getLogger(__name__)
 # first blocks of the chains whose dropped cache was logged: one line per model, not one per
@@ -100,6 +102,9 @@ class Executor:
         self.caches = caches
         self.modules = modules
         self.calls: dict[int, SegmentCall] = {}  # segment start -> its current forward
+        # FSDP2 applied after the plan (or removed): the plan's figures are another model's
+        self.sharded = own_fsdp_unit(chain.blocks[0]) if chain.blocks else False
+        self.resharding_told = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(vars(self))
@@ -111,6 +116,16 @@ class Executor:
 
     def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         """Split a planned top-level call, without its KV cache when gradients are on."""
+        if not self.resharding_told and own_fsdp_unit(self.chain.blocks[0]) != self.sharded:
+            self.resharding_told = True
+            logger.warning(
+                "memfit: the model's blocks were %s after the plan was made. "
+                "The plan runs correctly (same gradients, no extra all-gathers), but its memory "
+                "figures are those of the model as it was profiled, and its recompute segments "
+                "may span FSDP2 units (holding their gathered parameters together). For figures "
+                "per rank, shard first, then call memfit.auto",
+                "sharded with fully_shard" if not self.sharded else "unsharded",
+            )
         if torch.is_grad_enabled():
             args, kwargs, dropped = drop_caches(self.caches[index], args, kwargs)
             if dropped and self.chain.blocks[0] not in _CACHE_LOGGED:
@@ -133,7 +148,20 @@ class Executor:
         modules = [named for index in range(start, stop) for named in self.modules[index]]
         return Watch(self.name(start), modules, *call)
 
-    def run_stage(self, stage: Stage, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run_stage(
+        self,
+        stage: Stage,
+        x: Any,
+        rest: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: int | None = None,
+    ) -> Any:
+        if head is not None and stage.index != head:
+            # a later block of a segment, run by its head: its FSDP2 pre-hook first (sharding)
+            block = self.chain.block_of_stage(stage.index)
+            assert block is not None
+            (x, *more), kwargs = enter_block(block, (x, *rest), kwargs)
+            rest = tuple(more)
         if not torch.is_grad_enabled():  # no backward: nothing to save or recompute
             return self.forwards[(stage.index, KEEP)](x, *rest, **kwargs)
         out = self.forwards[(stage.index, stage.option)](x, *rest, **kwargs)
@@ -142,23 +170,37 @@ class Executor:
         return out
 
     def run_items(
-        self, items: Sequence[Item], x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        items: Sequence[Item],
+        x: Any,
+        rest: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: int,
     ) -> Any:
+        """Run ``items`` inside the top-level segment whose first block is ``head``."""
         out: Any = x
         for item in items:
             if isinstance(item, Stage):
-                out = self.run_stage(item, x, rest, kwargs)
+                out = self.run_stage(item, x, rest, kwargs, head)
             else:
-                out = self.run_segment(item, x, rest, kwargs)
+                out = self.run_segment(item, x, rest, kwargs, head)
             x = main_tensor(out)
         return out
 
     def run_segment(
-        self, segment: Segment, x: Any, rest: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        segment: Segment,
+        x: Any,
+        rest: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: int | None = None,
     ) -> Any:
+        """Run ``segment`` under a checkpoint; ``head``: the first block of the top-level
+        segment it lies in (``None``: it is that segment)."""
+        head = segment.start if head is None else head
         if not torch.is_grad_enabled():
-            return self.run_items(segment.inner, x, rest, kwargs)
-        body = _SegmentBody(self, segment)
+            return self.run_items(segment.inner, x, rest, kwargs, head)
+        body = _SegmentBody(self, segment, head)
         out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         return guard_input(out, x, self.name(segment.start))
 
@@ -166,12 +208,13 @@ class Executor:
 class _SegmentBody:
     """The function a segment's checkpoint runs (and reruns in backward)."""
 
-    def __init__(self, executor: Executor, segment: Segment) -> None:
+    def __init__(self, executor: Executor, segment: Segment, head: int) -> None:
         self.executor = executor
         self.segment = segment
+        self.head = head
 
     def __call__(self, x: Any, *rest: Any, **kwargs: Any) -> Any:
-        return self.executor.run_items(self.segment.inner, x, rest, kwargs)
+        return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head)
 
 
 class Head:

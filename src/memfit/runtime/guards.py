@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.chain import Inputs, main_tensor, same_side_inputs
+from memfit.measuring.step import sharded
 
 __all__ = [
     "Inputs",
@@ -173,6 +174,8 @@ class Watch:
             for key in tensors.keys() | current.keys():
                 before = tensors.get(key)
                 tensor = current.get(key)
+                if before is not None and tensor is not None and sharded(before[0]):
+                    continue  # FSDP2 swapped its sharded parameter for the gathered one
                 if before is None or tensor is not before[0] or tensor._version != before[1]:
                     written.append(prefix + key)
         return sorted(set(written))
