@@ -20,7 +20,7 @@ from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.profiling import profile
-from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
+from memfit.runtime.apply import apply_plan, chain_of_plan, planned_module, remove_plan
 from memfit.units import Budget, infeasible_message, parse_budget
 from memfit.verification import Verification, verify
 
@@ -110,7 +110,7 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
-    if applied_plan(model) is not None:
+    if planned_module(model) is not None:
         raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
     chain = chain_of_plan(model, plan)
     if plan.fingerprint:
@@ -134,8 +134,10 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
 
 
 def remove(model: nn.Module) -> bool:
-    """Undo :func:`apply`; returns whether a plan was removed."""
-    return remove_plan(model)
+    """Undo :func:`apply`; returns whether a plan was removed (from ``model``, or from the model
+    inside a wrapper made after planning, such as ``DistributedDataParallel``)."""
+    target = planned_module(model)
+    return target is not None and remove_plan(target)
 
 
 def auto(

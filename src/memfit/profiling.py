@@ -25,7 +25,7 @@ from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
-from memfit.runtime.apply import applied_plan, planned
+from memfit.runtime.apply import planned, planned_module
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
@@ -102,9 +102,10 @@ def profile(
         >>> prof = memfit.profile(model, (tokens, targets))
         >>> prof.measurement.peak_bytes
     """
-    if applied_plan(model) is not None:
+    if planned_module(model) is not None:
         raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) before profiling"
+            "the model (or the model inside this wrapper) already carries a memfit plan; call "
+            "memfit.remove(model) before profiling"
         )
     if repeats < 1:
         raise ValueError(

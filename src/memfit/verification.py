@@ -7,6 +7,7 @@ are the ones the benchmark (:mod:`memfit.bench`) runs for every row too.
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,9 +18,23 @@ from torch import nn
 from memfit.errors import MemfitError
 from memfit.measuring.run import Measurement, measure, time_step
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn, compute_loss, reset_grads, sample_device, split_sample
+from memfit.measuring.step import (
+    LossFn,
+    compute_loss,
+    held_bytes,
+    reset_grads,
+    sample_device,
+    split_sample,
+)
 from memfit.planning.plan import Plan
-from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, planned, remove_plan
+from memfit.runtime.apply import (
+    applied_plan,
+    apply_plan,
+    chain_of_plan,
+    planned,
+    planned_module,
+    remove_plan,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -118,12 +133,25 @@ def verify(
         >>> report = memfit.verify(model, batch)
         >>> assert report.gradients_equal and report.ok
     """
-    current = applied_plan(model)
-    if current is None:
+    # the planned model may sit inside a wrapper made after planning (DDP): steps run through
+    # the wrapper, the plan comes off and goes back on the module that carries it
+    target = planned_module(model)
+    current = None if target is None else applied_plan(target)
+    if target is None or current is None:
         raise MemfitError("memfit.verify needs a planned model: call memfit.apply or memfit.auto")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1 (timed pairs of steps); got {repeats}")
-    chain = chain_of_plan(model, current)
+    chain = chain_of_plan(target, current)
+    wrapped = held_bytes(model, sample) - held_bytes(target, sample)
+    if wrapped:
+        warnings.warn(
+            f"the plan was made for {type(target).__name__}, which {type(model).__name__} "
+            f"wrapped afterwards and holds {wrapped} bytes more for (DDP's gradient buckets): "
+            f"the plan's predicted peak lacks them. Plan the wrapped model for figures that "
+            f"include them",
+            UserWarning,
+            stacklevel=3,
+        )
     step = dict(
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -133,17 +161,17 @@ def verify(
     try:
         planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
         planned = measure(model, sample, repeats=1, **step)
-        remove_plan(model)
+        remove_plan(target)
         reference_loss, reference_grads = seeded_gradients(model, sample, loss_fn, seed)
         baseline = measure(model, sample, repeats=1, **step)
         ratios = [
-            timed_step_under(model, sample, current, loss_fn, step["keep_output"])
-            / timed_step_under(model, sample, None, loss_fn, step["keep_output"])
+            timed_step_under(model, sample, current, loss_fn, step["keep_output"], target)
+            / timed_step_under(model, sample, None, loss_fn, step["keep_output"], target)
             for _ in range(repeats)
         ]
     finally:
-        if applied_plan(model) is None:
-            apply_plan(model, chain, current)
+        if applied_plan(target) is None:
+            apply_plan(target, chain, current)
     mismatched = mismatched_gradients(reference_grads, planned_grads)
     return Verification(
         gradients_equal=not mismatched,
@@ -165,12 +193,15 @@ def timed_step_under(
     plan: Plan | None,
     loss_fn: LossFn | None = None,
     keep_output: bool = True,
+    target: nn.Module | None = None,
 ) -> float:
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
     carry a plan), after one untimed step: right after another way of running, the allocator's
-    state (pages a leaner plan gave back) would otherwise be charged to this one."""
-    chain = None if plan is None else chain_of_plan(model, plan)
-    with planned(model, chain, plan):
+    state (pages a leaner plan gave back) would otherwise be charged to this one. ``target``:
+    the module of ``model`` the plan goes on (default ``model``; a wrapper's inner model)."""
+    target = model if target is None else target
+    chain = None if plan is None else chain_of_plan(target, plan)
+    with planned(target, chain, plan):
         time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
         return time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
 

@@ -57,6 +57,14 @@ def test_ddp_both_orders_two_budgets_bit_identical(tmp_path: pathlib.Path) -> No
                 assert seen[f"{key} grads"], key  # after DDP's all-reduce, dropout on
                 assert seen[f"{key} no_sync grads"], key  # accumulation under no_sync
             assert ranks[0][f"{key} tree"] == ranks[1][f"{key} tree"], key
+    for seen in ranks:  # this rank's peak: DDP's gradient buckets are held bytes
+        verify = seen["after 50% verify"]
+        assert verify["measured"] <= verify["budget"], verify
+        assert abs(verify["predicted"] / verify["measured"] - 1) <= 0.02, verify
+        # planned before DDP wrapped the model: the prediction lacks only the buckets (verify
+        # warns), the step's own memory is as predicted
+        verify = seen["before 50% verify"]
+        assert abs((verify["predicted"] + verify["buckets"]) / verify["measured"] - 1) <= 0.02
 
 
 def test_fsdp2_bit_identical_same_plan_no_extra_all_gathers(tmp_path: pathlib.Path) -> None:

@@ -102,6 +102,18 @@ def ddp(rank: int) -> dict[str, Any]:
                 torch.equal(step(model, batch, 7 + rank), step(reference, batch, 7 + rank))
             )
             seen[f"{key} grads"] = same_grads(model, reference)
+            if budget == "50%":  # this rank's peak, DDP's gradient buckets held
+                check = memfit.verify(model, batch, repeats=1)
+                seen[f"{key} verify"] = {
+                    "measured": check.measured_peak_bytes,
+                    "predicted": check.predicted_peak_bytes,
+                    "budget": check.budget_bytes,
+                    "held": check.planned.held_bytes,
+                    "buckets": sum(
+                        int(size)
+                        for size in model._get_ddp_logging_data()["bucket_sizes"].split(",")
+                    ),
+                }
             # gradient accumulation: the first micro-batch without the all-reduce
             other = rank_batch(sample, rank + 10)
             for module in (model, reference):

@@ -113,8 +113,8 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 def held_bytes(model: nn.Module, sample: Any, extra: Any = None) -> int:
-    """Bytes live before the step: parameters, buffers, existing gradients, the sample, and any
-    tensors reachable from ``extra`` (e.g. an optimizer's state)."""
+    """Bytes live before the step: parameters, buffers, existing gradients, the sample, any
+    tensors reachable from ``extra`` (e.g. an optimizer's state), and DDP's gradient buckets."""
     tensors: list[torch.Tensor | None] = []
     for parameter in model.parameters():
         tensors += [parameter, parameter.grad]
@@ -123,7 +123,17 @@ def held_bytes(model: nn.Module, sample: Any, extra: Any = None) -> int:
     if extra is not None:
         state = extra.state_dict() if hasattr(extra, "state_dict") else extra
         tensors += list(_tensors_in(state))
-    return tensor_bytes(*tensors)
+    return tensor_bytes(*tensors) + _ddp_bucket_bytes(model)
+
+
+def _ddp_bucket_bytes(model: nn.Module) -> int:
+    """Bytes of ``DistributedDataParallel``'s gradient buckets (the all-reduce buffers it
+    allocates when it wraps the model and keeps), 0 for other models."""
+    logging_data = getattr(model, "_get_ddp_logging_data", None)
+    if not callable(logging_data):
+        return 0
+    sizes = str(logging_data().get("bucket_sizes", ""))
+    return sum(int(size) for size in sizes.split(",") if size.strip().isdigit())
 
 
 def _tensors_in(value: Any) -> Iterator[torch.Tensor]:

@@ -49,6 +49,15 @@ def applied_plan(model: nn.Module) -> Plan | None:
     return state.plan if state is not None else None
 
 
+def planned_module(model: nn.Module) -> nn.Module | None:
+    """The module of ``model`` that carries a plan: ``model`` itself, or the model inside a
+    wrapper made after planning (``DistributedDataParallel(model).module``); ``None``."""
+    for module in model.modules():
+        if module.__dict__.get(_STATE) is not None:
+            return module
+    return None
+
+
 def _check(plan: Plan, chain: Chain) -> None:
     if tuple(plan.stage_names) != tuple(chain.stage_names):
         expected, received = list(chain.stage_names), list(plan.stage_names)
