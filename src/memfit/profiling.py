@@ -19,7 +19,7 @@ from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
 from memfit.measuring.profile import Profile, build_profile
-from memfit.measuring.run import StageReading, measure_stages, stage_clock
+from memfit.measuring.run import StageReading, measure_stages, stage_clock, wall_scaled
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
@@ -174,6 +174,7 @@ def profile(
                 # menu, so no plan picks it
                 logger.warning("option %r left out of the profile: %s", way, error)
                 del ways[way], clocks[way]
+    clocks = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
     for way, way_plan in ways.items():

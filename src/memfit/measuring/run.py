@@ -82,22 +82,61 @@ class Measurement:
         return asdict(self)
 
 
-class _Clock:
-    """Marks with wall-clock times (synchronising CUDA so spans hold their own kernels)."""
+WALL, CPU = "wall", "cpu"  # a CPU clock's whole-step seconds, beside its stage labels
 
-    def __init__(self, device: torch.device) -> None:
+
+class _Clock:
+    """Marks with times (synchronising CUDA so spans hold their own kernels).
+
+    ``cpu=True`` on the CPU: spans are the process's CPU time (every thread's), which other
+    processes' load does not enter as it enters wall time, and the durations carry the step's
+    wall and CPU seconds under :data:`WALL` and :data:`CPU` (for :func:`wall_scaled`). On
+    CUDA the device's work is what counts: wall time, synchronised.
+    """
+
+    def __init__(self, device: torch.device, cpu: bool = False) -> None:
         self.device = device
-        self.marks: list[tuple[str, float]] = []
+        self.cpu = cpu and device.type == "cpu"
+        self.marks: list[tuple[str, float, float]] = []
 
     def mark(self, label: str) -> None:
         synchronize(self.device)
-        self.marks.append((label, time.perf_counter()))
+        self.marks.append((label, time.perf_counter(), time.process_time() if self.cpu else 0.0))
 
     def durations(self) -> dict[str, float]:
-        return {
-            label: later - now
-            for (label, now), (_next, later) in zip(self.marks, self.marks[1:], strict=False)
+        at = 1 if self.cpu else 0  # after the label: wall, CPU
+        spans = {
+            label: later[at] - now[at]
+            for (label, *now), (_next, *later) in zip(self.marks, self.marks[1:], strict=False)
         }
+        if self.cpu and len(self.marks) > 1:
+            spans[WALL] = self.marks[-1][1] - self.marks[0][1]
+            spans[CPU] = self.marks[-1][2] - self.marks[0][2]
+        return spans
+
+
+def wall_scaled(
+    clocks: Mapping[str, Sequence[Mapping[str, float]]],
+) -> dict[str, list[dict[str, float]]]:
+    """CPU-time clocks (:func:`stage_clock`) in seconds of wall time: every span times one
+    factor, the median of the steps' wall / CPU seconds over all ways. One factor keeps the
+    ways' order as their CPU times have it (a way timed while another process ran is not
+    slower for it), and puts predicted step times back in the seconds a user waits. Wall-time
+    clocks (CUDA) come back as they are."""
+    ratios = [
+        step[WALL] / step[CPU]
+        for steps in clocks.values()
+        for step in steps
+        if step.get(CPU, 0.0) > 0.0
+    ]
+    factor = statistics.median(ratios) if ratios else 1.0
+    return {
+        way: [
+            {label: value * factor for label, value in step.items() if label not in (WALL, CPU)}
+            for step in steps
+        ]
+        for way, steps in clocks.items()
+    }
 
 
 Marker = Callable[[str], None]
@@ -261,9 +300,10 @@ def _timed_step(
     loss_fn: LossFn | None,
     accumulate: bool,
     keep_output: bool = True,
+    cpu: bool = False,
 ) -> dict[str, float]:
     reset_grads(model, accumulate)
-    clock = _Clock(sample_device(model, sample))
+    clock = _Clock(sample_device(model, sample), cpu)
     with _marks(chain, clock.mark):
         _step(model, sample, loss_fn, clock.mark, keep_output)
     return clock.durations()
@@ -289,7 +329,10 @@ def stage_clock(
     warmup: int = 1,
     keep_output: bool = True,
 ) -> dict[str, float]:
-    """One timed step of ``model`` as it is now, cut at the stage marks: label -> seconds.
+    """One timed step of ``model`` as it is now, cut at the stage marks: label -> seconds of
+    the process's CPU time on the CPU (plus the step's wall and CPU seconds, under
+    :data:`WALL` and :data:`CPU`; :func:`wall_scaled` turns them into wall seconds), of wall
+    time on CUDA.
 
     For :func:`measure_stages`'s ``clocks``: callers time several ways of running the model in
     turns (A, B, C, A, B, C...), so that the machine's drift reaches them all alike. ``warmup``
@@ -301,7 +344,7 @@ def stage_clock(
         for _ in range(warmup):
             reset_grads(model, accumulate)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
-        return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
+        return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output, cpu=True)
 
 
 def measure_stages(
