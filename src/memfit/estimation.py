@@ -84,9 +84,11 @@ def profile_shapes(
         shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
             (eight shapes up to the sample's own). At least two; five or more give the fits'
             extrapolation check. Shapes larger than the sample repeat its rows and positions.
-        **profile_options: passed to :func:`memfit.profile` (``options``, ``keep_output``,
-            ``accumulate``, ``repeats``, ``loss_fn``, ...). The options measured at the largest
-            shape are measured at every shape.
+        **profile_options: passed to :func:`memfit.profile` (``keep_output``,
+            ``accumulate``, ``repeats``, ``loss_fn``, ...). ``options`` defaults to ``()``
+            here (keep and recompute: a quick profile per shape); ``options="auto"`` adds
+            rebuild and selective options, chosen at the largest shape and measured at every
+            shape (several times slower).
 
     Returns:
         A :class:`ShapeProfile`.
@@ -105,7 +107,7 @@ def profile_shapes(
     order = sorted(set(chosen), key=lambda s: (s.tokens, s.seq), reverse=True)
     started = time.perf_counter()
     profiles = {}
-    options = profile_options.pop("options", "auto")
+    options = profile_options.pop("options", ())
     for shape in order:  # the largest first: its options are measured at every shape
         prof = profile(
             model, resize_sample(sample, shape, layout), options=options, **profile_options

@@ -13,8 +13,9 @@ a basis chosen per figure from a few features:
   peak whose op changes with the size) fits no subset over all shapes: it is fitted on the
   larger shapes only (the branch that holds further out), and failing that by least squares
   over ``1, tokens, batch·seq²``, marked inexact;
-* seconds: non-negative least squares over ``1, tokens, batch·seq²`` (the best subset whose
-  coefficients are all >= 0, so that no time goes negative out of range).
+* seconds: non-negative least squares (all coefficients >= 0, so that no time goes negative
+  out of range) over the basis chosen, among subsets of ``1, tokens, batch·seq²``, for the
+  plain step's total time (a larger basis must halve the residual: times are noisy).
 
 :class:`ShapeCosts` holds the fits and gives a synthetic ``ChainCosts`` at any shape
 (:meth:`ShapeCosts.costs_at`), which the simulator and every solver read as they read measured
@@ -38,7 +39,7 @@ import numpy as np
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning.baselines import keep_all, recompute_all
-from memfit.planning.costs import ChainCosts
+from memfit.planning.costs import KEEP, ChainCosts
 from memfit.planning.plan import Plan
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes, solve
@@ -145,14 +146,6 @@ def _lstsq(
     return coefficients, residual
 
 
-def _subsets(features: Sequence[str], most: int) -> list[tuple[str, ...]]:
-    """Subsets of ``features`` with at most ``most`` members, smallest first, in preference."""
-    out: list[tuple[str, ...]] = []
-    for size in range(0, min(most, len(features)) + 1):
-        out += list(itertools.combinations(features, size))
-    return out
-
-
 def fit_bytes(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
     """Fit a byte figure: the smallest exact basis (see the module docstring).
 
@@ -219,9 +212,13 @@ def _varies(shapes: Sequence[Shape]) -> bool:
     return len({s.seq for s in shapes}) > 1
 
 
-def fit_seconds(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
-    """Fit seconds: the non-negative least-squares basis among subsets of ``1, tokens,
-    batch·seq²`` with the smallest residual (all coefficients >= 0, so times stay positive).
+def fit_seconds(
+    shapes: Sequence[Shape], values: Sequence[float], features: Sequence[str] = SECONDS_FEATURES
+) -> Fit:
+    """Fit seconds: non-negative least squares over a subset of ``features`` (all coefficients
+    >= 0, so times stay positive): ``1 + tokens`` (or the part of it that stays >= 0), plus
+    ``batch·seq²`` only when that halves the residual (measured times are noisy: noise must
+    not buy a quadratic term that dominates far out).
 
     Example:
         >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64), Shape(2, 64)]
@@ -234,22 +231,31 @@ def fit_seconds(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
     array = np.array(values, dtype=np.float64)
     scale = float(np.max(np.abs(array)))
     distinct = len(set(shapes))
-    candidates = [f for f in SECONDS_FEATURES if f != "batch·seq²" or _varies(shapes)]
+    candidates = [f for f in features if f != "batch·seq²" or _varies(shapes)]
+    linear = [f for f in ("1", "tokens") if f in candidates]
     best: tuple[float, tuple[str, ...], np.ndarray] | None = None
-    for features in _subsets(candidates, max(1, distinct - 1)):
-        if not features:
-            continue
-        coefficients, residual = _lstsq(shapes, array, features)
-        if np.any(coefficients < 0):
-            continue
-        # a bigger basis must earn its place: 2% better than the best smaller one
-        if best is None or residual < best[0] * 0.98:
-            best = (residual, features, coefficients)
+    # time grows with the tokens: 1 + tokens first (or the part of it with coefficients >= 0)
+    for size in range(len(linear), 0, -1):
+        for subset in itertools.combinations(linear, size):
+            coefficients, residual = _lstsq(shapes, array, subset)
+            if not np.any(coefficients < 0) and (best is None or residual < best[0]):
+                best = (residual, subset, coefficients)
+        if best is not None:
+            break
+    # the quadratic term must halve the residual: noise alone must not buy it
+    if "batch·seq²" in candidates and distinct > len(candidates):
+        for subset in [(*linear, "batch·seq²"), ("tokens", "batch·seq²"), ("batch·seq²",)]:
+            if not set(subset) <= set(candidates):
+                continue
+            coefficients, residual = _lstsq(shapes, array, subset)
+            if not np.any(coefficients < 0) and (best is None or residual < 0.5 * best[0]):
+                best = (residual, subset, coefficients)
+                break
     if best is None:  # every value ~0
         return Fit(features=(), coefficients=(), exact=True, residual=scale, scale=scale, points=0)
-    residual, features, coefficients = best
+    residual, chosen, coefficients = best
     return Fit(
-        features=features,
+        features=chosen,
         coefficients=tuple(float(c) for c in coefficients),
         exact=residual <= 1e-12,
         residual=residual,
@@ -456,10 +462,20 @@ def _fit_all(
 ) -> tuple[ChainCosts, dict[Path, Fit]]:
     options = _common_options(profiles)
     figures = [_figures(costs, options) for costs in profiles]
+    # one basis for every time figure, chosen on the plain step's total (the sum of many noisy
+    # figures is far less noisy): a stage's own noise must not buy it a quadratic term
+    totals = [
+        sum(v for p, v in figure.items() if len(p) == 3 and p[1] == KEEP and _is_seconds(p))
+        for figure in figures
+    ]
+    seconds_basis = fit_seconds(shapes, totals).features or ("1",)
     fits = {}
     for path in figures[0]:
         values = [figure[path] for figure in figures]
-        fits[path] = (fit_seconds if _is_seconds(path) else fit_bytes)(shapes, values)
+        if _is_seconds(path):
+            fits[path] = fit_seconds(shapes, values, seconds_basis)
+        else:
+            fits[path] = fit_bytes(shapes, values)
     reference = profiles[-1]
     stages = []
     for index, stage in enumerate(reference.stages):
