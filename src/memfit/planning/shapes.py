@@ -232,7 +232,7 @@ def fit_seconds(
     scale = float(np.max(np.abs(array)))
     distinct = len(set(shapes))
     candidates = [f for f in features if f != "batch·seq²" or _varies(shapes)]
-    linear = [f for f in ("1", "tokens") if f in candidates]
+    linear: list[str] = [f for f in ("1", "tokens") if f in candidates]
     best: tuple[float, tuple[str, ...], np.ndarray] | None = None
     # time grows with the tokens: 1 + tokens first (or the part of it with coefficients >= 0)
     for size in range(len(linear), 0, -1):
@@ -244,7 +244,8 @@ def fit_seconds(
             break
     # the quadratic term must halve the residual: noise alone must not buy it
     if "batch·seq²" in candidates and distinct > len(candidates):
-        for subset in [(*linear, "batch·seq²"), ("tokens", "batch·seq²"), ("batch·seq²",)]:
+        quadratic: list[tuple[str, ...]] = [(*linear, "batch·seq²"), ("tokens", "batch·seq²")]
+        for subset in [*quadratic, ("batch·seq²",)]:
             if not set(subset) <= set(candidates):
                 continue
             coefficients, residual = _lstsq(shapes, array, subset)
