@@ -8,6 +8,7 @@ an estimate at a new shape is the simulator and the planner run on the fitted co
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from memfit.errors import InfeasibleBudgetError
+from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
 from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
@@ -25,7 +26,11 @@ from memfit.planning.shapes import Shape, ShapeCosts, fit_shapes, largest_shape,
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.profiling import profile
+from memfit.runtime.apply import applied_plan
+from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
 from memfit.units import Budget, parse_budget
+
+logger = logging.getLogger(__name__)
 
 ShapesArg = Mapping[str, int | Sequence[int]] | Iterable[Shape | tuple[int, int]]
 
@@ -365,3 +370,62 @@ def _with_loop(plan: Plan, shaped: ShapeProfile, model: Any, sample: Any, shape:
     return replace(
         plan, keep_output=shaped.keep_output, accumulate=shaped.accumulate, fingerprint=fingerprint
     )
+
+
+def auto_dynamic(
+    model: nn.Module,
+    sample: Any,
+    *,
+    budget: int | float | str | Budget,
+    strategy: str = "optimal",
+    seq_range: tuple[int, int] | None = None,
+    bucket: int = 64,
+    margin: float = 0.02,
+    shapes_profiled: Iterable[Shape | tuple[int, int]] | None = None,
+    shape_profile: ShapeProfile | None = None,
+    **profile_options: Any,
+) -> Plan:
+    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`."""
+    parsed = parse_budget(budget)
+    parse_strategy(strategy)
+    if applied_plan(model) is not None or shape_plans(model) is not None:
+        raise AlreadyPlannedError(
+            "the model already carries a memfit plan; call memfit.remove(model) first"
+        )
+    layout = sample_layout(sample)
+    if seq_range is not None:
+        if not layout.has_seq:
+            raise ValueError(
+                "seq_range needs a sample with a sequence axis (token ids of shape (batch, "
+                "seq)); this sample has none"
+            )
+        if not (
+            isinstance(seq_range, tuple | list)
+            and len(seq_range) == 2
+            and all(isinstance(n, int) for n in seq_range)
+            and 1 <= seq_range[0] <= seq_range[1]
+        ):
+            raise ValueError(
+                f"seq_range is (shortest, longest) sequence lengths, e.g. (64, 1024); got "
+                f"{seq_range!r}"
+            )
+    if shape_profile is None:
+        shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
+    else:
+        shaped = shape_profile
+    plans = ShapePlans(
+        fitted=shaped.fitted,
+        layout=shaped.layout,
+        budget=parsed,
+        strategy=strategy,
+        bucket=bucket,
+        margin=margin,
+        keep_output=shaped.keep_output,
+        accumulate=shaped.accumulate,
+    )
+    if seq_range is not None:  # the longest first: it is the one that may not fit
+        for seq in (seq_range[1], seq_range[0]):
+            plans.plan_for(Shape(layout.shape.batch, seq))
+            for reason in shaped.fitted.trust(Shape(layout.shape.batch, seq)):
+                logger.warning("memfit: plans at seq %d may be off: %s", seq, reason)
+    return apply_shape_plans(model, plans, layout.shape)
