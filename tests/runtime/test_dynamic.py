@@ -75,7 +75,7 @@ def test_stream_within_budget_and_bit_identical(shaped_gpt2) -> None:
 
 
 def test_too_long_raises_before_the_forward(shaped_gpt2) -> None:
-    model, twin, sample, budget = planned(shaped_gpt2)
+    model, _twin, sample, budget = planned(shaped_gpt2)
     try:
         # GPT-2's positions stop at 128: the error must come from memfit, before any layer
         with pytest.raises(InfeasibleBudgetError, match=r"batch of shape 2 x 4096 .* fit"):
