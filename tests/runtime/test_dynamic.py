@@ -124,8 +124,10 @@ def test_feedback_widens_the_margin_once(shaped_gpt2, caplog: pytest.LogCaptureF
         margin = plans.margin
         with caplog.at_level(logging.WARNING, logger="memfit.runtime.dynamic"):
             assert plans.observe(predicted + 100_000)
-            assert plans.observe(predicted + 100_000)
-        assert plans.margin > margin and not plans.plans
+            widened = plans.margin
+            assert not plans.observe(predicted + 100_000)  # the margin absorbs it now
+            assert plans.observe(predicted + 200_000)
+        assert margin < widened < plans.margin and not plans.plans
         assert sum("above its prediction" in r.message for r in caplog.records) == 1
     finally:
         memfit.remove(model)

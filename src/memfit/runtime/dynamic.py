@@ -15,9 +15,10 @@ The hook holds no module: the model it runs on comes with each call, so ``copy.d
 Feedback: on CUDA, before each forward the hook reads ``torch.cuda.max_memory_allocated`` (a
 counter read, never reset: resetting would destroy the user's own statistics). When it has
 grown since the last read, the step in between set a new high; if that high exceeds the
-step's predicted peak (allocator caching and fragmentation are not in the fits), the margin
-under the budget grows by the overshoot, the cached plans are dropped, and one warning is
-logged. Steps below the running high are not seen: the check catches the overshoots that
+step's predicted peak by more than the margin under the budget absorbs (allocator caching and
+fragmentation are not in the fits, nor are peaks whose op changes beyond the profiled shapes),
+the margin is widened to 1.25 times the overshoot, the cached plans are dropped, and one
+warning is logged. Steps below the running high are not seen: the check catches the overshoots that
 matter, the new highs. On CPU nothing is read: there is no allocator counter, and the meter
 (a profiler replay) costs a step's worth of time; :meth:`ShapePlans.observe` takes a peak
 measured by other means (the benchmark feeds it the meter's).
@@ -35,6 +36,7 @@ from torch import nn
 
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.shapes import SampleLayout, batch_shape
+from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
 from memfit.planning.simulate import simulate
@@ -147,19 +149,23 @@ class ShapePlans:
         return simulate(self.fitted.costs_at(shape), plan.tree).peak_bytes
 
     def observe(self, peak_bytes: int, step: Step | None = None) -> bool:
-        """Compare a measured step peak with the prediction (default: the last step's); if it
-        is higher, widen the margin by the overshoot and drop the cached plans. Returns whether
-        the margin changed."""
+        """Compare a measured step peak with the prediction (default: the last step's); if the
+        margin would not have absorbed the overshoot, widen it to 1.25 times the overshoot (as a
+        share of the budget's activation bytes) and drop the cached plans. Returns whether the
+        margin changed."""
         step = step or (self.steps[-1] if self.steps else None)
         if step is None or peak_bytes <= step.predicted_peak_bytes:
             return False
-        costs = self.fitted.costs_at(step.shape)
+        costs = self.fitted.costs_at(step.bucket)
         held = costs.held_bytes
-        plan = self.plans.get(step.bucket)
-        budget_bytes = plan.budget_bytes if plan is not None and plan.budget_bytes else peak_bytes
-        share = max(1, budget_bytes - held)
-        overshoot = (peak_bytes - step.predicted_peak_bytes) / share
-        self.margin = min(MAX_MARGIN, self.margin + overshoot)
+        activation = simulate(costs, keep_all(costs)).peak_bytes - held
+        share = max(1, self.budget.resolve(held, activation) - held)
+        # the margin must absorb an error of this size: widened to it (with a quarter more),
+        # never added up, so that an error the fits make at every long batch widens it once
+        needed = min(MAX_MARGIN, 1.25 * (peak_bytes - step.predicted_peak_bytes) / share)
+        if needed <= self.margin:
+            return False
+        self.margin = needed
         self.plans.clear()
         if not self._warned:
             self._warned = True
