@@ -173,3 +173,14 @@ def test_bad_budgets_exit_2_before_loading(budget: str, capsys: pytest.CaptureFi
     assert main(["plan", "no-such-model", "--budget", budget]) == 2
     err = capsys.readouterr().err
     assert "budget" in err and "unknown target" not in err
+
+
+def test_estimate_prints_a_table_and_the_largest_seq(capsys: pytest.CaptureFixture[str]) -> None:
+    sizes = ["--layers", "2", "--width", "32", "--repeats", "1"]
+    args = ["estimate", "gpt", *sizes, "--seq", "256,512", "--batch", "8"]
+    assert main([*args, "--budget", "64MiB", "--largest", "seq"]) == 0
+    out = capsys.readouterr().out
+    assert "Estimate (budget 64.00 MiB" in out and "extrapolation check" in out
+    assert "largest seq that fits 64.00 MiB at batch 8:" in out
+    assert main([*args, "--budget", "50%", "--largest", "seq"]) == 2  # a percentage: no largest
+    assert "needs a budget in bytes" in capsys.readouterr().err

@@ -25,6 +25,7 @@ SMALLER = {
     "demo": ["--layers", "2", "--width", "64", "--seq", "32", "--batch", "2", "--repeats", "1"],
     "gpt": ["--width", "64", "--seq", "64", "--batch", "2", "--repeats", "1"],
     "hf:gpt2": ["--repeats", "1"],  # ten rows, each timed against the unplanned model
+    "estimate": ["--layers", "2", "--repeats", "1"],  # eight profiles
 }
 # `memfit profile path/to/model.py:build` needs the user's file: one as the README describes it.
 USER_FILE = """

@@ -17,8 +17,10 @@ from memfit.errors import (
     RankMismatchError,
     UnsupportedModelError,
 )
+from memfit.estimation import Estimate, ShapeProfile, estimate, profile_shapes
 from memfit.measuring import Measurement, MemoryMeter, Profile, measure
 from memfit.planning import ChainCosts, Plan
+from memfit.planning.shapes import Shape
 from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "AlreadyPlannedError",
     "Budget",
     "ChainCosts",
+    "Estimate",
     "InfeasibleBudgetError",
     "Measurement",
     "MemfitError",
@@ -35,16 +38,20 @@ __all__ = [
     "PlanMismatchError",
     "Profile",
     "RankMismatchError",
+    "Shape",
+    "ShapeProfile",
     "UnsupportedModelError",
     "Verification",
     "apply",
     "auto",
+    "estimate",
     "format_bytes",
     "measure",
     "parse_budget",
     "parse_bytes",
     "plan",
     "profile",
+    "profile_shapes",
     "remove",
     "verify",
 ]

@@ -21,6 +21,7 @@ from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.profiling import profile
 from memfit.runtime.apply import apply_plan, chain_of_plan, planned_module, remove_plan
+from memfit.runtime.dynamic import remove_shape_plans
 from memfit.units import Budget, infeasible_message, parse_budget
 from memfit.verification import Verification, verify
 
@@ -134,8 +135,11 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
 
 
 def remove(model: nn.Module) -> bool:
-    """Undo :func:`apply`; returns whether a plan was removed (from ``model``, or from the model
-    inside a wrapper made after planning, such as ``DistributedDataParallel``)."""
+    """Undo :func:`apply` (or :func:`auto`, shape-following plans included); returns whether a
+    plan was removed (from ``model``, or from the model inside a wrapper made after planning,
+    such as ``DistributedDataParallel``)."""
+    if remove_shape_plans(model):
+        return True
     target = planned_module(model)
     return target is not None and remove_plan(target)
 
@@ -146,9 +150,20 @@ def auto(
     *,
     budget: int | float | str | Budget,
     strategy: str = "optimal",
+    shapes: str | None = None,
+    seq_range: tuple[int, int] | None = None,
+    bucket: int = 64,
+    margin: float = 0.02,
     **profile_options: Any,
 ) -> Plan:
     """Profile, plan and apply in one call; returns the plan applied.
+
+    With ``shapes="dynamic"`` the plan follows each batch's shape: the model is profiled at a
+    few shapes made from the sample (:func:`memfit.profile_shapes`), and before every forward
+    with gradients a hook plans the batch's shape bucket from the fitted costs (milliseconds,
+    nothing runs) and swaps plans when the bucket needs another (see
+    :mod:`memfit.runtime.dynamic`; ``memfit.runtime.dynamic.shape_plans(model)`` shows the
+    plans, steps and switches).
 
     Profiling leaves the model as it found it; only the plan's own changes remain (undone by
     :func:`remove`; Hugging Face's own checkpointing stays off, with a warning).
@@ -159,20 +174,53 @@ def auto(
         budget: as for :func:`plan`: ``"40%"`` or a float in (0, 1] (of activation memory),
             or bytes of step peak (``"12GiB"``, an int, an integral float above 1).
         strategy: as for :func:`plan`.
-        **profile_options: passed to :func:`profile`, e.g. ``keep_output=False`` for a loop
-            that keeps only the loss, ``accumulate=True``, ``optimizer=opt``.
+        shapes: ``None`` (one plan for the sample's shape) or ``"dynamic"`` (a plan per shape
+            bucket, chosen at each forward; a percentage budget is then of each shape's own
+            activation memory).
+        seq_range: with ``shapes="dynamic"``, the ``(shortest, longest)`` sequence lengths to
+            be trained at, checked now: a longest length no plan fits raises here, not in a
+            forward. Longer batches are planned too, and raise before their forward starts
+            when nothing fits.
+        bucket: with ``shapes="dynamic"``, lengths are rounded up to a multiple of this (one
+            plan per bucket, made for its longest length).
+        margin: with ``shapes="dynamic"``, plans are made for ``1 - margin`` of the budget's
+            activation share, for what the shape fits miss (widened on CUDA when a step peaks
+            above its prediction).
+        **profile_options: passed to :func:`profile` (and to :func:`memfit.profile_shapes`
+            with ``shapes="dynamic"``: ``shapes_profiled=[(1, 64), ...]``, or
+            ``shape_profile=`` a :class:`~memfit.ShapeProfile` made before, to reuse), e.g.
+            ``keep_output=False`` for a loop that keeps only the loss, ``accumulate=True``,
+            ``optimizer=opt``.
 
     Returns:
-        The :class:`~memfit.planning.Plan` applied.
+        The :class:`~memfit.planning.Plan` applied (with ``shapes="dynamic"``: the sample's).
 
     Raises:
-        InfeasibleBudgetError: no plan fits (see :func:`plan`); the model is left unplanned.
-        ValueError: malformed budget or strategy.
+        InfeasibleBudgetError: no plan fits (see :func:`plan`; with ``shapes="dynamic"``: at
+            the sample's shape or the longest of ``seq_range``); the model is left unplanned.
+        ValueError: malformed budget, strategy, shapes or range.
 
     Example:
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")
         >>> loss = model(tokens, targets); loss.backward()  # train as before
     """
+    if shapes is not None:
+        if shapes != "dynamic":
+            raise ValueError(f'shapes must be None or "dynamic"; got {shapes!r}')
+        from memfit.estimation import auto_dynamic
+
+        return auto_dynamic(
+            model,
+            sample,
+            budget=budget,
+            strategy=strategy,
+            seq_range=seq_range,
+            bucket=bucket,
+            margin=margin,
+            **profile_options,
+        )
+    if seq_range is not None:
+        raise ValueError('seq_range applies to shapes="dynamic" only')
     result = plan(model, sample, budget=budget, strategy=strategy, **profile_options)
     apply(model, result, sample)
     return result

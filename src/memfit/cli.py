@@ -1,4 +1,4 @@
-"""The ``memfit`` command: demo, profile, plan, bench. Each subcommand is a thin layer over the
+"""The ``memfit`` command: demo, profile, plan, estimate, bench. Each subcommand is a thin layer over the
 public API.
 
 Exit codes: 0 ok; 1 infeasible budget, failed check, or an error raised while running (by the
@@ -162,6 +162,54 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     return 0
 
 
+def _sizes_list(text: str) -> list[int]:
+    sizes = [int(item) for item in text.split(",") if item.strip()]
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected sizes >= 1 such as 512,1024; got {text!r}")
+    return sizes
+
+
+def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
+    import memfit
+    from memfit.report.tables import estimate_table
+    from memfit.units import format_bytes, parse_budget
+
+    if args.budget is not None:
+        _usage(parse_budget, args.budget)
+    model, sample = _load(args.target, args)
+    shapes: dict[str, list[int]] = {}
+    if args.shape_seq:
+        shapes["seq"] = args.shape_seq
+    if args.shape_batch:
+        shapes["batch"] = args.shape_batch
+    with out.progress(f"profiling {args.target} at a few shapes"):
+        result = _usage(
+            memfit.estimate,
+            model,
+            sample,
+            shapes=shapes,
+            budget=args.budget,
+            strategy=args.strategy,
+            largest=args.largest,
+            repeats=args.repeats,
+            keep_output=_keep(args),
+        )
+    if out.as_json:
+        out.json(result.to_dict())
+        return 0
+    out.show(estimate_table(result, f"{args.target} on {_machine()}"))
+    if args.largest:
+        first = result.rows[0].shape
+        if result.largest is None:
+            out.say(f"no {args.largest} fits {args.budget}, even at 1")
+        else:
+            at = f"batch {first.batch}" if args.largest == "seq" else f"seq {first.seq}"
+            found = result.largest.seq if args.largest == "seq" else result.largest.batch
+            budget = format_bytes(parse_budget(args.budget).bytes or 0)
+            out.say(f"largest {args.largest} that fits {budget} at {at}: {found}")
+    return 0
+
+
 def _run_bench(
     target: str, args: argparse.Namespace, out: _Output, directory: Path | None, strict: bool
 ) -> tuple[dict[str, Any], bool]:
@@ -277,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.set_defaults(run=_cmd_plan)
+    sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
+    sub.add_argument("target", help="gpt, mlp, hf:<arch> or file.py:function")
+    sub.add_argument("--layers", type=int, help="number of blocks")
+    sub.add_argument("--width", type=int, help="hidden size")
+    sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
+    sub.add_argument(
+        "--seq", dest="shape_seq", type=_sizes_list, help="sequence lengths, e.g. 512,1024,2048"
+    )
+    sub.add_argument("--batch", dest="shape_batch", type=_sizes_list, help="batch sizes, e.g. 8")
+    sub.add_argument("--budget", help='plan each shape for it, e.g. "50%%" or "12GiB"')
+    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument(
+        "--largest",
+        choices=("seq", "batch"),
+        help="also find the largest seq (at the first batch) or batch that fits --budget (bytes)",
+    )
+    sub.add_argument("--repeats", type=_positive, default=3, help="timed steps per measurement")
+    sub.add_argument("--json", action="store_true", help="print JSON on stdout")
+    sub.add_argument("--drop-output", action="store_true", help="plan for a loop keeping the loss")
+    sub.set_defaults(run=_cmd_estimate)
     sub = target_command("bench", "run strategies and budgets side by side")
     sub.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated budgets")
     sub.add_argument("--out", help="folder for the plot and JSON")

@@ -88,16 +88,19 @@ def fingerprint(model: nn.Module, sample: Any, chain: Chain) -> str:
     model_digest = hashlib.sha256(repr(chain.stage_names).encode())
     for name, parameter in model.named_parameters():
         model_digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-    sample_digest = hashlib.sha256()
+    return f"{model_digest.hexdigest()[:12]}-{sample_digest(sample)}"
+
+
+def sample_digest(sample: Any) -> str:
+    """The sample part of :func:`fingerprint`: a short hash of its shapes, dtypes, devices."""
+    digest = hashlib.sha256()
     args, kwargs = split_sample(sample)
     for key, value in [*enumerate(args), *sorted(kwargs.items())]:
         if isinstance(value, torch.Tensor):
-            sample_digest.update(
-                f"{key}:{tuple(value.shape)}:{value.dtype}:{value.device}".encode()
-            )
+            digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}:{value.device}".encode())
         else:
-            sample_digest.update(f"{key}:{type(value).__name__}".encode())
-    return f"{model_digest.hexdigest()[:12]}-{sample_digest.hexdigest()[:8]}"
+            digest.update(f"{key}:{type(value).__name__}".encode())
+    return digest.hexdigest()[:8]
 
 
 def _parameter_bytes(model: nn.Module, chain: Chain) -> tuple[int, ...]:

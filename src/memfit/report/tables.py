@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memfit.bench import BenchResult
+from memfit.estimation import Estimate
 from memfit.measuring.profile import Profile
 from memfit.planning.plan import Plan
 from memfit.units import format_bytes
@@ -182,3 +183,56 @@ def seed_metrics(result: BenchResult) -> dict[str, float]:
         "parameters_per_gib_of_peak": result.parameters / (best.measured_peak_bytes / 2**30),
         "compute_to_memory": best.overhead / best.memory_saved,
     }
+
+
+def estimate_table(result: Estimate, title: str = "") -> Any:
+    """One row per shape: the plain step and the plan for the budget, as the fits predict."""
+    fit = result.shaped.fitted.summary()
+    holdout = fit["holdout_error"]
+    check = "no extrapolation check" if holdout is None else f"extrapolation check {holdout:+.2%}"
+    quality = (
+        f"fitted on {len(fit['profiled_shapes'])} profiled shapes up to "
+        f"{result.shaped.fitted.largest}: {fit['exact_byte_figures']}/{fit['byte_figures']} "
+        f"byte figures exact, {check}"
+    )
+    budget = "no budget" if result.budget is None else f"budget {result.budget}"
+    rows = []
+    for row in result.rows:
+        plan = row.plan
+        if row.budget_bytes is None:
+            planned = ["-", "-", "-"]
+        elif plan is None:
+            planned = [f"infeasible (needs {_mib(row.min_feasible_bytes)})", "-", "-"]
+        else:
+            overhead = plan.predicted_step_s / row.step_s - 1 if row.step_s else 0.0
+            planned = [
+                _mib(plan.predicted_peak_bytes),
+                f"{plan.predicted_step_s * 1e3:.1f}",
+                f"{overhead * 100:+.1f}%",
+            ]
+        rows.append(
+            [
+                str(row.shape.batch),
+                str(row.shape.seq),
+                _mib(row.peak_bytes),
+                f"{row.step_s * 1e3:.1f}",
+                _mib(row.min_feasible_bytes),
+                "-" if row.budget_bytes is None else _mib(row.budget_bytes),
+                *planned,
+                "yes" if not row.untrusted else "NO: " + "; ".join(row.untrusted),
+            ]
+        )
+    columns = [
+        "batch",
+        "seq",
+        "no plan MiB",
+        "step ms",
+        "min MiB",
+        "budget MiB",
+        "planned MiB",
+        "planned ms",
+        "overhead",
+        "trusted",
+    ]
+    heading = f"{title}\n" if title else ""
+    return make_table(f"{heading}Estimate ({budget}, {result.strategy}); {quality}", columns, rows)

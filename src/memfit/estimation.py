@@ -1,0 +1,431 @@
+"""``memfit.estimate``: peak memory and step time at shapes never run, from profiles at a few.
+
+The model is profiled (:func:`memfit.profile`) at a few small shapes made from the sample
+(:mod:`memfit.measuring.shapes`: rows taken in turn, sequence positions spread); every figure of
+the chain's costs is fitted as a function of ``(batch, seq)`` (:mod:`memfit.planning.shapes`);
+an estimate at a new shape is the simulator and the planner run on the fitted costs there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
+from memfit.measuring.profile import sample_digest
+from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout
+from memfit.planning.baselines import keep_all
+from memfit.planning.costs import KEEP
+from memfit.planning.plan import Plan
+from memfit.planning.shapes import Shape, ShapeCosts, fit_shapes, largest_shape, plan_shape
+from memfit.planning.simulate import simulate
+from memfit.planning.solve import min_peak_bytes, parse_strategy
+from memfit.profiling import profile
+from memfit.runtime.apply import applied_plan
+from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
+from memfit.units import Budget, parse_budget
+
+logger = logging.getLogger(__name__)
+
+ShapesArg = Mapping[str, int | Sequence[int]] | Iterable[Shape | tuple[int, int]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapeProfile:
+    """A model profiled at several shapes, with its costs fitted as functions of the shape.
+
+    Attributes:
+        fitted: the fits (:class:`~memfit.planning.shapes.ShapeCosts`).
+        layout: where the sample's batch and sequence axes are.
+        keep_output, accumulate: the training loop profiled (as in :func:`memfit.profile`).
+        profile_s: seconds spent profiling.
+    """
+
+    fitted: ShapeCosts
+    layout: SampleLayout
+    keep_output: bool = True
+    accumulate: bool = False
+    profile_s: float = 0.0
+
+
+def default_profile_shapes(shape: Shape) -> list[Shape]:
+    """The shapes profiled by default, from the sample's own ``shape``: batches ``B/2`` and
+    ``B`` (``1`` and ``2`` for a batch of one) by seqs ``S/8``, ``S/4``, ``S/2``, ``S``; without a
+    sequence axis, batches ``B/4``, ``B/2``, ``3B/4``, ``B`` (more when ``B`` is small)."""
+    batch, seq = shape.batch, shape.seq
+    if not seq:
+        sizes = sorted({max(1, batch * k // 4) for k in (1, 2, 3, 4)} | {batch})
+        while len(sizes) < 4:
+            sizes.append(sizes[-1] + batch)
+        return [Shape(b, 0) for b in sizes]
+    batches = sorted({max(1, batch // 2), batch}) if batch > 1 else [1, 2]
+    seqs = sorted({max(1, seq // 8), max(1, seq // 4), max(1, seq // 2), seq})
+    return [Shape(b, s) for b in batches for s in seqs]
+
+
+def _option_names(prof: Any) -> list[str]:
+    names = {name for stage in prof.costs.stages for name in stage.options}
+    return sorted(names - {KEEP})
+
+
+def profile_shapes(
+    model: nn.Module,
+    sample: Any,
+    *,
+    shapes: Iterable[Shape | tuple[int, int]] | None = None,
+    **profile_options: Any,
+) -> ShapeProfile:
+    """Profile ``model`` at a few shapes made from ``sample`` and fit its costs to the shape.
+
+    Args:
+        model: the model, in training mode.
+        sample: a tuple of positional or a dict of keyword arguments; its batch is dim 0 of
+            its tensors, its sequence dim 1 of its token ids (see :mod:`memfit.measuring.shapes`).
+        shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
+            (eight shapes up to the sample's own). At least two; five or more give the fits'
+            extrapolation check. Shapes larger than the sample repeat its rows and positions.
+        **profile_options: passed to :func:`memfit.profile` (``keep_output``,
+            ``accumulate``, ``repeats``, ``loss_fn``, ...). ``options`` defaults to ``()``
+            here (keep and recompute: a quick profile per shape); ``options="auto"`` adds
+            rebuild and selective options, chosen at the largest shape and measured at every
+            shape (several times slower).
+
+    Returns:
+        A :class:`ShapeProfile`.
+
+    Raises:
+        ValueError: the sample has no batch axis, or shapes ask for a sequence it lacks.
+
+    Example:
+        >>> shaped = memfit.profile_shapes(model, {"input_ids": ids, "labels": ids})
+        >>> shaped.fitted.summary()["holdout_error"]
+    """
+    layout = sample_layout(sample)
+    chosen = default_profile_shapes(layout.shape) if shapes is None else _shapes(shapes, layout)
+    if len(set(chosen)) < 2:
+        raise ValueError(f"profile shapes need two distinct shapes at least; got {chosen}")
+    order = sorted(set(chosen), key=lambda s: (s.tokens, s.seq), reverse=True)
+    started = time.perf_counter()
+    profiles = {}
+    options = profile_options.pop("options", ())
+    for shape in order:  # the largest first: its options are measured at every shape
+        prof = profile(
+            model, resize_sample(sample, shape, layout), options=options, **profile_options
+        )
+        if isinstance(options, str):
+            options = _option_names(prof)
+        profiles[shape] = prof
+    shapes_ = list(profiles)
+    fitted = fit_shapes(shapes_, [profiles[s].costs for s in shapes_])
+    measured = profiles[order[0]].measurement
+    return ShapeProfile(
+        fitted=fitted,
+        layout=layout,
+        keep_output=measured.keep_output,
+        accumulate=measured.accumulate,
+        profile_s=time.perf_counter() - started,
+    )
+
+
+def _shapes(shapes: ShapesArg, layout: SampleLayout) -> list[Shape]:
+    """Shapes from ``[(batch, seq), ...]`` or ``{"batch": 8, "seq": [512, 1024]}``."""
+    if isinstance(shapes, Mapping):
+        unknown = sorted(set(shapes) - {"batch", "seq"})
+        if unknown:
+            raise ValueError(
+                f"shapes as a dict takes the keys 'batch' and 'seq' (an int or a list each); "
+                f"got {unknown}"
+            )
+
+        def sizes(key: str, default: int) -> list[int]:
+            value = shapes.get(key, default)
+            return [value] if isinstance(value, int) else list(value)
+
+        pairs: list[Any] = [
+            (b, s)
+            for b in sizes("batch", layout.shape.batch)
+            for s in sizes("seq", layout.shape.seq)
+        ]
+    else:
+        pairs = list(shapes)
+    out = []
+    for pair in pairs:
+        if isinstance(pair, Shape):
+            out.append(pair)
+            continue
+        if not (
+            isinstance(pair, tuple | list)
+            and len(pair) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in pair)
+        ):
+            raise ValueError(
+                f"a shape is a (batch, seq) pair of ints, e.g. (8, 1024); got {pair!r}"
+            )
+        out.append(Shape(int(pair[0]), int(pair[1])))
+    for shape in out:
+        if shape.seq and not layout.has_seq:
+            raise ValueError(
+                f"shape {shape} asks for a sequence length, but the sample has no sequence "
+                f"axis (expected token ids of shape (batch, seq)); give (batch, 0)"
+            )
+        if not shape.seq and layout.has_seq:
+            raise ValueError(
+                f"shape {shape} has no sequence length; the sample's tokens are "
+                f"{layout.shape.seq} long: give (batch, seq) with seq >= 1"
+            )
+    if not out:
+        raise ValueError("shapes is empty; give (batch, seq) pairs such as [(8, 1024)]")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapeEstimate:
+    """The estimate at one shape.
+
+    Attributes:
+        shape: the shape.
+        peak_bytes: step peak without a plan (every block kept, as memfit runs it: a Hugging
+            Face decoder's KV cache off in training, as in a profile's plain step).
+        step_s: its step time.
+        held_bytes: held before the step (parameters, gradients, the batch...).
+        min_feasible_bytes: the smallest step peak any plan reaches.
+        budget_bytes: the budget resolved at this shape (``None``: none asked).
+        plan: the plan for the budget (``None``: no budget, or infeasible).
+        untrusted: why the estimate should not be trusted (empty: no reason known).
+    """
+
+    shape: Shape
+    peak_bytes: int
+    step_s: float
+    held_bytes: int
+    min_feasible_bytes: int
+    budget_bytes: int | None = None
+    plan: Plan | None = None
+    untrusted: tuple[str, ...] = ()
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.peak_bytes - self.held_bytes
+
+    @property
+    def feasible(self) -> bool:
+        return self.budget_bytes is None or self.min_feasible_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.shape.batch,
+            "seq": self.shape.seq,
+            "peak_bytes": self.peak_bytes,
+            "step_s": self.step_s,
+            "held_bytes": self.held_bytes,
+            "min_feasible_bytes": self.min_feasible_bytes,
+            "budget_bytes": self.budget_bytes,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "untrusted": list(self.untrusted),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """What :func:`estimate` predicts.
+
+    Attributes:
+        rows: one :class:`ShapeEstimate` per shape asked.
+        shaped: the fitted profile (reuse it: ``memfit.estimate(shaped, shapes=...)``).
+        budget: the budget asked (``None``: none).
+        strategy: the planner's strategy.
+        largest: the largest shape that fits ``budget`` at the asked batch (or seq), when
+            asked for and the budget is in bytes.
+    """
+
+    rows: tuple[ShapeEstimate, ...]
+    shaped: ShapeProfile
+    budget: Budget | None = None
+    strategy: str = "optimal"
+    largest: Shape | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [row.to_dict() for row in self.rows],
+            "budget": None if self.budget is None else str(self.budget),
+            "strategy": self.strategy,
+            "fit": self.shaped.fitted.summary(),
+            "largest": None if self.largest is None else [self.largest.batch, self.largest.seq],
+            "info": dict(self.info),
+        }
+
+
+def estimate(
+    model: nn.Module | ShapeProfile,
+    sample: Any = None,
+    *,
+    shapes: ShapesArg,
+    budget: int | float | str | Budget | None = None,
+    strategy: str = "optimal",
+    largest: str | None = None,
+    profile_at: Iterable[Shape | tuple[int, int]] | None = None,
+    **profile_options: Any,
+) -> Estimate:
+    """Predict step peak and time at shapes never run, without a plan and with one.
+
+    Args:
+        model: the model (then ``sample`` is required; it is profiled at a few shapes made
+            from the sample, see :func:`profile_shapes`), or a :class:`ShapeProfile` made
+            before (nothing runs then).
+        shapes: ``[(batch, seq), ...]``, or ``{"batch": 8, "seq": [512, 1024, 2048]}`` (a
+            missing key takes the sample's size).
+        budget: as for :func:`memfit.plan`; a percentage is of each shape's own activation
+            memory. ``None``: no plan, only the plain step and the smallest feasible peak.
+        strategy: the planner's strategy (``optimal``, ``all``, ...).
+        largest: ``"seq"`` or ``"batch"``: also find the largest seq (at the first shape's
+            batch) or batch (at its seq) whose smallest feasible peak fits ``budget`` (bytes).
+        profile_at: the shapes to profile (default :func:`default_profile_shapes`).
+        **profile_options: passed to :func:`memfit.profile`.
+
+    Returns:
+        An :class:`Estimate`; each row says why it should not be trusted where a reason is
+        known (far beyond the profiled shapes, fits that missed the profiles).
+
+    Raises:
+        ValueError: malformed shapes, budget or strategy; ``largest`` with a percentage.
+
+    Example:
+        >>> est = memfit.estimate(model, sample, shapes={"batch": 8, "seq": [512, 1024]},
+        ...                       budget="50%")
+        >>> [(row.shape.seq, row.peak_bytes, row.plan.predicted_peak_bytes) for row in est.rows]
+    """
+    parsed = None if budget is None else parse_budget(budget)
+    parse_strategy(strategy)
+    if largest not in (None, "seq", "batch"):
+        raise ValueError(f"largest must be None, 'seq' or 'batch'; got {largest!r}")
+    if largest is not None and (parsed is None or parsed.bytes is None):
+        raise ValueError(
+            f"largest={largest!r} needs a budget in bytes (a percentage is of each shape's own "
+            f"activation memory, so every shape fits some percentage); got budget={budget!r}"
+        )
+    if isinstance(model, ShapeProfile):
+        shaped = model
+    elif isinstance(model, nn.Module):
+        if sample is None:
+            raise TypeError("memfit.estimate(model, sample, shapes=...) needs the sample")
+        # checked before anything is profiled
+        _shapes(shapes, sample_layout(sample))
+        shaped = profile_shapes(model, sample, shapes=profile_at, **profile_options)
+    else:
+        raise TypeError(
+            f"memfit.estimate takes a model or a ShapeProfile; got {type(model).__name__}"
+        )
+    fitted = shaped.fitted
+    rows = []
+    for shape in _shapes(shapes, shaped.layout):
+        costs = fitted.costs_at(shape)
+        plain = simulate(costs, keep_all(costs))
+        chosen = None
+        budget_bytes = None
+        if parsed is not None:
+            activation = plain.peak_bytes - costs.held_bytes
+            budget_bytes = parsed.resolve(costs.held_bytes, activation)
+            try:
+                chosen = plan_shape(fitted, shape, parsed, strategy=strategy)
+            except InfeasibleBudgetError:
+                chosen = None
+            else:
+                chosen = _with_loop(chosen, shaped, model, sample, shape)
+        rows.append(
+            ShapeEstimate(
+                shape=shape,
+                peak_bytes=plain.peak_bytes,
+                step_s=plain.step_s,
+                held_bytes=costs.held_bytes,
+                min_feasible_bytes=min_peak_bytes(costs),
+                budget_bytes=budget_bytes,
+                plan=chosen,
+                untrusted=tuple(fitted.trust(shape)),
+            )
+        )
+    found = None
+    if largest is not None and parsed is not None and parsed.bytes is not None:
+        first = rows[0].shape
+        where = {"batch": first.batch} if largest == "seq" else {"seq": first.seq}
+        found = largest_shape(fitted, parsed.bytes, **where)
+    return Estimate(
+        rows=tuple(rows), shaped=shaped, budget=parsed, strategy=strategy, largest=found
+    )
+
+
+def _with_loop(plan: Plan, shaped: ShapeProfile, model: Any, sample: Any, shape: Shape) -> Plan:
+    """The plan with the profiled loop and, given the sample, the fingerprint that
+    ``memfit.apply(model, plan, sample_of_that_shape)`` checks."""
+    fingerprint = plan.fingerprint
+    if isinstance(model, nn.Module) and sample is not None:
+        model_part = fingerprint.partition("-")[0]
+        resized = resize_sample(sample, shape, shaped.layout)
+        fingerprint = f"{model_part}-{sample_digest(resized)}"
+    return replace(
+        plan, keep_output=shaped.keep_output, accumulate=shaped.accumulate, fingerprint=fingerprint
+    )
+
+
+def auto_dynamic(
+    model: nn.Module,
+    sample: Any,
+    *,
+    budget: int | float | str | Budget,
+    strategy: str = "optimal",
+    seq_range: tuple[int, int] | None = None,
+    bucket: int = 64,
+    margin: float = 0.02,
+    shapes_profiled: Iterable[Shape | tuple[int, int]] | None = None,
+    shape_profile: ShapeProfile | None = None,
+    **profile_options: Any,
+) -> Plan:
+    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`."""
+    parsed = parse_budget(budget)
+    parse_strategy(strategy)
+    if applied_plan(model) is not None or shape_plans(model) is not None:
+        raise AlreadyPlannedError(
+            "the model already carries a memfit plan; call memfit.remove(model) first"
+        )
+    layout = sample_layout(sample)
+    if seq_range is not None:
+        if not layout.has_seq:
+            raise ValueError(
+                "seq_range needs a sample with a sequence axis (token ids of shape (batch, "
+                "seq)); this sample has none"
+            )
+        if not (
+            isinstance(seq_range, tuple | list)
+            and len(seq_range) == 2
+            and all(isinstance(n, int) for n in seq_range)
+            and 1 <= seq_range[0] <= seq_range[1]
+        ):
+            raise ValueError(
+                f"seq_range is (shortest, longest) sequence lengths, e.g. (64, 1024); got "
+                f"{seq_range!r}"
+            )
+    if shape_profile is None:
+        shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
+    else:
+        shaped = shape_profile
+    plans = ShapePlans(
+        fitted=shaped.fitted,
+        layout=shaped.layout,
+        budget=parsed,
+        strategy=strategy,
+        bucket=bucket,
+        margin=margin,
+        keep_output=shaped.keep_output,
+        accumulate=shaped.accumulate,
+    )
+    if seq_range is not None:  # the longest first: it is the one that may not fit
+        for seq in (seq_range[1], seq_range[0]):
+            plans.plan_for(Shape(layout.shape.batch, seq))
+            for reason in shaped.fitted.trust(Shape(layout.shape.batch, seq)):
+                logger.warning("memfit: plans at seq %d may be off: %s", seq, reason)
+    return apply_shape_plans(model, plans, layout.shape)

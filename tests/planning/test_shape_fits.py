@@ -1,0 +1,106 @@
+"""Shape fits on synthetic chains (pure numbers): exact bases recovered, peaks with a branch
+change fitted on the larger shapes, seconds non-negative, trust and the largest shape."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from memfit.errors import InfeasibleBudgetError
+from memfit.planning import uniform_chain
+from memfit.planning.baselines import keep_all, recompute_all
+from memfit.planning.costs import KEEP
+from memfit.planning.shapes import (
+    Shape,
+    fit_bytes,
+    fit_seconds,
+    fit_shapes,
+    largest_shape,
+    plan_shape,
+)
+from memfit.planning.simulate import simulate
+from memfit.planning.solve import min_peak_bytes
+from memfit.units import Budget
+
+GRID = [Shape(b, s) for b in (1, 2) for s in (16, 32, 64)]
+
+
+def test_exact_basis_recovered() -> None:
+    truth = [4096 + 1024 * s.tokens + 32 * s.batch * s.seq**2 + 8 * s.seq for s in GRID]
+    fit = fit_bytes(GRID, truth)
+    assert fit.exact and set(fit.features) == {"1", "tokens", "batch·seq²", "seq"}
+    big = Shape(8, 1024)
+    assert round(fit(big)) == 4096 + 1024 * big.tokens + 32 * 8 * 1024**2 + 8 * 1024
+
+
+def test_peak_with_a_branch_change_fits_the_larger_shapes() -> None:
+    # a max of a constant (a weight gradient) and an activation: the constant wins when small
+    values = [max(20_000, 512 * s.tokens) for s in GRID]
+    fit = fit_bytes(GRID, values)
+    assert fit.exact and fit.points < len(GRID)
+    assert round(fit(Shape(4, 256))) == 512 * 4 * 256
+
+
+def test_no_exact_basis_is_marked_inexact() -> None:
+    values = [1000 * float(s.tokens) ** 1.5 for s in GRID]
+    assert not fit_bytes(GRID, values).exact
+
+
+def test_seconds_stay_non_negative() -> None:
+    noisy = [0.002 + 1e-5 * s.tokens * (1.1 if i % 2 else 0.9) for i, s in enumerate(GRID)]
+    fit = fit_seconds(GRID, noisy)
+    assert all(c >= 0 for c in fit.coefficients)
+    assert fit(Shape(1, 1)) >= 0
+
+
+def chain_at(shape: Shape):
+    """A uniform chain whose activations are linear in tokens, held bytes too."""
+    costs = uniform_chain(
+        6, activation_bytes=64 * shape.tokens, saved_bytes=256 * shape.tokens, held_bytes=10_000
+    )
+    return replace(costs, held_bytes=10_000 + 8 * shape.tokens)
+
+
+def test_fitted_chain_equals_the_chain_at_an_unseen_shape() -> None:
+    fitted = fit_shapes(GRID, [chain_at(s) for s in GRID])
+    big = Shape(4, 256)
+    predicted, truth = fitted.costs_at(big), chain_at(big)
+    for tree in (keep_all(truth), recompute_all(truth)):
+        assert simulate(predicted, tree).peak_bytes == simulate(truth, tree).peak_bytes
+        assert simulate(predicted, tree).step_s == pytest.approx(simulate(truth, tree).step_s)
+    assert predicted.held_bytes == truth.held_bytes
+    assert fitted.holdout_error == 0.0
+    assert fitted.trust(big) == []
+    assert fitted.trust(Shape(64, 4096))  # 4096x the largest profiled tokens
+
+
+def test_plan_shape_and_largest_shape() -> None:
+    fitted = fit_shapes(GRID, [chain_at(s) for s in GRID])
+    shape = Shape(4, 256)
+    costs = fitted.costs_at(shape)
+    plain = simulate(costs, keep_all(costs)).peak_bytes
+    plan = plan_shape(fitted, shape, Budget(fraction=0.5))
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert plan.budget_bytes == costs.held_bytes + (plain - costs.held_bytes) // 2
+    with pytest.raises(InfeasibleBudgetError, match=r"at shape 4 x 256"):
+        plan_shape(fitted, shape, Budget(fraction=0.05))
+    budget = min_peak_bytes(fitted.costs_at(Shape(4, 1000)))
+    found = largest_shape(fitted, budget, batch=4)
+    assert found == Shape(4, 1000)
+    assert largest_shape(fitted, 1, batch=4) is None
+    with pytest.raises(ValueError, match="exactly one"):
+        largest_shape(fitted, budget)
+
+
+def test_options_and_flags_common_to_every_shape() -> None:
+    profiles = [chain_at(s) for s in GRID]
+    stage = profiles[0].stages[2]
+    other = replace(stage, options={**stage.options, "rebuild": stage.options[KEEP]})
+    profiles[0] = replace(
+        profiles[0], stages=[*profiles[0].stages[:2], other, *profiles[0].stages[3:]]
+    )
+    fitted = fit_shapes(GRID, profiles)
+    assert list(fitted.template.stages[2].options) == [KEEP]
+    with pytest.raises(ValueError, match="chain differs"):
+        fit_shapes(GRID, [*profiles[:5], uniform_chain(3)])

@@ -1,0 +1,56 @@
+"""``memfit.estimate`` on three architectures built as users get them (library defaults).
+
+Each model is profiled at eight shapes up to 2 x 64 tokens (made from a longer sample) and its
+estimates at shapes 2-4x larger (2 x 256: four times the tokens and the sequence; 4 x 128: four
+times the tokens, twice the sequence) are held against measured steps there: the plain step
+(every block kept, as memfit runs it) and the plan for 60% of that shape's activation memory,
+each within 5% of the measured peak. The planned step also stays within its budget.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import memfit
+from memfit.integrations.hf import build_hf
+from memfit.measuring.shapes import resize_sample
+from memfit.planning.plan import Plan, keep_tree
+from memfit.planning.shapes import Shape
+from memfit.runtime.apply import chain_of_plan, planned
+
+PROFILED = [(b, s) for b in (1, 2) for s in (8, 16, 32, 64)]
+LARGER = [(2, 256), (4, 128)]
+
+
+def measured_peak(model, sample, plan: Plan) -> int:
+    with planned(model, chain_of_plan(model, plan), plan):
+        return memfit.measure(model, sample, repeats=1, warmup=1).peak_bytes
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_estimate_within_5_percent_at_larger_shapes(arch: str) -> None:
+    model, sample = build_hf(arch, layers=4, hidden=32, heads=2, seq=256, batch=4)
+    result = memfit.estimate(
+        model,
+        sample,
+        shapes=LARGER,
+        budget="60%",
+        profile_at=PROFILED,
+        options=(),
+        repeats=1,
+    )
+    fit = result.shaped.fitted.summary()
+    assert fit["holdout_error"] is not None and abs(fit["holdout_error"]) < 0.03
+    for row in result.rows:
+        assert row.shape in {Shape(*s) for s in LARGER}
+        assert not row.untrusted, row.untrusted
+        big = resize_sample(sample, row.shape)
+        names = result.shaped.fitted.template.stages
+        plain = Plan.from_tree([s.name for s in names], keep_tree(0, len(names)), "none")
+        peak = measured_peak(model, big, plain)
+        assert abs(row.peak_bytes / peak - 1) < 0.05, (row.shape, row.peak_bytes, peak)
+        assert row.plan is not None and row.budget_bytes is not None
+        planned_peak = measured_peak(model, big, row.plan)
+        error = row.plan.predicted_peak_bytes / planned_peak - 1
+        assert abs(error) < 0.05, (row.shape, row.plan.predicted_peak_bytes, planned_peak)
+        assert planned_peak <= row.budget_bytes
