@@ -330,3 +330,66 @@ def test_arguments_and_unusual_tensors_are_saved_as_they_are() -> None:
         out = torch.sparse.mm(sparse, (x @ w) * mask)  # saves the sparse matrix and the mask
     assert log == [{}]
     out.sum().backward()
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU as Hugging Face writes it: Python arithmetic, no GELU module or node."""
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chains_of_cheap_ops_are_rebuilt_from_what_stays_saved(autocast: bool) -> None:
+    torch.manual_seed(6)
+    up, down = nn.Linear(16, 64), nn.Linear(64, 16)
+    x = torch.randn(32, 16, requires_grad=True)
+    leaves = [x, *up.parameters(), *down.parameters()]
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return F.dropout(down(tanh_gelu(up(x))), 0.1)
+
+    torch.manual_seed(7)
+    plain = torch.autograd.grad(forward().float().square().sum(), leaves)
+    torch.manual_seed(7)
+    with recording() as log, rebuilding():
+        out = forward()
+    rebuilt = torch.autograd.grad(out.float().square().sum(), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(plain, rebuilt, strict=True))
+    # tanh's output, 0.5 * x, 1 + tanh and their product (down's input): rebuilt from up's
+    # output, which pow and the first multiplication keep saved
+    size = 32 * 64 * (2 if autocast else 4)
+    chains = {label: freed for label, freed in log[0].items() if label.endswith(" chain")}
+    expected = {"tanh chain": size, "mul chain": 2 * size, "add chain": size}
+    if autocast:  # and the weights' bf16 copies the matmuls save, from the parameters
+        expected["_to_copy chain"] = (64 * 16 + 16 * 64) * 2
+    assert chains == expected
+
+
+def test_an_argument_changed_in_place_before_its_use_is_not_rerun() -> None:
+    x, w = torch.randn(8, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        kept = x @ w  # saves x
+        a = x * 2.0
+        a.add_(1.0)  # the op that made a no longer made what tanh reads
+        b = x * 3.0
+        c = torch.tanh(b)  # saves its output; b, read before the write below, can be rerun
+        b.add_(1.0)
+        return torch.tanh(a) @ w + c @ w + kept
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x, w])
+    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    assert log.get("tanh chain") == 8 * 16 * 4  # c's, from x; never tanh(a)'s
+
+
+def test_random_ops_are_never_rerun() -> None:
+    x, w = torch.randn(8, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        torch.manual_seed(8)
+        dropped = F.dropout(x @ w, 0.5)  # only its mask is saved
+        return torch.tanh(dropped * 3.0) @ w
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x, w])
+    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    assert "tanh chain" not in log and "mul chain" not in log

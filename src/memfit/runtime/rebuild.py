@@ -17,6 +17,14 @@ What can be rebuilt (recipes):
   ``RMSNorm``, ``GroupNorm``, ``GELU``, ``SiLU``, ``Mish``, and Hugging Face's norm and
   activation classes (``*LayerNorm``, ``*RMSNorm``, ``*GELUActivation``, ...); with
   ``rebuild+linear`` also ``nn.Linear`` and Hugging Face's ``Conv1D`` (one matmul each);
+* the output of a chain of cheap ops, found from the aten ops the block ran (a dispatch mode
+  records which op made each storage): pointwise ops (``torch.Tag.pointwise``: GPT-2's
+  tanh-GELU written as Python arithmetic, SwiGLU's product, rotary multiplications, residual
+  adds, mask arithmetic) and casts, concatenations, copies, means and sums, never random ops,
+  rerun from storages the block keeps saved, parameters (autocast's weight copies) and small
+  constants (wrapped Python scalars, copied); intermediate results nobody saved are rerun too
+  (at most ``MAX_CHAIN`` ops). A storage written in place gets a new maker, so a chain never
+  reruns an op on an argument's later value;
 * a CPU tensor holding only zeros and one other value, with no autograd history (a dropout mask:
   on CPU a float tensor the size of the activation; CUDA's are bool already): kept as a bool mask
   and the value, a quarter of the bytes or less, checked bit for bit before it is dropped.
@@ -46,8 +54,10 @@ import torch
 import torch.nn.utils.parametrize
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from memfit.measuring.ops import written_tensors
 from memfit.runtime.options import Forward, OptionKind, StageWrapper, register_option
 
 REBUILD = "rebuild"
@@ -242,6 +252,127 @@ class _Call:
     autocast: tuple[str, bool, torch.dtype]
 
 
+# Ops whose outputs ``rebuild`` may compute again in backward from what the block saves anyway:
+# pointwise ops (``torch.Tag.pointwise``) and these cheap ones; never random ones.
+CHEAP_OPS = frozenset(
+    {
+        "aten::_to_copy",
+        "aten::cat",
+        "aten::clone",
+        "aten::mean",
+        "aten::sum",
+    }
+)
+MAX_CHAIN = 32  # ops rerun to rebuild one storage (GPT-2's tanh GELU: 8)
+CONSTANT_NUMEL = 64  # tensors up to this size made outside dispatch (wrapped scalars): copied
+
+
+def cheap_op(func: Any) -> bool:
+    """Whether ``rebuild`` may rerun the aten op ``func`` (pointwise or in :data:`CHEAP_OPS`,
+    not random)."""
+    tags = getattr(func, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    name = getattr(getattr(func, "_schema", None), "name", "")
+    return torch.Tag.pointwise in tags or name in CHEAP_OPS
+
+
+class _Made:
+    """One generation of a storage made during the block's forward by an op that cannot be
+    rerun (a matmul, a random op, an in-place write): its storage pointer may be read, never
+    rebuilt."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True, eq=False)
+class _OpCall:
+    """A cheap op's call that made a fresh storage: ``func(*args, **kwargs)`` with its tensor
+    arguments as :class:`_Arg` (what made each, at the time of the call)."""
+
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    geometry: Geometry
+    nbytes: int
+    dtype: torch.dtype
+
+
+@dataclass(slots=True, eq=False)
+class _Arg:
+    """A tensor argument of a recorded op: its view on its storage and what made the storage
+    (``maker``: an :class:`_OpCall`, a :class:`_Made`, or ``None`` when made before the block),
+    or the tensor itself for a parameter (alive anyway) or a small constant (copied)."""
+
+    ptr: int
+    geometry: Geometry
+    dtype: torch.dtype
+    maker: Any
+    tensor: torch.Tensor | None = None
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records, during a block's forward under ``rebuild``, which op made each storage."""
+
+    def __init__(self, state: _BlockForward) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.state.record_op(func, args, kwargs, out)
+        return out
+
+
+def _evaluate(call: _OpCall, resolve: Callable[[_Arg], torch.Tensor]) -> torch.Tensor:
+    """``call`` again, on its arguments as ``resolve`` gives them."""
+
+    def value(leaf: Any) -> Any:
+        return resolve(leaf) if isinstance(leaf, _Arg) else leaf
+
+    args, kwargs = tree_map(value, (call.args, call.kwargs))
+    out = call.func(*args, **kwargs)
+    if not isinstance(out, torch.Tensor) or _geometry(out) != call.geometry:
+        raise RuntimeError(
+            f"memfit rebuild: {call.func} gave another layout than in the forward; plan this "
+            f"stage without 'rebuild'"
+        )
+    return out
+
+
+class _OpRecipe:
+    """Rebuilds one storage by rerunning the chain of cheap ops that made it, from storages
+    the block keeps saved (or rebuilds in turn), parameters and small constants."""
+
+    def __init__(
+        self,
+        call: _OpCall,
+        saved: dict[int, tuple[_Source | None, torch.Tensor | None]],
+        geometry: Geometry,
+    ) -> None:
+        self.call = call
+        self.saved = saved  # saved storage -> (its source when dropped, else its base tensor)
+        self.geometry = geometry  # of the saved base on the storage (a reshape's, say)
+
+    def resolve(self, arg: _Arg) -> torch.Tensor:
+        if arg.tensor is not None:
+            return arg.tensor
+        if arg.ptr in self.saved:
+            source, base = self.saved[arg.ptr]
+            whole = source.value() if source is not None else base
+            assert whole is not None
+            return whole.as_strided(*arg.geometry)
+        assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
+        return _evaluate(arg.maker, self.resolve).as_strided(*arg.geometry)
+
+    def __call__(self) -> torch.Tensor:
+        # the op made the whole storage (checked when recorded): the saved base is a view of it
+        return _evaluate(self.call, self.resolve).as_strided(*self.geometry)
+
+
 class _BlockForward:
     """One forward of one block under ``rebuild``: every saved tensor is held by a handle, and
     when the forward ends, the storages that can be rebuilt from what stays saved are dropped."""
@@ -257,6 +388,8 @@ class _BlockForward:
         self.calls: dict[int, _Call] = {}  # output storage of a pure module call -> the call
         self.dropped: dict[str, int] = {}  # label -> bytes freed
         self.outputs: Any = None  # what the block returned: never dropped
+        # storage -> what made it last during the forward (an _OpCall, or _Made)
+        self.makers: dict[int, Any] = {}
 
     def module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -280,6 +413,91 @@ class _BlockForward:
         self.handles.setdefault(ptr, []).append(handle)
         self.bases.setdefault(ptr, tensor if tensor._base is None else tensor._base)
         return handle
+
+    def record_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note which op made each fresh storage (and that in-place writes made new ones)."""
+        if threading.get_ident() != self.thread:
+            return
+        for tensor in written_tensors(func, args, kwargs):
+            if _strided(tensor):
+                self.makers[_ptr(tensor)] = _Made()  # changed in place: the old maker is stale
+        inputs = {_ptr(t) for t in tree_leaves((args, kwargs)) if _strided(t)}
+        fresh = [t for t in tree_leaves(out) if _strided(t) and _ptr(t) not in inputs]
+        if not fresh:
+            return  # a view, an in-place op, or no tensor
+        call = None
+        if (
+            len(fresh) == 1
+            and out is fresh[0]
+            and cheap_op(func)
+            and out.untyped_storage().nbytes() == out.nbytes
+        ):
+            mapped_args, mapped_kwargs = tree_map(self._arg, (args, kwargs))
+            call = _OpCall(
+                func,
+                mapped_args,
+                mapped_kwargs,
+                geometry=_geometry(out),
+                nbytes=out.untyped_storage().nbytes(),
+                dtype=out.dtype,
+            )
+        for tensor in fresh:
+            self.makers[_ptr(tensor)] = call if call is not None else _Made()
+
+    def _arg(self, leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        if not _strided(leaf):
+            return _Made()  # an argument rebuild cannot stand in for: the call is not rerun
+        ptr = _ptr(leaf)
+        maker = self.makers.get(ptr)
+        base = leaf if leaf._base is None else leaf._base
+        constant = maker is None and leaf.numel() <= CONSTANT_NUMEL and not leaf.requires_grad
+        tensor = leaf if isinstance(base, nn.Parameter) else (leaf.clone() if constant else None)
+        return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, tensor)
+
+    def _op_plan(self, ptr: int, base: torch.Tensor) -> _Plan | None:
+        """How to rebuild ``ptr`` by rerunning the cheap ops that made it, or ``None``."""
+        call = self.makers.get(ptr)
+        if not isinstance(call, _OpCall) or call.dtype != base.dtype:
+            return None
+        saved: dict[int, torch.Tensor] = {}  # storages the chain reads that stay saved
+        pending, seen = [call], 0
+        while pending:
+            current = pending.pop()
+            seen += 1
+            if seen > MAX_CHAIN:
+                return None
+            for arg in tree_leaves((current.args, current.kwargs)):
+                if isinstance(arg, _Made):
+                    return None
+                if not isinstance(arg, _Arg) or arg.tensor is not None:
+                    continue
+                if arg.ptr in self.handles and self.makers.get(arg.ptr) is arg.maker:
+                    if self.bases[arg.ptr].dtype != arg.dtype:
+                        return None
+                    saved[arg.ptr] = self.bases[arg.ptr]  # kept, or rebuilt in turn
+                elif isinstance(arg.maker, _OpCall):
+                    pending.append(arg.maker)  # not saved: rerun what made it too
+                else:
+                    return None  # made before the block or by an op that cannot rerun
+
+        def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
+            table = {
+                p: (sources.get(p), None if p in sources else tensor) for p, tensor in saved.items()
+            }
+            device = base.device.type
+            # the ops as dispatched, after autocast: rerun without it
+            recipe = _OpRecipe(call, table, _geometry(base))
+            return recipe, (device, False, torch.get_autocast_dtype(device))
+
+        return _Plan(
+            label=f"{call.func._schema.name.removeprefix('aten::')} chain",
+            inputs=list(saved.values()),
+            shaped=base,
+            state=(),
+            made=made,
+        )
 
     def finish(self) -> None:
         """Decide, now that every saved tensor of the block is known, what to drop."""
@@ -311,6 +529,7 @@ class _BlockForward:
         self.handles.clear()
         self.bases.clear()
         self.calls.clear()
+        self.makers.clear()
         self.outputs = None
 
     def _usable(self, plan: _Plan) -> bool:
@@ -344,7 +563,8 @@ class _BlockForward:
             )
         call = self.calls.get(ptr)
         if call is None or call.output._version != call.version:
-            return None  # no pure module made it, or it was changed in place after
+            # no pure module made it (or it was changed in place after): the ops that did
+            return self._op_plan(ptr, base)
         found = call  # for the closure: a call whose output owns this storage
 
         def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
@@ -482,7 +702,7 @@ def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForwa
     state = _BlockForward(linear, inputs)
     hook = register_module_forward_hook(state.module_hook, with_kwargs=True)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack), _OpRecorder(state):
             yield state
     finally:
         hook.remove()
