@@ -43,6 +43,7 @@ a checkpointed function would replace the checkpoint's own and silently save eve
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator
@@ -263,6 +264,20 @@ CHEAP_OPS = frozenset(
         "aten::sum",
     }
 )
+_OP_CHAINS = [True]  # off only to measure rebuild as it was before op chains (benchmarks)
+
+
+@contextmanager
+def without_op_chains() -> Iterator[None]:
+    """``rebuild`` as it was before op chains (node and module recipes, masks) inside the
+    ``with`` statement: for benchmarks that compare the two."""
+    _OP_CHAINS.append(False)
+    try:
+        yield
+    finally:
+        _OP_CHAINS.pop()
+
+
 MAX_CHAIN = 32  # ops rerun to rebuild one storage (GPT-2's tanh GELU: 8)
 CONSTANT_NUMEL = 64  # tensors up to this size made outside dispatch (wrapped scalars): copied
 
@@ -701,8 +716,9 @@ def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForwa
     the yielded state to what the block returns, for the same reason."""
     state = _BlockForward(linear, inputs)
     hook = register_module_forward_hook(state.module_hook, with_kwargs=True)
+    recorder = _OpRecorder(state) if _OP_CHAINS[-1] else contextlib.nullcontext()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack), _OpRecorder(state):
+        with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack), recorder:
             yield state
     finally:
         hook.remove()
