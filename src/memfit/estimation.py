@@ -440,6 +440,14 @@ def auto_dynamic(
                 f"{seq_range!r}"
             )
     if shape_profile is None:
+        if shapes_profiled is None and seq_range is not None and seq_range[1] > layout.shape.seq:
+            # a batch-1 probe at the longest seq: a peak that a seq² op sets only at long
+            # lengths (eager attention's scores) loses at every grid shape, and the fits would
+            # miss it; at batch 1 the probe costs a fraction of the longest batch
+            shapes_profiled = [
+                *default_profile_shapes(layout.shape),
+                Shape(1, seq_range[1]),
+            ]
         shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
     else:
         shaped = shape_profile
