@@ -9,6 +9,7 @@ an estimate at a new shape is the simulator and the planner run on the fitted co
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,14 @@ from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, ShapeCosts, fit_shapes, largest_shape, plan_shape
+from memfit.planning.shapes import (
+    Shape,
+    ShapeCosts,
+    fit_shapes,
+    largest_shape,
+    plan_shape,
+    scale_seconds,
+)
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.profiling import profile
@@ -44,6 +52,8 @@ class ShapeProfile:
         layout: where the sample's batch and sequence axes are.
         keep_output, accumulate: the training loop profiled (as in :func:`memfit.profile`).
         profile_s: seconds spent profiling.
+        wall_per_cpu: the wall / CPU seconds factor every profile's times were put on (the
+            median of the profiles' own: other processes' load moves it between shapes).
     """
 
     fitted: ShapeCosts
@@ -51,6 +61,7 @@ class ShapeProfile:
     keep_output: bool = True
     accumulate: bool = False
     profile_s: float = 0.0
+    wall_per_cpu: float = 1.0
 
 
 def default_profile_shapes(shape: Shape) -> list[Shape]:
@@ -113,15 +124,28 @@ def profile_shapes(
     started = time.perf_counter()
     profiles = {}
     options = profile_options.pop("options", ())
+    repeats = int(profile_options.pop("repeats", 3))
     for shape in order:  # the largest first: its options are measured at every shape
+        # the larger shapes carry the time fits' slope: twice the timed steps there
+        twice = 2 * shape.tokens >= order[0].tokens
         prof = profile(
-            model, resize_sample(sample, shape, layout), options=options, **profile_options
+            model,
+            resize_sample(sample, shape, layout),
+            options=options,
+            repeats=2 * repeats if twice else repeats,
+            **profile_options,
         )
         if isinstance(options, str):
             options = _option_names(prof)
         profiles[shape] = prof
     shapes_ = list(profiles)
-    fitted = fit_shapes(shapes_, [profiles[s].costs for s in shapes_])
+    # each profile turned CPU seconds into wall seconds by its own wall/CPU factor, which
+    # other processes' load moves from shape to shape: one factor (the median) for all
+    factors = {s: float(profiles[s].info.get("wall_per_cpu", 1.0)) for s in shapes_}
+    common = statistics.median(factors.values())
+    fitted = fit_shapes(
+        shapes_, [scale_seconds(profiles[s].costs, common / factors[s]) for s in shapes_]
+    )
     measured = profiles[order[0]].measurement
     return ShapeProfile(
         fitted=fitted,
@@ -129,6 +153,7 @@ def profile_shapes(
         keep_output=measured.keep_output,
         accumulate=measured.accumulate,
         profile_s=time.perf_counter() - started,
+        wall_per_cpu=common,
     )
 
 
@@ -197,6 +222,8 @@ class ShapeEstimate:
         budget_bytes: the budget resolved at this shape (``None``: none asked).
         plan: the plan for the budget (``None``: no budget, or infeasible).
         untrusted: why the estimate should not be trusted (empty: no reason known).
+        step_untrusted: why its step times should not be trusted (the time fits' own check,
+            :meth:`~memfit.planning.shapes.ShapeCosts.time_trust`).
     """
 
     shape: Shape
@@ -207,6 +234,7 @@ class ShapeEstimate:
     budget_bytes: int | None = None
     plan: Plan | None = None
     untrusted: tuple[str, ...] = ()
+    step_untrusted: tuple[str, ...] = ()
 
     @property
     def activation_bytes(self) -> int:
@@ -227,6 +255,7 @@ class ShapeEstimate:
             "budget_bytes": self.budget_bytes,
             "plan": None if self.plan is None else self.plan.to_dict(),
             "untrusted": list(self.untrusted),
+            "step_untrusted": list(self.step_untrusted),
         }
 
 
@@ -347,6 +376,7 @@ def estimate(
                 budget_bytes=budget_bytes,
                 plan=chosen,
                 untrusted=tuple(fitted.trust(shape)),
+                step_untrusted=tuple(fitted.time_trust(shape)),
             )
         )
     found = None
@@ -410,6 +440,14 @@ def auto_dynamic(
                 f"{seq_range!r}"
             )
     if shape_profile is None:
+        if shapes_profiled is None and seq_range is not None and seq_range[1] > layout.shape.seq:
+            # a batch-1 probe at the longest seq: a peak that a seq² op sets only at long
+            # lengths (eager attention's scores) loses at every grid shape, and the fits would
+            # miss it; at batch 1 the probe costs a fraction of the longest batch
+            shapes_profiled = [
+                *default_profile_shapes(layout.shape),
+                Shape(1, seq_range[1]),
+            ]
         shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
     else:
         shaped = shape_profile

@@ -19,7 +19,13 @@ from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
 from memfit.measuring.profile import Profile, build_profile
-from memfit.measuring.run import StageReading, measure_stages, stage_clock, wall_scaled
+from memfit.measuring.run import (
+    StageReading,
+    measure_stages,
+    stage_clock,
+    wall_factor,
+    wall_scaled,
+)
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
@@ -174,6 +180,7 @@ def profile(
                 # menu, so no plan picks it
                 logger.warning("option %r left out of the profile: %s", way, error)
                 del ways[way], clocks[way]
+    factor = wall_factor(clocks)
     clocks = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
@@ -204,6 +211,7 @@ def profile(
         recompute=recompute,
         options=readings,
         details=details,
-        info={"ops": ops} if ops else None,
+        # wall / CPU seconds while timing: shape fits put every shape's times on one factor
+        info={"ops": ops, "wall_per_cpu": factor} if ops else {"wall_per_cpu": factor},
     )
     return merge_profiles(result) if world > 1 else result

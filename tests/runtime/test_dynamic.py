@@ -143,3 +143,27 @@ def test_cuda_reads_the_allocator_high() -> None:
     plans = shape_plans(model)
     assert plans is not None and plans._high_bytes > 0
     memfit.remove(model)
+
+
+def test_seq_range_probes_the_longest_seq() -> None:
+    """Llama with eager attention, sample 2 x 32: the kept blocks' backward peaks switch to
+    the scores' gradient (batch·seq²) past the profiled grid. ``seq_range`` up to 256 adds a
+    batch-1 probe there, so every step of a stream up to 256 stays within the budget."""
+    model, sample = build_hf(
+        "llama", layers=4, hidden=32, heads=2, seq=256, batch=2, attn_implementation="eager"
+    )
+    short = resize_sample(sample, Shape(2, 32))
+    budget = 6 * 2**20  # the 2 x 256 step needs recompute (floor 5.0 MiB, plain 11 MiB)
+    memfit.auto(
+        model, short, budget=budget, shapes="dynamic", seq_range=(16, 256), bucket=64, repeats=1
+    )
+    try:
+        plans = shape_plans(model)
+        assert plans is not None and Shape(1, 256) in plans.fitted.shapes
+        for seq in (256, 64, 200):
+            batch = resize_sample(sample, Shape(2, seq))
+            peak = memfit.measure(model, batch, repeats=1, warmup=0).peak_bytes
+            assert peak <= budget, (seq, peak, budget)
+            assert plans.steps[-1].predicted_peak_bytes >= 0.95 * peak
+    finally:
+        memfit.remove(model)

@@ -115,21 +115,26 @@ class _Clock:
         return spans
 
 
-def wall_scaled(
-    clocks: Mapping[str, Sequence[Mapping[str, float]]],
-) -> dict[str, list[dict[str, float]]]:
-    """CPU-time clocks (:func:`stage_clock`) in seconds of wall time: every span times one
-    factor, the median of the steps' wall / CPU seconds over all ways. One factor keeps the
-    ways' order as their CPU times have it (a way timed while another process ran is not
-    slower for it), and puts predicted step times back in the seconds a user waits. Wall-time
-    clocks (CUDA) come back as they are."""
+def wall_factor(clocks: Mapping[str, Sequence[Mapping[str, float]]]) -> float:
+    """The median of the steps' wall / CPU seconds over all ways (1.0 for wall-time clocks)."""
     ratios = [
         step[WALL] / step[CPU]
         for steps in clocks.values()
         for step in steps
         if step.get(CPU, 0.0) > 0.0
     ]
-    factor = statistics.median(ratios) if ratios else 1.0
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def wall_scaled(
+    clocks: Mapping[str, Sequence[Mapping[str, float]]],
+) -> dict[str, list[dict[str, float]]]:
+    """CPU-time clocks (:func:`stage_clock`) in seconds of wall time: every span times one
+    factor (:func:`wall_factor`), the median of the steps' wall / CPU seconds over all ways.
+    One factor keeps the ways' order as their CPU times have it (a way timed while another
+    process ran is not slower for it), and puts predicted step times back in the seconds a
+    user waits. Wall-time clocks (CUDA) come back as they are."""
+    factor = wall_factor(clocks)
     return {
         way: [
             {label: value * factor for label, value in step.items() if label not in (WALL, CPU)}

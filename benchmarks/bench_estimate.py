@@ -1,0 +1,199 @@
+"""Predicted vs measured step time at shapes 2x and 4x the profiled tokens (``memfit.estimate``).
+
+For each Hugging Face config (GPT-2, Llama, BERT; ``build_hf``, library defaults: dropout on,
+SDPA where the library picks it), the model is profiled at its default shapes up to a sample of
+``batch x seq`` (``memfit.profile_shapes``: batches B/2, B by seqs S/8..S), and
+``memfit.estimate`` predicts the step time at shapes with 2x the tokens (2B x S, B x 2S) and 4x
+(4B x S, 2B x 2S, B x 4S), with no plan and with the plan for ``--budget``. Each shape is then
+run: the plain model and the planned copy in turns (plain, planned, planned, plain, ...),
+medians of ``--repeats`` steps each, wall seconds (what a user waits) and the process's CPU
+seconds beside them. Errors are predicted / measured - 1.
+
+The prediction is in wall seconds at the wall/CPU factor seen while profiling (other processes'
+load); the "CPU" column holds the prediction against the measured CPU seconds times that
+same factor, which takes out a change in the machine's load between profiling and measuring.
+
+    .venv/bin/python benchmarks/bench_estimate.py            # about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers
+
+import memfit
+from memfit.integrations.hf import build_hf
+from memfit.measuring.shapes import resize_sample
+from memfit.planning.shapes import Shape
+from memfit.runtime.apply import apply_plan, chain_of_plan
+
+HERE = Path(__file__).parent
+
+
+def header(threads: int) -> list[str]:
+    return [
+        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the start (shared with other work)",
+        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {threads} intra-op thread(s)",
+        "- device: CPU",
+    ]
+
+
+def timed(model: torch.nn.Module, batch: dict) -> tuple[float, float]:
+    """Wall and CPU seconds of one training step (gradients reset, collector off)."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    gc.disable()
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        model(**batch).loss.backward()
+        return time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        gc.enable()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--archs", default="gpt2,llama,bert")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--budget", default="50%")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads; 1 by default: on a shared 2-core machine two threads wait on "
+        "each other behind other processes (measured: steps 2-15x slower, medians unstable)",
+    )
+    parser.add_argument("--out", default=str(HERE / "results" / f"estimate-{date.today()}.md"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    torch.set_num_threads(args.threads)
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    say("\n".join(header(args.threads)))
+    b, s = args.batch, args.seq
+    targets = [
+        (2, Shape(2 * b, s)),
+        (2, Shape(b, 2 * s)),
+        (4, Shape(4 * b, s)),
+        (4, Shape(2 * b, 2 * s)),
+        (4, Shape(b, 4 * s)),
+    ]
+    rows = []
+    fits = {}
+    for arch in args.archs.split(","):
+        model, big = build_hf(
+            arch, layers=args.layers, hidden=args.width, heads=args.heads, seq=4 * s, batch=4 * b
+        )
+        sample = resize_sample(big, Shape(b, s))
+        shaped = memfit.profile_shapes(model, sample)
+        est = memfit.estimate(shaped, shapes=[t for _, t in targets], budget=args.budget)
+        fits[arch] = (shaped, shaped.fitted.summary())
+        say(f"{arch}: profiled in {shaped.profile_s:.1f} s, {fits[arch][1]['time_basis']}")
+        factor = shaped.wall_per_cpu
+        for (times, shape), row in zip(targets, est.rows, strict=True):
+            batch = resize_sample(big, shape)
+            assert row.plan is not None
+            twin = copy.deepcopy(model)
+            apply_plan(twin, chain_of_plan(twin, row.plan), row.plan)
+            runs: dict[str, list[tuple[float, float]]] = {"plain": [], "planned": []}
+            timed(model, batch), timed(twin, batch)  # warm-up: first-touch pages
+            for turn in range(2 * args.repeats):  # plain, planned, planned, plain, ...
+                way = "plain" if turn % 4 in (0, 3) else "planned"
+                runs[way].append(timed(model if way == "plain" else twin, batch))
+            del twin
+            out = dict(arch=arch, shape=shape, times=times, untrusted=row.step_untrusted)
+            for way, predicted in (("plain", row.step_s), ("planned", row.plan.predicted_step_s)):
+                wall = statistics.median(w for w, _ in runs[way])
+                cpu = statistics.median(c for _, c in runs[way])
+                out[way] = (predicted, wall, predicted / wall - 1, predicted / (cpu * factor) - 1)
+            rows.append(out)
+            say(f"  {shape}: {out['plain']}, {out['planned']}")
+
+    def pct(values: list[float]) -> str:
+        return f"median {statistics.median(values):+.1%}, {min(values):+.1%} to {max(values):+.1%}"
+
+    lines = [
+        f"# Step time predicted at 2x and 4x the profiled tokens ({date.today()})",
+        "",
+        *header(args.threads),
+        f"- models: Hugging Face configs (build_hf, library defaults) {args.archs}, "
+        f"{args.layers} layers, width {args.width}, {args.heads} heads, vocabulary 256",
+        f"- profiled with memfit.profile_shapes's defaults up to {b} x {s} (8 shapes); "
+        f"estimated at {', '.join(str(t) for _, t in targets)}; plans for {args.budget}",
+        f"- measured: plain and planned steps in turns, {args.repeats} each, medians; error "
+        "= predicted / measured - 1 (wall); 'CPU' = against the measured CPU seconds times "
+        "the profile's wall/CPU factor (takes out a change of load since profiling)",
+        "",
+        "## Fits",
+        "",
+        "| model | time basis | time holdout | wall/CPU while profiling | profile s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arch, (shaped, fit) in fits.items():
+        holdout = fit["time_holdout_error"]
+        lines.append(
+            f"| {arch} | {fit['time_basis']} | "
+            f"{'-' if holdout is None else f'{holdout:+.1%}'} | {shaped.wall_per_cpu:.2f} | "
+            f"{shaped.profile_s:.1f} |"
+        )
+    lines += [
+        "",
+        "## Reading",
+        "",
+    ]
+    for times in (2, 4):
+        for way in ("plain", "planned"):
+            chosen = [r for r in rows if r["times"] == times]
+            wall = [r[way][2] for r in chosen]
+            cpu = [r[way][3] for r in chosen]
+            within = sum(abs(e) <= 0.15 for e in wall)
+            lines.append(
+                f"- {times}x the tokens, {way}: wall {pct(wall)} ({within}/{len(wall)} within "
+                f"15%); CPU {pct(cpu)}"
+            )
+    lines += [
+        "",
+        "| model | shape | tokens | plain predicted ms | measured ms | error | CPU error | "
+        "planned predicted ms | measured ms | error | CPU error | time trust |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cells = []
+        for way in ("plain", "planned"):
+            predicted, wall, error, cpu_error = r[way]
+            cells += [
+                f"{predicted * 1e3:.1f}",
+                f"{wall * 1e3:.1f}",
+                f"{error:+.1%}",
+                f"{cpu_error:+.1%}",
+            ]
+        trust = "; ".join(r["untrusted"]) or "yes"
+        lines.append(
+            f"| {r['arch']} | {r['shape']} | {r['times']}x | {' | '.join(cells)} | {trust} |"
+        )
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
