@@ -32,7 +32,13 @@ def header() -> list[str]:
         f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
         f"- python {platform.python_version()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads",
-        "- device: CPU (memory from memfit's CPU meter, to the byte)",
+        "- device: "
+        + (
+            f"{torch.cuda.get_device_name()} (memory from memfit's meter over the caching "
+            "allocator's events)"
+            if torch.cuda.is_available()
+            else "CPU (memory from memfit's CPU meter, to the byte)"
+        ),
     ]
 
 
@@ -41,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="30%,50%,70%")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(HERE / "results" / f"gpt-{date.today()}.md"))
     args = parser.parse_args(argv)
     model, sample = build("gpt", batch=args.batch)
+    model = model.to(args.device)
+    sample = tuple(t.to(args.device) for t in sample)
     print("\n".join(header()), file=sys.stderr)
     profile = memfit.profile(model, sample, repeats=args.repeats)
     budgets = [b.strip() for b in args.budgets.split(",")]
