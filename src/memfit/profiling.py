@@ -25,12 +25,28 @@ from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import applied_plan, planned
+from memfit.runtime.compiled import (
+    compile_blocks,
+    compile_options,
+    compiled_blocks,
+    uncompile_blocks,
+)
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
 
 Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
+COMPILED_NOTE = (
+    "blocks compiled (torch.compile {options}): rebuild and selective:* left out of the menu, "
+    "their saved-tensor hooks and dispatch modes cannot see inside a compiled block; keep and "
+    "recompute (checkpoints around the compiled blocks) remain"
+)
+
+
+def _hooked_options(options: Sequence[str]) -> list[str]:
+    """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
+    return [name for name in options if name in (REBUILD, REBUILD_LINEAR) or is_selective(name)]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
@@ -60,6 +76,7 @@ def profile(
     options: Sequence[str] | str = "auto",
     optimizer: Any = None,
     keep_output: bool = True,
+    compile: bool | dict[str, Any] = False,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -78,6 +95,15 @@ def profile(
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
             for a loop that keeps only the loss (see :func:`measure`).
+        compile: profile the blocks compiled, as the plan will run them: ``True`` or a dict of
+            ``torch.compile`` arguments (``{"backend": "inductor", "mode": ...}``). Each block's
+            own forward is compiled and memfit's checkpoints run around it
+            (:mod:`memfit.runtime.compiled`), so every cost is the compiled block's. The menu
+            is then keep and recompute: ``rebuild`` and ``selective:*`` cannot see inside a
+            compiled block (``options="auto"`` leaves them out, with a note in
+            ``profile.info["notes"]``; naming one is a ``ValueError``). Plans made from the
+            profile record the options (``plan.info["compile"]``) and :func:`memfit.apply`
+            compiles the blocks. Blocks already compiled by memfit are profiled as they are.
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
@@ -88,7 +114,8 @@ def profile(
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
-        ValueError: an unknown option name (checked before anything is measured).
+        ValueError: an unknown option name (checked before anything is measured), or an
+            option that cannot run on compiled blocks.
 
     Example:
         >>> prof = memfit.profile(model, (tokens, targets))
@@ -109,12 +136,62 @@ def profile(
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             stage_wrapper(name)
+    compiling = compile_options(compile)
+    if compiling is not None and not isinstance(options, str) and _hooked_options(options):
+        raise ValueError(
+            f"options {_hooked_options(options)} cannot run on compiled blocks (saved-tensor "
+            f"hooks and dispatch modes do not see inside compiled code); profile with "
+            f"compile=False for them, or leave them out"
+        )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         disable_hf_checkpointing(model)
     chain = _chain(model, sample, blocks)
+    already = compiled_blocks(chain.blocks)
+    if compiling is not None and already is not None and already != compiling:
+        raise ValueError(
+            f"the blocks are compiled by memfit with {already}, not with compile={compiling}; "
+            f"profile with compile={already} (or compile=False to take them as they are)"
+        )
+    compiling = already if compiling is None else compiling
+    if compiling is not None:
+        if already is None:
+            compile_blocks(chain.blocks, compiling)
+        try:
+            return _profile(
+                model,
+                sample,
+                chain,
+                loss_fn,
+                accumulate,
+                repeats,
+                [],
+                optimizer,
+                keep_output,
+                {"compile": compiling, "notes": [COMPILED_NOTE.format(options=compiling)]},
+            )
+        finally:
+            if already is None:
+                uncompile_blocks(chain.blocks)
+    return _profile(
+        model, sample, chain, loss_fn, accumulate, repeats, options, optimizer, keep_output, {}
+    )
+
+
+def _profile(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    repeats: int,
+    options: Sequence[str] | str,
+    optimizer: Any,
+    keep_output: bool,
+    info: dict[str, Any],
+) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
@@ -173,6 +250,8 @@ def profile(
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
     ops = {block.name: block.to_rows() for block in block_ops}
+    if ops:
+        info["ops"] = ops
     return build_profile(
         model,
         sample,
@@ -181,5 +260,5 @@ def profile(
         recompute=recompute,
         options=readings,
         details=details,
-        info={"ops": ops} if ops else None,
+        info=info or None,
     )
