@@ -79,9 +79,15 @@ def header(device: str) -> list[str]:
 def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     if name == "gpt":
         model, sample = build(
-            "gpt", layers=args.layers, width=args.width, seq=args.seq, batch=args.batch
+            "gpt",
+            layers=args.layers,
+            width=args.width,
+            seq=args.seq,
+            batch=args.batch,
+            dropout=args.dropout,
         )
-        return model, sample, f"{describe(model)}, {args.batch} x {args.seq} tokens"
+        text = f"{describe(model)}, {args.batch} x {args.seq} tokens, dropout {args.dropout:g}"
+        return model, sample, text
     from memfit.integrations.hf import build_hf
 
     model, sample = build_hf(
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--dropout", type=float, default=0.1, help="built-in GPT only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     out = args.out or str(HERE / "results" / f"compile-{args.model}-{date.today()}.md")

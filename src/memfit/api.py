@@ -21,7 +21,12 @@ from memfit.planning.solve import solve
 from memfit.profiling import profile
 from memfit.runtime import REBUILD, REBUILD_LINEAR
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
-from memfit.runtime.compiled import compile_blocks, compiled_blocks, uncompile_blocks
+from memfit.runtime.compiled import (
+    compile_blocks,
+    compiled_blocks,
+    is_compile_budget,
+    uncompile_blocks,
+)
 from memfit.runtime.options import is_selective
 from memfit.units import Budget, infeasible_message, parse_budget
 from memfit.verification import Verification, verify
@@ -143,6 +148,12 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
             )
     compiling = plan.info.get("compile")
     if compiling is None:
+        budgets = sorted({o for o in plan.options.values() if is_compile_budget(o)})
+        if budgets:
+            raise PlanMismatchError(
+                f"the plan asks for {budgets}, which run on compiled blocks, but records no "
+                f'compile arguments (plan.info["compile"]); plan with compile=True'
+            )
         apply_plan(model, chain, plan)
         return
     hooked = sorted({o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR)})

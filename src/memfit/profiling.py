@@ -11,12 +11,19 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
-from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
+from memfit.measuring.ops import (
+    candidate_policies,
+    draws_random,
+    profile_ops,
+    selective_detail,
+)
 from memfit.measuring.profile import Profile, build_profile
 from memfit.measuring.run import StageReading, measure_stages, stage_clock
 from memfit.measuring.state import preserving_state
@@ -26,9 +33,11 @@ from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import applied_plan, planned
 from memfit.runtime.compiled import (
+    COMPILE_BUDGETS,
     compile_blocks,
     compile_options,
     compiled_blocks,
+    is_compile_budget,
     uncompile_blocks,
 )
 from memfit.runtime.options import is_selective
@@ -39,9 +48,39 @@ Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
 COMPILED_NOTE = (
     "blocks compiled (torch.compile {options}): rebuild and selective:* left out of the menu, "
-    "their saved-tensor hooks and dispatch modes cannot see inside a compiled block; keep and "
-    "recompute (checkpoints around the compiled blocks) remain"
+    "their saved-tensor hooks and dispatch modes cannot see inside a compiled block; keep, "
+    "recompute (checkpoints around the compiled blocks) and compile-budget:<fraction> "
+    "(compile's own activation_memory_budget per block) remain"
 )
+
+
+RANDOM_NOTE = (
+    "compile-budget:* left out too: the model draws random numbers in training (dropout), and "
+    "compile's activation_memory_budget recomputes them in backward with other numbers than the "
+    "forward's (torch 2.13, CPU: gradients off by 2e-2 against the same compile without it; "
+    "equal with dropout off)"
+)
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Notes whether any op drawn through it draws random numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.found = self.found or draws_random(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _draws_random(model: nn.Module, sample: Any) -> bool:
+    """Whether one training forward of the model draws random numbers (dropout on)."""
+    args, kwargs = split_sample(sample)
+    with torch.no_grad(), _RandomDraws() as mode:  # the RNG state is restored by the caller
+        model(*args, **kwargs)
+    return mode.found
 
 
 def _hooked_options(options: Sequence[str]) -> list[str]:
@@ -101,7 +140,9 @@ def profile(
             (:mod:`memfit.runtime.compiled`), so every cost is the compiled block's. The menu
             is then keep and recompute: ``rebuild`` and ``selective:*`` cannot see inside a
             compiled block (``options="auto"`` leaves them out, with a note in
-            ``profile.info["notes"]``; naming one is a ``ValueError``). Plans made from the
+            ``profile.info["notes"]``; naming one is a ``ValueError``); in their place
+            ``options="auto"`` measures ``compile-budget:0.5`` and ``compile-budget:0.1``,
+            each block compiled with compile's own ``activation_memory_budget``. Plans made from the
             profile record the options (``plan.info["compile"]``) and :func:`memfit.apply`
             compiles the blocks. Blocks already compiled by memfit are profiled as they are.
 
@@ -143,6 +184,12 @@ def profile(
             f"hooks and dispatch modes do not see inside compiled code); profile with "
             f"compile=False for them, or leave them out"
         )
+    budgets = [] if isinstance(options, str) else [o for o in options if is_compile_budget(o)]
+    if compiling is None and budgets:
+        raise ValueError(
+            f"options {budgets} compile the blocks with compile's activation_memory_budget; "
+            f"profile with compile=True (or a dict of torch.compile arguments) for them"
+        )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     with warnings.catch_warnings():
@@ -157,6 +204,16 @@ def profile(
         )
     compiling = already if compiling is None else compiling
     if compiling is not None:
+        menu = list(COMPILE_BUDGETS) if isinstance(options, str) else list(options)
+        notes = [COMPILED_NOTE.format(options=compiling)]
+        if any(map(is_compile_budget, menu)) and _draws_random(model, sample):
+            if not isinstance(options, str):
+                raise ValueError(
+                    f"options {[o for o in menu if is_compile_budget(o)]} would give wrong "
+                    f"gradients here: {RANDOM_NOTE.partition(': ')[2]}; leave them out or turn "
+                    f"dropout off"
+                )
+            menu, notes = [], [*notes, RANDOM_NOTE]
         if already is None:
             compile_blocks(chain.blocks, compiling)
         try:
@@ -167,10 +224,10 @@ def profile(
                 loss_fn,
                 accumulate,
                 repeats,
-                [],
+                menu,
                 optimizer,
                 keep_output,
-                {"compile": compiling, "notes": [COMPILED_NOTE.format(options=compiling)]},
+                {"compile": compiling, "notes": notes},
             )
         finally:
             if already is None:

@@ -94,6 +94,8 @@ def test_a_compiled_plan_runs_as_profiled() -> None:
     assert _dynamo_counts() == {"graphs": 1, "breaks": 0}
     assert plan.info["compile"] == COMPILE
     assert any("rebuild and selective:* left out" in note for note in plan.info["notes"])
+    # dropout on: compile's activation_memory_budget would replay it wrongly, so not offered
+    assert any("compile-budget:* left out" in note for note in plan.info["notes"])
     assert set(plan.options.values()) <= {"keep", "recompute"}
     assert "recompute" in plan.options.values()
     assert all(runs_compiled_blocks(block.forward) for block in model.blocks)
@@ -147,8 +149,43 @@ def test_rebuild_runs_eagerly_inside_a_compiled_model() -> None:
     assert not torch.nn.modules.module._has_any_global_hook()
 
 
+# torch's min-cut partitioner imports code that warns about torch.jit (torch's own warning)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_budget_per_block() -> None:
+    # compile's own knob per block, measured and mixed by the planner; a backend whose
+    # partitioner reads the knob (min-cut, as inductor's), dropout off (see the note above)
+    backend = {"backend": "aot_eager_decomp_partition"}
+    model, sample = build("gpt", layers=4, width=64, heads=2, seq=64, batch=2, dropout=0.0)
+    reference = copy.deepcopy(model)
+    prof = memfit.profile(model, sample, repeats=1, compile=backend)
+    block = prof.costs.stages[1]
+    saved = {name: costs.saved_bytes for name, costs in block.options.items()}
+    assert saved["compile-budget:0.1"] < saved["compile-budget:0.5"] < saved["keep"]
+    plan = memfit.plan(prof, budget="70%")
+    assert any(o.startswith("compile-budget:") for o in plan.options.values())
+    memfit.apply(model, plan, sample)
+    for block_module in reference.blocks:
+        block_module.compile(**backend)
+    loss, grads = seeded_gradients(model, sample, None, 0)
+    reference_loss, reference_grads = seeded_gradients(reference, sample, None, 0)
+    assert torch.equal(loss, reference_loss)
+    for name, grad in reference_grads.items():  # measured bit-equal; compile promises less
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+    measured = memfit.measure(model, sample, repeats=1).peak_bytes
+    assert plan.budget_bytes is not None and measured <= plan.budget_bytes
+    assert abs(plan.predicted_peak_bytes / measured - 1.0) <= 0.02
+
+
 def test_compiled_blocks_refuse_hooked_options() -> None:
     model, sample = _gpt()
+    with pytest.raises(ValueError, match="wrong gradients"):  # dropout on
+        memfit.profile(model, sample, options=("compile-budget:0.5",), compile=COMPILE)
+    with pytest.raises(ValueError, match="profile with compile=True"):
+        memfit.profile(model, sample, options=("compile-budget:0.5",))
+    with pytest.raises(ValueError, match="compile-budget:<fraction in"):
+        memfit.profile(model, sample, options=("compile-budget:2",), compile=COMPILE)
+    with pytest.raises(PlanMismatchError, match="run on compiled blocks"):
+        memfit.apply(model, _by_hand(model, sample, {2: "compile-budget:0.5"}))
     with pytest.raises(ValueError, match="cannot run on compiled blocks"):
         memfit.profile(model, sample, repeats=1, options=("rebuild",), compile=COMPILE)
     with pytest.raises(ValueError, match="keys \\['cache'\\]"):

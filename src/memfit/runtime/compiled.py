@@ -16,7 +16,11 @@ them all), and memfit's non-reentrant checkpoint wraps the compiled call from ou
   that (the stage marks are forward pre-hooks and gradient hooks outside the compiled code);
 * options made of saved-tensor hooks or dispatch modes (``rebuild``, ``selective:*``) cannot
   see inside a compiled function: plans for compiled blocks leave them out (see
-  :func:`memfit.profile`'s ``compile``).
+  :func:`memfit.profile`'s ``compile``). In their place, ``compile-budget:<fraction>`` compiles
+  the block once more with compile's own ``activation_memory_budget``, so that its partitioner
+  recomputes cheap ops inside the block: the op-level choice, made by compile, measured and
+  mixed per block by memfit's planner (gradients then within compile's tolerance, not bit for
+  bit: the partitioner's recomputed ops run in other kernels).
 
 Mechanism: :func:`compile_blocks` gives each block an instance ``forward``, a
 :class:`CompiledForward` (a plain object: ``copy.deepcopy`` and ``pickle`` rebind it), which a
@@ -32,13 +36,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.errors import PlanMismatchError
+from memfit.runtime.options import OptionKind, register_option
+
 __all__ = [
+    "COMPILE_BUDGET",
+    "COMPILE_BUDGETS",
     "COMPILE_KEYS",
+    "CompileBudget",
     "CompiledForward",
     "compile_blocks",
+    "compile_budget",
     "compile_options",
     "compiled_blocks",
     "eager_around_compiled_blocks",
+    "is_compile_budget",
     "runs_compiled_blocks",
     "uncompile_blocks",
 ]
@@ -90,12 +102,117 @@ class CompiledForward:
         return _compiled(type(self.block).forward, self.options)(self.block, *args, **kwargs)
 
 
-def _compiled(forward: Any, options: dict[str, Any]) -> Any:
-    key = (forward, repr(sorted(options.items())))
+def _compiled(forward: Any, options: dict[str, Any], budget: float | None = None) -> Any:
+    key = (forward, repr((sorted(options.items()), budget)))
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _COMPILED[key] = torch.compile(forward, **options)
+        if budget is None:
+            compiled = torch.compile(forward, **options)
+        else:
+            rest = {k: v for k, v in options.items() if k in ("fullgraph", "dynamic")}
+            compiled = torch.compile(forward, backend=WithActivationBudget(options, budget), **rest)
+        _COMPILED[key] = compiled
     return compiled
+
+
+class WithActivationBudget:
+    """A ``torch.compile`` backend: the user's (``options``: backend, mode, inductor options)
+    with ``torch._functorch.config.activation_memory_budget`` set while it compiles, when the
+    partitioner reads it. An object per budget, so Dynamo never hands one budget's graph to
+    another (its cache entries match their backend)."""
+
+    def __init__(self, options: Mapping[str, Any], budget: float) -> None:
+        self.backend = options.get("backend", "inductor")
+        self.budget = budget
+        self.inductor: dict[str, Any] = {}
+        if self.backend == "inductor":
+            mode = options.get("mode")
+            if mode is not None:
+                self.inductor |= torch._inductor.list_mode_options(mode)
+            self.inductor |= dict(options.get("options") or {})
+
+    def __call__(self, graph: Any, example_inputs: Any) -> Any:
+        import torch._functorch.config
+        import torch._inductor.config
+
+        compiler = torch._dynamo.lookup_backend(self.backend)
+        # no AOT cache: a graph partitioned under another budget must not come back
+        with (
+            torch._functorch.config.patch(
+                activation_memory_budget=self.budget, enable_autograd_cache=False
+            ),
+            torch._inductor.config.patch(self.inductor),
+        ):
+            return compiler(graph, example_inputs)
+
+
+COMPILE_BUDGET = "compile-budget:"
+COMPILE_BUDGETS = ("compile-budget:0.5", "compile-budget:0.1")  # the menu with options="auto"
+
+
+class CompileBudget:
+    """A compiled block's forward compiled again with compile's own
+    ``activation_memory_budget`` (the ``compile-budget:<fraction>`` option): inside the block,
+    compile's partitioner saves less and recomputes cheap ops in its backward graph, an op-level
+    choice memfit cannot make inside compiled code. A plain object, so planned models pickle.
+
+    Raises:
+        PlanMismatchError: (when called) the block was not compiled by memfit.
+    """
+
+    def __init__(self, forward: Any, budget: float) -> None:
+        self.forward = forward
+        self.budget = budget
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        compiled = getattr(self.forward, "previous", None)
+        if not isinstance(compiled, CompiledForward):
+            raise PlanMismatchError(
+                f"option {COMPILE_BUDGET}{self.budget:g} runs only on blocks memfit compiled; "
+                f"profile and plan with compile=True"
+            )
+        block = compiled.block
+        call = _compiled(type(block).forward, compiled.options, self.budget)
+        return call(block, *args, **kwargs)
+
+
+def compile_budget(option: str) -> float:
+    """The fraction of a ``compile-budget:<fraction>`` option.
+
+    Raises:
+        ValueError: not such an option, or the fraction is not in [0, 1].
+    """
+    text = option.removeprefix(COMPILE_BUDGET)
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not option.startswith(COMPILE_BUDGET) or not 0.0 <= budget <= 1.0:
+        raise ValueError(
+            f"option {option!r}: expected {COMPILE_BUDGET}<fraction in [0, 1]>, such as "
+            f"{COMPILE_BUDGETS[0]!r} (torch.compile's activation_memory_budget for the block)"
+        )
+    return budget
+
+
+def is_compile_budget(option: str) -> bool:
+    """Whether ``option`` is a ``compile-budget:<fraction>`` option."""
+    return option.startswith(COMPILE_BUDGET)
+
+
+def _compile_budget_wrapper(option: str) -> Any:
+    budget = compile_budget(option)
+    return functools.partial(CompileBudget, budget=budget)
+
+
+register_option(
+    OptionKind(
+        prefix=COMPILE_BUDGET,
+        form=f"{COMPILE_BUDGET}<fraction>",
+        recomputes=False,
+        wrapper=_compile_budget_wrapper,
+    )
+)
 
 
 def compile_blocks(blocks: Iterable[nn.Module], options: Mapping[str, Any]) -> None:
