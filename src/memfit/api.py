@@ -20,8 +20,22 @@ from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.profiling import profile
-from memfit.runtime.apply import apply_plan, chain_of_plan, planned_module, remove_plan
+from memfit.runtime import REBUILD, REBUILD_LINEAR
+from memfit.runtime.apply import (
+    applied_plan,
+    apply_plan,
+    chain_of_plan,
+    planned_module,
+    remove_plan,
+)
+from memfit.runtime.compiled import (
+    compile_blocks,
+    compiled_blocks,
+    is_compile_budget,
+    uncompile_blocks,
+)
 from memfit.runtime.dynamic import remove_shape_plans
+from memfit.runtime.options import is_selective
 from memfit.units import Budget, infeasible_message, parse_budget
 from memfit.verification import Verification, verify
 
@@ -92,7 +106,13 @@ def plan(
         result = agree_on_plan(result)
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
-    result = dataclasses.replace(result, keep_output=step.keep_output, accumulate=step.accumulate)
+    info = dict(result.info)
+    for key in ("compile", "notes"):  # compiled blocks: apply compiles them; what was left out
+        if key in prof.info:
+            info[key] = prof.info[key]
+    result = dataclasses.replace(
+        result, keep_output=step.keep_output, accumulate=step.accumulate, info=info
+    )
     logger.info("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
 
@@ -102,12 +122,17 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
 
     The module tree, ``state_dict()`` keys and values stay as they are.
 
+    A plan made from a compiled profile (``plan.info["compile"]``, see :func:`profile`)
+    compiles each block's own forward with those ``torch.compile`` arguments first; memfit's
+    checkpoints run around the compiled blocks.
+
     Args:
         sample: if given, also check that the plan was made for samples of this shape.
 
     Raises:
         AlreadyPlannedError: the model already carries a plan.
-        PlanMismatchError: the plan was made for another model or sample shape.
+        PlanMismatchError: the plan was made for another model or sample shape, or asks for
+            ``rebuild``/``selective:*`` on compiled blocks.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
@@ -131,17 +156,50 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 "the plan was made for samples of another shape, dtype or device; its memory "
                 "predictions do not hold for this sample: plan again with this sample"
             )
-    apply_plan(model, chain, plan)
+    compiling = plan.info.get("compile")
+    if compiling is None:
+        budgets = sorted({o for o in plan.options.values() if is_compile_budget(o)})
+        if budgets:
+            raise PlanMismatchError(
+                f"the plan asks for {budgets}, which run on compiled blocks, but records no "
+                f'compile arguments (plan.info["compile"]); plan with compile=True'
+            )
+        apply_plan(model, chain, plan)
+        return
+    hooked = sorted({o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR)})
+    hooked += sorted({o for o in plan.options.values() if is_selective(o)})
+    if hooked:
+        raise PlanMismatchError(
+            f"the plan compiles its blocks (compile={compiling}) but asks for {hooked}, which "
+            f"cannot see inside compiled blocks; plan again from a compiled profile"
+        )
+    compiled = compiled_blocks(chain.blocks)
+    if compiled is None:
+        compile_blocks(chain.blocks, compiling)
+    try:
+        apply_plan(model, chain, plan)
+    except BaseException:
+        if compiled is None:
+            uncompile_blocks(chain.blocks)
+        raise
 
 
 def remove(model: nn.Module) -> bool:
-    """Undo :func:`apply` (or :func:`auto`, shape-following plans included); returns whether a
-    plan was removed (from ``model``, or from the model inside a wrapper made after planning,
-    such as ``DistributedDataParallel``)."""
+    """Undo :func:`apply` (or :func:`auto`, shape-following plans included; blocks it
+    compiled run their own forward again); returns whether a plan was removed (from ``model``,
+    or from the model inside a wrapper made after planning, such as ``DistributedDataParallel``).
+    """
     if remove_shape_plans(model):
         return True
     target = planned_module(model)
-    return target is not None and remove_plan(target)
+    current = None if target is None else applied_plan(target)
+    if target is None or current is None:
+        return False
+    chain = chain_of_plan(target, current)
+    remove_plan(target)
+    if current.info.get("compile") is not None:
+        uncompile_blocks(chain.blocks)
+    return True
 
 
 def auto(
@@ -190,7 +248,8 @@ def auto(
             with ``shapes="dynamic"``: ``shapes_profiled=[(1, 64), ...]``, or
             ``shape_profile=`` a :class:`~memfit.ShapeProfile` made before, to reuse), e.g.
             ``keep_output=False`` for a loop that keeps only the loss, ``accumulate=True``,
-            ``optimizer=opt``.
+            ``optimizer=opt``, ``compile=True`` (or a dict of ``torch.compile`` arguments) to
+            plan with the blocks compiled and run them compiled.
 
     Returns:
         The :class:`~memfit.planning.Plan` applied (with ``shapes="dynamic"``: the sample's).

@@ -11,13 +11,20 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
-from memfit.measuring.ops import candidate_policies, profile_ops, selective_detail
+from memfit.measuring.ops import (
+    candidate_policies,
+    draws_random,
+    profile_ops,
+    selective_detail,
+)
 from memfit.measuring.profile import Profile, build_profile
 from memfit.measuring.run import (
     StageReading,
@@ -32,12 +39,60 @@ from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
 from memfit.runtime.apply import planned, planned_module
+from memfit.runtime.compiled import (
+    COMPILE_BUDGETS,
+    compile_blocks,
+    compile_options,
+    compiled_blocks,
+    is_compile_budget,
+    uncompile_blocks,
+)
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
 
 Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
+COMPILED_NOTE = (
+    "blocks compiled (torch.compile {options}): rebuild and selective:* left out of the menu, "
+    "their saved-tensor hooks and dispatch modes cannot see inside a compiled block; keep, "
+    "recompute (checkpoints around the compiled blocks) and compile-budget:<fraction> "
+    "(compile's own activation_memory_budget per block) remain"
+)
+
+
+RANDOM_NOTE = (
+    "compile-budget:* left out too: the model draws random numbers in training (dropout), and "
+    "compile's activation_memory_budget recomputes them in backward with other numbers than the "
+    "forward's (torch 2.13, CPU: gradients off by 2e-2 against the same compile without it; "
+    "equal with dropout off)"
+)
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Notes whether any op drawn through it draws random numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.found = self.found or draws_random(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _draws_random(model: nn.Module, sample: Any) -> bool:
+    """Whether one training forward of the model draws random numbers (dropout on)."""
+    args, kwargs = split_sample(sample)
+    with torch.no_grad(), _RandomDraws() as mode:  # the RNG state is restored by the caller
+        model(*args, **kwargs)
+    return mode.found
+
+
+def _hooked_options(options: Sequence[str]) -> list[str]:
+    """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
+    return [name for name in options if name in (REBUILD, REBUILD_LINEAR) or is_selective(name)]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
@@ -68,6 +123,7 @@ def profile(
     optimizer: Any = None,
     keep_output: bool = True,
     distributed: bool | None = None,
+    compile: bool | dict[str, Any] = False,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -91,6 +147,17 @@ def profile(
             measures, and all get the same merged profile (the worst rank's memory, the slowest
             rank's times), so that every rank plans the same schedule
             (:mod:`memfit.distributed`). ``False``: this process alone.
+        compile: profile the blocks compiled, as the plan will run them: ``True`` or a dict of
+            ``torch.compile`` arguments (``{"backend": "inductor", "mode": ...}``). Each block's
+            own forward is compiled and memfit's checkpoints run around it
+            (:mod:`memfit.runtime.compiled`), so every cost is the compiled block's. The menu
+            is then keep and recompute: ``rebuild`` and ``selective:*`` cannot see inside a
+            compiled block (``options="auto"`` leaves them out, with a note in
+            ``profile.info["notes"]``; naming one is a ``ValueError``); in their place
+            ``options="auto"`` measures ``compile-budget:0.5`` and ``compile-budget:0.1``,
+            each block compiled with compile's own ``activation_memory_budget``. Plans made from the
+            profile record the options (``plan.info["compile"]``) and :func:`memfit.apply`
+            compiles the blocks. Blocks already compiled by memfit are profiled as they are.
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
@@ -101,7 +168,8 @@ def profile(
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
-        ValueError: an unknown option name (checked before anything is measured).
+        ValueError: an unknown option name (checked before anything is measured), or an
+            option that cannot run on compiled blocks.
         RankMismatchError: ranks with other sample shapes, chains or options (on every rank).
 
     Example:
@@ -133,6 +201,19 @@ def profile(
             "distributed=False to plan each rank alone (ranks may then run different plans and "
             "wait for each other at every collective)",
         )
+    compiling = compile_options(compile)
+    if compiling is not None and not isinstance(options, str) and _hooked_options(options):
+        raise ValueError(
+            f"options {_hooked_options(options)} cannot run on compiled blocks (saved-tensor "
+            f"hooks and dispatch modes do not see inside compiled code); profile with "
+            f"compile=False for them, or leave them out"
+        )
+    budgets = [] if isinstance(options, str) else [o for o in options if is_compile_budget(o)]
+    if compiling is None and budgets:
+        raise ValueError(
+            f"options {budgets} compile the blocks with compile's activation_memory_budget; "
+            f"profile with compile=True (or a dict of torch.compile arguments) for them"
+        )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     with warnings.catch_warnings():
@@ -141,6 +222,71 @@ def profile(
     chain = _chain(model, sample, blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
+    already = compiled_blocks(chain.blocks)
+    if compiling is not None and already is not None and already != compiling:
+        raise ValueError(
+            f"the blocks are compiled by memfit with {already}, not with compile={compiling}; "
+            f"profile with compile={already} (or compile=False to take them as they are)"
+        )
+    compiling = already if compiling is None else compiling
+    if compiling is not None:
+        menu = list(COMPILE_BUDGETS) if isinstance(options, str) else list(options)
+        notes = [COMPILED_NOTE.format(options=compiling)]
+        if any(map(is_compile_budget, menu)) and _draws_random(model, sample):
+            if not isinstance(options, str):
+                raise ValueError(
+                    f"options {[o for o in menu if is_compile_budget(o)]} would give wrong "
+                    f"gradients here: {RANDOM_NOTE.partition(': ')[2]}; leave them out or turn "
+                    f"dropout off"
+                )
+            menu, notes = [], [*notes, RANDOM_NOTE]
+        if already is None:
+            compile_blocks(chain.blocks, compiling)
+        try:
+            return _profile(
+                model,
+                sample,
+                chain,
+                loss_fn,
+                accumulate,
+                repeats,
+                menu,
+                optimizer,
+                keep_output,
+                {"compile": compiling, "notes": notes},
+                world,
+            )
+        finally:
+            if already is None:
+                uncompile_blocks(chain.blocks)
+    return _profile(
+        model,
+        sample,
+        chain,
+        loss_fn,
+        accumulate,
+        repeats,
+        options,
+        optimizer,
+        keep_output,
+        {},
+        world,
+    )
+
+
+def _profile(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    repeats: int,
+    options: Sequence[str] | str,
+    optimizer: Any,
+    keep_output: bool,
+    info: dict[str, Any],
+    world: int,
+) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
@@ -203,6 +349,10 @@ def profile(
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
     ops = {block.name: block.to_rows() for block in block_ops}
+    if ops:
+        info["ops"] = ops
+    # wall / CPU seconds while timing: shape fits put every shape's times on one factor
+    info["wall_per_cpu"] = factor
     result = build_profile(
         model,
         sample,
@@ -211,7 +361,6 @@ def profile(
         recompute=recompute,
         options=readings,
         details=details,
-        # wall / CPU seconds while timing: shape fits put every shape's times on one factor
-        info={"ops": ops, "wall_per_cpu": factor} if ops else {"wall_per_cpu": factor},
+        info=info,
     )
     return merge_profiles(result) if world > 1 else result

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from memfit.integrations.hf_models import ARCHITECTURES, FAMILIES, build_hf
 from memfit.runtime.apply import register_before_apply
 
+if TYPE_CHECKING:
+    from memfit.integrations.hf_trainer import MemfitCallback
+
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "MemfitCallback",
     "build_hf",
     "disable_hf_checkpointing",
     "hf_block_names",
@@ -100,3 +105,13 @@ def disable_hf_checkpointing(model: nn.Module) -> bool:
 
 
 register_before_apply(disable_hf_checkpointing)
+
+
+def __getattr__(name: str) -> Any:
+    # MemfitCallback subclasses transformers' TrainerCallback: import transformers only when
+    # the callback is asked for, never with memfit
+    if name == "MemfitCallback":
+        from memfit.integrations.hf_trainer import MemfitCallback
+
+        return MemfitCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

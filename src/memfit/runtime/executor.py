@@ -37,6 +37,7 @@ from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
 from memfit.measuring.step import own_fsdp_unit
 from memfit.planning.plan import Item, Segment, Stage
 from memfit.runtime.caches import CacheArguments, drop_caches
+from memfit.runtime.compiled import eager_around_compiled_blocks
 from memfit.runtime.guards import (
     Inputs,
     NamedModules,
@@ -224,6 +225,7 @@ class Head:
         self.executor = executor
         self.segment = segment
 
+    @eager_around_compiled_blocks
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, segment = self.executor, self.segment
         call = executor.call(segment.start, args, kwargs)
@@ -268,6 +270,7 @@ class PassThrough:
         self.segment = segment
         self.index = index
 
+    @eager_around_compiled_blocks
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, segment, index = self.executor, self.segment, self.index
         x, rest, side = split(args, kwargs)
@@ -308,6 +311,7 @@ class TopStage:
         self.executor = executor
         self.stage = stage
 
+    @eager_around_compiled_blocks
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, stage = self.executor, self.stage
         call = executor.call(stage.index, args, kwargs)

@@ -56,9 +56,14 @@ def guard_input(out: Any, watched: Any, stage: str) -> Any:
     with frozen embeddings the first block's input does not, and recompute would silently
     read the changed values.
 
+    Not while torch.compile traces (a hook reading version counters breaks the graph): a
+    compiled region saves its inputs through autograd, whose own version check then holds.
+
     Returns:
         ``out``, unchanged.
     """
+    if torch.compiler.is_compiling():
+        return out
     main = main_tensor(out)
     if not (isinstance(watched, torch.Tensor) and main is not None and main.requires_grad):
         return out
@@ -78,7 +83,10 @@ def guard_input(out: Any, watched: Any, stage: str) -> Any:
 
 
 def rng_state(device: torch.device | None) -> tuple[torch.Tensor, ...]:
-    """The random generators' states that blocks on ``device`` draw from (CPU always)."""
+    """The random generators' states that blocks on ``device`` draw from (CPU always); none
+    while torch.compile traces (a compiled region cannot read them without a graph break)."""
+    if torch.compiler.is_compiling():
+        return ()
     states = [torch.random.get_rng_state()]
     if device is not None and device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
@@ -120,12 +128,20 @@ class Watch:
         stage: the item's first stage, for messages.
         modules: the item's blocks and their submodules, with their fqns.
         main, rest, side: the item's arguments (the hidden state, positional, keyword).
+
+    While torch.compile traces the item (a compiled model or block around memfit's runtime) it
+    watches nothing: reading version counters and attribute dicts would break the graph, and a
+    compiled region's recompute replays the traced graph, not the module's Python.
     """
 
     def __init__(
         self, stage: str, modules: NamedModules, main: Any, rest: tuple[Any, ...], side: Any
     ) -> None:
         self.stage = stage
+        if torch.compiler.is_compiling():
+            self.inputs: list[tuple[str, torch.Tensor, int]] = []
+            self.modules: list[tuple[str, nn.Module, dict[str, Any], dict[str, Any]]] = []
+            return
         self.inputs = [(label, t, t._version) for label, t in _arguments(main, rest, side)]
         self.modules = [
             (

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -224,6 +225,9 @@ class Selective:
         writes = SavedWrites(self.policy.saves, caching.storage, self.stage, self.policy.option)
         return _Stacked(writes, caching), cached
 
+    # SavedWrites is a Python dispatch mode, which torch.compile cannot trace: a model compiled
+    # around a plan runs a selective stage eagerly, one graph break at its boundary.
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return checkpoint(
             self.forward, *args, use_reentrant=False, context_fn=self.contexts, **kwargs

@@ -54,7 +54,10 @@ from typing import Any
 import torch
 import torch.nn.utils.parametrize
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import (
+    _global_forward_hooks_with_kwargs,
+    register_module_forward_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -722,6 +725,9 @@ def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForwa
             yield state
     finally:
         hook.remove()
+        # torch 2.13's handle forgets the with_kwargs flag it set: left behind, it made every
+        # later torch.compile(module) call warn about global hooks (one entry per rebuilt block)
+        _global_forward_hooks_with_kwargs.pop(hook.id, None)
     state.finish()  # only when the forward succeeded: on an error everything stays saved
     for log in _logs:
         log.append(dict(state.dropped))
@@ -735,6 +741,10 @@ class Rebuilt:
         self.forward = forward
         self.linear = linear
 
+    # Saved-tensor hooks cannot live in a compiled region (torch.compile disables them while it
+    # traces, and tracing these hooks recompiled until Dynamo's limit): a model compiled around
+    # a plan runs a rebuilt stage eagerly, one graph break at its boundary.
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)

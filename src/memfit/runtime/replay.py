@@ -39,7 +39,11 @@ from memfit.runtime.guards import RUNNING_STATS
 
 
 def replaying() -> bool:
-    """Whether the forward running now is a recompute in backward."""
+    """Whether the forward running now is a recompute in backward (never while torch.compile
+    traces: a checkpoint in a compiled region is recomputed by the compiled backward, which
+    runs no Python)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 

@@ -1,0 +1,280 @@
+"""Compiled blocks beneath memfit's runtime: each block's own forward through ``torch.compile``,
+memfit's checkpoints around it.
+
+torchtitan's order (checkpoint each block, then compile each block) puts the checkpoint inside
+the compiled region, where compile's partitioner decides what the recompute saves, and where
+every block's checkpoint wrapper is traced again (memfit's wrappers differ per block: a graph
+per block). Here the order is the other way round: the block's class ``forward`` is compiled
+(one compiled function per block class and options, shared by every block of that class:
+``inline_inbuilt_nn_modules`` passes each block's parameters as inputs, so one graph serves
+them all), and memfit's non-reentrant checkpoint wraps the compiled call from outside. So
+
+* a recompute reruns the same compiled code on the same inputs: gradients bit for bit those of
+  the compiled model without memfit (dropout too: the checkpoint restores the RNG state the
+  compiled forward draws its seeds from);
+* what a block saves is what its compiled forward saves, and memfit's profile measures exactly
+  that (the stage marks are forward pre-hooks and gradient hooks outside the compiled code);
+* options made of saved-tensor hooks or dispatch modes (``rebuild``, ``selective:*``) cannot
+  see inside a compiled function: plans for compiled blocks leave them out (see
+  :func:`memfit.profile`'s ``compile``). In their place, ``compile-budget:<fraction>`` compiles
+  the block once more with compile's own ``activation_memory_budget``, so that its partitioner
+  recomputes cheap ops inside the block: the op-level choice, made by compile, measured and
+  mixed per block by memfit's planner (gradients then within compile's tolerance, not bit for
+  bit: the partitioner's recomputed ops run in other kernels).
+
+Mechanism: :func:`compile_blocks` gives each block an instance ``forward``, a
+:class:`CompiledForward` (a plain object: ``copy.deepcopy`` and ``pickle`` rebind it), which a
+plan applied afterwards calls as the block's own forward; :func:`uncompile_blocks` removes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import PlanMismatchError
+from memfit.runtime.options import OptionKind, register_option
+
+__all__ = [
+    "COMPILE_BUDGET",
+    "COMPILE_BUDGETS",
+    "COMPILE_KEYS",
+    "CompileBudget",
+    "CompiledForward",
+    "compile_blocks",
+    "compile_budget",
+    "compile_options",
+    "compiled_blocks",
+    "eager_around_compiled_blocks",
+    "is_compile_budget",
+    "runs_compiled_blocks",
+    "uncompile_blocks",
+]
+
+# torch.compile's arguments a plan may record (JSON: strings, booleans, a dict of options)
+COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+_COMPILED: dict[tuple[Any, str], Any] = {}  # (class forward, options as JSON) -> compiled
+
+
+def compile_options(compile: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments from the user's ``compile=`` (``None``: no compile).
+
+    Raises:
+        TypeError: neither a bool nor a dict.
+        ValueError: a key ``torch.compile`` takes that a plan cannot record.
+    """
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {}
+    if not isinstance(compile, Mapping):
+        raise TypeError(
+            f"compile must be True, False or a dict of torch.compile arguments such as "
+            f'{{"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}}; got '
+            f"{type(compile).__name__}"
+        )
+    unknown = sorted(set(compile) - set(COMPILE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"compile={dict(compile)!r}: keys {unknown} are not recorded in plans; expected "
+            f"some of {list(COMPILE_KEYS)}"
+        )
+    return dict(compile)
+
+
+class CompiledForward:
+    """A block's class ``forward``, compiled, as the block's instance ``forward``.
+
+    Args:
+        block: the block.
+        options: ``torch.compile`` keyword arguments (see :data:`COMPILE_KEYS`).
+    """
+
+    def __init__(self, block: nn.Module, options: Mapping[str, Any]) -> None:
+        self.block = block
+        self.options = dict(options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _compiled(type(self.block).forward, self.options)(self.block, *args, **kwargs)
+
+
+def _compiled(forward: Any, options: dict[str, Any], budget: float | None = None) -> Any:
+    key = (forward, repr((sorted(options.items()), budget)))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        if budget is None:
+            compiled = torch.compile(forward, **options)
+        else:
+            rest = {k: v for k, v in options.items() if k in ("fullgraph", "dynamic")}
+            compiled = torch.compile(forward, backend=WithActivationBudget(options, budget), **rest)
+        _COMPILED[key] = compiled
+    return compiled
+
+
+class WithActivationBudget:
+    """A ``torch.compile`` backend: the user's (``options``: backend, mode, inductor options)
+    with ``torch._functorch.config.activation_memory_budget`` set while it compiles, when the
+    partitioner reads it. An object per budget, so Dynamo never hands one budget's graph to
+    another (its cache entries match their backend)."""
+
+    def __init__(self, options: Mapping[str, Any], budget: float) -> None:
+        self.backend = options.get("backend", "inductor")
+        self.budget = budget
+        self.inductor: dict[str, Any] = {}
+        if self.backend == "inductor":
+            mode = options.get("mode")
+            if mode is not None:
+                self.inductor |= torch._inductor.list_mode_options(mode)
+            self.inductor |= dict(options.get("options") or {})
+
+    def __call__(self, graph: Any, example_inputs: Any) -> Any:
+        import torch._functorch.config
+        import torch._inductor.config
+
+        compiler = torch._dynamo.lookup_backend(self.backend)
+        # no AOT cache: a graph partitioned under another budget must not come back
+        with (
+            torch._functorch.config.patch(
+                activation_memory_budget=self.budget, enable_autograd_cache=False
+            ),
+            torch._inductor.config.patch(self.inductor),
+        ):
+            return compiler(graph, example_inputs)
+
+
+COMPILE_BUDGET = "compile-budget:"
+COMPILE_BUDGETS = ("compile-budget:0.5", "compile-budget:0.1")  # the menu with options="auto"
+
+
+class CompileBudget:
+    """A compiled block's forward compiled again with compile's own
+    ``activation_memory_budget`` (the ``compile-budget:<fraction>`` option): inside the block,
+    compile's partitioner saves less and recomputes cheap ops in its backward graph, an op-level
+    choice memfit cannot make inside compiled code. A plain object, so planned models pickle.
+
+    Raises:
+        PlanMismatchError: (when called) the block was not compiled by memfit.
+    """
+
+    def __init__(self, forward: Any, budget: float) -> None:
+        self.forward = forward
+        self.budget = budget
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        compiled = getattr(self.forward, "previous", None)
+        if not isinstance(compiled, CompiledForward):
+            raise PlanMismatchError(
+                f"option {COMPILE_BUDGET}{self.budget:g} runs only on blocks memfit compiled; "
+                f"profile and plan with compile=True"
+            )
+        block = compiled.block
+        call = _compiled(type(block).forward, compiled.options, self.budget)
+        return call(block, *args, **kwargs)
+
+
+def compile_budget(option: str) -> float:
+    """The fraction of a ``compile-budget:<fraction>`` option.
+
+    Raises:
+        ValueError: not such an option, or the fraction is not in [0, 1].
+    """
+    text = option.removeprefix(COMPILE_BUDGET)
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not option.startswith(COMPILE_BUDGET) or not 0.0 <= budget <= 1.0:
+        raise ValueError(
+            f"option {option!r}: expected {COMPILE_BUDGET}<fraction in [0, 1]>, such as "
+            f"{COMPILE_BUDGETS[0]!r} (torch.compile's activation_memory_budget for the block)"
+        )
+    return budget
+
+
+def is_compile_budget(option: str) -> bool:
+    """Whether ``option`` is a ``compile-budget:<fraction>`` option."""
+    return option.startswith(COMPILE_BUDGET)
+
+
+def _compile_budget_wrapper(option: str) -> Any:
+    budget = compile_budget(option)
+    return functools.partial(CompileBudget, budget=budget)
+
+
+register_option(
+    OptionKind(
+        prefix=COMPILE_BUDGET,
+        form=f"{COMPILE_BUDGET}<fraction>",
+        recomputes=False,
+        wrapper=_compile_budget_wrapper,
+    )
+)
+
+
+def compile_blocks(blocks: Iterable[nn.Module], options: Mapping[str, Any]) -> None:
+    """Compile each block's own forward (in place; :func:`uncompile_blocks` undoes it).
+
+    Call before a plan is applied: the plan's runtime then runs the compiled forward, inside
+    its checkpoints.
+
+    Raises:
+        ValueError: a block has an instance ``forward`` already (a plan, or another wrapper).
+    """
+    blocks = list(blocks)
+    for block in blocks:
+        current = block.__dict__.get("forward")
+        if current is not None and not isinstance(current, CompiledForward):
+            raise ValueError(
+                f"block {type(block).__name__} has an instance forward already "
+                f"({type(current).__name__}); compile blocks before applying a plan "
+                f"(memfit.remove(model) first)"
+            )
+    for block in blocks:
+        block.forward = CompiledForward(block, options)
+
+
+def compiled_blocks(blocks: Iterable[nn.Module]) -> dict[str, Any] | None:
+    """The compile options of the blocks when all of them are compiled by memfit, else None."""
+    forwards = [block.__dict__.get("forward") for block in blocks]
+    if forwards and all(isinstance(f, CompiledForward) for f in forwards):
+        return dict(forwards[0].options)  # type: ignore[union-attr]
+    return None
+
+
+def uncompile_blocks(blocks: Iterable[nn.Module]) -> None:
+    """Remove what :func:`compile_blocks` did (blocks without it are left alone)."""
+    for block in blocks:
+        if isinstance(block.__dict__.get("forward"), CompiledForward):
+            del block.forward
+
+
+def runs_compiled_blocks(override: Any) -> bool:
+    """Whether a planned block's override (``block.forward`` after a plan) runs blocks that
+    :func:`compile_blocks` compiled."""
+    # one look at the executor the override belongs to (the same for every block of a model,
+    # so a trace of it does not specialise on the block); all of a chain's blocks are compiled
+    # by compile_blocks or none
+    forwards = override.executor.forwards
+    first = next(iter(forwards.values()), None)
+    return isinstance(getattr(first, "previous", None), CompiledForward)
+
+
+def eager_around_compiled_blocks(call: Any) -> Any:
+    """Decorate an override's ``__call__`` (runtime/executor.py): when ``torch.compile`` traces
+    a planned model whose blocks memfit compiled (a whole-model ``torch.compile(model)`` or a
+    ``block.compile()`` after the plan), the override runs eagerly, one graph break per block,
+    so that memfit's checkpoints stay outside compiled code around the compiled blocks, as the
+    profile measured them. Overrides of plans on uncompiled blocks are traced as any code is."""
+    eager = torch.compiler.disable(call)
+
+    @functools.wraps(call)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and runs_compiled_blocks(self):
+            return eager(self, *args, **kwargs)
+        return call(self, *args, **kwargs)
+
+    return wrapper
