@@ -1,8 +1,8 @@
-"""The eager frontier on Hugging Face configs: memfit before and after op-chain rebuild.
+"""The eager frontier on Hugging Face configs: memfit before and after ``rebuild+ops``.
 
 Rows per model: no checkpointing, per-block full recompute (``all``: what Hugging Face's
-``gradient_checkpointing_enable()`` does), memfit's optimal plan with ``rebuild`` as it was
-before op chains, and with op chains, at 30%, 50%, 70% of activation memory and at the
+``gradient_checkpointing_enable()`` does), memfit's optimal plan from a menu without ``rebuild+ops``
+(memfit before op chains), and with it, at 30%, 50%, 70% of activation memory and at the
 per-block recompute's own peak. Models are built with the library's defaults
 (``memfit.integrations.hf.build_hf``: dropout on, default attention). Every row is measured
 for real: peak (CPU meter), gradients bit for bit, step time paired with an unplanned step
@@ -14,6 +14,7 @@ for real: peak (CPU meter), gradients bit for bit, step time paired with an unpl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -26,7 +27,7 @@ import memfit
 from memfit.bench import BenchRow, bench
 from memfit.integrations.hf import build_hf
 from memfit.planning.solve import solve
-from memfit.runtime.rebuild import without_op_chains
+from memfit.runtime import REBUILD_OPS
 
 HERE = Path(__file__).parent
 
@@ -73,19 +74,25 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
         vocab=args.vocab,
     )
     budgets = [b.strip() for b in args.budgets.split(",")]
-    with without_op_chains():
-        before = memfit.profile(model, sample, repeats=args.repeats)
-        hf_peak = solve(before.costs, None, "all").predicted_peak_bytes
-        old = bench(
-            model,
-            sample,
-            before,
-            budgets=[*budgets, str(hf_peak)],
-            strategies=("none", "all", "optimal"),
-            repeats=args.repeats,
-            progress=lambda m: print(arch, "before:", m, file=sys.stderr),
-        )
     after = memfit.profile(model, sample, repeats=args.repeats)
+    # memfit before op chains: the same profile, its menu without rebuild+ops
+    stages = [
+        dataclasses.replace(
+            stage, options={k: v for k, v in stage.options.items() if k != REBUILD_OPS}
+        )
+        for stage in after.costs.stages
+    ]
+    before = dataclasses.replace(after, costs=dataclasses.replace(after.costs, stages=stages))
+    hf_peak = solve(before.costs, None, "all").predicted_peak_bytes
+    old = bench(
+        model,
+        sample,
+        before,
+        budgets=[*budgets, str(hf_peak)],
+        strategies=("none", "all", "optimal"),
+        repeats=args.repeats,
+        progress=lambda m: print(arch, "before:", m, file=sys.stderr),
+    )
     new = bench(
         model,
         sample,

@@ -20,7 +20,7 @@ from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.profiling import profile
-from memfit.runtime import REBUILD, REBUILD_LINEAR
+from memfit.runtime import REBUILD, REBUILD_LINEAR, REBUILD_OPS
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
@@ -166,7 +166,9 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
             )
         apply_plan(model, chain, plan)
         return
-    hooked = sorted({o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR)})
+    hooked = sorted(
+        {o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR, REBUILD_OPS)}
+    )
     hooked += sorted({o for o in plan.options.values() if is_selective(o)})
     if hooked:
         raise PlanMismatchError(

@@ -37,7 +37,14 @@ from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan, Stage, recompute_one
-from memfit.runtime import REBUILD, REBUILD_LINEAR, recording, saved_ops, stage_wrapper
+from memfit.runtime import (
+    REBUILD,
+    REBUILD_LINEAR,
+    REBUILD_OPS,
+    recording,
+    saved_ops,
+    stage_wrapper,
+)
 from memfit.runtime.apply import planned, planned_module
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
@@ -92,7 +99,11 @@ def _draws_random(model: nn.Module, sample: Any) -> bool:
 
 def _hooked_options(options: Sequence[str]) -> list[str]:
     """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
-    return [name for name in options if name in (REBUILD, REBUILD_LINEAR) or is_selective(name)]
+    return [
+        name
+        for name in options
+        if name in (REBUILD, REBUILD_LINEAR, REBUILD_OPS) or is_selective(name)
+    ]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
@@ -289,7 +300,7 @@ def _profile(
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
-        options = [REBUILD, REBUILD_LINEAR, *candidate_policies(block_ops)]
+        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *candidate_policies(block_ops)]
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
             options = list(rank0(options))
     else:

@@ -7,7 +7,7 @@ unplanned: loss and every gradient ``torch.equal`` (dropout on where the library
 measured peak within the budget, the predicted peak within 2% of the measured one.
 
 Ways of planning: the optimal plan at budgets 30% and 60% of the activation memory, and every
-block under one option: recompute (strategy ``all``), ``rebuild``, ``rebuild+linear``,
+block under one option: recompute (strategy ``all``), ``rebuild``, ``rebuild+linear``, ``rebuild+ops``,
 ``selective:matmul``.
 
 | family | model class | attention | covered |
@@ -48,7 +48,7 @@ from memfit.verification import same_tensors, seeded_gradients
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
-STAGE_OPTIONS = ("rebuild", "rebuild+linear", "selective:matmul")
+STAGE_OPTIONS = ("rebuild", "rebuild+linear", "rebuild+ops", "selective:matmul")
 BUDGETS = ("30%", "60%")
 SIZES = {"layers": 8, "hidden": 32, "heads": 2, "seq": 128, "batch": 2, "vocab": 128}
 SEED = 0

@@ -9,11 +9,19 @@ from memfit.runtime.options import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.rebuild import REBUILD, REBUILD_LINEAR, pure_module, rebuilding, recording
+from memfit.runtime.rebuild import (
+    REBUILD,
+    REBUILD_LINEAR,
+    REBUILD_OPS,
+    pure_module,
+    rebuilding,
+    recording,
+)
 
 __all__ = [
     "REBUILD",
     "REBUILD_LINEAR",
+    "REBUILD_OPS",
     "OptionKind",
     "applied_plan",
     "apply_plan",

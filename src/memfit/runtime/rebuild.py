@@ -66,6 +66,7 @@ from memfit.runtime.options import Forward, OptionKind, StageWrapper, register_o
 
 REBUILD = "rebuild"
 REBUILD_LINEAR = "rebuild+linear"
+REBUILD_OPS = "rebuild+ops"
 
 # autograd node type -> the op that made the node's output, rebuilt from the node's saved input
 NODE_RECIPES: dict[str, Callable[[Any], torch.Tensor]] = {
@@ -267,20 +268,6 @@ CHEAP_OPS = frozenset(
         "aten::sum",
     }
 )
-_OP_CHAINS = [True]  # off only to measure rebuild as it was before op chains (benchmarks)
-
-
-@contextmanager
-def without_op_chains() -> Iterator[None]:
-    """``rebuild`` as it was before op chains (node and module recipes, masks) inside the
-    ``with`` statement: for benchmarks that compare the two."""
-    _OP_CHAINS.append(False)
-    try:
-        yield
-    finally:
-        _OP_CHAINS.pop()
-
-
 MAX_CHAIN = 32  # ops rerun to rebuild one storage (GPT-2's tanh GELU: 8)
 CONSTANT_NUMEL = 64  # tensors up to this size made outside dispatch (wrapped scalars): copied
 
@@ -395,8 +382,9 @@ class _BlockForward:
     """One forward of one block under ``rebuild``: every saved tensor is held by a handle, and
     when the forward ends, the storages that can be rebuilt from what stays saved are dropped."""
 
-    def __init__(self, linear: bool = False, inputs: Any = None) -> None:
+    def __init__(self, linear: bool = False, inputs: Any = None, ops: bool = False) -> None:
         self.linear = linear  # also rebuild nn.Linear outputs (one matmul each)
+        self.ops = ops  # also rebuild chains of cheap aten ops (recorded by _OpRecorder)
         self.thread = threading.get_ident()  # the global module hook ignores other threads
         self.first_node = _next_sequence_nr()  # autograd nodes made before are not the block's
         # storages of the block's arguments: made (and kept alive) outside, never dropped
@@ -713,13 +701,15 @@ def recording() -> Iterator[list[dict[str, int]]]:
 
 
 @contextmanager
-def rebuilding(linear: bool = False, inputs: Any = None) -> Iterator[_BlockForward]:
+def rebuilding(
+    linear: bool = False, inputs: Any = None, ops: bool = False
+) -> Iterator[_BlockForward]:
     """Run a forward under ``rebuild`` (``linear``: ``rebuild+linear``). ``inputs``: the block's
     arguments, never dropped (made outside, they would stay alive anyway); set ``.outputs`` of
     the yielded state to what the block returns, for the same reason."""
-    state = _BlockForward(linear, inputs)
+    state = _BlockForward(linear, inputs, ops)
     hook = register_module_forward_hook(state.module_hook, with_kwargs=True)
-    recorder = _OpRecorder(state) if _OP_CHAINS[-1] else contextlib.nullcontext()
+    recorder = _OpRecorder(state) if ops else contextlib.nullcontext()
     try:
         with torch.autograd.graph.saved_tensors_hooks(state.pack, _unpack), recorder:
             yield state
@@ -737,9 +727,10 @@ class Rebuilt:
     """A block's forward under ``rebuild`` (``linear``: ``rebuild+linear``); a plain object, so
     planned models pickle."""
 
-    def __init__(self, forward: Forward, linear: bool) -> None:
+    def __init__(self, forward: Forward, linear: bool, ops: bool = False) -> None:
         self.forward = forward
         self.linear = linear
+        self.ops = ops
 
     # Saved-tensor hooks cannot live in a compiled region (torch.compile disables them while it
     # traces, and tracing these hooks recompiled until Dynamo's limit): a model compiled around
@@ -748,19 +739,25 @@ class Rebuilt:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
-        with rebuilding(self.linear, (args, kwargs)) as state:
+        with rebuilding(self.linear, (args, kwargs), getattr(self, "ops", False)) as state:
             out = self.forward(*args, **kwargs)
             state.outputs = out
         return out
 
 
 def _rebuild(option: str) -> StageWrapper:
-    if option not in (REBUILD, REBUILD_LINEAR):
-        raise ValueError(f"unknown option {option!r}; expected {REBUILD!r} or {REBUILD_LINEAR!r}")
-    return functools.partial(Rebuilt, linear=option == REBUILD_LINEAR)
+    if option not in (REBUILD, REBUILD_LINEAR, REBUILD_OPS):
+        raise ValueError(
+            f"unknown option {option!r}; expected {REBUILD!r}, {REBUILD_LINEAR!r} or "
+            f"{REBUILD_OPS!r}"
+        )
+    return functools.partial(Rebuilt, linear=option == REBUILD_LINEAR, ops=option == REBUILD_OPS)
 
 
 register_option(OptionKind(prefix=REBUILD, form=REBUILD, recomputes=False, wrapper=_rebuild))
+register_option(
+    OptionKind(prefix=REBUILD_OPS, form=REBUILD_OPS, recomputes=False, wrapper=_rebuild)
+)
 register_option(
     OptionKind(prefix=REBUILD_LINEAR, form=REBUILD_LINEAR, recomputes=False, wrapper=_rebuild)
 )
