@@ -95,6 +95,7 @@ def main() -> None:
         f"{memfit.format_bytes(check.baseline_peak_bytes)} without memfit",
         flush=True,
     )
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -42,7 +42,7 @@ def run(scenario: str, out: pathlib.Path) -> list[dict[str, Any]]:
         seen = json.loads(path.read_text())
         assert "exception" not in seen, seen["exception"]
         ranks.append(seen)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return ranks
 
 
@@ -102,7 +102,7 @@ def test_example_trains() -> None:
     command += ["--nproc-per-node", "2", str(example), "--fsdp", "--budget", "50%"]
     command += ["--steps", "2", "--layers", "3", "--hidden", "64", "--seq", "256", "--batch", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     for rank in range(2):
         assert f"rank {rank}: gradients equal to the unplanned model: True" in done.stdout
     assert "blocks recomputed or rebuilt" in done.stdout

@@ -223,6 +223,7 @@ def main() -> None:
         (options.out / f"rank{rank}.json").write_text(json.dumps(seen))
         sys.exit(1)
     (options.out / f"rank{rank}.json").write_text(json.dumps(seen, indent=1))
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
