@@ -91,6 +91,10 @@ class Executor:
         modules: stage -> its block and the block's submodules, with fqns (for ``Watch``).
     """
 
+    # class defaults: executors pickled before these existed load with them
+    sharded = False  # whether the first block was its own FSDP2 unit when the plan was applied
+    resharding_told = False
+
     def __init__(
         self,
         chain: Chain,
