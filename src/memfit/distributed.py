@@ -68,7 +68,12 @@ def _device() -> torch.device:
 def exchange(text: str) -> list[str]:
     """Every rank's ``text``, in rank order (a collective: every rank must call it)."""
     device = _device()
-    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    encoded = text.encode()
+    data = (
+        torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        if encoded
+        else torch.zeros(0, dtype=torch.uint8)
+    )
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
@@ -78,7 +83,7 @@ def exchange(text: str) -> list[str]:
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
     return [
-        bytes(g[: int(s.item())].cpu().tolist()).decode()
+        g[: int(s.item())].cpu().numpy().tobytes().decode()
         for g, s in zip(gathered, sizes, strict=True)
     ]
 
