@@ -94,12 +94,13 @@ def test_ranks_with_other_sample_shapes_all_raise(tmp_path: pathlib.Path) -> Non
 
 
 def test_example_trains() -> None:
-    """The README's FSDP2 command, at a small size (the DDP path is the ``ddp`` scenario's)."""
+    """The README's FSDP2 command, at a small size (the DDP path is the ``ddp`` scenario's; 60%:
+    at this size 50% lies within a few KiB of the floor, which the ranks' timing moves)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     example = WORKER.parents[2] / "examples" / "train.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc-per-node", "2", str(example), "--fsdp", "--budget", "50%"]
+    command += ["--nproc-per-node", "2", str(example), "--fsdp", "--budget", "60%"]
     command += ["--steps", "2", "--layers", "3", "--hidden", "64", "--seq", "256", "--batch", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
