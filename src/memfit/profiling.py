@@ -240,6 +240,8 @@ def profile(
             f"profile with compile={already} (or compile=False to take them as they are)"
         )
     compiling = already if compiling is None else compiling
+    menu: Sequence[str] | str = options
+    info: dict[str, Any] = {}
     if compiling is not None:
         menu = list(COMPILE_BUDGETS) if isinstance(options, str) else list(options)
         notes = [COMPILED_NOTE.format(options=compiling)]
@@ -251,38 +253,26 @@ def profile(
                     f"dropout off"
                 )
             menu, notes = [], [*notes, RANDOM_NOTE]
+        info = {"compile": compiling, "notes": notes}
         if already is None:
             compile_blocks(chain.blocks, compiling)
-        try:
-            return _profile(
-                model,
-                sample,
-                chain,
-                loss_fn,
-                accumulate,
-                repeats,
-                menu,
-                optimizer,
-                keep_output,
-                {"compile": compiling, "notes": notes},
-                world,
-            )
-        finally:
-            if already is None:
-                uncompile_blocks(chain.blocks)
-    return _profile(
-        model,
-        sample,
-        chain,
-        loss_fn,
-        accumulate,
-        repeats,
-        options,
-        optimizer,
-        keep_output,
-        {},
-        world,
-    )
+    try:
+        return _profile(
+            model,
+            sample,
+            chain,
+            loss_fn,
+            accumulate,
+            repeats,
+            menu,
+            optimizer,
+            keep_output,
+            info,
+            world,
+        )
+    finally:
+        if compiling is not None and already is None:
+            uncompile_blocks(chain.blocks)
 
 
 def _profile(
