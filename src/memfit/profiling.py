@@ -54,6 +54,16 @@ from memfit.runtime.compiled import (
     is_compile_budget,
     uncompile_blocks,
 )
+from memfit.runtime.head import (
+    CHUNKED,
+    HEAD_OPTIONS,
+    INEXACT_NOTE,
+    LEAN_LOSS,
+    chunked_head_support,
+    head_option,
+    head_usage,
+    is_head_option,
+)
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
@@ -111,6 +121,41 @@ def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
     return find_chain(model, lambda: model(*args, **kwargs), blocks)
 
 
+def _head_way(chain: Chain, option: str) -> Plan:
+    """Every block kept, the last stage (head and loss) run with ``option``."""
+    last = len(chain) - 1
+    tree = tuple(Stage(i, option if i == last else KEEP) for i in range(len(chain)))
+    return Plan.from_tree(chain.stage_names, tree, f"<post> {option}")
+
+
+def _head_menu(
+    model: nn.Module, options: Sequence[str] | str, exact: bool
+) -> tuple[list[str], list[str]]:
+    """The ``<post>`` options to measure, and notes on the ones left out.
+
+    Raises:
+        ValueError: an unknown ``head:`` option, or one exact only to rounding while ``exact``.
+    """
+    if isinstance(options, str):
+        wanted = [name for name, head in HEAD_OPTIONS.items() if head.exact or not exact]
+    else:
+        wanted = [name for name in options if is_head_option(name)]
+        for name in wanted:
+            if not head_option(name).exact and exact:
+                raise ValueError(
+                    f"option {name!r} is {INEXACT_NOTE}; pass exact=False to measure it"
+                )
+    notes = []
+    if CHUNKED in wanted:
+        reason = chunked_head_support(model)
+        if reason is not None:
+            wanted.remove(CHUNKED)
+            notes.append(f"{CHUNKED} left out: {reason}")
+    elif exact and isinstance(options, str):
+        notes.append(f"{CHUNKED} not measured: it is {INEXACT_NOTE}; exact=False offers it")
+    return wanted, notes
+
+
 def _every_block(chain: Chain, option: str | None) -> Plan:
     blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
     tree = [
@@ -135,6 +180,7 @@ def profile(
     keep_output: bool = True,
     distributed: bool | None = None,
     compile: bool | dict[str, Any] = False,
+    exact: bool = True,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -145,10 +191,12 @@ def profile(
         blocks: the blocks' fqns (or their container's); ``None`` finds them.
         accumulate: profile the gradient-accumulation steady state.
         repeats: timed steps per way of running the model.
-        options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
-            measures ``rebuild``, ``rebuild+linear`` and a few selective-recompute policies
-            picked from the blocks' op profile; or a list such as
-            ``["rebuild", "selective:matmul"]``; ``()`` for none.
+        options: per-stage options to measure beside keep and recompute: ``"auto"`` (default)
+            measures ``rebuild``, ``rebuild+linear``, ``rebuild+ops`` and a few
+            selective-recompute policies picked from the blocks' op profile, and the options
+            of the last stage (head and loss, :mod:`memfit.runtime.head`): ``head:lean-loss``,
+            and with ``exact=False`` ``head:chunked``; or a list such as
+            ``["rebuild", "selective:matmul", "head:lean-loss"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
@@ -169,6 +217,12 @@ def profile(
             each block compiled with compile's own ``activation_memory_budget``. Plans made from the
             profile record the options (``plan.info["compile"]``) and :func:`memfit.apply`
             compiles the blocks. Blocks already compiled by memfit are profiled as they are.
+        exact: ``True`` (default): only options whose gradients and loss are bit-identical to
+            the unplanned model's. ``False`` also measures options exact only to rounding
+            (``head:chunked``: head and loss fused in chunks of tokens, as Liger's fused linear
+            cross-entropy; it lowers the floor of large-vocabulary models most). Plans that
+            use one say so (``plan.exact``, ``plan.info["inexact"]``). Options that cannot run
+            on the model are left out with a note in ``profile.info["notes"]``.
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
@@ -202,7 +256,11 @@ def profile(
     else:
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
-            stage_wrapper(name)
+            if not is_head_option(name):
+                stage_wrapper(name)
+    heads, head_notes = _head_menu(model, options, exact)
+    if not isinstance(options, str):
+        options = [name for name in options if not is_head_option(name)]
     world = ranks(distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
         agree(
@@ -254,6 +312,8 @@ def profile(
                 )
             menu, notes = [], [*notes, RANDOM_NOTE]
         info = {"compile": compiling, "notes": notes}
+    if head_notes:
+        info["notes"] = [*info.get("notes", []), *head_notes]
         if already is None:
             compile_blocks(chain.blocks, compiling)
     try:
@@ -269,6 +329,7 @@ def profile(
             keep_output,
             info,
             world,
+            heads,
         )
     finally:
         if compiling is not None and already is None:
@@ -287,6 +348,7 @@ def _profile(
     keep_output: bool,
     info: dict[str, Any],
     world: int,
+    heads: Sequence[str] = (),
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
@@ -302,13 +364,15 @@ def _profile(
         RECOMPUTE: _every_block(chain, None),
     }
     ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
+    ways |= {option: _head_way(chain, option) for option in heads}
+    used: dict[str, list[str]] = {option: [] for option in heads}
     # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's drift
     # reaches every way alike and the planner compares options measured side by side.
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     for _ in range(repeats):
         for way, way_plan in list(ways.items()):
             try:
-                with planned(model, chain, way_plan):
+                with planned(model, chain, way_plan), head_usage() as lines:
                     clocks[way].append(
                         stage_clock(
                             model,
@@ -319,14 +383,22 @@ def _profile(
                             keep_output=keep_output,
                         )
                     )
-            except UnsupportedModelError as error:
-                if way in (KEEP, RECOMPUTE):
+                if way in used:
+                    used[way] = lines
+            except Exception as error:
+                if way in used:  # a head option the model's forward does not take: off the menu
+                    _drop_head(way, f"{type(error).__name__}: {error}", ways, clocks, used, info)
+                    continue
+                if way in (KEEP, RECOMPUTE) or not isinstance(error, UnsupportedModelError):
                     raise
                 # an option this model cannot run correctly (a selective option saving an op
                 # whose output is then written in place, where no copy can stand in): off the
                 # menu, so no plan picks it
                 logger.warning("option %r left out of the profile: %s", way, error)
                 del ways[way], clocks[way]
+    for way, lines in list(used.items()):
+        if not lines:  # the option never took effect: no loss it knows inside the forward
+            _drop_head(way, _NO_LOSS[way], ways, clocks, used, info)
     factor = wall_factor(clocks)
     clocks = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
     readings: dict[str, StageReading] = {}
@@ -349,6 +421,11 @@ def _profile(
         elif rebuilt:  # the warm-up forward's blocks, in chain order
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
+    post = {way: readings.pop(way) for way in used}
+    post_details = {
+        way: {"exact": HEAD_OPTIONS[way].exact, "does": HEAD_OPTIONS[way].does, "ran": lines[0]}
+        for way, lines in used.items()
+    }
     ops = {block.name: block.to_rows() for block in block_ops}
     if ops:
         info["ops"] = ops
@@ -363,5 +440,30 @@ def _profile(
         options=readings,
         details=details,
         info=info,
+        post_options=post,
+        post_details=post_details,
     )
     return merge_profiles(result) if world > 1 else result
+
+
+_NO_LOSS = {
+    LEAN_LOSS: "no F.cross_entropy over 2-D logits ran inside the model's forward after its "
+    "last block (a loss computed afterwards, by loss_fn or the training loop, is out of its "
+    "reach)",
+    CHUNKED: "the model's loss_function never computed a loss from the head (no labels in "
+    "the sample?)",
+}
+
+
+def _drop_head(
+    way: str,
+    reason: str,
+    ways: dict[str, Plan | None],
+    clocks: dict[str, list[dict[str, float]]],
+    used: dict[str, list[str]],
+    info: dict[str, Any],
+) -> None:
+    """Take a ``<post>`` option off the menu, with a note saying why."""
+    logger.info("option %r left out of the profile: %s", way, reason)
+    del ways[way], clocks[way], used[way]
+    info["notes"] = [*info.get("notes", []), f"{way} left out: {reason}"]

@@ -214,6 +214,8 @@ def build_profile(
     options: Mapping[str, StageReading] | None = None,
     details: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     info: Mapping[str, Any] | None = None,
+    post_options: Mapping[str, StageReading] | None = None,
+    post_details: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Profile:
     """Assemble a :class:`Profile` from stage readings of the same model and sample.
 
@@ -225,6 +227,9 @@ def build_profile(
         details: option name -> per block (in chain order), what the option saves and reruns,
             for plans to show (``{"saves": [...], "recomputes": [...]}``, say).
         info: JSON-ready facts kept with the profile (``ops``: each block's op profile).
+        post_options: option name -> the step with every block kept and the last stage
+            (``<post>``: head and loss) run with that option (``head:*``).
+        post_details: option name -> what it does, for plans to show (``exact``, ``does``).
     """
     last = len(chain) - 1
     checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, chain)
@@ -246,6 +251,10 @@ def build_profile(
                     shift = _tail_shift(reading, chain, index)
                     measured = replace(measured, saved_bytes=measured.saved_bytes - shift)
                 menu[option] = measured
+        if index == last:
+            for option, reading in (post_options or {}).items():
+                detail = (post_details or {}).get(option)
+                menu[option] = _option_costs(reading, index, last, output, detail)
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)

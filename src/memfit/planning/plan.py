@@ -137,7 +137,8 @@ class Plan:
             when only the loss does. ``verify`` measures the same loop.
         accumulate: made for the gradient-accumulation steady state (gradients exist before
             the step).
-        info: JSON-ready facts (solver details, what each option saves).
+        info: JSON-ready facts (solver details, what each option saves; ``inexact``: the
+            stages whose option is exact to rounding only, see :attr:`exact`).
     """
 
     stage_names: tuple[str, ...]
@@ -172,6 +173,14 @@ class Plan:
         """Stage name -> ``keep``/``recompute``/``selective:...``, at the top level."""
         by_index = stage_options(self.tree)
         return {name: by_index[i] for i, name in enumerate(self.stage_names)}
+
+    @property
+    def exact(self) -> bool:
+        """Whether every option of the plan keeps gradients and loss bit-identical to the
+        unplanned model's; ``False`` when one is exact to rounding only (``info["inexact"]``:
+        stage name -> which, e.g. ``head:chunked``, chosen from a profile made with
+        ``exact=False``)."""
+        return not self.info.get("inexact")
 
     @property
     def loop(self) -> str:

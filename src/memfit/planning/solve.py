@@ -119,6 +119,14 @@ def solve(
     ops = _option_details(costs, tree)
     if ops:
         info["ops"] = ops
+    inexact = {name: detail for name, detail in ops.items() if detail.get("exact") is False}
+    if inexact:  # never silently: the plan, its JSON and its table say so
+        options = stage_options(tree)
+        names = [stage.name for stage in costs.stages]
+        info["inexact"] = {
+            name: f"{options[names.index(name)]}: exact to rounding, not bit for bit"
+            for name in inexact
+        }
     return Plan(
         stage_names=tuple(stage.name for stage in costs.stages),
         tree=tree,

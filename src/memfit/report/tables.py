@@ -86,6 +86,8 @@ def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
         parts.append("saves " + ", ".join(detail["saves"]))
     if detail.get("recomputes"):
         parts.append("recomputes " + ", ".join(detail["recomputes"]))
+    if detail.get("does"):
+        parts.append(str(detail["does"]))
     if detail.get("rebuilds"):
         rebuilt = ", ".join(f"{k} {format_bytes(n)}" for k, n in sorted(detail["rebuilds"].items()))
         parts.append("rebuilds in backward: " + rebuilt)
@@ -130,6 +132,9 @@ def plan_table(plan: Plan) -> Any:
         f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms; "
         f"loop: {plan.loop}"
     )
+    if not plan.exact:
+        stages = ", ".join(f"{name} ({why})" for name, why in plan.info["inexact"].items())
+        title += f"; NOT bit-identical: {stages}"
     return make_table(title, ["stage", "runs as", "ops"], rows)
 
 

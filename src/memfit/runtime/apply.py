@@ -21,6 +21,7 @@ from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
 from memfit.runtime.caches import cache_arguments
 from memfit.runtime.executor import Executor, Head, PassThrough, TopStage
+from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
 from memfit.runtime.options import KEEP, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
@@ -41,6 +42,7 @@ class _Applied:
     plan: Plan
     # block, the instance forward it had before (None: none)
     previous: list[tuple[nn.Module, Any]] = field(default_factory=list)
+    head: HeadInstall | None = None  # the <post> option's hooks (memfit.runtime.head)
 
 
 def applied_plan(model: nn.Module) -> Plan | None:
@@ -65,7 +67,16 @@ def _check(plan: Plan, chain: Chain) -> None:
             f"the plan's stages {received[:4]}... ({len(received)}) are not this model's chain "
             f"{expected[:4]}... ({len(expected)}); make the plan for this model"
         )
+    last = len(chain.stage_names) - 1
     for item in plan.tree:
+        if isinstance(item, Stage) and is_head_option(item.option):
+            if item.index != last or not chain.blocks:
+                raise PlanMismatchError(
+                    f"stage {chain.stage_names[item.index]!r} asks {item.option!r}, an option "
+                    f"of the last stage ({chain.stage_names[last]!r}: head and loss) only"
+                )
+            head_option(item.option)  # ValueError for an unknown one
+            continue
         if (
             isinstance(item, Stage)
             and chain.block_of_stage(item.index) is None
@@ -121,8 +132,9 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     Raises:
         AlreadyPlannedError: the model carries a plan already (never double wrapping).
         PlanMismatchError: the plan does not fit this chain, or asks to recompute ``<pre>`` or
-            ``<post>``.
-        ValueError: the plan names an unknown stage option. Nothing changes on any error.
+            ``<post>``, or a ``head:`` option of a stage other than ``<post>``.
+        ValueError: the plan names an unknown stage option, or ``head:chunked`` on a model
+            whose head and loss it does not know. Nothing changes on any error.
 
     Example:
         >>> apply_plan(model, chain, plan); model(*sample).backward(); remove_plan(model)
@@ -166,9 +178,16 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             overrides[item.start] = Head(executor, item)
             for index in range(item.start + 1, item.stop):
                 overrides[index] = PassThrough(executor, item, index)
+    head_options = [
+        item.option for item in plan.tree if isinstance(item, Stage) and is_head_option(item.option)
+    ]
+    for option in head_options:  # ValueError (a head it cannot run on) before any change
+        check_head_install(model, option)
     for hook in _BEFORE_APPLY:
         hook(model)
     state = _Applied(plan=plan)
+    if head_options:
+        state.head = HeadInstall(model, chain.blocks[-1], head_options[0])
     for index, forward in overrides.items():
         block = chain.block_of_stage(index)
         assert block is not None  # _check: only blocks are overridden
@@ -190,6 +209,8 @@ def remove_plan(model: nn.Module) -> bool:
         del block.forward
         if previous is not None:
             block.forward = previous
+    if state.head is not None:
+        state.head.remove()
     return True
 
 
