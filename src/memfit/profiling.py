@@ -312,10 +312,10 @@ def profile(
                 )
             menu, notes = [], [*notes, RANDOM_NOTE]
         info = {"compile": compiling, "notes": notes}
-    if head_notes:
-        info["notes"] = [*info.get("notes", []), *head_notes]
         if already is None:
             compile_blocks(chain.blocks, compiling)
+    if head_notes:
+        info["notes"] = [*info.get("notes", []), *head_notes]
     try:
         return _profile(
             model,

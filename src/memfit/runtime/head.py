@@ -357,9 +357,6 @@ class ChunkedLoss:
         return loss
 
 
-_MISSING = object()
-
-
 def check_head_install(model: nn.Module, option: str) -> None:
     """Raise ``ValueError`` when ``option`` is no ``<post>`` option or cannot run on ``model``."""
     head_option(option)
@@ -383,13 +380,17 @@ class HeadInstall:
             self.handles.append(last_block.register_forward_hook(_Enter(self.run)))
         self.head: nn.Module | None = None
         self.previous_forward: Any = None
-        self.previous_loss: Any = _MISSING
+        # the model's own _loss_function before (a flag, not a sentinel object: copies of the
+        # model copy a sentinel into another object)
+        self.had_loss = False
+        self.previous_loss: Any = None
         if option == CHUNKED:
             head = model.get_output_embeddings()  # type: ignore[operator]
             assert isinstance(head, nn.Linear)  # chunked_head_support
             self.head = head
             self.previous_forward = head.__dict__.get("forward")
-            self.previous_loss = model.__dict__.get("_loss_function", _MISSING)
+            self.had_loss = "_loss_function" in model.__dict__
+            self.previous_loss = model.__dict__.get("_loss_function")
             original = model.loss_function
             head.forward = DeferredHead(self.run, head, self.previous_forward)
             model.loss_function = ChunkedLoss(self.run, head, original)
@@ -402,7 +403,6 @@ class HeadInstall:
             del self.head.forward
             if self.previous_forward is not None:
                 self.head.forward = self.previous_forward
-            if self.previous_loss is _MISSING:
-                self.model.__dict__.pop("_loss_function", None)
-            else:
+            self.model.__dict__.pop("_loss_function", None)
+            if self.had_loss:
                 self.model.__dict__["_loss_function"] = self.previous_loss
