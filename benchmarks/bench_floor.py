@@ -27,9 +27,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from bench_gpt import header
 
 import memfit
+from bench_gpt import header
 from memfit.measuring.profile import Profile
 from memfit.planning.costs import ChainCosts
 from memfit.runtime.head import HEAD_OPTIONS, is_head_option

@@ -184,3 +184,13 @@ def test_estimate_prints_a_table_and_the_largest_seq(capsys: pytest.CaptureFixtu
     assert "largest seq that fits 64.00 MiB at batch 8:" in out
     assert main([*args, "--budget", "50%", "--largest", "seq"]) == 2  # a percentage: no largest
     assert "needs a budget in bytes" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:transformers")
+def test_inexact_options_are_opt_in(capsys: pytest.CaptureFixture[str]) -> None:
+    # absent without the flag: tests/runtime/test_head.py::test_chunked_is_opt_in
+    pytest.importorskip("transformers")
+    assert main(["profile", "hf:llama", *TINY, "--json", "--inexact"]) == 0
+    post = json.loads(capsys.readouterr().out)["costs"]["stages"][-1]["options"]
+    assert {"head:lean-loss", "head:chunked"} <= set(post)
+    assert post["head:chunked"]["detail"]["exact"] is False

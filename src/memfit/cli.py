@@ -126,7 +126,9 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
 
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
-        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
+        prof = memfit.profile(
+            model, sample, repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact
+        )
     if args.output:
         Path(args.output).write_text(prof.to_json())
     if out.as_json:
@@ -149,7 +151,9 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     _usage(parse_strategy, args.strategy)
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
-        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
+        prof = memfit.profile(
+            model, sample, repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact
+        )
     plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
     if args.output:
         Path(args.output).write_text(plan.to_json())
@@ -317,13 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
             "alive through backward, as in `out = model(**b); out.loss.backward()`)",
         )
 
+    inexact_help = (
+        "also measure options exact only to rounding, not bit for bit (head:chunked: head and "
+        "loss fused in chunks of tokens, the lowest floor on large vocabularies); plans that "
+        "use one say so"
+    )
     sub = target_command("profile", "measure every stage of a model")
     sub.add_argument("-o", "--output", help="write the profile as JSON")
+    sub.add_argument("--inexact", action="store_true", help=inexact_help)
     sub.set_defaults(run=_cmd_profile)
     sub = target_command("plan", "plan a model for a memory budget")
     sub.add_argument("--budget", required=True, help='e.g. "40%%" or "12GiB"')
     sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
     sub.add_argument("-o", "--output", help="write the plan as JSON")
+    sub.add_argument("--inexact", action="store_true", help=inexact_help)
     sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
     sub.add_argument("target", help="gpt, mlp, hf:<arch> or file.py:function")

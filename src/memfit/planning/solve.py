@@ -121,10 +121,10 @@ def solve(
         info["ops"] = ops
     inexact = {name: detail for name, detail in ops.items() if detail.get("exact") is False}
     if inexact:  # never silently: the plan, its JSON and its table say so
-        options = stage_options(tree)
+        chosen = stage_options(tree)
         names = [stage.name for stage in costs.stages]
         info["inexact"] = {
-            name: f"{options[names.index(name)]}: exact to rounding, not bit for bit"
+            name: f"{chosen[names.index(name)]}: exact to rounding, not bit for bit"
             for name in inexact
         }
     return Plan(

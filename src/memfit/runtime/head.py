@@ -351,6 +351,7 @@ class ChunkedLoss:
         )
         _used(f"{CHUNKED}: head and loss over {rows.shape[0]} x {vocab_size} logits, chunked")
         if reduction == "sum":
+            assert num_items_in_batch is not None
             if isinstance(num_items_in_batch, torch.Tensor):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
             loss = loss / num_items_in_batch
@@ -392,8 +393,10 @@ class HeadInstall:
             self.had_loss = "_loss_function" in model.__dict__
             self.previous_loss = model.__dict__.get("_loss_function")
             original = model.loss_function
-            head.forward = DeferredHead(self.run, head, self.previous_forward)
-            model.loss_function = ChunkedLoss(self.run, head, original)
+            head.forward = DeferredHead(  # type: ignore[method-assign,assignment]
+                self.run, head, self.previous_forward
+            )
+            model.loss_function = ChunkedLoss(self.run, head, original)  # type: ignore[assignment]
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -68,7 +68,7 @@ class LeanCrossEntropy(torch.autograd.Function):
     """``F.cross_entropy`` over ``[N, C]`` logits, bit for bit, with a lean backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str
     ) -> torch.Tensor:
         rows, classes = logits.shape
@@ -89,7 +89,7 @@ class LeanCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         logits, safe, columns, total_weight = ctx.saved_tensors
         ignore_index, reduction, column = ctx.settings
         rows = logits.shape[0]
@@ -120,7 +120,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``cross_entropy(F.linear(hidden, weight, bias).to(dtype), target)`` in chunks of rows."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -153,7 +153,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, bias, safe, columns, total_weight, lse = ctx.saved_tensors
         ignore_index, reduction, column, dtype = ctx.settings
         rows = hidden.shape[0]
