@@ -188,6 +188,11 @@ def _lean_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
         and call["reduce"] is None
         and call["label_smoothing"] == 0.0
         and call["reduction"] in REDUCTIONS
+        # autocast would run the loss in float32 in forward, not in the lean backward
+        and not (
+            torch.is_autocast_enabled(logits.device.type)
+            and logits.dtype not in (torch.float32, torch.float64)
+        )
     ):
         return None
     return logits, target, int(call["ignore_index"]), call["reduction"]

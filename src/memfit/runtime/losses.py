@@ -150,6 +150,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
         ctx.save_for_backward(hidden, weight, bias, safe, columns, total_weight, lse)
         ctx.settings = (ignore_index, REDUCTIONS[reduction], column, dtype)
+        device = hidden.device.type  # backward makes the logits again as forward made them
+        ctx.autocast = (
+            device,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
         return loss
 
     @staticmethod
@@ -172,7 +178,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, step):
             stop = start + step
             part = hidden[start:stop]
-            logits = F.linear(part, weight, bias).to(dtype)
+            device, enabled, cast = ctx.autocast
+            with torch.autocast(device, dtype=cast, enabled=enabled):
+                logits = F.linear(part, weight, bias).to(dtype)
             # d loss / d logits = g * (onehot - softmax), g the picked log-probability's gradient
             scale = picked_grad[start:stop]
             logits.sub_(lse[start:stop, None]).exp_().mul_(-scale)
