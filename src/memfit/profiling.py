@@ -78,6 +78,13 @@ COMPILED_NOTE = (
 )
 
 
+COMPILED_HEAD_NOTE = (
+    "head:* left out too: a compile around the planned model (supported for plans with "
+    "compiled blocks) would trace the head option's hooks and run the head as it is, so the "
+    "plan's peak would not hold; profile with compile=False for them"
+)
+
+
 RANDOM_NOTE = (
     "compile-budget:* left out too: the model draws random numbers in training (dropout), and "
     "compile's activation_memory_budget recomputes them in backward with other numbers than the "
@@ -277,6 +284,11 @@ def profile(
             f"hooks and dispatch modes do not see inside compiled code); profile with "
             f"compile=False for them, or leave them out"
         )
+    if compiling is not None and heads and not isinstance(options, str):
+        raise ValueError(
+            f"options {heads} cannot be planned with compiled blocks: "
+            f"{COMPILED_HEAD_NOTE.partition(': ')[2]}"
+        )
     budgets = [] if isinstance(options, str) else [o for o in options if is_compile_budget(o)]
     if compiling is None and budgets:
         raise ValueError(
@@ -311,6 +323,9 @@ def profile(
                     f"dropout off"
                 )
             menu, notes = [], [*notes, RANDOM_NOTE]
+        if heads or head_notes:
+            notes = [*notes, COMPILED_HEAD_NOTE]
+            heads, head_notes = [], []
         info = {"compile": compiling, "notes": notes}
         if already is None:
             compile_blocks(chain.blocks, compiling)

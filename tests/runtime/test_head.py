@@ -168,6 +168,8 @@ def test_chunked_is_opt_in() -> None:
     assert any("exact=False" in note for note in exact.info["notes"])
     with pytest.raises(ValueError, match="exact=False"):
         memfit.profile(model, sample, options=[CHUNKED])
+    with pytest.raises(ValueError, match="compiled blocks"):  # a compile around would trace it
+        memfit.profile(model, sample, options=[LEAN_LOSS], compile=True)
     rounding = memfit.profile(model, sample, options=HEADS, exact=False, repeats=1)
     post = rounding.costs.stages[-1].options
     assert set(HEADS) <= set(post)

@@ -230,7 +230,11 @@ class HeadRun:
         return vars(self) | {"armed": False, "mode": None, "hidden": None}
 
     def arm(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.armed = torch.is_grad_enabled() and model.training
+        # traced by a compile around the plan: the model runs as it is (as memfit's guards do
+        # there); the memory is then the compiler's
+        self.armed = (
+            torch.is_grad_enabled() and model.training and not torch.compiler.is_compiling()
+        )
         if self.armed and self.option == CHUNKED:
             labels = kwargs.get("labels")
             position = self.labels_position
@@ -291,7 +295,7 @@ class DeferredHead:
         self.previous = previous  # the head's instance forward before, or None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self.run.armed and torch.is_grad_enabled():
+        if self.run.armed and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self.run.hidden = hidden
             return None
         if self.previous is not None:
