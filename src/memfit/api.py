@@ -57,8 +57,11 @@ def plan(
     Args:
         profile_or_model: a :class:`Profile`, or a model (then ``sample`` is required and the
             model is profiled first, with ``profile_options`` passed to :func:`profile`:
-            ``keep_output``, ``accumulate``, ``optimizer``, ``options``...). The plan records
-            the loop the profile measured (``plan.keep_output``, ``plan.accumulate``).
+            ``keep_output``, ``accumulate``, ``optimizer``, ``options``, ``exact=False`` to
+            also offer options exact only to rounding, such as ``head:chunked``...). The plan
+            records the loop the profile measured (``plan.keep_output``, ``plan.accumulate``);
+            a plan using an option exact to rounding says so (``plan.exact`` is false,
+            ``plan.info["inexact"]`` names the stage).
         budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
             float in (0, 1] such as ``0.4``), or bytes of step peak (``"12GiB"``, ``"800MB"``,
             ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
@@ -251,7 +254,9 @@ def auto(
             ``shape_profile=`` a :class:`~memfit.ShapeProfile` made before, to reuse), e.g.
             ``keep_output=False`` for a loop that keeps only the loss, ``accumulate=True``,
             ``optimizer=opt``, ``compile=True`` (or a dict of ``torch.compile`` arguments) to
-            plan with the blocks compiled and run them compiled.
+            plan with the blocks compiled and run them compiled, ``exact=False`` to also offer
+            options exact only to rounding (``head:chunked``: head and loss fused in chunks of
+            tokens; the plan then says so, ``plan.exact``).
 
     Returns:
         The :class:`~memfit.planning.Plan` applied (with ``shapes="dynamic"``: the sample's).
