@@ -17,14 +17,15 @@ from torch import nn
 
 from memfit.errors import PlanMismatchError
 from memfit.integrations.hf import build_hf
+from memfit.measuring import offload as offload_module
 from memfit.measuring.chain import find_chain
+from memfit.measuring.offload import offloadable
 from memfit.models import build
 from memfit.planning.plan import Segment, Stage, Tree, recompute_one
 from memfit.runtime import apply_plan, remove_plan
-from memfit.runtime import offload as offload_module
 from memfit.runtime.apply import planned_module
 from memfit.runtime.executor import Executor
-from memfit.runtime.offload import Offloader, offloadable
+from memfit.runtime.offload import Offloader
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,7 @@ def solve(
         strategy: one of ``Strategy.choices()``: ``none``, ``all``, ``every:k``, ``sqrt``,
             ``optimal``.
         **options: passed to :class:`~memfit.planning.optimal.Planner` for ``optimal`` (``slots``,
-            ``max_segment_stages``, ``max_states``).
+            ``max_segment_stages``, ``max_states``, ``host_budget_bytes``).
 
     Returns:
         The :class:`~memfit.planning.plan.Plan` with the simulator's predictions.
@@ -116,6 +116,8 @@ def solve(
                 f"down to {format_bytes(floor)}",
             )
     info["solve_time_s"] = time.perf_counter() - started
+    if simulation.host_peak_bytes:
+        info["host_peak_bytes"] = simulation.host_peak_bytes
     ops = _option_details(costs, tree)
     if ops:
         info["ops"] = ops

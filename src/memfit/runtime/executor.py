@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import PlanMismatchError
 from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.measuring.offload import module_tensors, storage_keys
 from memfit.measuring.step import own_fsdp_unit
 from memfit.planning.plan import Item, Segment, Stage
 from memfit.runtime.caches import CacheArguments, drop_caches
@@ -47,7 +48,7 @@ from memfit.runtime.guards import (
     same_rng_state,
     same_side_inputs,
 )
-from memfit.runtime.offload import Group, Offloader, storage_keys
+from memfit.runtime.offload import Group, Offloader
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
 from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block
@@ -361,7 +362,7 @@ class TopStage:
         else:  # parameters (and views of them) stay
             block = executor.chain.block_of_stage(stage.index)
             assert block is not None
-            keys = storage_keys(chain_tensors(block))
+            keys = storage_keys(module_tensors(block))
             with executor.offloader.saving(
                 group, keep=lambda t: t.untyped_storage()._cdata in keys
             ):
@@ -370,9 +371,3 @@ class TopStage:
             watch.check()
         executor.item_done(stage.index + 1, out, group, segment=False)
         return out
-
-
-def chain_tensors(block: torch.nn.Module) -> Any:
-    """A block's parameters and buffers."""
-    yield from block.parameters()
-    yield from block.buffers()

@@ -11,7 +11,7 @@ How (one :class:`Offloader` per planned model, held by the executor):
 
 * **Pack** (``torch.autograd.graph.saved_tensors_hooks``): parameters and views of them, leaves
   that require grad, tensor subclasses (FSDP2's ``DTensor``), tensors below
-  :data:`MIN_OFFLOAD_BYTES` and broadcast (stride-0) tensors stay where they are. Any other
+  :data:`~memfit.measuring.offload.MIN_OFFLOAD_BYTES` and broadcast (stride-0) tensors stay where they are. Any other
   tensor's *storage* is copied once per step: a second tensor on the same storage (a view, a
   transpose, a ``q``/``k``/``v`` split) shares the copy, keyed by the storage itself (a weak
   reference, so a new storage at a freed one's address is never taken for it), not by pointer
@@ -50,9 +50,9 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-logger = logging.getLogger(__name__)
+from memfit.measuring.offload import offloadable
 
-MIN_OFFLOAD_BYTES = 1 << 16  # smaller tensors stay on the device: copying them costs more
+logger = logging.getLogger(__name__)
 
 
 class HostPool:
@@ -217,6 +217,7 @@ class Offloader:
         self.copying: Group | None = None  # a stage's copies, waited for by the next item
         self.waiting: Group | None = None  # fetched when the next item's backward starts
         self.log: list[tuple[str, str]] | None = None  # (event, group) when tests ask
+        self.told = False  # the host-to-host warning, once
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # buffers and per-step state are never copied or pickled
@@ -287,6 +288,12 @@ class Offloader:
                 place=tensor.device,
                 device=device,
             )
+            if entry.device_type == "cpu" and not self.told:
+                self.told = True
+                logger.warning(
+                    "memfit offload on a CPU model copies host to host and frees nothing; "
+                    "memfit's own plans never offload there"
+                )
             entry.host = self.pool_for(entry.device_type).take(entry.nbytes)
             self.copies_for(entry.device_type).copy_out(entry)
             self.storages[key] = entry
@@ -389,21 +396,3 @@ class _FetchHook:
             group = ref()
             if offloader is not None and group is not None:
                 offloader.fetch(group)
-
-
-def offloadable(tensor: torch.Tensor) -> bool:
-    """Whether a saved tensor is an activation worth moving (see the module docstring)."""
-    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-        return False  # subclasses: FSDP2's DTensor, fake and functional tensors
-    if isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad):
-        return False
-    if tensor.device.type == "meta" or tensor.untyped_storage().nbytes() < MIN_OFFLOAD_BYTES:
-        return False
-    return all(
-        stride != 0 or size == 1 for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-    )
-
-
-def storage_keys(tensors: Iterator[torch.Tensor]) -> frozenset[int]:
-    """Storage identities (``_cdata``) of ``tensors``: parameters and buffers to keep."""
-    return frozenset(t.untyped_storage()._cdata for t in tensors if t.device.type != "meta")
