@@ -95,14 +95,14 @@ def with_offload(costs: ChainCosts) -> ChainCosts:
 
 
 def without_offload(costs: ChainCosts) -> ChainCosts:
-    """``costs`` with no ``offload`` option in any menu."""
+    """``costs`` with no ``offload`` option in any menu and no host to offload to."""
     stages = [
         replace(stage, options={k: v for k, v in stage.options.items() if k != OFFLOAD})
         if OFFLOAD in stage.options
         else stage
         for stage in costs.stages
     ]
-    return replace(costs, stages=stages)
+    return replace(costs, stages=stages, host_bytes_per_s=0.0)
 
 
 def offloads(costs: ChainCosts) -> bool:

@@ -178,18 +178,9 @@ def offload_floor_trees(costs: ChainCosts, floor_tree: Tree) -> dict[str, Tree]:
     """Low-peak trees with offload (the min-peak DP does not offload): the min-peak tree with
     its top-level segments' inputs offloaded, and every block recomputed with its input
     offloaded."""
-
-    def offloaded(tree: Tree) -> Tree:
-        return tuple(
-            Segment(item.start, item.stop, item.inner, offload=True)
-            if isinstance(item, Segment)
-            else item
-            for item in tree
-        )
-
     return {
-        "min-peak+offload": offloaded(floor_tree),
-        "all+offload": offloaded(baselines.recompute_all(costs)),
+        "min-peak+offload": baselines.offloaded(floor_tree),
+        "all+offload": baselines.offloaded(baselines.recompute_all(costs)),
     }
 
 

@@ -21,6 +21,7 @@ class Strategy(str, enum.Enum):
 
     NONE = "none"
     ALL = "all"
+    ALL_OFFLOAD = "all+offload"
     EVERY = "every"
     SQRT = "sqrt"
     OPTIMAL = "optimal"
@@ -148,6 +149,8 @@ def _baseline(costs: ChainCosts, member: Strategy, period: int) -> Tree:
         return baselines.keep_all(costs)
     if member is Strategy.ALL:
         return baselines.recompute_all(costs)
+    if member is Strategy.ALL_OFFLOAD:
+        return baselines.recompute_all_offload(costs)
     if member is Strategy.SQRT:
         return baselines.sqrt_segments(costs)
     return baselines.every_k(costs, period)
