@@ -40,7 +40,7 @@ def test_every_strategy_plans_and_predicts(strategy: str) -> None:
 
 
 def test_strategy_enum_and_parsing() -> None:
-    assert Strategy.choices() == ["none", "all", "every:k", "sqrt", "optimal"]
+    assert Strategy.choices() == ["none", "all", "all+offload", "every:k", "sqrt", "optimal"]
     assert parse_strategy("every:4") == (Strategy.EVERY, 4)
     assert parse_strategy(Strategy.SQRT) == (Strategy.SQRT, 0)
     assert parse_strategy(" Optimal ") == (Strategy.OPTIMAL, 0)
