@@ -52,7 +52,7 @@ def test_bad_strategy_lists_the_choices(bad: str) -> None:
     with pytest.raises(ValueError, match="strategy") as error:
         solve(CHAIN, None, bad)
     if bad in ("fastest", ""):
-        assert "none, all, every:k, sqrt, optimal" in str(error.value)
+        assert "none, all, all+offload, every:k, sqrt, optimal" in str(error.value)
 
 
 def test_bad_budgets() -> None:
