@@ -322,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cmd_profile)
     sub = target_command("plan", "plan a model for a memory budget")
     sub.add_argument("--budget", required=True, help='e.g. "40%%" or "12GiB"')
-    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument(
+        "--strategy",
+        default="optimal",
+        help="optimal, none, all, all+offload (CUDA), sqrt, every:k",
+    )
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
@@ -335,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--batch", dest="shape_batch", type=_sizes_list, help="batch sizes, e.g. 8")
     sub.add_argument("--budget", help='plan each shape for it, e.g. "50%%" or "12GiB"')
-    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument(
+        "--strategy",
+        default="optimal",
+        help="optimal, none, all, all+offload (CUDA), sqrt, every:k",
+    )
     sub.add_argument(
         "--largest",
         choices=("seq", "batch"),
