@@ -387,8 +387,10 @@ def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) 
         return dataclasses.replace(result, info={**result.info, "notes": notes})
     blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
     args, kwargs = split_sample(sample)
-    with planned(model, chain, _every_block(chain, KEEP)):
-        moved = saved_activation_bytes(blocks, lambda: model(*args, **kwargs))
+    moved: dict[int, int] = {}
+    if "compile" not in result.info:  # hooks cannot see inside compiled blocks: inputs only
+        with planned(model, chain, _every_block(chain, KEEP)):
+            moved = saved_activation_bytes(blocks, lambda: model(*args, **kwargs))
     stages = [
         dataclasses.replace(stage, offload_bytes=moved.get(index, 0))
         for index, stage in enumerate(result.costs.stages)
