@@ -263,3 +263,17 @@ def _offloads(tree: Tree) -> bool:
 
 def _stage_offloads_ok(tree: Tree) -> bool:
     return True
+
+
+def test_frontier_with_offload_reaches_lower_and_stays_pareto() -> None:
+    from memfit.planning.frontier import frontier
+
+    costs = block_chain(blocks=8, rate=4.0, activation=4)
+    plain = without_offload(costs)
+    with_it, without = frontier(costs, points=12), frontier(plain, points=12)
+    assert with_it[0].peak_bytes <= without[0].peak_bytes
+    assert with_it[0].step_s < without[0].step_s  # the low end costs less time
+    for lower, higher in zip(with_it, with_it[1:], strict=False):
+        assert lower.peak_bytes < higher.peak_bytes and lower.step_s > higher.step_s
+    for point in with_it:
+        assert simulate(costs, point.tree).peak_bytes == point.peak_bytes
