@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from itertools import product
+from itertools import pairwise, product
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -273,7 +273,7 @@ def test_frontier_with_offload_reaches_lower_and_stays_pareto() -> None:
     with_it, without = frontier(costs, points=12), frontier(plain, points=12)
     assert with_it[0].peak_bytes <= without[0].peak_bytes
     assert with_it[0].step_s < without[0].step_s  # the low end costs less time
-    for lower, higher in zip(with_it, with_it[1:], strict=False):
+    for lower, higher in pairwise(with_it):
         assert lower.peak_bytes < higher.peak_bytes and lower.step_s > higher.step_s
     for point in with_it:
         assert simulate(costs, point.tree).peak_bytes == point.peak_bytes
