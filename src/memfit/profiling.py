@@ -155,8 +155,10 @@ def profile(
         repeats: timed steps per way of running the model.
         options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear`` and a few selective-recompute policies
-            picked from the blocks' op profile; or a list such as
-            ``["rebuild", "selective:matmul"]``; ``()`` for none.
+            picked from the blocks' op profile, and on CUDA ``offload`` (its costs derive
+            from keep's, the bytes it would move and the measured copy bandwidth; on other
+            devices ``info["notes"]`` says why it is absent); or a list such as
+            ``["rebuild", "selective:matmul", "offload"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
@@ -207,11 +209,13 @@ def profile(
     if isinstance(options, str):
         if options != "auto":
             raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
+        offload = True
     else:
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             stage_wrapper(name)
         # offload's costs come from keep's and two measured figures (CUDA), not a step of its own
+        offload = OFFLOAD in options
         options = [name for name in options if name != OFFLOAD]
     world = ranks(distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
@@ -279,6 +283,7 @@ def profile(
             keep_output,
             info,
             world,
+            offload,
         )
     finally:
         if compiling is not None and already is None:
@@ -297,6 +302,7 @@ def _profile(
     keep_output: bool,
     info: dict[str, Any],
     world: int,
+    offload: bool = True,
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
@@ -374,7 +380,8 @@ def _profile(
         details=details,
         info=info,
     )
-    result = _with_offload(model, sample, chain, result)
+    if offload:
+        result = _with_offload(model, sample, chain, result)
     return merge_profiles(result) if world > 1 else result
 
 
