@@ -40,6 +40,9 @@ def test_optimal_plans_on_cuda_are_bit_identical_and_predicted(budget: str) -> N
         check.predicted_peak_bytes,
         check.measured_peak_bytes,
     )
+    # reserved memory: at least the allocated peak, and the plan left room for the slack
+    assert check.reserved_peak_bytes >= check.measured_peak_bytes
+    print("reserved", check.reserved_peak_bytes, "allocated", check.measured_peak_bytes)
     # the meter's peak against the allocator's own high-water mark of one planned step
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

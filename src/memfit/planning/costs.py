@@ -145,6 +145,9 @@ class ChainCosts:
             in some steps one block's gathered buffer is freed later than in others (measured
             on 2 gloo ranks: about one step in eight); the optimal planner keeps this much in
             reserve under the budget, and predictions are the usual steps' peaks.
+        fragmentation_bytes: CUDA: what the caching allocator reserved beyond the allocated peak
+            in the plain step (measured from an emptied cache); the optimal planner keeps this
+            much in reserve under the budget, so that a plan's *reserved* memory fits too.
         host_bytes_per_s: the device-host copy bandwidth (the slower direction, pinned memory,
             measured); 0 where there is no device to offload from (a CPU model): then nothing
             is offloaded (:mod:`memfit.planning.offload`).
@@ -158,13 +161,20 @@ class ChainCosts:
     side_grad_bytes: int = 0
     gathered_bytes: int = 0
     host_bytes_per_s: float = 0.0
+    fragmentation_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.host_bytes_per_s >= 0:
             raise ValueError(f"host_bytes_per_s must be >= 0; got {self.host_bytes_per_s!r}")
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
-        for name in ("checkpoint_bytes", "side_input_bytes", "side_grad_bytes", "gathered_bytes"):
+        for name in (
+            "checkpoint_bytes",
+            "side_input_bytes",
+            "side_grad_bytes",
+            "gathered_bytes",
+            "fragmentation_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -196,6 +206,7 @@ class ChainCosts:
             side_grad_bytes=int(data.get("side_grad_bytes", 0)),
             gathered_bytes=int(data.get("gathered_bytes", 0)),
             host_bytes_per_s=float(data.get("host_bytes_per_s", 0.0)),
+            fragmentation_bytes=int(data.get("fragmentation_bytes", 0)),
         )
 
     @classmethod

@@ -267,10 +267,11 @@ class Planner:
     def reserve(self, tree: Tree) -> int:
         """Bytes a tree keeps free under the budget beyond its simulated peak: the side-input
         gradient reserve (``ChainCosts.side_grad_bytes``) when any block runs under a
-        checkpoint, whose timing the costs measured with every block kept do not show, and
-        the reserve for a late-freed FSDP2 buffer (``ChainCosts.gathered_bytes``)."""
+        checkpoint, whose timing the costs measured with every block kept do not show, the
+        reserve for a late-freed FSDP2 buffer (``ChainCosts.gathered_bytes``) and the caching
+        allocator's slack (``ChainCosts.fragmentation_bytes``, CUDA)."""
         side = self.costs.side_grad_bytes if any(map(holds_inputs, tree)) else 0
-        return side + self.costs.gathered_bytes
+        return side + self.costs.gathered_bytes + self.costs.fragmentation_bytes
 
     def _offload_trees(self, dp_budget: int) -> dict[str, Tree]:
         """The DP's trees with offload in the menu, under the in-flight reserve, within the host
@@ -332,6 +333,7 @@ class Planner:
             - costs.side_input_bytes
             - costs.side_grad_bytes
             - costs.gathered_bytes
+            - costs.fragmentation_bytes
             - tail
         )
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
