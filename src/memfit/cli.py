@@ -143,14 +143,18 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     import memfit
     from memfit.planning.solve import parse_strategy
     from memfit.report.tables import plan_table
-    from memfit.units import parse_budget
+    from memfit.units import parse_budget, parse_bytes
 
     _usage(parse_budget, args.budget)
     _usage(parse_strategy, args.strategy)
+    if args.host_budget is not None:
+        _usage(parse_bytes, args.host_budget)
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
-    plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
+    plan = memfit.plan(
+        prof, budget=args.budget, strategy=args.strategy, host_budget=args.host_budget
+    )
     if args.output:
         Path(args.output).write_text(plan.to_json())
     if out.as_json:
@@ -326,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         default="optimal",
         help="optimal, none, all, all+offload (CUDA), sqrt, every:k",
+    )
+    sub.add_argument(
+        "--host-budget",
+        help='host memory offloaded activations may take (CUDA), e.g. "64GiB"; default: half '
+        "of the free host memory",
     )
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.set_defaults(run=_cmd_plan)
