@@ -6,6 +6,7 @@ the readings become the :class:`~memfit.measuring.Profile` the planner reads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ra
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.offload import host_bandwidth, saved_activation_bytes
 from memfit.measuring.ops import (
     candidate_policies,
     draws_random,
@@ -36,6 +38,7 @@ from memfit.measuring.run import (
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
+from memfit.planning.offload import OFFLOAD, with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import (
     REBUILD,
@@ -82,6 +85,12 @@ COMPILED_HEAD_NOTE = (
     "head:* left out too: a compile around the planned model (supported for plans with "
     "compiled blocks) would trace the head option's hooks and run the head as it is, so the "
     "plan's peak would not hold; profile with compile=False for them"
+)
+
+
+OFFLOAD_NOTE = (
+    "offload left out of the menu: the model is on {device}, and offload moves saved "
+    "activations from a CUDA device's memory to host memory; there is nothing to move to here"
 )
 
 
@@ -200,10 +209,12 @@ def profile(
         repeats: timed steps per way of running the model.
         options: per-stage options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear``, ``rebuild+ops`` and a few
-            selective-recompute policies picked from the blocks' op profile, and the options
-            of the last stage (head and loss, :mod:`memfit.runtime.head`): ``head:lean-loss``,
-            and with ``exact=False`` ``head:chunked``; or a list such as
-            ``["rebuild", "selective:matmul", "head:lean-loss"]``; ``()`` for none.
+            selective-recompute policies picked from the blocks' op profile, on CUDA
+            ``offload`` (its costs derive from keep's, the bytes it would move and the measured
+            copy bandwidth; on other devices ``info["notes"]`` says why it is absent), and the
+            options of the last stage (head and loss, :mod:`memfit.runtime.head`):
+            ``head:lean-loss``, and with ``exact=False`` ``head:chunked``; or a list such as
+            ``["rebuild", "selective:matmul", "offload", "head:lean-loss"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
@@ -260,11 +271,15 @@ def profile(
     if isinstance(options, str):
         if options != "auto":
             raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
+        offload = True
     else:
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             if not is_head_option(name):
                 stage_wrapper(name)
+        # offload's costs come from keep's and two measured figures (CUDA), not a step of its own
+        offload = OFFLOAD in options
+        options = [name for name in options if name != OFFLOAD]
     heads, head_notes = _head_menu(model, options, exact)
     if not isinstance(options, str):
         options = [name for name in options if not is_head_option(name)]
@@ -344,6 +359,7 @@ def profile(
             keep_output,
             info,
             world,
+            offload,
             heads,
         )
     finally:
@@ -363,6 +379,7 @@ def _profile(
     keep_output: bool,
     info: dict[str, Any],
     world: int,
+    offload: bool = True,
     heads: Sequence[str] = (),
 ) -> Profile:
     if isinstance(options, str):
@@ -458,7 +475,32 @@ def _profile(
         post_options=post,
         post_details=post_details,
     )
+    if offload:
+        result = _with_offload(model, sample, chain, result)
     return merge_profiles(result) if world > 1 else result
+
+
+def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) -> Profile:
+    """Offload in the menu (CUDA): each block's offloadable saved bytes, measured by one more
+    forward, and the copy bandwidth. On other devices a note says why it is absent."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cuda":
+        notes = [*result.info.get("notes", []), OFFLOAD_NOTE.format(device=device.type)]
+        return dataclasses.replace(result, info={**result.info, "notes": notes})
+    blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
+    args, kwargs = split_sample(sample)
+    moved: dict[int, int] = {}
+    if "compile" not in result.info:  # hooks cannot see inside compiled blocks: inputs only
+        with planned(model, chain, _every_block(chain, KEEP)):
+            moved = saved_activation_bytes(blocks, lambda: model(*args, **kwargs))
+    stages = [
+        dataclasses.replace(stage, offload_bytes=moved.get(index, 0))
+        for index, stage in enumerate(result.costs.stages)
+    ]
+    costs = dataclasses.replace(
+        result.costs, stages=stages, host_bytes_per_s=host_bandwidth(device)
+    )
+    return dataclasses.replace(result, costs=with_offload(costs))
 
 
 _NO_LOSS = {

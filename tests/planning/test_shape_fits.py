@@ -104,3 +104,22 @@ def test_options_and_flags_common_to_every_shape() -> None:
     assert list(fitted.template.stages[2].options) == [KEEP]
     with pytest.raises(ValueError, match="chain differs"):
         fit_shapes(GRID, [*profiles[:5], uniform_chain(3)])
+
+
+def test_offload_bytes_are_fitted_too() -> None:
+    from memfit.planning.baselines import recompute_all_offload
+    from memfit.planning.offload import OFFLOAD, with_offload
+
+    def offload_chain_at(shape: Shape):
+        costs = chain_at(shape)
+        stages = [replace(s, offload_bytes=200 * shape.tokens) for s in costs.stages]
+        return with_offload(replace(costs, stages=stages, host_bytes_per_s=1e6))
+
+    fitted = fit_shapes(GRID, [offload_chain_at(s) for s in GRID])
+    big = Shape(4, 256)
+    predicted, truth = fitted.costs_at(big), offload_chain_at(big)
+    assert [s.offload_bytes for s in predicted.stages] == [s.offload_bytes for s in truth.stages]
+    every = tuple(replace(item, option=OFFLOAD) for item in keep_all(truth))
+    for tree in (every, recompute_all_offload(truth)):
+        assert simulate(predicted, tree).peak_bytes == simulate(truth, tree).peak_bytes
+        assert simulate(predicted, tree).host_peak_bytes == simulate(truth, tree).host_peak_bytes
