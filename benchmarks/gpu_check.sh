@@ -14,7 +14,8 @@ python3 -c "import torch, transformers, sys; print(sys.version); print('torch', 
 nvidia-smi >> "$out/env.txt" 2>&1
 # the CUDA-marked tests: meter against the allocator, plans predicted against
 # max_memory_allocated, rebuild under cuBLAS, SDPA flash / memory-efficient with dropout,
-# offload (bit-identical, predicted, nothing left after the step, no copy/free race)
+# offload (bit-identical, predicted, nothing left after the step, no copy/free race), the
+# lean loss (head:lean-loss) bit for bit on CUDA's softmax kernels
 timeout 170 python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="" tests > "$out/cuda-tests.txt" 2>&1
 echo "pytest exit $?" >> "$out/cuda-tests.txt"
 # memfit against the baselines on the GPU, paired timing
