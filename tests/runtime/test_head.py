@@ -41,8 +41,9 @@ def head_plan(chain: Chain, option: str, recompute: bool = True) -> Plan:
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore_index", [-100, 0])
 def test_lean_loss_equals_cross_entropy_bit_for_bit(reduction: str, ignore_index: int) -> None:
-    for rows, classes in [(300, 1001), (7, 13), (64, 32000)]:
-        logits = torch.randn(rows, classes, requires_grad=True)
+    cases = [(300, 1001, torch.float32), (7, 13, torch.float32), (64, 32000, torch.float32)]
+    for rows, classes, dtype in [*cases, (300, 1001, torch.bfloat16)]:
+        logits = torch.randn(rows, classes, dtype=dtype, requires_grad=True)
         target = torch.randint(0, classes, (rows,))
         target[::5] = ignore_index
         reference = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)

@@ -222,7 +222,6 @@ class HeadRun:
         self.armed = False
         self.mode: _LeanLossMode | None = None
         self.hidden: torch.Tensor | None = None
-        self.head: nn.Module | None = None
         self.labels_position = _labels_position(model)
 
     def __getstate__(self) -> dict[str, Any]:
