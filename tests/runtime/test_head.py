@@ -16,7 +16,7 @@ from memfit.models import build
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.planning.simulate import simulate
 from memfit.report.tables import plan_table
-from memfit.runtime import apply_plan, remove_plan
+from memfit.runtime import apply_plan, losses, remove_plan
 from memfit.runtime.head import CHUNKED, LEAN_LOSS
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
 from memfit.verification import ROUNDING, seeded_gradients
@@ -78,6 +78,13 @@ def test_chunked_linear_loss_matches_to_rounding(reduction: str) -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
 
 
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few rows even on the tests' tiny logits (32 per step: the real path)."""
+    monkeypatch.setattr(losses, "MIN_CHUNK_BYTES", 0)
+
+
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lean_loss_keeps_gradients_bit_identical(arch: str) -> None:
     model, sample = build_hf(arch, layers=2, hidden=32, seq=32, batch=2, vocab=512)
@@ -94,6 +101,7 @@ def test_lean_loss_keeps_gradients_bit_identical(arch: str) -> None:
         assert grad is not None and torch.equal(grads[name], grad), name
 
 
+@pytest.mark.usefixtures("small_chunks")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_chunked_head_matches_to_rounding_and_drops_the_logits(arch: str) -> None:
     model, sample = build_hf(arch, layers=2, hidden=32, seq=32, batch=2, vocab=512)
@@ -202,7 +210,8 @@ def test_absent_where_the_model_is_not_recognised() -> None:
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_floor_plans_predict_the_measured_peak(exact: bool) -> None:
-    model, sample = build_hf("llama", layers=2, hidden=32, seq=64, batch=2, vocab=2000)
+    # 8 MiB of logits: 8 chunks of the lean loss (at least 1 MiB each)
+    model, sample = build_hf("llama", layers=2, hidden=32, seq=128, batch=2, vocab=8192)
     prof = memfit.profile(
         model, sample, options=HEADS if not exact else [LEAN_LOSS], exact=exact, repeats=1
     )

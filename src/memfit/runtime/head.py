@@ -88,7 +88,7 @@ HEAD_OPTIONS = {
         name=CHUNKED,
         exact=False,
         does=(
-            f"head and loss fused, in {CHUNKS} chunks of tokens, logits never whole and "
+            f"head and loss fused, in up to {CHUNKS} chunks of tokens, logits never whole and "
             f"recomputed per chunk in backward; output logits None; exact to rounding"
         ),
     ),

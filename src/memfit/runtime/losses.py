@@ -19,8 +19,8 @@ Two autograd functions, used by the ``<post>`` options of :mod:`memfit.runtime.h
   hidden states' and the head's gradients. Its summation orders differ from the unchunked head
   (the head's weight gradient is a sum of per-chunk products), so it is exact only to rounding.
 
-Known inefficiencies: chunks are a fixed share of the rows (:data:`CHUNKS`), not sized to a
-cache or to the memory left; the lean loss recomputes the log-softmax of every chunk in backward
+Known inefficiencies: chunks are a fixed share of the rows (:data:`CHUNKS`, at least
+:data:`MIN_CHUNK_BYTES` of logits), not sized to a cache or to the memory left; the lean loss recomputes the log-softmax of every chunk in backward
 (one more pass over the logits); neither runs a fused kernel, so on CUDA they do more memory
 traffic than Liger's Triton kernels.
 """
@@ -35,13 +35,15 @@ import torch.nn.functional as F
 
 aten = torch.ops.aten
 
-CHUNKS = 32  # a chunk is 1/CHUNKS of the rows (at least one row)
+CHUNKS = 32  # a chunk is 1/CHUNKS of the rows...
+MIN_CHUNK_BYTES = 1 << 20  # ...or 1 MiB of logits, whichever is larger: each chunk runs a few
+# parallel kernels, and on a loaded CPU tiny ones cost more in waiting threads than they save
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
-def chunk_rows(rows: int) -> int:
-    """Rows per chunk for ``rows`` rows."""
-    return max(1, math.ceil(rows / CHUNKS))
+def chunk_rows(rows: int, row_bytes: int) -> int:
+    """Rows per chunk for ``rows`` rows of logits of ``row_bytes`` bytes each."""
+    return max(1, math.ceil(rows / CHUNKS), MIN_CHUNK_BYTES // max(1, row_bytes))
 
 
 def _picked_input(
@@ -75,7 +77,7 @@ class LeanCrossEntropy(torch.autograd.Function):
         _check_targets(target, classes, ignore_index)
         safe = torch.where(target != ignore_index, target, 0).unsqueeze(1)
         picked = logits.new_empty(rows)
-        step = chunk_rows(rows)
+        step = chunk_rows(rows, classes * logits.element_size())
         for start in range(0, rows, step):
             part = torch.log_softmax(logits[start : start + step], 1)
             picked[start : start + step] = part.gather(1, safe[start : start + step]).squeeze(1)
@@ -98,7 +100,7 @@ class LeanCrossEntropy(torch.autograd.Function):
             grad, logits.new_empty(rows, 2), columns, None, reduction, ignore_index, total_weight
         )[:, column : column + 1]
         out = torch.empty_like(logits)
-        step = chunk_rows(rows)
+        step = chunk_rows(rows, logits.shape[1] * logits.element_size())
         for start in range(0, rows, step):
             stop = start + step
             part = torch.log_softmax(logits[start:stop], 1)
@@ -136,7 +138,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe = torch.where(target != ignore_index, target, 0).unsqueeze(1)
         picked = torch.empty(rows, dtype=dtype, device=hidden.device)
         lse = torch.empty(rows, dtype=dtype, device=hidden.device)
-        step = chunk_rows(rows)
+        step = chunk_rows(rows, classes * lse.element_size())
         with torch.no_grad():
             for start in range(0, rows, step):
                 stop = start + step
@@ -174,7 +176,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias_grad = None
         if need_bias and bias is not None:
             bias_grad = torch.zeros_like(bias, dtype=wide)
-        step = chunk_rows(rows)
+        step = chunk_rows(rows, weight.shape[0] * lse.element_size())
         for start in range(0, rows, step):
             stop = start + step
             part = hidden[start:stop]
