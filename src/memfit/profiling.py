@@ -167,7 +167,7 @@ def _head_menu(
         if reason is not None:
             wanted.remove(CHUNKED)
             notes.append(f"{CHUNKED} left out: {reason}")
-    elif exact and isinstance(options, str):
+    elif exact and isinstance(options, str) and chunked_head_support(model) is None:
         notes.append(f"{CHUNKED} not measured: it is {INEXACT_NOTE}; exact=False offers it")
     return wanted, notes
 
