@@ -191,10 +191,11 @@ def test_absent_where_the_model_is_not_recognised() -> None:
     model, sample = build("gpt", layers=2, width=32, seq=16, batch=2)  # loss inside forward
     prof = memfit.profile(model, sample, options=[LEAN_LOSS, CHUNKED], exact=False, repeats=1)
     assert LEAN_LOSS in prof.costs.stages[-1].options
-    assert any(
-        note.startswith(f"{CHUNKED} left out: not a Hugging Face model")
-        for note in prof.info["notes"]
-    )
+    for notes in (prof.info["notes"], memfit.plan(prof, budget=None).info["notes"]):
+        # the plan says why too
+        assert any(
+            note.startswith(f"{CHUNKED} left out: not a Hugging Face model") for note in notes
+        )
     # a loss computed after the model's forward (loss_fn) is out of the lean loss's reach
     hf, hf_sample = build_hf("llama", layers=2, hidden=32, seq=16, batch=2, vocab=300)
     labels = hf_sample.pop("labels")
