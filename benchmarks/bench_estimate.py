@@ -1,17 +1,22 @@
 """Predicted vs measured step time at shapes 2x and 4x the profiled tokens (``memfit.estimate``).
 
 For each Hugging Face config (GPT-2, Llama, BERT; ``build_hf``, library defaults: dropout on,
-SDPA where the library picks it), the model is profiled at its default shapes up to a sample of
-``batch x seq`` (``memfit.profile_shapes``: batches B/2, B by seqs S/8..S), and
-``memfit.estimate`` predicts the step time at shapes with 2x the tokens (2B x S, B x 2S) and 4x
-(4B x S, 2B x 2S, B x 4S), with no plan and with the plan for ``--budget``. Each shape is then
-run: the plain model and the planned copy in turns (plain, planned, planned, plain, ...),
-medians of ``--repeats`` steps each, wall seconds (what a user waits) and the process's CPU
-seconds beside them. Errors are predicted / measured - 1.
+SDPA where the library picks it), ``memfit.estimate`` profiles the model at its default shapes
+for a sample of ``batch x seq`` (``memfit.estimation.default_profile_shapes``: batches B/2, B by
+seqs S/8..S, and the sample's tokens at longer seqs, B/2 x 2S ... down to batch 1) and predicts
+the step time at shapes with 2x the sample's tokens (2B x S, B x 2S) and 4x (4B x S, 2B x 2S,
+B x 4S), with no plan and with the plan for ``--budget``. No profiled shape has more tokens
+than the sample. Each shape is then run: the plain model and the planned copy in turns (plain,
+planned, planned, plain, ...), medians of ``--repeats`` steps each, wall seconds (what a user
+waits) and the process's CPU seconds beside them. Errors are predicted / measured - 1.
 
 The prediction is in wall seconds at the wall/CPU factor seen while profiling (other processes'
 load); the "CPU" column holds the prediction against the measured CPU seconds times that
 same factor, which takes out a change in the machine's load between profiling and measuring.
+Steps are timed as a training loop runs them: no ``gc.collect()`` before each (measured: it
+added 1.5 ms to a 4 ms BERT step at 1 x 16 and 3.5 ms to an 18 ms GPT-2 step at 2 x 128, the
+collector's walk over 370k Python objects evicting the caches; the first version of this
+benchmark did it, and charged it to the measured side).
 
     .venv/bin/python benchmarks/bench_estimate.py            # about 2 minutes on 2 cores
 """
@@ -52,9 +57,9 @@ def header(threads: int) -> list[str]:
 
 
 def timed(model: torch.nn.Module, batch: dict) -> tuple[float, float]:
-    """Wall and CPU seconds of one training step (gradients reset, collector off)."""
+    """Wall and CPU seconds of one training step (gradients reset, collector off during it;
+    not run before it, see the module docstring)."""
     model.zero_grad(set_to_none=True)
-    gc.collect()
     gc.disable()
     try:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -75,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="50%")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument(
+        "--profile-repeats", type=int, default=3, help="memfit.profile's repeats per shape"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="intra-op threads; 1 by default: on a shared 2-core machine two threads wait on "
         "each other behind other processes (measured: steps 2-15x slower, medians unstable)",
     )
-    parser.add_argument("--out", default=str(HERE / "results" / f"estimate-{date.today()}.md"))
+    parser.add_argument("--out", default=str(HERE / "results" / f"estimate-{date.today()}-2.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     torch.set_num_threads(args.threads)
@@ -102,9 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             arch, layers=args.layers, hidden=args.width, heads=args.heads, seq=4 * s, batch=4 * b
         )
         sample = resize_sample(big, Shape(b, s))
-        shaped = memfit.profile_shapes(model, sample)
-        est = memfit.estimate(shaped, shapes=[t for _, t in targets], budget=args.budget)
+        est = memfit.estimate(
+            model,
+            sample,
+            shapes=[t for _, t in targets],
+            budget=args.budget,
+            options=(),
+            repeats=args.profile_repeats,
+        )
+        shaped = est.shaped
         fits[arch] = (shaped, shaped.fitted.summary())
+        assert max(x.tokens for x in shaped.fitted.shapes) == b * s  # 2x and 4x are honest
         say(f"{arch}: profiled in {shaped.profile_s:.1f} s, {fits[arch][1]['time_basis']}")
         factor = shaped.wall_per_cpu
         for (times, shape), row in zip(targets, est.rows, strict=True):
@@ -129,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     def pct(values: list[float]) -> str:
         return f"median {statistics.median(values):+.1%}, {min(values):+.1%} to {max(values):+.1%}"
 
+    profiled = ", ".join(str(x) for x in sorted(next(iter(fits.values()))[0].fitted.shapes))
     lines = [
         f"# Step time predicted at 2x and 4x the profiled tokens ({date.today()})",
         "",
         *header(args.threads),
         f"- models: Hugging Face configs (build_hf, library defaults) {args.archs}, "
         f"{args.layers} layers, width {args.width}, {args.heads} heads, vocabulary 256",
-        f"- profiled with memfit.profile_shapes's defaults up to {b} x {s} (8 shapes); "
-        f"estimated at {', '.join(str(t) for _, t in targets)}; plans for {args.budget}",
+        f"- profiled by memfit.estimate's defaults for a {b} x {s} sample ({profiled}; "
+        f"{args.profile_repeats} timed steps per way, twice that at the larger half, keep and "
+        f"recompute); estimated at {', '.join(str(t) for _, t in targets)}; plans for "
+        f"{args.budget}",
         f"- measured: plain and planned steps in turns, {args.repeats} each, medians; error "
         "= predicted / measured - 1 (wall); 'CPU' = against the measured CPU seconds times "
         "the profile's wall/CPU factor (takes out a change of load since profiling)",

@@ -64,10 +64,24 @@ class ShapeProfile:
     wall_per_cpu: float = 1.0
 
 
-def default_profile_shapes(shape: Shape) -> list[Shape]:
-    """The shapes profiled by default, from the sample's own ``shape``: batches ``B/2`` and
-    ``B`` (``1`` and ``2`` for a batch of one) by seqs ``S/8``, ``S/4``, ``S/2``, ``S``; without a
-    sequence axis, batches ``B/4``, ``B/2``, ``3B/4``, ``B`` (more when ``B`` is small)."""
+def default_profile_shapes(shape: Shape, longest_seq: int | None = None) -> list[Shape]:
+    """The shapes profiled by default, from the sample's own ``shape``.
+
+    A grid, batches ``B/2`` and ``B`` (``1`` and ``2`` for a batch of one) by seqs ``S/8``,
+    ``S/4``, ``S/2``, ``S``, and a ladder: the grid's largest tokens at longer seqs, the batch
+    halved as the seq doubles (``B/2 x 2S``, ``B/4 x 4S``; as far as the batch halves to 1).
+    Shapes of equal tokens and other seqs tell the time fits the tokens term from attention's
+    ``batch·seq²`` one (measured, see :func:`~memfit.planning.shapes.seconds_basis`), and the
+    longer seqs are where the step time grows fastest. With ``longest_seq`` (the longest seq
+    an estimate is asked for) the ladder goes on towards it while the batch allows. A rung
+    holds the sample's tokens, but eager attention's scores grow with ``seq²``: ``B/4 x 4S``
+    keeps four times the sample's. Without a sequence axis: batches ``B/4``, ``B/2``,
+    ``3B/4``, ``B`` (more when ``B`` is small).
+
+    Example:
+        >>> default_profile_shapes(Shape(2, 128))[-1]
+        Shape(batch=1, seq=256)
+    """
     batch, seq = shape.batch, shape.seq
     if not seq:
         sizes = sorted({max(1, batch * k // 4) for k in (1, 2, 3, 4)} | {batch})
@@ -76,7 +90,13 @@ def default_profile_shapes(shape: Shape) -> list[Shape]:
         return [Shape(b, 0) for b in sizes]
     batches = sorted({max(1, batch // 2), batch}) if batch > 1 else [1, 2]
     seqs = sorted({max(1, seq // 8), max(1, seq // 4), max(1, seq // 2), seq})
-    return [Shape(b, s) for b in batches for s in seqs]
+    grid = [Shape(b, s) for b in batches for s in seqs]
+    top = batches[-1]
+    rung = 1
+    while top >> rung >= 1 and (rung <= 2 or seq << (rung - 1) < (longest_seq or 0)):
+        grid.append(Shape(top >> rung, seq << rung))
+        rung += 1
+    return grid
 
 
 def _option_names(prof: Any) -> list[str]:
@@ -98,8 +118,9 @@ def profile_shapes(
         sample: a tuple of positional or a dict of keyword arguments; its batch is dim 0 of
             its tensors, its sequence dim 1 of its token ids (see :mod:`memfit.measuring.shapes`).
         shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
-            (eight shapes up to the sample's own). At least two; five or more give the fits'
-            extrapolation check. Shapes larger than the sample repeat its rows and positions.
+            (eight shapes up to the sample's own, and the sample's tokens at two longer seqs).
+            At least two; five or more give the fits' extrapolation checks. Shapes larger than
+            the sample repeat its rows and positions.
         **profile_options: passed to :func:`memfit.profile` (``keep_output``,
             ``accumulate``, ``repeats``, ``loss_fn``, ...). ``options`` defaults to ``()``
             here (keep and recompute: a quick profile per shape); ``options="auto"`` adds
@@ -314,7 +335,8 @@ def estimate(
         strategy: the planner's strategy (``optimal``, ``all``, ...).
         largest: ``"seq"`` or ``"batch"``: also find the largest seq (at the first shape's
             batch) or batch (at its seq) whose smallest feasible peak fits ``budget`` (bytes).
-        profile_at: the shapes to profile (default :func:`default_profile_shapes`).
+        profile_at: the shapes to profile (default :func:`default_profile_shapes`, its
+            ladder of longer seqs going on towards the longest seq in ``shapes``).
         **profile_options: passed to :func:`memfit.profile`.
 
     Returns:
@@ -344,7 +366,10 @@ def estimate(
         if sample is None:
             raise TypeError("memfit.estimate(model, sample, shapes=...) needs the sample")
         # checked before anything is profiled
-        _shapes(shapes, sample_layout(sample))
+        layout = sample_layout(sample)
+        asked = _shapes(shapes, layout)
+        if profile_at is None:  # the ladder goes on towards the longest seq asked
+            profile_at = default_profile_shapes(layout.shape, max(s.seq for s in asked))
         shaped = profile_shapes(model, sample, shapes=profile_at, **profile_options)
     else:
         raise TypeError(
