@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
+from memfit.distributed import ranks
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
-from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout
+from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout, step_seconds_at
+from memfit.measuring.state import preserving_state
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
@@ -34,7 +37,7 @@ from memfit.planning.shapes import (
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.profiling import profile
-from memfit.runtime.apply import applied_plan
+from memfit.runtime.apply import applied_plan, chain_of_plan, planned
 from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
 from memfit.units import Budget, parse_budget
 
@@ -54,6 +57,9 @@ class ShapeProfile:
         profile_s: seconds spent profiling.
         wall_per_cpu: the wall / CPU seconds factor every profile's times were put on (the
             median of the profiles' own: other processes' load moves it between shapes).
+        calibration: shape -> the factor its stage times were scaled by, so that the
+            keep-all step's total equals the plain step timed at every shape in rounds,
+            without stage marks (empty: not calibrated, compiled blocks or several ranks).
     """
 
     fitted: ShapeCosts
@@ -62,6 +68,7 @@ class ShapeProfile:
     accumulate: bool = False
     profile_s: float = 0.0
     wall_per_cpu: float = 1.0
+    calibration: Mapping[Shape, float] = field(default_factory=dict)
 
 
 def default_profile_shapes(shape: Shape, longest_seq: int | None = None) -> list[Shape]:
@@ -104,6 +111,7 @@ def _option_names(prof: Any) -> list[str]:
     return sorted(names - {KEEP})
 
 
+@preserving_state
 def profile_shapes(
     model: nn.Module,
     sample: Any,
@@ -164,18 +172,50 @@ def profile_shapes(
     # other processes' load moves from shape to shape: one factor (the median) for all
     factors = {s: float(profiles[s].info.get("wall_per_cpu", 1.0)) for s in shapes_}
     common = statistics.median(factors.values())
-    fitted = fit_shapes(
-        shapes_, [scale_seconds(profiles[s].costs, common / factors[s]) for s in shapes_]
-    )
+    costs = {s: scale_seconds(profiles[s].costs, common / factors[s]) for s in shapes_}
     measured = profiles[order[0]].measurement
+    calibration = {}
+    if _calibrates(profiles[order[0]], profile_options):
+        # the plain step timed at every shape in rounds, without stage marks: each profile's
+        # stage times are scaled to it (the marks' own cost out, one machine state for all)
+        plan = _keep_plan(profiles[order[0]].costs)
+        samples = {s: resize_sample(sample, s, layout) for s in shapes_}
+        with warnings.catch_warnings(), planned(model, chain_of_plan(model, plan), plan):
+            warnings.simplefilter("ignore", UserWarning)  # HF checkpointing: restored after
+            steps = step_seconds_at(
+                model,
+                samples,
+                rounds=2 * repeats + 1,
+                loss_fn=profile_options.get("loss_fn"),
+                accumulate=measured.accumulate,
+                keep_output=measured.keep_output,
+            )
+        for shape in shapes_:
+            total = simulate(costs[shape], keep_all(costs[shape])).step_s
+            if total > 0 and steps[shape] > 0:
+                calibration[shape] = steps[shape] * common / total
+                costs[shape] = scale_seconds(costs[shape], calibration[shape])
     return ShapeProfile(
-        fitted=fitted,
+        fitted=fit_shapes(shapes_, [costs[s] for s in shapes_]),
         layout=layout,
         keep_output=measured.keep_output,
         accumulate=measured.accumulate,
         profile_s=time.perf_counter() - started,
         wall_per_cpu=common,
+        calibration=calibration,
     )
+
+
+def _keep_plan(costs: Any) -> Plan:
+    """Every stage kept, as a plan: the profile's keep way (HF decoders without their cache)."""
+    return Plan.from_tree([stage.name for stage in costs.stages], keep_all(costs), "none")
+
+
+def _calibrates(prof: Any, profile_options: Mapping[str, Any]) -> bool:
+    """Whether the stage times are scaled to unmarked steps: not for compiled blocks (the
+    step would run them uncompiled) nor across ranks (each rank's own scale would give the
+    ranks other plans; their merged profile is the slowest rank's)."""
+    return "compile" not in prof.info and ranks(profile_options.get("distributed")) <= 1
 
 
 def _shapes(shapes: ShapesArg, layout: SampleLayout) -> list[Shape]:
