@@ -71,7 +71,9 @@ class ShapeProfile:
     calibration: Mapping[Shape, float] = field(default_factory=dict)
 
 
-def default_profile_shapes(shape: Shape, longest_seq: int | None = None) -> list[Shape]:
+def default_profile_shapes(
+    shape: Shape, longest_seq: int | None = None, max_seq: int | None = None
+) -> list[Shape]:
     """The shapes profiled by default, from the sample's own ``shape``.
 
     A grid, batches ``B/2`` and ``B`` (``1`` and ``2`` for a batch of one) by seqs ``S/8``,
@@ -80,9 +82,10 @@ def default_profile_shapes(shape: Shape, longest_seq: int | None = None) -> list
     Shapes of equal tokens and other seqs tell the time fits the tokens term from attention's
     ``batch·seq²`` one (measured, see :func:`~memfit.planning.shapes.seconds_basis`), and the
     longer seqs are where the step time grows fastest. With ``longest_seq`` (the longest seq
-    an estimate is asked for) the ladder goes on towards it while the batch allows. A rung
-    holds the sample's tokens, but eager attention's scores grow with ``seq²``: ``B/4 x 4S``
-    keeps four times the sample's. Without a sequence axis: batches ``B/4``, ``B/2``,
+    an estimate is asked for) the ladder goes on towards it while the batch allows; it never
+    goes beyond ``max_seq`` (a model's position limit). A rung holds the sample's tokens, but
+    eager attention's scores grow with ``seq²``: ``B/4 x 4S`` keeps four times the sample's.
+    Without a sequence axis: batches ``B/4``, ``B/2``,
     ``3B/4``, ``B`` (more when ``B`` is small).
 
     Example:
@@ -100,10 +103,25 @@ def default_profile_shapes(shape: Shape, longest_seq: int | None = None) -> list
     grid = [Shape(b, s) for b in batches for s in seqs]
     top = batches[-1]
     rung = 1
-    while top >> rung >= 1 and (rung <= 2 or seq << (rung - 1) < (longest_seq or 0)):
+    while (
+        top >> rung >= 1
+        and (max_seq is None or seq << rung <= max_seq)
+        and (rung <= 2 or seq << (rung - 1) < (longest_seq or 0))
+    ):
         grid.append(Shape(top >> rung, seq << rung))
         rung += 1
     return grid
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The longest seq a model's config says its positions reach (Hugging Face's
+    ``n_positions`` or ``max_position_embeddings``), or ``None``."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _option_names(prof: Any) -> list[str]:
@@ -117,6 +135,7 @@ def profile_shapes(
     sample: Any,
     *,
     shapes: Iterable[Shape | tuple[int, int]] | None = None,
+    longest_seq: int | None = None,
     **profile_options: Any,
 ) -> ShapeProfile:
     """Profile ``model`` at a few shapes made from ``sample`` and fit its costs to the shape.
@@ -128,7 +147,12 @@ def profile_shapes(
         shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
             (eight shapes up to the sample's own, and the sample's tokens at two longer seqs).
             At least two; five or more give the fits' extrapolation checks. Shapes larger than
-            the sample repeat its rows and positions.
+            the sample repeat its rows and positions. The default's longer seqs stop at the
+            model's position limit where its config names one (``n_positions``,
+            ``max_position_embeddings``), and one that fails to run is left out with a
+            warning (positions a model without such a config cannot take).
+        longest_seq: with the default shapes, the longest seq the fits will be asked about:
+            the ladder of longer seqs goes on towards it (see :func:`default_profile_shapes`).
         **profile_options: passed to :func:`memfit.profile` (``keep_output``,
             ``accumulate``, ``repeats``, ``loss_fn``, ...). ``options`` defaults to ``()``
             here (keep and recompute: a quick profile per shape); ``options="auto"`` adds
@@ -146,7 +170,11 @@ def profile_shapes(
         >>> shaped.fitted.summary()["holdout_error"]
     """
     layout = sample_layout(sample)
-    chosen = default_profile_shapes(layout.shape) if shapes is None else _shapes(shapes, layout)
+    if shapes is None:
+        chosen = default_profile_shapes(layout.shape, longest_seq, _position_limit(model))
+        optional = {shape for shape in chosen if shape.seq > layout.shape.seq}
+    else:
+        chosen, optional = _shapes(shapes, layout), set()
     if len(set(chosen)) < 2:
         raise ValueError(f"profile shapes need two distinct shapes at least; got {chosen}")
     order = sorted(set(chosen), key=lambda s: (s.tokens, s.seq), reverse=True)
@@ -157,13 +185,19 @@ def profile_shapes(
     for shape in order:  # the largest first: its options are measured at every shape
         # the larger shapes carry the time fits' slope: twice the timed steps there
         twice = 2 * shape.tokens >= order[0].tokens
-        prof = profile(
-            model,
-            resize_sample(sample, shape, layout),
-            options=options,
-            repeats=2 * repeats if twice else repeats,
-            **profile_options,
-        )
+        try:
+            prof = profile(
+                model,
+                resize_sample(sample, shape, layout),
+                options=options,
+                repeats=2 * repeats if twice else repeats,
+                **profile_options,
+            )
+        except Exception as error:
+            if shape not in optional:
+                raise
+            logger.warning("memfit: shape %s left out of the shape profile: %s", shape, error)
+            continue
         if isinstance(options, str):
             options = _option_names(prof)
         profiles[shape] = prof
@@ -173,12 +207,13 @@ def profile_shapes(
     factors = {s: float(profiles[s].info.get("wall_per_cpu", 1.0)) for s in shapes_}
     common = statistics.median(factors.values())
     costs = {s: scale_seconds(profiles[s].costs, common / factors[s]) for s in shapes_}
-    measured = profiles[order[0]].measurement
+    first = profiles[shapes_[0]]  # the largest profiled
+    measured = first.measurement
     calibration = {}
-    if _calibrates(profiles[order[0]], profile_options):
+    if _calibrates(first, profile_options):
         # the plain step timed at every shape in rounds, without stage marks: each profile's
         # stage times are scaled to it (the marks' own cost out, one machine state for all)
-        plan = _keep_plan(profiles[order[0]].costs)
+        plan = _keep_plan(first.costs)
         samples = {s: resize_sample(sample, s, layout) for s in shapes_}
         with warnings.catch_warnings(), planned(model, chain_of_plan(model, plan), plan):
             warnings.simplefilter("ignore", UserWarning)  # HF checkpointing: restored after
@@ -406,11 +441,10 @@ def estimate(
         if sample is None:
             raise TypeError("memfit.estimate(model, sample, shapes=...) needs the sample")
         # checked before anything is profiled
-        layout = sample_layout(sample)
-        asked = _shapes(shapes, layout)
-        if profile_at is None:  # the ladder goes on towards the longest seq asked
-            profile_at = default_profile_shapes(layout.shape, max(s.seq for s in asked))
-        shaped = profile_shapes(model, sample, shapes=profile_at, **profile_options)
+        longest = max(s.seq for s in _shapes(shapes, sample_layout(sample)))
+        shaped = profile_shapes(
+            model, sample, shapes=profile_at, longest_seq=longest, **profile_options
+        )
     else:
         raise TypeError(
             f"memfit.estimate takes a model or a ShapeProfile; got {type(model).__name__}"
@@ -510,7 +544,7 @@ def auto_dynamic(
             # lengths (eager attention's scores) loses at every grid shape, and the fits would
             # miss it; at batch 1 the probe costs a fraction of the longest batch
             shapes_profiled = [
-                *default_profile_shapes(layout.shape),
+                *default_profile_shapes(layout.shape, max_seq=_position_limit(model)),
                 Shape(1, seq_range[1]),
             ]
         shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
