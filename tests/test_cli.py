@@ -181,6 +181,7 @@ def test_estimate_prints_a_table_and_the_largest_seq(capsys: pytest.CaptureFixtu
     assert main([*args, "--budget", "64MiB", "--largest", "seq"]) == 0
     out = capsys.readouterr().out
     assert "Estimate (budget 64.00 MiB" in out and "extrapolation check" in out
+    assert "time check" in out and "time trusted" in out  # the time fits' own flag, per row
     assert "largest seq that fits 64.00 MiB at batch 8:" in out
     assert main([*args, "--budget", "50%", "--largest", "seq"]) == 2  # a percentage: no largest
     assert "needs a budget in bytes" in capsys.readouterr().err

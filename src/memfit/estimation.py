@@ -510,6 +510,7 @@ def auto_dynamic(
     seq_range: tuple[int, int] | None = None,
     bucket: int = 64,
     margin: float = 0.02,
+    round_batch: bool = False,
     shapes_profiled: Iterable[Shape | tuple[int, int]] | None = None,
     shape_profile: ShapeProfile | None = None,
     **profile_options: Any,
@@ -557,6 +558,7 @@ def auto_dynamic(
         strategy=strategy,
         bucket=bucket,
         margin=margin,
+        round_batch=round_batch,
         keep_output=shaped.keep_output,
         accumulate=shaped.accumulate,
     )

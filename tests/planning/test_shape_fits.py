@@ -1,5 +1,6 @@
 """Shape fits on synthetic chains (pure numbers): exact bases recovered, peaks with a branch
-change fitted on the larger shapes, seconds non-negative, trust and the largest shape."""
+change fitted on the larger shapes, seconds non-negative with attention's seq² term and their
+extrapolation check, trust and the largest shape."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from memfit.planning.shapes import (
     fit_shapes,
     largest_shape,
     plan_shape,
+    seconds_basis,
 )
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
@@ -104,3 +106,49 @@ def test_options_and_flags_common_to_every_shape() -> None:
     assert list(fitted.template.stages[2].options) == [KEEP]
     with pytest.raises(ValueError, match="chain differs"):
         fit_shapes(GRID, [*profiles[:5], uniform_chain(3)])
+
+
+# the default profile shapes for a 2 x 64 sample: a grid and the sample's tokens at 2x the seq
+LADDER = [*(Shape(b, s) for b in (1, 2) for s in (8, 16, 32, 64)), Shape(1, 128)]
+
+
+def timed_chain_at(shape: Shape):
+    """A uniform chain whose stage times are ``1 ms + tokens·1 µs + batch·seq²·10 ns``."""
+    seconds = 1e-3 + 1e-6 * shape.tokens + 1e-8 * shape.batch * shape.seq**2
+    costs = chain_at(shape)
+    stages = [
+        replace(
+            stage,
+            options={
+                name: replace(option, forward_s=seconds, backward_s=2 * seconds)
+                for name, option in stage.options.items()
+            },
+        )
+        for stage in costs.stages
+    ]
+    return replace(costs, stages=stages)
+
+
+def test_time_fits_carry_attention_seq_squared_term() -> None:
+    fitted = fit_shapes(LADDER, [timed_chain_at(s) for s in LADDER])
+    assert fitted.info["time_basis"] == "1 + tokens + batch·seq²"
+    assert fitted.time_holdout_error == pytest.approx(0.0, abs=1e-9)
+    assert fitted.time_trust(Shape(2, 256)) == []
+    for shape in (Shape(4, 128), Shape(2, 256), Shape(1, 512)):
+        truth = timed_chain_at(shape)
+        predicted = fitted.costs_at(shape)
+        expected = simulate(truth, keep_all(truth)).step_s
+        assert simulate(predicted, keep_all(predicted)).step_s == pytest.approx(expected)
+
+
+def test_time_basis_is_linear_with_one_seq_and_checked_on_the_longest() -> None:
+    batches = [Shape(b, 64) for b in (1, 2, 3, 4, 6)]
+    assert seconds_basis(batches, [0.001 * s.tokens for s in batches]) == (
+        ("1", "tokens"),
+        pytest.approx(0.0, abs=1e-9),
+    )
+    # a step 30% slower at the longest seq than any fit of the others can say: flagged
+    totals = [1e-5 + 1e-6 * s.tokens * (1.3 if s.seq == 128 else 1.0) for s in LADDER]
+    basis, miss = seconds_basis(LADDER, totals)
+    assert basis == ("1", "tokens", "batch·seq²") and miss is not None and miss < -0.15
+    assert seconds_basis(LADDER[:4], totals[:4])[1] is None  # fewer than five shapes
