@@ -301,7 +301,7 @@ def seconds_basis(
     same check kept ``1 + tokens`` on noise for Llama (SDPA: attention is a few percent of a
     short step) and predicted 2-4x along the seq 22-49% low; the quadratic basis always
     brought 88 of 129 cells within 15% to 117 (with shapes of equal tokens at longer seqs
-    among the profiled ones, :func:`memfit.estimation.default_profile_shapes`).
+    among the profiled ones, :func:`memfit.shape_profiles.default_profile_shapes`).
     """
     array = np.array(totals, dtype=np.float64)
     linear = ("1", "tokens")
