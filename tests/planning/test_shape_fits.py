@@ -17,8 +17,10 @@ from memfit.planning.shapes import (
     fit_bytes,
     fit_seconds,
     fit_shapes,
+    fit_with_probes,
     largest_shape,
     plan_shape,
+    probes,
     seconds_basis,
 )
 from memfit.planning.simulate import simulate
@@ -152,3 +154,21 @@ def test_time_basis_is_linear_with_one_seq_and_checked_on_the_longest() -> None:
     basis, miss = seconds_basis(LADDER, totals)
     assert basis == ("1", "tokens", "batch·seq²") and miss is not None and miss < -0.15
     assert seconds_basis(LADDER[:4], totals[:4])[1] is None  # fewer than five shapes
+
+
+def test_equal_token_shapes_do_not_stand_in_for_a_token_term() -> None:
+    # the ladder's top shapes share the sample's tokens: a constant fits them exactly
+    held = [278_900 + 24 * s.tokens for s in LADDER]
+    fit = fit_bytes(LADDER, held)
+    assert fit.exact and fit.features == ("1", "tokens")
+    assert round(fit(Shape(16, 64))) == 278_900 + 24 * 16 * 64
+
+
+def test_long_probe_term_starts_at_the_grid_seq() -> None:
+    # a peak: the grid's per-token branch, or beyond some length the scores' gradient
+    values = [max(400 * s.tokens, 6 * s.batch * s.seq**2) for s in LADDER]
+    fit = fit_with_probes(LADDER, values, probes(LADDER))
+    assert fit.long_branch and fit.long_from_seq == 64
+    assert fit(Shape(16, 64)) == pytest.approx(400 * 16 * 64)  # nothing added up to the grid's seq
+    for shape in (Shape(2, 96), Shape(1, 128), Shape(4, 100)):  # an upper bound up to the probe
+        assert fit(shape) >= max(400 * shape.tokens, 6 * shape.batch * shape.seq**2)
