@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_loss, reference = seeded_gradients(twin, batch, None, step)
         equal = torch.equal(loss, reference_loss) and not mismatched_gradients(reference, grads)
         measured = memfit.measure(model, batch, repeats=1, warmup=0).peak_bytes
+        static_peak = memfit.measure(static, batch, repeats=1, warmup=0).peak_bytes
         record = plans.steps[-1]
         margin = plans.margin
         # the feedback CUDA gets from the allocator's counter, fed here from the CPU meter
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 margin=margin,
                 predicted=record.predicted_peak_bytes,
                 measured=measured,
+                static_peak=static_peak,
                 predicted_s=predicted_s,
                 dynamic_s=statistics.median(dynamic_s),
                 static_s=statistics.median(static_s),
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Reading",
         "",
-        f"- every step within budget: {all(r['measured'] <= budget for r in rows)}; loss and "
+        f"- every step within budget: {all(r['measured'] <= budget for r in rows)} (the "
+        f"static plan: {sum(r['static_peak'] <= budget for r in rows)} of {len(rows)} steps, "
+        f"its largest peak {mib(max(r['static_peak'] for r in rows))} MiB); loss and "
         f"gradients bit-identical to the unplanned model on every step: "
         f"{all(r['equal'] for r in rows)}",
         f"- predicted peak vs measured: error {min(errors):+.2%} to {max(errors):+.2%} "
