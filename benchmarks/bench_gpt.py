@@ -7,6 +7,12 @@ memfit's optimal plan with them, at several budgets. Every row is run for real: 
 (medians over ``--repeats``). Results go to ``benchmarks/results/gpt-<date>.md``.
 
     .venv/bin/python benchmarks/bench_gpt.py --budgets 30%,50%,70%
+
+On a GPU (``benchmarks/gpu_check.sh``), sizes and rows are chosen on the command line, and
+``--hf llama`` runs a Hugging Face config (library defaults) instead of the built-in GPT:
+
+    python3 benchmarks/bench_gpt.py --device cuda --layers 12 --width 1024 --seq 1024 \
+        --strategies none,all,all+offload,optimal-no-offload,optimal
 """
 
 from __future__ import annotations
@@ -48,11 +54,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--hf", default=None, help="a Hugging Face family (llama, gpt2...)")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--strategies", default="none,all,every:2,sqrt,optimal-recompute,optimal")
     parser.add_argument("--out", default=str(HERE / "results" / f"gpt-{date.today()}.md"))
     args = parser.parse_args(argv)
-    model, sample = build("gpt", batch=args.batch)
+    sizes = {
+        key: value
+        for key, value in (
+            ("layers", args.layers),
+            ("seq", args.seq),
+            ("vocab", args.vocab),
+            ("hidden" if args.hf else "width", args.width),
+        )
+        if value is not None
+    }
+    if args.hf:
+        from memfit.integrations.hf import build_hf
+
+        heads = max(1, (args.width or 64) // 64)
+        model, sample = build_hf(args.hf, batch=args.batch, heads=heads, **sizes)
+        sample = {key: value.to(args.device) for key, value in sample.items()}
+    else:
+        model, sample = build("gpt", batch=args.batch, **sizes)
+        sample = tuple(t.to(args.device) for t in sample)
     model = model.to(args.device)
-    sample = tuple(t.to(args.device) for t in sample)
     print("\n".join(header()), file=sys.stderr)
     profile = memfit.profile(model, sample, repeats=args.repeats)
     budgets = [b.strip() for b in args.budgets.split(",")]
@@ -61,16 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         sample,
         profile,
         budgets=budgets,
+        strategies=[s.strip() for s in args.strategies.split(",")],
         repeats=args.repeats,
         progress=lambda m: print(m, file=sys.stderr),
     )
     m = profile.measurement
     lines = [
-        f"# memfit vs checkpointing baselines: built-in GPT, batch {args.batch} ({date.today()})",
+        f"# memfit vs checkpointing baselines: {args.hf or 'built-in GPT'}, batch {args.batch} "
+        f"({date.today()})",
         "",
         *header(),
-        f"- model: {describe(model)}, sequence 128, batch {args.batch}; sample shapes "
-        f"{[tuple(t.shape) for t in sample]}",
+        f"- model: {describe(model)}, batch {args.batch}; sample shapes "
+        f"{[tuple(t.shape) for t in (sample.values() if isinstance(sample, dict) else sample)]}",
+        f"- host copies: {profile.costs.host_bytes_per_s / 1e9:.1f} GB/s"
+        if profile.costs.host_bytes_per_s
+        else "- offload: none (no CUDA device)",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held "
         f"{m.held_bytes / 2**20:.1f} MiB + activations {m.activation_bytes / 2**20:.1f} MiB",
         f"- timing: {args.repeats} rounds over all rows, each timed step of a row paired with an "

@@ -39,6 +39,12 @@ def test_plan_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert plan.strategy == "optimal" and plan.keep_output
     out = capsys.readouterr().out
     assert "plan written" in out and "output kept through backward" in out
+    assert "offload left out" in out  # a CPU model: the plan says why, as a note row
+
+
+def test_plan_host_budget_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--budget", "60%", "--host-budget", "lots"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_plan_for_a_loss_only_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,9 +16,11 @@ from torch import nn
 
 from memfit.distributed import agree_on_plan, ranks
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
+from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
+from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
-from memfit.planning.solve import solve
+from memfit.planning.solve import Strategy, parse_strategy, solve
 from memfit.profiling import profile
 from memfit.runtime import REBUILD, REBUILD_LINEAR, REBUILD_OPS
 from memfit.runtime.apply import (
@@ -36,7 +38,7 @@ from memfit.runtime.compiled import (
 )
 from memfit.runtime.dynamic import remove_shape_plans
 from memfit.runtime.options import is_selective
-from memfit.units import Budget, infeasible_message, parse_budget
+from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
 from memfit.verification import Verification, verify
 
 __all__ = ["Verification", "apply", "auto", "plan", "profile", "remove", "verify"]
@@ -50,6 +52,7 @@ def plan(
     *,
     budget: int | float | str | Budget | None,
     strategy: str = "optimal",
+    host_budget: int | str | None = None,
     **profile_options: Any,
 ) -> Plan:
     """Choose how every stage runs so that the step fits ``budget`` at the least time.
@@ -64,6 +67,9 @@ def plan(
             ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
             :func:`~memfit.units.parse_budget`). ``None``: no cap (for the baselines).
         strategy: ``optimal`` (default), ``none``, ``all``, ``sqrt`` or ``every:k``.
+        host_budget: host memory that offloaded activations may take (bytes, or ``"64GiB"``);
+            ``None``: half of the host memory available now. Only CUDA profiles offload
+            (``plan.info["host_peak_bytes"]`` says how much a plan holds there).
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
@@ -91,8 +97,12 @@ def plan(
         )
     held, activation = prof.measurement.held_bytes, prof.measurement.activation_bytes
     budget_bytes = None if parsed is None else parsed.resolve(held, activation)
+    extra: dict[str, Any] = {}
+    if offloads(prof.costs) and parse_strategy(strategy)[0] is Strategy.OPTIMAL:
+        limit = available_host_bytes() // 2 if host_budget is None else parse_bytes(host_budget)
+        extra["host_budget_bytes"] = limit
     try:
-        result = solve(prof.costs, budget_bytes, strategy)
+        result = solve(prof.costs, budget_bytes, strategy, **extra)
     except InfeasibleBudgetError as error:
         if parsed is None or budget_bytes is None:
             raise

@@ -22,6 +22,7 @@ from memfit.measuring.profile import Profile
 from memfit.measuring.run import measure
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
+from memfit.planning.offload import offloads, without_offload
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.runtime.apply import apply_plan, chain_of_plan, remove_plan
@@ -34,8 +35,10 @@ STRATEGY_LABELS = {
     "sqrt": "sqrt (Chen)",
     "optimal": "optimal (memfit)",
     "optimal-recompute": "optimal, no selective",
+    "optimal-no-offload": "optimal, no offload",
+    "all+offload": "all + inputs offloaded",
 }
-OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute")
+OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute", "optimal-no-offload")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,6 +131,9 @@ def bench(
     ]
     jobs: list[tuple[str, str, int | None]] = []
     for strategy in strategies:
+        if strategy == "all+offload" and not offloads(profile.costs):
+            say("all+offload skipped: no CUDA device to offload from")
+            continue
         if strategy in OPTIMAL_STRATEGIES:
             jobs += [(strategy, text, value) for text, value in resolved]
         else:
@@ -139,6 +145,8 @@ def bench(
         costs = profile.costs
         if strategy == "optimal-recompute":
             costs, strategy = costs.keep_only(), "optimal"
+        elif strategy == "optimal-no-offload":
+            costs, strategy = without_offload(costs), "optimal"
         try:
             chosen = solve(costs, budget_bytes, strategy)
         except InfeasibleBudgetError as error:

@@ -143,14 +143,18 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     import memfit
     from memfit.planning.solve import parse_strategy
     from memfit.report.tables import plan_table
-    from memfit.units import parse_budget
+    from memfit.units import parse_budget, parse_bytes
 
     _usage(parse_budget, args.budget)
     _usage(parse_strategy, args.strategy)
+    if args.host_budget is not None:
+        _usage(parse_bytes, args.host_budget)
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
-    plan = memfit.plan(prof, budget=args.budget, strategy=args.strategy)
+    plan = memfit.plan(
+        prof, budget=args.budget, strategy=args.strategy, host_budget=args.host_budget
+    )
     if args.output:
         Path(args.output).write_text(plan.to_json())
     if out.as_json:
@@ -322,7 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cmd_profile)
     sub = target_command("plan", "plan a model for a memory budget")
     sub.add_argument("--budget", required=True, help='e.g. "40%%" or "12GiB"')
-    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument(
+        "--strategy",
+        default="optimal",
+        help="optimal, none, all, all+offload (CUDA), sqrt, every:k",
+    )
+    sub.add_argument(
+        "--host-budget",
+        help='host memory offloaded activations may take (CUDA), e.g. "64GiB"; default: half '
+        "of the free host memory",
+    )
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
@@ -335,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--batch", dest="shape_batch", type=_sizes_list, help="batch sizes, e.g. 8")
     sub.add_argument("--budget", help='plan each shape for it, e.g. "50%%" or "12GiB"')
-    sub.add_argument("--strategy", default="optimal", help="optimal, none, all, sqrt, every:k")
+    sub.add_argument(
+        "--strategy",
+        default="optimal",
+        help="optimal, none, all, all+offload (CUDA), sqrt, every:k",
+    )
     sub.add_argument(
         "--largest",
         choices=("seq", "batch"),

@@ -140,7 +140,10 @@ def merge(values: list[Any]) -> Any:
 def merge_profiles(profile: Profile) -> Profile:
     """The profile every rank plans with: the worst of every rank's figures (see the module
     docstring); ``info["ranks"]`` records how many were merged."""
-    merged = merge([json.loads(text) for text in exchange(profile.to_json())])
+    each = [json.loads(text) for text in exchange(profile.to_json())]
+    merged = merge(each)
+    # the worst rank's copy bandwidth is the slowest one
+    merged["costs"]["host_bytes_per_s"] = min(p["costs"].get("host_bytes_per_s", 0) for p in each)
     merged["info"]["ranks"] = dist.get_world_size()
     return Profile.from_dict(merged)
 

@@ -6,6 +6,7 @@ the readings become the :class:`~memfit.measuring.Profile` the planner reads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ra
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.offload import host_bandwidth, saved_activation_bytes
 from memfit.measuring.ops import (
     candidate_policies,
     draws_random,
@@ -36,6 +38,7 @@ from memfit.measuring.run import (
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.planning.costs import KEEP
+from memfit.planning.offload import OFFLOAD, with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import (
     REBUILD,
@@ -67,6 +70,11 @@ COMPILED_NOTE = (
     "(compile's own activation_memory_budget per block) remain"
 )
 
+
+OFFLOAD_NOTE = (
+    "offload left out of the menu: the model is on {device}, and offload moves saved "
+    "activations from a CUDA device's memory to host memory; there is nothing to move to here"
+)
 
 RANDOM_NOTE = (
     "compile-budget:* left out too: the model draws random numbers in training (dropout), and "
@@ -147,8 +155,10 @@ def profile(
         repeats: timed steps per way of running the model.
         options: per-block options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear`` and a few selective-recompute policies
-            picked from the blocks' op profile; or a list such as
-            ``["rebuild", "selective:matmul"]``; ``()`` for none.
+            picked from the blocks' op profile, and on CUDA ``offload`` (its costs derive
+            from keep's, the bytes it would move and the measured copy bandwidth; on other
+            devices ``info["notes"]`` says why it is absent); or a list such as
+            ``["rebuild", "selective:matmul", "offload"]``; ``()`` for none.
         optimizer: its state counts as held before the step.
         keep_output: the loop to plan for: ``True`` (default) keeps the model's output alive
             through backward, as ``out = model(**batch); out.loss.backward()`` does; ``False``
@@ -199,10 +209,14 @@ def profile(
     if isinstance(options, str):
         if options != "auto":
             raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
+        offload = True
     else:
         options = list(options)
         for name in options:  # a bad name fails here, before anything is measured or changed
             stage_wrapper(name)
+        # offload's costs come from keep's and two measured figures (CUDA), not a step of its own
+        offload = OFFLOAD in options
+        options = [name for name in options if name != OFFLOAD]
     world = ranks(distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
         agree(
@@ -269,6 +283,7 @@ def profile(
             keep_output,
             info,
             world,
+            offload,
         )
     finally:
         if compiling is not None and already is None:
@@ -287,6 +302,7 @@ def _profile(
     keep_output: bool,
     info: dict[str, Any],
     world: int,
+    offload: bool = True,
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
@@ -364,4 +380,29 @@ def _profile(
         details=details,
         info=info,
     )
+    if offload:
+        result = _with_offload(model, sample, chain, result)
     return merge_profiles(result) if world > 1 else result
+
+
+def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) -> Profile:
+    """Offload in the menu (CUDA): each block's offloadable saved bytes, measured by one more
+    forward, and the copy bandwidth. On other devices a note says why it is absent."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cuda":
+        notes = [*result.info.get("notes", []), OFFLOAD_NOTE.format(device=device.type)]
+        return dataclasses.replace(result, info={**result.info, "notes": notes})
+    blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
+    args, kwargs = split_sample(sample)
+    moved: dict[int, int] = {}
+    if "compile" not in result.info:  # hooks cannot see inside compiled blocks: inputs only
+        with planned(model, chain, _every_block(chain, KEEP)):
+            moved = saved_activation_bytes(blocks, lambda: model(*args, **kwargs))
+    stages = [
+        dataclasses.replace(stage, offload_bytes=moved.get(index, 0))
+        for index, stage in enumerate(result.costs.stages)
+    ]
+    costs = dataclasses.replace(
+        result.costs, stages=stages, host_bytes_per_s=host_bandwidth(device)
+    )
+    return dataclasses.replace(result, costs=with_offload(costs))

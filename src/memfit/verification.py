@@ -70,12 +70,22 @@ class Verification:
         return self.gradients_equal and self.loss_equal and fits
 
     @property
+    def reserved_peak_bytes(self) -> int:
+        """CUDA: the planned step's reserved peak (allocated plus the allocator's slack); the
+        measured peak on CPU, where nothing is reserved beyond it."""
+        return self.planned.reserved_peak_bytes or self.measured_peak_bytes
+
+    @property
     def prediction_error(self) -> float:
         """(predicted - measured) / measured peak."""
         return self.predicted_peak_bytes / self.measured_peak_bytes - 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"ok": self.ok, "prediction_error": self.prediction_error}
+        return asdict(self) | {
+            "ok": self.ok,
+            "prediction_error": self.prediction_error,
+            "reserved_peak_bytes": self.reserved_peak_bytes,
+        }
 
 
 def seeded_gradients(

@@ -172,3 +172,22 @@ def test_long_probe_term_starts_at_the_grid_seq() -> None:
     assert fit(Shape(16, 64)) == pytest.approx(400 * 16 * 64)  # nothing added up to the grid's seq
     for shape in (Shape(2, 96), Shape(1, 128), Shape(4, 100)):  # an upper bound up to the probe
         assert fit(shape) >= max(400 * shape.tokens, 6 * shape.batch * shape.seq**2)
+
+
+def test_offload_bytes_are_fitted_too() -> None:
+    from memfit.planning.baselines import recompute_all_offload
+    from memfit.planning.offload import OFFLOAD, with_offload
+
+    def offload_chain_at(shape: Shape):
+        costs = chain_at(shape)
+        stages = [replace(s, offload_bytes=200 * shape.tokens) for s in costs.stages]
+        return with_offload(replace(costs, stages=stages, host_bytes_per_s=1e6))
+
+    fitted = fit_shapes(GRID, [offload_chain_at(s) for s in GRID])
+    big = Shape(4, 256)
+    predicted, truth = fitted.costs_at(big), offload_chain_at(big)
+    assert [s.offload_bytes for s in predicted.stages] == [s.offload_bytes for s in truth.stages]
+    every = tuple(replace(item, option=OFFLOAD) for item in keep_all(truth))
+    for tree in (every, recompute_all_offload(truth)):
+        assert simulate(predicted, tree).peak_bytes == simulate(truth, tree).peak_bytes
+        assert simulate(predicted, tree).host_peak_bytes == simulate(truth, tree).host_peak_bytes

@@ -40,7 +40,7 @@ def test_every_strategy_plans_and_predicts(strategy: str) -> None:
 
 
 def test_strategy_enum_and_parsing() -> None:
-    assert Strategy.choices() == ["none", "all", "every:k", "sqrt", "optimal"]
+    assert Strategy.choices() == ["none", "all", "all+offload", "every:k", "sqrt", "optimal"]
     assert parse_strategy("every:4") == (Strategy.EVERY, 4)
     assert parse_strategy(Strategy.SQRT) == (Strategy.SQRT, 0)
     assert parse_strategy(" Optimal ") == (Strategy.OPTIMAL, 0)
@@ -52,7 +52,7 @@ def test_bad_strategy_lists_the_choices(bad: str) -> None:
     with pytest.raises(ValueError, match="strategy") as error:
         solve(CHAIN, None, bad)
     if bad in ("fastest", ""):
-        assert "none, all, every:k, sqrt, optimal" in str(error.value)
+        assert "none, all, all+offload, every:k, sqrt, optimal" in str(error.value)
 
 
 def test_bad_budgets() -> None:
@@ -147,3 +147,18 @@ def test_plan_imports_no_torch() -> None:
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(f"memfit.planning.{module}"))
     assert result.failed == 0
+
+
+def test_fragmentation_is_kept_free_under_the_budget() -> None:
+    """CUDA profiles carry the allocator's measured slack: plans leave that much room."""
+    import dataclasses
+
+    from memfit.planning.costs import uniform_chain
+
+    costs = uniform_chain(8, activation_bytes=1 << 20, saved_bytes=4 << 20)
+    slack = dataclasses.replace(costs, fragmentation_bytes=3 << 20)
+    budget = solve(costs, None, "none").predicted_peak_bytes - (8 << 20)
+    tight, roomy = solve(costs, budget, "optimal"), solve(slack, budget, "optimal")
+    assert tight.predicted_peak_bytes <= budget
+    assert roomy.predicted_peak_bytes + (3 << 20) <= budget
+    assert roomy.predicted_step_s >= tight.predicted_step_s

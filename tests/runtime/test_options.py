@@ -42,8 +42,9 @@ def test_built_in_options() -> None:
     assert option_kind("selective:matmul").recomputes is True
     assert saved_ops("selective:matmul") == MATMUL_OPS
     assert saved_ops("selective:save=addmm+gelu") == {"aten.addmm.default", "aten.gelu.default"}
-    with pytest.raises(ValueError, match=r"unknown stage option 'offload'.*'keep'.*selective"):
-        stage_wrapper("offload")
+    assert option_kind("offload").recomputes is False
+    with pytest.raises(ValueError, match=r"unknown stage option 'swap'.*'keep'.*selective"):
+        stage_wrapper("swap")
     with pytest.raises(ValueError, match=r"unknown selective option.*'selective:matmul'"):
         stage_wrapper("selective:everything")
     with pytest.raises(ValueError, match="random or in-place"):

@@ -283,6 +283,7 @@ def build_profile(
         side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),
         side_grad_bytes=keep.side_grad_bytes,
         gathered_bytes=_gathered_bytes(chain),
+        fragmentation_bytes=keep.measurement.fragmentation_bytes,
     )
     return Profile(
         costs=costs,

@@ -62,6 +62,9 @@ class Measurement:
             ``out = model(**batch); out.loss.backward()``) or only the loss did.
         device: where the step ran.
         repeats: how many timed steps the medians are over.
+        reserved_peak_bytes: CUDA: the caching allocator's reserved peak during the metered
+            step (from an emptied cache: the step's own), what the device must really have;
+            0 on CPU.
     """
 
     peak_bytes: int
@@ -77,9 +80,16 @@ class Measurement:
     device: str
     repeats: int
     keep_output: bool = True
+    reserved_peak_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def fragmentation_bytes(self) -> int:
+        """CUDA: what the caching allocator reserved beyond the allocated peak during the step
+        (rounding, split blocks, streams); 0 on CPU."""
+        return max(0, self.reserved_peak_bytes - self.peak_bytes) if self.reserved_peak_bytes else 0
 
 
 WALL, CPU = "wall", "cpu"  # a CPU clock's whole-step seconds, beside its stage labels
@@ -417,10 +427,16 @@ def measure_stages(
         reset_grads(model, accumulate)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
+        reserved = 0
+        if device.type == "cuda":  # the step's own reserved peak: from an empty cache
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         with _marks(chain, meter.mark) as marked, meter:
             loss = _step(model, sample, loss_fn, meter.mark, keep_output)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
+            reserved = torch.cuda.max_memory_reserved(device)
     reading = meter.reading
     marked.output_bytes[last] = tensor_bytes(loss)
 
@@ -452,6 +468,7 @@ def measure_stages(
         device=str(device),
         repeats=len(clocks),
         keep_output=keep_output,
+        reserved_peak_bytes=reserved,
     )
     forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
     backward_s = {i: median("B:loss" if i == last else f"B:{i}") for i in range(last + 1)}

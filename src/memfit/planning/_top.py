@@ -12,9 +12,11 @@ Sets larger than ``max_states`` keep the lowest and the fastest state of each le
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from memfit.planning._chain import ChainArrays
+from memfit.planning._chain import Candidates, ChainArrays
 from memfit.planning._tables import SegmentTables
 from memfit.planning.plan import Item, Segment, Stage, Tree
 
@@ -36,12 +38,49 @@ def _pareto(level: np.ndarray, seconds: np.ndarray, max_states: int) -> np.ndarr
     return kept
 
 
+@dataclass(frozen=True, slots=True)
+class OffloadRows:
+    """Top-level segments that may offload their input (``Segment(..., offload=True)``).
+
+    Attributes:
+        moved: ``[s]``: bytes segment ``[s, ...)`` moves to host (its input; 0: not allowed).
+        extra_s: ``[s, length]``: seconds its transfers add (priced as in
+            :mod:`memfit.planning.offload`).
+    """
+
+    moved: np.ndarray
+    extra_s: np.ndarray
+
+
+def _with_offload(cand: Candidates, boundary: int, rows: OffloadRows | None) -> Candidates:
+    """``cand`` plus, after its rows, each segment row again with its input offloaded: a lower
+    level after its forward, the same backward (the input is back before it)."""
+    if rows is None or not rows.moved[boundary] or len(cand.time_s) == cand.options:
+        return cand
+    moved = int(rows.moved[boundary])
+    segments = slice(cand.options, None)
+    lengths = cand.rest_start[segments] - boundary
+    twin = Candidates(
+        options=cand.options,
+        time_s=np.concatenate(
+            [cand.time_s, cand.time_s[segments] + rows.extra_s[boundary, lengths]]
+        ),
+        forward_peak=np.concatenate([cand.forward_peak, cand.forward_peak[segments]]),
+        residue=np.concatenate([cand.residue, cand.residue[segments] - moved]),
+        back_offset=np.concatenate([cand.back_offset, cand.back_offset[segments]]),
+        back_peak=np.concatenate([cand.back_peak, cand.back_peak[segments]]),
+        rest_start=np.concatenate([cand.rest_start, cand.rest_start[segments]]),
+    )
+    return twin
+
+
 def solve_top(
     arrays: ChainArrays,
     tables: SegmentTables,
     budget_bytes: int,
     suffix_peak: np.ndarray,
     max_states: int = 2048,
+    offload: OffloadRows | None = None,
 ) -> tuple[Tree, float] | None:
     """The fastest tree within ``budget_bytes`` and its seconds (``None``: none found).
 
@@ -52,6 +91,7 @@ def solve_top(
         suffix_peak: ``[s]``: the least peak of any tree over ``[s, n)`` above its start level
             (states that cannot finish within the budget are dropped early).
         max_states: the most states kept per boundary.
+        offload: segments that may offload their input (their rows follow the plain ones).
     """
     n = arrays.n
     incoming: list[list[np.ndarray]] = [[] for _ in range(n + 1)]
@@ -65,7 +105,9 @@ def solve_top(
         fronts.append(states)
         if boundary == n or len(states) == 0:
             continue
-        cand = arrays.candidates(boundary, n, drop=False, full=True)
+        cand = _with_offload(
+            arrays.candidates(boundary, n, drop=False, full=True), boundary, offload
+        )
         level, seconds = states[:, 0], states[:, 1]
         # The item must fit, and so must the least-peak way to finish after it.
         need = np.maximum(cand.forward_peak, cand.back_offset + cand.back_peak)
@@ -76,7 +118,7 @@ def solve_top(
         if len(cand.time_s) > options:
             free = budget_bytes - level[None, :] - cand.back_offset[options:, None]
             slots = np.minimum(free // tables.slot_bytes, tables.slots).astype(np.intp)
-            lengths = np.arange(1, len(cand.time_s) - options + 1)[:, None]
+            lengths = (cand.rest_start[options:] - boundary)[:, None]
             inner = tables.inner[boundary, lengths, np.maximum(slots, 0)]
             total[options:] += np.where(free < 0, np.inf, inner)
         fits &= np.isfinite(total)
@@ -92,7 +134,8 @@ def solve_top(
     if len(fronts[n]) == 0:
         return None
     row = int(np.argmin(fronts[n][:, 1]))
-    return _walk_back(arrays, tables, budget_bytes, fronts, row), float(fronts[n][row, 1])
+    tree = _walk_back(arrays, tables, budget_bytes, fronts, row, offload)
+    return tree, float(fronts[n][row, 1])
 
 
 def _walk_back(
@@ -101,21 +144,22 @@ def _walk_back(
     budget_bytes: int,
     fronts: list[np.ndarray],
     row: int,
+    offload: OffloadRows | None,
 ) -> Tree:
     items: list[Item] = []
     boundary = arrays.n
     while boundary > 0:
         _, _, parent, parent_row, choice_value = fronts[boundary][row]
         start, row, choice = int(parent), int(parent_row), int(choice_value)
-        cand = arrays.candidates(start, arrays.n, drop=False, full=True)
+        plain = arrays.candidates(start, arrays.n, drop=False, full=True)
+        cand = _with_offload(plain, start, offload)
         if choice < cand.options:
             items.append(Stage(start, arrays.option_names[start][choice]))
         else:
             level = int(fronts[start][row, 0])
             free = budget_bytes - level - int(cand.back_offset[choice])
             stop = int(cand.rest_start[choice])
-            items.append(
-                Segment(start, stop, tables.inner_tree(start, stop, tables.free_slots(free)))
-            )
+            inner = tables.inner_tree(start, stop, tables.free_slots(free))
+            items.append(Segment(start, stop, inner, offload=choice >= len(plain.time_s)))
         boundary = start
     return tuple(reversed(items))

@@ -7,6 +7,8 @@
   (the "checkpoint every k layers" knob of Megatron-LM, DeepSpeed and many training scripts).
 * ``sqrt``: Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": about ``sqrt(n)``
   contiguous recompute segments over the ``n`` checkpointable stages, each kept whole inside.
+* ``all+offload``: ``all`` with every segment's input in host memory until its recompute
+  (DeepSpeed's ``cpu_checkpointing``, Megatron's activation offload); CUDA profiles only.
 """
 
 from __future__ import annotations
@@ -108,3 +110,27 @@ def sqrt_segments(costs: ChainCosts) -> Tree:
             start = index
     close(len(costs.stages))
     return tuple(items)
+
+
+def offloaded(tree: Tree) -> Tree:
+    """``tree`` with every top-level segment's input offloaded."""
+    return tuple(
+        Segment(item.start, item.stop, item.inner, offload=True)
+        if isinstance(item, Segment)
+        else item
+        for item in tree
+    )
+
+
+def recompute_all_offload(costs: ChainCosts) -> Tree:
+    """Every checkpointable stage recomputed on its own, its input waiting in host memory.
+
+    Raises:
+        ValueError: the costs have no host to offload to (a CPU profile).
+    """
+    if costs.host_bytes_per_s <= 0:
+        raise ValueError(
+            "strategy 'all+offload' moves block inputs from a CUDA device to host memory; "
+            "this profile has none (a model on the CPU): use 'all'"
+        )
+    return offloaded(recompute_all(costs))

@@ -93,6 +93,9 @@ class StageCosts:
         tail_bytes: bytes of the tensors the stage returns besides its output (Falcon eager's
             attention scores) when it runs under a checkpoint: its caller holds them until the
             next stage returns. A kept stage's are tensors autograd saves anyway (no extra).
+        offload_bytes: bytes of the tensors the stage's forward saves that the ``offload``
+            option moves to host memory (activations only: not parameters, tiny or broadcast
+            tensors, nor the stage's output, which the next stage holds); 0: not offloadable.
     """
 
     name: str
@@ -104,13 +107,15 @@ class StageCosts:
     checkpointable: bool = True
     joins_previous: bool = True
     tail_bytes: int = 0
+    offload_bytes: int = 0
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:
             raise ValueError(
                 f"stage {self.name!r}: options must include {KEEP!r}; got {sorted(self.options)}"
             )
-        if self.input_bytes < 0 or self.output_bytes < 0 or self.tail_bytes < 0:
+        sizes = (self.input_bytes, self.output_bytes, self.tail_bytes, self.offload_bytes)
+        if min(sizes) < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")
 
 
@@ -140,6 +145,12 @@ class ChainCosts:
             in some steps one block's gathered buffer is freed later than in others (measured
             on 2 gloo ranks: about one step in eight); the optimal planner keeps this much in
             reserve under the budget, and predictions are the usual steps' peaks.
+        fragmentation_bytes: CUDA: what the caching allocator reserved beyond the allocated peak
+            in the plain step (measured from an emptied cache); the optimal planner keeps this
+            much in reserve under the budget, so that a plan's *reserved* memory fits too.
+        host_bytes_per_s: the device-host copy bandwidth (the slower direction, pinned memory,
+            measured); 0 where there is no device to offload from (a CPU model): then nothing
+            is offloaded (:mod:`memfit.planning.offload`).
     """
 
     stages: Sequence[StageCosts]
@@ -149,11 +160,21 @@ class ChainCosts:
     side_input_bytes: int = 0
     side_grad_bytes: int = 0
     gathered_bytes: int = 0
+    host_bytes_per_s: float = 0.0
+    fragmentation_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if not self.host_bytes_per_s >= 0:
+            raise ValueError(f"host_bytes_per_s must be >= 0; got {self.host_bytes_per_s!r}")
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
-        for name in ("checkpoint_bytes", "side_input_bytes", "side_grad_bytes", "gathered_bytes"):
+        for name in (
+            "checkpoint_bytes",
+            "side_input_bytes",
+            "side_grad_bytes",
+            "gathered_bytes",
+            "fragmentation_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -184,6 +205,8 @@ class ChainCosts:
             side_input_bytes=int(data.get("side_input_bytes", 0)),
             side_grad_bytes=int(data.get("side_grad_bytes", 0)),
             gathered_bytes=int(data.get("gathered_bytes", 0)),
+            host_bytes_per_s=float(data.get("host_bytes_per_s", 0.0)),
+            fragmentation_bytes=int(data.get("fragmentation_bytes", 0)),
         )
 
     @classmethod

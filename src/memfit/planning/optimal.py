@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -77,10 +77,20 @@ from memfit.errors import InfeasibleBudgetError
 from memfit.planning import baselines
 from memfit.planning._chain import ChainArrays, default_segment_cap
 from memfit.planning._tables import SegmentTables
-from memfit.planning._top import solve_top
+from memfit.planning._top import OffloadRows, solve_top
 from memfit.planning.costs import ChainCosts
 from memfit.planning.min_peak import MinPeak
-from memfit.planning.plan import Stage, Tree
+from memfit.planning.offload import (
+    OFFLOAD,
+    exposed_s,
+    host_bytes,
+    in_flight_bytes,
+    is_offload,
+    offloads,
+    runs_ahead,
+    without_offload,
+)
+from memfit.planning.plan import Segment, Stage, Tree
 from memfit.planning.simulate import Simulation, holds_inputs, simulate
 
 EXACT_SLOTS = 4096
@@ -148,6 +158,32 @@ def fastest_tree(costs: ChainCosts) -> Tree:
     return tuple(items)
 
 
+def offload_rows(costs: ChainCosts, arrays: ChainArrays, allowed: frozenset[int]) -> OffloadRows:
+    """The DP's offloaded top-level segments: those starting at ``allowed`` stages, priced with
+    the next stage's kept backward as the fetch's window (a lower bound of any item's there)."""
+    n, rate = len(costs.stages), costs.host_bytes_per_s
+    moved = np.zeros(n, dtype=np.int64)
+    extra = np.zeros((n, arrays.cap + 1))
+    for start in allowed:
+        moved[start] = costs.stages[start].input_bytes
+        for length in range(1, int(arrays.max_length[start]) + 1):
+            stop = start + length
+            forward = exposed_s(int(moved[start]), rate, float(arrays.segment_time[start, length]))
+            window = costs.stages[stop].options["keep"].backward_s if runs_ahead(costs, stop) else 0
+            extra[start, length] = forward + exposed_s(int(moved[start]), rate, window)
+    return OffloadRows(moved=moved, extra_s=extra)
+
+
+def offload_floor_trees(costs: ChainCosts, floor_tree: Tree) -> dict[str, Tree]:
+    """Low-peak trees with offload (the min-peak DP does not offload): the min-peak tree with
+    its top-level segments' inputs offloaded, and every block recomputed with its input
+    offloaded."""
+    return {
+        "min-peak+offload": baselines.offloaded(floor_tree),
+        "all+offload": baselines.offloaded(baselines.recompute_all(costs)),
+    }
+
+
 def _fallbacks(costs: ChainCosts, floor_tree: Tree) -> dict[str, Callable[[], Tree]]:
     makers: dict[str, Callable[[], Tree]] = {
         "min-peak": lambda: floor_tree,
@@ -181,6 +217,7 @@ class Planner:
         slots: int | None = None,
         max_segment_stages: int | None = None,
         max_states: int = 2048,
+        host_budget_bytes: int | None = None,
     ) -> None:
         started = time.perf_counter()
         n = len(costs.stages)
@@ -192,27 +229,83 @@ class Planner:
                 f"and {max_states}"
             )
         self.costs, self.max_states = costs, max_states
-        self.fastest = fastest_tree(costs)
+        self.host_budget_bytes = host_budget_bytes
+        # with offload the DP runs twice: on the menu without it (exact, as it always was) and
+        # with it, keeping the bytes one item may have in flight in reserve
+        self.offload = offloads(costs)
+        plain = without_offload(costs) if self.offload else costs
+        self.fastest = fastest_tree(plain)
         self.fastest_simulation = simulate(costs, self.fastest)
-        self.arrays = ChainArrays(costs, cap)
+        self.arrays = ChainArrays(plain, cap)
         self.floor = MinPeak(self.arrays)
         self.floor_tree = self.floor.tree()
         self.floor_simulation = simulate(costs, self.floor_tree)
-        self.tables = segment_tables(self.arrays, unit_bytes(costs), slots)
+        self.tables = segment_tables(self.arrays, unit_bytes(plain), slots)
         self.info: dict[str, Any] = {
             "max_segment_stages": cap,
             "slot_bytes": self.tables.slot_bytes,
             "slots": self.tables.slots,
-            "setup_s": time.perf_counter() - started,
         }
+        if self.offload:
+            self.offload_arrays = ChainArrays(costs, cap)
+            self.offload_tables = segment_tables(self.offload_arrays, unit_bytes(costs), slots)
+            self.in_flight = in_flight_bytes(costs)
+            for name, tree in offload_floor_trees(costs, self.floor_tree).items():
+                simulation = simulate(costs, tree)
+                if self._host_fits(tree) and (
+                    simulation.peak_bytes + self.reserve(tree)
+                    < self.floor_simulation.peak_bytes + self.reserve(self.floor_tree)
+                ):
+                    self.floor_tree, self.floor_simulation = tree, simulation
+                    self.info["floor"] = name
+        self.info["setup_s"] = time.perf_counter() - started
+
+    def _host_fits(self, tree: Tree) -> bool:
+        limit = self.host_budget_bytes
+        return limit is None or host_bytes(self.costs, tree) <= limit
 
     def reserve(self, tree: Tree) -> int:
         """Bytes a tree keeps free under the budget beyond its simulated peak: the side-input
         gradient reserve (``ChainCosts.side_grad_bytes``) when any block runs under a
-        checkpoint, whose timing the costs measured with every block kept do not show, and
-        the reserve for a late-freed FSDP2 buffer (``ChainCosts.gathered_bytes``)."""
+        checkpoint, whose timing the costs measured with every block kept do not show, the
+        reserve for a late-freed FSDP2 buffer (``ChainCosts.gathered_bytes``) and the caching
+        allocator's slack (``ChainCosts.fragmentation_bytes``, CUDA)."""
         side = self.costs.side_grad_bytes if any(map(holds_inputs, tree)) else 0
-        return side + self.costs.gathered_bytes
+        return side + self.costs.gathered_bytes + self.costs.fragmentation_bytes
+
+    def _offload_trees(self, dp_budget: int) -> dict[str, Tree]:
+        """The DP's trees with offload in the menu, under the in-flight reserve, within the host
+        budget: where the first tree holds too much host memory, the stages it offloads are
+        taken out of the menu one at a time, last first (a few rounds at most)."""
+        costs = self.costs
+        allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        trees: dict[str, Tree] = {}
+        for round_ in range(4):
+            rows = offload_rows(costs, self.offload_arrays, allowed)
+            found = solve_top(
+                self.offload_arrays,
+                self.offload_tables,
+                dp_budget - self.in_flight,
+                np.zeros(len(costs.stages) + 1, dtype=np.int64),  # the min-peak DP cannot offload
+                self.max_states,
+                offload=rows,
+            )
+            if found is None:
+                break
+            tree = found[0]
+            if self._host_fits(tree):
+                trees["dp+offload" if not round_ else f"dp+offload:{round_}"] = tree
+                break
+            offloaded = [i for i, item in enumerate(tree) if is_offload(item)]
+            last = tree[offloaded[-1]]
+            start = last.start if isinstance(last, Segment) else last.index
+            allowed -= {start}
+            costs = _drop_option(costs, start)
+            self.offload_arrays = ChainArrays(costs, self.offload_arrays.cap)
+            self.offload_tables = segment_tables(
+                self.offload_arrays, unit_bytes(costs), self.tables.slots
+            )
+        return trees
 
     def solve(self, budget_bytes: int) -> Solution:
         """The fastest tree whose simulated peak fits ``budget_bytes``.
@@ -227,8 +320,10 @@ class Planner:
             info.update(source="fastest", solve_time_s=time.perf_counter() - started)
             return Solution(tree=self.fastest, simulation=self.fastest_simulation, info=info)
         floor_peak = self.floor_simulation.peak_bytes + self.reserve(self.floor_tree)
-        if floor_peak > budget_bytes:
+        if floor_peak > budget_bytes and not self.offload:
             raise InfeasibleBudgetError(budget_bytes, floor_peak)
+        # with offload the floor is the lowest of a few trees, not the min-peak DP's: the
+        # offload DP may still fit below it
         # the DP does not see the side inputs that checkpoints hold, nor the tails their
         # callers hold (the simulator does): it plans as if they were held all step (one tail
         # at a time: the largest), and the tree it finds is simulated below
@@ -238,20 +333,36 @@ class Planner:
             - costs.side_input_bytes
             - costs.side_grad_bytes
             - costs.gathered_bytes
+            - costs.fragmentation_bytes
             - tail
         )
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}
+        if self.offload:
+            trees.update(self._offload_trees(dp_budget))
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})
         simulations = {name: simulate(costs, tree) for name, tree in trees.items()}
         fits = [
             name
             for name, sim in simulations.items()
             if sim.peak_bytes + self.reserve(trees[name]) <= budget_bytes
+            and self._host_fits(trees[name])
         ]
+        if not fits:
+            raise InfeasibleBudgetError(budget_bytes, floor_peak)
         source = min(fits, key=lambda name: simulations[name].step_s)  # dp first on ties
         info.update(source=source, solve_time_s=time.perf_counter() - started)
         return Solution(tree=trees[source], simulation=simulations[source], info=info)
+
+
+def _drop_option(costs: ChainCosts, index: int) -> ChainCosts:
+    """``costs`` without stage ``index``'s ``offload`` option."""
+    stages = list(costs.stages)
+    stage = stages[index]
+    if OFFLOAD in stage.options:
+        options = {name: c for name, c in stage.options.items() if name != OFFLOAD}
+        stages[index] = replace(stage, options=options)
+    return replace(costs, stages=stages)
 
 
 def solve_optimal(

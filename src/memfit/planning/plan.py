@@ -8,7 +8,9 @@ Each item is either
 * ``Segment(start, stop, inner)``: stages ``start..stop-1`` run once without saving anything but
   ``start``'s input, and are recomputed in backward following ``inner``, itself a schedule tree
   over ``[start, stop)``. One recomputed block is ``Segment(i, i + 1, (Stage(i, "keep"),))``;
-  nesting gives the multi-level schedules of the Rotor dynamic program.
+  nesting gives the multi-level schedules of the Rotor dynamic program. A top-level segment
+  with ``offload=True`` also moves that input to host memory until its recompute (DeepSpeed's
+  and Megatron's "checkpoint to CPU").
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Segment:
     start: int
     stop: int
     inner: tuple[Item, ...]
+    offload: bool = False  # the segment's input waits in host memory (top level only)
 
 
 Item = Union[Stage, Segment]  # noqa: UP007 (used at runtime by isinstance-free code paths)
@@ -86,7 +89,11 @@ def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
         if isinstance(item, Stage):
             out.append({"stage": item.index, "option": item.option})
         else:
-            out.append({"segment": [item.start, item.stop], "inner": tree_to_data(item.inner)})
+            entry: dict[str, Any] = {"segment": [item.start, item.stop]}
+            if item.offload:
+                entry["offload"] = True
+            entry["inner"] = tree_to_data(item.inner)
+            out.append(entry)
     return out
 
 
@@ -99,7 +106,8 @@ def tree_from_data(data: Any) -> Tree:
             items.append(Stage(int(entry["stage"]), str(entry.get("option", "keep"))))
         elif isinstance(entry, dict) and "segment" in entry:
             start, stop = entry["segment"]
-            items.append(Segment(int(start), int(stop), tree_from_data(entry.get("inner", []))))
+            inner = tree_from_data(entry.get("inner", []))
+            items.append(Segment(int(start), int(stop), inner, bool(entry.get("offload", False))))
         else:
             raise ValueError(
                 f'plan tree items are {{"stage": i, "option": name}} or '
@@ -117,6 +125,8 @@ def stage_options(tree: Sequence[Item]) -> dict[int, str]:
         else:
             for index in range(item.start, item.stop):
                 out[index] = "recompute"
+            if item.offload:
+                out[item.start] = "recompute+offload"
     return out
 
 

@@ -386,7 +386,13 @@ def fit_seconds(
 Path = tuple[Any, ...]
 _OPTION_BYTES = ("saved_bytes", "forward_peak_bytes", "backward_peak_bytes", "backward_delta_bytes")
 _OPTION_SECONDS = ("forward_s", "backward_s")
-_STAGE_BYTES = ("input_bytes", "output_bytes", "nosave_forward_peak_bytes", "tail_bytes")
+_STAGE_BYTES = (
+    "input_bytes",
+    "output_bytes",
+    "nosave_forward_peak_bytes",
+    "tail_bytes",
+    "offload_bytes",
+)
 _CHAIN_BYTES = ("held_bytes", "checkpoint_bytes", "side_input_bytes", "side_grad_bytes")
 # figures that are never negative (the others are level changes)
 _NON_NEGATIVE = {
@@ -396,6 +402,7 @@ _NON_NEGATIVE = {
     "output_bytes",
     "nosave_forward_peak_bytes",
     "tail_bytes",
+    "offload_bytes",
     *_CHAIN_BYTES,
 }
 

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memfit.planning.costs import KEEP, ChainCosts, StageCosts
+from memfit.planning.offload import OFFLOAD, exposed_s, host_bytes, moved_bytes, runs_ahead
 from memfit.planning.plan import Item, Segment, Stage, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
@@ -56,6 +57,7 @@ class Simulation:
         peak_phase: ``"forward"``, ``"recompute"`` (a segment's replay in backward) or
             ``"backward"``; ``"start"`` when nothing exceeds the held bytes.
         timeline: ``(event, level_bytes after it)`` for every event, when asked for.
+        host_peak_bytes: host memory the plan's offloads hold at the end of the forward.
     """
 
     peak_bytes: int
@@ -63,6 +65,7 @@ class Simulation:
     peak_where: str
     peak_phase: str
     timeline: tuple[tuple[str, int], ...] = ()
+    host_peak_bytes: int = 0
 
 
 def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
@@ -78,6 +81,13 @@ def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
     """
     validate_tree(tree, 0, len(costs.stages))
     _check_items(costs.stages, tree)
+    offloaded = [item for item in tree if isinstance(item, Segment) and item.offload]
+    if offloaded and costs.host_bytes_per_s <= 0:
+        item = offloaded[0]
+        raise ValueError(
+            f"segment [{item.start}, {item.stop}) offloads its input, but these costs have no "
+            f"host to offload to (host_bytes_per_s is 0: a model on the CPU); drop offload"
+        )
 
 
 def _check_items(
@@ -112,6 +122,12 @@ def _check_items(
                     f"segment [{item.start}, {item.stop}) spans stage {index} ({stage.name!r}), "
                     "which does not join the stage before it; end the segment before it"
                 )
+        if in_segment and item.offload:
+            raise ValueError(
+                f"segment [{item.start}, {item.stop}) offloads its input inside another "
+                "segment, where the outer checkpoint's hooks hide it; offload top-level "
+                "segments only"
+            )
         _check_items(stages, item.inner, in_segment=True)
 
 
@@ -119,6 +135,7 @@ class _Replay:
     """One pass over a tree: the level, the peak so far and where it happened."""
 
     def __init__(self, costs: ChainCosts, record: bool) -> None:
+        self.costs = costs
         self.stages = costs.stages
         self.checkpoint_bytes = costs.checkpoint_bytes
         self.level = costs.held_bytes
@@ -148,9 +165,14 @@ class _Replay:
     def forward(self, items: Sequence[Item], phase: str, context: str) -> None:
         for item in items:
             if isinstance(item, Stage):
-                option = self.stages[item.index].options[item.option]
-                self.step_s += option.forward_s + option.backward_s
-                delta = option.saved_bytes + self.stages[item.index].output_bytes
+                stage = self.stages[item.index]
+                option = stage.options[item.option]
+                delta = option.saved_bytes + stage.output_bytes
+                if item.option == OFFLOAD:  # made on the device; the top level moves them
+                    delta += stage.offload_bytes
+                    self.step_s += sum(_kept_times(self.costs, item))
+                else:
+                    self.step_s += option.forward_s + option.backward_s
                 label = f"{phase} of {self.name(item.index)}{context}"
                 self.event(label, phase, option.forward_peak_bytes, delta)
                 continue
@@ -170,9 +192,13 @@ class _Replay:
     def backward(self, items: Sequence[Item], context: str) -> None:
         for item in reversed(items):
             if isinstance(item, Stage):
-                option = self.stages[item.index].options[item.option]
+                stage = self.stages[item.index]
+                option = stage.options[item.option]
+                peak, delta = option.backward_peak_bytes, option.backward_delta_bytes
+                if item.option == OFFLOAD:  # its bytes are back on the device already
+                    peak, delta = peak - stage.offload_bytes, delta - stage.offload_bytes
                 label = f"backward of {self.name(item.index)}{context}"
-                self.event(label, BACKWARD, option.backward_peak_bytes, option.backward_delta_bytes)
+                self.event(label, BACKWARD, peak, delta)
                 continue
             inside = _inside(item, context)
             self.rng_event(
@@ -234,13 +260,34 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     replay = _Replay(costs, timeline)
     holders = [i for i, item in enumerate(tree) if holds_inputs(item)]
     side = costs.side_input_bytes if holders else 0
+    rate = costs.host_bytes_per_s
     # the checkpoints hold the blocks' side inputs that a kept step frees when the forward
     # ends: from the last stage's forward to the first holder's backward
     tail, last = 0, 0  # the previous top-level item's tail (its caller holds it), last stage
+    copying = 0  # an offloaded stage's bytes whose copies the current item's forward ends
     for position, item in enumerate(tree):
         if side and position == len(tree) - 1:
             replay.event(SIDE_HELD, FORWARD, 0, side)
         replay.forward([item], FORWARD, "")
+        if copying:
+            window = _forward_s(costs, item)
+            replay.step_s += exposed_s(copying, rate, window)
+            replay.event(
+                f"forward: copies to host before {replay.name(_first(item))} done",
+                FORWARD,
+                0,
+                -copying,
+            )
+            copying = 0
+        moved = moved_bytes(costs, item)
+        if isinstance(item, Segment) and moved:
+            replay.step_s += exposed_s(moved, rate, _forward_s(costs, item))
+            replay.event(f"forward: input of {replay.name(item.start)} to host", FORWARD, 0, -moved)
+        elif moved and runs_ahead(costs, _stop(item)):
+            copying = moved  # waited for when the next item's forward ends
+        elif moved:
+            replay.step_s += exposed_s(moved, rate, 0.0)
+            replay.event(f"forward: {replay.name(_first(item))} to host", FORWARD, 0, -moved)
         if tail:
             replay.event(f"forward: tail of {replay.name(last)} freed", FORWARD, 0, -tail)
         last = item.stop - 1 if isinstance(item, Segment) else item.index
@@ -250,14 +297,64 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
         if tail:
             replay.event(f"forward: tail of {replay.name(last)} held", FORWARD, 0, tail)
     first = holders[0] if side else len(tree)
-    replay.backward(tree[first:], "")
-    if side:
-        replay.event(SIDE_FREED, BACKWARD, 0, -side)
-    replay.backward(tree[:first], "")
+    for position in range(len(tree) - 1, -1, -1):
+        item = tree[position]
+        before = tree[position - 1] if position else None
+        ahead = 0  # the item before this one fetched during this one's backward
+        if before is not None and runs_ahead(costs, _first(item)):
+            ahead = moved_bytes(costs, before)
+        if ahead:
+            label = f"backward: {replay.name(_first(before))} fetched from host"  # type: ignore[arg-type]
+            replay.event(label, BACKWARD, 0, ahead)
+        moved = moved_bytes(costs, item)
+        late = moved and not runs_ahead(costs, _stop(item))
+        if late:  # no item after it runs the fetch ahead: at its own backward's start
+            replay.step_s += exposed_s(moved, rate, 0.0)
+            replay.event(
+                f"backward: {replay.name(_first(item))} fetched from host", BACKWARD, 0, moved
+            )
+        started = replay.step_s
+        replay.backward([item], "")
+        if ahead:
+            replay.step_s += exposed_s(
+                ahead, rate, replay.step_s - started + _backward_s(costs, item)
+            )
+        if side and position == first:
+            replay.event(SIDE_FREED, BACKWARD, 0, -side)
     return Simulation(
         peak_bytes=replay.peak,
         step_s=replay.step_s,
         peak_where=replay.where,
         peak_phase=replay.phase,
         timeline=tuple(replay.timeline),
+        host_peak_bytes=host_bytes(costs, tree),
     )
+
+
+def _first(item: Item) -> int:
+    return item.start if isinstance(item, Segment) else item.index
+
+
+def _stop(item: Item) -> int:
+    return item.stop if isinstance(item, Segment) else item.index + 1
+
+
+def _forward_s(costs: ChainCosts, item: Item) -> float:
+    """Seconds of a top-level item's forward (a segment's: its no-save forward)."""
+    if isinstance(item, Segment):
+        return sum(costs.stages[i].nosave_forward_s for i in range(item.start, item.stop))
+    return _kept_times(costs, item)[0]
+
+
+def _backward_s(costs: ChainCosts, item: Item) -> float:
+    """Seconds of a stage's backward that the replay books at its forward (a stage's time is
+    booked whole there); a segment's recompute and backward are booked in its backward."""
+    return 0.0 if isinstance(item, Segment) else _kept_times(costs, item)[1]
+
+
+def _kept_times(costs: ChainCosts, stage: Stage) -> tuple[float, float]:
+    """A stage's forward and backward seconds; an offloaded one's without its transfers (the
+    simulator adds them from the tree's actual windows)."""
+    menu = costs.stages[stage.index].options
+    option = menu[KEEP] if stage.option == OFFLOAD else menu[stage.option]
+    return option.forward_s, option.backward_s

@@ -21,6 +21,7 @@ class Strategy(str, enum.Enum):
 
     NONE = "none"
     ALL = "all"
+    ALL_OFFLOAD = "all+offload"
     EVERY = "every"
     SQRT = "sqrt"
     OPTIMAL = "optimal"
@@ -73,7 +74,7 @@ def solve(
         strategy: one of ``Strategy.choices()``: ``none``, ``all``, ``every:k``, ``sqrt``,
             ``optimal``.
         **options: passed to :class:`~memfit.planning.optimal.Planner` for ``optimal`` (``slots``,
-            ``max_segment_stages``, ``max_states``).
+            ``max_segment_stages``, ``max_states``, ``host_budget_bytes``).
 
     Returns:
         The :class:`~memfit.planning.plan.Plan` with the simulator's predictions.
@@ -116,6 +117,8 @@ def solve(
                 f"down to {format_bytes(floor)}",
             )
     info["solve_time_s"] = time.perf_counter() - started
+    if simulation.host_peak_bytes:
+        info["host_peak_bytes"] = simulation.host_peak_bytes
     ops = _option_details(costs, tree)
     if ops:
         info["ops"] = ops
@@ -146,6 +149,8 @@ def _baseline(costs: ChainCosts, member: Strategy, period: int) -> Tree:
         return baselines.keep_all(costs)
     if member is Strategy.ALL:
         return baselines.recompute_all(costs)
+    if member is Strategy.ALL_OFFLOAD:
+        return baselines.recompute_all_offload(costs)
     if member is Strategy.SQRT:
         return baselines.sqrt_segments(costs)
     return baselines.every_k(costs, period)

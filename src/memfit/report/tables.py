@@ -79,6 +79,11 @@ def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
     """One line on what a stage's option keeps and reruns, for the plan table."""
     if option == "recompute":
         return "keeps its input; reruns the block in backward"
+    if option == "recompute+offload":
+        return "keeps its input in host memory; fetches it and reruns the block in backward"
+    if option == "offload" and detail and detail.get("offload_bytes"):
+        moved = format_bytes(detail["offload_bytes"])
+        return f"saves what autograd saves, {moved} of it in host memory until backward"
     if not detail:
         return "saves what autograd saves" if option == "keep" else ""
     parts = []
@@ -125,11 +130,15 @@ def plan_table(plan: Plan) -> Any:
         for name, option in plan.options.items()
     ]
     budget = "none" if plan.budget_bytes is None else format_bytes(plan.budget_bytes)
+    host = plan.info.get("host_peak_bytes")
     title = (
         f"Plan ({plan.strategy}, budget {budget}): predicted peak "
-        f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms; "
-        f"loop: {plan.loop}"
+        f"{format_bytes(plan.predicted_peak_bytes)}, step {plan.predicted_step_s * 1e3:.1f} ms"
+        + (f", {format_bytes(host)} in host memory" if host else "")
+        + f"; loop: {plan.loop}"
     )
+    for note in plan.info.get("notes", []):
+        rows.append(["note", "", str(note)])
     return make_table(title, ["stage", "runs as", "ops"], rows)
 
 

@@ -21,7 +21,7 @@ from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
 from memfit.runtime.caches import cache_arguments
 from memfit.runtime.executor import Executor, Head, PassThrough, TopStage
-from memfit.runtime.options import KEEP, Forward, stage_wrapper
+from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
@@ -88,6 +88,13 @@ def _check(plan: Plan, chain: Chain) -> None:
                     f"<pre>, <post> and the stages between block lists cannot be recomputed"
                 )
         if isinstance(item, Segment):
+            nested = [inner for inner in _segments(item.inner) if inner.offload]
+            if nested:
+                raise PlanMismatchError(
+                    f"the plan offloads the input of segment [{nested[0].start}, "
+                    f"{nested[0].stop}) inside another segment, whose checkpoint's hooks hide "
+                    f"it; offload top-level segments only"
+                )
             for stage in _stages(item.inner):
                 if stage.option != KEEP:
                     # torch needs the same saved tensors in a segment's forward and recompute,
@@ -97,6 +104,14 @@ def _check(plan: Plan, chain: Chain) -> None:
                         f"stage {chain.stage_names[stage.index]!r} runs {stage.option!r} inside "
                         f"a recompute segment; only keep or nested segments can run there"
                     )
+
+
+def _segments(items: Sequence[Item]) -> list[Segment]:
+    out: list[Segment] = []
+    for item in items:
+        if isinstance(item, Segment):
+            out += [item, *_segments(item.inner)]
+    return out
 
 
 def _stages(items: Sequence[Item]) -> list[Stage]:
@@ -154,6 +169,11 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         if block is not None
     }
     executor = Executor(chain, forwards, caches, modules)
+    executor.offloading = any(
+        (isinstance(item, Segment) and item.offload)
+        or (isinstance(item, Stage) and item.option == OFFLOAD)
+        for item in plan.tree
+    )
     overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):

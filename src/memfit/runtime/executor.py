@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import PlanMismatchError
 from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
+from memfit.measuring.offload import module_tensors, storage_keys
 from memfit.measuring.step import own_fsdp_unit
 from memfit.planning.plan import Item, Segment, Stage
 from memfit.runtime.caches import CacheArguments, drop_caches
@@ -47,7 +48,8 @@ from memfit.runtime.guards import (
     same_rng_state,
     same_side_inputs,
 )
-from memfit.runtime.options import KEEP, Forward, option_kind
+from memfit.runtime.offload import Group, Offloader
+from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
 from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block
 
@@ -94,6 +96,8 @@ class Executor:
     # class defaults: executors pickled before these existed load with them
     sharded = False  # whether the first block was its own FSDP2 unit when the plan was applied
     resharding_told = False
+    offloading = False  # whether the plan offloads anything (set by apply_plan)
+    _offloader: Offloader | None = None
 
     def __init__(
         self,
@@ -118,6 +122,28 @@ class Executor:
 
     def name(self, index: int) -> str:
         return self.chain.stage_names[index]
+
+    @property
+    def offloader(self) -> Offloader:
+        if self._offloader is None:
+            self._offloader = Offloader()
+        return self._offloader
+
+    def offload_group(self, start: int, offloads: bool) -> Group | None:
+        """The offload group of the top-level item at ``start`` when it ``offloads`` (``None``
+        without gradients or when the plan offloads nothing). The first block's call starts a
+        new forward (``Offloader.start_forward``)."""
+        if not self.offloading or not torch.is_grad_enabled():
+            return None
+        if start == self.chain.block_stages[0]:
+            self.offloader.start_forward()
+        return Group(self.name(start)) if offloads else None
+
+    def item_done(self, stop: int, out: Any, group: Group | None, *, segment: bool) -> None:
+        """A top-level item's forward over ``[.., stop)`` ended (see ``Offloader.item_done``)."""
+        if self.offloading and torch.is_grad_enabled():
+            ahead = self.chain.block_of_stage(stop) is not None
+            self.offloader.item_done(main_tensor(out), group, segment=segment, ahead=ahead)
 
     def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         """Split a planned top-level call, without its KV cache when gradients are on."""
@@ -199,14 +225,20 @@ class Executor:
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         head: int | None = None,
+        group: Group | None = None,
     ) -> Any:
         """Run ``segment`` under a checkpoint; ``head``: the first block of the top-level
-        segment it lies in (``None``: it is that segment)."""
+        segment it lies in (``None``: it is that segment); ``group``: offload its input."""
         head = segment.start if head is None else head
         if not torch.is_grad_enabled():
             return self.run_items(segment.inner, x, rest, kwargs, head)
         body = _SegmentBody(self, segment, head)
-        out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
+        if group is None:
+            out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
+        else:  # outside the checkpoint, the hooks see what it keeps: its inputs
+            storage = x.untyped_storage()._cdata
+            with self.offloader.saving(group, keep=lambda t: t.untyped_storage()._cdata != storage):
+                out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         return guard_input(out, x, self.name(segment.start))
 
 
@@ -234,9 +266,11 @@ class Head:
         executor, segment = self.executor, self.segment
         call = executor.call(segment.start, args, kwargs)
         watch = executor.watched(segment.start, segment.stop, call)
-        out = executor.run_segment(segment, *call)
+        group = executor.offload_group(segment.start, segment.offload)
+        out = executor.run_segment(segment, *call, group=group)
         if watch is not None:
             watch.check()
+        executor.item_done(segment.stop, out, group, segment=True)
         if segment.stop == segment.start + 1:  # no pass-throughs to prepare
             return out
         name = executor.name(segment.start)
@@ -322,7 +356,18 @@ class TopStage:
         watch = None
         if option_kind(stage.option).recomputes:
             watch = executor.watched(stage.index, stage.index + 1, call)
-        out = executor.run_stage(stage, *call)
+        group = executor.offload_group(stage.index, stage.option == OFFLOAD)
+        if group is None:
+            out = executor.run_stage(stage, *call)
+        else:  # parameters (and views of them) stay
+            block = executor.chain.block_of_stage(stage.index)
+            assert block is not None
+            keys = storage_keys(module_tensors(block))
+            with executor.offloader.saving(
+                group, keep=lambda t: t.untyped_storage()._cdata in keys
+            ):
+                out = executor.run_stage(stage, *call)
         if watch is not None:
             watch.check()
+        executor.item_done(stage.index + 1, out, group, segment=False)
         return out

@@ -50,6 +50,7 @@ StageWrapper = Callable[[Forward], Forward]
 
 KEEP = "keep"
 SELECTIVE = "selective:"
+OFFLOAD = "offload"  # the executor runs it (memfit.runtime.offload): the block itself here
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -263,6 +264,7 @@ def _selective(option: str) -> StageWrapper:
 
 
 register_option(OptionKind(prefix=KEEP, form=KEEP, recomputes=False, wrapper=_keep))
+register_option(OptionKind(prefix=OFFLOAD, form=OFFLOAD, recomputes=False, wrapper=_keep))
 register_option(
     OptionKind(prefix=SELECTIVE, form="selective:<policy>", recomputes=True, wrapper=_selective)
 )

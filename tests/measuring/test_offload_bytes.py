@@ -1,0 +1,55 @@
+"""What offload could move: saved activation bytes per block, and the CPU profile's note."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memfit
+from memfit.measuring import offload as offload_module
+from memfit.measuring.chain import find_chain
+from memfit.measuring.offload import saved_activation_bytes
+from memfit.models import build
+from memfit.planning.offload import OFFLOAD
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # linear saves x (the block's input); tanh saves its output (the block's output, which
+        # the next block holds: not counted); the weight is a parameter (never moved)
+        return torch.tanh(self.linear(x))
+
+
+def test_saved_activation_bytes_count_inputs_not_outputs_or_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
+    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
+    x = torch.randn(32, 64)
+    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
+    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
+    moved = saved_activation_bytes(blocks, lambda: model(x))  # type: ignore[arg-type]
+    assert moved == {1: 32 * 64 * 4, 2: 32 * 64 * 4}
+
+
+def test_tiny_tensors_are_not_counted() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
+    x = torch.randn(2, 64)  # 512 bytes per activation, below MIN_OFFLOAD_BYTES
+    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
+    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
+    assert saved_activation_bytes(blocks, lambda: model(x)) == {1: 0, 2: 0}  # type: ignore[arg-type]
+
+
+def test_cpu_plans_say_why_offload_is_absent() -> None:
+    model, sample = build("gpt", layers=2, width=32, heads=4, seq=16, batch=2, vocab=64)
+    prof = memfit.profile(model, sample, options=[OFFLOAD], repeats=1)
+    assert prof.costs.host_bytes_per_s == 0
+    assert all(OFFLOAD not in stage.options for stage in prof.costs.stages)
+    plan = memfit.plan(prof, budget=None)
+    assert any("offload left out" in note and "cpu" in note for note in plan.info["notes"])
+    assert "host_peak_bytes" not in plan.info

@@ -1,0 +1,271 @@
+"""Offload's mechanics on CPU, with the host-to-host stand-in that runs the same code without
+streams: hooks, storage dedup with views, the pool, the fetch order, cleanup, gradients."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from runtime_cases import make_plan
+from test_apply import assert_same_step, chain_of, step
+from torch import nn
+
+from memfit.errors import PlanMismatchError
+from memfit.integrations.hf import build_hf
+from memfit.measuring import offload as offload_module
+from memfit.measuring.chain import find_chain
+from memfit.measuring.offload import offloadable
+from memfit.models import build
+from memfit.planning.plan import Segment, Stage, Tree, recompute_one
+from memfit.runtime import apply_plan, remove_plan
+from memfit.runtime.apply import planned_module
+from memfit.runtime.executor import Executor
+from memfit.runtime.offload import Offloader
+
+
+@pytest.fixture(autouse=True)
+def every_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models are tiny: offload every activation, however small."""
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
+
+
+def seg(start: int, stop: int, offload: bool = True) -> Segment:
+    return Segment(start, stop, tuple(Stage(i) for i in range(start, stop)), offload=offload)
+
+
+# stages: 0 <pre>, 1..4 the blocks, 5 <post>
+TREES: dict[str, Tree] = {
+    "every block offloaded": (Stage(0), *[Stage(i, "offload") for i in range(1, 5)], Stage(5)),
+    "every input offloaded": (Stage(0), *[seg(i, i + 1) for i in range(1, 5)], Stage(5)),
+    "mixed": (
+        Stage(0),
+        Stage(1, "offload"),
+        Segment(2, 4, (recompute_one(2), Stage(3)), offload=True),
+        Stage(4, "offload"),
+        Stage(5),
+    ),
+    "offload next to keep and recompute": (
+        Stage(0),
+        Stage(1),
+        Stage(2, "offload"),
+        recompute_one(3),
+        seg(4, 5),
+        Stage(5),
+    ),
+}
+
+
+def offloader_of(model: nn.Module) -> Offloader:
+    executor = executor_of(model)
+    return executor.offloader
+
+
+def executor_of(model: nn.Module) -> Executor:
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if hasattr(forward, "executor"):
+            return forward.executor  # type: ignore[no-any-return]
+    raise AssertionError("no planned block")
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_gpt_gradients_bit_identical(name: str) -> None:
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    reference = step(model, sample)
+    apply_plan(model, chain_of(model, sample), make_plan(chain_of(model, sample), TREES[name]))
+    assert_same_step(reference, step(model, sample))
+    assert_same_step(reference, step(model, sample))  # the second step reuses the pool
+    remove_plan(model)
+    assert_same_step(reference, step(model, sample))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_gradients_bit_identical(arch: str) -> None:
+    """Library defaults (KV cache on, dropout on for GPT-2, SDPA)."""
+    model, sample = build_hf(arch, layers=4, hidden=32, heads=2, seq=16, batch=2)
+
+    def hf_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = model(**sample).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference = hf_step()
+    chain = find_chain(model, lambda: model(**sample))
+    apply_plan(model, chain, make_plan(chain, TREES["mixed"]))
+    assert_same_step(reference, hf_step())
+    assert not offloader_of(model).storages
+
+
+def test_pool_is_reused_and_nothing_outlives_the_step() -> None:
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, make_plan(chain, TREES["mixed"]))
+    step(model, sample)
+    offloader = offloader_of(model)
+    pool = offloader.pools["cpu"]
+    made = pool.allocated
+    assert made > 0
+    assert not offloader.storages  # every entry let go after its backward
+    free = sum(buffer.numel() for bucket in pool.free.values() for buffer in bucket)
+    assert free == pool.held_bytes  # every buffer back in the pool
+    step(model, sample)
+    assert pool.allocated == made  # same sizes: no new buffer
+    offloader.clear()
+    assert pool.held_bytes == 0 and not pool.free
+
+
+def test_fetches_run_one_item_ahead_in_backward_order() -> None:
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, make_plan(chain, TREES["every block offloaded"]))
+    offloader = offloader_of(model)
+    offloader.log = []
+    step(model, sample)
+    log = offloader.log
+    fetches = [group for event, group in log if event == "fetch"]
+    blocks = [chain.stage_names[i] for i in range(1, 5)]
+    assert fetches == blocks[::-1]
+    for lower, upper in itertools.pairwise(blocks):
+        # block k is fetched when block k+1's backward starts: before k+1's own tensors are
+        # unpacked, so its copies overlap k+1's backward
+        assert log.index(("fetch", lower)) < log.index(("unpack", upper))
+    # in forward, block k's copies are waited for when block k+1's forward ends
+    drained = [group for event, group in log if event == "drained"]
+    assert drained == blocks
+    first_unpack = min(i for i, entry in enumerate(log) if entry[0] == "unpack")
+    assert all(log.index(("drained", block)) < first_unpack for block in blocks)
+
+
+class Views(nn.Module):
+    """Saves one storage several ways: the tensor, its transpose, a slice, and q/k/v views of
+    one projection (like a fused attention input)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-1, -2)  # saves q and k: views of one storage
+        y = torch.sin(x) * x.transpose(-1, -2).transpose(-1, -2)  # saves x, and x again
+        return y + scores.softmax(-1) @ v + x[..., :1].exp()
+
+
+def test_one_copy_per_storage_and_views_come_back_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), *[Views(8) for _ in range(3)], nn.Linear(8, 1))
+    sample = (torch.randn(2, 5, 8),)
+
+    def loss_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = model(*sample).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference = loss_step()
+    chain = find_chain(model, lambda: model(*sample), blocks=["1", "2", "3"])
+    tree = (Stage(0), *[Stage(i, "offload") for i in range(1, 4)], Stage(4))
+    apply_plan(model, chain, make_plan(chain, tree))
+    offloader = offloader_of(model)
+    packed: list[tuple[int, int]] = []
+    pack = Offloader.pack
+
+    def spy(self: Offloader, tensor: torch.Tensor, group: Any) -> Any:
+        packed.append((tensor.untyped_storage()._cdata, id(tensor)))
+        return pack(self, tensor, group)
+
+    monkeypatch.setattr(Offloader, "pack", spy)
+    offloader.log = []
+    assert_same_step(reference, loss_step())
+    copies = sum(1 for event, _ in offloader.log if event == "copy out")
+    assert copies == len({storage for storage, _ in packed}) < len(packed)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    assert not params & {storage for storage, _ in packed}  # weights and their views stay
+
+
+def test_offloadable_filter() -> None:
+    weight = nn.Parameter(torch.randn(4, 4))
+    assert not offloadable(weight)
+    assert not offloadable(torch.randn(4, requires_grad=True))  # a leaf that wants grad
+    assert not offloadable(torch.randn(1, 4).expand(64, 4))  # broadcast
+    assert offloadable(torch.randn(4, 4) * 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1 << 16)
+        assert not offloadable(torch.randn(4, 4) * 2)  # tiny
+
+
+class Failing(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("boom")
+        return torch.tanh(self.linear(x))
+
+
+def test_nothing_stays_after_an_exception() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), *[Failing(8) for _ in range(4)], nn.Linear(8, 1))
+    sample = (torch.randn(4, 8),)
+    reference = step_of(model, sample)
+    chain = find_chain(model, lambda: model(*sample), blocks=["1", "2", "3", "4"])
+    tree = (Stage(0), Stage(1, "offload"), seg(2, 3), Stage(3, "offload"), Stage(4), Stage(5))
+    apply_plan(model, chain, make_plan(chain, tree))
+    offloader = offloader_of(model)
+    model[4].fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        model(*sample).sum().backward()
+    gc.collect()
+    assert not offloader.storages
+    pool = offloader.pools["cpu"]
+    assert sum(b.numel() for bucket in pool.free.values() for b in bucket) == pool.held_bytes
+    model[4].fail = False
+    assert_same_step(reference, step_of(model, sample))
+
+
+def step_of(model: nn.Module, sample: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(*sample).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_nested_offload_is_refused() -> None:
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    chain = chain_of(model, sample)
+    inner = (seg(1, 2), Stage(2), Stage(3), Stage(4))
+    with pytest.raises(PlanMismatchError, match="inside another segment"):
+        apply_plan(model, chain, make_plan(chain, (Stage(0), Segment(1, 5, inner), Stage(5))))
+    assert planned_module(model) is None
+
+
+def test_copies_of_an_offloading_model_train_alike() -> None:
+    """deepcopy (EMA) and pickle carry the plan, not the offload state or buffers."""
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    reference = step(model, sample)
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, make_plan(chain, TREES["mixed"]))
+    step(model, sample)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert offloader_of(twin) is not offloader_of(model)
+        assert not offloader_of(twin).pools
+        assert_same_step(reference, step(twin, sample))
+
+
+def test_no_grad_forward_offloads_nothing() -> None:
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, make_plan(chain, TREES["mixed"]))
+    with torch.no_grad():
+        model(*sample)
+    assert not offloader_of(model).pools
