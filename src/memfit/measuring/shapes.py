@@ -178,10 +178,10 @@ def step_seconds_at(
     keep_output: bool = True,
 ) -> dict[Shape, float]:
     """The median CPU seconds (wall on CUDA) of a training step of ``model`` as it is now at
-    each of several samples, timed in ``rounds`` passes over all of them (each step after one
-    untimed step of the same sample, without stage marks: :func:`~memfit.measuring.run.
-    step_clock`), so that another process's load, which moves even CPU seconds (measured:
-    +20% at a wall/CPU factor of 3), reaches every shape alike.
+    each of several samples, timed in ``rounds`` passes over all of them, so that another
+    process's load, which moves even CPU seconds (measured: +20% at a wall/CPU factor of 3),
+    reaches every shape alike. Each step comes after one untimed step of the same sample and
+    has no stage marks (:func:`~memfit.measuring.run.step_clock`).
 
     Raises:
         ValueError: ``rounds`` below 1.
