@@ -288,8 +288,10 @@ def auto_dynamic(
             # a batch-1 probe at the longest seq: a peak that a seq² op sets only at long
             # lengths (eager attention's scores) loses at every grid shape, and the fits would
             # miss it; at batch 1 the probe costs a fraction of the longest batch
+            # (the default rungs stop there too: no plan is asked for beyond it)
+            limit = min(n for n in (position_limit(model), seq_range[1]) if n is not None)
             shapes_profiled = [
-                *default_profile_shapes(layout.shape, max_seq=position_limit(model)),
+                *default_profile_shapes(layout.shape, max_seq=limit),
                 Shape(1, seq_range[1]),
             ]
         shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
