@@ -262,9 +262,9 @@ def fit_with_probes(shapes: Sequence[Shape], values: Sequence[float], long: Sequ
     sample: the difference of the term and the true excess is concave in ``seq``, at least
     zero at ``G`` (the grid branch wins there) and zero at ``P``. Beyond ``P`` it is not.
 
-    Measured: the first version added ``c·batch·seq²`` at every seq; with the default shapes'
-    ladder (a rung is such a probe) it lifted a BERT config's 60% plans at 16 x 64 and 8 x 128
-    (seqs within the grid's) by +11% and +9% over the measured peaks.
+    The first version added ``c·batch·seq²`` at every seq, lifting the grid's own seqs too
+    (``(s / S)²`` of the excess per sample); the default shapes' ladder makes every profile
+    hold such probes (its rungs).
     """
     whole = fit_bytes(shapes, values)
     if whole.exact or not long:
