@@ -49,23 +49,28 @@ def saved_activation_bytes(
     blocks: dict[int, nn.Module], forward: Callable[[], Any]
 ) -> dict[int, int]:
     """Per block stage, bytes of the distinct storages its forward saves for backward that the
-    runtime's ``offload`` would move: :func:`offloadable` ones, not its parameters' or
-    buffers', nor its output's (the next block holds that one on the device).
+    runtime's ``offload`` would move *and free*: :func:`offloadable` ones, not its parameters'
+    or buffers', nor its output's (the next block holds that one on the device), nor any that
+    the forward saves outside the block too (e.g. its input when the block before saves its
+    own output, as a final ``tanh`` does: that storage stays on the device for the other).
 
     Args:
         blocks: stage index -> block module.
         forward: runs the model's forward with gradients (the graph is dropped after).
     """
     current: list[int] = []
-    found: dict[int, dict[int, int]] = {index: {} for index in blocks}
+    sizes: dict[int, int] = {}  # storage -> bytes
+    savers: dict[int, set[int | None]] = {}  # storage -> blocks that save it (None: no block)
+    outputs: dict[int, int] = {}  # block -> its output's storage
     keep: dict[int, frozenset[int]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if current and offloadable(tensor):
-            index = current[-1]
+        if offloadable(tensor):
+            index = current[-1] if current else None
             storage = tensor.untyped_storage()
-            if storage._cdata not in keep[index]:
-                found[index][storage._cdata] = storage.nbytes()
+            if index is None or storage._cdata not in keep[index]:
+                sizes[storage._cdata] = storage.nbytes()
+                savers.setdefault(storage._cdata, set()).add(index)
         return tensor
 
     def enter(index: int) -> Callable[..., None]:
@@ -82,7 +87,7 @@ def saved_activation_bytes(
             if main is None and isinstance(output, tuple | list) and output:
                 main = output[0] if isinstance(output[0], torch.Tensor) else None
             if main is not None:
-                found[index].pop(main.untyped_storage()._cdata, None)
+                outputs[index] = main.untyped_storage()._cdata
 
         return hook
 
@@ -96,7 +101,12 @@ def saved_activation_bytes(
     finally:
         for handle in handles:
             handle.remove()
-    return {index: sum(sizes.values()) for index, sizes in found.items()}
+    moved = dict.fromkeys(blocks, 0)
+    for storage, owners in savers.items():
+        (index,) = owners if len(owners) == 1 else (None,)
+        if index is not None and outputs.get(index) != storage:
+            moved[index] += sizes[storage]
+    return moved
 
 
 def host_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 5) -> float:
