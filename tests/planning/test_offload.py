@@ -172,6 +172,17 @@ def test_host_budget_is_respected() -> None:
     assert solution.simulation.peak_bytes <= budget
 
 
+def test_host_budget_rounds_do_not_leak_into_later_budgets() -> None:
+    """A budget whose tree had to give up offloads (host budget) leaves the planner as it was:
+    the frontier solves many budgets with one planner."""
+    costs = block_chain(blocks=6, rate=100.0, activation=4)
+    planner = Planner(costs, host_budget_bytes=16)
+    planner.solve(Planner(costs).floor_simulation.peak_bytes)  # drops offloads to fit 16
+    for budget in (39, 49):
+        fresh = Planner(costs, host_budget_bytes=16).solve(budget)
+        assert planner.solve(budget).simulation.step_s == fresh.simulation.step_s
+
+
 # ---- brute force on small chains --------------------------------------------------------
 
 

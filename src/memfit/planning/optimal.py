@@ -279,12 +279,14 @@ class Planner:
         taken out of the menu one at a time, last first (a few rounds at most)."""
         costs = self.costs
         allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        # a round's smaller menu holds for this budget only: the planner serves many budgets
+        arrays, tables = self.offload_arrays, self.offload_tables
         trees: dict[str, Tree] = {}
         for round_ in range(4):
-            rows = offload_rows(costs, self.offload_arrays, allowed)
+            rows = offload_rows(costs, arrays, allowed)
             found = solve_top(
-                self.offload_arrays,
-                self.offload_tables,
+                arrays,
+                tables,
                 dp_budget - self.in_flight,
                 np.zeros(len(costs.stages) + 1, dtype=np.int64),  # the min-peak DP cannot offload
                 self.max_states,
@@ -301,10 +303,8 @@ class Planner:
             start = last.start if isinstance(last, Segment) else last.index
             allowed -= {start}
             costs = _drop_option(costs, start)
-            self.offload_arrays = ChainArrays(costs, self.offload_arrays.cap)
-            self.offload_tables = segment_tables(
-                self.offload_arrays, unit_bytes(costs), self.tables.slots
-            )
+            arrays = ChainArrays(costs, arrays.cap)
+            tables = segment_tables(arrays, unit_bytes(costs), self.tables.slots)
         return trees
 
     def solve(self, budget_bytes: int) -> Solution:
