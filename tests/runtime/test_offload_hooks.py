@@ -30,7 +30,7 @@ from memfit.planning.simulate import simulate
 from memfit.runtime import apply_plan, remove_plan
 from memfit.runtime.apply import planned, planned_module
 from memfit.runtime.executor import Executor
-from memfit.runtime.offload import Offloader
+from memfit.runtime.offload import Entry, Group, HostCopies, Offloader
 
 
 @pytest.fixture(autouse=True)
@@ -243,6 +243,44 @@ def step_of(model: nn.Module, sample: tuple[Any, ...]) -> tuple[torch.Tensor, di
     loss = model(*sample).square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+class Waits(HostCopies):
+    """The stand-in, noting which copies the compute stream waited for."""
+
+    def __init__(self) -> None:
+        self.waited: list[str] = []
+
+    def wait_out(self, entry: Entry) -> None:
+        self.waited.append("out")
+
+    def wait_in(self, entry: Entry) -> None:
+        self.waited.append("in")
+
+
+def test_memory_a_copy_uses_goes_only_after_a_wait() -> None:
+    """A fetch that no unpack waited for (a node whose backward never runs, an exception), and
+    a forward cut short before its copies were waited for: on CUDA, the allocator would hand
+    the memory to a compute op while the side stream still wrote or read it."""
+    offloader = Offloader()
+    copies = offloader.copies["cpu"] = Waits()
+    x = torch.randn(64, 64, requires_grad=True)
+    fetched = Group("fetched, never unpacked")
+    with offloader.saving(fetched, keep=lambda _: False):
+        y = (x * 2).sin()  # sin saves its input: offloaded
+    offloader.drain(fetched)
+    offloader.fetch(fetched)
+    assert copies.waited == ["out"]
+    del y
+    gc.collect()
+    assert copies.waited == ["out", "in"]
+    copies.waited.clear()
+    with offloader.saving(Group("cut short"), keep=lambda _: False):
+        y = (x * 2).sin()
+    del y
+    gc.collect()
+    assert copies.waited == ["out"]
+    assert not offloader.storages
 
 
 def test_nested_offload_is_refused() -> None:

@@ -170,10 +170,18 @@ class Entry:
         return self.place.type
 
     def release(self) -> None:
-        """The last packed handle is gone: let everything go."""
+        """The last packed handle is gone: let everything go, once the compute stream waits for
+        a copy still using the memory (a fetch no unpack waited for: a node backward never ran,
+        an exception; a forward cut short before its copies were waited for), so that the
+        allocator cannot hand the memory to an op while the side stream writes or reads it."""
         self.offloader.forget(self)
+        copies = self.offloader.copies_for(self.device_type)
+        if self.fetched is not None:
+            copies.wait_in(self)
+        elif self.device is not None:
+            copies.wait_out(self)
         if self.host is not None:
-            self.offloader.pool_for(self.device_type).give(self.host)
+            self.offloader.pool_for(self.place).give(self.host)
         self.host = self.device = self.fetched = None
         self.event = None
 
@@ -225,10 +233,14 @@ class Offloader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
 
-    def pool_for(self, device_type: str) -> HostPool:
-        if device_type not in self.pools:
-            self.pools[device_type] = HostPool(pin=device_type == "cuda")
-        return self.pools[device_type]
+    def pool_for(self, device: torch.device) -> HostPool:
+        """The pool of ``device``'s copies: one per device, since only one side stream orders
+        a buffer's copies (a buffer another device's stream took could be written while this
+        one's copy back still read it)."""
+        key = str(device)
+        if key not in self.pools:
+            self.pools[key] = HostPool(pin=device.type == "cuda")
+        return self.pools[key]
 
     def copies_for(self, device_type: str) -> HostCopies:
         if device_type not in self.copies:
@@ -294,7 +306,7 @@ class Offloader:
                     "memfit offload on a CPU model copies host to host and frees nothing; "
                     "memfit's own plans never offload there"
                 )
-            entry.host = self.pool_for(entry.device_type).take(entry.nbytes)
+            entry.host = self.pool_for(entry.place).take(entry.nbytes)
             self.copies_for(entry.device_type).copy_out(entry)
             self.storages[key] = entry
             group.entries.append(entry)
