@@ -103,9 +103,9 @@ def saved_activation_bytes(
             handle.remove()
     moved = dict.fromkeys(blocks, 0)
     for storage, owners in savers.items():
-        (index,) = owners if len(owners) == 1 else (None,)
-        if index is not None and outputs.get(index) != storage:
-            moved[index] += sizes[storage]
+        owner = next(iter(owners)) if len(owners) == 1 else None
+        if owner is not None and outputs.get(owner) != storage:
+            moved[owner] += sizes[storage]
     return moved
 
 
