@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from plan_strategies import UNIT, all_trees, chains
 
 from memfit.errors import InfeasibleBudgetError
+from memfit.planning import baselines
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.offload import (
     OFFLOAD,
@@ -181,6 +182,19 @@ def test_host_budget_rounds_do_not_leak_into_later_budgets() -> None:
     for budget in (39, 49):
         fresh = Planner(costs, host_budget_bytes=16).solve(budget)
         assert planner.solve(budget).simulation.step_s == fresh.simulation.step_s
+
+
+def test_offloaded_inputs_are_found_near_the_floor() -> None:
+    """The full menu's in-flight reserve is a block's offloadable bytes (3 here, an input 1):
+    near the floor it leaves the DP no room, and the inputs-only DP (reserve: one input) finds
+    what every block recomputed with its input offloaded gives, or better."""
+    costs = block_chain(blocks=8, rate=1.0, moved=3, activation=1)
+    every = baselines.recompute_all_offload(costs)
+    for budget in (12, 13):
+        assert simulate(costs, every).peak_bytes <= budget
+        solution = Planner(costs).solve(budget)
+        assert solution.simulation.peak_bytes <= budget
+        assert solution.simulation.step_s <= simulate(costs, every).step_s
 
 
 # ---- brute force on small chains --------------------------------------------------------

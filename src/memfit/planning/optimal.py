@@ -307,6 +307,24 @@ class Planner:
             tables = segment_tables(arrays, unit_bytes(costs), self.tables.slots)
         return trees
 
+    def _input_offload_tree(self, dp_budget: int) -> dict[str, Tree]:
+        """The DP with segment inputs as the only offload: one item then has at most the
+        largest block input in flight, where the full menu's reserve is the largest block's
+        saved bytes, about what separates the floor from a budget that fits one more kept
+        block, so that near the floor the full DP finds nothing."""
+        costs = self.costs
+        allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        reserve = max((costs.stages[i].input_bytes for i in allowed), default=0)
+        found = solve_top(
+            self.arrays,
+            self.tables,
+            dp_budget - reserve,
+            np.zeros(len(costs.stages) + 1, dtype=np.int64),
+            self.max_states,
+            offload=offload_rows(costs, self.arrays, allowed),
+        )
+        return {} if found is None else {"dp+inputs-offload": found[0]}
+
     def solve(self, budget_bytes: int) -> Solution:
         """The fastest tree whose simulated peak fits ``budget_bytes``.
 
@@ -340,6 +358,7 @@ class Planner:
         trees = {} if found is None else {"dp": found[0]}
         if self.offload:
             trees.update(self._offload_trees(dp_budget))
+            trees.update(self._input_offload_tree(dp_budget))
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})
         simulations = {name: simulate(costs, tree) for name, tree in trees.items()}
         fits = [
