@@ -126,6 +126,31 @@ def test_pool_is_reused_and_nothing_outlives_the_step() -> None:
     assert pool.held_bytes == 0 and not pool.free
 
 
+def test_pool_keeps_one_step_of_buffers_when_shapes_change() -> None:
+    """Sequence lengths that change from step to step must not add pinned buffers for ever;
+    gradient accumulation's later forwards keep the buffers the earlier ones use."""
+    model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
+    chain = chain_of(model, sample)
+    apply_plan(model, chain, make_plan(chain, TREES["mixed"]))
+    pool = offloader_of(model).pools
+
+    def buffers() -> dict[int, int]:
+        return {nbytes: len(bucket) for nbytes, bucket in pool["cpu"].free.items()}
+
+    short = tuple(t[:, :8] for t in sample)
+    step(model, short)
+    only_short = buffers()
+    step(model, sample)
+    step(model, short)
+    step(model, short)
+    assert buffers() == only_short
+    made = []
+    for _ in range(2):  # three micro-batches, then one backward: twice
+        sum(model(*sample) for _ in range(3)).backward()
+        made.append(pool["cpu"].allocated)
+    assert made[1] == made[0]  # the second round found every buffer the first one made
+
+
 def test_fetches_run_one_item_ahead_in_backward_order() -> None:
     model, sample = build("gpt", layers=4, width=32, heads=4, seq=16, batch=2, vocab=64)
     chain = chain_of(model, sample)

@@ -67,8 +67,10 @@ class HostPool:
         self.free: dict[int, list[torch.Tensor]] = {}
         self.allocated = 0  # buffers ever allocated (tests: reuse means this stops growing)
         self.held_bytes = 0  # bytes of every buffer the pool made, free or in use
+        self.taken: dict[int, int] = {}  # buffers taken per size since the last trim
 
     def take(self, nbytes: int) -> torch.Tensor:
+        self.taken[nbytes] = self.taken.get(nbytes, 0) + 1
         bucket = self.free.get(nbytes)
         if bucket:
             return bucket.pop()
@@ -78,6 +80,22 @@ class HostPool:
 
     def give(self, buffer: torch.Tensor) -> None:
         self.free.setdefault(buffer.numel(), []).append(buffer)
+
+    def trim(self) -> None:
+        """Keep no more free buffers of a size than the last step took (shapes that change
+        from step to step, e.g. sequence lengths, would otherwise add buffers for ever); only
+        between steps, when every buffer is back (gradient accumulation's later forwards run
+        with the earlier ones' buffers in use)."""
+        if sum(nbytes * len(bucket) for nbytes, bucket in self.free.items()) != self.held_bytes:
+            return
+        for nbytes, bucket in list(self.free.items()):
+            extra = len(bucket) - self.taken.get(nbytes, 0)
+            if extra > 0:
+                del bucket[:extra]
+                self.held_bytes -= extra * nbytes
+            if not bucket:
+                del self.free[nbytes]
+        self.taken = {}
 
     def clear(self) -> None:
         for bucket in self.free.values():
@@ -269,6 +287,8 @@ class Offloader:
         if self.copying is not None:
             self.drain(self.copying)
         self.copying = self.waiting = None
+        for pool in self.pools.values():
+            pool.trim()
 
     @contextmanager
     def saving(
