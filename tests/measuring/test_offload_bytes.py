@@ -9,7 +9,7 @@ from torch import nn
 import memfit
 from memfit.measuring import offload as offload_module
 from memfit.measuring.chain import find_chain
-from memfit.measuring.offload import saved_activation_bytes
+from memfit.measuring.offload import saved_activation_bytes, saved_activations
 from memfit.models import build
 from memfit.planning.offload import OFFLOAD
 
@@ -38,6 +38,18 @@ def test_saved_activation_bytes_count_what_offload_frees(
     # block 1's input comes from a linear (which saves its own input): only block 1 holds it;
     # block 2's input is block 1's tanh output, which block 1 keeps on the device
     assert moved == {1: 32 * 64 * 4, 2: 0}
+
+
+def test_inputs_another_block_saves_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offloading a segment's input frees nothing when the block before saves it (its tanh
+    output): the copy back would only add to the peak."""
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
+    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
+    x = torch.randn(32, 64)
+    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
+    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
+    saved = saved_activations(blocks, lambda: model(x))  # type: ignore[arg-type]
+    assert saved.inputs_stay == {2}
 
 
 def test_tiny_tensors_are_not_counted() -> None:

@@ -197,6 +197,38 @@ def test_offloaded_inputs_are_found_near_the_floor() -> None:
         assert solution.simulation.step_s <= simulate(costs, every).step_s
 
 
+def test_inputs_that_stay_are_never_offloaded() -> None:
+    """A block whose input the block before saves too (``input_stays``): offloading it would
+    free nothing, so no tree offloads it and the simulator refuses one that does."""
+    costs = block_chain(blocks=4, rate=100.0, activation=4)
+    stays = dataclasses.replace(
+        costs,
+        stages=[
+            dataclasses.replace(stage, input_stays=index in (2, 3))
+            for index, stage in enumerate(costs.stages)
+        ],
+    )
+    with pytest.raises(ValueError, match="stays on the device"):
+        simulate(
+            stays,
+            (
+                Stage(0),
+                Stage(1),
+                Segment(2, 3, (Stage(2),), offload=True),
+                *[Stage(i) for i in (3, 4, 5)],
+            ),
+        )
+    every = baselines.recompute_all_offload(stays)
+    assert [item.start for item in every if isinstance(item, Segment) and item.offload] == [1, 4]
+    planner = Planner(stays)
+    for budget in range(planner.floor_simulation.peak_bytes, 40):
+        tree = planner.solve(budget).tree
+        simulate(stays, tree)  # valid: no offloaded input that stays
+        assert not any(
+            isinstance(item, Segment) and item.offload and item.start in (2, 3) for item in tree
+        )
+
+
 # ---- brute force on small chains --------------------------------------------------------
 
 

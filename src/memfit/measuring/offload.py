@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from memfit.measuring.chain import split_main
 
 MIN_OFFLOAD_BYTES = 1 << 16  # smaller tensors stay on the device: copying them costs more
 
@@ -45,14 +48,35 @@ def module_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.buffers()
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SavedActivations:
+    """What offload would move and free, per block stage (see :func:`saved_activations`).
+
+    Attributes:
+        offload_bytes: stage -> bytes the ``offload`` option moves and frees.
+        inputs_stay: stages whose main input stays on the device if a segment starting there
+            offloads it: something else saves it too, or the runtime would not move it.
+    """
+
+    offload_bytes: dict[int, int]
+    inputs_stay: frozenset[int]
+
+
 def saved_activation_bytes(
     blocks: dict[int, nn.Module], forward: Callable[[], Any]
 ) -> dict[int, int]:
+    """Per block stage, the bytes :func:`saved_activations` finds the ``offload`` option
+    moves and frees."""
+    return saved_activations(blocks, forward).offload_bytes
+
+
+def saved_activations(blocks: dict[int, nn.Module], forward: Callable[[], Any]) -> SavedActivations:
     """Per block stage, bytes of the distinct storages its forward saves for backward that the
     runtime's ``offload`` would move *and free*: :func:`offloadable` ones, not its parameters'
     or buffers', nor its output's (the next block holds that one on the device), nor any that
     the forward saves outside the block too (e.g. its input when the block before saves its
-    own output, as a final ``tanh`` does: that storage stays on the device for the other).
+    own output, as a final ``tanh`` does: that storage stays on the device for the other);
+    and the blocks whose input stays on the device that way.
 
     Args:
         blocks: stage index -> block module.
@@ -61,6 +85,7 @@ def saved_activation_bytes(
     current: list[int] = []
     sizes: dict[int, int] = {}  # storage -> bytes
     savers: dict[int, set[int | None]] = {}  # storage -> blocks that save it (None: no block)
+    inputs: dict[int, int | None] = {}  # block -> its input's storage (None: not moved)
     outputs: dict[int, int] = {}  # block -> its output's storage
     keep: dict[int, frozenset[int]] = {}
 
@@ -74,9 +99,12 @@ def saved_activation_bytes(
         return tensor
 
     def enter(index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, *_: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             keep[index] = storage_keys(module_tensors(module))
             current.append(index)
+            main = split_main(args, kwargs)[0]
+            moved = isinstance(main, torch.Tensor) and offloadable(main)
+            inputs[index] = main.untyped_storage()._cdata if moved else None
 
         return hook
 
@@ -94,7 +122,7 @@ def saved_activation_bytes(
     handles = []
     try:
         for index, block in blocks.items():
-            handles.append(block.register_forward_pre_hook(enter(index)))
+            handles.append(block.register_forward_pre_hook(enter(index), with_kwargs=True))
             handles.append(block.register_forward_hook(leave(index)))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             forward()
@@ -106,7 +134,11 @@ def saved_activation_bytes(
         owner = next(iter(owners)) if len(owners) == 1 else None
         if owner is not None and outputs.get(owner) != storage:
             moved[owner] += sizes[storage]
-    return moved
+    stay = set()
+    for index, held in inputs.items():
+        if held is None or savers.get(held, set()) - {index}:
+            stay.add(index)
+    return SavedActivations(offload_bytes=moved, inputs_stay=frozenset(stay))
 
 
 def host_bandwidth(device: torch.device, nbytes: int = 64 << 20, repeats: int = 5) -> float:

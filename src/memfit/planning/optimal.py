@@ -87,6 +87,7 @@ from memfit.planning.offload import (
     in_flight_bytes,
     is_offload,
     offloads,
+    offloads_input,
     runs_ahead,
     without_offload,
 )
@@ -179,8 +180,8 @@ def offload_floor_trees(costs: ChainCosts, floor_tree: Tree) -> dict[str, Tree]:
     its top-level segments' inputs offloaded, and every block recomputed with its input
     offloaded."""
     return {
-        "min-peak+offload": baselines.offloaded(floor_tree),
-        "all+offload": baselines.offloaded(baselines.recompute_all(costs)),
+        "min-peak+offload": baselines.offloaded(costs, floor_tree),
+        "all+offload": baselines.offloaded(costs, baselines.recompute_all(costs)),
     }
 
 
@@ -278,7 +279,7 @@ class Planner:
         budget: where the first tree holds too much host memory, the stages it offloads are
         taken out of the menu one at a time, last first (a few rounds at most)."""
         costs = self.costs
-        allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        allowed = frozenset(i for i in range(len(costs.stages)) if offloads_input(costs, i))
         # a round's smaller menu holds for this budget only: the planner serves many budgets
         arrays, tables = self.offload_arrays, self.offload_tables
         trees: dict[str, Tree] = {}
@@ -313,7 +314,7 @@ class Planner:
         saved bytes, about what separates the floor from a budget that fits one more kept
         block, so that near the floor the full DP finds nothing."""
         costs = self.costs
-        allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        allowed = frozenset(i for i in range(len(costs.stages)) if offloads_input(costs, i))
         reserve = max((costs.stages[i].input_bytes for i in allowed), default=0)
         found = solve_top(
             self.arrays,
