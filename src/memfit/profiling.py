@@ -402,7 +402,7 @@ def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) 
         dataclasses.replace(
             stage,
             offload_bytes=saved.offload_bytes.get(index, 0),
-            input_stays=index in saved.inputs_stay,
+            input_offloadable=index not in saved.inputs_stay,
         )
         for index, stage in enumerate(result.costs.stages)
     ]

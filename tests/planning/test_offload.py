@@ -198,13 +198,13 @@ def test_offloaded_inputs_are_found_near_the_floor() -> None:
 
 
 def test_inputs_that_stay_are_never_offloaded() -> None:
-    """A block whose input the block before saves too (``input_stays``): offloading it would
+    """A block whose input the block before saves too (not ``input_offloadable``): offloading it would
     free nothing, so no tree offloads it and the simulator refuses one that does."""
     costs = block_chain(blocks=4, rate=100.0, activation=4)
     stays = dataclasses.replace(
         costs,
         stages=[
-            dataclasses.replace(stage, input_stays=index in (2, 3))
+            dataclasses.replace(stage, input_offloadable=index not in (2, 3))
             for index, stage in enumerate(costs.stages)
         ],
     )

@@ -109,7 +109,7 @@ def offloads_input(costs: ChainCosts, index: int) -> bool:
     """Whether a segment starting at stage ``index`` may offload its input (a block whose
     input nothing else keeps on the device)."""
     stage = costs.stages[index]
-    return costs.host_bytes_per_s > 0 and stage.checkpointable and not stage.input_stays
+    return costs.host_bytes_per_s > 0 and stage.checkpointable and stage.input_offloadable
 
 
 def offloads(costs: ChainCosts) -> bool:
