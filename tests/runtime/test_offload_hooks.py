@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import itertools
 import pickle
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -226,9 +227,27 @@ def test_offloadable_filter() -> None:
     assert not offloadable(torch.randn(4, requires_grad=True))  # a leaf that wants grad
     assert not offloadable(torch.randn(1, 4).expand(64, 4))  # broadcast
     assert offloadable(torch.randn(4, 4) * 2)
+    # no plain storage, or a view whose conjugate/negative bit set_ would drop
+    assert not offloadable((torch.randn(4, 4) * 2).to_sparse())
+    assert not offloadable((torch.randn(4, 4, dtype=torch.complex64) * 2).conj())
+    assert not offloadable((torch.randn(4, 4, dtype=torch.complex64) * 2).conj().imag)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1 << 16)
         assert not offloadable(torch.randn(4, 4) * 2)  # tiny
+
+
+def test_conjugate_views_come_back_right() -> None:
+    z = torch.randn(8, 8, dtype=torch.complex64, requires_grad=True)
+
+    def grad(offloader: Offloader | None) -> torch.Tensor:
+        z.grad = None
+        with offloader.saving(Group("g"), keep=lambda _: False) if offloader else nullcontext():
+            loss = ((z * 2).conj() * (z * 3)).real.sum()  # mul saves the lazy conjugate
+        loss.backward()
+        assert z.grad is not None
+        return z.grad.clone()
+
+    assert torch.equal(grad(None), grad(Offloader()))
 
 
 class Failing(nn.Module):

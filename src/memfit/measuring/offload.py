@@ -25,9 +25,13 @@ MIN_OFFLOAD_BYTES = 1 << 16  # smaller tensors stay on the device: copying them 
 
 def offloadable(tensor: torch.Tensor) -> bool:
     """Whether a saved tensor is an activation worth moving: not a parameter, a leaf that
-    wants its gradient, a tensor subclass (FSDP2's ``DTensor``, fake tensors), a tensor whose
-    storage is below :data:`MIN_OFFLOAD_BYTES`, nor a broadcast (stride-0) view."""
+    wants its gradient, a tensor subclass (FSDP2's ``DTensor``, fake tensors), a sparse or
+    nested tensor (no plain storage), a lazy conjugate or negative view (the view rebuilt on
+    the storage that comes back would lose the bit), a tensor whose storage is below
+    :data:`MIN_OFFLOAD_BYTES`, nor a broadcast (stride-0) view."""
     if isinstance(tensor, nn.Parameter) or type(tensor) is not torch.Tensor:
+        return False
+    if tensor.layout != torch.strided or tensor.is_nested or tensor.is_conj() or tensor.is_neg():
         return False
     if tensor.is_leaf and tensor.requires_grad:
         return False
