@@ -358,12 +358,43 @@ def test_no_grad_forward_offloads_nothing() -> None:
     assert not offloader_of(model).pools
 
 
-def test_simulated_peaks_match_the_stand_in_to_the_byte() -> None:
+class Tabled(nn.Module):
+    """A block that saves a side input every block gets (like rotary tables)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return x + torch.sin(self.linear(x)) * table
+
+
+class TableModel(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(Tabled(width) for _ in range(4))
+        self.head = nn.Linear(width, 1)
+        self.register_buffer("base", torch.randn(128, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = self.base * 2
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x, table)
+        return self.head(x).square().mean()
+
+
+@pytest.mark.parametrize("name", ["gpt", "shared table"])
+def test_simulated_peaks_match_the_stand_in_to_the_byte(name: str) -> None:
     """The simulator's offload events against the runtime's frees: on CPU the stand-in's
     fetched copies are new allocations and its pool buffers exist before the measured step,
     so the meter sees what the CUDA allocator would (profile faked as CUDA's: bandwidth and
-    offload bytes measured as on CUDA)."""
-    model, sample = build("gpt", layers=4, width=64, heads=4, seq=64, batch=2, vocab=64)
+    offload bytes measured as on CUDA). A table every block saves stays on the device."""
+    if name == "gpt":
+        model, sample = build("gpt", layers=4, width=64, heads=4, seq=64, batch=2, vocab=64)
+    else:
+        model, sample = TableModel(64), (torch.randn(128, 64),)
     prof = memfit.profile(model, sample, repeats=1, options=())
     chain = chain_of(model, sample)
     blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
@@ -388,4 +419,5 @@ def test_simulated_peaks_match_the_stand_in_to_the_byte() -> None:
         # never under; over by the checkpoints' RNG states the simulator holds longer than
         # torch does (nested segments: a documented upper bound)
         over = run.peak_bytes - check.measured_peak_bytes
-        assert 0 <= over <= 0.005 * check.measured_peak_bytes, (name, over, run.peak_where)
+        slack = 0.005 * check.measured_peak_bytes + 2 * costs.checkpoint_bytes
+        assert 0 <= over <= slack, (name, over, run.peak_where)

@@ -182,6 +182,7 @@ class Entry:
     event: Any = None
     users: int = 0
     kept: bool = False  # still on the device (the item's output): no copy back needed
+    group: Group | None = None  # the item that made the copy
 
     @property
     def device_type(self) -> str:
@@ -329,8 +330,16 @@ class Offloader:
             entry.host = self.pool_for(entry.place).take(entry.nbytes)
             self.copies_for(entry.device_type).copy_out(entry)
             self.storages[key] = entry
+            entry.group = group
             group.entries.append(entry)
             self.note("copy out", group)
+        elif entry.group is not group and not entry.kept:
+            # saved by another item too (a table every block uses, a block's input that the
+            # block before saves): held there, it stays on the device for both, as the
+            # planner counts it (measuring.offload.saved_activations), and is never fetched
+            entry.kept = True
+            if entry.device is None:
+                entry.device = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
         return Packed(entry, group, tensor)
 
     def item_done(self, output: Any, own: Group | None, *, segment: bool, ahead: bool) -> None:
@@ -386,8 +395,19 @@ class Offloader:
         self.drain(group)  # never fetch over a copy still running out
         for entry in group.entries:
             if entry.host is not None and entry.device is None and entry.fetched is None:
-                self.copies_for(entry.device_type).copy_in(entry)
+                self.bring_back(entry)
         self.note("fetch", group)
+
+    def bring_back(self, entry: Entry) -> None:
+        """Start the entry's copy back, unless its storage is still on the device (something
+        else kept it alive: a table every block saves, an input that a kept block before
+        saves too): then it is used as it is, as the planner counts it, with no second copy
+        on the device."""
+        storage = torch.UntypedStorage._new_with_weak_ptr(entry.weak.cdata)
+        if storage is not None:
+            entry.device = torch.empty(0, dtype=torch.uint8, device=entry.place).set_(storage)
+        else:
+            self.copies_for(entry.device_type).copy_in(entry)
 
     def unpack(self, packed: Packed | torch.Tensor) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):  # kept where it was
@@ -400,13 +420,13 @@ class Offloader:
                 "backward: run the forward again, or do not offload this block"
             )
         data: torch.Tensor | None
-        if entry.device is not None:  # still on the device (kept, or not yet waited for)
+        if entry.device is None and entry.fetched is None:
+            self.fetch(packed.group)
+            if entry.device is None and entry.fetched is None:  # an earlier group's copy
+                self.bring_back(entry)
+        if entry.device is not None:  # on the device (kept, not yet waited for, or alive)
             data = entry.device
         else:
-            if entry.fetched is None:
-                self.fetch(packed.group)
-            if entry.fetched is None:  # shared with an earlier group's copy: fetch it alone
-                self.copies_for(entry.device_type).copy_in(entry)
             self.copies_for(entry.device_type).wait_in(entry)
             data = entry.fetched
         assert data is not None
