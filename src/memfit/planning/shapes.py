@@ -700,6 +700,7 @@ def _fit_all(
                 # a flag must hold at every shape to hold at all
                 checkpointable=all(p.stages[index].checkpointable for p in profiles),
                 joins_previous=all(p.stages[index].joins_previous for p in profiles),
+                input_offloadable=all(p.stages[index].input_offloadable for p in profiles),
             )
         )
     return replace(reference, stages=stages), fits, (basis, time_holdout)
