@@ -421,3 +421,32 @@ def test_simulated_peaks_match_the_stand_in_to_the_byte(name: str) -> None:
         over = run.peak_bytes - check.measured_peak_bytes
         slack = 0.005 * check.measured_peak_bytes + 2 * costs.checkpoint_bytes
         assert 0 <= over <= slack, (name, over, run.peak_where)
+
+
+class Mutating(nn.Module):
+    """Saves its input-derived tensor for backward, then changes it in place."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        y = torch.sin(h)  # sin saves h
+        h.mul_(2)  # ... which is then changed: the saved value is gone
+        return y + h
+
+
+def test_an_in_place_change_of_an_offloaded_tensor_is_an_error() -> None:
+    """Without offload autograd raises in backward; saved-tensor hooks skip its check, so the
+    offloader checks the versions itself instead of training on either value silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Mutating(8), Mutating(8), nn.Linear(8, 1))
+    sample = (torch.randn(4, 8),)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        model(*sample).sum().backward()
+    chain = find_chain(model, lambda: model(*sample), blocks=["1", "2"])
+    tree = (Stage(0), Stage(1, "offload"), Stage(2, "offload"), Stage(3))
+    apply_plan(model, chain, make_plan(chain, tree))
+    with pytest.raises(RuntimeError, match="changed it in place"):
+        model(*sample).sum().backward()

@@ -213,6 +213,9 @@ class Group:
     entries: list[Entry] = field(default_factory=list)
     drained: bool = False
     fetching: bool = False
+    # each offloaded tensor and its version when saved, until the copies are waited for
+    # (with saved-tensor hooks autograd no longer checks in-place changes itself)
+    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
 class Packed:
@@ -340,6 +343,8 @@ class Offloader:
             entry.kept = True
             if entry.device is None:
                 entry.device = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+        if not entry.kept:  # detached: the same version counter, not the graph
+            group.versions.append((tensor.detach(), tensor._version))
         return Packed(entry, group, tensor)
 
     def item_done(self, output: Any, own: Group | None, *, segment: bool, ahead: bool) -> None:
@@ -374,16 +379,36 @@ class Offloader:
         if ahead:
             self.waiting = own
 
+    def abandon(self) -> None:
+        """A planned item's forward raised: let what waits for a next item go (its copies
+        waited for), without checking versions, so that nothing outlives the failed step."""
+        if self.copying is not None:
+            self.copying.versions.clear()
+            self.drain(self.copying)
+        self.copying = self.waiting = None
+
     def drain(self, group: Group) -> None:
         """The compute stream waits for the group's copies; then the device memory goes."""
         if group.drained:
             return
         group.drained = True
+        versions, group.versions = group.versions, []
         for entry in group.entries:
             if entry.device is not None and not entry.kept:
                 self.copies_for(entry.device_type).wait_out(entry)
                 entry.device = None
         self.note("drained", group)
+        changed = [
+            tuple(tensor.shape) for tensor, version in versions if tensor._version != version
+        ]
+        if changed:
+            raise RuntimeError(
+                f"memfit offload: {group.name!r} saved a tensor of shape {changed[0]} for "
+                f"backward and then changed it in place (autograd would raise 'modified by an "
+                f"inplace operation' in backward; its saved-tensor hooks skip that check, so "
+                f"memfit checks here): its copy in host memory may hold either value. Do not "
+                f"offload this block, or make the in-place op out of place"
+            )
 
     # ---- backward -------------------------------------------------------------------------
 
