@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import sys
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import memfit
 from memfit.bench import BenchRow, bench
 from memfit.integrations.hf import build_hf
+from memfit.planning.frontier import frontier
 from memfit.planning.solve import solve
 from memfit.runtime import REBUILD_OPS
 
@@ -111,7 +114,7 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
     rows += [
         ("memfit after", row if row.budget != str(hf_peak) else _at_hf(row)) for row in new.rows
     ]
-    return [
+    lines = [
         f"## {arch}",
         "",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held {m.held_bytes / 2**20:.1f}"
@@ -120,6 +123,52 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
         *table(rows, m.held_bytes, m.activation_bytes),
         "",
     ]
+    if args.frontier:
+        lines += frontier_rows(model, sample, after, args)
+    return lines
+
+
+def frontier_rows(model: Any, sample: Any, prof: Any, args: argparse.Namespace) -> list[str]:
+    """memfit's frontier measured: each point's plan run at its own peak, timed side by side;
+    the measured time should fall as the budget grows."""
+    points = frontier(prof.costs, points=args.frontier)
+    result = bench(
+        model,
+        sample,
+        prof,
+        budgets=[str(point.peak_bytes) for point in points],
+        strategies=("optimal",),
+        repeats=args.repeats,
+        progress=lambda m: print("frontier:", m, file=sys.stderr),
+    )
+    m = prof.measurement
+    lines = [
+        f"Frontier ({len(points)} points, each plan timed side by side with the others):",
+        "",
+        "| activation share | predicted MiB | measured MiB | predicted overhead | measured "
+        "overhead | plan |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    measured = []
+    for row in sorted(result.rows, key=lambda r: r.predicted_peak_bytes or 0):
+        if not row.feasible:
+            continue
+        predicted = (row.predicted_step_s or 0) / m.step_s - 1 if m.step_s else 0.0
+        measured.append(row.overhead)
+        share = (row.measured_peak_bytes - m.held_bytes) / m.activation_bytes
+        lines.append(
+            f"| {share:.1%} | {row.predicted_peak_bytes / 2**20:.1f} | "
+            f"{row.measured_peak_bytes / 2**20:.1f} | {predicted:+.1%} | {row.overhead:+.1%} | "
+            f"{summary(row)} |"
+        )
+    rises = [f"{a:+.1%} -> {b:+.1%}" for a, b in itertools.pairwise(measured) if b > a]
+    lines += [
+        "",
+        "Measured time along the frontier (more memory, less time): "
+        + ("monotone." if not rises else f"{len(rises)} rise(s): {', '.join(rises)}."),
+        "",
+    ]
+    return lines
 
 
 def _at_hf(row: BenchRow) -> BenchRow:
@@ -139,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--frontier", type=int, default=0, help="also time N points of memfit's frontier"
+    )
     parser.add_argument("--out", default=str(HERE / "results" / f"eager-{date.today()}.md"))
     args = parser.parse_args(argv)
     lines = [

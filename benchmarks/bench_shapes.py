@@ -1,7 +1,8 @@
 """Shape-following plans on a stream of random lengths, against the static plan for the longest.
 
-A Hugging Face GPT-2 config (library defaults: SDPA, dropout, KV cache) is profiled at eight
-small shapes (batch 1-2, seq 32-256), its costs fitted to the shape, and planned dynamically
+A Hugging Face GPT-2 config (library defaults: SDPA, dropout, KV cache) is profiled at nine
+small shapes (batch 1-2, seq 32-256, and 1 x 512: the same tokens at a longer seq, as
+``memfit.profile_shapes``'s default shapes add), its costs fitted to the shape, and planned dynamically
 (``memfit.auto(..., shapes="dynamic")``) for a fixed budget in bytes. A stream of batches of
 random lengths 64-1024 then runs; per step it records the predicted and measured (CPU meter)
 peaks, the predicted and measured step times, whether the plan switched, and whether the loss
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import platform
 import random
 import statistics
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -32,7 +35,6 @@ import transformers
 
 import memfit
 from memfit.integrations.hf import build_hf
-from memfit.measuring.run import time_step
 from memfit.measuring.shapes import resize_sample
 from memfit.planning.baselines import keep_all
 from memfit.planning.shapes import Shape
@@ -54,6 +56,20 @@ def header() -> list[str]:
     ]
 
 
+def cpu_step(model: torch.nn.Module, batch: dict) -> float:
+    """CPU seconds of one training step (gradients reset, the collector off during it): the
+    process's own work, which another process's load on the shared machine enters far less
+    than wall time (the first run timed wall seconds: steps of the same shape 1.5-2x apart)."""
+    model.zero_grad(set_to_none=True)
+    gc.disable()
+    try:
+        start = time.process_time()
+        model(**batch).loss.backward()
+        return time.process_time() - start
+    finally:
+        gc.enable()
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
@@ -69,9 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-share", type=float, default=0.35)
     parser.add_argument("--bucket", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads; 1 by default (two on the shared 2-core machine wait on each "
+        "other behind other processes: the first run's step times were 2-15x inflated)",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / f"shapes-{date.today()}.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    torch.set_num_threads(args.threads)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
     say("\n".join(header()))
 
@@ -79,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpt2", layers=args.layers, hidden=args.width, heads=4, seq=args.longest, batch=2
     )
     twin = copy.deepcopy(model)  # unplanned, same weights: the gradients' reference
-    profiled = [(b, s) for b in (1, 2) for s in (32, 64, 128, 256)]
+    # a grid and, as memfit's default shapes do, its largest tokens at twice the seq
+    profiled = [*((b, s) for b in (1, 2) for s in (32, 64, 128, 256)), (1, 512)]
     say(f"profiling at {profiled}")
     shaped = memfit.profile_shapes(model, sample, shapes=profiled, repeats=3)
     longest = Shape(args.batch, args.longest)
@@ -98,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_plan(static, chain_of_plan(static, static_plan), static_plan)
 
     for warm in (model, static, twin):  # one untimed step each: first-touch page faults
-        time_step(warm, resize_sample(sample, longest))
+        cpu_step(warm, resize_sample(sample, longest))
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.shortest, args.longest) for _ in range(args.steps)]
     rows = []
@@ -110,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_loss, reference = seeded_gradients(twin, batch, None, step)
         equal = torch.equal(loss, reference_loss) and not mismatched_gradients(reference, grads)
         measured = memfit.measure(model, batch, repeats=1, warmup=0).peak_bytes
+        static_peak = memfit.measure(static, batch, repeats=1, warmup=0).peak_bytes
         record = plans.steps[-1]
         margin = plans.margin
         # the feedback CUDA gets from the allocator's counter, fed here from the CPU meter
@@ -117,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         dynamic_s, static_s = [], []
         for turn in range(4):  # dynamic, static, static, dynamic
             first = turn in (0, 3)
-            (dynamic_s if first else static_s).append(time_step(model if first else static, batch))
-        predicted_s = simulate(shaped.fitted.costs_at(shape), plans.plan_for(shape).tree).step_s
+            (dynamic_s if first else static_s).append(cpu_step(model if first else static, batch))
+        # the fits' seconds are wall seconds at the profile's wall/CPU factor: back to CPU
+        predicted_s = (
+            simulate(shaped.fitted.costs_at(shape), plans.plan_for(shape).tree).step_s
+            / shaped.wall_per_cpu
+        )
         rows.append(
             dict(
                 step=step,
@@ -128,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 margin=margin,
                 predicted=record.predicted_peak_bytes,
                 measured=measured,
+                static_peak=static_peak,
                 predicted_s=predicted_s,
                 dynamic_s=statistics.median(dynamic_s),
                 static_s=statistics.median(static_s),
@@ -156,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         f"({mib(floor)} -> {mib(plain)} MiB); buckets of {args.bucket} tokens, margin "
         f"{plans.margin:.0%}",
         f"- static plan: made from the same fits for {longest}, applied to every step",
-        "- timing: each step timed twice per plan in the order dynamic, static, static, "
-        "dynamic (medians); totals are sums over the stream, measured side by side",
+        "- timing: CPU seconds of each step, timed twice per plan in the order dynamic, static, "
+        "static, dynamic (medians); totals are sums over the stream, measured side by side; "
+        "predicted times are the fits' (wall seconds at the profile's wall/CPU factor "
+        f"{shaped.wall_per_cpu:.2f}) over that factor",
         "",
         "## Reading",
         "",
-        f"- every step within budget: {all(r['measured'] <= budget for r in rows)}; loss and "
+        f"- every step within budget: {all(r['measured'] <= budget for r in rows)} (the "
+        f"static plan: {sum(r['static_peak'] <= budget for r in rows)} of {len(rows)} steps, "
+        f"its largest peak {mib(max(r['static_peak'] for r in rows))} MiB); loss and "
         f"gradients bit-identical to the unplanned model on every step: "
         f"{all(r['equal'] for r in rows)}",
         f"- predicted peak vs measured: error {min(errors):+.2%} to {max(errors):+.2%} "

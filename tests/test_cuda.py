@@ -131,10 +131,17 @@ def test_offload_is_bit_identical_predicted_and_leaves_nothing(how: str) -> None
     assert torch.cuda.memory_allocated() <= base
 
 
-def test_optimal_plans_offload_at_low_budgets() -> None:
+def test_optimal_plans_offload_near_the_floor() -> None:
     model, sample = _on_cuda(*build("gpt", layers=8, width=512, heads=8, seq=512, batch=8))
-    plan = memfit.auto(model, sample, budget="15%", repeats=1)
+    prof = memfit.profile(model, sample, repeats=1)
+    # near the floor, not at a fixed percentage: with one block's recompute and <post> at
+    # the peak, the floor of 8 blocks lies near 20% of the activations (a CPU proxy of this
+    # model: 24%), so "15%" was infeasible whatever offload did
+    with pytest.raises(memfit.InfeasibleBudgetError) as floor:
+        memfit.plan(prof, budget="1%")
+    plan = memfit.plan(prof, budget=int(floor.value.min_feasible_bytes * 1.05))
     assert any("offload" in option for option in plan.options.values()), plan.options
+    memfit.apply(model, plan)
     assert plan.info["host_peak_bytes"] > 0
     check = memfit.verify(model, sample, repeats=2)
     assert check.gradients_equal and check.loss_equal
@@ -149,7 +156,7 @@ def test_offload_copies_never_race_the_frees() -> None:
 
     model, sample = _on_cuda(*build("gpt", layers=4, width=1024, heads=16, seq=1024, batch=4))
     reference = copy.deepcopy(model)
-    prof = memfit.profile(model, sample, repeats=1, options=())
+    prof = memfit.profile(model, sample, repeats=1, options=["offload"])  # no other option
     blocks = [i for i, s in enumerate(prof.costs.stages) if s.checkpointable]
     last = len(prof.costs.stages) - 1
     tree = (Stage(0), *(Stage(i, "offload") for i in blocks), Stage(last))

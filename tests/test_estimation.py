@@ -6,19 +6,27 @@ the profiled seq are flagged as untrusted, see the last test) and its estimates 
 larger than the grid (2 x 256: four times the tokens and the sequence; 4 x 128: four times the
 tokens, twice the sequence) are held against measured steps there: the plain step
 (every block kept, as memfit runs it) and the plan for 60% of that shape's activation memory,
-each within 5% of the measured peak. The planned step also stays within its budget.
+each within 5% of the measured peak. The planned step also stays within its budget. Then the
+default profile shapes (a grid and the sample's tokens at longer seqs) and the stage times'
+scaling to unmarked steps.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import pytest
+import torch
 
 import memfit
 from memfit.integrations.hf import build_hf
 from memfit.measuring.shapes import resize_sample
+from memfit.models import gpt
 from memfit.planning.plan import Plan, keep_tree
 from memfit.planning.shapes import Shape
 from memfit.runtime.apply import chain_of_plan, planned
+from memfit.shape_profiles import default_profile_shapes
 
 PROFILED = [(b, s) for b in (1, 2) for s in (8, 16, 32, 64)]
 PROBE = (1, 256)
@@ -89,3 +97,38 @@ def test_long_peak_flagged_or_found_with_a_probe() -> None:
         error = row.plan.predicted_peak_bytes / planned_peak - 1
         assert abs(error) < 0.05, (row.plan.predicted_peak_bytes, planned_peak)
         assert planned_peak <= row.budget_bytes
+
+
+def test_default_shapes_add_the_sample_tokens_at_longer_seqs() -> None:
+    shapes = default_profile_shapes(Shape(4, 64))
+    assert shapes[:8] == [Shape(b, s) for b in (2, 4) for s in (8, 16, 32, 64)]
+    assert shapes[8:] == [Shape(2, 128), Shape(1, 256)]  # tokens of the sample, longer seqs
+    assert max(s.tokens for s in shapes) == 4 * 64
+    # towards the longest seq asked, as far as the batch halves; never past a position limit
+    assert default_profile_shapes(Shape(8, 64), longest_seq=1024)[-1] == Shape(1, 512)
+    assert default_profile_shapes(Shape(8, 64), longest_seq=64)[-1] == Shape(2, 256)
+    assert default_profile_shapes(Shape(4, 64), max_seq=128)[-1] == Shape(2, 128)
+    assert default_profile_shapes(Shape(1, 64))[-1] == Shape(1, 128)  # from the grid's batch 2
+
+
+def test_stage_times_scaled_to_unmarked_steps_and_rungs_past_positions_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The built-in GPT's position table ends at the sample's seq and it has no config: the
+    default rungs at longer seqs fail and are left out with a warning. Every profiled shape's
+    times are scaled to the plain step timed there in rounds; the model is left as it was."""
+    model, sample = gpt(layers=2, width=32, heads=2, vocab=64, seq=32, batch=4)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.WARNING, logger="memfit.shape_profiles"):
+        shaped = memfit.profile_shapes(model, sample, repeats=1)
+    assert sorted(shaped.fitted.shapes) == [Shape(b, s) for b in (2, 4) for s in (4, 8, 16, 32)]
+    assert "shape 2 x 64 left out" in caplog.text and "shape 1 x 128 left out" in caplog.text
+    assert set(shaped.calibration) == set(shaped.fitted.shapes)
+    # the hooks cost time, the steps are the same: the scale stays near one on any load
+    assert all(0.3 < factor < 3.0 for factor in shaped.calibration.values())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(IndexError):  # asked for by name, a shape that fails still raises
+        memfit.profile_shapes(model, sample, shapes=[(4, 32), (2, 32), (1, 64)], repeats=1)

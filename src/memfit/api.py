@@ -227,6 +227,7 @@ def auto(
     seq_range: tuple[int, int] | None = None,
     bucket: int = 64,
     margin: float = 0.02,
+    round_batch: bool = False,
     **profile_options: Any,
 ) -> Plan:
     """Profile, plan and apply in one call; returns the plan applied.
@@ -259,6 +260,9 @@ def auto(
         margin: with ``shapes="dynamic"``, plans are made for ``1 - margin`` of the budget's
             activation share, for what the shape fits miss (widened on CUDA when a step peaks
             above its prediction).
+        round_batch: with ``shapes="dynamic"``, round batch sizes up to the sample's batch
+            times a power of two (one plan for sizes 17-24 at a sample of 24; default: a plan
+            per batch size, see :class:`~memfit.runtime.dynamic.ShapePlans`).
         **profile_options: passed to :func:`profile` (and to :func:`memfit.profile_shapes`
             with ``shapes="dynamic"``: ``shapes_profiled=[(1, 64), ...]``, or
             ``shape_profile=`` a :class:`~memfit.ShapeProfile` made before, to reuse), e.g.
@@ -293,6 +297,7 @@ def auto(
             seq_range=seq_range,
             bucket=bucket,
             margin=margin,
+            round_batch=round_batch,
             **profile_options,
         )
     if seq_range is not None:

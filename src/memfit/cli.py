@@ -179,12 +179,22 @@ def _sizes_list(text: str) -> list[int]:
 
 def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
     import memfit
+    from memfit.measuring.shapes import resize_sample, sample_layout
     from memfit.report.tables import estimate_table
+    from memfit.targets import load_target
     from memfit.units import format_bytes, parse_budget
 
     if args.budget is not None:
         _usage(parse_budget, args.budget)
     model, sample = _load(args.target, args)
+    layout = sample_layout(sample)
+    longest = max(args.shape_seq or [0])
+    if ".py:" not in args.target and layout.has_seq and longest > layout.shape.seq:
+        # built-in and hf:* targets size their position table by their sample's seq: built for
+        # the longest seq asked (as a model trained there is), so that the profile's longer
+        # seqs can run; the sample keeps the target's own size
+        model, big = _usage(load_target, args.target, {**_size_options(args), "seq": longest})
+        sample = resize_sample(big, layout.shape)
     shapes: dict[str, list[int]] = {}
     if args.shape_seq:
         shapes["seq"] = args.shape_seq

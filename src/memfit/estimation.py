@@ -1,17 +1,15 @@
-"""``memfit.estimate``: peak memory and step time at shapes never run, from profiles at a few.
+"""``memfit.estimate``: peak memory and step time at shapes never run, from profiles at a few;
+and ``memfit.auto(..., shapes="dynamic")``.
 
-The model is profiled (:func:`memfit.profile`) at a few small shapes made from the sample
-(:mod:`memfit.measuring.shapes`: rows taken in turn, sequence positions spread); every figure of
-the chain's costs is fitted as a function of ``(batch, seq)`` (:mod:`memfit.planning.shapes`);
-an estimate at a new shape is the simulator and the planner run on the fitted costs there.
+The model is profiled at a few shapes made from the sample and its costs fitted to the shape
+(:func:`memfit.shape_profiles.profile_shapes`); an estimate at a new shape is the simulator and
+the planner run on the fitted costs there.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,193 +17,35 @@ from torch import nn
 
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
-from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout
+from memfit.measuring.shapes import resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
-from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import (
-    Shape,
-    ShapeCosts,
-    fit_shapes,
-    largest_shape,
-    plan_shape,
-    scale_seconds,
-)
+from memfit.planning.shapes import Shape, largest_shape, plan_shape
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
-from memfit.profiling import profile
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
+from memfit.shape_profiles import (
+    ShapeProfile,
+    ShapesArg,
+    default_profile_shapes,
+    parse_shapes,
+    position_limit,
+    profile_shapes,
+)
 from memfit.units import Budget, parse_budget
 
 logger = logging.getLogger(__name__)
 
-ShapesArg = Mapping[str, int | Sequence[int]] | Iterable[Shape | tuple[int, int]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShapeProfile:
-    """A model profiled at several shapes, with its costs fitted as functions of the shape.
-
-    Attributes:
-        fitted: the fits (:class:`~memfit.planning.shapes.ShapeCosts`).
-        layout: where the sample's batch and sequence axes are.
-        keep_output, accumulate: the training loop profiled (as in :func:`memfit.profile`).
-        profile_s: seconds spent profiling.
-        wall_per_cpu: the wall / CPU seconds factor every profile's times were put on (the
-            median of the profiles' own: other processes' load moves it between shapes).
-    """
-
-    fitted: ShapeCosts
-    layout: SampleLayout
-    keep_output: bool = True
-    accumulate: bool = False
-    profile_s: float = 0.0
-    wall_per_cpu: float = 1.0
-
-
-def default_profile_shapes(shape: Shape) -> list[Shape]:
-    """The shapes profiled by default, from the sample's own ``shape``: batches ``B/2`` and
-    ``B`` (``1`` and ``2`` for a batch of one) by seqs ``S/8``, ``S/4``, ``S/2``, ``S``; without a
-    sequence axis, batches ``B/4``, ``B/2``, ``3B/4``, ``B`` (more when ``B`` is small)."""
-    batch, seq = shape.batch, shape.seq
-    if not seq:
-        sizes = sorted({max(1, batch * k // 4) for k in (1, 2, 3, 4)} | {batch})
-        while len(sizes) < 4:
-            sizes.append(sizes[-1] + batch)
-        return [Shape(b, 0) for b in sizes]
-    batches = sorted({max(1, batch // 2), batch}) if batch > 1 else [1, 2]
-    seqs = sorted({max(1, seq // 8), max(1, seq // 4), max(1, seq // 2), seq})
-    return [Shape(b, s) for b in batches for s in seqs]
-
-
-def _option_names(prof: Any) -> list[str]:
-    names = {name for stage in prof.costs.stages for name in stage.options}
-    return sorted(names - {KEEP})
-
-
-def profile_shapes(
-    model: nn.Module,
-    sample: Any,
-    *,
-    shapes: Iterable[Shape | tuple[int, int]] | None = None,
-    **profile_options: Any,
-) -> ShapeProfile:
-    """Profile ``model`` at a few shapes made from ``sample`` and fit its costs to the shape.
-
-    Args:
-        model: the model, in training mode.
-        sample: a tuple of positional or a dict of keyword arguments; its batch is dim 0 of
-            its tensors, its sequence dim 1 of its token ids (see :mod:`memfit.measuring.shapes`).
-        shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
-            (eight shapes up to the sample's own). At least two; five or more give the fits'
-            extrapolation check. Shapes larger than the sample repeat its rows and positions.
-        **profile_options: passed to :func:`memfit.profile` (``keep_output``,
-            ``accumulate``, ``repeats``, ``loss_fn``, ...). ``options`` defaults to ``()``
-            here (keep and recompute: a quick profile per shape); ``options="auto"`` adds
-            rebuild and selective options, chosen at the largest shape and measured at every
-            shape (several times slower).
-
-    Returns:
-        A :class:`ShapeProfile`.
-
-    Raises:
-        ValueError: the sample has no batch axis, or shapes ask for a sequence it lacks.
-
-    Example:
-        >>> shaped = memfit.profile_shapes(model, {"input_ids": ids, "labels": ids})
-        >>> shaped.fitted.summary()["holdout_error"]
-    """
-    layout = sample_layout(sample)
-    chosen = default_profile_shapes(layout.shape) if shapes is None else _shapes(shapes, layout)
-    if len(set(chosen)) < 2:
-        raise ValueError(f"profile shapes need two distinct shapes at least; got {chosen}")
-    order = sorted(set(chosen), key=lambda s: (s.tokens, s.seq), reverse=True)
-    started = time.perf_counter()
-    profiles = {}
-    options = profile_options.pop("options", ())
-    repeats = int(profile_options.pop("repeats", 3))
-    for shape in order:  # the largest first: its options are measured at every shape
-        # the larger shapes carry the time fits' slope: twice the timed steps there
-        twice = 2 * shape.tokens >= order[0].tokens
-        prof = profile(
-            model,
-            resize_sample(sample, shape, layout),
-            options=options,
-            repeats=2 * repeats if twice else repeats,
-            **profile_options,
-        )
-        if isinstance(options, str):
-            options = _option_names(prof)
-        profiles[shape] = prof
-    shapes_ = list(profiles)
-    # each profile turned CPU seconds into wall seconds by its own wall/CPU factor, which
-    # other processes' load moves from shape to shape: one factor (the median) for all
-    factors = {s: float(profiles[s].info.get("wall_per_cpu", 1.0)) for s in shapes_}
-    common = statistics.median(factors.values())
-    fitted = fit_shapes(
-        shapes_, [scale_seconds(profiles[s].costs, common / factors[s]) for s in shapes_]
-    )
-    measured = profiles[order[0]].measurement
-    return ShapeProfile(
-        fitted=fitted,
-        layout=layout,
-        keep_output=measured.keep_output,
-        accumulate=measured.accumulate,
-        profile_s=time.perf_counter() - started,
-        wall_per_cpu=common,
-    )
-
-
-def _shapes(shapes: ShapesArg, layout: SampleLayout) -> list[Shape]:
-    """Shapes from ``[(batch, seq), ...]`` or ``{"batch": 8, "seq": [512, 1024]}``."""
-    if isinstance(shapes, Mapping):
-        unknown = sorted(set(shapes) - {"batch", "seq"})
-        if unknown:
-            raise ValueError(
-                f"shapes as a dict takes the keys 'batch' and 'seq' (an int or a list each); "
-                f"got {unknown}"
-            )
-
-        def sizes(key: str, default: int) -> list[int]:
-            value = shapes.get(key, default)
-            return [value] if isinstance(value, int) else list(value)
-
-        pairs: list[Any] = [
-            (b, s)
-            for b in sizes("batch", layout.shape.batch)
-            for s in sizes("seq", layout.shape.seq)
-        ]
-    else:
-        pairs = list(shapes)
-    out = []
-    for pair in pairs:
-        if isinstance(pair, Shape):
-            out.append(pair)
-            continue
-        if not (
-            isinstance(pair, tuple | list)
-            and len(pair) == 2
-            and all(isinstance(n, int) and not isinstance(n, bool) for n in pair)
-        ):
-            raise ValueError(
-                f"a shape is a (batch, seq) pair of ints, e.g. (8, 1024); got {pair!r}"
-            )
-        out.append(Shape(int(pair[0]), int(pair[1])))
-    for shape in out:
-        if shape.seq and not layout.has_seq:
-            raise ValueError(
-                f"shape {shape} asks for a sequence length, but the sample has no sequence "
-                f"axis (expected token ids of shape (batch, seq)); give (batch, 0)"
-            )
-        if not shape.seq and layout.has_seq:
-            raise ValueError(
-                f"shape {shape} has no sequence length; the sample's tokens are "
-                f"{layout.shape.seq} long: give (batch, seq) with seq >= 1"
-            )
-    if not out:
-        raise ValueError("shapes is empty; give (batch, seq) pairs such as [(8, 1024)]")
-    return out
+__all__ = [
+    "Estimate",
+    "ShapeEstimate",
+    "ShapeProfile",
+    "auto_dynamic",
+    "default_profile_shapes",
+    "estimate",
+    "profile_shapes",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,7 +154,8 @@ def estimate(
         strategy: the planner's strategy (``optimal``, ``all``, ...).
         largest: ``"seq"`` or ``"batch"``: also find the largest seq (at the first shape's
             batch) or batch (at its seq) whose smallest feasible peak fits ``budget`` (bytes).
-        profile_at: the shapes to profile (default :func:`default_profile_shapes`).
+        profile_at: the shapes to profile (default :func:`default_profile_shapes`, its
+            ladder of longer seqs going on towards the longest seq in ``shapes``).
         **profile_options: passed to :func:`memfit.profile`.
 
     Returns:
@@ -344,15 +185,17 @@ def estimate(
         if sample is None:
             raise TypeError("memfit.estimate(model, sample, shapes=...) needs the sample")
         # checked before anything is profiled
-        _shapes(shapes, sample_layout(sample))
-        shaped = profile_shapes(model, sample, shapes=profile_at, **profile_options)
+        longest = max(s.seq for s in parse_shapes(shapes, sample_layout(sample)))
+        shaped = profile_shapes(
+            model, sample, shapes=profile_at, longest_seq=longest, **profile_options
+        )
     else:
         raise TypeError(
             f"memfit.estimate takes a model or a ShapeProfile; got {type(model).__name__}"
         )
     fitted = shaped.fitted
     rows = []
-    for shape in _shapes(shapes, shaped.layout):
+    for shape in parse_shapes(shapes, shaped.layout):
         costs = fitted.costs_at(shape)
         plain = simulate(costs, keep_all(costs))
         chosen = None
@@ -411,6 +254,7 @@ def auto_dynamic(
     seq_range: tuple[int, int] | None = None,
     bucket: int = 64,
     margin: float = 0.02,
+    round_batch: bool = False,
     shapes_profiled: Iterable[Shape | tuple[int, int]] | None = None,
     shape_profile: ShapeProfile | None = None,
     **profile_options: Any,
@@ -444,8 +288,10 @@ def auto_dynamic(
             # a batch-1 probe at the longest seq: a peak that a seq² op sets only at long
             # lengths (eager attention's scores) loses at every grid shape, and the fits would
             # miss it; at batch 1 the probe costs a fraction of the longest batch
+            # (the default rungs stop there too: no plan is asked for beyond it)
+            limit = min(n for n in (position_limit(model), seq_range[1]) if n is not None)
             shapes_profiled = [
-                *default_profile_shapes(layout.shape),
+                *default_profile_shapes(layout.shape, max_seq=limit),
                 Shape(1, seq_range[1]),
             ]
         shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
@@ -458,6 +304,7 @@ def auto_dynamic(
         strategy=strategy,
         bucket=bucket,
         margin=margin,
+        round_batch=round_batch,
         keep_output=shaped.keep_output,
         accumulate=shaped.accumulate,
     )

@@ -20,7 +20,7 @@ from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ra
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.chain import Chain, find_chain
-from memfit.measuring.offload import host_bandwidth, saved_activation_bytes
+from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
     draws_random,
@@ -489,12 +489,16 @@ def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) 
         return dataclasses.replace(result, info={**result.info, "notes": notes})
     blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
     args, kwargs = split_sample(sample)
-    moved: dict[int, int] = {}
+    saved = SavedActivations(offload_bytes={}, inputs_stay=frozenset())
     if "compile" not in result.info:  # hooks cannot see inside compiled blocks: inputs only
         with planned(model, chain, _every_block(chain, KEEP)):
-            moved = saved_activation_bytes(blocks, lambda: model(*args, **kwargs))
+            saved = saved_activations(blocks, lambda: model(*args, **kwargs))
     stages = [
-        dataclasses.replace(stage, offload_bytes=moved.get(index, 0))
+        dataclasses.replace(
+            stage,
+            offload_bytes=saved.offload_bytes.get(index, 0),
+            input_offloadable=index not in saved.inputs_stay,
+        )
         for index, stage in enumerate(result.costs.stages)
     ]
     costs = dataclasses.replace(

@@ -9,7 +9,7 @@ from torch import nn
 import memfit
 from memfit.measuring import offload as offload_module
 from memfit.measuring.chain import find_chain
-from memfit.measuring.offload import saved_activation_bytes
+from memfit.measuring.offload import saved_activation_bytes, saved_activations
 from memfit.models import build
 from memfit.planning.offload import OFFLOAD
 
@@ -21,11 +21,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # linear saves x (the block's input); tanh saves its output (the block's output, which
-        # the next block holds: not counted); the weight is a parameter (never moved)
+        # the next block holds: not counted, and the next block's input, which this block holds:
+        # not counted there either); the weight is a parameter (never moved)
         return torch.tanh(self.linear(x))
 
 
-def test_saved_activation_bytes_count_inputs_not_outputs_or_weights(
+def test_saved_activation_bytes_count_what_offload_frees(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
@@ -34,7 +35,21 @@ def test_saved_activation_bytes_count_inputs_not_outputs_or_weights(
     chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
     blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
     moved = saved_activation_bytes(blocks, lambda: model(x))  # type: ignore[arg-type]
-    assert moved == {1: 32 * 64 * 4, 2: 32 * 64 * 4}
+    # block 1's input comes from a linear (which saves its own input): only block 1 holds it;
+    # block 2's input is block 1's tanh output, which block 1 keeps on the device
+    assert moved == {1: 32 * 64 * 4, 2: 0}
+
+
+def test_inputs_another_block_saves_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offloading a segment's input frees nothing when the block before saves it (its tanh
+    output): the copy back would only add to the peak."""
+    monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
+    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
+    x = torch.randn(32, 64)
+    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
+    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
+    saved = saved_activations(blocks, lambda: model(x))  # type: ignore[arg-type]
+    assert saved.inputs_stay == {2}
 
 
 def test_tiny_tensors_are_not_counted() -> None:

@@ -61,3 +61,18 @@ def test_bad_samples_say_what_was_expected() -> None:
     layout = sample_layout(hf_sample())
     with pytest.raises(ValueError, match="reads each batch's shape from 'input_ids'"):
         batch_shape((), {"inputs_embeds": torch.zeros(2, 8, 4)}, layout)
+
+
+def test_step_seconds_at_every_shape_leaves_gradients() -> None:
+    from memfit.measuring.shapes import step_seconds_at
+    from memfit.models import gpt
+
+    model, sample = gpt(layers=2, width=32, heads=2, vocab=64, seq=32, batch=2)
+    model(*sample).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    shapes = [Shape(1, 16), Shape(2, 32)]
+    seconds = step_seconds_at(model, {s: resize_sample(sample, s) for s in shapes}, rounds=3)
+    assert list(seconds) == shapes and all(value > 0 for value in seconds.values())
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="rounds"):
+        step_seconds_at(model, {shapes[0]: sample}, rounds=0)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from plan_strategies import UNIT, all_trees, chains
 
 from memfit.errors import InfeasibleBudgetError
+from memfit.planning import baselines
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.offload import (
     OFFLOAD,
@@ -170,6 +171,62 @@ def test_host_budget_is_respected() -> None:
         return
     assert host_bytes(costs, solution.tree) <= 4
     assert solution.simulation.peak_bytes <= budget
+
+
+def test_host_budget_rounds_do_not_leak_into_later_budgets() -> None:
+    """A budget whose tree had to give up offloads (host budget) leaves the planner as it was:
+    the frontier solves many budgets with one planner."""
+    costs = block_chain(blocks=6, rate=100.0, activation=4)
+    planner = Planner(costs, host_budget_bytes=16)
+    planner.solve(Planner(costs).floor_simulation.peak_bytes)  # drops offloads to fit 16
+    for budget in (39, 49):
+        fresh = Planner(costs, host_budget_bytes=16).solve(budget)
+        assert planner.solve(budget).simulation.step_s == fresh.simulation.step_s
+
+
+def test_offloaded_inputs_are_found_near_the_floor() -> None:
+    """The full menu's in-flight reserve is a block's offloadable bytes (3 here, an input 1):
+    near the floor it leaves the DP no room, and the inputs-only DP (reserve: one input) finds
+    what every block recomputed with its input offloaded gives, or better."""
+    costs = block_chain(blocks=8, rate=1.0, moved=3, activation=1)
+    every = baselines.recompute_all_offload(costs)
+    for budget in (12, 13):
+        assert simulate(costs, every).peak_bytes <= budget
+        solution = Planner(costs).solve(budget)
+        assert solution.simulation.peak_bytes <= budget
+        assert solution.simulation.step_s <= simulate(costs, every).step_s
+
+
+def test_inputs_that_stay_are_never_offloaded() -> None:
+    """A block whose input the block before saves too (not ``input_offloadable``): offloading it would
+    free nothing, so no tree offloads it and the simulator refuses one that does."""
+    costs = block_chain(blocks=4, rate=100.0, activation=4)
+    stays = dataclasses.replace(
+        costs,
+        stages=[
+            dataclasses.replace(stage, input_offloadable=index not in (2, 3))
+            for index, stage in enumerate(costs.stages)
+        ],
+    )
+    with pytest.raises(ValueError, match="stays on the device"):
+        simulate(
+            stays,
+            (
+                Stage(0),
+                Stage(1),
+                Segment(2, 3, (Stage(2),), offload=True),
+                *[Stage(i) for i in (3, 4, 5)],
+            ),
+        )
+    every = baselines.recompute_all_offload(stays)
+    assert [item.start for item in every if isinstance(item, Segment) and item.offload] == [1, 4]
+    planner = Planner(stays)
+    for budget in range(planner.floor_simulation.peak_bytes, 40):
+        tree = planner.solve(budget).tree
+        simulate(stays, tree)  # valid: no offloaded input that stays
+        assert not any(
+            isinstance(item, Segment) and item.offload and item.start in (2, 3) for item in tree
+        )
 
 
 # ---- brute force on small chains --------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shape fits on synthetic chains (pure numbers): exact bases recovered, peaks with a branch
-change fitted on the larger shapes, seconds non-negative, trust and the largest shape."""
+change fitted on the larger shapes, seconds non-negative with attention's seq² term and their
+extrapolation check, trust and the largest shape."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from memfit.planning.shapes import (
     fit_bytes,
     fit_seconds,
     fit_shapes,
+    fit_with_probes,
     largest_shape,
     plan_shape,
+    probes,
+    seconds_basis,
 )
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
@@ -104,6 +108,70 @@ def test_options_and_flags_common_to_every_shape() -> None:
     assert list(fitted.template.stages[2].options) == [KEEP]
     with pytest.raises(ValueError, match="chain differs"):
         fit_shapes(GRID, [*profiles[:5], uniform_chain(3)])
+
+
+# the default profile shapes for a 2 x 64 sample: a grid and the sample's tokens at 2x the seq
+LADDER = [*(Shape(b, s) for b in (1, 2) for s in (8, 16, 32, 64)), Shape(1, 128)]
+
+
+def timed_chain_at(shape: Shape):
+    """A uniform chain whose stage times are ``1 ms + tokens·1 µs + batch·seq²·10 ns``."""
+    seconds = 1e-3 + 1e-6 * shape.tokens + 1e-8 * shape.batch * shape.seq**2
+    costs = chain_at(shape)
+    stages = [
+        replace(
+            stage,
+            options={
+                name: replace(option, forward_s=seconds, backward_s=2 * seconds)
+                for name, option in stage.options.items()
+            },
+        )
+        for stage in costs.stages
+    ]
+    return replace(costs, stages=stages)
+
+
+def test_time_fits_carry_attention_seq_squared_term() -> None:
+    fitted = fit_shapes(LADDER, [timed_chain_at(s) for s in LADDER])
+    assert fitted.info["time_basis"] == "1 + tokens + batch·seq²"
+    assert fitted.time_holdout_error == pytest.approx(0.0, abs=1e-9)
+    assert fitted.time_trust(Shape(2, 256)) == []
+    for shape in (Shape(4, 128), Shape(2, 256), Shape(1, 512)):
+        truth = timed_chain_at(shape)
+        predicted = fitted.costs_at(shape)
+        expected = simulate(truth, keep_all(truth)).step_s
+        assert simulate(predicted, keep_all(predicted)).step_s == pytest.approx(expected)
+
+
+def test_time_basis_is_linear_with_one_seq_and_checked_on_the_longest() -> None:
+    batches = [Shape(b, 64) for b in (1, 2, 3, 4, 6)]
+    assert seconds_basis(batches, [0.001 * s.tokens for s in batches]) == (
+        ("1", "tokens"),
+        pytest.approx(0.0, abs=1e-9),
+    )
+    # a step 30% slower at the longest seq than any fit of the others can say: flagged
+    totals = [1e-5 + 1e-6 * s.tokens * (1.3 if s.seq == 128 else 1.0) for s in LADDER]
+    basis, miss = seconds_basis(LADDER, totals)
+    assert basis == ("1", "tokens", "batch·seq²") and miss is not None and miss < -0.15
+    assert seconds_basis(LADDER[:4], totals[:4])[1] is None  # fewer than five shapes
+
+
+def test_equal_token_shapes_do_not_stand_in_for_a_token_term() -> None:
+    # the ladder's top shapes share the sample's tokens: a constant fits them exactly
+    held = [278_900 + 24 * s.tokens for s in LADDER]
+    fit = fit_bytes(LADDER, held)
+    assert fit.exact and fit.features == ("1", "tokens")
+    assert round(fit(Shape(16, 64))) == 278_900 + 24 * 16 * 64
+
+
+def test_long_probe_term_starts_at_the_grid_seq() -> None:
+    # a peak: the grid's per-token branch, or beyond some length the scores' gradient
+    values = [max(400 * s.tokens, 6 * s.batch * s.seq**2) for s in LADDER]
+    fit = fit_with_probes(LADDER, values, probes(LADDER))
+    assert fit.long_branch and fit.long_from_seq == 64
+    assert fit(Shape(16, 64)) == pytest.approx(400 * 16 * 64)  # nothing added up to the grid's seq
+    for shape in (Shape(2, 96), Shape(1, 128), Shape(4, 100)):  # an upper bound up to the probe
+        assert fit(shape) >= max(400 * shape.tokens, 6 * shape.batch * shape.seq**2)
 
 
 def test_offload_bytes_are_fitted_too() -> None:

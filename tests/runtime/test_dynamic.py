@@ -25,7 +25,7 @@ from memfit.planning.shapes import Shape
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime import applied_plan
-from memfit.runtime.dynamic import shape_plans
+from memfit.runtime.dynamic import batch_bucket, shape_plans
 from memfit.verification import mismatched_gradients, seeded_gradients
 
 STREAM = [16, 128, 40, 96, 16, 128]
@@ -165,5 +165,28 @@ def test_seq_range_probes_the_longest_seq() -> None:
             peak = memfit.measure(model, batch, repeats=1, warmup=0).peak_bytes
             assert peak <= budget, (seq, peak, budget)
             assert plans.steps[-1].predicted_peak_bytes >= 0.95 * peak
+    finally:
+        memfit.remove(model)
+
+
+def test_batch_sizes_round_to_the_sample_batch_times_a_power_of_two(shaped_gpt2) -> None:
+    assert [batch_bucket(b, 24) for b in (1, 5, 12, 13, 24, 25, 49)] == [1, 6, 12, 24, 24, 48, 96]
+    with pytest.raises(ValueError, match="batch sizes"):
+        batch_bucket(0, 24)
+    model, sample, shaped, budget = shaped_gpt2
+    twin = copy.deepcopy(model)
+    memfit.auto(
+        model, sample, budget=budget, shapes="dynamic", bucket=32, shape_profile=shaped,
+        round_batch=True,
+    )  # fmt: skip
+    try:
+        for step, batch in enumerate([3, 4, 1, 3, 2, 4]):
+            assert_same_step(model, twin, resize_sample(sample, Shape(batch, 64)), seed=step)
+        plans = shape_plans(model)
+        assert plans is not None
+        # the sample's batch 2 is a bucket; 3 and 4 share one plan, made for 4
+        assert set(plans.plans) == {Shape(2, 128), Shape(4, 64), Shape(1, 64), Shape(2, 64)}
+        assert [s.bucket.batch for s in plans.steps[-6:]] == [4, 4, 1, 4, 2, 4]
+        assert all(s.predicted_peak_bytes <= budget for s in plans.steps)
     finally:
         memfit.remove(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from memfit.planning.costs import ChainCosts
+from memfit.planning.offload import offloads_input
 from memfit.planning.plan import Item, Segment, Stage, Tree, keep_tree, recompute_one
 
 
@@ -112,11 +113,12 @@ def sqrt_segments(costs: ChainCosts) -> Tree:
     return tuple(items)
 
 
-def offloaded(tree: Tree) -> Tree:
-    """``tree`` with every top-level segment's input offloaded."""
+def offloaded(costs: ChainCosts, tree: Tree) -> Tree:
+    """``tree`` with every top-level segment's input offloaded (where it may be: see
+    :func:`~memfit.planning.offload.offloads_input`)."""
     return tuple(
         Segment(item.start, item.stop, item.inner, offload=True)
-        if isinstance(item, Segment)
+        if isinstance(item, Segment) and offloads_input(costs, item.start)
         else item
         for item in tree
     )
@@ -133,4 +135,4 @@ def recompute_all_offload(costs: ChainCosts) -> Tree:
             "strategy 'all+offload' moves block inputs from a CUDA device to host memory; "
             "this profile has none (a model on the CPU): use 'all'"
         )
-    return offloaded(recompute_all(costs))
+    return offloaded(costs, recompute_all(costs))

@@ -96,6 +96,9 @@ class StageCosts:
         offload_bytes: bytes of the tensors the stage's forward saves that the ``offload``
             option moves to host memory (activations only: not parameters, tiny or broadcast
             tensors, nor the stage's output, which the next stage holds); 0: not offloadable.
+        input_offloadable: whether a segment that starts here may offload its main input:
+            false where the input would stay on the device because something else saves it
+            too (the block before, when it ends in ``tanh`` or ``ReLU``, saves its output).
     """
 
     name: str
@@ -108,6 +111,7 @@ class StageCosts:
     joins_previous: bool = True
     tail_bytes: int = 0
     offload_bytes: int = 0
+    input_offloadable: bool = True
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:

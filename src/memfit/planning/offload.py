@@ -105,6 +105,13 @@ def without_offload(costs: ChainCosts) -> ChainCosts:
     return replace(costs, stages=stages, host_bytes_per_s=0.0)
 
 
+def offloads_input(costs: ChainCosts, index: int) -> bool:
+    """Whether a segment starting at stage ``index`` may offload its input (a block whose
+    input nothing else keeps on the device)."""
+    stage = costs.stages[index]
+    return costs.host_bytes_per_s > 0 and stage.checkpointable and stage.input_offloadable
+
+
 def offloads(costs: ChainCosts) -> bool:
     """Whether any offload is possible on this chain."""
     return costs.host_bytes_per_s > 0 and any(stage.checkpointable for stage in costs.stages)
@@ -128,8 +135,8 @@ def in_flight_bytes(costs: ChainCosts) -> int:
     if not offloads(costs):
         return 0
     largest = 0
-    for stage in costs.stages:
-        if stage.checkpointable:
+    for index, stage in enumerate(costs.stages):
+        if offloads_input(costs, index):
             largest = max(largest, stage.input_bytes)
         if OFFLOAD in stage.options:
             largest = max(largest, stage.offload_bytes)

@@ -87,6 +87,7 @@ from memfit.planning.offload import (
     in_flight_bytes,
     is_offload,
     offloads,
+    offloads_input,
     runs_ahead,
     without_offload,
 )
@@ -179,8 +180,8 @@ def offload_floor_trees(costs: ChainCosts, floor_tree: Tree) -> dict[str, Tree]:
     its top-level segments' inputs offloaded, and every block recomputed with its input
     offloaded."""
     return {
-        "min-peak+offload": baselines.offloaded(floor_tree),
-        "all+offload": baselines.offloaded(baselines.recompute_all(costs)),
+        "min-peak+offload": baselines.offloaded(costs, floor_tree),
+        "all+offload": baselines.offloaded(costs, baselines.recompute_all(costs)),
     }
 
 
@@ -278,13 +279,15 @@ class Planner:
         budget: where the first tree holds too much host memory, the stages it offloads are
         taken out of the menu one at a time, last first (a few rounds at most)."""
         costs = self.costs
-        allowed = frozenset(i for i, stage in enumerate(costs.stages) if stage.checkpointable)
+        allowed = frozenset(i for i in range(len(costs.stages)) if offloads_input(costs, i))
+        # a round's smaller menu holds for this budget only: the planner serves many budgets
+        arrays, tables = self.offload_arrays, self.offload_tables
         trees: dict[str, Tree] = {}
         for round_ in range(4):
-            rows = offload_rows(costs, self.offload_arrays, allowed)
+            rows = offload_rows(costs, arrays, allowed)
             found = solve_top(
-                self.offload_arrays,
-                self.offload_tables,
+                arrays,
+                tables,
                 dp_budget - self.in_flight,
                 np.zeros(len(costs.stages) + 1, dtype=np.int64),  # the min-peak DP cannot offload
                 self.max_states,
@@ -301,11 +304,27 @@ class Planner:
             start = last.start if isinstance(last, Segment) else last.index
             allowed -= {start}
             costs = _drop_option(costs, start)
-            self.offload_arrays = ChainArrays(costs, self.offload_arrays.cap)
-            self.offload_tables = segment_tables(
-                self.offload_arrays, unit_bytes(costs), self.tables.slots
-            )
+            arrays = ChainArrays(costs, arrays.cap)
+            tables = segment_tables(arrays, unit_bytes(costs), self.tables.slots)
         return trees
+
+    def _input_offload_tree(self, dp_budget: int) -> dict[str, Tree]:
+        """The DP with segment inputs as the only offload: one item then has at most the
+        largest block input in flight, where the full menu's reserve is the largest block's
+        saved bytes, about what separates the floor from a budget that fits one more kept
+        block, so that near the floor the full DP finds nothing."""
+        costs = self.costs
+        allowed = frozenset(i for i in range(len(costs.stages)) if offloads_input(costs, i))
+        reserve = max((costs.stages[i].input_bytes for i in allowed), default=0)
+        found = solve_top(
+            self.arrays,
+            self.tables,
+            dp_budget - reserve,
+            np.zeros(len(costs.stages) + 1, dtype=np.int64),
+            self.max_states,
+            offload=offload_rows(costs, self.arrays, allowed),
+        )
+        return {} if found is None else {"dp+inputs-offload": found[0]}
 
     def solve(self, budget_bytes: int) -> Solution:
         """The fastest tree whose simulated peak fits ``budget_bytes``.
@@ -340,6 +359,7 @@ class Planner:
         trees = {} if found is None else {"dp": found[0]}
         if self.offload:
             trees.update(self._offload_trees(dp_budget))
+            trees.update(self._input_offload_tree(dp_budget))
         trees.update({name: make() for name, make in _fallbacks(costs, self.floor_tree).items()})
         simulations = {name: simulate(costs, tree) for name, tree in trees.items()}
         fits = [

@@ -14,8 +14,8 @@ a basis chosen per figure from a few features:
   larger shapes only (the branch that holds further out), and failing that by least squares
   over ``1, tokens, batch·seq²``, marked inexact;
 * seconds: non-negative least squares (all coefficients >= 0, so that no time goes negative
-  out of range) over the basis chosen, among subsets of ``1, tokens, batch·seq²``, for the
-  plain step's total time (a larger basis must halve the residual: times are noisy).
+  out of range) over ``1, tokens, batch·seq²`` (``1, tokens`` with one seq), checked on the
+  plain step's total by extrapolation (:func:`seconds_basis`).
 
 :class:`ShapeCosts` holds the fits and gives a synthetic ``ChainCosts`` at any shape
 (:meth:`ShapeCosts.costs_at`), which the simulator and every solver read as they read measured
@@ -99,8 +99,10 @@ class Fit:
         residual: the largest absolute residual over the shapes it was fitted on.
         scale: the largest absolute value it was fitted on (to read the residual against).
         points: how many profiled shapes it was fitted on (the larger ones when fewer than all).
-        long_branch: a ``batch·seq²`` term was added to reach long probes (see
-            :func:`fit_with_probes`): the fit is then an upper bound at the shorter shapes.
+        long_coefficient, long_from_seq: a term ``long_coefficient·batch·(seq² -
+            long_from_seq²)`` beyond ``long_from_seq`` (nothing below it), added to reach
+            long probes (see :func:`fit_with_probes`): the fit is then an upper bound between
+            the grid's longest seq and the probe's.
     """
 
     features: tuple[str, ...]
@@ -109,13 +111,22 @@ class Fit:
     residual: float
     scale: float
     points: int
-    long_branch: bool = False
+    long_coefficient: float = 0.0
+    long_from_seq: int = 0
 
     def __call__(self, shape: Shape) -> float:
-        return sum(
+        value = sum(
             c * FEATURES[f](shape.batch, shape.seq)
             for f, c in zip(self.features, self.coefficients, strict=True)
         )
+        if self.long_coefficient and shape.seq > self.long_from_seq:
+            value += self.long_coefficient * shape.batch * (shape.seq**2 - self.long_from_seq**2)
+        return value
+
+    @property
+    def long_branch(self) -> bool:
+        """A long-probe term was added (:func:`fit_with_probes`)."""
+        return self.long_coefficient > 0
 
     @property
     def relative_residual(self) -> float:
@@ -128,6 +139,8 @@ class Fit:
             for f, c in zip(self.features, self.coefficients, strict=True)
             if c
         ]
+        if self.long_branch:
+            terms.append(f"{self.long_coefficient:.4g}·batch·(seq² - {self.long_from_seq}²)⁺")
         return " + ".join(terms) or "0"
 
 
@@ -189,6 +202,13 @@ def fit_bytes(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
             kept, kept_values = ordered[drop:], array[drop:]
             if len(set(kept)) < size + CHECKS:
                 break
+            if drop and len({s.tokens for s in kept}) <= size:
+                # larger shapes of few token counts (the default shapes' ladder holds the
+                # sample's tokens at every rung) check no token term: measured, a constant
+                # over the three 256-token shapes of a BERT config's 4 x 64 profile stood in
+                # for its held bytes, 278,900 + 24·tokens (18 KB low at 16 x 64), and for
+                # two peaks of its embedding and head (plans at 16 x 64 then +10% high)
+                continue
             for features in itertools.combinations(BYTES_FEATURES, size):
                 coefficients, residual = _lstsq(kept, kept_values, features)
                 if residual <= tolerance:
@@ -235,10 +255,16 @@ def fit_with_probes(shapes: Sequence[Shape], values: Sequence[float], long: Sequ
     A peak is a maximum over a stage's events, and the event that wins at long sequences (the
     attention scores' gradient, ``batch·seq²``) may lose at every grid shape: the grid's fit
     then misses it. Where one exact basis holds for grid and probes alike, that is the fit;
-    else the grid's fit plus ``c·batch·seq²``, with ``c`` the largest excess at a probe over
-    its ``batch·seq²``. The added term is an upper bound up to the probe's seq (the long
-    branch's excess grows at most as ``batch·seq²`` where the branches differ by per-sample
-    terms), and it lifts the short shapes by little (``(s / S)²`` of the excess).
+    else the grid's fit plus ``c·batch·(seq² - G²)`` beyond the grid's longest seq ``G``
+    (nothing up to it, where the grid's fit holds), with ``c`` the largest excess at a probe
+    over its ``batch·(seq² - G²)``. Between ``G`` and the probe's seq ``P`` the term is an
+    upper bound when the long branch is ``q·batch·seq²`` and the grid's ``l·batch·seq`` per
+    sample: the difference of the term and the true excess is concave in ``seq``, at least
+    zero at ``G`` (the grid branch wins there) and zero at ``P``. Beyond ``P`` it is not.
+
+    The first version added ``c·batch·seq²`` at every seq, lifting the grid's own seqs too
+    (``(s / S)²`` of the excess per sample); the default shapes' ladder makes every profile
+    hold such probes (its rungs).
     """
     whole = fit_bytes(shapes, values)
     if whole.exact or not long:
@@ -246,20 +272,20 @@ def fit_with_probes(shapes: Sequence[Shape], values: Sequence[float], long: Sequ
     grid = [i for i in range(len(shapes)) if i not in set(long)]
     base = fit_bytes([shapes[i] for i in grid], [values[i] for i in grid])
     tolerance = max(EXACT_BYTES, EXACT_FRACTION * base.scale)
-    excess = [(values[i] - base(shapes[i]), shapes[i].batch * shapes[i].seq ** 2) for i in long]
-    if max(e for e, _ in excess) <= tolerance:
+    if max(values[i] - base(shapes[i]) for i in long) <= tolerance:
         return base  # the probes hold no branch the grid missed
-    extra = max(e / size for e, size in excess)
-    terms = dict(zip(base.features, base.coefficients, strict=True))
-    terms["batch·seq²"] = terms.get("batch·seq²", 0.0) + extra
-    fit = Fit(
-        features=tuple(terms),
-        coefficients=tuple(terms.values()),
-        exact=base.exact,
+    edge = max(shapes[i].seq for i in grid)
+    extra = max(
+        (values[i] - base(shapes[i])) / (shapes[i].batch * (shapes[i].seq ** 2 - edge**2))
+        for i in long
+    )
+    fit = replace(
+        base,
         residual=0.0,
         scale=float(np.max(np.abs(values))),
         points=len(shapes),
-        long_branch=True,
+        long_coefficient=extra,
+        long_from_seq=edge,
     )
     residual = max(abs(fit(shape) - value) for shape, value in zip(shapes, values, strict=True))
     return replace(fit, residual=residual)
@@ -286,40 +312,40 @@ def _nnls(shapes: Sequence[Shape], values: np.ndarray, features: Sequence[str]) 
 def seconds_basis(
     shapes: Sequence[Shape], totals: Sequence[float]
 ) -> tuple[tuple[str, ...], float | None]:
-    """The basis for time figures, chosen on the step's total by extrapolation: each candidate
-    (``1 + tokens``; with more than one seq also ``+ batch·seq²``) is fitted without the shapes
-    of the longest profiled seq (or, with one seq, the most tokens) and predicts them; the one
-    that misses them least wins. Returns the basis and its relative miss there (the signed
-    worst; ``None``: fewer than five shapes, then ``1 + tokens`` and no check).
+    """The basis for time figures and its extrapolation check on the step's total.
 
-    Measured on CPU (HF GPT-2, Llama, BERT configs, profiled to 2 x 128): a residual rule
-    (quadratic only where it halves the residual) kept ``1 + tokens`` for GPT-2 and BERT,
-    whose attention (the math path, dropout on) takes 60% of a 2 x 128 step, and predicted
-    2 x 512 65-70% low; the quadratic basis predicts it within 8-24%.
+    The basis is ``1 + tokens + batch·seq²`` when the shapes have more than one seq, else
+    ``1 + tokens``: every attention has a term in ``batch·seq²`` (the scores), and the fits'
+    non-negative least squares drop it where the data do not carry it. The check fits the
+    totals without the shapes of the longest profiled seq (with one seq: the most tokens) and
+    predicts them; it returns the signed worst relative miss there (``None``: fewer than five
+    shapes).
+
+    Measured on CPU (HF GPT-2, Llama and BERT configs, 4 layers, width 64, one thread, 33
+    shapes each up to 8 x 256 and 2 x 512, every fit held against steps measured at 2-4x its
+    largest profiled tokens): choosing between ``1 + tokens`` and the quadratic basis by this
+    same check kept ``1 + tokens`` on noise for Llama (SDPA: attention is a few percent of a
+    short step) and predicted 2-4x along the seq 22-49% low; the quadratic basis always
+    brought 88 of 129 cells within 15% to 117 (with shapes of equal tokens at longer seqs
+    among the profiled ones, :func:`memfit.shape_profiles.default_profile_shapes`).
     """
     array = np.array(totals, dtype=np.float64)
     linear = ("1", "tokens")
-    candidates = [linear, (*linear, "batch·seq²")] if _varies(shapes) else [linear]
+    basis = (*linear, "batch·seq²") if _varies(shapes) else linear
     if len(set(shapes)) < 5:
-        return linear, None
+        return basis, None
     if _varies(shapes):
         longest = max(s.seq for s in shapes)
         held = [i for i, s in enumerate(shapes) if s.seq == longest]
     else:
         held = [max(range(len(shapes)), key=lambda i: shapes[i].tokens)]
     rest = [i for i in range(len(shapes)) if i not in held]
-    best: tuple[float, tuple[str, ...], float] | None = None
-    for features in candidates:
-        coefficients = _nnls([shapes[i] for i in rest], array[rest], features)
-        predicted = _matrix([shapes[i] for i in held], features) @ coefficients
-        errors = [
-            p / t - 1.0 if t > 0 else 0.0 for p, t in zip(predicted, array[held], strict=True)
-        ]
-        worst = max(errors, key=abs)
-        if best is None or abs(worst) < abs(best[0]):
-            best = (worst, features, worst)
-    assert best is not None
-    return best[1], best[2]
+    rest_shapes = [shapes[i] for i in rest]
+    features = basis if _varies(rest_shapes) else linear
+    coefficients = _nnls(rest_shapes, array[rest], features)
+    predicted = _matrix([shapes[i] for i in held], features) @ coefficients
+    errors = [p / t - 1.0 if t > 0 else 0.0 for p, t in zip(predicted, array[held], strict=True)]
+    return basis, max(errors, key=abs)
 
 
 def fit_seconds(
@@ -524,7 +550,7 @@ class ShapeCosts:
                 )
                 for name in ("forward_peak_bytes", "backward_peak_bytes"):
                     peak = self.fits[(index, option, name)]
-                    grows = any(
+                    grows = peak.long_branch or any(
                         f in quadratic and c > 0
                         for f, c in zip(peak.features, peak.coefficients, strict=True)
                     )
@@ -647,17 +673,16 @@ def _fit_all(
 ) -> tuple[ChainCosts, dict[Path, Fit], tuple[tuple[str, ...], float | None]]:
     options = _common_options(profiles)
     figures = [_figures(costs, options) for costs in profiles]
-    # one basis for every time figure, chosen on the plain step's total (the sum of many noisy
-    # figures is far less noisy): a stage's own noise must not buy it a quadratic term
+    # one basis for every time figure, checked on the plain step's total (the sum of many noisy
+    # figures is far less noisy than any one of them)
     totals = [
         sum(v for p, v in figure.items() if len(p) == 3 and p[1] == KEEP and _is_seconds(p))
         for figure in figures
     ]
     # probes: given (the holdout keeps the full fit's), else found
     long = probes(shapes) if probed is None else [i for i, s in enumerate(shapes) if s in probed]
-    grid = [i for i in range(len(shapes)) if i not in set(long)]
-    # the time basis is chosen on the grid: a probe (batch 1) says little about the batch
-    basis, time_holdout = seconds_basis([shapes[i] for i in grid], [totals[i] for i in grid])
+    # one basis and its check over every shape: the long shapes carry attention's seq² term
+    basis, time_holdout = seconds_basis(shapes, totals)
     fits = {}
     for path in figures[0]:
         values = [figure[path] for figure in figures]
@@ -675,6 +700,7 @@ def _fit_all(
                 # a flag must hold at every shape to hold at all
                 checkpointable=all(p.stages[index].checkpointable for p in profiles),
                 joins_previous=all(p.stages[index].joins_previous for p in profiles),
+                input_offloadable=all(p.stages[index].input_offloadable for p in profiles),
             )
         )
     return replace(reference, stages=stages), fits, (basis, time_holdout)

@@ -88,6 +88,13 @@ def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
             f"segment [{item.start}, {item.stop}) offloads its input, but these costs have no "
             f"host to offload to (host_bytes_per_s is 0: a model on the CPU); drop offload"
         )
+    for item in offloaded:
+        if not costs.stages[item.start].input_offloadable:
+            raise ValueError(
+                f"segment [{item.start}, {item.stop}) offloads its input, but the stage before "
+                f"saves it too, so it stays on the device (and its copy back would add to it); "
+                f"drop offload there"
+            )
 
 
 def _check_items(

@@ -204,10 +204,12 @@ def estimate_table(result: Estimate, title: str = "") -> Any:
     fit = result.shaped.fitted.summary()
     holdout = fit["holdout_error"]
     check = "no extrapolation check" if holdout is None else f"extrapolation check {holdout:+.2%}"
+    timing = fit["time_holdout_error"]
+    time_check = "no time check" if timing is None else f"time check {timing:+.1%}"
     quality = (
         f"fitted on {len(fit['profiled_shapes'])} profiled shapes up to "
         f"{result.shaped.fitted.largest}: {fit['exact_byte_figures']}/{fit['byte_figures']} "
-        f"byte figures exact, {check}"
+        f"byte figures exact, {check}, {time_check}"
     )
     budget = "no budget" if result.budget is None else f"budget {result.budget}"
     rows = []
@@ -234,6 +236,7 @@ def estimate_table(result: Estimate, title: str = "") -> Any:
                 "-" if row.budget_bytes is None else _mib(row.budget_bytes),
                 *planned,
                 "yes" if not row.untrusted else "NO: " + "; ".join(row.untrusted),
+                "yes" if not row.step_untrusted else "NO: " + "; ".join(row.step_untrusted),
             ]
         )
     columns = [
@@ -246,7 +249,8 @@ def estimate_table(result: Estimate, title: str = "") -> Any:
         "planned MiB",
         "planned ms",
         "overhead",
-        "trusted",
+        "memory trusted",
+        "time trusted",
     ]
     heading = f"{title}\n" if title else ""
     return make_table(f"{heading}Estimate ({budget}, {result.strategy}); {quality}", columns, rows)

@@ -139,6 +139,11 @@ class Executor:
             self.offloader.start_forward()
         return Group(self.name(start)) if offloads else None
 
+    def abandon_offload(self) -> None:
+        """A top-level item's forward raised (see ``Offloader.abandon``)."""
+        if self.offloading and self._offloader is not None:
+            self._offloader.abandon()
+
     def item_done(self, stop: int, out: Any, group: Group | None, *, segment: bool) -> None:
         """A top-level item's forward over ``[.., stop)`` ended (see ``Offloader.item_done``)."""
         if self.offloading and torch.is_grad_enabled():
@@ -267,7 +272,11 @@ class Head:
         call = executor.call(segment.start, args, kwargs)
         watch = executor.watched(segment.start, segment.stop, call)
         group = executor.offload_group(segment.start, segment.offload)
-        out = executor.run_segment(segment, *call, group=group)
+        try:
+            out = executor.run_segment(segment, *call, group=group)
+        except BaseException:
+            executor.abandon_offload()
+            raise
         if watch is not None:
             watch.check()
         executor.item_done(segment.stop, out, group, segment=True)
@@ -357,16 +366,20 @@ class TopStage:
         if option_kind(stage.option).recomputes:
             watch = executor.watched(stage.index, stage.index + 1, call)
         group = executor.offload_group(stage.index, stage.option == OFFLOAD)
-        if group is None:
-            out = executor.run_stage(stage, *call)
-        else:  # parameters (and views of them) stay
-            block = executor.chain.block_of_stage(stage.index)
-            assert block is not None
-            keys = storage_keys(module_tensors(block))
-            with executor.offloader.saving(
-                group, keep=lambda t: t.untyped_storage()._cdata in keys
-            ):
+        try:
+            if group is None:
                 out = executor.run_stage(stage, *call)
+            else:  # parameters (and views of them) stay
+                block = executor.chain.block_of_stage(stage.index)
+                assert block is not None
+                keys = storage_keys(module_tensors(block))
+                with executor.offloader.saving(
+                    group, keep=lambda t: t.untyped_storage()._cdata in keys
+                ):
+                    out = executor.run_stage(stage, *call)
+        except BaseException:
+            executor.abandon_offload()
+            raise
         if watch is not None:
             watch.check()
         executor.item_done(stage.index + 1, out, group, segment=False)

@@ -67,8 +67,10 @@ class HostPool:
         self.free: dict[int, list[torch.Tensor]] = {}
         self.allocated = 0  # buffers ever allocated (tests: reuse means this stops growing)
         self.held_bytes = 0  # bytes of every buffer the pool made, free or in use
+        self.taken: dict[int, int] = {}  # buffers taken per size since the last trim
 
     def take(self, nbytes: int) -> torch.Tensor:
+        self.taken[nbytes] = self.taken.get(nbytes, 0) + 1
         bucket = self.free.get(nbytes)
         if bucket:
             return bucket.pop()
@@ -78,6 +80,22 @@ class HostPool:
 
     def give(self, buffer: torch.Tensor) -> None:
         self.free.setdefault(buffer.numel(), []).append(buffer)
+
+    def trim(self) -> None:
+        """Keep no more free buffers of a size than the last step took (shapes that change
+        from step to step, e.g. sequence lengths, would otherwise add buffers for ever); only
+        between steps, when every buffer is back (gradient accumulation's later forwards run
+        with the earlier ones' buffers in use)."""
+        if sum(nbytes * len(bucket) for nbytes, bucket in self.free.items()) != self.held_bytes:
+            return
+        for nbytes, bucket in list(self.free.items()):
+            extra = len(bucket) - self.taken.get(nbytes, 0)
+            if extra > 0:
+                del bucket[:extra]
+                self.held_bytes -= extra * nbytes
+            if not bucket:
+                del self.free[nbytes]
+        self.taken = {}
 
     def clear(self) -> None:
         for bucket in self.free.values():
@@ -164,16 +182,25 @@ class Entry:
     event: Any = None
     users: int = 0
     kept: bool = False  # still on the device (the item's output): no copy back needed
+    group: Group | None = None  # the item that made the copy
 
     @property
     def device_type(self) -> str:
         return self.place.type
 
     def release(self) -> None:
-        """The last packed handle is gone: let everything go."""
+        """The last packed handle is gone: let everything go, once the compute stream waits for
+        a copy still using the memory (a fetch no unpack waited for: a node backward never ran,
+        an exception; a forward cut short before its copies were waited for), so that the
+        allocator cannot hand the memory to an op while the side stream writes or reads it."""
         self.offloader.forget(self)
+        copies = self.offloader.copies_for(self.device_type)
+        if self.fetched is not None:
+            copies.wait_in(self)
+        elif self.device is not None:
+            copies.wait_out(self)
         if self.host is not None:
-            self.offloader.pool_for(self.device_type).give(self.host)
+            self.offloader.pool_for(self.place).give(self.host)
         self.host = self.device = self.fetched = None
         self.event = None
 
@@ -186,6 +213,9 @@ class Group:
     entries: list[Entry] = field(default_factory=list)
     drained: bool = False
     fetching: bool = False
+    # each offloaded tensor and its version when saved, until the copies are waited for
+    # (with saved-tensor hooks autograd no longer checks in-place changes itself)
+    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
 class Packed:
@@ -225,10 +255,14 @@ class Offloader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
 
-    def pool_for(self, device_type: str) -> HostPool:
-        if device_type not in self.pools:
-            self.pools[device_type] = HostPool(pin=device_type == "cuda")
-        return self.pools[device_type]
+    def pool_for(self, device: torch.device) -> HostPool:
+        """The pool of ``device``'s copies: one per device, since only one side stream orders
+        a buffer's copies (a buffer another device's stream took could be written while this
+        one's copy back still read it)."""
+        key = str(device)
+        if key not in self.pools:
+            self.pools[key] = HostPool(pin=device.type == "cuda")
+        return self.pools[key]
 
     def copies_for(self, device_type: str) -> HostCopies:
         if device_type not in self.copies:
@@ -257,6 +291,8 @@ class Offloader:
         if self.copying is not None:
             self.drain(self.copying)
         self.copying = self.waiting = None
+        for pool in self.pools.values():
+            pool.trim()
 
     @contextmanager
     def saving(
@@ -294,11 +330,21 @@ class Offloader:
                     "memfit offload on a CPU model copies host to host and frees nothing; "
                     "memfit's own plans never offload there"
                 )
-            entry.host = self.pool_for(entry.device_type).take(entry.nbytes)
+            entry.host = self.pool_for(entry.place).take(entry.nbytes)
             self.copies_for(entry.device_type).copy_out(entry)
             self.storages[key] = entry
+            entry.group = group
             group.entries.append(entry)
             self.note("copy out", group)
+        elif entry.group is not group and not entry.kept:
+            # saved by another item too (a table every block uses, a block's input that the
+            # block before saves): held there, it stays on the device for both, as the
+            # planner counts it (measuring.offload.saved_activations), and is never fetched
+            entry.kept = True
+            if entry.device is None:
+                entry.device = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+        if not entry.kept:  # detached: the same version counter, not the graph
+            group.versions.append((tensor.detach(), tensor._version))
         return Packed(entry, group, tensor)
 
     def item_done(self, output: Any, own: Group | None, *, segment: bool, ahead: bool) -> None:
@@ -333,16 +379,36 @@ class Offloader:
         if ahead:
             self.waiting = own
 
+    def abandon(self) -> None:
+        """A planned item's forward raised: let what waits for a next item go (its copies
+        waited for), without checking versions, so that nothing outlives the failed step."""
+        if self.copying is not None:
+            self.copying.versions.clear()
+            self.drain(self.copying)
+        self.copying = self.waiting = None
+
     def drain(self, group: Group) -> None:
         """The compute stream waits for the group's copies; then the device memory goes."""
         if group.drained:
             return
         group.drained = True
+        versions, group.versions = group.versions, []
         for entry in group.entries:
             if entry.device is not None and not entry.kept:
                 self.copies_for(entry.device_type).wait_out(entry)
                 entry.device = None
         self.note("drained", group)
+        changed = [
+            tuple(tensor.shape) for tensor, version in versions if tensor._version != version
+        ]
+        if changed:
+            raise RuntimeError(
+                f"memfit offload: {group.name!r} saved a tensor of shape {changed[0]} for "
+                f"backward and then changed it in place (autograd would raise 'modified by an "
+                f"inplace operation' in backward; its saved-tensor hooks skip that check, so "
+                f"memfit checks here): its copy in host memory may hold either value. Do not "
+                f"offload this block, or make the in-place op out of place"
+            )
 
     # ---- backward -------------------------------------------------------------------------
 
@@ -354,8 +420,19 @@ class Offloader:
         self.drain(group)  # never fetch over a copy still running out
         for entry in group.entries:
             if entry.host is not None and entry.device is None and entry.fetched is None:
-                self.copies_for(entry.device_type).copy_in(entry)
+                self.bring_back(entry)
         self.note("fetch", group)
+
+    def bring_back(self, entry: Entry) -> None:
+        """Start the entry's copy back, unless its storage is still on the device (something
+        else kept it alive: a table every block saves, an input that a kept block before
+        saves too): then it is used as it is, as the planner counts it, with no second copy
+        on the device."""
+        storage = torch.UntypedStorage._new_with_weak_ptr(entry.weak.cdata)
+        if storage is not None:
+            entry.device = torch.empty(0, dtype=torch.uint8, device=entry.place).set_(storage)
+        else:
+            self.copies_for(entry.device_type).copy_in(entry)
 
     def unpack(self, packed: Packed | torch.Tensor) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):  # kept where it was
@@ -368,13 +445,13 @@ class Offloader:
                 "backward: run the forward again, or do not offload this block"
             )
         data: torch.Tensor | None
-        if entry.device is not None:  # still on the device (kept, or not yet waited for)
+        if entry.device is None and entry.fetched is None:
+            self.fetch(packed.group)
+            if entry.device is None and entry.fetched is None:  # an earlier group's copy
+                self.bring_back(entry)
+        if entry.device is not None:  # on the device (kept, not yet waited for, or alive)
             data = entry.device
         else:
-            if entry.fetched is None:
-                self.fetch(packed.group)
-            if entry.fetched is None:  # shared with an earlier group's copy: fetch it alone
-                self.copies_for(entry.device_type).copy_in(entry)
             self.copies_for(entry.device_type).wait_in(entry)
             data = entry.fetched
         assert data is not None
