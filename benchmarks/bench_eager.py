@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import memfit
+from common import write_results
 from memfit.bench import BenchRow, bench
 from memfit.integrations.hf import build_hf
 from memfit.planning.frontier import frontier
@@ -205,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for arch in args.models.split(","):
         lines += run(arch.strip(), args)
-    text = "\n".join(lines)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
     return 0
 
 

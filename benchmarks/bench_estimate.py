@@ -39,6 +39,7 @@ import torch
 import transformers
 
 import memfit
+from common import write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.shapes import resize_sample
 from memfit.planning.shapes import Shape
@@ -235,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for number, (rows, fits) in enumerate(runs, 1):
         lines += run_section(number, rows, fits)
-    text = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
     return 0
 
 

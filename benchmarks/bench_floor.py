@@ -30,6 +30,7 @@ import torch
 
 import memfit
 from bench_gpt import header
+from common import write_results
 from memfit.measuring.profile import Profile
 from memfit.planning.costs import ChainCosts
 from memfit.runtime.head import HEAD_OPTIONS, is_head_option
@@ -155,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         say(line)
         lines.append(line)
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
     return 0
 
 

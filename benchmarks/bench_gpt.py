@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import memfit
+from common import write_results
 from memfit.bench import bench
 from memfit.models import build, describe
 
@@ -137,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row.memory_saved * 100:.1f}% | {'yes' if row.gradients_equal else 'NO'} | "
             f"{summary} |"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
     return 0
 
 

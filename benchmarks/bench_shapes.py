@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import memfit
+from common import write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.shapes import resize_sample
 from memfit.planning.baselines import keep_all
@@ -224,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['dynamic_s'] * 1e3:.0f} | {r['static_s'] * 1e3:.0f} | "
             f"{'yes' if r['equal'] else 'NO'} |"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    write_results(args.out, lines)
     return 0
 
 
