@@ -1,9 +1,11 @@
-"""The eager frontier on Hugging Face configs: memfit before and after ``rebuild+ops``.
+"""The eager frontier on Hugging Face configs: memfit before and after ``rebuild+ops`` and the
+``<post>`` options (``head:lean-loss``; the opt-in ``head:chunked`` is not in the menu here).
 
 Rows per model: no checkpointing, per-block full recompute (``all``: what Hugging Face's
 ``gradient_checkpointing_enable()`` does), memfit's optimal plan from a menu without ``rebuild+ops``
-(memfit before op chains), and with it, at 30%, 50%, 70% of activation memory and at the
-per-block recompute's own peak. Models are built with the library's defaults
+(memfit before op chains and head options), and with them, at 30%, 50%, 70% of activation
+memory and at the per-block recompute's own peak; ``--frontier N`` also times N points of
+memfit's frontier side by side, to check that time falls as memory grows. Models are built with the library's defaults
 (``memfit.integrations.hf.build_hf``: dropout on, default attention). Every row is measured
 for real: peak (CPU meter), gradients bit for bit, step time paired with an unplanned step
 (medians of ratios). Results go to ``benchmarks/results/eager-<date>.md``.
@@ -79,10 +81,15 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
     )
     budgets = [b.strip() for b in args.budgets.split(",")]
     after = memfit.profile(model, sample, repeats=args.repeats)
-    # memfit before op chains: the same profile, its menu without rebuild+ops
+    # memfit before issue 15: the same profile, its menus without rebuild+ops and head:*
     stages = [
         dataclasses.replace(
-            stage, options={k: v for k, v in stage.options.items() if k != REBUILD_OPS}
+            stage,
+            options={
+                k: v
+                for k, v in stage.options.items()
+                if k != REBUILD_OPS and not k.startswith("head:")
+            },
         )
         for stage in after.costs.stages
     ]
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / f"eager-{date.today()}.md"))
     args = parser.parse_args(argv)
     lines = [
-        f"# The eager frontier: memfit before and after op-chain rebuild ({date.today()})",
+        f"# The eager frontier: memfit before and after op-chain rebuild and head options "
+        f"({date.today()})",
         "",
         f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs; python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
