@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -26,15 +28,21 @@ class Block(nn.Module):
         return torch.tanh(self.linear(x))
 
 
+def tanh_chain(rows: int) -> tuple[Callable[[], torch.Tensor], dict[int, nn.Module]]:
+    """Two tanh blocks between linears: the forward to run and the blocks by stage."""
+    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
+    x = torch.randn(rows, 64)
+    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
+    blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
+    return lambda: model(x), blocks
+
+
 def test_saved_activation_bytes_count_what_offload_frees(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
-    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
-    x = torch.randn(32, 64)
-    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
-    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
-    moved = saved_activation_bytes(blocks, lambda: model(x))  # type: ignore[arg-type]
+    forward, blocks = tanh_chain(32)
+    moved = saved_activation_bytes(blocks, forward)
     # block 1's input comes from a linear (which saves its own input): only block 1 holds it;
     # block 2's input is block 1's tanh output, which block 1 keeps on the device
     assert moved == {1: 32 * 64 * 4, 2: 0}
@@ -44,20 +52,14 @@ def test_inputs_another_block_saves_stay(monkeypatch: pytest.MonkeyPatch) -> Non
     """Offloading a segment's input frees nothing when the block before saves it (its tanh
     output): the copy back would only add to the peak."""
     monkeypatch.setattr(offload_module, "MIN_OFFLOAD_BYTES", 1)
-    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
-    x = torch.randn(32, 64)
-    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
-    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
-    saved = saved_activations(blocks, lambda: model(x))  # type: ignore[arg-type]
+    forward, blocks = tanh_chain(32)
+    saved = saved_activations(blocks, forward)
     assert saved.inputs_stay == {2}
 
 
 def test_tiny_tensors_are_not_counted() -> None:
-    model = nn.Sequential(nn.Linear(64, 64), Block(), Block(), nn.Linear(64, 1))
-    x = torch.randn(2, 64)  # 512 bytes per activation, below MIN_OFFLOAD_BYTES
-    chain = find_chain(model, lambda: model(x), blocks=["1", "2"])
-    blocks = {i: chain.block_of_stage(i) for i in chain.block_stages}
-    assert saved_activation_bytes(blocks, lambda: model(x)) == {1: 0, 2: 0}  # type: ignore[arg-type]
+    forward, blocks = tanh_chain(2)  # 512 bytes per activation, below MIN_OFFLOAD_BYTES
+    assert saved_activation_bytes(blocks, forward) == {1: 0, 2: 0}
 
 
 def test_cpu_plans_say_why_offload_is_absent() -> None:
