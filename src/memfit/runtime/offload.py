@@ -288,7 +288,8 @@ class Offloader:
     def start_forward(self) -> None:
         """A new forward begins (its first planned block): what the last one left waiting
         for a next item is settled (a forward cut short by an exception leaves such state)."""
-        if self.copying is not None:
+        if self.copying is not None:  # left by a forward that never reached the next block
+            self.copying.versions.clear()
             self.drain(self.copying)
         self.copying = self.waiting = None
         for pool in self.pools.values():
