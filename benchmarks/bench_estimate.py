@@ -39,7 +39,7 @@ import torch
 import transformers
 
 import memfit
-from common import write_results
+from common import add_threads, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.shapes import resize_sample
 from memfit.planning.shapes import Shape
@@ -197,13 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile-repeats", type=int, default=3, help="memfit.profile's repeats per shape"
     )
     parser.add_argument("--runs", type=int, default=1, help="whole runs, one after another")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="intra-op threads; 1 by default: on a shared 2-core machine two threads wait on "
-        "each other behind other processes (measured: steps 2-15x slower, medians unstable)",
-    )
+    add_threads(parser)
     parser.add_argument("--out", default=str(HERE / "results" / f"estimate-{date.today()}-2.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")

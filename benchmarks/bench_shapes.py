@@ -34,7 +34,7 @@ import torch
 import transformers
 
 import memfit
-from common import write_results
+from common import add_threads, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.shapes import resize_sample
 from memfit.planning.baselines import keep_all
@@ -86,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-share", type=float, default=0.35)
     parser.add_argument("--bucket", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="intra-op threads; 1 by default (two on the shared 2-core machine wait on each "
-        "other behind other processes: the first run's step times were 2-15x inflated)",
-    )
+    add_threads(parser)
     parser.add_argument("--out", default=str(HERE / "results" / f"shapes-{date.today()}.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")

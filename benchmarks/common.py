@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -12,3 +13,15 @@ def write_results(path: str | Path, lines: list[str]) -> str:
     Path(path).write_text(text)
     print(text)
     return text
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` (default 1): on a shared 2-core machine two intra-op threads wait on each
+    other behind other processes (measured: steps 2-15x slower, medians unstable)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads; 1 by default: on a shared 2-core machine two threads wait on "
+        "each other behind other processes (measured: steps 2-15x slower, medians unstable)",
+    )
