@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import memfit
 from memfit.models import build
@@ -393,3 +394,81 @@ def test_random_ops_are_never_rerun() -> None:
     plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x, w], ops=True)
     assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
     assert "tanh chain" not in log and "mul chain" not in log
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.removeprefix("aten::")
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_chains_rerun_each_op_once_not_the_whole_module_again() -> None:
+    """GPT-2's GELU module (Hugging Face's ``NewGELUActivation``, Python arithmetic): its output
+    is the product of two saved storages, so backward reruns the tanh chain once and the
+    product from the rebuilt factors, never the module's forward a second time."""
+    from transformers.activations import NewGELUActivation
+
+    torch.manual_seed(9)
+    up, down, gelu = nn.Linear(16, 64), nn.Linear(64, 16), NewGELUActivation()
+    x = torch.randn(32, 16, requires_grad=True)
+    leaves = [x, *up.parameters(), *down.parameters()]
+    plain = torch.autograd.grad(down(gelu(up(x))).sum(), leaves)
+    with recording() as log, rebuilding(ops=True):
+        out = down(gelu(up(x)))
+    assert "NewGELUActivation" not in log[0] and log[0]["mul chain"] == 2 * 32 * 64 * 4
+    with CountOps() as counted:
+        rebuilt = torch.autograd.grad(out.sum(), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(plain, rebuilt, strict=True))
+    loss = down(gelu(up(x))).sum()
+    with CountOps() as unplanned:
+        torch.autograd.grad(loss, leaves)
+    # ops beyond those of a plain backward: the tanh chain once (with a module rerun: twice)
+    extra = {k: n - unplanned.counts.get(k, 0) for k, n in counted.counts.items()}
+    assert extra["tanh"] == 1 and extra["pow"] == 1
+
+
+@pytest.mark.parametrize("scale", [1 / 0.9, -2.0], ids=["positive", "negative"])
+def test_masks_made_by_bernoulli_are_packed_unchecked_only_when_zeros_stay_positive(
+    scale, monkeypatch
+) -> None:
+    """A mask ``bernoulli_`` filled and scaled by a positive scalar (what dropout does on CPU)
+    holds +0 and one value by construction: packed without the element-wise check. Scaled by a
+    negative scalar its zeros are -0, which a bool mask cannot restore: the check runs and
+    keeps the mask as it is."""
+    import memfit.runtime.rebuild as rebuild
+
+    checked = []
+
+    def spy(tensor, known=False):
+        if tensor.numel() >= TWO_VALUED_MIN_NUMEL:
+            checked.append(known)
+        return two_valued(tensor, known)
+
+    monkeypatch.setattr(rebuild, "two_valued", spy)
+    x = torch.randn(64, 128, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        torch.manual_seed(10)
+        mask = torch.empty_like(x).bernoulli_(0.5)
+        torch.ops.aten.mul_.Scalar(mask, scale)  # as dropout's div_ calls it, from C++
+        return torch.tanh(x * mask)  # mul saves the mask
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x], ops=True)
+    assert all(
+        torch.equal(p.view(torch.int32), r.view(torch.int32))
+        for p, r in zip(plain, rebuilt, strict=True)
+    )
+    packed = 64 * 128 * 4 - (64 * 128 + 4)
+    assert log.get(TWO_VALUED_LABEL, 0) == (packed if scale > 0 else 0)
+    assert checked == [scale > 0]
+    checked.clear()
+    with rebuilding(ops=True) as state:  # dropout itself: bernoulli_, then div_ by 1 - p
+        state.outputs = F.dropout(x, 0.1) @ torch.ones(128, 2)
+    assert checked == [True]
