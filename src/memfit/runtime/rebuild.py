@@ -272,9 +272,10 @@ MAX_CHAIN = 32  # ops rerun to rebuild one storage (GPT-2's tanh GELU: 8)
 CONSTANT_NUMEL = 64  # tensors up to this size made outside dispatch (wrapped scalars): copied
 
 
+@functools.cache
 def cheap_op(func: Any) -> bool:
     """Whether ``rebuild`` may rerun the aten op ``func`` (pointwise or in :data:`CHEAP_OPS`,
-    not random)."""
+    not random); asked once per op overload."""
     tags = getattr(func, "tags", ())
     if torch.Tag.nondeterministic_seeded in tags:
         return False
@@ -487,12 +488,15 @@ class _BlockForward:
                         self.masks.add(ptr)  # 0 and 1 now
                     elif not (func in _SCALES and position == 0 and _positive(args[1:2])):
                         self.masks.discard(ptr)  # scaled by a positive scalar: +0 and a value
+        outs = [t for t in _aten_leaves((out,)) if _strided(t)]
+        if not outs:
+            return
         inputs = {_ptr(t) for t in _aten_leaves(args, kwargs) if _strided(t)}
-        fresh = [t for t in _aten_leaves((out,)) if _strided(t) and _ptr(t) not in inputs]
+        fresh = [(t, ptr) for t in outs if (ptr := _ptr(t)) not in inputs]
         if not fresh:
             return  # a view, an in-place op, or no tensor
         call = None
-        if len(fresh) == 1 and out is fresh[0] and cheap_op(func) and _whole(out):
+        if len(fresh) == 1 and out is fresh[0][0] and cheap_op(func) and _whole(out):
             call = _OpCall(
                 func,
                 _aten_map(self._arg, args),
@@ -501,8 +505,7 @@ class _BlockForward:
                 nbytes=out.untyped_storage().nbytes(),
                 dtype=out.dtype,
             )
-        for tensor in fresh:
-            ptr = _ptr(tensor)
+        for _tensor, ptr in fresh:
             self.makers[ptr] = call if call is not None else _Made()
             self.masks.discard(ptr)  # a fresh storage at a freed mask's address
 
