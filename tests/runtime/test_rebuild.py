@@ -429,9 +429,11 @@ def test_op_chains_rerun_each_op_once_not_the_whole_module_again() -> None:
     loss = down(gelu(up(x))).sum()
     with CountOps() as unplanned:
         torch.autograd.grad(loss, leaves)
-    # ops beyond those of a plain backward: the tanh chain once (with a module rerun: twice)
+    # ops beyond those of a plain backward: the tanh chain once (with a module rerun: twice),
+    # its intermediates written in place (tanh_ on the scaled sum, mul_ on pow's output)
     extra = {k: n - unplanned.counts.get(k, 0) for k, n in counted.counts.items()}
-    assert extra["tanh"] == 1 and extra["pow"] == 1
+    assert extra.get("tanh", 0) + extra.get("tanh_", 0) == 1 and extra["pow"] == 1
+    assert extra.get("tanh_") == 1 and extra.get("mul_", 0) >= 2
 
 
 @pytest.mark.parametrize("scale", [1 / 0.9, -2.0], ids=["positive", "negative"])
@@ -472,3 +474,29 @@ def test_masks_made_by_bernoulli_are_packed_unchecked_only_when_zeros_stay_posit
     with rebuilding(ops=True) as state:  # dropout itself: bernoulli_, then div_ by 1 - p
         state.outputs = F.dropout(x, 0.1) @ torch.ones(128, 2)
     assert checked == [True]
+
+
+def test_chain_intermediates_are_written_in_place_only_where_the_result_fits_them() -> None:
+    """A chain op reruns in place on the intermediate it reads only when its output has that
+    intermediate's dtype and layout: not across a promotion to float32, not into a
+    broadcast column."""
+    x = torch.randn(32, 64, requires_grad=True)
+    half = torch.randn(32, 64).half().requires_grad_()
+    w = torch.randn(64, 64, requires_grad=True)
+    index = torch.randint(0, 64, (32, 64), dtype=torch.int32)
+
+    def forward() -> torch.Tensor:
+        kept = x @ w  # saves x
+        # tanh saves its fp16 output; the product is an fp16 intermediate, the sum fp32
+        promoted = (torch.tanh(half) * 3.0) + x
+        column = (x[:, :1] * 2.0) + x  # a (32, 1) intermediate broadcast to (32, 64)
+        chained = torch.tanh((x * 0.5) * 2.0)  # fits: both products written in place
+        picked = torch.gather(x, 1, index)  # saves the int32 index
+        widened = (index * 2) + x  # an int32 intermediate, a float32 sum of the same width
+        product = torch.sin(promoted) * torch.sin(column) * torch.sin(chained)
+        return (product * torch.sin(widened) + picked) @ w + kept
+
+    plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x, half, w], ops=True)
+    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    # promoted, column and widened (add), chained (tanh)
+    assert log.get("add chain") == 3 * 32 * 64 * 4 and log.get("tanh chain") == 32 * 64 * 4
