@@ -436,44 +436,81 @@ def test_op_chains_rerun_each_op_once_not_the_whole_module_again() -> None:
     assert extra.get("tanh_") == 1 and extra.get("mul_", 0) >= 2
 
 
-@pytest.mark.parametrize("scale", [1 / 0.9, -2.0], ids=["positive", "negative"])
-def test_masks_made_by_bernoulli_are_packed_unchecked_only_when_zeros_stay_positive(
-    scale, monkeypatch
-) -> None:
-    """A mask ``bernoulli_`` filled and scaled by a positive scalar (what dropout does on CPU)
-    holds +0 and one value by construction: packed without the element-wise check. Scaled by a
-    negative scalar its zeros are -0, which a bool mask cannot restore: the check runs and
-    keeps the mask as it is."""
-    import memfit.runtime.rebuild as rebuild
-
-    checked = []
-
-    def spy(tensor, known=False):
-        if tensor.numel() >= TWO_VALUED_MIN_NUMEL:
-            checked.append(known)
-        return two_valued(tensor, known)
-
-    monkeypatch.setattr(rebuild, "two_valued", spy)
+@pytest.mark.parametrize(
+    "write", ["dropout", "negative scale", "partial scale", "overflowing scale", "half view"]
+)
+def test_masks_are_checked_however_they_were_made(write: str) -> None:
+    """Every mask is checked element by element before it is packed, whatever the ops that
+    made it suggest: scaled by a negative scalar (zeros become -0), only in part, by a scalar
+    that overflows float32 (0 * inf is NaN), or filled through a view of another dtype."""
     x = torch.randn(64, 128, requires_grad=True)
 
     def forward() -> torch.Tensor:
         torch.manual_seed(10)
-        mask = torch.empty_like(x).bernoulli_(0.5)
-        torch.ops.aten.mul_.Scalar(mask, scale)  # as dropout's div_ calls it, from C++
+        if write == "dropout":
+            return torch.tanh(F.dropout(x, 0.1))
+        mask = torch.empty_like(x)
+        if write == "half view":
+            mask.view(torch.float16).bernoulli_(0.5)  # four float32 values
+        else:
+            mask.bernoulli_(0.5)
+        scale = {"negative scale": -2.0, "overflowing scale": 1e39}.get(write, 2.0)
+        target = mask[:32] if write == "partial scale" else mask
+        torch.ops.aten.mul_.Scalar(target, scale)  # as dropout's div_ calls it, from C++
         return torch.tanh(x * mask)  # mul saves the mask
 
     plain, rebuilt, log = grads_with_and_without_rebuild(forward, [x], ops=True)
-    assert all(
-        torch.equal(p.view(torch.int32), r.view(torch.int32))
-        for p, r in zip(plain, rebuilt, strict=True)
-    )
+    bits = [(p.view(torch.int32), r.view(torch.int32)) for p, r in zip(plain, rebuilt, strict=True)]
+    assert all(torch.equal(p, r) for p, r in bits)
     packed = 64 * 128 * 4 - (64 * 128 + 4)
-    assert log.get(TWO_VALUED_LABEL, 0) == (packed if scale > 0 else 0)
-    assert checked == [scale > 0]
-    checked.clear()
-    with rebuilding(ops=True) as state:  # dropout itself: bernoulli_, then div_ by 1 - p
-        state.outputs = F.dropout(x, 0.1) @ torch.ones(128, 2)
-    assert checked == [True]
+    assert log.get(TWO_VALUED_LABEL, 0) == (packed if write == "dropout" else 0)
+
+
+def test_a_parameter_an_op_chain_read_changed_in_place_raises() -> None:
+    """Hugging Face's ``DebertaLayerNorm`` adds its bias in Python arithmetic (``add`` saves
+    nothing of it): the chain reads the parameter, and a change before backward raises, as a
+    module rerun's does, instead of rebuilding with the new value."""
+    from transformers.models.deberta.modeling_deberta import DebertaLayerNorm
+
+    norm, linear = DebertaLayerNorm(64), nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)
+    with recording() as log, rebuilding(ops=True) as state:
+        out = state.outputs = linear(norm(x))
+    assert log[0].get("add chain") == 32 * 64 * 4
+    with torch.no_grad():
+        norm.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        out.sum().backward()
+
+
+def test_an_intermediate_is_rerun_even_where_a_saved_storage_took_its_address() -> None:
+    """A chain's unsaved intermediate is freed during the forward; a saved storage may then get
+    its address. The rebuild tells them apart by what made each, not by the address."""
+    x, y = torch.randn(64, 128, requires_grad=True), torch.randn(64, 128, requires_grad=True)
+
+    def forward(reused: list[bool]) -> torch.Tensor:
+        a = x * 2.0
+        d = a + 1.0  # d's chain reruns a
+        address = a.untyped_storage().data_ptr()
+        del a
+        held = []
+        for _ in range(64):
+            b = y * 3.0  # saved below
+            if b.untyped_storage().data_ptr() == address:
+                break
+            held.append(b)
+        reused.append(b.untyped_storage().data_ptr() == address)
+        del held
+        return (d + b) * y + b * y + torch.sin(x)
+
+    plain = torch.autograd.grad(forward([]).sum(), [x, y])
+    reused: list[bool] = []
+    for _ in range(8):
+        with rebuilding(ops=True) as state:
+            out = state.outputs = forward(reused)
+        rebuilt = torch.autograd.grad(out.sum(), [x, y])
+        assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    assert any(reused)  # the case this is about happened at least once
 
 
 def test_chain_intermediates_are_written_in_place_only_where_the_result_fits_them() -> None:

@@ -315,6 +315,7 @@ class _Arg:
     dtype: torch.dtype
     maker: Any
     tensor: torch.Tensor | None = None
+    version: int | None = None  # a parameter's, when the op read it: checked before a rerun
 
 
 _Leaf = (torch.Tensor, _Arg, _Made)
@@ -347,20 +348,9 @@ def _aten_map(fn: Callable[[Any], Any], args: tuple[Any, ...]) -> tuple[Any, ...
     return tuple(one(value) for value in args)
 
 
-def _positive(scalar: tuple[Any, ...]) -> bool:
-    """Whether ``scalar`` is ``(x,)`` for a finite Python number ``x > 0`` (zeros stay +0)."""
-    return len(scalar) == 1 and isinstance(scalar[0], (int, float)) and 0 < scalar[0] < float("inf")
-
-
 def _whole(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` covers its whole storage."""
     return tensor.untyped_storage().nbytes() == tensor.nbytes
-
-
-# in-place ops that fill a tensor with 0 and 1 (a dropout mask on CPU), and the ones that then
-# scale it by a Python scalar: the result holds 0 and one value, no check needed
-_FILLS_MASK = frozenset({torch.ops.aten.bernoulli_.float, torch.ops.aten.bernoulli_.Tensor})
-_SCALES = frozenset({torch.ops.aten.div_.Scalar, torch.ops.aten.mul_.Scalar})
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -421,18 +411,24 @@ class _OpRecipe:
     def __init__(
         self,
         call: _OpCall,
-        saved: dict[int, tuple[_Source | None, torch.Tensor | None]],
+        saved: dict[int, tuple[_Source | None, torch.Tensor | None, Any]],
         geometry: Geometry,
     ) -> None:
         self.call = call
-        self.saved = saved  # saved storage -> (its source when dropped, else its base tensor)
+        # saved storage -> (its source when dropped, else its base tensor; what made it)
+        self.saved = saved
         self.geometry = geometry  # of the saved base on the storage (a reshape's, say)
+
+    def _saved(self, arg: _Arg) -> bool:
+        """Whether ``arg`` is a saved storage, not a rerun intermediate that had its address."""
+        entry = self.saved.get(arg.ptr)
+        return entry is not None and entry[2] is arg.maker
 
     def resolve(self, arg: _Arg) -> torch.Tensor:
         if arg.tensor is not None:
             return arg.tensor
-        if arg.ptr in self.saved:
-            source, base = self.saved[arg.ptr]
+        if self._saved(arg):
+            source, base, _maker = self.saved[arg.ptr]
             whole = source.value() if source is not None else base
             assert whole is not None
             return whole.as_strided(*arg.geometry)
@@ -446,7 +442,7 @@ class _OpRecipe:
             func is not None
             and isinstance(first, _Arg)
             and first.tensor is None
-            and first.ptr not in self.saved  # made by this recipe, just now
+            and not self._saved(first)  # made by this recipe, just now
             and isinstance(first.maker, _OpCall)
             and first.maker.geometry == first.geometry == call.geometry
             and first.maker.nbytes == call.nbytes
@@ -478,8 +474,6 @@ class _BlockForward:
         self.outputs: Any = None  # what the block returned: never dropped
         # storage -> what made it last during the forward (an _OpCall, or _Made)
         self.makers: dict[int, Any] = {}
-        # storages holding 0 and one value by construction (bernoulli_, then scaled in place)
-        self.masks: set[int] = set()
 
     def module_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -516,12 +510,7 @@ class _BlockForward:
             value = kwargs.get(name, args[position] if position < len(args) else None)
             for tensor in _aten_leaves((value,)):
                 if _strided(tensor):
-                    ptr = _ptr(tensor)
-                    self.makers[ptr] = _Made()  # changed in place: the old maker is stale
-                    if func in _FILLS_MASK and _whole(tensor) and position == 0:
-                        self.masks.add(ptr)  # 0 and 1 now
-                    elif not (func in _SCALES and position == 0 and _positive(args[1:2])):
-                        self.masks.discard(ptr)  # scaled by a positive scalar: +0 and a value
+                    self.makers[_ptr(tensor)] = _Made()  # changed in place: the maker is stale
         outs = [t for t in _aten_leaves((out,)) if _strided(t)]
         if not outs:
             return
@@ -541,7 +530,6 @@ class _BlockForward:
             )
         for _tensor, ptr in fresh:
             self.makers[ptr] = call if call is not None else _Made()
-            self.masks.discard(ptr)  # a fresh storage at a freed mask's address
 
     def _arg(self, leaf: Any) -> Any:
         if not isinstance(leaf, torch.Tensor):
@@ -552,15 +540,19 @@ class _BlockForward:
         maker = self.makers.get(ptr)
         base = leaf if leaf._base is None else leaf._base
         constant = maker is None and leaf.numel() <= CONSTANT_NUMEL and not leaf.requires_grad
-        tensor = leaf if isinstance(base, nn.Parameter) else (leaf.clone() if constant else None)
-        return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, tensor)
+        if isinstance(base, nn.Parameter):
+            return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, leaf, leaf._version)
+        return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, leaf.clone() if constant else None)
 
     def _op_plan(self, ptr: int, base: torch.Tensor) -> _Plan | None:
         """How to rebuild ``ptr`` by rerunning the cheap ops that made it, or ``None``."""
         call = self.makers.get(ptr)
         if not isinstance(call, _OpCall) or call.dtype != base.dtype:
             return None
-        saved: dict[int, torch.Tensor] = {}  # storages the chain reads that stay saved
+        # storages the chain reads that stay saved, with what made them (an intermediate the
+        # chain reruns may have had the same address before it was freed)
+        saved: dict[int, tuple[torch.Tensor, Any]] = {}
+        state: list[tuple[torch.Tensor, int]] = []  # parameters read, at the version read
         pending, seen = [call], 0
         while pending:
             current = pending.pop()
@@ -570,12 +562,16 @@ class _BlockForward:
             for arg in _aten_leaves(current.args, current.kwargs, _Leaf):
                 if isinstance(arg, _Made):
                     return None
-                if not isinstance(arg, _Arg) or arg.tensor is not None:
+                if not isinstance(arg, _Arg):
+                    continue
+                if arg.tensor is not None:
+                    if arg.version is not None:
+                        state.append((arg.tensor, arg.version))
                     continue
                 if arg.ptr in self.handles and self.makers.get(arg.ptr) is arg.maker:
                     if self.bases[arg.ptr].dtype != arg.dtype:
                         return None
-                    saved[arg.ptr] = self.bases[arg.ptr]  # kept, or rebuilt in turn
+                    saved[arg.ptr] = (self.bases[arg.ptr], arg.maker)  # kept, or rebuilt
                 elif isinstance(arg.maker, _OpCall):
                     pending.append(arg.maker)  # not saved: rerun what made it too
                 else:
@@ -583,7 +579,8 @@ class _BlockForward:
 
         def made(sources: dict[int, _Source]) -> tuple[Callable[[], torch.Tensor], Any]:
             table = {
-                p: (sources.get(p), None if p in sources else tensor) for p, tensor in saved.items()
+                p: (sources.get(p), None if p in sources else tensor, maker)
+                for p, (tensor, maker) in saved.items()
             }
             device = base.device.type
             # the ops as dispatched, after autocast: rerun without it
@@ -592,9 +589,9 @@ class _BlockForward:
 
         return _Plan(
             label=f"{call.func._schema.name.removeprefix('aten::')} chain",
-            inputs=list(saved.values()),
+            inputs=[tensor for tensor, _maker in saved.values()],
             shaped=base,
-            state=(),
+            state=tuple(state),
             made=made,
         )
 
@@ -703,7 +700,7 @@ class _BlockForward:
                 continue
             if isinstance(base, nn.Parameter) or base.untyped_storage().nbytes() != base.nbytes:
                 continue
-            packed = two_valued(base, known=ptr in self.masks)
+            packed = two_valued(base)
             if packed is None:
                 continue
             source = _Source(TWO_VALUED_LABEL, _geometry(base), base.untyped_storage().nbytes())
@@ -750,14 +747,15 @@ class _TwoValued:
         return base.as_strided(size, stride, offset)
 
 
-def two_valued(tensor: torch.Tensor, known: bool = False) -> _TwoValued | None:
+def two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     """``tensor`` as a :class:`_TwoValued` when every element is bitwise +0 or one value.
 
-    ``known``: the tensor is two-valued by construction (a mask ``bernoulli_`` filled, scaled in
-    place by a scalar), so the check that every nonzero element holds the same bits is skipped.
     The check counts instead of comparing element-wise twice: ``ne``, ``eq`` and two counts
     (0.7 ms for a 4 x 4 x 256 x 256 mask on 2 cores, against 1.9 ms for the ``logical_or``,
-    ``all`` form it replaced; ``all`` alone took 0.38 ms)."""
+    ``all`` form it replaced; ``all`` alone took 0.38 ms). It runs on every mask: skipping it
+    for masks "known" from the ops that made them (``bernoulli_``, then a scalar scale) was
+    tried and reviewed out, since writes the recorder cannot see (another thread, a NumPy
+    view, a partial or overflowing scale, a view of another dtype) then went unchecked."""
     bits = _BITS.get(tensor.element_size())
     if (
         bits is None
@@ -775,17 +773,15 @@ def two_valued(tensor: torch.Tensor, known: bool = False) -> _TwoValued | None:
     head_nonzero = head != 0
     if bool(head_nonzero.any()):
         first = int(head_nonzero.to(torch.uint8).argmax())
-        if not known and not bool((head[head_nonzero] == head[first]).all()):
+        if not bool((head[head_nonzero] == head[first]).all()):
             return None  # most tensors are rejected here, at the price of 256 elements
-        # bool() is the != 0 test of the values (-0 reads as zero), exact for a known mask,
-        # whose zeros are +0; 3.4x faster than the bitwise test on 2 cores
-        nonzero = tensor.bool().reshape(-1) if known else ints != 0
+        nonzero = ints != 0
     else:
         nonzero = ints != 0
         where = torch.nonzero(nonzero)  # rare: the first 256 elements are all zero
         first = int(where[0, 0]) if len(where) else 0
     value = ints[first]
-    if not known and bool(value != 0):
+    if bool(value != 0):
         count = torch.count_nonzero(nonzero)
         # every nonzero element equals the value: as many of those as nonzero ones
         if not bool(torch.count_nonzero(ints == value) == count):
