@@ -43,6 +43,24 @@ def test_plan_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "offload left out" in out  # a CPU model: the plan says why, as a note row
 
 
+def test_plan_times_candidates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "plan.json"
+    argv = ["plan", "gpt", *SMALL, "--budget", "50%", "--candidates", "3", "-o", str(target)]
+    assert main(argv) == 0
+    from memfit import Plan
+
+    plan = Plan.from_json(target.read_text())
+    assert "chosen_by" in plan.info
+    out = capsys.readouterr().out
+    if "timed" in plan.info:  # more than one plan fits: the table shows what was measured
+        assert "chosen" in out and "measured" in out and "predicted" in out
+    assert (
+        main(["plan", "gpt", *TINY, "--budget", "60%", "--strategy", "all", "--candidates", "2"])
+        == 2
+    )
+    assert "--candidates times optimal plans" in capsys.readouterr().err
+
+
 def test_plan_host_budget_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "gpt", *TINY, "--budget", "60%", "--host-budget", "lots"]) == 2
     assert "Traceback" not in capsys.readouterr().err

@@ -22,10 +22,12 @@ from memfit.measuring.profile import Profile
 from memfit.measuring.run import measure
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
+from memfit.planning.candidates import alternatives
 from memfit.planning.offload import offloads, without_offload
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.runtime.apply import apply_plan, chain_of_plan, remove_plan
+from memfit.timing import fastest
 from memfit.units import parse_budget
 from memfit.verification import mismatched_gradients, seeded_gradients, timed_step_under
 
@@ -37,8 +39,9 @@ STRATEGY_LABELS = {
     "optimal-recompute": "optimal, no selective",
     "optimal-no-offload": "optimal, no offload",
     "all+offload": "all + inputs offloaded",
+    "optimal-timed": "optimal, candidates timed",
 }
-OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute", "optimal-no-offload")
+OPTIMAL_STRATEGIES = ("optimal", "optimal-recompute", "optimal-no-offload", "optimal-timed")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -109,12 +112,14 @@ def bench(
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
     keep_output: bool | None = None,
+    candidates: int = 4,
 ) -> BenchResult:
     """Run every strategy at every budget on ``model`` and measure it.
 
     Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
     run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
-    every budget. ``keep_output``: whether the model's output stays alive through backward in
+    every budget; ``optimal-timed`` times up to ``candidates`` plans within each budget on the
+    model first and runs the fastest (:func:`memfit.timing.fastest`). ``keep_output``: whether the model's output stays alive through backward in
     the measured steps (``None``: as the profile measured it, ``profile.measurement``).
 
     Raises:
@@ -148,7 +153,12 @@ def bench(
         elif strategy == "optimal-no-offload":
             costs, strategy = without_offload(costs), "optimal"
         try:
-            chosen = solve(costs, budget_bytes, strategy)
+            if strategy == "optimal-timed":
+                say(f"timing up to {candidates} plans within {text}")
+                plans_within = alternatives(costs, budget_bytes, candidates)
+                chosen = fastest(model, sample, plans_within, loss_fn=loss_fn, keep_output=keep)
+            else:
+                chosen = solve(costs, budget_bytes, strategy)
         except InfeasibleBudgetError as error:
             plans.append(None)
             rows.append(row | dict(feasible=False, min_feasible_bytes=error.min_feasible_bytes))

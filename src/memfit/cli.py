@@ -143,7 +143,7 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
 
 def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     import memfit
-    from memfit.planning.solve import parse_strategy
+    from memfit.planning.solve import Strategy, parse_strategy
     from memfit.report.tables import plan_table
     from memfit.units import parse_budget, parse_bytes
 
@@ -152,13 +152,26 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     if args.host_budget is not None:
         _usage(parse_bytes, args.host_budget)
     model, sample = _load(args.target, args)
-    with out.progress(f"profiling {args.target}"):
-        prof = memfit.profile(
-            model, sample, repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact
+    options = dict(repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact)
+    if args.candidates > 1:
+        if parse_strategy(args.strategy)[0] is not Strategy.OPTIMAL:
+            raise UsageError(f"--candidates times optimal plans; --strategy is {args.strategy!r}")
+        with out.progress(f"profiling {args.target}, timing {args.candidates} plans"):
+            plan = memfit.plan(
+                model,
+                sample,
+                budget=args.budget,
+                strategy=args.strategy,
+                host_budget=args.host_budget,
+                candidates=args.candidates,
+                **options,
+            )
+    else:
+        with out.progress(f"profiling {args.target}"):
+            prof = memfit.profile(model, sample, **options)
+        plan = memfit.plan(
+            prof, budget=args.budget, strategy=args.strategy, host_budget=args.host_budget
         )
-    plan = memfit.plan(
-        prof, budget=args.budget, strategy=args.strategy, host_budget=args.host_budget
-    )
     if args.output:
         Path(args.output).write_text(plan.to_json())
     if out.as_json:
@@ -355,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--host-budget",
         help='host memory offloaded activations may take (CUDA), e.g. "64GiB"; default: half '
         "of the free host memory",
+    )
+    sub.add_argument(
+        "--candidates",
+        type=_positive,
+        default=1,
+        help="time this many plans within the budget on the model, side by side, and keep "
+        "the fastest (default 1: the optimal plan of the predicted costs, untimed)",
     )
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.add_argument("--inexact", action="store_true", help=inexact_help)

@@ -144,6 +144,16 @@ def plan_table(plan: Plan) -> Any:
         title += f"; NOT bit-identical: {stages}"
     for note in plan.info.get("notes", []):
         rows.append(["note", "", str(note)])
+    for entry in plan.info.get("timed", []):
+        mark = "chosen" if entry["chosen"] else "timed"
+        rows.append(
+            [
+                mark,
+                f"{entry['ratio_to_optimal']:.3f}x",
+                f"{entry['options']}: measured {entry['measured_step_s'] * 1e3:.1f} ms, "
+                f"predicted {entry['predicted_step_s'] * 1e3:.1f} ms",
+            ]
+        )
     return make_table(title, ["stage", "runs as", "ops"], rows)
 
 

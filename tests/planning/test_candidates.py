@@ -1,0 +1,87 @@
+"""Other plans within the same budget (``planning/candidates.py``), for timing side by side."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from plan_strategies import chains, peaks
+
+from memfit.errors import InfeasibleBudgetError
+from memfit.planning import Segment, Stage, simulate, solve
+from memfit.planning.candidates import alternatives, used_options, without
+from memfit.planning.costs import ChainCosts
+from memfit.planning.synthetic import heterogeneous_chain
+
+
+def _check(costs: ChainCosts, budget: int, count: int) -> None:
+    plans = alternatives(costs, budget, count)
+    best = solve(costs, budget, "optimal")
+    assert plans[0].tree == best.tree  # the optimal plan first, as solve makes it
+    assert 1 <= len(plans) <= count
+    assert len({p.tree for p in plans}) == len(plans)  # distinct schedules
+    for plan in plans:
+        result = simulate(costs, plan.tree)
+        assert result.peak_bytes <= budget
+        assert (plan.predicted_peak_bytes, plan.predicted_step_s) == (
+            result.peak_bytes,
+            result.step_s,
+        )
+    for plan in plans[1:]:
+        # each alternative does without something the optimal plan relies on
+        assert used_options(best.tree) - used_options(plan.tree)
+        assert plan.predicted_step_s >= best.predicted_step_s
+    times = [p.predicted_step_s for p in plans[1:]]
+    assert times == sorted(times)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_alternatives_fit_the_budget_and_differ(data: st.DataObject) -> None:
+    costs = data.draw(chains(max_stages=5, max_options=3))
+    budget = data.draw(st.sampled_from(peaks(costs)))
+    _check(costs, budget, data.draw(st.integers(1, 5)))
+
+
+def test_alternatives_on_a_heterogeneous_chain() -> None:
+    costs = heterogeneous_chain(8, options=4, seed=3)
+    low, high = (simulate(costs, solve(costs, None, s).tree).peak_bytes for s in ("all", "none"))
+    counts = []
+    for fraction in (0.1, 0.35, 0.5, 0.7, 0.9):
+        budget = int(low + fraction * (high - low))
+        _check(costs, budget, 4)
+        plans = alternatives(costs, budget, 4)
+        counts.append(len(plans))
+        best_used = used_options(plans[0].tree)
+        if not best_used:
+            assert len(plans) == 1  # nothing to do without: the optimal plan alone
+            continue
+        # the menus without one option the optimal plan uses, each alone
+        menus = {solve(without(costs, {o}), budget, "optimal").tree for o in best_used}
+        assert menus - {plans[0].tree} <= {p.tree for p in plans} or len(plans) == 4
+    assert max(counts) > 1  # some budgets leave room for other plans
+
+
+def test_used_options_walks_nested_segments_and_offload() -> None:
+    tree = (
+        Stage(0, "keep"),
+        Segment(1, 3, (Stage(1, "rebuild"), Segment(2, 3, (Stage(2, "selective:0"),))), True),
+        Stage(3, "head:lean-loss"),
+    )
+    assert used_options(tree) == {"rebuild", "selective:0", "offload", "head:lean-loss"}
+
+
+def test_without_takes_options_out_of_every_menu() -> None:
+    costs = heterogeneous_chain(5, options=3)
+    lean = without(costs, {"selective:0"})
+    assert all("selective:0" not in stage.options for stage in lean.stages)
+    assert all("keep" in stage.options for stage in lean.stages)
+    assert costs.stages[1].options.keys() >= {"selective:0"}  # the original is untouched
+
+
+def test_alternatives_errors() -> None:
+    costs = heterogeneous_chain(5)
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        alternatives(costs, None, 0)
+    with pytest.raises(InfeasibleBudgetError):
+        alternatives(costs, 1, 3)
