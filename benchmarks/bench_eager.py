@@ -44,7 +44,9 @@ def summary(row: BenchRow) -> str:
     for name, option in plan.options.items():
         if not name.startswith("<"):
             counts[option] = counts.get(option, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    ends = [f"{name} {option}" for name, option in plan.options.items() if name.startswith("<")]
+    return text + "".join(f"; {end}" for end in ends if not end.endswith(" keep"))
 
 
 def table(rows: list[tuple[str, BenchRow]], held: int, activation: int) -> list[str]:
@@ -77,7 +79,7 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
         heads=args.heads,
         seq=args.seq,
         batch=args.batch,
-        vocab=args.vocab,
+        vocab=vocabulary(arch, args.vocab),
     )
     budgets = [b.strip() for b in args.budgets.split(",")]
     after = memfit.profile(model, sample, repeats=args.repeats)
@@ -128,6 +130,7 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
     lines = [
         f"## {arch}",
         "",
+        f"- vocabulary {vocabulary(arch, args.vocab)}",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held {m.held_bytes / 2**20:.1f}"
         f" MiB + activations {m.activation_bytes / 2**20:.1f} MiB; step {old.baseline_step_s * 1e3:.0f} ms",
         "",
@@ -182,6 +185,17 @@ def frontier_rows(model: Any, sample: Any, prof: Any, args: argparse.Namespace) 
     return lines
 
 
+def vocabulary(arch: str, vocab: str) -> int:
+    """``vocab`` as a size; ``default``: the transformers config's own for ``arch``."""
+    if vocab != "default":
+        return int(vocab)
+    import transformers
+
+    from memfit.integrations.hf_models import FAMILIES
+
+    return int(getattr(transformers, FAMILIES[arch].config)().vocab_size)
+
+
 def _at_hf(row: BenchRow) -> BenchRow:
     from dataclasses import replace
 
@@ -197,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument(
+        "--vocab",
+        default="1024",
+        help="vocabulary size, or 'default' for each config's own (GPT-2 50257, Llama 32000, "
+        "BERT 30522)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--candidates",
@@ -217,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs; python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"- models: Hugging Face configs with library defaults, {args.layers} layers, width "
-        f"{args.hidden}, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens",
+        f"{args.hidden}, vocab {args.vocab if args.vocab != 'default' else 'the config default'}"
+        f", batch {args.batch} x {args.seq} tokens",
         f"- overhead: median over {args.repeats} rounds of (row step / paired unplanned step) - 1",
         "",
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from typing import Any
 
 from torch import nn
@@ -82,8 +83,8 @@ def plan(
             menus without the options it relies on (:func:`~memfit.planning.candidates.
             alternatives`) run in turns, whole steps, and the fastest by more than 1% wins
             (:func:`memfit.timing.fastest`: ``plan.info["timed"]`` lists what was measured).
-            Costs a few steps per plan; worth it where predictions of mixed plans miss (on a
-            CPU: +35.9% measured for a plan predicted faster than one measured at +28.7%).
+            Costs 10 steps per plan (5 rounds of an untimed and a timed step; ``repeats`` does
+            not change it); worth it where predictions of mixed plans miss.
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
@@ -95,13 +96,16 @@ def plan(
         ValueError: malformed budget or strategy; ``candidates`` below 1, or above 1 with
             another strategy than ``optimal``, with a profile instead of the model, or in a
             run of several processes.
+        TypeError: ``candidates`` is not an integer.
 
     Example:
         >>> p = memfit.plan(prof, budget="40%")
         >>> p.predicted_peak_bytes, p.options
     """
     parsed = None if budget is None else parse_budget(budget)
-    _check_candidates(candidates, profile_or_model, strategy)
+    candidates = _check_candidates(
+        candidates, profile_or_model, strategy, profile_options.get("distributed")
+    )
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
             raise TypeError("memfit.plan(model, sample, budget=...) needs the sample to profile")
@@ -121,6 +125,13 @@ def plan(
     try:
         if candidates > 1:
             plans = alternatives(prof.costs, budget_bytes, candidates, **extra)
+            if len(plans) < candidates:
+                logger.info(
+                    "plan: %d of %d candidates: the optimal plan relies on no option a plan "
+                    "within the budget can do without",
+                    len(plans),
+                    candidates,
+                )
         else:
             plans = [solve(prof.costs, budget_bytes, strategy, **extra)]
     except InfeasibleBudgetError as error:
@@ -136,13 +147,13 @@ def plan(
         plans = [agree_on_plan(plans[0])]
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
-    for index, option in enumerate(plans):
-        info = dict(option.info)
+    for index, candidate in enumerate(plans):
+        info = dict(candidate.info)
         for key in ("compile", "notes"):  # compiled blocks: apply compiles them; left out
             if key in prof.info:
                 info[key] = prof.info[key]
         plans[index] = dataclasses.replace(
-            option, keep_output=step.keep_output, accumulate=step.accumulate, info=info
+            candidate, keep_output=step.keep_output, accumulate=step.accumulate, info=info
         )
     result = plans[0]
     if candidates > 1:
@@ -153,34 +164,49 @@ def plan(
             plans,
             loss_fn=profile_options.get("loss_fn"),
             keep_output=step.keep_output,
+            accumulate=step.accumulate,
         )
     logger.info("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
 
 
-def _check_candidates(candidates: int, profile_or_model: Any, strategy: str) -> None:
-    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+def _check_candidates(
+    candidates: Any, profile_or_model: Any, strategy: str, distributed: bool | None
+) -> int:
+    """``candidates`` as an int, checked against the other arguments of :func:`plan`."""
+    if isinstance(candidates, bool):
+        raise TypeError(f"candidates must be an integer >= 1; got {candidates!r}")
+    try:
+        count = operator.index(candidates)
+    except TypeError:
+        raise TypeError(
+            f"candidates must be an integer >= 1 (plans to time on the model); got "
+            f"{type(candidates).__name__} {candidates!r}"
+        ) from None
+    if count < 1:
         raise ValueError(
             f"candidates must be an integer >= 1 (plans to time on the model; 1: the optimal "
-            f"plan, untimed); got {candidates!r}"
+            f"plan, untimed); got {count}"
         )
-    if candidates == 1:
-        return
+    if count == 1:
+        return count
     if parse_strategy(strategy)[0] is not Strategy.OPTIMAL:
         raise ValueError(
-            f"candidates={candidates} chooses among optimal plans; strategy {strategy!r} makes "
-            f"one plan. Use strategy='optimal' or candidates=1"
+            f"candidates={count} chooses among optimal plans; strategy {strategy!r} makes one "
+            f"plan. Use strategy='optimal' or candidates=1"
         )
     if not isinstance(profile_or_model, nn.Module):
         raise ValueError(
-            f"candidates={candidates} times plans on the model: call memfit.plan(model, "
-            f"sample, budget=..., candidates={candidates}) (or memfit.auto), not with a profile"
+            f"candidates={count} times plans on the model: call memfit.plan(model, sample, "
+            f"budget=..., candidates={count}) (or memfit.auto), not with a profile"
         )
-    if ranks() > 1:
+    if ranks(distributed) > 1:
         raise ValueError(
-            f"candidates={candidates} is not supported in a run of several processes yet "
-            f"(each rank would time its own); use candidates=1"
+            f"candidates={count} is not supported across several processes yet (each rank "
+            f"would time its own, and ranks must run one plan); use candidates=1, or "
+            f"distributed=False to plan each process alone"
         )
+    return count
 
 
 def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
@@ -340,10 +366,11 @@ def auto(
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")
         >>> loss = model(tokens, targets); loss.backward()  # train as before
     """
+    count = _check_candidates(candidates, model, strategy, profile_options.get("distributed"))
     if shapes is not None:
         if shapes != "dynamic":
             raise ValueError(f'shapes must be None or "dynamic"; got {shapes!r}')
-        if candidates != 1:
+        if count != 1:
             raise ValueError(
                 'candidates times plans at the sample\'s shape: not with shapes="dynamic" '
                 "(each shape's plan is made in milliseconds, at its first batch); use "
@@ -365,7 +392,7 @@ def auto(
     if seq_range is not None:
         raise ValueError('seq_range applies to shapes="dynamic" only')
     result = plan(
-        model, sample, budget=budget, strategy=strategy, candidates=candidates, **profile_options
+        model, sample, budget=budget, strategy=strategy, candidates=count, **profile_options
     )
     apply(model, result, sample)
     return result

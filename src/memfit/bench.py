@@ -119,7 +119,8 @@ def bench(
     Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
     run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
     every budget; ``optimal-timed`` times up to ``candidates`` plans within each budget on the
-    model first and runs the fastest (:func:`memfit.timing.fastest`). ``keep_output``: whether the model's output stays alive through backward in
+    model first and runs the fastest (:func:`memfit.timing.fastest`). ``keep_output``:
+    whether the model's output stays alive through backward in
     the measured steps (``None``: as the profile measured it, ``profile.measurement``).
 
     Raises:
@@ -127,6 +128,11 @@ def bench(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1 (timed steps per row); got {repeats}")
+    if "optimal-timed" in strategies and candidates < 2:
+        raise ValueError(
+            f"strategy 'optimal-timed' times at least 2 plans per budget; got candidates="
+            f"{candidates} (use 'optimal' for the untimed plan)"
+        )
     say = progress or (lambda _message: None)
     measurement = profile.measurement
     keep = measurement.keep_output if keep_output is None else keep_output
@@ -156,7 +162,14 @@ def bench(
             if strategy == "optimal-timed":
                 say(f"timing up to {candidates} plans within {text}")
                 plans_within = alternatives(costs, budget_bytes, candidates)
-                chosen = fastest(model, sample, plans_within, loss_fn=loss_fn, keep_output=keep)
+                chosen = fastest(
+                    model,
+                    sample,
+                    plans_within,
+                    loss_fn=loss_fn,
+                    keep_output=keep,
+                    accumulate=measurement.accumulate,
+                )
             else:
                 chosen = solve(costs, budget_bytes, strategy)
         except InfeasibleBudgetError as error:

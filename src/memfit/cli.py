@@ -151,11 +151,14 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     _usage(parse_strategy, args.strategy)
     if args.host_budget is not None:
         _usage(parse_bytes, args.host_budget)
+    if args.candidates > 1 and parse_strategy(args.strategy)[0] is not Strategy.OPTIMAL:
+        raise UsageError(
+            f"--candidates times optimal plans; --strategy is {args.strategy!r}: use --strategy "
+            f"optimal or drop --candidates"
+        )
     model, sample = _load(args.target, args)
     options = dict(repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact)
     if args.candidates > 1:
-        if parse_strategy(args.strategy)[0] is not Strategy.OPTIMAL:
-            raise UsageError(f"--candidates times optimal plans; --strategy is {args.strategy!r}")
         with out.progress(f"profiling {args.target}, timing {args.candidates} plans"):
             plan = memfit.plan(
                 model,

@@ -6,25 +6,35 @@ machine's drift reaches them all alike), each timed step after one untimed step 
 allocator's state after another plan's step is not charged to this one), and compares each
 plan with the first (the optimal plan of the predicted costs) by the median of their ratios
 in the same round. Another plan replaces the first only when it is faster by more than
-:data:`MARGIN`: a measured choice must not flip on noise.
+:data:`MARGIN`: a measured choice must not flip on noise. Plans made from a compiled profile
+(``plan.info["compile"]``) are timed with the blocks compiled, as :func:`memfit.apply` runs
+them.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
+from memfit.errors import MemfitError
+from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
+from memfit.runtime.apply import chain_of_plan
+from memfit.runtime.compiled import compile_blocks, compiled_blocks, uncompile_blocks
 from memfit.verification import timed_step_under
 
 MARGIN = 0.01  # another plan must be at least 1% faster (median of paired ratios) to be chosen
-ROUNDS = 5  # timed steps per plan
+ROUNDS = 5  # timed steps per plan (each after an untimed one)
+ALONE = "prediction: no other plan to time"
 
 
 def _summary(plan: Plan) -> str:
@@ -32,6 +42,26 @@ def _summary(plan: Plan) -> str:
     for option in plan.options.values():
         counts[option] = counts.get(option, 0) + 1
     return ", ".join(f"{n} {option}" for option, n in sorted(counts.items()))
+
+
+@contextmanager
+def _as_applied(model: nn.Module, plan: Plan) -> Iterator[None]:
+    """The model as :func:`memfit.apply` would run ``plan``'s kind of plan: blocks compiled
+    for a plan from a compiled profile; Hugging Face's own checkpointing off (silently: the
+    caller's state comes back afterwards)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        disable_hf_checkpointing(model)
+    compiling = plan.info.get("compile")
+    blocks = chain_of_plan(model, plan).blocks
+    compiled_here = compiling is not None and compiled_blocks(blocks) is None
+    if compiling is not None and compiled_here:
+        compile_blocks(blocks, compiling)
+    try:
+        yield
+    finally:
+        if compiled_here:
+            uncompile_blocks(blocks)
 
 
 @preserving_state
@@ -43,17 +73,20 @@ def fastest(
     rounds: int = ROUNDS,
     loss_fn: LossFn | None = None,
     keep_output: bool = True,
+    accumulate: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """The plan of ``plans`` whose steps measured fastest on ``model``; the first plan unless
     another is faster by more than :data:`MARGIN` (median over ``rounds`` of the ratio of its
     step time to the first plan's in the same round). A single plan is returned untimed
-    (``info["chosen_by"]`` says so).
+    (``info["chosen_by"]`` says so). Each plan costs ``2 * rounds`` steps.
 
     The returned plan's ``info["timed"]`` lists every plan timed: its options in words,
-    predicted step seconds, the median measured step seconds, and the median ratio to the
-    first plan; ``info["chosen_by"]`` says ``"timing"``. The model is left unplanned, with its
-    RNG state, gradients and training mode as found.
+    predicted step seconds, the median measured step seconds, the median ratio to the first
+    plan, and whether it was chosen; ``info["chosen_by"]`` says ``"timing"``. A plan other
+    than the first that fails to run (out of memory, say) is dropped, with its error in its
+    entry; the first plan's errors propagate. The model is left unplanned, with its RNG
+    state, gradients, buffers and training mode as found.
 
     Raises:
         ValueError: no plans, or ``rounds < 1``.
@@ -64,31 +97,49 @@ def fastest(
         raise ValueError(f"rounds must be at least 1 (timed steps per plan); got {rounds}")
     if len(plans) == 1:
         only = plans[0]
-        return replace(only, info={**only.info, "chosen_by": "prediction: no other plan fits"})
+        return replace(only, info={**only.info, "chosen_by": ALONE})
     say = progress or (lambda _message: None)
     steps: list[list[float]] = [[] for _ in plans]
     ratios: list[list[float]] = [[] for _ in plans]
-    for round_ in range(rounds):
-        say(f"timing {len(plans)} plans side by side: round {round_ + 1} of {rounds}")
-        shift = round_ % len(plans)
-        order = [*range(shift, len(plans)), *range(shift)]
-        times = {i: timed_step_under(model, sample, plans[i], loss_fn, keep_output) for i in order}
-        for index, seconds in times.items():
-            steps[index].append(seconds)
-            ratios[index].append(seconds / times[0])
-    medians = [statistics.median(r) for r in ratios]
-    chosen = min(range(len(plans)), key=lambda i: medians[i])
-    if medians[chosen] > 1.0 - MARGIN:
-        chosen = 0
-    timed = [
-        {
+    failed: dict[int, str] = {}
+    with _as_applied(model, plans[0]):
+        for round_ in range(rounds):
+            say(f"timing {len(plans)} plans side by side: round {round_ + 1} of {rounds}")
+            shift = round_ % len(plans)
+            times: dict[int, float] = {}
+            for index in [*range(shift, len(plans)), *range(shift)]:
+                if index in failed:
+                    continue
+                try:
+                    times[index] = timed_step_under(
+                        model, sample, plans[index], loss_fn, keep_output, accumulate=accumulate
+                    )
+                except (torch.OutOfMemoryError, MemfitError, RuntimeError) as error:
+                    if index == 0:
+                        raise
+                    failed[index] = f"{type(error).__name__}: {error}"
+            for index, seconds in times.items():
+                steps[index].append(seconds)
+                ratios[index].append(seconds / times[0])
+    medians = [
+        statistics.median(r) if r and i not in failed else None for i, r in enumerate(ratios)
+    ]
+    chosen = min(
+        (i for i, m in enumerate(medians) if m is not None), key=lambda i: medians[i] or 0.0
+    )
+    if (medians[chosen] or 1.0) > 1.0 - MARGIN:
+        chosen = 0  # ties and near-ties go to the optimal plan of the predicted costs
+    timed = []
+    for i, plan in enumerate(plans):
+        entry: dict[str, Any] = {
             "options": _summary(plan),
             "predicted_step_s": plan.predicted_step_s,
-            "measured_step_s": statistics.median(steps[i]),
+            "measured_step_s": statistics.median(steps[i]) if i not in failed else None,
             "ratio_to_optimal": medians[i],
             "chosen": i == chosen,
         }
-        for i, plan in enumerate(plans)
-    ]
+        if i in failed:
+            entry["error"] = failed[i]
+        timed.append(entry)
     result = plans[chosen]
     return replace(result, info={**result.info, "timed": timed, "chosen_by": "timing"})

@@ -227,16 +227,21 @@ def timed_step_under(
     loss_fn: LossFn | None = None,
     keep_output: bool = True,
     target: nn.Module | None = None,
+    accumulate: bool = False,
 ) -> float:
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
     carry a plan), after one untimed step: right after another way of running, the allocator's
     state (pages a leaner plan gave back) would otherwise be charged to this one. ``target``:
-    the module of ``model`` the plan goes on (default ``model``; a wrapper's inner model)."""
+    the module of ``model`` the plan goes on (default ``model``; a wrapper's inner model).
+    ``accumulate``: steps of the gradient-accumulation steady state (gradients kept)."""
     target = model if target is None else target
     chain = None if plan is None else chain_of_plan(target, plan)
     with planned(target, chain, plan):
-        time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
-        return time_step(model, sample, loss_fn=loss_fn, keep_output=keep_output)
+        for _ in range(2):  # the first one untimed
+            seconds = time_step(
+                model, sample, loss_fn=loss_fn, keep_output=keep_output, accumulate=accumulate
+            )
+        return seconds
 
 
 def same_tensors(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

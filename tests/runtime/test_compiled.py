@@ -194,3 +194,22 @@ def test_compiled_blocks_refuse_hooked_options() -> None:
     with pytest.raises(PlanMismatchError, match="cannot see inside compiled blocks"):
         memfit.apply(model, edited)
     assert not any("forward" in block.__dict__ for block in model.blocks)
+
+
+def test_candidates_are_timed_with_the_blocks_compiled() -> None:
+    # a plan with compile-budget options runs only on blocks memfit compiled: timing the
+    # candidates must compile them as apply does (it raised PlanMismatchError before)
+    backend = {"backend": "aot_eager_decomp_partition"}
+    model, sample = build("gpt", layers=4, width=64, heads=2, seq=64, batch=2, dropout=0.0)
+    plan = memfit.plan(model, sample, budget="70%", repeats=1, compile=backend, candidates=3)
+    timed = plan.info["timed"]
+    assert len(timed) >= 2 and not any("error" in entry for entry in timed)
+    assert any("compile-budget:" in entry["options"] for entry in timed)
+    assert plan.info["compile"] == backend
+    assert all("forward" not in block.__dict__ for block in model.blocks)  # left uncompiled
+    memfit.apply(model, plan, sample)
+    try:
+        measured = memfit.measure(model, sample, repeats=1).peak_bytes
+        assert plan.budget_bytes is not None and measured <= plan.budget_bytes
+    finally:
+        memfit.remove(model)
