@@ -5,12 +5,16 @@ Rows per model: no checkpointing, per-block full recompute (``all``: what Huggin
 ``gradient_checkpointing_enable()`` does), memfit's optimal plan from a menu without ``rebuild+ops``
 (memfit before op chains and head options), and with them, at 30%, 50%, 70% of activation
 memory and at the per-block recompute's own peak; ``--frontier N`` also times N points of
-memfit's frontier side by side, to check that time falls as memory grows. Models are built with the library's defaults
-(``memfit.integrations.hf.build_hf``: dropout on, default attention). Every row is measured
+memfit's frontier side by side, to check that time falls as memory grows; ``--candidates N``
+(default 4) adds rows whose plan was chosen by timing up to N plans within the budget
+(``memfit.plan(..., candidates=N)``), measured again side by side with the others. Models are
+built with the library's defaults (``memfit.integrations.hf.build_hf``: dropout on, default
+attention; ``--vocab default``: each config's own vocabulary too). Every row is measured
 for real: peak (CPU meter), gradients bit for bit, step time paired with an unplanned step
 (medians of ratios). Results go to ``benchmarks/results/eager-<date>.md``.
 
-    .venv/bin/python benchmarks/bench_eager.py --models gpt2,llama,bert
+    .venv/bin/python benchmarks/bench_eager.py --models gpt2,llama,bert --frontier 6
+    .venv/bin/python benchmarks/bench_eager.py --vocab default --frontier 6
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from memfit.distributed import agree_on_plan, ranks
+from memfit.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
@@ -84,7 +84,9 @@ def plan(
             alternatives`) run in turns, whole steps, and the fastest by more than 1% wins
             (:func:`memfit.timing.fastest`: ``plan.info["timed"]`` lists what was measured).
             Costs 10 steps per plan (5 rounds of an untimed and a timed step; ``repeats`` does
-            not change it); worth it where predictions of mixed plans miss.
+            not change it); worth it where predictions of mixed plans miss. Across ranks
+            (DDP, FSDP2) every rank times the same plans in lockstep and all run rank 0's
+            choice.
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
@@ -94,8 +96,7 @@ def plan(
             the units of ``budget`` (a percentage for a percentage, bytes and percentage for
             bytes), ``.min_feasible_bytes`` carries it in bytes of step peak.
         ValueError: malformed budget or strategy; ``candidates`` below 1, or above 1 with
-            another strategy than ``optimal``, with a profile instead of the model, or in a
-            run of several processes.
+            another strategy than ``optimal`` or with a profile instead of the model.
         TypeError: ``candidates`` is not an integer.
 
     Example:
@@ -103,9 +104,7 @@ def plan(
         >>> p.predicted_peak_bytes, p.options
     """
     parsed = None if budget is None else parse_budget(budget)
-    candidates = _check_candidates(
-        candidates, profile_or_model, strategy, profile_options.get("distributed")
-    )
+    candidates = _check_candidates(candidates, profile_or_model, strategy)
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
             raise TypeError("memfit.plan(model, sample, budget=...) needs the sample to profile")
@@ -143,8 +142,9 @@ def plan(
         raise InfeasibleBudgetError(
             budget_bytes, error.min_feasible_bytes, error.detail, message=message
         ) from None
-    if int(prof.info.get("ranks", 1)) > 1 and ranks() > 1:  # merged over the ranks: all solved it
-        plans = [agree_on_plan(plans[0])]
+    together = int(prof.info.get("ranks", 1)) > 1 and ranks() > 1  # merged: all ranks solved it
+    if together:
+        plans = rank0_plans(plans) if candidates > 1 else [agree_on_plan(plans[0])]
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
     for index, candidate in enumerate(plans):
@@ -165,14 +165,15 @@ def plan(
             loss_fn=profile_options.get("loss_fn"),
             keep_output=step.keep_output,
             accumulate=step.accumulate,
+            drop_failures=not together,  # a rank that skips a plan would desert the others
         )
+        if together:  # every rank timed the same plans in lockstep; all run rank 0's choice
+            result = rank0_plan(result)
     logger.info("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
 
 
-def _check_candidates(
-    candidates: Any, profile_or_model: Any, strategy: str, distributed: bool | None
-) -> int:
+def _check_candidates(candidates: Any, profile_or_model: Any, strategy: str) -> int:
     """``candidates`` as an int, checked against the other arguments of :func:`plan`."""
     if isinstance(candidates, bool):
         raise TypeError(f"candidates must be an integer >= 1; got {candidates!r}")
@@ -199,12 +200,6 @@ def _check_candidates(
         raise ValueError(
             f"candidates={count} times plans on the model: call memfit.plan(model, sample, "
             f"budget=..., candidates={count}) (or memfit.auto), not with a profile"
-        )
-    if ranks(distributed) > 1:
-        raise ValueError(
-            f"candidates={count} is not supported across several processes yet (each rank "
-            f"would time its own, and ranks must run one plan); use candidates=1, or "
-            f"distributed=False to plan each process alone"
         )
     return count
 
@@ -366,7 +361,7 @@ def auto(
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")
         >>> loss = model(tokens, targets); loss.backward()  # train as before
     """
-    count = _check_candidates(candidates, model, strategy, profile_options.get("distributed"))
+    count = _check_candidates(candidates, model, strategy)
     if shapes is not None:
         if shapes != "dynamic":
             raise ValueError(f'shapes must be None or "dynamic"; got {shapes!r}')

@@ -158,3 +158,14 @@ def agree_on_plan(plan: Plan) -> Plan:
             "rank 0's"
         )
     return Plan.from_json(texts[0])
+
+
+def rank0_plans(plans: list[Plan]) -> list[Plan]:
+    """Rank 0's list of plans, on every rank (the candidates all ranks time in lockstep)."""
+    return [Plan.from_json(text) for text in rank0([plan.to_json() for plan in plans])]
+
+
+def rank0_plan(plan: Plan) -> Plan:
+    """Rank 0's plan, on every rank, without a warning: after timing, each rank may have
+    measured another plan fastest, and every rank must run the same one."""
+    return Plan.from_json(rank0(plan.to_json()))

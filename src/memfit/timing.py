@@ -74,6 +74,7 @@ def fastest(
     loss_fn: LossFn | None = None,
     keep_output: bool = True,
     accumulate: bool = False,
+    drop_failures: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """The plan of ``plans`` whose steps measured fastest on ``model``; the first plan unless
@@ -85,7 +86,8 @@ def fastest(
     predicted step seconds, the median measured step seconds, the median ratio to the first
     plan, and whether it was chosen; ``info["chosen_by"]`` says ``"timing"``. A plan other
     than the first that fails to run (out of memory, say) is dropped, with its error in its
-    entry; the first plan's errors propagate. The model is left unplanned, with its RNG
+    entry (``drop_failures=False``: its error propagates, as the first plan's always do; ranks
+    timing in lockstep must all stop). The model is left unplanned, with its RNG
     state, gradients, buffers and training mode as found.
 
     Raises:
@@ -115,7 +117,7 @@ def fastest(
                         model, sample, plans[index], loss_fn, keep_output, accumulate=accumulate
                     )
                 except (torch.OutOfMemoryError, MemfitError, RuntimeError) as error:
-                    if index == 0:
+                    if index == 0 or not drop_failures:
                         raise
                     failed[index] = f"{type(error).__name__}: {error}"
             for index, seconds in times.items():

@@ -85,6 +85,17 @@ def test_fsdp2_bit_identical_same_plan_no_extra_all_gathers(tmp_path: pathlib.Pa
         assert abs(verify["predicted"] / verify["measured"] - 1) <= 0.02, verify
 
 
+def test_candidates_timed_in_lockstep_one_plan_for_all(tmp_path: pathlib.Path) -> None:
+    ranks = run("candidates", tmp_path)
+    assert ranks[0]["tree"] == ranks[1]["tree"]  # rank 0's choice everywhere
+    for seen in ranks:
+        assert seen["chosen_by"] is not None
+        if seen["chosen_by"] == "timing":  # at this size the 50% plan has had 2 (measured)
+            assert seen["timed"] >= 2
+        assert seen["loss"] and seen["grads"]  # after DDP's all-reduce, dropout on
+    assert ranks[0]["timed"] == ranks[1]["timed"]
+
+
 def test_ranks_with_other_sample_shapes_all_raise(tmp_path: pathlib.Path) -> None:
     ranks = run("mismatch", tmp_path)
     for seen in ranks:

@@ -191,6 +191,23 @@ def fsdp(rank: int) -> dict[str, Any]:
     return seen
 
 
+def candidates(rank: int) -> dict[str, Any]:
+    """Plans timed on every rank in lockstep (DDP's all-reduce in each timed step): every rank
+    runs rank 0's choice, bit-identical to DDP without memfit."""
+    model, sample = build_hf("gpt2", layers=4, seq=64, batch=4)
+    batch = rank_batch(sample, rank)
+    reference = DistributedDataParallel(copy.deepcopy(model))
+    model = DistributedDataParallel(model)
+    plan = memfit.auto(model, batch, budget="50%", repeats=1, candidates=3)
+    return {
+        "tree": tree(plan),
+        "chosen_by": plan.info.get("chosen_by"),
+        "timed": len(plan.info.get("timed", [])),
+        "loss": bool(torch.equal(step(model, batch, 7), step(reference, batch, 7))),
+        "grads": same_grads(model, reference),
+    }
+
+
 def mismatch(rank: int) -> dict[str, Any]:
     model, sample = build_hf("gpt2", layers=2, seq=32)
     batch = rank_batch(sample, rank, seq=32 + 8 * rank)
@@ -202,6 +219,7 @@ def mismatch(rank: int) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "candidates": candidates,
     "ddp": ddp,
     "fsdp": fsdp,
     "mismatch": mismatch,
