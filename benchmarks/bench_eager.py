@@ -43,14 +43,7 @@ HERE = Path(__file__).parent
 
 
 def summary(row: BenchRow) -> str:
-    plan = memfit.Plan.from_dict(row.plan or {})
-    counts: dict[str, int] = {}
-    for name, option in plan.options.items():
-        if not name.startswith("<"):
-            counts[option] = counts.get(option, 0) + 1
-    text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    ends = [f"{name} {option}" for name, option in plan.options.items() if name.startswith("<")]
-    return text + "".join(f"; {end}" for end in ends if not end.endswith(" keep"))
+    return memfit.Plan.from_dict(row.plan or {}).summary
 
 
 def table(rows: list[tuple[str, BenchRow]], held: int, activation: int) -> list[str]:

@@ -37,13 +37,6 @@ ROUNDS = 5  # timed steps per plan (each after an untimed one)
 ALONE = "prediction: no other plan to time"
 
 
-def _summary(plan: Plan) -> str:
-    counts: dict[str, int] = {}
-    for option in plan.options.values():
-        counts[option] = counts.get(option, 0) + 1
-    return ", ".join(f"{n} {option}" for option, n in sorted(counts.items()))
-
-
 @contextmanager
 def _as_applied(model: nn.Module, plan: Plan) -> Iterator[None]:
     """The model as :func:`memfit.apply` would run ``plan``'s kind of plan: blocks compiled
@@ -134,7 +127,7 @@ def fastest(
     timed = []
     for i, plan in enumerate(plans):
         entry: dict[str, Any] = {
-            "options": _summary(plan),
+            "options": plan.summary,
             "predicted_step_s": plan.predicted_step_s,
             "measured_step_s": statistics.median(steps[i]) if i not in failed else None,
             "ratio_to_optimal": medians[i],

@@ -162,3 +162,19 @@ def test_fragmentation_is_kept_free_under_the_budget() -> None:
     assert tight.predicted_peak_bytes <= budget
     assert roomy.predicted_peak_bytes + (3 << 20) <= budget
     assert roomy.predicted_step_s >= tight.predicted_step_s
+
+
+def test_plan_summary_counts_blocks_and_names_the_ends() -> None:
+    from memfit.planning import Segment, Stage
+
+    names = ["<pre>", "b0", "b1", "b2", "<post>"]
+    tree = (
+        Stage(0),
+        Segment(1, 2, (Stage(1),)),
+        Stage(2, "rebuild"),
+        Stage(3, "rebuild"),
+        Stage(4, "head:lean-loss"),
+    )
+    plan = Plan.from_tree(names, tree, "by hand")
+    assert plan.summary == "2 rebuild, 1 recompute; <post> head:lean-loss"
+    assert Plan.from_tree(names, tuple(Stage(i) for i in range(5)), "x").summary == "3 keep"

@@ -29,9 +29,13 @@ from memfit.verification import mismatched_gradients, seeded_gradients
 
 COMPILE = {"backend": "aot_eager"}
 # Dynamo reads .grad of fake tensors while it traces (its own warning, triggered inside torch)
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+    ),
+    # torch's own, when a backend first imports inductor's passes (torch.fx imports torch.jit)
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 @pytest.fixture(autouse=True)

@@ -185,6 +185,20 @@ class Plan:
         return {name: by_index[i] for i, name in enumerate(self.stage_names)}
 
     @property
+    def summary(self) -> str:
+        """How the blocks run, counted, and the ``<...>`` stages that do not just keep:
+        ``"1 keep, 6 rebuild+ops, 1 recompute; <post> head:lean-loss"``."""
+        counts: dict[str, int] = {}
+        ends = []
+        for name, option in self.options.items():
+            if name.startswith("<"):
+                if option != "keep":
+                    ends.append(f"; {name} {option}")
+            else:
+                counts[option] = counts.get(option, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "".join(ends)
+
+    @property
     def exact(self) -> bool:
         """Whether every option of the plan keeps gradients and loss bit-identical to the
         unplanned model's; ``False`` when one is exact to rounding only (``info["inexact"]``:
