@@ -120,8 +120,8 @@ def bench(
     run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
     every budget; ``optimal-timed`` times up to ``candidates`` plans within each budget on the
     model first and runs the fastest (:func:`memfit.timing.fastest`). ``keep_output``:
-    whether the model's output stays alive through backward in
-    the measured steps (``None``: as the profile measured it, ``profile.measurement``).
+    whether the model's output stays alive through backward in the measured steps (``None``:
+    as the profile measured it, ``profile.measurement``).
 
     Raises:
         ValueError: a malformed budget or strategy, or ``repeats < 1``.

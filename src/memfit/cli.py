@@ -157,23 +157,18 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
             f"optimal or drop --candidates"
         )
     model, sample = _load(args.target, args)
-    options = dict(repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact)
-    if args.candidates > 1:
-        with out.progress(f"profiling {args.target}, timing {args.candidates} plans"):
-            plan = memfit.plan(
-                model,
-                sample,
-                budget=args.budget,
-                strategy=args.strategy,
-                host_budget=args.host_budget,
-                candidates=args.candidates,
-                **options,
-            )
-    else:
-        with out.progress(f"profiling {args.target}"):
-            prof = memfit.profile(model, sample, **options)
+    timing = f", timing up to {args.candidates} plans" if args.candidates > 1 else ""
+    with out.progress(f"profiling {args.target}{timing}"):
         plan = memfit.plan(
-            prof, budget=args.budget, strategy=args.strategy, host_budget=args.host_budget
+            model,
+            sample,
+            budget=args.budget,
+            strategy=args.strategy,
+            host_budget=args.host_budget,
+            candidates=args.candidates,
+            repeats=args.repeats,
+            keep_output=_keep(args),
+            exact=not args.inexact,
         )
     if args.output:
         Path(args.output).write_text(plan.to_json())
