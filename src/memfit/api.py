@@ -85,8 +85,7 @@ def plan(
             (:func:`memfit.timing.fastest`: ``plan.info["timed"]`` lists what was measured).
             Costs 10 steps per plan (5 rounds of an untimed and a timed step; ``repeats`` does
             not change it); worth it where predictions of mixed plans miss. Across ranks
-            (DDP, FSDP2) every rank times the same plans in lockstep and all run rank 0's
-            choice.
+            every rank times the same plans in lockstep and all run rank 0's choice.
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
