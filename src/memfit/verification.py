@@ -26,6 +26,7 @@ from memfit.measuring.step import (
     sample_device,
     split_sample,
 )
+from memfit.measuring.trace import Trace, compare_traces, tracing
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import (
     applied_plan,
@@ -60,6 +61,12 @@ class Verification:
         predicted_peak_bytes: the plan's prediction.
         budget_bytes: the plan's budget (None without one).
         overhead: planned step time / unplanned step time - 1 (medians, interleaved runs).
+        trace_difference: with ``trace=True``, the first op the planned step runs that the
+            plain step does not run on the same shapes, strides and dtypes (``""``: none, the
+            same kernels run on any machine; ``None``: not traced).
+        reference_repeatable: ``False`` when the unplanned step itself gives other gradients
+            from the same seed (the model draws random numbers memfit cannot seed, e.g. with
+            NumPy): a mismatch is then the model's, not the plan's.
     """
 
     gradients_equal: bool
@@ -75,14 +82,17 @@ class Verification:
     exact: bool = True
     gradient_error: float = 0.0
     loss_error: float = 0.0
+    trace_difference: str | None = None
+    reference_repeatable: bool = True
 
     @property
     def ok(self) -> bool:
         """Gradients and loss equal (within :data:`ROUNDING` for a plan that is exact to
-        rounding only), and the peak within the budget."""
+        rounding only), the same ops when traced, and the peak within the budget."""
         fits = self.budget_bytes is None or self.measured_peak_bytes <= self.budget_bytes
         if self.exact:
-            return self.gradients_equal and self.loss_equal and fits
+            same_ops = not self.trace_difference
+            return self.gradients_equal and self.loss_equal and fits and same_ops
         return self.gradient_error <= ROUNDING and self.loss_error <= ROUNDING and fits
 
     @property
@@ -109,6 +119,21 @@ def seeded_gradients(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """Loss and parameter gradients of one step from RNG seed ``seed``; the user's RNG state is
     restored, the model's ``.grad`` fields are left at ``None``."""
+    return _seeded_step(model, sample, loss_fn, seed)
+
+
+def traced_gradients(
+    model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], Trace]:
+    """:func:`seeded_gradients` and the step's op trace (:mod:`memfit.measuring.trace`)."""
+    with tracing() as trace:
+        loss, grads = _seeded_step(model, sample, loss_fn, seed)
+    return loss, grads, trace
+
+
+def _seeded_step(
+    model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     reset_grads(model, accumulate=False)
     args, kwargs = split_sample(sample)
     device = sample_device(model, sample)
@@ -133,6 +158,7 @@ def verify(
     optimizer: Any = None,
     accumulate: bool | None = None,
     keep_output: bool | None = None,
+    trace: bool = False,
 ) -> Verification:
     """Check a planned model against itself unplanned: gradients, loss, peak and overhead.
 
@@ -150,6 +176,12 @@ def verify(
             records (``plan.accumulate``).
         keep_output: keep the model's output alive through backward (the usual loop);
             ``None``: as the plan records (``plan.keep_output``).
+        trace: also record every aten op of both seeded steps with its shapes, strides and
+            dtypes, and check that the planned step runs the plain step's ops op for op (its
+            forward and backward) and recomputes only ops the plain forward ran on the same
+            layouts (``Verification.trace_difference``). Equal gradients show identity on this
+            machine; equal traces show it on any machine, since the same ops on the same
+            layouts take the same kernels. A step under tracing runs several times slower.
 
     Raises:
         MemfitError: the model carries no plan.
@@ -185,11 +217,19 @@ def verify(
         accumulate=current.accumulate if accumulate is None else accumulate,
         keep_output=current.keep_output if keep_output is None else keep_output,
     )
+    run = traced_gradients if trace else _untraced_gradients
     try:
-        planned_loss, planned_grads = seeded_gradients(model, sample, loss_fn, seed)
+        planned_loss, planned_grads, planned_trace = run(model, sample, loss_fn, seed)
         planned = measure(model, sample, repeats=1, **step)
         remove_plan(target)
-        reference_loss, reference_grads = seeded_gradients(model, sample, loss_fn, seed)
+        reference_loss, reference_grads, reference_trace = run(model, sample, loss_fn, seed)
+        mismatched = mismatched_gradients(reference_grads, planned_grads)
+        repeatable = True
+        if mismatched or not torch.equal(reference_loss, planned_loss):
+            again_loss, again_grads = seeded_gradients(model, sample, loss_fn, seed)
+            repeatable = torch.equal(again_loss, reference_loss) and not mismatched_gradients(
+                reference_grads, again_grads
+            )
         baseline = measure(model, sample, repeats=1, **step)
         ratios = [
             timed_step_under(model, sample, current, loss_fn, step["keep_output"], target)
@@ -199,7 +239,9 @@ def verify(
     finally:
         if applied_plan(target) is None:
             apply_plan(target, chain, current)
-    mismatched = mismatched_gradients(reference_grads, planned_grads)
+    difference = None
+    if reference_trace is not None and planned_trace is not None:
+        difference = str(compare_traces(reference_trace, planned_trace) or "")
     return Verification(
         gradients_equal=not mismatched,
         loss_equal=torch.equal(reference_loss, planned_loss),
@@ -217,7 +259,15 @@ def verify(
         overhead=statistics.median(ratios) - 1.0,
         planned=planned,
         baseline=baseline,
+        trace_difference=difference,
+        reference_repeatable=repeatable,
     )
+
+
+def _untraced_gradients(
+    model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], None]:
+    return (*_seeded_step(model, sample, loss_fn, seed), None)
 
 
 def timed_step_under(

@@ -4,7 +4,9 @@ Each model comes from :func:`memfit.integrations.hf.build_hf`: the library's def
 (``use_cache``, attention implementation, dropout, tied embeddings), only the sizes small. Each
 family is profiled once per attention implementation, then planned and verified against itself
 unplanned: loss and every gradient ``torch.equal`` (dropout on where the library has it), the
-measured peak within the budget, the predicted peak within 2% of the measured one.
+same aten ops on the same shapes, strides and dtypes as the unplanned step (the op trace of
+:mod:`memfit.measuring.trace`: what makes the equality hold on any CPU or GPU, not only on this
+one), the measured peak within the budget, the predicted peak within 2% of the measured one.
 
 Ways of planning: the optimal plan at budgets 30% and 60% of the activation memory, and every
 block under one option: recompute (strategy ``all``), ``rebuild``, ``rebuild+linear``, ``rebuild+ops``,
@@ -41,9 +43,10 @@ import memfit
 from memfit.errors import InfeasibleBudgetError
 from memfit.integrations.hf import FAMILIES, build_hf
 from memfit.measuring.profile import Profile
+from memfit.measuring.trace import Trace, compare_traces
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.planning.simulate import simulate
-from memfit.verification import same_tensors, seeded_gradients
+from memfit.verification import same_tensors, traced_gradients
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
@@ -72,7 +75,7 @@ class Profiled:
     model: nn.Module
     sample: dict[str, Any]
     profile: Profile
-    reference: tuple[torch.Tensor, dict[str, torch.Tensor | None]]
+    reference: tuple[torch.Tensor, dict[str, torch.Tensor | None], Trace]
 
 
 # Known gaps in the predicted peak, checked strictly: gradients and budget are checked as for
@@ -85,7 +88,7 @@ KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 def profiled(request: pytest.FixtureRequest) -> Profiled:
     arch, attention = request.param
     model, sample = build_hf(arch, attn_implementation=attention, **SIZES)
-    reference = seeded_gradients(model, sample, None, SEED)
+    reference = traced_gradients(model, sample, None, SEED)
     profile = memfit.profile(model, sample, repeats=1, options=STAGE_OPTIONS)
     return Profiled((arch, attention), model, sample, profile, reference)
 
@@ -114,8 +117,9 @@ def every_block(profile: Profile, option: str) -> Plan:
 
 
 def check_planned(profiled: Profiled, plan: Plan, gap: str | None = None) -> int:
-    """Run ``plan`` on the model: loss and gradients bit for bit as unplanned, the predicted
-    peak within 2% of the measured one. Returns the measured peak.
+    """Run ``plan`` on the model: loss and gradients bit for bit as unplanned, the same ops on
+    the same layouts, the predicted peak within 2% of the measured one. Returns the measured
+    peak.
 
     ``memfit.verify`` without its timed steps (a garbage collection before each on a heap that
     holds transformers costs a quarter second, and no check here reads times).
@@ -123,11 +127,13 @@ def check_planned(profiled: Profiled, plan: Plan, gap: str | None = None) -> int
     model, sample = profiled.model, profiled.sample
     memfit.apply(model, plan, sample)
     try:
-        loss, grads = seeded_gradients(model, sample, None, SEED)
+        loss, grads, trace = traced_gradients(model, sample, None, SEED)
         peak_bytes = memfit.measure(model, sample, repeats=1).peak_bytes
     finally:
         memfit.remove(model)
-    reference_loss, reference_grads = profiled.reference
+    reference_loss, reference_grads, reference_trace = profiled.reference
+    difference = compare_traces(reference_trace, trace)
+    assert difference is None, f"{plan.tree}: {difference}"
     assert torch.equal(loss, reference_loss), plan.tree
     assert grads.keys() == reference_grads.keys()
     mismatched = [name for name, g in reference_grads.items() if not same_tensors(g, grads[name])]

@@ -102,8 +102,9 @@ def test_falcon_eager_attention() -> None:
     chain = find_chain(model, lambda: model(*args, **kwargs))
     blocks = profile_ops(model, sample, chain)
     written = {op for op, stats in blocks[0].ops.items() if stats.written_later}
-    # scores /= sqrt(head_dim) after a bmm; mlp_output += attention_output after an mm
-    assert {"aten.bmm.default", "aten.mm.default"} <= written
+    # mlp_output += attention_output after an mm (which ops the attention's matmuls become
+    # depends on the layouts of its keys: not asserted)
+    assert "aten.mm.default" in written
     assert all(not saved_ops(name) & written for name in candidate_policies(blocks))
     profile = memfit.profile(model, sample, repeats=1)
     selective = [name for name in profile.costs.stages[1].options if name.startswith("selective:")]

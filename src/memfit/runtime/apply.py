@@ -19,7 +19,6 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
 from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
-from memfit.runtime.caches import cache_arguments
 from memfit.runtime.executor import Executor, Head, PassThrough, TopStage
 from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
@@ -171,7 +170,6 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             wrap = stage_wrapper(stage.option)
             forwards[(stage.index, stage.option)] = wrap(originals[stage.index])
     blocks = {index: chain.block_of_stage(index) for index in chain.block_stages}
-    caches = {index: cache_arguments(block) for index, block in blocks.items() if block is not None}
     modules = {
         index: tuple(
             (f"{names[index]}.{sub}" if sub else names[index], module)
@@ -180,7 +178,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         for index, block in blocks.items()
         if block is not None
     }
-    executor = Executor(chain, forwards, caches, modules)
+    executor = Executor(chain, forwards, modules)
     executor.offloading = any(
         (isinstance(item, Segment) and item.offload)
         or (isinstance(item, Stage) and item.option == OFFLOAD)
@@ -189,9 +187,9 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):
-            # kept blocks too: a planned model runs every block without its KV cache in
-            # training (as HF's checkpointing turns use_cache off model-wide), so that a block
-            # costs the same kept or inside a segment, and the profile's figures hold
+            # kept blocks too: a planned model runs every block on a private copy of its KV
+            # cache in training, so that a block costs the same kept or inside a segment, and
+            # the profile's figures hold
             if chain.block_of_stage(item.index) is not None:
                 overrides[item.index] = TopStage(executor, item)
         else:

@@ -1,33 +1,47 @@
-"""KV caches in planned blocks: dropped in training forwards, as Hugging Face's checkpointing does.
+"""KV caches in planned blocks: every run of a block writes into a private copy of its cache.
 
 A transformers decoder built with its defaults (``use_cache=True``) hands every layer a cache
-that the layer *appends to* in the forward. Recomputing the layer in backward would then run it
-with the forward's keys already in the cache: a selective checkpoint fails (``aten.slice ...
-not found in storage``), eager attention fails on the shapes, SDPA silently attends over twice
-the keys. Hugging Face's own ``GradientCheckpointingLayer`` therefore drops the cache arguments
-and sets ``use_cache=False`` in a checkpointed training forward; memfit does the same in every
-planned block of a forward with gradients (in eval mode too: the plan still recomputes there).
-A forward without gradients (generation) keeps the cache. The step is bit-identical to the
-unplanned one: the cache only records keys and values, and the returned cache lacks the planned
-layers' entries (nobody reads it in training).
+that the layer *writes to* in the forward (``cache.update(keys, values, layer_idx)``). Recomputing
+the layer in backward with that cache would run it with the forward's keys already there: a
+selective checkpoint fails (``aten.slice ... not found in storage``), eager attention fails on
+the shapes, SDPA silently attends over twice the keys. Dropping the cache (what Hugging Face's
+own checkpointing does) changes the computation instead: ``update`` returns keys and values
+concatenated into fresh contiguous tensors, and without it the attention gets strided views,
+which other kernels take on some CPUs and GPUs, rounding differently.
 
-The cache is found by argument name (``cache``, ``past_key_value``, ``past_key_values``,
-``layer_past``, bound to the block's forward signature, since GPT-2 passes it *positionally*)
-and by type (a ``transformers`` ``Cache`` object in any argument). Layers that only *read* the
-cache declare ``_can_checkpoint_with_cache = True`` (as for HF) and keep it.
+So in a forward with gradients every planned block call gets, in each of its runs (the forward
+and every recompute), a *structural copy* of each cache it is passed: the cache object, its
+layers and their containers are new, the tensors in them are the original's (shared, never
+copied). The block calls ``update`` on the copy exactly as it would on the original, the same ops
+run on the same shapes, strides and dtypes, and the original is never written: a recompute
+starts from the state the forward started from, which makes it right for caches that already
+hold keys too (prefix tuning). A planned block's keys and values are therefore not in the cache
+the model returns from a training forward (nobody reads it in training; Hugging Face's
+checkpointing returns none at all). A forward without gradients (generation) gets the original.
+
+Caches are found by type (a ``transformers`` ``Cache`` in any argument) and by argument name
+(``cache``, ``past_key_value``, ``past_key_values``, ``layer_past``, bound to the block's forward
+signature, since GPT-2 passes it *positionally*). Tensors and tuples under those names are legacy
+caches, which layers never write: they are passed as they are. A layer called with no cache
+object but ``use_cache`` on (a legacy layer that would return its keys as ``present``) gets
+``use_cache=False``, which changes what it returns, not what it computes.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 CACHE_ARGUMENTS = ("cache", "past_key_value", "past_key_values", "layer_past")
 USE_CACHE = "use_cache"
+# how deep a cache's objects are copied (cache -> layers list -> layer -> its containers)
+_COPY_DEPTH = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +51,10 @@ class CacheArguments:
     Attributes:
         positions: argument name -> its position in a call (0: the hidden state), for the cache
             arguments and ``use_cache`` that can be passed positionally.
-        keeps_cache: the layer only reads its cache (``_can_checkpoint_with_cache``).
         use_cache_default: ``use_cache``'s default in the signature (``None``: no such argument).
     """
 
     positions: tuple[tuple[str, int], ...]
-    keeps_cache: bool
     use_cache_default: Any
 
     def position(self, name: str) -> int | None:
@@ -62,9 +74,7 @@ def cache_arguments(block: nn.Module) -> CacheArguments:
         if parameter.kind in positional and parameter.name in (*CACHE_ARGUMENTS, USE_CACHE)
     )
     defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    default = defaults.get(USE_CACHE)
-    keeps = bool(getattr(block, "_can_checkpoint_with_cache", False))
-    return CacheArguments(positions, keeps, default)
+    return CacheArguments(positions, defaults.get(USE_CACHE))
 
 
 def _is_cache(value: Any) -> bool:
@@ -74,45 +84,80 @@ def _is_cache(value: Any) -> bool:
     return cache_type is not None and isinstance(value, cache_type)
 
 
-def drop_caches(
+def _is_config(value: Any) -> bool:
+    configuration_utils = sys.modules.get("transformers.configuration_utils")
+    config_type = getattr(configuration_utils, "PreTrainedConfig", None) or getattr(
+        configuration_utils, "PretrainedConfig", None
+    )
+    return config_type is not None and isinstance(value, config_type)
+
+
+def _is_cache_object(value: Any) -> bool:
+    """An object a cache argument may hold and a layer may write to: not a tensor, a module, a
+    type, a function, a model config or a plain value (those are shared by the copy)."""
+    if _is_cache(value):
+        return True
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, torch.Tensor | nn.Module | type)
+        and not callable(value)
+        and not _is_config(value)
+    )
+
+
+def structural_copy(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` whose containers and objects are new and whose tensors (and every
+    other leaf: dtypes, devices, configs) are the original's."""
+    if depth > _COPY_DEPTH or isinstance(value, torch.Tensor):
+        return value
+    if type(value) in (list, tuple, set):
+        return type(value)(structural_copy(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        new = copy.copy(value)
+        for key, item in value.items():
+            new[key] = structural_copy(item, depth + 1)
+        return new
+    if not _is_cache_object(value):
+        return value
+    new = copy.copy(value)
+    for name, item in vars(value).items():
+        new.__dict__[name] = structural_copy(item, depth + 1)
+    return new
+
+
+def private_caches(
     where: CacheArguments, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
-    """A block call's arguments without its cache and with ``use_cache=False``.
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block call's arguments with a structural copy of every cache in them (and, for a
+    legacy layer called with ``use_cache`` on and no cache object, ``use_cache=False``).
 
     Returns:
-        ``(args, kwargs, changed)``: the new arguments (the originals are not modified) and the
-        names of those that changed (empty: the call is returned as it is).
+        ``(args, kwargs)``: new containers where something changed (the originals are not
+        modified), the very same objects otherwise.
     """
-    new_args, new_kwargs, changed = list(args), dict(kwargs), []
-    names = () if where.keeps_cache else CACHE_ARGUMENTS
-    for name in names:
-        index = where.position(name)
-        if name in new_kwargs and new_kwargs[name] is not None:
-            new_kwargs[name] = None
-            changed.append(name)
-        elif index is not None and 0 < index < len(new_args) and new_args[index] is not None:
-            new_args[index] = None
-            changed.append(name)
-    if not where.keeps_cache:
-        for index in range(1, len(new_args)):
-            if _is_cache(new_args[index]):
-                new_args[index] = None
-                changed.append(f"argument {index}")
-        for name, value in kwargs.items():
-            if new_kwargs[name] is not None and _is_cache(value):
-                new_kwargs[name] = None
-                changed.append(name)
-    index = where.position(USE_CACHE)
-    if new_kwargs.get(USE_CACHE):
-        new_kwargs[USE_CACHE] = False
-        changed.append(USE_CACHE)
-    elif index is not None and 0 < index < len(new_args):
-        if new_args[index]:
-            new_args[index] = False
-            changed.append(USE_CACHE)
-    elif USE_CACHE not in new_kwargs and where.use_cache_default:
-        new_kwargs[USE_CACHE] = False  # a layer whose own default fills a cache
-        changed.append(USE_CACHE)
+    named = {index for name in CACHE_ARGUMENTS if (index := where.position(name)) is not None}
+    new_args, new_kwargs, copied, changed = list(args), dict(kwargs), False, False
+    for index in range(1, len(new_args)):
+        value = new_args[index]
+        if _is_cache(value) or (index in named and _is_cache_object(value)):
+            new_args[index] = structural_copy(value)
+            copied = changed = True
+    for name, value in kwargs.items():
+        if _is_cache(value) or (name in CACHE_ARGUMENTS and _is_cache_object(value)):
+            new_kwargs[name] = structural_copy(value)
+            copied = changed = True
+    if not copied:
+        index = where.position(USE_CACHE)
+        if new_kwargs.get(USE_CACHE):
+            new_kwargs[USE_CACHE] = False
+            changed = True
+        elif index is not None and 0 < index < len(new_args):
+            if new_args[index]:
+                new_args[index] = False
+                changed = True
+        elif USE_CACHE not in new_kwargs and where.use_cache_default:
+            new_kwargs[USE_CACHE] = False  # a legacy layer whose own default returns presents
+            changed = True
     if not changed:
-        return args, kwargs, []
-    return tuple(new_args), new_kwargs, changed
+        return args, kwargs
+    return tuple(new_args), new_kwargs

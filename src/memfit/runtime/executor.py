@@ -5,7 +5,7 @@ A top-level ``Segment(s, t, inner)`` makes block ``s`` (the segment's *head*) ru
 ``inner``: nested segments are nested checkpoints, i.e. multi-level recompute. Blocks
 ``s+1..t-1`` then pass their input through, after checking that running them inside the head
 was right (see ``guards``). A top-level ``Stage`` runs the block wrapped for its option (a kept
-block too: every planned block runs without its KV cache in training).
+block too: every planned block runs on a private copy of its KV cache in training).
 
 Every override (:class:`Head`, :class:`PassThrough`, :class:`TopStage`) is a plain object
 holding the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
@@ -13,9 +13,9 @@ holding the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy``
 copy's blocks. What one forward leaves for the next blocks (:class:`SegmentCall`, with weak
 references) is never copied or pickled.
 
-In a forward with gradients, planned blocks run without their KV cache (``caches``), and each
-recomputed item is watched in its first run for in-place changes of its arguments and writes to
-its modules' state (``guards.Watch``).
+In a forward with gradients, planned blocks run on private copies of their KV caches
+(``caches``, done in ``replay.BlockForward``), and each recomputed item is watched in its first
+run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``).
 
 Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see the pass-through
 (input = output = the segment's output), and the head's hooks see the whole segment.
@@ -37,7 +37,6 @@ from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
 from memfit.measuring.offload import module_tensors, storage_keys
 from memfit.measuring.step import own_fsdp_unit
 from memfit.planning.plan import Item, Segment, Stage
-from memfit.runtime.caches import CacheArguments, drop_caches
 from memfit.runtime.compiled import eager_around_compiled_blocks
 from memfit.runtime.guards import (
     Inputs,
@@ -54,9 +53,6 @@ from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block
 
 logger = logging.getLogger(__name__)
-# first blocks of the chains whose dropped cache was logged: one line per model, not one per
-# plan that profiling applies for a step
-_CACHE_LOGGED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (main input, positional rest, keywords)
 
@@ -89,7 +85,6 @@ class Executor:
     Args:
         chain: the chain.
         forwards: ``(stage, option)`` -> the block's forward wrapped for the option.
-        caches: stage -> where its block's forward takes a KV cache.
         modules: stage -> its block and the block's submodules, with fqns (for ``Watch``).
     """
 
@@ -103,12 +98,10 @@ class Executor:
         self,
         chain: Chain,
         forwards: dict[tuple[int, str], Forward],
-        caches: dict[int, CacheArguments],
         modules: Mapping[int, NamedModules],
     ) -> None:
         self.chain = chain
         self.forwards = forwards
-        self.caches = caches
         self.modules = modules
         self.calls: dict[int, SegmentCall] = {}  # segment start -> its current forward
         # FSDP2 applied after the plan (or removed): the plan's figures are another model's
@@ -151,7 +144,7 @@ class Executor:
             self.offloader.item_done(main_tensor(out), group, segment=segment, ahead=ahead)
 
     def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        """Split a planned top-level call, without its KV cache when gradients are on."""
+        """Split a planned top-level call."""
         if not self.resharding_told and own_fsdp_unit(self.chain.blocks[0]) != self.sharded:
             self.resharding_told = True
             logger.warning(
@@ -162,19 +155,6 @@ class Executor:
                 "per rank, shard first, then call memfit.auto",
                 "sharded with fully_shard" if not self.sharded else "unsharded",
             )
-        if torch.is_grad_enabled():
-            args, kwargs, dropped = drop_caches(self.caches[index], args, kwargs)
-            if dropped and self.chain.blocks[0] not in _CACHE_LOGGED:
-                _CACHE_LOGGED.add(self.chain.blocks[0])
-                logger.warning(
-                    "memfit: stage %r is called with a KV cache (%s); planned blocks run "
-                    "without it in forwards with gradients (recompute would replay them with "
-                    "the forward's keys in the cache), as Hugging Face's gradient checkpointing "
-                    "does; generation under torch.no_grad() keeps it. Pass use_cache=False "
-                    "while training to silence this",
-                    self.name(index),
-                    ", ".join(dropped),
-                )
         return split(args, kwargs)
 
     def watched(self, start: int, stop: int, call: Call) -> Watch | None:
@@ -352,7 +332,7 @@ class PassThrough:
 
 class TopStage:
     """The forward of a block that is a top-level stage of the plan: its option's wrapper (for a
-    kept block, the block itself, called without its KV cache in training)."""
+    kept block, the block itself)."""
 
     def __init__(self, executor: Executor, stage: Stage) -> None:
         self.executor = executor

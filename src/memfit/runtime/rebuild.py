@@ -62,6 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from memfit.measuring.ops import written_arguments
+from memfit.measuring.trace import bookkeeping, rerunning
 from memfit.runtime.options import Forward, OptionKind, StageWrapper, register_option
 
 REBUILD = "rebuild"
@@ -123,7 +124,7 @@ def _strided(tensor: Any) -> bool:
 
 def _next_sequence_nr() -> int:
     """The sequence number the next autograd node made on this thread will get."""
-    with torch.enable_grad():
+    with torch.enable_grad(), bookkeeping():
         return int((torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr()) + 1  # type: ignore[union-attr]
 
 
@@ -173,10 +174,11 @@ class _Source:
                     "plan this stage without 'rebuild' or avoid the in-place change"
                 )
         if self.autocast is None:
-            value = self.make()
+            with rerunning():
+                value = self.make()
         else:
             device, enabled, dtype = self.autocast
-            with torch.autocast(device, dtype=dtype, enabled=enabled):
+            with torch.autocast(device, dtype=dtype, enabled=enabled), rerunning():
                 value = self.make()
         if _geometry(value) != self.geometry or value.untyped_storage().nbytes() != self.nbytes:
             raise RuntimeError(
@@ -742,7 +744,8 @@ class _TwoValued:
 
     def rebuild(self) -> torch.Tensor:
         zero = torch.zeros((), dtype=self.value.dtype, device=self.value.device)
-        base = torch.where(self.nonzero, self.value, zero)
+        with bookkeeping():  # the mask as it was, checked bit for bit when it was packed
+            base = torch.where(self.nonzero, self.value, zero)
         size, stride, offset = self.view
         return base.as_strided(size, stride, offset)
 

@@ -5,6 +5,10 @@
 not a bound method or a closure, so ``copy.deepcopy`` and ``pickle`` rebind it to the copy's
 block (a closure over ``block.forward`` kept computing with the *original* block's weights).
 
+In a forward with gradients (the first run and every recompute) each KV cache it is passed is
+replaced by a private structural copy (:mod:`memfit.runtime.caches`): the block runs the same ops
+as unplanned and never writes the model's cache, so a rerun starts from the same state.
+
 When it runs in backward (a checkpoint's recompute: autograd's graph task is running), it
 
 * restores the running statistics of the block's norm layers afterwards (BatchNorm and the
@@ -35,6 +39,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _StopRecomputationError
 
 from memfit.errors import MemfitError, UnsupportedModelError
+from memfit.measuring.trace import rerunning
+from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
 
 
@@ -91,11 +97,14 @@ class BlockForward:
         previous: an instance ``forward`` the block had before the plan (``None``: the class's).
     """
 
+    _caches: CacheArguments | None = None  # objects pickled before it existed read it anew
+
     def __init__(self, block: nn.Module, stage: str, previous: Any = None) -> None:
         self.block = block
         self.stage = stage
         self.previous = previous
         self.norms = norm_layers(block)
+        self._caches = cache_arguments(block)
 
     def _forward(self) -> Any:
         if self.previous is not None:
@@ -104,11 +113,16 @@ class BlockForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self._forward()
+        if torch.is_grad_enabled():
+            if self._caches is None:
+                self._caches = cache_arguments(self.block)
+            args, kwargs = private_caches(self._caches, args, kwargs)
         if not replaying():
             return forward(*args, **kwargs)
         saved = _running_stats(self.norms)
         try:
-            return forward(*args, **kwargs)
+            with rerunning():
+                return forward(*args, **kwargs)
         except (_StopRecomputationError, MemfitError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as error:

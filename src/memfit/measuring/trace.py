@@ -1,0 +1,284 @@
+"""Op traces of a training step: the structural proof that a plan computes what the model does.
+
+Two steps that run the same aten ops on the same shapes, strides and dtypes take the same kernels
+on any CPU or GPU, and so round the same way. Comparing gradients with ``torch.equal`` on one
+machine cannot show that: two layouts may take kernels that happen to agree there and differ on
+the next machine. So :func:`trace_step` records every op of a step under a
+``TorchDispatchMode``: its name and the shape, stride and dtype of each tensor argument, in the
+phase it ran in (``forward``; ``backward``; ``recompute``, a forward op run during backward: a
+checkpoint's rerun), and :func:`compare_traces` holds a planned step against the plain one:
+
+* the planned forward runs the plain forward's ops, in order, op for op;
+* the planned backward (without its recomputes) runs the plain backward's ops, op for op;
+* each recompute (a run of consecutive recompute ops) is a subsequence of the plain forward: a
+  rerun may stop early, and selective checkpointing returns the ops it saved without rerunning
+  them, but nothing is computed that the plain forward did not compute on the same layouts.
+
+Ops that cannot round are left out of the comparison: views and other aliases, copies and
+clones, fills and allocations, and ops without a floating-point output (comparisons, indices,
+masks). They are what memfit's runtime adds around the model's own ops (moving saved tensors to
+the host and back, packing masks, checking versions); every op that computes floating-point
+values is compared.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+FORWARD, BACKWARD, RECOMPUTE = "forward", "backward", "recompute"
+
+# ops that move, alias, allocate or fill memory: exact on every machine
+_NEUTRAL = frozenset(
+    {
+        "aten.detach",
+        "aten.alias",
+        "aten.lift_fresh",
+        "aten.lift_fresh_copy",
+        "aten._to_copy",
+        "aten.copy_",
+        "aten.copy",
+        "aten.clone",
+        "aten.contiguous",
+        "aten.empty",
+        "aten.empty_like",
+        "aten.empty_strided",
+        "aten.new_empty",
+        "aten.new_empty_strided",
+        "aten.zeros",
+        "aten.zeros_like",
+        "aten.new_zeros",
+        "aten.ones",
+        "aten.ones_like",
+        "aten.new_ones",
+        "aten.full",
+        "aten.full_like",
+        "aten.new_full",
+        "aten.fill_",
+        "aten.zero_",
+        "aten.set_",
+        "aten.resize_",
+        "aten._pin_memory",
+        "aten.scalar_tensor",
+        "aten.arange",
+    }
+)
+
+
+class _State(threading.local):
+    depth = 0  # rerunning() levels
+    run = 0  # reruns so far
+    hidden = 0  # bookkeeping() levels
+
+
+_state = _State()
+
+
+@contextmanager
+def rerunning() -> Iterator[None]:
+    """Ops inside are one recompute run (a block's rerun in backward), whatever the grad mode."""
+    before = _state.depth
+    if not before:
+        _state.run += 1
+    _state.depth = before + 1
+    try:
+        yield
+    finally:
+        _state.depth = before
+
+
+@contextmanager
+def bookkeeping() -> Iterator[None]:
+    """Ops inside are memfit's own, exact by construction (probes, packing a mask checked bit for
+    bit): not recorded."""
+    before = _state.hidden
+    _state.hidden = before + 1
+    try:
+        yield
+    finally:
+        _state.hidden = before
+
+
+@dataclass(frozen=True, slots=True)
+class OpCall:
+    """One aten op as a kernel sees it.
+
+    Attributes:
+        op: the overload's name (``aten.mm.default``); a pointwise op run in place
+            (``aten.mul_.Tensor``) is named as its out-of-place twin (the same kernel, element
+            by element, on the same layouts), with ``in_place`` set.
+        tensors: ``(shape, stride, dtype)`` of each tensor argument, in argument order.
+        phase: ``forward``, ``backward`` or ``recompute``.
+        run: which rerun a recompute op belongs to (``None``: not inside :func:`rerunning`).
+        in_place: the op ran in place.
+    """
+
+    op: str
+    tensors: tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]
+    phase: str
+    run: int | None = None
+    in_place: bool = False
+
+    @property
+    def key(self) -> tuple[str, tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]]:
+        """What must match between two steps (the op and its layouts)."""
+        return self.op, self.tensors
+
+    def __str__(self) -> str:
+        layouts = ", ".join(
+            f"{dtype.removeprefix('torch.')}{list(shape)} stride {list(stride)}"
+            for shape, stride, dtype in self.tensors
+        )
+        return f"{self.op}{' in place' if self.in_place else ''}({layouts})"
+
+
+@dataclass
+class Trace:
+    """The compared ops of one step, in the order they ran."""
+
+    calls: list[OpCall] = field(default_factory=list)
+
+    def phase(self, name: str) -> list[OpCall]:
+        return [call for call in self.calls if call.phase == name]
+
+    def recomputes(self) -> list[list[OpCall]]:
+        """Each rerun: consecutive recompute ops of one :func:`rerunning` run."""
+        runs: list[list[OpCall]] = []
+        previous: OpCall | None = None
+        for call in self.calls:
+            if call.phase == RECOMPUTE:
+                if previous is None or previous.phase != RECOMPUTE or previous.run != call.run:
+                    runs.append([])
+                runs[-1].append(call)
+            previous = call
+        return runs
+
+
+@functools.cache
+def _neutral(op: Any) -> bool:
+    name = str(op)
+    packet = name.rpartition(".")[0]
+    if packet in _NEUTRAL or packet.startswith("prim") or not name.startswith("aten."):
+        return True
+    schema = op._schema
+    # a view: every result aliases an argument without writing it
+    return bool(schema.returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in schema.returns
+    )
+
+
+@functools.cache
+def _out_of_place(op: Any) -> str | None:
+    """``aten.mul.Tensor`` for ``aten.mul_.Tensor`` (pointwise ops only); ``None`` otherwise."""
+    name = str(op)
+    namespace, packet, overload = name.split(".", 2)
+    if not packet.endswith("_") or torch.Tag.pointwise not in op.tags:
+        return None
+    return f"{namespace}.{packet[:-1]}.{overload}"
+
+
+def _describe(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+    if value.layout != torch.strided:
+        return tuple(value.shape), (), str(value.dtype)
+    return tuple(value.shape), tuple(value.stride()), str(value.dtype)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self.trace = trace
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _state.hidden or _neutral(func):
+            return out
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if not any(o.is_floating_point() or o.is_complex() for o in outputs):
+            return out  # integers and booleans: exact everywhere
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        run = _state.run if _state.depth else None
+        if torch._C._current_graph_task_id() == -1:
+            phase = FORWARD
+        elif torch.is_grad_enabled() or run is not None:
+            phase = RECOMPUTE
+        else:
+            phase = BACKWARD
+        layouts = tuple(_describe(a) for a in inputs)
+        twin = _out_of_place(func)
+        name = str(func) if twin is None else twin
+        self.trace.calls.append(OpCall(name, layouts, phase, run, twin is not None))
+        return out
+
+
+@contextmanager
+def tracing() -> Iterator[Trace]:
+    """Record the compared ops run inside (this thread)."""
+    trace = Trace()
+    with _Recorder(trace):
+        yield trace
+
+
+@dataclass(frozen=True, slots=True)
+class TraceDifference:
+    """The first place where a planned step computes something the plain step does not.
+
+    Attributes:
+        where: ``forward``, ``backward`` or ``recompute <k>``.
+        index: position of the op in that part (compared ops only).
+        planned: the planned step's op there (``None``: the planned part ended early).
+        plain: the plain step's op there (``None``: it has no such op).
+    """
+
+    where: str
+    index: int
+    planned: OpCall | None
+    plain: OpCall | None
+
+    def __str__(self) -> str:
+        return (
+            f"{self.where}, compared op {self.index}: the planned step runs "
+            f"{self.planned or 'nothing more'}, the plain step "
+            f"{self.plain or 'nothing more'}"
+        )
+
+
+def _first_difference(
+    where: str, planned: Sequence[OpCall], plain: Sequence[OpCall]
+) -> TraceDifference | None:
+    for index in range(max(len(planned), len(plain))):
+        a = planned[index] if index < len(planned) else None
+        b = plain[index] if index < len(plain) else None
+        if a is None or b is None or a.key != b.key:
+            return TraceDifference(where, index, a, b)
+    return None
+
+
+def compare_traces(plain: Trace, planned: Trace) -> TraceDifference | None:
+    """The first difference between a plain step's trace and a planned step's (``None``: the
+    planned step computes exactly what the plain step does, on the same layouts)."""
+    plain_forward = plain.phase(FORWARD)
+    difference = _first_difference(FORWARD, planned.phase(FORWARD), plain_forward)
+    if difference is None:
+        difference = _first_difference(BACKWARD, planned.phase(BACKWARD), plain.phase(BACKWARD))
+    if difference is not None:
+        return difference
+    keys = [call.key for call in plain_forward]
+    for number, run in enumerate(planned.recomputes()):
+        position = 0  # greedy: a subsequence of the plain forward, in order
+        for index, call in enumerate(run):
+            while position < len(keys) and keys[position] != call.key:
+                position += 1
+            if position == len(keys):
+                same = next((c for c in plain_forward if c.op == call.op), None)
+                return TraceDifference(f"recompute {number}", index, call, same)
+            position += 1
+    return None
