@@ -135,7 +135,8 @@ def private_caches(
         ``(args, kwargs)``: new containers where something changed (the originals are not
         modified), the very same objects otherwise.
     """
-    named = {index for name in CACHE_ARGUMENTS if (index := where.position(name)) is not None}
+    # no assignment expression here: torch.compile traces this and breaks the graph on one
+    named: set[int | None] = {where.position(name) for name in CACHE_ARGUMENTS} - {None}
     new_args, new_kwargs, copied, changed = list(args), dict(kwargs), False, False
     for index in range(1, len(new_args)):
         value = new_args[index]
