@@ -148,13 +148,13 @@ def private_caches(
             new_kwargs[name] = structural_copy(value)
             copied = changed = True
     if not copied:
-        index = where.position(USE_CACHE)
+        position = where.position(USE_CACHE)
         if new_kwargs.get(USE_CACHE):
             new_kwargs[USE_CACHE] = False
             changed = True
-        elif index is not None and 0 < index < len(new_args):
-            if new_args[index]:
-                new_args[index] = False
+        elif position is not None and 0 < position < len(new_args):
+            if new_args[position]:
+                new_args[position] = False
                 changed = True
         elif USE_CACHE not in new_kwargs and where.use_cache_default:
             new_kwargs[USE_CACHE] = False  # a legacy layer whose own default returns presents
