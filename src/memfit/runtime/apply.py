@@ -19,7 +19,7 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
 from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
-from memfit.runtime.executor import Executor, Head, PassThrough, TopStage
+from memfit.runtime.executor import Executor, ForwardEnd, Head, Member, TopStage
 from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
@@ -178,7 +178,16 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         for index, block in blocks.items()
         if block is not None
     }
-    executor = Executor(chain, forwards, modules)
+    places = {}
+    for index, block in blocks.items():
+        parent_name, _, key = names[index].rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:  # a chain named from another root: nothing to check against
+            continue
+        if block is not None and parent._modules.get(key) is block:
+            places[index] = (parent, key)
+    executor = Executor(chain, forwards, modules, places)
     executor.offloading = any(
         (isinstance(item, Segment) and item.offload)
         or (isinstance(item, Stage) and item.option == OFFLOAD)
@@ -195,7 +204,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         else:
             overrides[item.start] = Head(executor, item)
             for index in range(item.start + 1, item.stop):
-                overrides[index] = PassThrough(executor, item, index)
+                overrides[index] = Member(executor, item, index)
     head_options = [
         item.option for item in plan.tree if isinstance(item, Stage) and is_head_option(item.option)
     ]
@@ -211,6 +220,8 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
         assert block is not None  # _check: only blocks are overridden
         state.previous.append((block, block.__dict__.get("forward")))
         block.forward = forward
+    if any(isinstance(item, Segment) and item.stop > item.start + 1 for item in plan.tree):
+        model.register_forward_hook(ForwardEnd(executor), always_call=True)
     model.__dict__[_STATE] = state
 
 
@@ -223,6 +234,10 @@ def remove_plan(model: nn.Module) -> bool:
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return False
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(hook, ForwardEnd):
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
     for block, previous in state.previous:
         del block.forward
         if previous is not None:

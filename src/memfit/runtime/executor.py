@@ -24,6 +24,7 @@ Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see t
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from memfit.runtime.guards import (
 )
 from memfit.runtime.offload import Group, Offloader
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
+from memfit.runtime.regions import Region, Regions
 from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block
 
@@ -86,6 +88,8 @@ class Executor:
         chain: the chain.
         forwards: ``(stage, option)`` -> the block's forward wrapped for the option.
         modules: stage -> its block and the block's submodules, with fqns (for ``Watch``).
+        places: stage -> the block's parent module and its name there (to notice a block
+            replaced after the plan was applied).
     """
 
     # class defaults: executors pickled before these existed load with them
@@ -93,17 +97,22 @@ class Executor:
     resharding_told = False
     offloading = False  # whether the plan offloads anything (set by apply_plan)
     _offloader: Offloader | None = None
+    places: dict[int, tuple[torch.nn.Module, str]] = {}  # noqa: RUF012 (read-only default)
 
     def __init__(
         self,
         chain: Chain,
         forwards: dict[tuple[int, str], Forward],
         modules: Mapping[int, NamedModules],
+        places: Mapping[int, tuple[torch.nn.Module, str]] | None = None,
     ) -> None:
         self.chain = chain
         self.forwards = forwards
         self.modules = modules
-        self.calls: dict[int, SegmentCall] = {}  # segment start -> its current forward
+        self.places = dict(places or {})
+        # segment start -> its current forward (SegmentCall: while torch.compile traces)
+        self.calls: dict[int, SegmentRun | SegmentCall] = {}
+        self.nesting: dict[int, dict[int, list[Segment]]] = {}
         # FSDP2 applied after the plan (or removed): the plan's figures are another model's
         self.sharded = own_fsdp_unit(chain.blocks[0]) if chain.blocks else False
         self.resharding_told = False
@@ -156,6 +165,136 @@ class Executor:
                 "sharded with fully_shard" if not self.sharded else "unsharded",
             )
         return split(args, kwargs)
+
+    def check_in_place(self, segment: Segment) -> None:
+        """Raise if a block of ``segment`` is no longer where the plan found it (replaced in
+        its container after apply: the segment's rerun would run the old one)."""
+        for index in range(segment.start, segment.stop):
+            place = self.places.get(index)
+            block = self.chain.block_of_stage(index)
+            if place is None or block is None:
+                continue
+            parent, key = place
+            now = parent._modules.get(key)
+            if now is not block:
+                raise PlanMismatchError(
+                    f"stage {self.name(index)!r} is not the module the plan was applied to: the "
+                    f"model now holds {type(now).__name__} there (replaced after memfit.apply). "
+                    f"Call memfit.remove(model) before changing blocks, then plan again"
+                )
+
+    def start_segment(self, segment: Segment, call: Call) -> Any:
+        """The first block of a multi-block segment is called: open its checkpoint, run it."""
+        self.check_in_place(segment)
+        stale = self.calls.pop(segment.start, None)
+        if isinstance(stale, SegmentRun):  # a forward that never reached the segment's end
+            stale.regions.abandon(PlanMismatchError("a new forward started"))
+        x, rest, side = call
+        run = SegmentRun(
+            segment,
+            side_inputs=(rest, side),
+            watch=self.watched(segment.start, segment.stop, call),
+            group=self.offload_group(segment.start, segment.offload),
+            regions=Regions(),
+            next=segment.start,
+        )
+        self.calls[segment.start] = run
+        body = SegmentBody(self, segment, segment.start)
+        try:
+            if run.group is None:
+                region = Region(body, (x, *rest), side)
+            else:  # the offload hooks see what the checkpoint keeps: its inputs
+                storage = x.untyped_storage()._cdata
+                with self.offloader.saving(
+                    run.group, keep=lambda t: t.untyped_storage()._cdata != storage
+                ):
+                    region = Region(body, (x, *rest), side)
+        except BaseException:
+            self.calls.pop(segment.start, None)
+            self.abandon_offload()
+            raise
+        run.regions.enter(segment.stop, region)
+        return self._run_member(run, segment.start, call)
+
+    def continue_segment(self, segment: Segment, index: int, call: Call) -> Any:
+        """A later block of a multi-block segment is called: check it gets what the rerun will
+        give it, then run it inside the segment's checkpoint."""
+        run = self.calls.get(segment.start)
+        x, rest, side = call
+        main = main_tensor(x)
+        name = self.name(index)
+        joined = f"{self.name(segment.start)!r} in one recompute segment"
+        problem = None
+        if not isinstance(run, SegmentRun) or run.next != index:
+            problem = (
+                f"stage {name!r} was called without the blocks before it, joined with it from "
+                f"{joined}, having just run: the model skips or reorders blocks"
+            )
+        elif main is None or run.expected is None or run.expected() is not main:
+            problem = (
+                f"stage {name!r} did not get the output of the block before it (joined with it "
+                f"from {joined}): the model changes the hidden state between blocks"
+            )
+        elif not same_side_inputs(run.side_inputs, (rest, side)):
+            problem = (
+                f"stage {name!r} got other side inputs (masks, positions...) than "
+                f"{self.name(segment.start)!r}, joined with it in one recompute segment (e.g. "
+                f"sliding and full attention layers alternate)"
+            )
+        elif not same_rng_state(run.rng, rng_state(main.device)):
+            problem = (
+                f"the model drew random numbers before stage {name!r}, between blocks joined "
+                f"from {joined} (e.g. LayerDrop): a rerun of the segment would draw other ones"
+            )
+        if problem is not None:
+            error = PlanMismatchError(f"{problem}; recompute these blocks one by one")
+            self.drop_run(segment.start, error)
+            raise error
+        assert isinstance(run, SegmentRun)
+        return self._run_member(run, index, call)
+
+    def _run_member(self, run: SegmentRun, index: int, call: Call) -> Any:
+        segment = run.segment
+        x, rest, side = call
+        try:
+            run.regions.resume()
+            nested = self.nesting.setdefault(segment.start, _nested(segment.inner, {}))
+            for inner in nested.get(index, ()):
+                body = SegmentBody(self, inner, segment.start)
+                run.regions.enter(inner.stop, Region(body, (x, *rest), side))
+            out = self.forwards[(index, KEEP)](x, *rest, **side)
+            for region in run.regions.close_through(index + 1):
+                guarded = region.input() if region.input is not None else None
+                out = guard_input(out, guarded, self.name(segment.start))
+        except BaseException as error:
+            self.drop_run(segment.start, error)
+            raise
+        main = main_tensor(out)
+        if index == segment.stop - 1:
+            del self.calls[segment.start]
+            if run.watch is not None:
+                run.watch.check()
+            self.item_done(segment.stop, out, run.group, segment=True)
+            return out
+        if main is None:
+            mismatch = PlanMismatchError(
+                f"stage {self.name(index)!r} returns {type(out).__name__} without a tensor "
+                f"to hand on; blocks joined in one recompute segment must return the hidden "
+                f"state (a tensor, or first in a tuple): recompute them one by one"
+            )
+            self.drop_run(segment.start, mismatch)
+            raise mismatch
+        run.expected, run.next = weakref.ref(main), index + 1
+        run.rng = rng_state(main.device)
+        run.regions.suspend()
+        return out
+
+    def drop_run(self, start: int, error: BaseException) -> None:
+        """End the segment forward at ``start`` after ``error``: its checkpoints closed."""
+        run = self.calls.pop(start, None)
+        if isinstance(run, SegmentRun):
+            run.regions.abandon(error)
+            self.abandon_offload()
 
     def watched(self, start: int, stop: int, call: Call) -> Watch | None:
         """A watch over stages ``start..stop-1`` for their first run, when backward follows."""
@@ -227,7 +366,7 @@ class Executor:
         return guard_input(out, x, self.name(segment.start))
 
 
-class _SegmentBody:
+class SegmentBody:
     """The function a segment's checkpoint runs (and reruns in backward)."""
 
     def __init__(self, executor: Executor, segment: Segment, head: int) -> None:
@@ -239,8 +378,37 @@ class _SegmentBody:
         return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head)
 
 
+_SegmentBody = SegmentBody  # the name executors pickled before it was public refer to
+
+
+@dataclass
+class SegmentRun:
+    """One forward of a multi-block top-level segment, from its first block's call to its last
+    block's return (:mod:`memfit.runtime.regions`)."""
+
+    segment: Segment
+    side_inputs: Inputs  # the first block's (each later block must get the same)
+    watch: Watch | None
+    group: Group | None
+    regions: Regions
+    next: int  # the block expected next
+    expected: weakref.ref[torch.Tensor] | None = None  # the previous block's output (weak)
+    rng: tuple[torch.Tensor, ...] = ()  # the random generators when the previous block returned
+
+
+def _nested(items: Sequence[Item], into: dict[int, list[Segment]]) -> dict[int, list[Segment]]:
+    """Block index -> the segments nested in ``items`` that start there, outermost first."""
+    for item in items:
+        if isinstance(item, Segment):
+            into.setdefault(item.start, []).append(item)
+            _nested(item.inner, into)
+    return into
+
+
 class Head:
-    """The forward of a top-level segment's first block: runs the whole segment."""
+    """The forward of a top-level segment's first block. A one-block segment runs as one
+    checkpoint here; a longer one opens its checkpoint here and runs this block, and the later
+    blocks run in their own calls (:class:`Member`)."""
 
     def __init__(self, executor: Executor, segment: Segment) -> None:
         self.executor = executor
@@ -249,6 +417,11 @@ class Head:
     @eager_around_compiled_blocks
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, segment = self.executor, self.segment
+        if segment.stop > segment.start + 1 and not torch.compiler.is_compiling():
+            call = executor.call(segment.start, args, kwargs)
+            if not torch.is_grad_enabled():  # no backward: every block runs as it is
+                return executor.forwards[(segment.start, KEEP)](call[0], *call[1], **call[2])
+            return executor.start_segment(segment, call)
         call = executor.call(segment.start, args, kwargs)
         watch = executor.watched(segment.start, segment.stop, call)
         group = executor.offload_group(segment.start, segment.offload)
@@ -260,37 +433,47 @@ class Head:
         if watch is not None:
             watch.check()
         executor.item_done(segment.stop, out, group, segment=True)
-        if segment.stop == segment.start + 1:  # no pass-throughs to prepare
+        if segment.stop == segment.start + 1:  # no later blocks
             return out
-        name = executor.name(segment.start)
-        main = main_tensor(out)
-        if isinstance(out, torch.Tensor):
-            tail = None
-        elif isinstance(out, tuple | list) and out and out[0] is main:
-            tail = out[1:]
-        else:
-            raise PlanMismatchError(
-                f"stage {name!r} returns {type(out).__name__}; blocks joined in one recompute "
-                f"segment must return a tensor or a tuple whose first item is the hidden "
-                f"state: recompute them one by one"
-            )
-        assert main is not None  # out is a tensor, or a sequence whose first item is main
-        if tail is not None and any(isinstance(item, torch.Tensor) for item in tail):
-            raise PlanMismatchError(
-                f"stage {name!r} returns tensors besides the hidden state (attention weights, "
-                f"caches); the blocks after it in its recompute segment cannot return their "
-                f"own: recompute these blocks one by one (or turn off output_attentions / "
-                f"use_cache while training)"
-            )
-        _, rest, side = split(args, kwargs)
-        executor.calls[segment.start] = SegmentCall(
-            (rest, side), weakref.ref(main), tail, rng_state(main.device)
+        return _traced_head(executor, segment, out, args, kwargs)
+
+
+def _traced_head(
+    executor: Executor, segment: Segment, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """While torch.compile traces a planned model, a multi-block segment runs as one checkpoint
+    in its first block (compile turns it into its own), and the later blocks pass its output on
+    (:func:`_traced_member`): what compile can trace. Known limit: a model that reads a middle
+    block's output then reads the segment's last one."""
+    name = executor.name(segment.start)
+    main = main_tensor(out)
+    if isinstance(out, torch.Tensor):
+        tail = None
+    elif isinstance(out, tuple | list) and out and out[0] is main:
+        tail = out[1:]
+    else:
+        raise PlanMismatchError(
+            f"stage {name!r} returns {type(out).__name__}; blocks joined in one recompute "
+            f"segment must return a tensor or a tuple whose first item is the hidden "
+            f"state: recompute them one by one"
         )
-        return out
+    assert main is not None  # out is a tensor, or a sequence whose first item is main
+    if tail is not None and any(isinstance(item, torch.Tensor) for item in tail):
+        raise PlanMismatchError(
+            f"stage {name!r} returns tensors besides the hidden state (attention weights, "
+            f"caches); under torch.compile the blocks after it in its recompute segment cannot "
+            f"return their own: recompute these blocks one by one"
+        )
+    _, rest, side = split(args, kwargs)
+    executor.calls[segment.start] = SegmentCall(
+        (rest, side), weakref.ref(main), tail, rng_state(main.device)
+    )
+    return out
 
 
-class PassThrough:
-    """The forward of a later block of a top-level segment: its head ran it already."""
+class Member:
+    """The forward of a later block of a multi-block top-level segment: runs the block inside
+    the segment's open checkpoint, after checking that it gets what a rerun will give it."""
 
     def __init__(self, executor: Executor, segment: Segment, index: int) -> None:
         self.executor = executor
@@ -300,34 +483,68 @@ class PassThrough:
     @eager_around_compiled_blocks
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, segment, index = self.executor, self.segment, self.index
-        x, rest, side = split(args, kwargs)
-        call = executor.calls.get(segment.start)
-        main = main_tensor(x)
-        name = executor.name(index)
-        joined = f"{executor.name(segment.start)!r}, which runs it inside one recompute segment"
-        if call is None or main is None or call.output() is not main:
+        if torch.compiler.is_compiling():
+            return _traced_member(executor, segment, index, args, kwargs)
+        call = split(args, kwargs)
+        if not torch.is_grad_enabled():
+            return executor.forwards[(index, KEEP)](call[0], *call[1], **call[2])
+        return executor.continue_segment(segment, index, call)
+
+
+PassThrough = Member  # the name executors pickled before it existed refer to
+
+
+def _traced_member(
+    executor: Executor, segment: Segment, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    x, rest, side = split(args, kwargs)
+    call = executor.calls.get(segment.start)
+    main = main_tensor(x)
+    name = executor.name(index)
+    joined = f"{executor.name(segment.start)!r}, which runs it inside one recompute segment"
+    if not isinstance(call, SegmentCall) or main is None or call.output() is not main:
+        raise PlanMismatchError(
+            f"stage {name!r} did not get the output of the block before it from {joined}: "
+            f"the model skips blocks or changes the hidden state between them; recompute "
+            f"these blocks one by one"
+        )
+    if not same_side_inputs(call.side_inputs, (rest, side)):
+        raise PlanMismatchError(
+            f"stage {name!r} got other side inputs (masks, positions...) than {joined}; "
+            f"this model cannot join these blocks in a segment (e.g. sliding and full "
+            f"attention layers alternate): recompute them one by one"
+        )
+    if index == segment.stop - 1:
+        del executor.calls[segment.start]
+    if call.tail is None:
+        return x
+    return (x, *call.tail) if isinstance(call.tail, tuple) else [x, *call.tail]
+
+
+class ForwardEnd:
+    """A forward hook on the planned model (``always_call``): a forward that ends, or raises,
+    with a segment still open closes it, so that no checkpoint's hooks stay behind; ending
+    normally with one open is an error (the model skipped a segment's later blocks)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self.executor.calls or torch.compiler.is_compiling():
+            return
+        failing = sys.exc_info()[1]
+        open_runs = [run for run in self.executor.calls.values() if isinstance(run, SegmentRun)]
+        error = failing or PlanMismatchError("the model's forward ended inside a segment")
+        for run in open_runs:
+            self.executor.drop_run(run.segment.start, error)
+        if open_runs and failing is None:
+            first = open_runs[0].segment
             raise PlanMismatchError(
-                f"stage {name!r} did not get the output of the block before it from {joined}: "
-                f"the model skips blocks or changes the hidden state between them; recompute "
-                f"these blocks one by one"
+                f"the model's forward returned before blocks {self.executor.name(first.start)!r}"
+                f" to {self.executor.name(first.stop - 1)!r}, joined in one recompute segment, "
+                f"had all run (the model skips or stops early at blocks): recompute these "
+                f"blocks one by one"
             )
-        if not same_side_inputs(call.side_inputs, (rest, side)):
-            raise PlanMismatchError(
-                f"stage {name!r} got other side inputs (masks, positions...) than {joined}; "
-                f"this model cannot join these blocks in a segment (e.g. sliding and full "
-                f"attention layers alternate): recompute them one by one"
-            )
-        if not same_rng_state(call.rng, rng_state(main.device)):
-            raise PlanMismatchError(
-                f"the model drew random numbers before stage {name!r} (between blocks, e.g. "
-                f"LayerDrop), so running it earlier inside {joined} changes the random "
-                f"stream: turn that off or recompute these blocks one by one"
-            )
-        if index == segment.stop - 1:
-            del executor.calls[segment.start]
-        if call.tail is None:
-            return x
-        return (x, *call.tail) if isinstance(call.tail, tuple) else [x, *call.tail]
 
 
 class TopStage:
