@@ -1,24 +1,24 @@
 """Running a plan's schedule items over the blocks: the objects that replace blocks' ``forward``.
 
-A top-level ``Segment(s, t, inner)`` makes block ``s`` (the segment's *head*) run blocks
-``s..t-1`` inside one ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, following
-``inner``: nested segments are nested checkpoints, i.e. multi-level recompute. Blocks
-``s+1..t-1`` then pass their input through, after checking that running them inside the head
-was right (see ``guards``). A top-level ``Stage`` runs the block wrapped for its option (a kept
-block too: every planned block runs on a private copy of its KV cache in training).
+A top-level ``Segment(s, t, inner)`` is one ``torch.utils.checkpoint`` (non-reentrant) over
+blocks ``s..t-1``, following ``inner``: nested segments are nested checkpoints, i.e.
+multi-level recompute. A one-block segment runs as one ``checkpoint`` call in its block's
+forward. A longer one is opened when block ``s`` is called (:class:`Head`) and closed when block
+``t-1`` returns (:class:`Member`), each block running in its own call and returning its own
+output, after checking that a rerun of the segment from block ``s``'s input will give it the same
+arguments (:mod:`memfit.runtime.regions`, ``guards``). A top-level ``Stage`` runs the block
+wrapped for its option (a kept block too: every planned block runs on a private copy of its KV
+cache in training).
 
-Every override (:class:`Head`, :class:`PassThrough`, :class:`TopStage`) is a plain object
-holding the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
+Every override (:class:`Head`, :class:`Member`, :class:`TopStage`) is a plain object holding
+the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
 ``AveragedModel``) and ``pickle``/``torch.save`` copy them with the model and rebind them to the
-copy's blocks. What one forward leaves for the next blocks (:class:`SegmentCall`, with weak
-references) is never copied or pickled.
+copy's blocks. What one forward leaves for the next blocks (:class:`SegmentRun`: open
+checkpoints, weak references) is never copied or pickled.
 
 In a forward with gradients, planned blocks run on private copies of their KV caches
 (``caches``, done in ``replay.BlockForward``), and each recomputed item is watched in its first
 run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``).
-
-Known limit: forward hooks on blocks ``s+1..t-1`` of a multi-block segment see the pass-through
-(input = output = the segment's output), and the head's hooks see the whole segment.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from memfit.runtime.offload import Group, Offloader
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
 from memfit.runtime.regions import Region, Regions
 from memfit.runtime.replay import replaying
-from memfit.runtime.sharding import enter_block
+from memfit.runtime.sharding import enter_block, gather_for_backward
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (main input, positional re
 
 @dataclass
 class SegmentCall:
-    """What a segment's head leaves for its pass-throughs during one forward."""
+    """What a segment's first block leaves for the later ones while torch.compile traces."""
 
     side_inputs: Inputs  # as the head received them (before its cache was dropped)
     output: weakref.ref[torch.Tensor]  # weak: never keep an activation alive past its use
@@ -275,6 +275,8 @@ class Executor:
             if run.watch is not None:
                 run.watch.check()
             self.item_done(segment.stop, out, run.group, segment=True)
+            earlier = [self.chain.block_of_stage(i) for i in range(segment.start, index)]
+            gather_for_backward([block for block in earlier if block is not None], out)
             return out
         if main is None:
             mismatch = PlanMismatchError(

@@ -5,15 +5,15 @@
 post-hook that frees the gathered parameters (reshard) and hooks the output's gradient to gather
 them again for backward. Module hooks run in ``block(...)``, around ``block.forward``.
 
-A segment's head runs the segment's later blocks itself, by their forwards, and those blocks'
-own calls pass the head's output through. So for every later block the head runs FSDP2's
-pre-hook (:func:`enter_block`) before the block's forward: the parameters are gathered, and the
-state is ``FORWARD``. The block's own call (the pass-through) then runs the pre-hook again,
-which finds the parameters gathered and the post-backward already registered (no second
-all-gather), and the post-hook, which reshards and hooks the segment's output for backward.
-In backward every block of the segment is gathered when the segment's output gradient arrives
-(the pre-backward hooks of all its blocks sit on that tensor), before torch recomputes it;
-there FSDP2's pre-hook returns early (``PRE_BACKWARD``): recompute adds no all-gather.
+In the forward every block of a multi-block segment runs in its own call, so its own FSDP2
+hooks gather and reshard it as unplanned. In backward the segment is recomputed as a whole when
+its last block's saved tensors are first needed, before the gradients of the earlier blocks'
+outputs arrive: so when the segment's last block returns, the pre-backward hooks of its earlier
+blocks are registered on the segment's output as well (:func:`gather_for_backward`), and every
+block of the segment is gathered when that output's gradient arrives, before torch recomputes
+it. The recompute runs the later blocks by their forwards and calls their FSDP2 pre-hook first
+(:func:`enter_block`), which returns early in backward (``PRE_BACKWARD``): recompute adds no
+all-gather, and each block's own pre-backward hook later finds it gathered.
 
 The cost: a segment's blocks hold their gathered parameters together, from their forward to
 the end of the segment's forward, and from the segment's backward to each block's. The
@@ -38,3 +38,12 @@ def enter_block(
         return args, kwargs
     state: Any = block._get_fsdp_state()  # type: ignore[operator]
     return state._pre_forward(block, args, kwargs)
+
+
+def gather_for_backward(blocks: list[nn.Module], output: Any) -> None:
+    """Register the FSDP2 pre-backward hooks of ``blocks`` (those that are their own units) on
+    ``output``, a multi-block segment's last output (see the module docstring)."""
+    for block in blocks:
+        if own_fsdp_unit(block):
+            state: Any = block._get_fsdp_state()  # type: ignore[operator]
+            state._register_pre_backward_hook(output)
