@@ -226,12 +226,29 @@ def dict_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def test_other_outputs_cannot_join_a_segment() -> None:
+def test_dict_outputs_join_a_segment() -> None:
+    # the next block gets the dict's tensor itself: the segment's rerun hands on the same one
     model, x = Toy(DictOut, dict_item), torch.randn(4, WIDTH)
-    chain = find_chain(model, lambda: model(x))
-    plan = one_segment(chain)
-    raises_when_planned(model, x, chain, plan, PlanMismatchError, r"'blocks\.0' returns dict")
+    check_same_gradients(model, x, one_segment)
     check_same_gradients(model, x, per_block)
+
+
+class NoTensorOut(Dense):
+    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> Any:
+        return [("hidden", super().forward(x, scale))]
+
+
+def pair_item(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)[0][1]
+    return x
+
+
+def test_outputs_without_a_hidden_state_cannot_join_a_segment() -> None:
+    model, x = Toy(NoTensorOut, pair_item), torch.randn(4, WIDTH)
+    chain = Chain("blocks", tuple(f"blocks.{i}" for i in range(4)), tuple(model.blocks))
+    plan = one_segment(chain)
+    raises_when_planned(model, x, chain, plan, PlanMismatchError, r"'blocks\.0' returns list")
 
 
 class EditsItsMask(nn.Module):

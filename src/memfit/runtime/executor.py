@@ -230,7 +230,7 @@ class Executor:
                 f"stage {name!r} was called without the blocks before it, joined with it from "
                 f"{joined}, having just run: the model skips or reorders blocks"
             )
-        elif main is None or run.expected is None or run.expected() is not main:
+        elif main is None or run.expected is None or not _handed_on(run, main):
             problem = (
                 f"stage {name!r} did not get the output of the block before it (joined with it "
                 f"from {joined}): the model changes the hidden state between blocks"
@@ -286,7 +286,7 @@ class Executor:
             )
             self.drop_run(segment.start, mismatch)
             raise mismatch
-        run.expected, run.next = weakref.ref(main), index + 1
+        run.expected, run.expected_version, run.next = weakref.ref(main), main._version, index + 1
         run.rng = rng_state(main.device)
         run.regions.suspend()
         return out
@@ -395,6 +395,7 @@ class SegmentRun:
     regions: Regions
     next: int  # the block expected next
     expected: weakref.ref[torch.Tensor] | None = None  # the previous block's output (weak)
+    expected_version: int = 0  # its version when that block returned
     rng: tuple[torch.Tensor, ...] = ()  # the random generators when the previous block returned
 
 
@@ -405,6 +406,27 @@ def _nested(items: Sequence[Item], into: dict[int, list[Segment]]) -> dict[int, 
             into.setdefault(item.start, []).append(item)
             _nested(item.inner, into)
     return into
+
+
+def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
+    """Whether a block got the previous block's output: the very tensor, or an alias of it with
+    the same layout and values (FSDP2's pre-forward hook hands a block its inputs through an
+    autograd function that returns aliases)."""
+    assert run.expected is not None
+    expected = run.expected()
+    if expected is None:
+        return False
+    if received is expected:
+        return True
+    return (
+        received._version == run.expected_version == expected._version
+        and received.untyped_storage().data_ptr() == expected.untyped_storage().data_ptr()
+        and received.storage_offset() == expected.storage_offset()
+        and received.shape == expected.shape
+        and received.stride() == expected.stride()
+        and received.dtype == expected.dtype
+        and received.device == expected.device
+    )
 
 
 class Head:

@@ -190,8 +190,12 @@ class Watch:
             for key in tensors.keys() | current.keys():
                 before = tensors.get(key)
                 tensor = current.get(key)
-                if before is not None and tensor is not None and sharded(before[0]):
-                    continue  # FSDP2 swapped its sharded parameter for the gathered one
+                if (
+                    before is not None
+                    and tensor is not None
+                    and (sharded(before[0]) or sharded(tensor))
+                ):
+                    continue  # FSDP2 gathered or resharded the block's parameters meanwhile
                 if before is None or tensor is not before[0] or tensor._version != before[1]:
                     written.append(prefix + key)
         return sorted(set(written))
