@@ -167,3 +167,10 @@ def test_repeats_must_be_positive(gpt_profile) -> None:
             memfit.verify(model, sample, repeats=0)
     finally:
         memfit.remove(model)
+
+
+def test_a_plan_made_from_the_model_says_what_planning_took() -> None:
+    model, sample = build("gpt", layers=2, width=32, heads=2, seq=16, batch=2)
+    plan = memfit.plan(model, sample, budget=None, strategy="all", repeats=1)
+    assert plan.info["setup_s"] > 0 and plan.info["setup_steps"] > 1
+    assert memfit.Plan.from_json(plan.to_json()).info["setup_s"] == plan.info["setup_s"]

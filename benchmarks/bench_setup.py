@@ -1,0 +1,93 @@
+"""What ``memfit.auto`` costs before training starts, in training steps of the model itself.
+
+For the built-in GPT at nanoGPT's small size (4 layers, width 128, 8 x 64 tokens) and two
+Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each run times the plain
+training step (median of ``--steps`` steps after two warm-up steps), then ``memfit.auto(model,
+sample, budget=--budget)`` once on a fresh copy of the model, wall seconds, and writes the ratio:
+the setup's cost in steps. ``plan.info["setup_steps"]`` (profile and plan, measured inside
+``memfit.plan`` against the profile's own step time) is printed beside it.
+
+    .venv/bin/python benchmarks/bench_setup.py   # about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import memfit
+from common import add_threads, write_results
+from memfit.integrations.hf import build_hf
+from memfit.measuring.step import compute_loss, split_sample
+from memfit.models import build
+
+HERE = Path(__file__).parent
+
+
+def models() -> dict[str, tuple[torch.nn.Module, Any]]:
+    return {
+        "gpt (built-in, nanoGPT size)": build("gpt", layers=4, width=128, heads=4, seq=64, batch=8),
+        "hf gpt2": build_hf("gpt2", layers=4, hidden=128, heads=4, seq=64, batch=8),
+        "hf llama": build_hf("llama", layers=4, hidden=128, heads=4, seq=64, batch=8),
+    }
+
+
+def step_s(model: torch.nn.Module, sample: Any, steps: int) -> float:
+    args, kwargs = split_sample(sample)
+    times = []
+    for index in range(steps + 2):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        compute_loss(model(*args, **kwargs)).backward()
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="50%")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=str(HERE / "results" / f"setup-{date.today()}.md"))
+    add_threads(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [
+        f"# memfit.auto setup time in training steps ({date.today()})",
+        "",
+        f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the start (shared with other work)",
+        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {args.threads} intra-op thread(s), device CPU",
+        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        "",
+        f"| model | plain step ms | auto s (budget {args.budget}) | auto in steps | "
+        "plan.info setup_steps |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, (model, sample) in models().items():
+        plain = step_s(model, sample, args.steps)
+        fresh = copy.deepcopy(model)
+        start = time.perf_counter()
+        plan = memfit.auto(fresh, sample, budget=args.budget)
+        auto_s = time.perf_counter() - start
+        lines.append(
+            f"| {name} | {plain * 1e3:.1f} | {auto_s:.1f} | {auto_s / plain:.0f} | "
+            f"{plan.info['setup_steps']:.0f} |"
+        )
+    write_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
