@@ -72,7 +72,9 @@ def plan(
             ``plan.info["inexact"]`` names the stage), and what planning took:
             ``plan.info["setup_s"]`` seconds, ``plan.info["setup_steps"]`` unplanned steps.
         budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
-            float in (0, 1] such as ``0.4``), or bytes of step peak (``"12GiB"``, ``"800MB"``,
+            float in (0, 1] such as ``0.4``): the step peak above what is held before it
+            (weights, optimizer state, the batch) and the gradients it makes, which no plan
+            removes (``"40%"`` keeps them and 40% of the rest); or bytes of step peak (``"12GiB"``, ``"800MB"``,
             ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
             :func:`~memfit.units.parse_budget`). ``None``: no cap (for the baselines).
         strategy: ``optimal`` (default), ``none``, ``all``, ``sqrt`` or ``every:k``.
@@ -117,7 +119,7 @@ def plan(
         raise TypeError(
             f"memfit.plan takes a Profile or an nn.Module; got {type(profile_or_model).__name__}"
         )
-    held, activation = prof.measurement.held_bytes, prof.measurement.activation_bytes
+    held, activation = prof.measurement.base_bytes, prof.measurement.activation_bytes
     budget_bytes = None if parsed is None else parsed.resolve(held, activation)
     extra: dict[str, Any] = {}
     if offloads(prof.costs) and parse_strategy(strategy)[0] is Strategy.OPTIMAL:

@@ -21,7 +21,7 @@ from memfit.measuring.shapes import resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, largest_shape, plan_shape
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
@@ -201,8 +201,7 @@ def estimate(
         chosen = None
         budget_bytes = None
         if parsed is not None:
-            activation = plain.peak_bytes - costs.held_bytes
-            budget_bytes = parsed.resolve(costs.held_bytes, activation)
+            budget_bytes = parsed.resolve(*budget_base(costs))
             try:
                 chosen = plan_shape(fitted, shape, parsed, strategy=strategy)
             except InfeasibleBudgetError:

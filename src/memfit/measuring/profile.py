@@ -287,6 +287,7 @@ def build_profile(
     costs = ChainCosts(
         stages=stages,
         held_bytes=keep.measurement.held_bytes,
+        gradient_bytes=keep.measurement.gradient_bytes,
         fingerprint=fingerprint(model, sample, chain),
         checkpoint_bytes=checkpoint,
         side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),

@@ -130,6 +130,10 @@ class ChainCosts:
     Attributes:
         stages: the stages, first to last (the last one ends in the loss).
         held_bytes: bytes live before the step starts.
+        gradient_bytes: bytes the step leaves when it ends (the parameter gradients it makes),
+            measured. No plan removes them: with ``held_bytes`` they are the base of a
+            percentage budget (:func:`memfit.planning.simulate.budget_base`); the simulator
+            does not read them (the stages' backward deltas allocate the gradients).
         fingerprint: identifies the model and sample the costs were measured on.
         checkpoint_bytes: bytes each recompute segment's checkpoint keeps from its forward to
             its backward besides the tensors (the RNG state: 5,056 bytes on CPU, none of the
@@ -160,6 +164,7 @@ class ChainCosts:
     stages: Sequence[StageCosts]
     held_bytes: int = 0
     fingerprint: str = ""
+    gradient_bytes: int = 0
     checkpoint_bytes: int = 0
     side_input_bytes: int = 0
     side_grad_bytes: int = 0
@@ -173,6 +178,7 @@ class ChainCosts:
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
         for name in (
+            "gradient_bytes",
             "checkpoint_bytes",
             "side_input_bytes",
             "side_grad_bytes",
@@ -205,6 +211,7 @@ class ChainCosts:
             stages=stages,
             held_bytes=int(data.get("held_bytes", 0)),
             fingerprint=str(data.get("fingerprint", "")),
+            gradient_bytes=int(data.get("gradient_bytes", 0)),
             checkpoint_bytes=int(data.get("checkpoint_bytes", 0)),
             side_input_bytes=int(data.get("side_input_bytes", 0)),
             side_grad_bytes=int(data.get("side_grad_bytes", 0)),

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from memfit.planning.costs import KEEP, ChainCosts, StageCosts
 from memfit.planning.offload import OFFLOAD, exposed_s, host_bytes, moved_bytes, runs_ahead
-from memfit.planning.plan import Item, Segment, Stage, validate_tree
+from memfit.planning.plan import Item, Segment, Stage, keep_tree, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
 
@@ -365,3 +365,19 @@ def _kept_times(costs: ChainCosts, stage: Stage) -> tuple[float, float]:
     menu = costs.stages[stage.index].options
     option = menu[KEEP] if stage.option == OFFLOAD else menu[stage.option]
     return option.forward_s, option.backward_s
+
+
+def budget_base(costs: ChainCosts) -> tuple[int, int]:
+    """A percentage budget's base and its activation memory, for these costs: ``(base,
+    activation)``, where ``base`` is what no plan removes (``held_bytes`` and the gradients the
+    step makes) and ``activation`` the rest of the plain step's simulated peak; ``"40%"`` is
+    ``base + 0.4 * activation`` (:meth:`memfit.units.Budget.resolve`).
+
+    Example:
+        >>> from memfit.planning.costs import uniform_chain
+        >>> budget_base(uniform_chain(2, activation_bytes=1, saved_bytes=4, held_bytes=7))
+        (7, 15)
+    """
+    base = costs.held_bytes + costs.gradient_bytes
+    plain = simulate(costs, keep_tree(0, len(costs.stages))).peak_bytes
+    return base, max(0, plain - base)
