@@ -22,6 +22,7 @@ from torch import nn
 from memfit.distributed import ranks
 from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout, step_seconds_at
 from memfit.measuring.state import preserving_state
+from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
@@ -158,6 +159,9 @@ def profile_shapes(
         >>> shaped = memfit.profile_shapes(model, {"input_ids": ids, "labels": ids})
         >>> shaped.fitted.summary()["holdout_error"]
     """
+    check_step_arguments(
+        model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
+    )
     layout = sample_layout(sample)
     if shapes is None:
         chosen = default_profile_shapes(layout.shape, longest_seq, position_limit(model))
