@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -19,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.integrations.hf import hf_checkpointing_off
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -37,7 +36,7 @@ from memfit.measuring.run import (
     wall_scaled,
 )
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn, split_sample
+from memfit.measuring.step import LossFn, check_step_arguments, split_sample
 from memfit.planning.costs import KEEP
 from memfit.planning.offload import OFFLOAD, with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
@@ -56,6 +55,7 @@ from memfit.runtime.compiled import (
     compile_options,
     compiled_blocks,
     is_compile_budget,
+    refuse_compiled_model,
     uncompile_blocks,
 )
 from memfit.runtime.head import (
@@ -263,13 +263,19 @@ def profile(
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
         ValueError: an unknown option name (checked before anything is measured), or an
-            option that cannot run on compiled blocks.
+            option that cannot run on compiled blocks; nothing to train (every parameter
+            frozen and no input requiring grad).
+        TypeError: ``loss_fn`` not callable, ``optimizer`` not an optimizer, a
+            ``torch.compile`` wrapper as the model (profile ``model._orig_mod`` with
+            ``compile=True``). Usage errors are all raised before anything runs.
         RankMismatchError: ranks with other sample shapes, chains or options (on every rank).
 
     Example:
         >>> prof = memfit.profile(model, (tokens, targets))
         >>> prof.measurement.peak_bytes
     """
+    refuse_compiled_model(model, "profile")
+    check_step_arguments(model, sample, loss_fn, optimizer)
     if planned_module(model) is not None:
         raise AlreadyPlannedError(
             "the model (or the model inside this wrapper) already carries a memfit plan; call "
@@ -323,9 +329,48 @@ def profile(
         )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        disable_hf_checkpointing(model)
+    hf = hf_checkpointing_off(model, warn=False)
+    try:
+        return _profile_chain(
+            model,
+            sample,
+            blocks,
+            loss_fn,
+            accumulate,
+            repeats,
+            options,
+            optimizer,
+            keep_output,
+            world,
+            compiling,
+            heads,
+            head_notes,
+            offload,
+            thorough,
+        )
+    finally:
+        if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
+            hf.restore()
+
+
+def _profile_chain(
+    model: nn.Module,
+    sample: Any,
+    blocks: Blocks,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    repeats: int | None,
+    options: Sequence[str] | str,
+    optimizer: Any,
+    keep_output: bool,
+    world: int,
+    compiling: dict[str, Any] | None,
+    heads: list[str],
+    head_notes: list[str],
+    offload: bool,
+    thorough: bool,
+) -> Profile:
+    """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
     chain = _chain(model, sample, blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")

@@ -14,7 +14,6 @@ them.
 from __future__ import annotations
 
 import statistics
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError, PlanMismatchError
-from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.integrations.hf import hf_checkpointing_off
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
@@ -47,9 +46,7 @@ def _as_applied(model: nn.Module, plan: Plan, compiling: dict[str, Any] | None) 
     """The model as :func:`memfit.apply` would run ``plan``'s kind of plan: blocks compiled
     with ``compiling`` for a plan from a compiled profile; Hugging Face's own checkpointing off
     (silently: the caller's state comes back afterwards)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        disable_hf_checkpointing(model)
+    hf = hf_checkpointing_off(model, warn=False)
     blocks = chain_of_plan(model, plan).blocks
     compiled_here = compiling is not None and compiled_blocks(blocks) is None
     if compiling is not None and compiled_here:
@@ -59,6 +56,8 @@ def _as_applied(model: nn.Module, plan: Plan, compiling: dict[str, Any] | None) 
     finally:
         if compiled_here:
             uncompile_blocks(blocks)
+        if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
+            hf.restore()
 
 
 @preserving_state

@@ -48,8 +48,8 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"expected a byte count such as {_EXAMPLES}; got the bool {value!r}")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
-            raise ValueError(f"expected a non-negative byte count; got {value!r}")
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"expected a finite, non-negative byte count; got {value!r}")
         return int(value)
     if not isinstance(value, str):
         raise TypeError(
@@ -61,7 +61,10 @@ def parse_bytes(value: int | float | str) -> int:
             f"cannot read {value!r} as a size; write a number with an optional unit "
             f"(B, KB, MB, GB, KiB, MiB, GiB), e.g. {_EXAMPLES}"
         )
-    return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(size):
+        raise ValueError(f"cannot read {value!r} as a size: it is not finite; e.g. {_EXAMPLES}")
+    return round(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +77,8 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.bytes is None) == (self.fraction is None):
             raise ValueError("a Budget holds exactly one of bytes= or fraction=")
-        if self.fraction is not None and not self.fraction >= 0.0:
-            raise ValueError(f"budget fraction must be >= 0; got {self.fraction}")
+        if self.fraction is not None and not 0.0 <= self.fraction < math.inf:
+            raise ValueError(f"budget fraction must be finite and >= 0; got {self.fraction}")
 
     def resolve(self, base_bytes: int, activation_bytes: int) -> int:
         """The budget in bytes of step peak, given its base (what no plan removes: what is
@@ -112,8 +115,9 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
         A :class:`Budget`.
 
     Raises:
-        ValueError: anything else (``0.0``, ``2.5``, ``"1.5"`` bytes, negative sizes, NaN),
-            naming the value received and the accepted forms.
+        ValueError: anything else (``0.0``, ``2.5``, ``"1.5"`` bytes, zero or negative
+            budgets such as ``0``, ``"0%"`` or ``"-5%"``, NaN and infinite ones such as
+            ``"inf%"``), naming the value received and the accepted forms.
         TypeError: neither a number, a string nor a :class:`Budget`.
 
     Example:
@@ -136,13 +140,22 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
                 f'cannot read budget {value!r}; a percentage looks like "40%" '
                 f"(of the step's activation memory without memfit)"
             ) from None
-        if not percent >= 0.0:
-            raise ValueError(f'budget percentage must be >= 0, e.g. "40%"; got {value!r}')
+        if not 0.0 < percent < math.inf:
+            raise ValueError(
+                f'budget percentage must be above 0 and finite, e.g. "40%" (of the step\'s '
+                f"activation memory without memfit); got {value!r}"
+            )
         return Budget(fraction=percent / 100.0)
     try:
-        return Budget(bytes=parse_bytes(value))
+        size = parse_bytes(value)
     except ValueError as error:
         raise ValueError(f"invalid budget {value!r}: {error}") from None
+    if size == 0:
+        raise ValueError(
+            f"budget {value!r} is 0 bytes, which no step fits (the parameters alone take "
+            f"more); accepted forms: {_BUDGET_FORMS}"
+        )
+    return Budget(bytes=size)
 
 
 def _float_budget(number: float, received: str) -> Budget:

@@ -26,9 +26,12 @@ def _byte_figures(profile: memfit.Profile) -> dict[tuple[Any, ...], int]:
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 walk(item, (*path, index))
-        elif isinstance(value, int) and str(path[-1]).endswith("bytes"):
-            if not any(str(part).startswith("selective:save=") for part in path):
-                found[path] = value
+        elif (
+            isinstance(value, int)
+            and str(path[-1]).endswith("bytes")
+            and not any(str(part).startswith("selective:save=") for part in path)
+        ):
+            found[path] = value
 
     walk(json.loads(profile.costs.to_json()), ())
     return found

@@ -33,6 +33,7 @@ from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
     _storage_key,
+    check_step_arguments,
     compute_loss,
     held_bytes,
     preserved_grads,
@@ -558,6 +559,7 @@ def measure(
         >>> m = memfit.measure(model, (x, y))
         >>> m.peak_bytes, m.activation_bytes, m.step_s
     """
+    check_step_arguments(model, sample, loss_fn, optimizer)
     return measure_stages(
         model,
         sample,
