@@ -392,6 +392,7 @@ _STAGE_BYTES = (
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
 )
 _CHAIN_BYTES = ("held_bytes", "checkpoint_bytes", "side_input_bytes", "side_grad_bytes")
 # figures that are never negative (the others are level changes)
@@ -403,6 +404,7 @@ _NON_NEGATIVE = {
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
     *_CHAIN_BYTES,
 }
 
