@@ -36,6 +36,7 @@ from memfit.measuring.step import (
     check_step_arguments,
     compute_loss,
     held_bytes,
+    local_tensor,
     preserved_grads,
     reset_grads,
     sample_device,
@@ -167,6 +168,7 @@ def wall_scaled(
 
 
 Marker = Callable[[str], None]
+Watcher = Callable[[str, torch.Tensor], None]
 
 
 def _step(
@@ -220,8 +222,9 @@ def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) 
 
 
 @contextmanager
-def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
-    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`)."""
+def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
+    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`). ``watch``
+    (:meth:`MemoryMeter.watch`) is given every block's main input, named ``input:<stage>``."""
     marked = _Marked()
     output_bytes = marked.output_bytes
     # only the previous block's side inputs, and only until the next block compares: holding
@@ -235,6 +238,10 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
     def pre_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mark(f"F:{index}")
+            if watch is not None:
+                given = main_tensor(split_main(args, kwargs)[0])
+                if given is not None:
+                    watch(f"input:{index}", local_tensor(given))
             current = side_inputs(args, kwargs)
             previous = calls.pop(index - 1, None)
             if previous is not None:
@@ -317,10 +324,25 @@ class StageReading:
             ),
         )
 
+    def released_input(self, index: int) -> tuple[int, int]:
+        """Bytes of block ``index``'s main input freed during the forward, and the stage in
+        whose forward span: no op saved the input and its caller let it go (a frozen block's
+        input, a trained block's that needs no gradient: in its own span; the embeddings'
+        output that the model holds to the end of its forward: in the last stage's span).
+        ``(0, index)`` when the input lived into the backward."""
+        label, size = self.memory.freed.get(f"input:{index}", ("", 0))
+        if not label.startswith("F:"):
+            return 0, index
+        return size, int(label.removeprefix("F:"))
+
     def forward_span(self, index: int) -> tuple[int, int, int]:
         """(start, peak, end) level of stage ``index``'s forward."""
         label = "F:0" if index == 0 else f"F:{index}"
         return _span(self.memory, label)
+
+    def has_backward(self, index: int) -> bool:
+        """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""
+        return any(span.label == f"B:{index}" for span in self.memory.spans)
 
     def backward_span(self, index: int, last: int) -> tuple[int, int, int]:
         label = "B:loss" if index == last else f"B:{index}"
@@ -353,12 +375,12 @@ def _timed_step(
 
 
 @contextmanager
-def _marks(chain: Chain | None, mark: Marker) -> Iterator[_Marked]:
+def _marks(chain: Chain | None, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
     """Stage marks when there is a chain (see :func:`_stage_marks`), else only the step's."""
     if chain is None:
         yield _Marked()
     else:
-        with _stage_marks(chain, mark) as marked:
+        with _stage_marks(chain, mark, watch) as marked:
             yield marked
 
 
@@ -464,7 +486,7 @@ def measure_stages(
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with _marks(chain, meter.mark) as marked, meter:
+        with _marks(chain, meter.mark, meter.watch) as marked, meter:
             loss = _step(model, sample, loss_fn, meter.mark, keep_output)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes

@@ -392,6 +392,7 @@ _STAGE_BYTES = (
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
 )
 _CHAIN_BYTES = (
     "held_bytes",
@@ -409,6 +410,7 @@ _NON_NEGATIVE = {
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
     *_CHAIN_BYTES,
 }
 
