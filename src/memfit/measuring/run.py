@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -231,9 +232,21 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
     # every block's (masks, rotary tables) to the end of the step would change the step measured
     calls: dict[int, Inputs] = {}
     handles = []
+    # block stage -> its output and the labels its gradient marks, latest stage first: a stage
+    # between groups that passes the block's output on as it is (nothing between layer1 and
+    # layer2 of a ResNet) marks its (empty) backward before the block's, which runs next.
+    # Weakly: holding the outputs would change the step measured.
+    outputs: dict[int, tuple[weakref.ref[torch.Tensor], list[str]]] = {}
 
     def on_grad(label: str) -> Callable[[torch.Tensor], None]:
         return lambda _grad: mark(label)
+
+    def on_grads(labels: list[str]) -> Callable[[torch.Tensor], None]:
+        def hook(_grad: torch.Tensor) -> None:
+            for label in reversed(labels):
+                mark(label)
+
+        return hook
 
     def pre_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -260,7 +273,10 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
                 first = main_tensor(split_main(args, kwargs)[0])
                 if first is not None:
                     output_bytes[index - 1] = tensor_bytes(first)
-                    if first.requires_grad:
+                    before = outputs.get(index - 2)
+                    if before is not None and before[0]() is first:
+                        before[1].append(f"B:{index - 1}")
+                    elif first.requires_grad:
                         first.register_hook(on_grad(f"B:{index - 1}"))
 
         return hook
@@ -276,7 +292,9 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
-                    out.register_hook(on_grad(f"B:{index}"))
+                    labels = [f"B:{index}"]
+                    outputs[index] = (weakref.ref(out), labels)
+                    out.register_hook(on_grads(labels))
             if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
                 mark(f"F:{index + 1}")
 
