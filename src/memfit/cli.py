@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--host-budget",
         help='host memory offloaded activations may take (CUDA), e.g. "64GiB"; default: half '
-        "of the free host memory",
+        "of the free host memory (checked everywhere; unused where nothing can be offloaded, "
+        "as on CPU)",
     )
     sub.add_argument(
         "--candidates",
