@@ -44,8 +44,8 @@ def test_budgets() -> None:
     assert parse_budget("40%") == Budget(fraction=0.4)
     assert parse_budget("12GiB") == Budget(bytes=12 * 2**30)
     assert parse_budget(100) == Budget(bytes=100)
-    assert parse_budget("40%").resolve(held_bytes=1000, activation_bytes=500) == 1200
-    assert parse_budget(5000).resolve(held_bytes=1000, activation_bytes=500) == 5000
+    assert parse_budget("40%").resolve(base_bytes=1000, activation_bytes=500) == 1200
+    assert parse_budget(5000).resolve(base_bytes=1000, activation_bytes=500) == 5000
     assert str(parse_budget("40%")) == "40%"
 
 
@@ -110,7 +110,13 @@ def test_infeasible_message_in_the_users_units() -> None:
     assert Budget(fraction=0.62).resolve(held, activation) >= smallest  # the advice works
     assert Budget(fraction=0.61).resolve(held, activation) < smallest  # and is the least
     text = infeasible_message(Budget(bytes=2 << 20), 2 << 20, smallest, held, activation)
-    assert "budget 2.00 MiB (2097152 bytes) of step peak = 1.00 MiB held + 50% of 2.00 MiB" in text
-    assert f"smallest feasible is 2.24 MiB ({smallest} bytes) = 1.00 MiB held + 62%" in text
+    assert (
+        "budget 2.00 MiB (2097152 bytes) of step peak = 1.00 MiB held and gradients + 50% of 2.00 MiB"
+        in text
+    )
+    assert (
+        f"smallest feasible is 2.24 MiB ({smallest} bytes) = 1.00 MiB held and gradients + 62%"
+        in text
+    )
     text = infeasible_message(Budget(bytes=1000), 1000, smallest, held, activation)
-    assert "= less than the 1.00 MiB held before the step is infeasible" in text
+    assert "= less than the 1.00 MiB held before the step and its gradients is infeasible" in text

@@ -39,6 +39,7 @@ from memfit.runtime.compiled import (
     compile_blocks,
     compiled_blocks,
     is_compile_budget,
+    plan_compile_options,
     refuse_compiled_model,
     uncompile_blocks,
 )
@@ -75,7 +76,9 @@ def plan(
             ``plan.info["inexact"]`` names the stage), and what planning took:
             ``plan.info["setup_s"]`` seconds, ``plan.info["setup_steps"]`` unplanned steps.
         budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
-            float in (0, 1] such as ``0.4``), or bytes of step peak (``"12GiB"``, ``"800MB"``,
+            float in (0, 1] such as ``0.4``): the step peak above what is held before it
+            (weights, optimizer state, the batch) and the gradients it makes, which no plan
+            removes (``"40%"`` keeps them and 40% of the rest); or bytes of step peak (``"12GiB"``, ``"800MB"``,
             ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
             :func:`~memfit.units.parse_budget`). ``None``: no cap (for the baselines).
         strategy: ``optimal`` (default), ``none``, ``all``, ``sqrt`` or ``every:k``.
@@ -133,7 +136,7 @@ def plan(
         raise TypeError(
             f"memfit.plan takes a Profile or an nn.Module; got {type(profile_or_model).__name__}"
         )
-    held, activation = prof.measurement.held_bytes, prof.measurement.activation_bytes
+    held, activation = prof.measurement.base_bytes, prof.measurement.activation_bytes
     budget_bytes = None if parsed is None else parsed.resolve(held, activation)
     extra: dict[str, Any] = {}
     if offloads(prof.costs) and parse_strategy(strategy)[0] is Strategy.OPTIMAL:
@@ -184,6 +187,7 @@ def plan(
             keep_output=step.keep_output,
             accumulate=step.accumulate,
             drop_failures=not together,  # a rank that skips a plan would desert the others
+            compile=prof.info.get("compile"),  # profiled here: the caller's own arguments
         )
         if together:  # every rank timed the same plans in lockstep; all run rank 0's choice
             result = rank0_plan(result)
@@ -236,32 +240,50 @@ def _check_candidates(candidates: Any, profile_or_model: Any, strategy: str) -> 
     return count
 
 
-def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    sample: Any = None,
+    *,
+    compile: bool | dict[str, Any] | None = None,
+) -> None:
     """Run ``model`` with ``plan`` from now on (in place; ``memfit.remove`` undoes it).
 
     The module tree, ``state_dict()`` keys and values stay as they are.
 
     A plan made from a compiled profile (``plan.info["compile"]``, see :func:`profile`)
-    compiles each block's own forward with those ``torch.compile`` arguments first; memfit's
-    checkpoints run around the compiled blocks.
+    compiles each block's own forward first; memfit's checkpoints run around the compiled
+    blocks. A plan is data, and may come from a file: the ``torch.compile`` arguments are the
+    caller's ``compile=``, or else the plan's own settings when they only choose among torch's
+    compilers (backend, mode, fullgraph, dynamic: see
+    :func:`~memfit.runtime.compiled.plan_compile_options`).
 
     Args:
         sample: if given, also check that the plan was made for samples of this shape.
+        compile: your own ``torch.compile`` arguments for a plan from a compiled profile
+            (``True``, or a dict such as ``{"mode": "max-autotune", "options": {...}}``);
+            ``None``: the plan's settings, checked.
 
     Raises:
         AlreadyPlannedError: the model already carries a plan.
-        PlanMismatchError: the plan was made for another model or sample shape, or asks for
-            ``rebuild``/``selective:*`` on compiled blocks.
+        PlanMismatchError: the plan was made for another model or sample shape, asks for
+            ``rebuild``/``selective:*`` on compiled blocks, or names compile settings a plan
+            may not set (pass ``compile=`` yourself); ``compile=`` for a plan made without
+            compiled blocks.
         TypeError: ``model`` is a ``torch.compile`` wrapper (apply to ``model._orig_mod`` a
             plan made with ``compile=True``).
 
     A ``torch.compile`` around a model planned without ``compile=`` warns once, at its first
     compiled step: compile's partitioner then decides what the checkpoints save, and the
     plan's budget does not hold (the warning shows the fix).
+
+    Example:
+        >>> memfit.apply(model, memfit.Plan.from_json(path.read_text()), sample)
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
     refuse_compiled_model(model, "apply")
+    compiling = plan_compile_options(plan, compile)
     if planned_module(model) is not None:
         raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
     chain = chain_of_plan(model, plan)
@@ -282,7 +304,6 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 "the plan was made for samples of another shape, dtype or device; its memory "
                 "predictions do not hold for this sample: plan again with this sample"
             )
-    compiling = plan.info.get("compile")
     if compiling is None:
         budgets = sorted({o for o in plan.options.values() if is_compile_budget(o)})
         if budgets:
@@ -451,5 +472,6 @@ def auto(
     result = plan(
         model, sample, budget=budget, strategy=strategy, candidates=count, **profile_options
     )
-    apply(model, result, sample)
+    # made here from the caller's compile= (or the blocks the caller compiled): theirs to pass
+    apply(model, result, sample, compile=result.info.get("compile"))
     return result

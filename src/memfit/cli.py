@@ -167,7 +167,12 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(
-            model, sample, repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact
+            model,
+            sample,
+            repeats=args.repeats,
+            thorough=args.thorough,
+            keep_output=_keep(args),
+            exact=not args.inexact,
         )
     if args.output:
         Path(args.output).write_text(prof.to_json())
@@ -208,6 +213,7 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
             host_budget=args.host_budget,
             candidates=args.candidates,
             repeats=args.repeats,
+            thorough=args.thorough,
             keep_output=_keep(args),
             exact=not args.inexact,
         )
@@ -294,8 +300,11 @@ def _run_bench(
     model, sample = _load(target, args, strict)
     with out.progress(f"{target}") as update:
         update("profiling")
-        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
-        result = bench(model, sample, prof, budgets=budgets, repeats=args.repeats, progress=update)
+        prof = memfit.profile(
+            model, sample, repeats=args.repeats, thorough=args.thorough, keep_output=_keep(args)
+        )
+        rows = args.repeats or 3
+        result = bench(model, sample, prof, budgets=budgets, repeats=rows, progress=update)
     title = f"{target}: {describe(model)} on {_machine()}"
     data: dict[str, Any] = {
         "target": target,
@@ -381,7 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seq", type=_positive, help="sequence length")
         sub.add_argument("--batch", type=_positive, help="batch size")
         sub.add_argument("--heads", type=_positive, help="attention heads (gpt and hf:* targets)")
-        sub.add_argument("--repeats", type=_positive, default=3, help="timed steps per measurement")
+        sub.add_argument(
+            "--repeats",
+            type=_positive,
+            help="timed steps per way of running the model, in turns (default: one metered and "
+            "one timed step each; 3 with --thorough; bench: 3 per row)",
+        )
+        sub.add_argument(
+            "--thorough",
+            action="store_true",
+            help="profile with 3 timed steps per way in turns (about 3x the setup time)",
+        )
         sub.add_argument("--json", action="store_true", help="print JSON on stdout")
         sub.add_argument(
             "--drop-output",

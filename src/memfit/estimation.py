@@ -22,7 +22,7 @@ from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, largest_shape, plan_shape
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.dynamic import (
@@ -207,8 +207,7 @@ def estimate(
         chosen = None
         budget_bytes = None
         if parsed is not None:
-            activation = plain.peak_bytes - costs.held_bytes
-            budget_bytes = parsed.resolve(costs.held_bytes, activation)
+            budget_bytes = parsed.resolve(*budget_base(costs))
             try:
                 chosen = plan_shape(fitted, shape, parsed, strategy=strategy)
             except InfeasibleBudgetError:

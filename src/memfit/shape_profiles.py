@@ -174,7 +174,7 @@ def profile_shapes(
     started = time.perf_counter()
     profiles = {}
     options = profile_options.pop("options", ())
-    repeats = int(profile_options.pop("repeats", 3))
+    repeats = int(profile_options.pop("repeats", None) or 3)
     for shape in order:  # the largest first: its options are measured at every shape
         # the larger shapes carry the time fits' slope: twice the timed steps there
         twice = 2 * shape.tokens >= order[0].tokens

@@ -55,6 +55,7 @@ __all__ = [
     "compiled_blocks",
     "eager_around_compiled_blocks",
     "is_compile_budget",
+    "plan_compile_options",
     "refuse_compiled_model",
     "runs_compiled_blocks",
     "uncompile_blocks",
@@ -62,6 +63,9 @@ __all__ = [
 
 # torch.compile's arguments a plan may record (JSON: strings, booleans, a dict of options)
 COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+# what a plan file may name by itself: a choice among torch's own compilers, never a compiler's
+# options (a C++ compiler to run, folders to write traces into); those come from compile=
+PLAN_BACKENDS = ("inductor", "eager", "aot_eager", "aot_eager_decomp_partition")
 _COMPILED: dict[tuple[Any, str], Any] = {}  # (class forward, options as JSON) -> compiled
 
 
@@ -89,6 +93,91 @@ def compile_options(compile: bool | Mapping[str, Any] | None) -> dict[str, Any] 
             f"some of {list(COMPILE_KEYS)}"
         )
     return dict(compile)
+
+
+def plan_compile_options(
+    plan: Any, compile: bool | Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The ``torch.compile`` arguments to run ``plan``'s blocks with (``None``: not compiled).
+
+    A plan is data that may come from a file: its ``info["compile"]`` is taken only when every
+    setting is on the allow-list (``backend`` one of :data:`PLAN_BACKENDS`, ``mode`` one of
+    torch's modes for inductor, ``fullgraph`` a bool, ``dynamic`` a bool or null; nothing
+    else, no ``options``). The caller's own ``compile=`` (True or a dict of ``torch.compile``
+    arguments, ``options`` included) is taken instead, unchecked by the list: the caller's
+    choice, not the file's. Every place that compiles blocks for a plan asks here.
+
+    Raises:
+        PlanMismatchError: a setting off the list (named, with the fix: pass ``compile=``), or
+            ``compile=`` given for a plan made without compiled blocks (or ``compile=False``
+            for one made with them).
+        TypeError, ValueError: a malformed ``compile=`` (see :func:`compile_options`).
+    """
+    recorded = plan.info.get("compile")
+    if compile is None:
+        return None if recorded is None else _plan_settings(recorded)
+    chosen = compile_options(compile)
+    if recorded is None and chosen is not None:
+        raise PlanMismatchError(
+            f"compile={compile!r}, but the plan was made with uncompiled blocks: its memory "
+            f"predictions are for eager blocks. Plan again with compile= (or apply without it)"
+        )
+    if recorded is not None and chosen is None:
+        raise PlanMismatchError(
+            f"compile={compile!r}, but the plan was made with compiled blocks "
+            f'(plan.info["compile"]); pass compile=True or a dict of torch.compile arguments'
+        )
+    return chosen
+
+
+def _plan_settings(recorded: Any) -> dict[str, Any]:
+    """``plan.info["compile"]`` checked against the allow-list (see
+    :func:`plan_compile_options`)."""
+    fix = (
+        "a plan file may only choose among torch's own compilers; if you trust these settings, "
+        "pass them yourself: memfit.apply(model, plan, compile={...})"
+    )
+    if not isinstance(recorded, Mapping):
+        raise PlanMismatchError(
+            f'plan.info["compile"] is {recorded!r}; expected an object such as '
+            f'{{"backend": "inductor"}}; {fix}'
+        )
+    allowed = ("backend", "mode", "fullgraph", "dynamic")
+    for key in recorded:
+        if key not in allowed:
+            raise PlanMismatchError(
+                f'plan.info["compile"] names {key!r}, which a plan may not set (only '
+                f"{list(allowed)}); {fix}"
+            )
+    backend = recorded.get("backend", "inductor")
+    if not isinstance(backend, str) or backend not in PLAN_BACKENDS:
+        raise PlanMismatchError(
+            f"plan.info[\"compile\"] names 'backend' {backend!r}; expected one of "
+            f"{list(PLAN_BACKENDS)}; {fix}"
+        )
+    mode = recorded.get("mode")
+    if mode is not None:
+        modes = ["default"]
+        if backend == "inductor":
+            import torch._inductor
+
+            modes += [m for m in torch._inductor.list_mode_options() if m not in modes]
+        if not isinstance(mode, str) or mode not in modes:
+            raise PlanMismatchError(
+                f"plan.info[\"compile\"] names 'mode' {mode!r}; with backend {backend!r} "
+                f"expected null or one of {modes}; {fix}"
+            )
+    fullgraph = recorded.get("fullgraph", False)
+    if not isinstance(fullgraph, bool):
+        raise PlanMismatchError(
+            f"plan.info[\"compile\"] names 'fullgraph' {fullgraph!r}; expected true or false"
+        )
+    dynamic = recorded.get("dynamic")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise PlanMismatchError(
+            f"plan.info[\"compile\"] names 'dynamic' {dynamic!r}; expected true, false or null"
+        )
+    return dict(recorded)
 
 
 class CompiledForward:

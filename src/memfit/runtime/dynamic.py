@@ -37,10 +37,9 @@ from torch import nn
 
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.shapes import SampleLayout, batch_shape
-from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
 from memfit.units import Budget, format_bytes
 
@@ -165,8 +164,7 @@ class ShapePlans:
         if step is None or peak_bytes <= step.predicted_peak_bytes:
             return False
         costs = self.fitted.costs_at(step.bucket)
-        held = costs.held_bytes
-        activation = simulate(costs, keep_all(costs)).peak_bytes - held
+        held, activation = budget_base(costs)
         share = max(1, self.budget.resolve(held, activation) - held)
         # the margin must absorb an error of this size: widened to it (with a quarter more),
         # never added up, so that an error the fits make at every long batch widens it once
