@@ -2,8 +2,9 @@
 public API.
 
 Exit codes: 0 ok; 1 infeasible budget, failed check, or an error raised while running (by the
-user's model file, its forward, or memfit); 2 usage error (bad flags, budget, strategy or
-target), checked before anything runs.
+user's model file, its forward, or memfit); 2 usage error (bad flags, sizes, budget, strategy
+or target; an output file in a missing folder, an --out folder that is a file; a model with
+nothing to train or already compiled), checked before anything is measured.
 """
 
 from __future__ import annotations
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--host-budget",
         help='host memory offloaded activations may take (CUDA), e.g. "64GiB"; default: half '
-        "of the free host memory",
+        "of the free host memory (checked everywhere; unused where nothing can be offloaded, "
+        "as on CPU)",
     )
     sub.add_argument(
         "--candidates",

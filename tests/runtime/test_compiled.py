@@ -152,7 +152,8 @@ def test_rebuild_runs_eagerly_inside_a_compiled_model() -> None:
     reference = copy.deepcopy(model)
     memfit.apply(model, _by_hand(model, sample, {2: "rebuild"}))
     planned = _compile_around(model, "blocks")
-    counts = _steps_match(planned, _compile_around(reference, "blocks"), sample)
+    with pytest.warns(UserWarning, match="plan's memory budget does not hold"):
+        counts = _steps_match(planned, _compile_around(reference, "blocks"), sample)
     assert 1 <= counts[0]["breaks"] <= 3  # at the rebuilt stage (one per frame it unwinds)
     # Dynamo compiles the frames under the break lazily: one graph more in the second step
     # (measured), none after; a plan made for compiled blocks (compile=) has no such stage
@@ -374,6 +375,7 @@ def test_a_compiled_model_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(memfit.profiling, "_chain", profiled)
     model, sample = _gpt()
     compiled = torch.compile(model, **COMPILE)
+    counters.clear()
     arguments: dict[str, Any] = {"budget": "50%"} if call in ("auto", "plan") else {}
     args: tuple[Any, ...] = (sample,)
     if call == "apply":

@@ -173,9 +173,9 @@ def _argument(
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     if isinstance(key, int):  # given by position in the sample, by keyword now
-        name = positional[key] if key < len(positional) else None
-        keyword = name is not None and parameters[key].kind is not inspect.Parameter.POSITIONAL_ONLY
-        return kwargs.get(name) if keyword and name is not None else None
+        if key < len(positional) and parameters[key].kind is not inspect.Parameter.POSITIONAL_ONLY:
+            return kwargs.get(positional[key])  # positional parameters come first
+        return None
     if key in positional:  # given by keyword in the sample, by position now
         index = positional.index(key)
         return args[index] if index < len(args) else None
