@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from memfit.measuring.chain import (
     Chain,
@@ -218,7 +219,10 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
     # only the previous block's side inputs, and only until the next block compares: holding
     # every block's (masks, rotary tables) to the end of the step would change the step measured
     calls: dict[int, Inputs] = {}
-    handles = []
+    # every hook's handle, the tensors' too: a block's input may be the user's own tensor (a
+    # sample or a parameter that requires grad), which must not keep memfit's hooks (they would
+    # mark the spans of meters long gone at every later backward)
+    handles: list[RemovableHandle] = []
 
     def on_grad(label: str) -> Callable[[torch.Tensor], None]:
         return lambda _grad: mark(label)
@@ -249,7 +253,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
                 if first is not None:
                     output_bytes[index - 1] = tensor_bytes(first)
                     if first.requires_grad:
-                        first.register_hook(on_grad(f"B:{index - 1}"))
+                        handles.append(first.register_hook(on_grad(f"B:{index - 1}")))
 
         return hook
 
@@ -264,7 +268,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
-                    out.register_hook(on_grad(f"B:{index}"))
+                    handles.append(out.register_hook(on_grad(f"B:{index}")))
             if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
                 mark(f"F:{index + 1}")
 
@@ -339,7 +343,7 @@ def _timed_step(
     keep_output: bool = True,
     cpu: bool = False,
 ) -> dict[str, float]:
-    reset_grads(model, accumulate)
+    reset_grads(model, accumulate, sample)
     clock = _Clock(sample_device(model, sample), cpu)
     with _marks(chain, clock.mark):
         _step(model, sample, loss_fn, clock.mark, keep_output)
@@ -377,9 +381,9 @@ def stage_clock(
     returned to the system by a leaner plan) would be charged to this one (measured: +17% to
     +46% on the keep step of the built-in GPT right after a recompute step).
     """
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output, cpu=True)
 
@@ -400,9 +404,9 @@ def step_clock(
     measured 0.5-0.7 ms on a 10 ms step of a 4-layer Llama config (about 14 marks). Shape fits
     scale the stage times to this clock's step (:func:`memfit.shape_profiles.profile_shapes`).
     """
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         durations = _timed_step(model, sample, None, loss_fn, accumulate, keep_output, cpu=True)
     if CPU in durations:
@@ -437,16 +441,16 @@ def measure_stages(
     device = sample_device(model, sample)
     last = len(chain) - 1 if chain is not None else 0
 
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         if clocks is None:
             clocks = [
                 _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
                 for _ in range(repeats)
             ]
-        reset_grads(model, accumulate)
+        reset_grads(model, accumulate, sample)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
         reserved = 0
@@ -565,7 +569,7 @@ def time_step(
 ) -> float:
     """Seconds of one training step (gradients reset to the steady state first)."""
     device = sample_device(model, sample)
-    reset_grads(model, accumulate)
+    reset_grads(model, accumulate, sample)
     synchronize(device)
     gc.collect()  # as timeit does: no collector pause inside the timed step
     enabled = gc.isenabled()  # and as timeit does, leave it as found (off stays off)
