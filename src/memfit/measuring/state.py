@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError
+from memfit.measuring.session import exclusive
 from memfit.measuring.step import trained_inputs
 
 # Attributes Hugging Face's gradient_checkpointing_enable/disable set on modules.
@@ -169,8 +170,9 @@ def preserved_state(model: nn.Module, sample: Any = None) -> Iterator[ModelState
 
 def preserving_state(function: F) -> F:
     """Decorate an entry point whose first arguments are the model and the sample with
-    :func:`preserved_state`. Arguments that are not modules (``memfit.plan`` takes a profile
-    too) pass through."""
+    :func:`preserved_state`, run under memfit's process-wide lock, refused inside the user's
+    profiler session (:func:`memfit.measuring.session.exclusive`). Arguments that are not
+    modules (``memfit.plan`` takes a profile too) pass through."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -178,7 +180,7 @@ def preserving_state(function: F) -> F:
         if not isinstance(model, nn.Module):
             return function(*args, **kwargs)
         sample = args[1] if len(args) > 1 else kwargs.get("sample")
-        with preserved_state(model, sample):
+        with exclusive(), preserved_state(model, sample):
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
