@@ -151,3 +151,14 @@ def test_auto_prints_nothing_and_leaves_the_users_profiler_as_it_was() -> None:
     for tag in ("before", "after"):  # the user's sessions as they always were
         theirs = err[err.index(f"<{tag}>") : err.index(f"</{tag}>")]
         assert "profiler_start" in theirs and "profiler_stop" in theirs, err
+
+
+def test_auto_and_verify_print_nothing_in_this_process(capfd: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = chain(width=64, blocks=6)
+    sample = (torch.randn(256, 64),)
+    capfd.readouterr()
+    memfit.auto(model, sample, budget="95%", loss_fn=torch.Tensor.mean, repeats=1, options=())
+    memfit.verify(model, sample, loss_fn=torch.Tensor.mean, repeats=1)
+    memfit.remove(model)
+    assert capfd.readouterr() == ("", "")
