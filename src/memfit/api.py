@@ -195,7 +195,8 @@ def plan(
         setup_s = time.perf_counter() - started
         setup = {"setup_s": setup_s, "setup_steps": setup_s / max(step.step_s, 1e-9)}
         result = dataclasses.replace(result, info={**result.info, **setup})
-    logger.info("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
+    # debug: a caller that applies the plan says so once (the Trainer callback logs one line)
+    logger.debug("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
 
 

@@ -135,7 +135,7 @@ def traced_gradients(
 def _seeded_step(
     model: nn.Module, sample: Any, loss_fn: LossFn | None, seed: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    reset_grads(model, accumulate=False)
+    reset_grads(model, accumulate=False, sample=sample)
     args, kwargs = split_sample(sample)
     device = sample_device(model, sample)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -144,7 +144,7 @@ def _seeded_step(
         loss = compute_loss(model(*args, **kwargs), loss_fn)
         loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    reset_grads(model, accumulate=False)
+    reset_grads(model, accumulate=False, sample=sample)
     return loss.detach(), grads
 
 

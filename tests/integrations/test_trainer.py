@@ -1,6 +1,7 @@
 """The Hugging Face Trainer trains a planned model as it trains the model itself."""
 
 import copy
+import logging
 import pathlib
 
 import pytest
@@ -78,11 +79,14 @@ def _hf_checkpointing_on(model: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("hf_checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
-def test_callback_plans_the_first_batch(tmp_path: pathlib.Path, hf_checkpointing: bool) -> None:
+def test_callback_plans_the_first_batch(
+    tmp_path: pathlib.Path, hf_checkpointing: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     # a Llama with the library's defaults (use_cache=True); the Trainer's own loop, one line
     model, sample = build_hf("llama", layers=4, hidden=32, seq=64)
     unplanned = copy.deepcopy(model)
     callback = MemfitCallback(budget="50%", repeats=1)
+    caplog.set_level(logging.INFO, logger="memfit")
     if hf_checkpointing:  # the Trainer turns HF's checkpointing on; memfit takes over, warning
         planned_losses = _train(
             model,
@@ -99,6 +103,9 @@ def test_callback_plans_the_first_batch(tmp_path: pathlib.Path, hf_checkpointing
     assert planned_losses == reference_losses
     plan = callback.plan
     assert plan is not None and memfit.runtime.applied_plan(model) is plan
+    # one line, from the callback, naming the plan it applied
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("memfit")]
+    assert len(lines) == 1 and plan.summary in lines[0], lines
     assert any(option != "keep" for option in plan.options.values())
     assert not plan.keep_output  # the Trainer keeps only the loss through backward
     assert not _hf_checkpointing_on(model)  # memfit took over, nothing recomputes twice

@@ -9,7 +9,9 @@ model there. The first forward with gradients in training mode (the Trainer's fi
 states and ``.grad`` as it found them), and the forward then runs planned. The Trainer computes
 the loss from the output and drops the output before backward, so the plan is made for that
 loop (``keep_output=False``); the profile runs under whatever the Trainer has entered around
-its forward (autocast for ``bf16=True``), so its costs are those of the training step.
+its forward (autocast for ``bf16=True``), so its costs are those of the training step. The
+callback logs one line (``logging``, INFO, logger ``memfit.integrations.hf_trainer``) with the
+plan it applied; profiling prints nothing.
 
 ``gradient_checkpointing=True`` (``activation_checkpointing``) in ``TrainingArguments``: the
 Trainer turns Hugging Face's checkpointing on just before ``on_train_begin``; the callback turns
@@ -35,7 +37,7 @@ from transformers import TrainerCallback
 from memfit.integrations.hf import disable_hf_checkpointing
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan
-from memfit.units import Budget, parse_budget
+from memfit.units import Budget, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +131,12 @@ class MemfitCallback(TrainerCallback):
         self.plan = auto(
             model, sample, budget=self.budget, strategy=self.strategy, **self.profile_options
         )
+        budget = self.plan.budget_bytes
         logger.info(
-            "memfit planned the first batch: %s, predicted peak %d bytes",
+            "memfit applied a plan made on the first training batch: %s (%s); predicted peak "
+            "%s of a %s budget",
+            self.plan.summary,
             self.plan.strategy,
-            self.plan.predicted_peak_bytes,
+            format_bytes(self.plan.predicted_peak_bytes),
+            "no" if budget is None else format_bytes(budget),
         )

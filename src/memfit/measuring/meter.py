@@ -12,9 +12,9 @@ the profiler (host side, in program order, sizes as ``memory_allocated`` counts 
 ``max_memory_allocated`` instead would need ``reset_peak_memory_stats`` at every mark, which
 destroys the user's own peak statistics; the meter never resets them.
 
-The profiler writes two lines (``profiler_start``/``profiler_stop``) to stderr on every run
-unless ``KINETO_LOG_LEVEL=6`` is in the environment before its first use; the library leaves
-the environment and file descriptors alone (the CLI sets the variable for its own process).
+The profiler is one per process: the meter runs under memfit's process-wide lock, refuses to
+start inside the user's own profiler session, and keeps the profiler's start and stop lines
+off stderr (:mod:`memfit.measuring.session`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from memfit.measuring.session import PROFILER_LOCK, quiet_stderr, refuse_inside_profiler
 
 MARK_PREFIX = "memfit::mark::"
 _ENGINE_PREFIX = "autograd::engine::evaluate_function: "
@@ -112,13 +114,20 @@ class MemoryMeter:
         self._reading = None
         self._labels = []
         self._watched = []
-        if self.device.type == "cuda":
-            # Allocations are recorded when the host asks for them; syncing only keeps kernels
-            # queued before the region from running inside it.
-            torch.cuda.synchronize(self.device)
-        # Host activity only: the CUDA allocator's events are reported without CUPTI.
-        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profiler.__enter__()
+        PROFILER_LOCK.acquire()  # released in __exit__ (reentrant: entry points hold it already)
+        try:
+            refuse_inside_profiler()
+            if self.device.type == "cuda":
+                # Allocations are recorded when the host asks for them; syncing only keeps
+                # kernels queued before the region from running inside it.
+                torch.cuda.synchronize(self.device)
+            # Host activity only: the CUDA allocator's events are reported without CUPTI.
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with quiet_stderr():
+                self._profiler.__enter__()
+        except BaseException:
+            PROFILER_LOCK.release()
+            raise
         return self
 
     def mark(self, label: str) -> None:
@@ -139,10 +148,14 @@ class MemoryMeter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        profiler, self._profiler = self._profiler, None
-        profiler.__exit__(exc_type, exc, traceback)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            profiler, self._profiler = self._profiler, None
+            with quiet_stderr():
+                profiler.__exit__(exc_type, exc, traceback)
+        finally:
+            PROFILER_LOCK.release()
         if exc_type is None:
             roots = profiler.profiler.kineto_results.experimental_event_tree()
             self._reading = _replay(roots, self._labels, self.device, self._watched)

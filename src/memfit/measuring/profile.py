@@ -177,7 +177,10 @@ def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
     and the checkpoints of recomputed blocks hold until their backward: what the stages after
     the blocks keep more with every block recomputed than with every block kept. The tails of
     the last two blocks before such a stage (:attr:`StageCosts.tail_bytes`) are freed in its
-    span with every block recomputed, not with every block kept: they are added back."""
+    span with every block recomputed, not with every block kept: they are added back. So are
+    block inputs that the kept step frees in such a stage's span (the last block's, when no
+    op of it saves its input): the simulator holds them as the block's own
+    (:attr:`StageCosts.released_input_at`), where a checkpoint starts there."""
     last = len(chain) - 1
     extra = 0
     tails = recompute.tail_bytes
@@ -187,6 +190,10 @@ def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
             freed = tails.get(index - 1, 0)
             if chain.block_of_stage(index - 2) is not None:
                 freed += tails.get(index - 2, 0)
+            for block in chain.block_stages:
+                size, at = keep.released_input(block)
+                if at == index != block and recompute.has_backward(block):
+                    freed -= size
             extra += max(0, (recomputed[2] - recomputed[0]) + freed - (kept[2] - kept[0]))
     return extra
 

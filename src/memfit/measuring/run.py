@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from memfit.measuring.chain import (
     Chain,
@@ -231,7 +232,10 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
     # only the previous block's side inputs, and only until the next block compares: holding
     # every block's (masks, rotary tables) to the end of the step would change the step measured
     calls: dict[int, Inputs] = {}
-    handles = []
+    # every hook's handle, the tensors' too: a block's input may be the user's own tensor (a
+    # sample or a parameter that requires grad), which must not keep memfit's hooks (they would
+    # mark the spans of meters long gone at every later backward)
+    handles: list[RemovableHandle] = []
     # block stage -> its output and the labels its gradient marks, latest stage first: a stage
     # between groups that passes the block's output on as it is (nothing between layer1 and
     # layer2 of a ResNet) marks its (empty) backward before the block's, which runs next.
@@ -277,7 +281,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
                     if before is not None and before[0]() is first:
                         before[1].append(f"B:{index - 1}")
                     elif first.requires_grad:
-                        first.register_hook(on_grad(f"B:{index - 1}"))
+                        handles.append(first.register_hook(on_grad(f"B:{index - 1}")))
 
         return hook
 
@@ -294,7 +298,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
                 if out.requires_grad:
                     labels = [f"B:{index}"]
                     outputs[index] = (weakref.ref(out), labels)
-                    out.register_hook(on_grads(labels))
+                    handles.append(out.register_hook(on_grads(labels)))
             if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
                 mark(f"F:{index + 1}")
 
@@ -385,7 +389,7 @@ def _timed_step(
     keep_output: bool = True,
     cpu: bool = False,
 ) -> dict[str, float]:
-    reset_grads(model, accumulate)
+    reset_grads(model, accumulate, sample)
     clock = _Clock(sample_device(model, sample), cpu)
     with _marks(chain, clock.mark):
         _step(model, sample, loss_fn, clock.mark, keep_output)
@@ -423,9 +427,9 @@ def stage_clock(
     returned to the system by a leaner plan) would be charged to this one (measured: +17% to
     +46% on the keep step of the built-in GPT right after a recompute step).
     """
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output, cpu=True)
 
@@ -446,9 +450,9 @@ def step_clock(
     measured 0.5-0.7 ms on a 10 ms step of a 4-layer Llama config (about 14 marks). Shape fits
     scale the stage times to this clock's step (:func:`memfit.shape_profiles.profile_shapes`).
     """
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         durations = _timed_step(model, sample, None, loss_fn, accumulate, keep_output, cpu=True)
     if CPU in durations:
@@ -487,16 +491,16 @@ def measure_stages(
     device = sample_device(model, sample)
     last = len(chain) - 1 if chain is not None else 0
 
-    with preserved_grads(model):
+    with preserved_grads(model, sample):
         for _ in range(warmup):
-            reset_grads(model, accumulate)
+            reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
         if clocks is None:
             clocks = [
                 _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
                 for _ in range(repeats)
             ]
-        reset_grads(model, accumulate)
+        reset_grads(model, accumulate, sample)
         held = held_bytes(model, sample, optimizer)
         meter = MemoryMeter(device)
         reserved = 0
@@ -623,7 +627,7 @@ def time_step(
 ) -> float:
     """Seconds of one training step (gradients reset to the steady state first)."""
     device = sample_device(model, sample)
-    reset_grads(model, accumulate)
+    reset_grads(model, accumulate, sample)
     synchronize(device)
     gc.collect()  # as timeit does: no collector pause inside the timed step
     enabled = gc.isenabled()  # and as timeit does, leave it as found (off stays off)

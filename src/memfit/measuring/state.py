@@ -6,8 +6,10 @@ public entry point that runs steps (``profile``, ``plan`` on a model, ``verify``
 ``measure``; ``auto`` through ``profile``) runs inside :func:`preserved_state`, which snapshots
 what a step can change and puts it back afterwards:
 
-* ``.grad`` of every parameter: taken off the parameters for the duration (the same tensor
-  objects come back, their values untouched even by steps that accumulate into gradients);
+* ``.grad`` of every parameter, and of the sample's tensors that require grad (a tensor the user
+  differentiates, latents handed in as an ``nn.Parameter``): taken off for the duration (the
+  same tensor objects come back, their values untouched even by steps that accumulate into
+  gradients);
 * ``requires_grad`` of every parameter and ``training`` of every module;
 * buffers (running statistics, ``num_batches_tracked``): copied to host memory at entry (never
   to the device: a CUDA meter counts what is allocated there), copied back at exit;
@@ -30,6 +32,8 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError
+from memfit.measuring.session import exclusive
+from memfit.measuring.step import trained_inputs
 
 # Attributes Hugging Face's gradient_checkpointing_enable/disable set on modules.
 _HF_SWITCHES = ("gradient_checkpointing", "_gradient_checkpointing_func")
@@ -57,10 +61,14 @@ def _configs(model: nn.Module) -> list[Any]:
 
 
 class ModelState:
-    """A snapshot of what a training step can change on ``model`` and in the process."""
+    """A snapshot of what a training step can change on ``model`` and in the process (and on
+    the sample's tensors that require grad: their ``.grad``)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.grads = {p: p.grad for p in model.parameters()}
+    def __init__(self, model: nn.Module, sample: Any = None) -> None:
+        inputs = [] if sample is None else trained_inputs(model, sample)
+        self.grads: dict[torch.Tensor, torch.Tensor | None] = {
+            p: p.grad for p in [*model.parameters(), *inputs]
+        }
         self.requires_grad = {p: p.requires_grad for p in model.parameters()}
         self.versions = {name: p._version for name, p in model.named_parameters()}
         self.parameters = dict(model.named_parameters())
@@ -93,8 +101,8 @@ class ModelState:
         for parameter, flag in self.requires_grad.items():
             if parameter.requires_grad != flag:
                 parameter.requires_grad_(flag)
-        for parameter, grad in self.grads.items():
-            parameter.grad = grad
+        for tensor, grad in self.grads.items():
+            tensor.grad = grad
         for module, flag in self.training.items():
             module.training = flag  # not .train(): that recurses and may run user overrides
         with torch.no_grad():
@@ -132,12 +140,14 @@ class ModelState:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[ModelState]:
+def preserved_state(model: nn.Module, sample: Any = None) -> Iterator[ModelState]:
     """Run the body, then give the model and the process back as they were (see the module
     docstring for what is covered).
 
     Args:
         model: the user's model.
+        sample: the sample the body runs steps on (its tensors that require grad get their
+            ``.grad`` back too).
 
     Yields:
         The snapshot (the model's gradients are off it while the body runs).
@@ -149,7 +159,7 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
         >>> with preserved_state(model):
         ...     model(x).sum().backward()  # BatchNorm statistics, RNG, .grad restored after
     """
-    state = ModelState(model)
+    state = ModelState(model, sample)
     state.detach_grads()
     try:
         yield state
@@ -159,15 +169,18 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
 
 
 def preserving_state(function: F) -> F:
-    """Decorate an entry point whose first argument is the model with :func:`preserved_state`.
-    Arguments that are not modules (``memfit.plan`` takes a profile too) pass through."""
+    """Decorate an entry point whose first arguments are the model and the sample with
+    :func:`preserved_state`, run under memfit's process-wide lock, refused inside the user's
+    profiler session (:func:`memfit.measuring.session.exclusive`). Arguments that are not
+    modules (``memfit.plan`` takes a profile too) pass through."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         model = args[0] if args else kwargs.get("model")
         if not isinstance(model, nn.Module):
             return function(*args, **kwargs)
-        with preserved_state(model):
+        sample = args[1] if len(args) > 1 else kwargs.get("sample")
+        with exclusive(), preserved_state(model, sample):
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

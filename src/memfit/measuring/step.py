@@ -153,14 +153,29 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(seen.values())
 
 
+def trained_inputs(model: nn.Module, sample: Any) -> list[torch.Tensor]:
+    """The sample's leaf tensors that require grad and are not the model's parameters (a
+    tensor the user differentiates, Perceiver-style latents handed in): the step gives them a
+    ``.grad`` as it gives the parameters, so memfit treats them alike (reset before each step,
+    the user's own gradients put back afterwards)."""
+    own = {id(p) for p in model.parameters()}
+    found: dict[int, torch.Tensor] = {}
+    for tensor in _tensors_in(sample):
+        if tensor.requires_grad and tensor.is_leaf and id(tensor) not in own:
+            found.setdefault(id(tensor), tensor)
+    return list(found.values())
+
+
 def held_bytes(model: nn.Module, sample: Any, extra: Any = None) -> int:
-    """Bytes live before the step: parameters, buffers, existing gradients, the sample, any
-    tensors reachable from ``extra`` (e.g. an optimizer's state), and DDP's gradient buckets."""
+    """Bytes live before the step: parameters, buffers, existing gradients (the sample's
+    trained inputs' too), the sample, any tensors reachable from ``extra`` (e.g. an optimizer's
+    state), and DDP's gradient buckets."""
     tensors: list[torch.Tensor | None] = []
     for parameter in model.parameters():
         tensors += [parameter, parameter.grad]
     tensors += list(model.buffers())
     tensors += list(_tensors_in(sample))
+    tensors += [tensor.grad for tensor in trained_inputs(model, sample)]
     if extra is not None:
         state = extra.state_dict() if hasattr(extra, "state_dict") else extra
         tensors += list(_tensors_in(state))
@@ -189,9 +204,13 @@ def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def preserved_grads(model: nn.Module) -> Iterator[None]:
-    """Give the user's gradients back after memfit's measuring steps."""
-    saved = {parameter: parameter.grad for parameter in model.parameters()}
+def preserved_grads(model: nn.Module, sample: Any = None) -> Iterator[None]:
+    """Give the user's gradients back after memfit's measuring steps (the sample's trained
+    inputs' too, with ``sample``)."""
+    tensors: list[torch.Tensor] = list(model.parameters())
+    if sample is not None:
+        tensors += trained_inputs(model, sample)
+    saved = {parameter: parameter.grad for parameter in tensors}
     try:
         yield
     finally:
@@ -199,14 +218,18 @@ def preserved_grads(model: nn.Module) -> Iterator[None]:
             parameter.grad = grad
 
 
-def reset_grads(model: nn.Module, accumulate: bool) -> None:
+def reset_grads(model: nn.Module, accumulate: bool, sample: Any = None) -> None:
     """Gradients as they are at the start of a step in the steady state the user trains in.
 
     ``accumulate=False``: ``zero_grad(set_to_none=True)`` before every step (gradients are
     allocated during backward). ``accumulate=True``: gradient buffers exist for the whole step
-    (gradient accumulation from the second micro-batch on).
+    (gradient accumulation from the second micro-batch on). With ``sample``, its trained
+    inputs (:func:`trained_inputs`) are reset alike.
     """
-    for parameter in model.parameters():
+    tensors: list[torch.Tensor] = list(model.parameters())
+    if sample is not None:
+        tensors += trained_inputs(model, sample)
+    for parameter in tensors:
         if accumulate and parameter.requires_grad:
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
