@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import hf_checkpointing_off
+from memfit.integrations.hf import hf_checkpointing_off, refuse_layerdrop
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -327,6 +327,7 @@ def profile(
             f"options {budgets} compile the blocks with compile's activation_memory_budget; "
             f"profile with compile=True (or a dict of torch.compile arguments) for them"
         )
+    refuse_layerdrop(model)
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     hf = hf_checkpointing_off(model, warn=False)

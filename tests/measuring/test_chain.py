@@ -80,3 +80,79 @@ def test_one_rule_for_the_main_input() -> None:
         (),
         {"attention_mask": mask},
     )
+
+
+class SkipReader(nn.Module):
+    """Each block reads ``cat(f(previous output), skip)``, as a U-Net's up blocks do: not a
+    chain. The previous output dies just before the concatenation is made, which is then
+    likely to get its ``id()``."""
+
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = h = x
+        for block in self.blocks:
+            h = torch.tanh(h)  # the block's output is freed here
+            h = torch.cat([h, skip], dim=-1)
+            h = block(h)
+        return h.sum()
+
+
+def test_blocks_reading_a_concatenated_skip_are_not_a_chain() -> None:
+    model = SkipReader()
+    for _ in range(5):  # the same answer on every call
+        with pytest.raises(UnsupportedModelError, match="found no chain"):
+            _find(model, (torch.randn(2, 8),))
+
+
+def test_stable_diffusion_unet_up_blocks_are_not_a_chain() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    sample = {
+        "sample": torch.randn(1, 4, 8, 8),
+        "timestep": torch.tensor(1),
+        "encoder_hidden_states": torch.randn(1, 4, 32),
+    }
+    chains = [find_chain(model, lambda: model(**sample)) for _ in range(4)]
+    # up_blocks.1's resnets read the 64 channels of cat(previous output, skip), not the 32 of
+    # the previous output
+    assert not any(name.startswith("up_blocks.1.") for name in chains[0].block_names)
+    assert {chain.block_names for chain in chains} == {chains[0].block_names}
+
+
+class SharedHead(nn.Module):
+    """A list of modules registered under their own names too (HGNetV2's classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.pool = nn.Tanh()
+        self.flatten = nn.Flatten()
+        self.classifier = nn.ModuleList([self.pool, self.flatten])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        for layer in self.classifier:
+            x = layer(x)
+        return x.sum()
+
+
+def test_a_module_registered_under_two_names() -> None:
+    model = SharedHead()
+    sample = (torch.randn(2, 4),)
+    assert _find(model, sample).block_names == ("blocks.0", "blocks.1", "blocks.2")
+    assert _find(model, sample, ["pool", "flatten"]).block_names == ("pool", "flatten")
+    with pytest.raises(ValueError, match=r"'classifier.0' \(first 'pool'\)"):
+        _find(model, sample, "classifier")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from memfit.errors import UnsupportedModelError
 from memfit.integrations.hf_models import ARCHITECTURES, FAMILIES, build_hf
 from memfit.runtime.apply import register_before_apply
 
@@ -32,6 +33,8 @@ __all__ = [
     "disable_hf_checkpointing",
     "hf_block_names",
     "hf_checkpointing_off",
+    "layerdrop_fields",
+    "refuse_layerdrop",
 ]
 
 
@@ -165,6 +168,65 @@ def _off_for_the_plan(model: nn.Module) -> Callable[[], None] | None:
 
 
 register_before_apply(_off_for_the_plan)
+
+
+def layerdrop_fields(model: nn.Module) -> dict[str, float]:
+    """Where ``model`` turns on LayerDrop (random layer skipping): every config field and
+    module attribute whose name ends in ``layerdrop`` with a value above 0, by its path
+    (``config.layerdrop``, ``speecht5.encoder.wrapped_encoder.layerdrop``).
+
+    wav2vec2, HuBERT, WavLM, UniSpeech, SpeechT5, SeamlessM4T and Autoformer default to 0.1;
+    their layers read the config's field (``config.layerdrop``) or a copy made when the model
+    was built (``self.layerdrop = config.encoder_layerdrop``).
+    """
+    found: dict[str, float] = {}
+    configs: set[int] = set()
+    for fqn, module in model.named_modules():
+        prefix = f"{fqn}." if fqn else ""
+        owners: list[tuple[str, Any]] = [(prefix, vars(module))]
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in configs and hasattr(config, "to_dict"):
+            configs.add(id(config))
+            owners.append((f"{prefix}config.", vars(config)))
+        for path, fields in owners:
+            for name, value in fields.items():
+                if (
+                    name.endswith("layerdrop")
+                    and isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and value > 0
+                ):
+                    found[f"{path}{name}"] = float(value)
+    return found
+
+
+def refuse_layerdrop(model: nn.Module) -> None:
+    """Refuse a model that skips layers at random (LayerDrop), naming the fields to set.
+
+    A plan fixes which blocks run, which are recomputed and which segments they form, and its
+    budget comes from a step in which every block ran; a block skipped in one step and run in
+    the next would leave a segment open or run a step the plan never measured. memfit refuses
+    rather than guess. :func:`memfit.profile` calls it before anything is measured, and
+    :func:`memfit.apply` before the model changes.
+
+    Raises:
+        UnsupportedModelError: LayerDrop is on somewhere in ``model``.
+    """
+    found = layerdrop_fields(model)
+    if not found:
+        return
+    fields = ", ".join(f"{path}={value:g}" for path, value in found.items())
+    names = sorted({path.rpartition(".")[2] for path in found})
+    build = ", ".join(f"{name}=0.0" for name in names)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} skips layers at random in training (LayerDrop: {fields}); "
+        f"memfit plans a fixed chain of blocks and cannot plan a step whose blocks come and go. "
+        f"Turn LayerDrop off: build the model with {build} (from_pretrained(name, {build}) or "
+        f"its config), or set each field named here to 0.0 on the built model"
+    )
+
+
+register_before_apply(refuse_layerdrop)
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ its backward, after the last decoder block's.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -185,42 +186,52 @@ def find_chain(
         UnsupportedModelError: no chain found (and how to name one with ``blocks=``), or the
             named blocks are not called once each, in order, as a chain.
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # a module registered under several names: its first
+    every = dict(model.named_modules(remove_duplicate=False))
     lists = (nn.ModuleList, nn.Sequential)
     if blocks is None:
         containers = _candidates(model)
         groups = {name: _children(name, module) for name, module in containers.items()}
+        # a list of modules registered elsewhere too (HGNetV2's classifier: a ModuleList of its
+        # avg_pool and flatten) is not a stack of blocks of its own
+        groups = {
+            container: names
+            for container, names in groups.items()
+            if all(name in modules for name in names)
+        }
     else:
         names = [blocks] if isinstance(blocks, str) else list(blocks)
-        missing = [name for name in names if name not in modules]
+        missing = [name for name in names if name not in every]
         if missing:
             raise ValueError(
                 f"blocks= names {missing} are not submodules of {type(model).__name__}; "
                 f"expected fqns such as {list(modules)[1:4]}"
             )
-        if names and all(isinstance(modules[name], lists) for name in names):
-            groups = {name: _children(name, modules[name]) for name in names}
+        if names and all(isinstance(every[name], lists) for name in names):
+            groups = {name: _children(name, every[name]) for name in names}
         elif len({name.rpartition(".")[0] for name in names}) > 1:  # blocks of several lists
             groups = {}
             for name in names:
                 groups.setdefault(name.rpartition(".")[0], []).append(name)
         else:
             groups = {"<blocks=>": names}
-    calls: list[tuple[str, int, int | None]] = []  # (block fqn, input id, output id)
+        _refuse_second_names(groups, modules, every)
+    calls: list[tuple[str, int, int | None]] = []  # (block fqn, input token, output token)
     handles = []
-    watched = {name for names in groups.values() for name in names}
+    watched = list(dict.fromkeys(name for names in groups.values() for name in names))
+    tokens = _Tokens()
 
     def watch(name: str) -> None:
         module = modules[name]
 
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             first = main_tensor(split_main(args, kwargs)[0])
-            calls.append((name, id(first) if first is not None else -1, None))
+            calls.append((name, tokens.of(first) if first is not None else -1, None))
 
         def post_hook(_m: nn.Module, _a: Any, _k: Any, output: Any) -> None:
             out = main_tensor(output)
             index = max(i for i, call in enumerate(calls) if call[0] == name)
-            calls[index] = (name, calls[index][1], id(out) if out is not None else -2)
+            calls[index] = (name, calls[index][1], tokens.of(out) if out is not None else -2)
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
@@ -329,6 +340,46 @@ def find_chain(
         blocks=tuple(modules[name] for name in names),
         groups=tuple(starts),
     )
+
+
+class _Tokens:
+    """A number per tensor object, never reused: two tokens are equal only when the hooks saw
+    the very same tensor. ``id()`` is no such name: a tensor freed during the forward (a block's
+    output, once concatenated with a skip tensor) leaves its id to the next tensor made, and
+    unlinked blocks would look linked. The tensors are held weakly, so the forward's memory is
+    what it would be without the finder."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._count = 0
+
+    def of(self, tensor: torch.Tensor) -> int:
+        known = self._seen.get(id(tensor))
+        if known is not None and known[0]() is tensor:
+            return known[1]
+        self._count += 1
+        self._seen[id(tensor)] = (weakref.ref(tensor), self._count)
+        return self._count
+
+
+def _refuse_second_names(
+    groups: dict[str, list[str]], modules: dict[str, nn.Module], every: dict[str, nn.Module]
+) -> None:
+    """Refuse blocks named by a second name of a module registered twice: a plan names every
+    block by its first name (the one ``named_modules`` gives)."""
+    first = {id(module): name for name, module in modules.items()}
+    second = {
+        name: first[id(every[name])]
+        for names in groups.values()
+        for name in names
+        if name not in modules
+    }
+    if second:
+        raise ValueError(
+            "blocks= names modules registered under two names by their second names: "
+            + ", ".join(f"{name!r} (first {earlier!r})" for name, earlier in second.items())
+            + "; name each block by its first name, or pass the blocks one by one"
+        )
 
 
 def _children(name: str, module: nn.Module) -> list[str]:

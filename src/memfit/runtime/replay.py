@@ -9,6 +9,10 @@ In a forward with gradients (the first run and every recompute) each KV cache it
 replaced by a private structural copy (:mod:`memfit.runtime.caches`): the block runs the same ops
 as unplanned and never writes the model's cache, so a rerun starts from the same state.
 
+It calls the forward as the model did: the runtime hands the main input on first, and a block
+called with keywords only whose keywords name the forward's first parameter (Reformer's
+``prev_attn_output``) gets it back as ``hidden_states=``.
+
 When it runs in backward (a checkpoint's recompute: autograd's graph task is running), it
 
 * restores the running statistics of the block's norm layers afterwards (BatchNorm and the
@@ -32,6 +36,7 @@ Known gap: torch compares the tensors a rerun saves with the forward's only afte
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -41,6 +46,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _StopRecomputationError
 
 from memfit.errors import MemfitError, UnsupportedModelError
+from memfit.measuring.chain import MAIN_KEYWORD
 from memfit.measuring.trace import rerunning
 from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
@@ -94,6 +100,9 @@ def _restore(saved: Saved) -> None:
     torch._C._autograd._unsafe_set_version_counter(tensors, tuple(v for _, _, v in saved))
 
 
+_UNREAD = object()
+
+
 class BlockForward:
     """The forward of one block, callable, picklable, and safe to rerun in backward.
 
@@ -104,6 +113,7 @@ class BlockForward:
     """
 
     _caches: CacheArguments | None = None  # objects pickled before it existed read it anew
+    _first: str | object | None = _UNREAD
 
     def __init__(self, block: nn.Module, stage: str, previous: Any = None) -> None:
         self.block = block
@@ -117,8 +127,40 @@ class BlockForward:
             return self.previous
         return functools.partial(type(self.block).forward, self.block)
 
+    def _first_parameter(self) -> str | None:
+        """The name the block's forward gives its first positional parameter (``None``: it
+        has none, or its signature cannot be read)."""
+        if self._first is _UNREAD:
+            target = self.previous if self.previous is not None else type(self.block).forward
+            try:
+                parameters = list(inspect.signature(target).parameters.values())
+            except (TypeError, ValueError):
+                parameters = []
+            if self.previous is None:
+                parameters = parameters[1:]  # self
+            positional = (
+                inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            )
+            first = parameters[0] if parameters else None
+            self._first = first.name if first is not None and first.kind in positional else None
+        return self._first if isinstance(self._first, str) else None
+
+    def _as_called(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The arguments in the shape the model passed them. The runtime hands the main input
+        on first (:func:`~memfit.measuring.chain.split_main`); a block called with keywords
+        only took it as ``hidden_states=``, and when the keywords also name the forward's first
+        parameter (Reformer's ``prev_attn_output``), the main input must go back by keyword."""
+        if len(args) == 1 and MAIN_KEYWORD not in kwargs:
+            first = self._first_parameter()
+            if first is not None and first != MAIN_KEYWORD and first in kwargs:
+                kwargs[MAIN_KEYWORD] = args[0]
+                return ()
+        return args
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self._forward()
+        args = self._as_called(args, kwargs)
         if torch.is_grad_enabled():
             if self._caches is None:
                 self._caches = cache_arguments(self.block)
