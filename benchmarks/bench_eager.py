@@ -129,9 +129,9 @@ def run(arch: str, args: argparse.Namespace) -> list[str]:
         "",
         f"- vocabulary {vocabulary(arch, args.vocab)}",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held {m.held_bytes / 2**20:.1f}"
-        f" MiB + activations {m.activation_bytes / 2**20:.1f} MiB; step {old.baseline_step_s * 1e3:.0f} ms",
+        f" MiB + gradients {m.gradient_bytes / 2**20:.1f} MiB + activations {m.activation_bytes / 2**20:.1f} MiB; step {old.baseline_step_s * 1e3:.0f} ms",
         "",
-        *table(rows, m.held_bytes, m.activation_bytes),
+        *table(rows, m.base_bytes, m.activation_bytes),
         "",
     ]
     if args.frontier:
@@ -166,7 +166,7 @@ def frontier_rows(model: Any, sample: Any, prof: Any, args: argparse.Namespace) 
             continue
         predicted = (row.predicted_step_s or 0) / m.step_s - 1 if m.step_s else 0.0
         measured.append(row.overhead)
-        share = (row.measured_peak_bytes - m.held_bytes) / m.activation_bytes
+        share = (row.measured_peak_bytes - m.base_bytes) / m.activation_bytes
         lines.append(
             f"| {share:.1%} | {row.predicted_peak_bytes / 2**20:.1f} | "
             f"{row.measured_peak_bytes / 2**20:.1f} | {predicted:+.1%} | {row.overhead:+.1%} | "

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ("memfit + head:lean-loss (exact)", with_post_menu(profile, exact_heads)),
         ("memfit + head:chunked (opt-in, exact to rounding)", profile),
     ]
-    held, activation = plain.held_bytes, plain.activation_bytes
+    held, activation = plain.base_bytes, plain.activation_bytes
     lines = [
         f"# Floor of the frontier on a 32k-vocabulary Llama ({date.today()})",
         "",

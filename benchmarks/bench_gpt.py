@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if profile.costs.host_bytes_per_s
         else "- offload: none (no CUDA device)",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB = held "
-        f"{m.held_bytes / 2**20:.1f} MiB + activations {m.activation_bytes / 2**20:.1f} MiB",
+        f"{m.held_bytes / 2**20:.1f} MiB + gradients {m.gradient_bytes / 2**20:.1f} MiB + activations {m.activation_bytes / 2**20:.1f} MiB",
         f"- timing: {args.repeats} rounds over all rows, each timed step of a row paired with an "
         "unplanned step right after it; overhead = median over rounds of (row step / paired "
         "unplanned step) - 1, all measured in this one run; step ms = the row's median",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result.rows:
         if not row.feasible:
             need = row.min_feasible_bytes or 0
-            share = (need - m.held_bytes) / m.activation_bytes
+            share = (need - m.base_bytes) / m.activation_bytes
             lines.append(
                 f"| {row.label} | {row.budget} | infeasible: needs {need / 2**20:.1f} MiB "
                 f"(= {share:.1%} of activation memory) | | | | | | | |"

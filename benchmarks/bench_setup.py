@@ -3,11 +3,14 @@
 For the built-in GPT at nanoGPT's small size (4 layers, width 128, 8 x 64 tokens) and two
 Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each run times the plain
 training step (median of ``--steps`` steps after two warm-up steps), then ``memfit.auto(model,
-sample, budget=--budget)`` once on a fresh copy of the model, wall seconds, and writes the ratio:
-the setup's cost in steps. ``plan.info["setup_steps"]`` (profile and plan, measured inside
+sample, budget=--budget)`` on a fresh copy of the model, wall seconds, with the default profile
+(one metered and one timed step per way of running the model) and with ``thorough=True`` (three
+timed steps per way in turns), and writes the ratio: the setup's cost in steps. Each plan is then
+verified: its predicted peak against the measured one, its predicted step time against the
+measured overhead. ``plan.info["setup_steps"]`` (profile and plan, measured inside
 ``memfit.plan`` against the profile's own step time) is printed beside it.
 
-    .venv/bin/python benchmarks/bench_setup.py   # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_setup.py   # about 3 minutes on 2 quiet cores
 """
 
 from __future__ import annotations
@@ -72,20 +75,25 @@ def main() -> None:
         f"{transformers.__version__}, {args.threads} intra-op thread(s), device CPU",
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
-        f"| model | plain step ms | auto s (budget {args.budget}) | auto in steps | "
-        "plan.info setup_steps |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | plain step ms | profile | auto s (budget "
+        f"{args.budget}) | auto in steps | plan.info setup_steps | peak pred. error | "
+        "predicted overhead | measured overhead |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, (model, sample) in models().items():
         plain = step_s(model, sample, args.steps)
-        fresh = copy.deepcopy(model)
-        start = time.perf_counter()
-        plan = memfit.auto(fresh, sample, budget=args.budget)
-        auto_s = time.perf_counter() - start
-        lines.append(
-            f"| {name} | {plain * 1e3:.1f} | {auto_s:.1f} | {auto_s / plain:.0f} | "
-            f"{plan.info['setup_steps']:.0f} |"
-        )
+        for label, options in (("default", {}), ("thorough", {"thorough": True})):
+            fresh = copy.deepcopy(model)
+            start = time.perf_counter()
+            plan = memfit.auto(fresh, sample, budget=args.budget, **options)
+            auto_s = time.perf_counter() - start
+            check = memfit.verify(fresh, sample)
+            predicted = plan.predicted_step_s / check.baseline.step_s - 1
+            lines.append(
+                f"| {name} | {plain * 1e3:.1f} | {label} | {auto_s:.1f} | {auto_s / plain:.0f} | "
+                f"{plan.info['setup_steps']:.0f} | {check.prediction_error:+.2%} | "
+                f"{predicted:+.1%} | {check.overhead:+.1%} |"
+            )
     write_results(args.out, lines)
 
 

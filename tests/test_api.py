@@ -207,3 +207,89 @@ def test_a_plan_made_from_the_model_says_what_planning_took() -> None:
     plan = memfit.plan(model, sample, budget=None, strategy="all", repeats=1)
     assert plan.info["setup_s"] > 0 and plan.info["setup_steps"] > 1
     assert memfit.Plan.from_json(plan.to_json()).info["setup_s"] == plan.info["setup_s"]
+
+
+# Usage errors: every one raised before anything is measured (issue 22, finding 9)
+
+
+@pytest.fixture
+def unmeasured(monkeypatch: pytest.MonkeyPatch):
+    """A small MLP that fails the test if anything runs it or profiles it: a usage error must
+    come before the first forward."""
+    import memfit.profiling
+
+    def profiled(*args, **kwargs):
+        raise AssertionError("profiling started before the usage error")
+
+    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
+    monkeypatch.setattr("memfit.estimation.profile_shapes", profiled)
+    model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
+
+    def ran(module, args):
+        raise AssertionError("the model ran before the usage error")
+
+    model.register_forward_pre_hook(ran)
+    return model, sample
+
+
+@pytest.mark.parametrize("budget", ["inf%", "nan%", "0%", "-5%", 0, "0B", "0GiB", "1e400"])
+@pytest.mark.parametrize("call", ["auto", "plan"])
+def test_bad_budgets_are_refused_before_profiling(unmeasured, budget, call: str) -> None:
+    model, sample = unmeasured
+    with pytest.raises(ValueError, match="budget"):
+        getattr(memfit, call)(model, sample, budget=budget)
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ({"loss_fn": 5}, TypeError, "loss_fn must be a function"),
+        ({"optimizer": 5}, TypeError, "optimizer must be"),
+        ({"host_budget": "lots"}, ValueError, "host_budget"),
+        ({"host_budget": -1}, ValueError, "host_budget"),
+        ({"strategy": "fastest"}, ValueError, "unknown strategy"),
+        ({"budget": None}, TypeError, "budget=None.*saves nothing"),
+        ({"shapes": "dynamic", "budget": None}, TypeError, "budget=None"),
+        ({"shapes": "dynamic", "bucket": 0}, ValueError, "bucket must be"),
+        ({"shapes": "dynamic", "bucket": 1.5}, TypeError, "bucket must be"),
+        ({"shapes": "dynamic", "margin": 2.0}, ValueError, "margin must be in"),
+        ({"shapes": "dynamic", "loss_fn": "sum"}, TypeError, "loss_fn must be"),
+    ],
+)
+def test_usage_errors_come_before_profiling(unmeasured, arguments, error, match: str) -> None:
+    model, sample = unmeasured
+    call = memfit.plan if "host_budget" in arguments else memfit.auto
+    with pytest.raises(error, match=match):
+        call(model, sample, **{"budget": "50%", **arguments})
+
+
+@pytest.mark.parametrize("call", ["auto", "plan", "profile", "measure"])
+def test_nothing_to_train_is_refused_before_profiling(unmeasured, call: str) -> None:
+    model, sample = unmeasured
+    _frozen(model)
+    arguments = {"budget": "50%"} if call in ("auto", "plan") else {}
+    with pytest.raises(ValueError, match=r"nothing to train.*requires_grad_"):
+        getattr(memfit, call)(model, sample, **arguments)
+
+
+def test_a_trained_input_is_something_to_train() -> None:
+    from memfit.measuring.step import check_step_arguments
+
+    model, (x, y) = build("mlp", layers=2, width=16, hidden=32, batch=4)
+    _frozen(model)
+    check_step_arguments(model, (x.clone().requires_grad_(), y))  # latents fed in: trained
+    with pytest.raises(ValueError, match="nothing to train"):
+        check_step_arguments(model, (x, y))
+
+
+def test_a_valid_host_budget_on_cpu_is_accepted_and_unused() -> None:
+    # one script for CPU and CUDA: a size is checked everywhere, used where offload is planned
+    model, sample = build("mlp", layers=3, width=16, hidden=32, batch=4)
+    plan = memfit.plan(model, sample, budget="100%", host_budget="1GiB", repeats=1)
+    assert any("offload left out" in note for note in plan.info["notes"])

@@ -93,6 +93,12 @@ def test_plan_infeasible_budget_exits_1(capsys: pytest.CaptureFixture[str]) -> N
         ["plan", "gpt"],  # no --budget
         ["profile", "gpt", "--layers", "many"],
         ["profile", "gpt", "--repeats", "0"],
+        ["profile", "gpt", "--width", "0"],
+        ["profile", "gpt", "--seq", "0"],
+        ["profile", "gpt", "--layers", "0"],
+        ["plan", "gpt", "--budget", "50%", "--batch", "-1"],
+        ["bench", "gpt", "--heads", "0"],
+        ["estimate", "gpt", "--width", "0"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,7 +198,7 @@ def test_errors_of_the_users_model_exit_1(
     assert err.startswith("memfit: error:") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("budget", ["0.0", "2.5", "-1%"])
+@pytest.mark.parametrize("budget", ["0.0", "2.5", "-1%", "inf%", "nan%", "0%", "0", "0GiB"])
 def test_bad_budgets_exit_2_before_loading(budget: str, capsys: pytest.CaptureFixture[str]) -> None:
     # the target does not exist: the budget is read first
     assert main(["plan", "no-such-model", "--budget", budget]) == 2
@@ -225,3 +231,62 @@ def test_inexact_options_are_opt_in(capsys: pytest.CaptureFixture[str]) -> None:
     post = json.loads(capsys.readouterr().out)["costs"]["stages"][-1]["options"]
     assert {"head:lean-loss", "head:chunked"} <= set(post)
     assert post["head:chunked"]["detail"]["exact"] is False
+
+
+@pytest.fixture
+def unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Profiling fails the test: a usage error must come before any work."""
+    import memfit.profiling
+
+    def profiled(*args: object, **kwargs: object) -> None:
+        raise AssertionError("profiling started before the usage error")
+
+    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
+
+
+@pytest.mark.usefixtures("unmeasured")
+@pytest.mark.parametrize("command", ["plan", "profile"])
+def test_output_into_a_missing_folder_exits_2_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    budget = ["--budget", "60%"] if command == "plan" else []
+    target = tmp_path / "missing" / "out.json"
+    assert main([command, "gpt", *TINY, *budget, "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert main([command, "gpt", *TINY, *budget, "-o", str(tmp_path)]) == 2  # a folder
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("unmeasured")
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_out_onto_a_file_exits_2_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    existing = tmp_path / "results.txt"
+    existing.write_text("mine")
+    target = ["gpt"] if command == "bench" else ["--models", "mlp"]
+    assert main([command, *target, *TINY, "--out", str(existing)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert existing.read_text() == "mine"
+
+
+FROZEN_MODEL = """
+from memfit.models import mlp
+
+
+def build():
+    model, sample = mlp(layers=2, width=16, hidden=32, batch=4)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, sample
+"""
+
+
+@pytest.mark.usefixtures("unmeasured")
+def test_nothing_to_train_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "frozen.py"
+    source.write_text(FROZEN_MODEL)
+    assert main(["plan", f"{source}:build", "--budget", "50%"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to train" in err and "Traceback" not in err

@@ -32,11 +32,15 @@ from memfit.runtime.apply import (
     chain_of_plan,
     planned_module,
     remove_plan,
+    undo_before_apply,
 )
 from memfit.runtime.compiled import (
+    arm_traced_plan_warning,
     compile_blocks,
     compiled_blocks,
     is_compile_budget,
+    plan_compile_options,
+    refuse_compiled_model,
     uncompile_blocks,
 )
 from memfit.runtime.dynamic import remove_shape_plans
@@ -72,13 +76,19 @@ def plan(
             ``plan.info["inexact"]`` names the stage), and what planning took:
             ``plan.info["setup_s"]`` seconds, ``plan.info["setup_steps"]`` unplanned steps.
         budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
-            float in (0, 1] such as ``0.4``), or bytes of step peak (``"12GiB"``, ``"800MB"``,
+            float in (0, 1] such as ``0.4``): the step peak above what is held before it
+            (weights, optimizer state, the batch) and the gradients it makes, which no plan
+            removes (``"40%"`` keeps them and 40% of the rest); or bytes of step peak (``"12GiB"``, ``"800MB"``,
             ``12 * 2**30``, an integral float above 1); anything else is a ``ValueError`` (see
             :func:`~memfit.units.parse_budget`). ``None``: no cap (for the baselines).
         strategy: ``optimal`` (default), ``none``, ``all``, ``sqrt`` or ``every:k``.
         host_budget: host memory that offloaded activations may take (bytes, or ``"64GiB"``);
             ``None``: half of the host memory available now. Only CUDA profiles offload
-            (``plan.info["host_peak_bytes"]`` says how much a plan holds there).
+            (``plan.info["host_peak_bytes"]`` says how much a plan holds there). Checked
+            everywhere (a malformed size is a ``ValueError`` before anything is measured);
+            on a model whose profile has no offload in its menu (CPU) a valid size has no
+            effect, so that one script serves CPU and CUDA (``plan.info["notes"]`` says why
+            offload is absent).
         candidates: how many plans within the budget to time on the model before choosing
             (``optimal`` only; needs the model and sample, not a profile). 1 (default): the
             optimal plan of the predicted costs. More: that plan and the optimal plans over
@@ -96,16 +106,25 @@ def plan(
         InfeasibleBudgetError: no plan fits; the message states the smallest feasible budget in
             the units of ``budget`` (a percentage for a percentage, bytes and percentage for
             bytes), ``.min_feasible_bytes`` carries it in bytes of step peak.
-        ValueError: malformed budget or strategy; ``candidates`` below 1, or above 1 with
-            another strategy than ``optimal`` or with a profile instead of the model.
-        TypeError: ``candidates`` is not an integer.
+        ValueError: malformed budget (zero, negative, infinite), strategy or host budget;
+            ``candidates`` below 1, or above 1 with another strategy than ``optimal`` or
+            with a profile instead of the model; a model with nothing to train. All raised
+            before anything is measured.
+        TypeError: ``candidates`` is not an integer; ``loss_fn`` not callable; ``optimizer``
+            not an optimizer; a ``torch.compile`` wrapper as the model (the message shows the
+            fix: plan ``model._orig_mod`` with ``compile=True``).
 
     Example:
         >>> p = memfit.plan(prof, budget="40%")
         >>> p.predicted_peak_bytes, p.options
     """
     started = time.perf_counter()
+    # every argument is checked here, before anything is measured
+    if isinstance(profile_or_model, nn.Module):
+        refuse_compiled_model(profile_or_model, "plan")
     parsed = None if budget is None else parse_budget(budget)
+    parse_strategy(strategy)
+    host_budget_bytes = None if host_budget is None else _host_budget(host_budget)
     candidates = _check_candidates(candidates, profile_or_model, strategy)
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
@@ -117,11 +136,11 @@ def plan(
         raise TypeError(
             f"memfit.plan takes a Profile or an nn.Module; got {type(profile_or_model).__name__}"
         )
-    held, activation = prof.measurement.held_bytes, prof.measurement.activation_bytes
+    held, activation = prof.measurement.base_bytes, prof.measurement.activation_bytes
     budget_bytes = None if parsed is None else parsed.resolve(held, activation)
     extra: dict[str, Any] = {}
     if offloads(prof.costs) and parse_strategy(strategy)[0] is Strategy.OPTIMAL:
-        limit = available_host_bytes() // 2 if host_budget is None else parse_bytes(host_budget)
+        limit = available_host_bytes() // 2 if host_budget_bytes is None else host_budget_bytes
         extra["host_budget_bytes"] = limit
     try:
         if candidates > 1:
@@ -165,6 +184,7 @@ def plan(
             keep_output=step.keep_output,
             accumulate=step.accumulate,
             drop_failures=not together,  # a rank that skips a plan would desert the others
+            compile=prof.info.get("compile"),  # profiled here: the caller's own arguments
         )
         if together:  # every rank timed the same plans in lockstep; all run rank 0's choice
             result = rank0_plan(result)
@@ -191,6 +211,16 @@ def _stable_floor(
     except InfeasibleBudgetError as stable:
         return max(floor, stable.min_feasible_bytes)
     return floor  # not reached: fewer options reach no lower floor
+
+
+def _host_budget(host_budget: Any) -> int:
+    """``host_budget`` in bytes; a ``ValueError``/``TypeError`` naming it when malformed."""
+    try:
+        return parse_bytes(host_budget)
+    except (ValueError, TypeError) as error:
+        raise type(error)(
+            f'host_budget (host memory offloaded activations may take, e.g. "64GiB"): {error}'
+        ) from None
 
 
 def _check_candidates(candidates: Any, profile_or_model: Any, strategy: str) -> int:
@@ -224,25 +254,50 @@ def _check_candidates(candidates: Any, profile_or_model: Any, strategy: str) -> 
     return count
 
 
-def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    sample: Any = None,
+    *,
+    compile: bool | dict[str, Any] | None = None,
+) -> None:
     """Run ``model`` with ``plan`` from now on (in place; ``memfit.remove`` undoes it).
 
     The module tree, ``state_dict()`` keys and values stay as they are.
 
     A plan made from a compiled profile (``plan.info["compile"]``, see :func:`profile`)
-    compiles each block's own forward with those ``torch.compile`` arguments first; memfit's
-    checkpoints run around the compiled blocks.
+    compiles each block's own forward first; memfit's checkpoints run around the compiled
+    blocks. A plan is data, and may come from a file: the ``torch.compile`` arguments are the
+    caller's ``compile=``, or else the plan's own settings when they only choose among torch's
+    compilers (backend, mode, fullgraph, dynamic: see
+    :func:`~memfit.runtime.compiled.plan_compile_options`).
 
     Args:
         sample: if given, also check that the plan was made for samples of this shape.
+        compile: your own ``torch.compile`` arguments for a plan from a compiled profile
+            (``True``, or a dict such as ``{"mode": "max-autotune", "options": {...}}``);
+            ``None``: the plan's settings, checked.
 
     Raises:
         AlreadyPlannedError: the model already carries a plan.
-        PlanMismatchError: the plan was made for another model or sample shape, or asks for
-            ``rebuild``/``selective:*`` on compiled blocks.
+        PlanMismatchError: the plan was made for another model or sample shape, asks for
+            ``rebuild``/``selective:*`` on compiled blocks, or names compile settings a plan
+            may not set (pass ``compile=`` yourself); ``compile=`` for a plan made without
+            compiled blocks.
+        TypeError: ``model`` is a ``torch.compile`` wrapper (apply to ``model._orig_mod`` a
+            plan made with ``compile=True``).
+
+    A ``torch.compile`` around a model planned without ``compile=`` warns once, at its first
+    compiled step: compile's partitioner then decides what the checkpoints save, and the
+    plan's budget does not hold (the warning shows the fix).
+
+    Example:
+        >>> memfit.apply(model, memfit.Plan.from_json(path.read_text()), sample)
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
+    refuse_compiled_model(model, "apply")
+    compiling = plan_compile_options(plan, compile)
     if planned_module(model) is not None:
         raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
     chain = chain_of_plan(model, plan)
@@ -263,7 +318,6 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 "the plan was made for samples of another shape, dtype or device; its memory "
                 "predictions do not hold for this sample: plan again with this sample"
             )
-    compiling = plan.info.get("compile")
     if compiling is None:
         budgets = sorted({o for o in plan.options.values() if is_compile_budget(o)})
         if budgets:
@@ -272,6 +326,7 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
                 f'compile arguments (plan.info["compile"]); plan with compile=True'
             )
         apply_plan(model, chain, plan)
+        arm_traced_plan_warning()
         return
     hooked = sorted(
         {o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR, REBUILD_OPS)}
@@ -295,10 +350,13 @@ def apply(model: nn.Module, plan: Plan, sample: Any = None) -> None:
 
 def remove(model: nn.Module) -> bool:
     """Undo :func:`apply` (or :func:`auto`, shape-following plans included; blocks it
-    compiled run their own forward again); returns whether a plan was removed (from ``model``,
-    or from the model inside a wrapper made after planning, such as ``DistributedDataParallel``).
+    compiled run their own forward again; Hugging Face's gradient checkpointing, when apply
+    turned it off, is on again as the user had it, PEFT's input-require-grads hooks
+    included); returns whether a plan was removed (from ``model``, or from the model inside a
+    wrapper made after planning, such as ``DistributedDataParallel``).
     """
     if remove_shape_plans(model):
+        undo_before_apply(model)
         return True
     target = planned_module(model)
     current = None if target is None else applied_plan(target)
@@ -308,6 +366,7 @@ def remove(model: nn.Module) -> bool:
     remove_plan(target)
     if current.info.get("compile") is not None:
         uncompile_blocks(chain.blocks)
+    undo_before_apply(target)  # Hugging Face's checkpointing back on, if apply turned it off
     return True
 
 
@@ -315,7 +374,7 @@ def auto(
     model: nn.Module,
     sample: Any,
     *,
-    budget: int | float | str | Budget,
+    budget: int | float | str | Budget | None,
     strategy: str = "optimal",
     shapes: str | None = None,
     seq_range: tuple[int, int] | None = None,
@@ -341,7 +400,9 @@ def auto(
         model: the model, in training mode.
         sample: a tuple of positional or a dict of keyword arguments for ``model(...)``.
         budget: as for :func:`plan`: ``"40%"`` or a float in (0, 1] (of activation memory),
-            or bytes of step peak (``"12GiB"``, an int, an integral float above 1).
+            or bytes of step peak (``"12GiB"``, an int, an integral float above 1). ``None``
+            only with a baseline strategy (``all``, ``sqrt``, ``every:k``, ``none``): an
+            optimal plan without a budget saves nothing, so that is a ``TypeError``.
         strategy: as for :func:`plan`.
         shapes: ``None`` (one plan for the sample's shape) or ``"dynamic"`` (a plan per shape
             bucket, chosen at each forward; a percentage budget is then of each shape's own
@@ -375,13 +436,26 @@ def auto(
     Raises:
         InfeasibleBudgetError: no plan fits (see :func:`plan`; with ``shapes="dynamic"``: at
             the sample's shape or the longest of ``seq_range``); the model is left unplanned.
-        ValueError: malformed budget, strategy, shapes or range.
+        ValueError: malformed budget, strategy, shapes, range, ``bucket`` or ``margin``, or
+            anything else :func:`plan` refuses; all before anything is measured.
+        TypeError: ``budget=None`` with the optimal strategy or ``shapes="dynamic"``; a
+            ``torch.compile`` wrapper as the model (the message shows the two-line fix).
 
     Example:
         >>> p = memfit.auto(model, (tokens, targets), budget="40%")
         >>> loss = model(tokens, targets); loss.backward()  # train as before
     """
+    # every argument is checked here, before anything is measured
+    refuse_compiled_model(model, "auto")
     count = _check_candidates(candidates, model, strategy)
+    if budget is None and (shapes is not None or parse_strategy(strategy)[0] is Strategy.OPTIMAL):
+        raise TypeError(
+            f"memfit.auto(model, sample, budget=None, strategy={strategy!r}"
+            f"{', shapes=' + repr(shapes) if shapes is not None else ''}): the optimal plan "
+            f'without a budget keeps every activation and saves nothing. Give a budget ("40%" '
+            f'of activation memory, or bytes of step peak such as "12GiB"), or a baseline '
+            f'strategy that needs none (strategy="all", "sqrt" or "every:k")'
+        )
     if shapes is not None:
         if shapes != "dynamic":
             raise ValueError(f'shapes must be None or "dynamic"; got {shapes!r}')
@@ -393,7 +467,8 @@ def auto(
             )
         from memfit.estimation import auto_dynamic
 
-        return auto_dynamic(
+        assert budget is not None  # refused above
+        applied = auto_dynamic(
             model,
             sample,
             budget=budget,
@@ -404,10 +479,13 @@ def auto(
             round_batch=round_batch,
             **profile_options,
         )
+        arm_traced_plan_warning()
+        return applied
     if seq_range is not None:
         raise ValueError('seq_range applies to shapes="dynamic" only')
     result = plan(
         model, sample, budget=budget, strategy=strategy, candidates=count, **profile_options
     )
-    apply(model, result, sample)
+    # made here from the caller's compile= (or the blocks the caller compiled): theirs to pass
+    apply(model, result, sample, compile=result.info.get("compile"))
     return result

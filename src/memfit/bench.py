@@ -137,7 +137,7 @@ def bench(
     measurement = profile.measurement
     keep = measurement.keep_output if keep_output is None else keep_output
     resolved = [
-        (text, parse_budget(text).resolve(measurement.held_bytes, measurement.activation_bytes))
+        (text, parse_budget(text).resolve(measurement.base_bytes, measurement.activation_bytes))
         for text in budgets
     ]
     jobs: list[tuple[str, str, int | None]] = []
@@ -222,7 +222,7 @@ def bench(
     baseline_activation = measurement.activation_bytes
     for index in timed_rows:
         row = rows[index]
-        activation = row["measured_peak_bytes"] - measurement.held_bytes
+        activation = row["measured_peak_bytes"] - measurement.base_bytes
         row |= dict(
             step_s=statistics.median(row_s[index]),
             overhead=statistics.median(ratios[index]) - 1.0,

@@ -42,9 +42,44 @@ def _usage(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def _load(target: str, args: argparse.Namespace, strict: bool = True) -> tuple[Any, Any]:
     """The target's (model, sample). An unknown target or size is a usage error; an error the
     user's own file raises comes out as a ``MemfitError`` (see :mod:`memfit.targets`)."""
+    from memfit.measuring.step import check_step_arguments
+    from memfit.runtime.compiled import refuse_compiled_model
     from memfit.targets import load_target
 
-    return _usage(load_target, target, _size_options(args), strict=strict)
+    model, sample = _usage(load_target, target, _size_options(args), strict=strict)
+    # what memfit would refuse before measuring (a compiled wrapper, nothing to train): usage
+    _usage(refuse_compiled_model, model, "profile")
+    _usage(check_step_arguments, model, sample)
+    return model, sample
+
+
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, a file the command could not write at the end."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a folder; give a file name such as plan.json")
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"{flag} {path!r}: the folder {str(target.parent)!r} does not exist; create it "
+            f"first or write elsewhere"
+        )
+
+
+def _output_folder(path: str | None, flag: str) -> None:
+    """Refuse, before any work, a folder the command could not create or write into."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UsageError(
+            f"{flag} {path!r} is a file; {flag} names a folder for the plots and JSON (it is "
+            f"created when missing)"
+        )
+    parent = next((p for p in [target, *target.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{flag} {path!r}: {str(parent)!r} is a file, not a folder")
 
 
 def _budgets(text: str) -> list[str]:
@@ -57,7 +92,10 @@ def _budgets(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
     return value
@@ -124,10 +162,16 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
     import memfit
     from memfit.report.tables import ops_table, profile_table
 
+    _output_file(args.output, "-o/--output")
     model, sample = _load(args.target, args)
     with out.progress(f"profiling {args.target}"):
         prof = memfit.profile(
-            model, sample, repeats=args.repeats, keep_output=_keep(args), exact=not args.inexact
+            model,
+            sample,
+            repeats=args.repeats,
+            thorough=args.thorough,
+            keep_output=_keep(args),
+            exact=not args.inexact,
         )
     if args.output:
         Path(args.output).write_text(prof.to_json())
@@ -156,6 +200,7 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
             f"--candidates times optimal plans; --strategy is {args.strategy!r}: use --strategy "
             f"optimal or drop --candidates"
         )
+    _output_file(args.output, "-o/--output")
     model, sample = _load(args.target, args)
     timing = f", timing up to {args.candidates} plans" if args.candidates > 1 else ""
     with out.progress(f"profiling {args.target}{timing}"):
@@ -167,6 +212,7 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
             host_budget=args.host_budget,
             candidates=args.candidates,
             repeats=args.repeats,
+            thorough=args.thorough,
             keep_output=_keep(args),
             exact=not args.inexact,
         )
@@ -253,8 +299,11 @@ def _run_bench(
     model, sample = _load(target, args, strict)
     with out.progress(f"{target}") as update:
         update("profiling")
-        prof = memfit.profile(model, sample, repeats=args.repeats, keep_output=_keep(args))
-        result = bench(model, sample, prof, budgets=budgets, repeats=args.repeats, progress=update)
+        prof = memfit.profile(
+            model, sample, repeats=args.repeats, thorough=args.thorough, keep_output=_keep(args)
+        )
+        rows = args.repeats or 3
+        result = bench(model, sample, prof, budgets=budgets, repeats=rows, progress=update)
     title = f"{target}: {describe(model)} on {_machine()}"
     data: dict[str, Any] = {
         "target": target,
@@ -295,6 +344,7 @@ def _slug(target: str) -> str:
 
 
 def _cmd_bench(args: argparse.Namespace, out: _Output) -> int:
+    _output_folder(args.out, "--out")
     directory = Path(args.out) if args.out else None
     data, ok = _run_bench(args.target, args, out, directory, strict=True)
     if out.as_json:
@@ -303,6 +353,8 @@ def _cmd_bench(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, out: _Output) -> int:
+    _output_folder(args.out, "--out")
+    _budgets(args.budgets)
     directory = Path(args.out)
     results = []
     ok = True
@@ -332,12 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def _add_sizes(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--layers", type=int, help="number of blocks")
-        sub.add_argument("--width", type=int, help="hidden size")
-        sub.add_argument("--seq", type=int, help="sequence length")
-        sub.add_argument("--batch", type=int, help="batch size")
-        sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
-        sub.add_argument("--repeats", type=_positive, default=3, help="timed steps per measurement")
+        sub.add_argument("--layers", type=_positive, help="number of blocks")
+        sub.add_argument("--width", type=_positive, help="hidden size")
+        sub.add_argument("--seq", type=_positive, help="sequence length")
+        sub.add_argument("--batch", type=_positive, help="batch size")
+        sub.add_argument("--heads", type=_positive, help="attention heads (gpt and hf:* targets)")
+        sub.add_argument(
+            "--repeats",
+            type=_positive,
+            help="timed steps per way of running the model, in turns (default: one metered and "
+            "one timed step each; 3 with --thorough; bench: 3 per row)",
+        )
+        sub.add_argument(
+            "--thorough",
+            action="store_true",
+            help="profile with 3 timed steps per way in turns (about 3x the setup time)",
+        )
         sub.add_argument("--json", action="store_true", help="print JSON on stdout")
         sub.add_argument(
             "--drop-output",
@@ -379,9 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
     sub.add_argument("target", help="gpt, mlp, hf:<arch> or file.py:function")
-    sub.add_argument("--layers", type=int, help="number of blocks")
-    sub.add_argument("--width", type=int, help="hidden size")
-    sub.add_argument("--heads", type=int, help="attention heads (gpt and hf:* targets)")
+    sub.add_argument("--layers", type=_positive, help="number of blocks")
+    sub.add_argument("--width", type=_positive, help="hidden size")
+    sub.add_argument("--heads", type=_positive, help="attention heads (gpt and hf:* targets)")
     sub.add_argument(
         "--seq", dest="shape_seq", type=_sizes_list, help="sequence lengths, e.g. 512,1024,2048"
     )

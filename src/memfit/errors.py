@@ -48,6 +48,11 @@ class PlanMismatchError(MemfitError):
     """A plan does not fit the model it is applied to (other stages, shapes or dtypes)."""
 
 
+class PlanFormatError(MemfitError, ValueError):
+    """A plan's JSON (or dict) is malformed: the message names the field (``tree[1].offload``),
+    the value that came and what was expected. A ``ValueError`` too, as malformed input is."""
+
+
 class UnsupportedModelError(MemfitError):
     """memfit cannot find or run the model's chain of stages."""
 

@@ -18,13 +18,19 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
 from memfit.measuring.shapes import resize_sample, sample_layout
+from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, largest_shape, plan_shape
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.runtime.apply import applied_plan
-from memfit.runtime.dynamic import ShapePlans, apply_shape_plans, shape_plans
+from memfit.runtime.dynamic import (
+    ShapePlans,
+    apply_shape_plans,
+    check_bucket_and_margin,
+    shape_plans,
+)
 from memfit.shape_profiles import (
     ShapeProfile,
     ShapesArg,
@@ -201,8 +207,7 @@ def estimate(
         chosen = None
         budget_bytes = None
         if parsed is not None:
-            activation = plain.peak_bytes - costs.held_bytes
-            budget_bytes = parsed.resolve(costs.held_bytes, activation)
+            budget_bytes = parsed.resolve(*budget_base(costs))
             try:
                 chosen = plan_shape(fitted, shape, parsed, strategy=strategy)
             except InfeasibleBudgetError:
@@ -259,9 +264,14 @@ def auto_dynamic(
     shape_profile: ShapeProfile | None = None,
     **profile_options: Any,
 ) -> Plan:
-    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`."""
+    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`.
+    Every argument is checked before the first shape is profiled."""
     parsed = parse_budget(budget)
     parse_strategy(strategy)
+    check_bucket_and_margin(bucket, margin)
+    check_step_arguments(
+        model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
+    )
     if applied_plan(model) is not None or shape_plans(model) is not None:
         raise AlreadyPlannedError(
             "the model already carries a memfit plan; call memfit.remove(model) first"

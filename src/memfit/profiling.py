@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.integrations.hf import hf_checkpointing_off
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -37,7 +37,7 @@ from memfit.measuring.run import (
     wall_scaled,
 )
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn, split_sample
+from memfit.measuring.step import LossFn, check_step_arguments, split_sample
 from memfit.planning.costs import KEEP
 from memfit.planning.offload import OFFLOAD, with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
@@ -56,6 +56,7 @@ from memfit.runtime.compiled import (
     compile_options,
     compiled_blocks,
     is_compile_budget,
+    refuse_compiled_model,
     uncompile_blocks,
 )
 from memfit.runtime.head import (
@@ -191,13 +192,14 @@ def profile(
     loss_fn: LossFn | None = None,
     blocks: Blocks = None,
     accumulate: bool = False,
-    repeats: int = 3,
+    repeats: int | None = None,
     options: Sequence[str] | str = "auto",
     optimizer: Any = None,
     keep_output: bool = True,
     distributed: bool | None = None,
     compile: bool | dict[str, Any] = False,
     exact: bool = True,
+    thorough: bool = False,
 ) -> Profile:
     """Find the model's chain and measure every stage under every option.
 
@@ -207,7 +209,9 @@ def profile(
         loss_fn: maps the output to the scalar loss when needed (see :func:`measure`).
         blocks: the blocks' fqns (or their container's); ``None`` finds them.
         accumulate: profile the gradient-accumulation steady state.
-        repeats: timed steps per way of running the model.
+        repeats: timed steps per way of running the model, taken in turns (keep, recompute,
+            options, keep, ...) after an untimed step each; ``None`` (default): 3 when
+            ``thorough``, else the fast path (see ``thorough``).
         options: per-stage options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear``, ``rebuild+ops`` and a few
             selective-recompute policies picked from the blocks' op profile, on CUDA
@@ -242,6 +246,13 @@ def profile(
             cross-entropy; it lowers the floor of large-vocabulary models most). Plans that
             use one say so (``plan.exact``, ``plan.info["inexact"]``). Options that cannot run
             on the model are left out with a note in ``profile.info["notes"]``.
+        thorough: ``False`` (default): each way of running the model takes one metered step
+            (memory, to the byte) and one timed step right after it, which the metered one
+            warms up: about 20 training steps for the built-in GPT and Hugging Face decoders
+            (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
+            per way in turns, each after an untimed step, then the metered steps after an
+            untimed step each: about three times as long, for step-time predictions on a
+            noisy machine. Memory figures are the same either way.
 
     Returns:
         A :class:`~memfit.measuring.Profile`; ``profile.costs`` is what the planner reads. The
@@ -253,19 +264,25 @@ def profile(
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
         UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
         ValueError: an unknown option name (checked before anything is measured), or an
-            option that cannot run on compiled blocks.
+            option that cannot run on compiled blocks; nothing to train (every parameter
+            frozen and no input requiring grad).
+        TypeError: ``loss_fn`` not callable, ``optimizer`` not an optimizer, a
+            ``torch.compile`` wrapper as the model (profile ``model._orig_mod`` with
+            ``compile=True``). Usage errors are all raised before anything runs.
         RankMismatchError: ranks with other sample shapes, chains or options (on every rank).
 
     Example:
         >>> prof = memfit.profile(model, (tokens, targets))
         >>> prof.measurement.peak_bytes
     """
+    refuse_compiled_model(model, "profile")
+    check_step_arguments(model, sample, loss_fn, optimizer)
     if planned_module(model) is not None:
         raise AlreadyPlannedError(
             "the model (or the model inside this wrapper) already carries a memfit plan; call "
             "memfit.remove(model) before profiling"
         )
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
         )
@@ -313,9 +330,48 @@ def profile(
         )
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        disable_hf_checkpointing(model)
+    hf = hf_checkpointing_off(model, warn=False)
+    try:
+        return _profile_chain(
+            model,
+            sample,
+            blocks,
+            loss_fn,
+            accumulate,
+            repeats,
+            options,
+            optimizer,
+            keep_output,
+            world,
+            compiling,
+            heads,
+            head_notes,
+            offload,
+            thorough,
+        )
+    finally:
+        if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
+            hf.restore()
+
+
+def _profile_chain(
+    model: nn.Module,
+    sample: Any,
+    blocks: Blocks,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    repeats: int | None,
+    options: Sequence[str] | str,
+    optimizer: Any,
+    keep_output: bool,
+    world: int,
+    compiling: dict[str, Any] | None,
+    heads: list[str],
+    head_notes: list[str],
+    offload: bool,
+    thorough: bool,
+) -> Profile:
+    """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
     chain = _chain(model, sample, blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
@@ -362,6 +418,7 @@ def profile(
             world,
             offload,
             heads,
+            thorough,
         )
     finally:
         if compiling is not None and already is None:
@@ -374,7 +431,7 @@ def _profile(
     chain: Chain,
     loss_fn: LossFn | None,
     accumulate: bool,
-    repeats: int,
+    repeats: int | None,
     options: Sequence[str] | str,
     optimizer: Any,
     keep_output: bool,
@@ -382,6 +439,7 @@ def _profile(
     world: int,
     offload: bool = True,
     heads: Sequence[str] = (),
+    thorough: bool = False,
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
@@ -393,7 +451,7 @@ def _profile(
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     # Every way of running the blocks: keep, recompute (each block its own segment), options.
-    # keep is measured as a plan too (every block kept): planned blocks run without KV caches
+    # keep is measured as a plan too (every block kept), as the plans will run it
     ways: dict[str, Plan | None] = {
         KEEP: _every_block(chain, KEEP),
         RECOMPUTE: _every_block(chain, None),
@@ -401,59 +459,94 @@ def _profile(
     ways |= {option: _every_block(chain, option) for option in options if option != KEEP}
     ways |= {option: _head_way(chain, option) for option in heads}
     used: dict[str, list[str]] = {option: [] for option in heads}
-    # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's drift
-    # reaches every way alike and the planner compares options measured side by side.
-    clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
-    for _ in range(repeats):
-        for way, way_plan in list(ways.items()):
-            try:
-                with planned(model, chain, way_plan), head_usage() as lines:
-                    clocks[way].append(
-                        stage_clock(
-                            model,
-                            sample,
-                            chain,
-                            loss_fn=loss_fn,
-                            accumulate=accumulate,
-                            keep_output=keep_output,
-                        )
-                    )
-                if way in used:
-                    used[way] = lines
-            except Exception as error:
-                if way in used:  # a head option the model's forward does not take: off the menu
-                    _drop_head(way, f"{type(error).__name__}: {error}", ways, clocks, used, info)
-                    continue
-                if way in (KEEP, RECOMPUTE) or not isinstance(error, UnsupportedModelError):
-                    raise
-                # an option this model cannot run correctly (a selective option saving an op
-                # whose output is then written in place, where no copy can stand in): off the
-                # menu, so no plan picks it
-                logger.warning("option %r left out of the profile: %s", way, error)
-                del ways[way], clocks[way]
-    for way, lines in list(used.items()):
-        if not lines:  # the option never took effect: no loss it knows inside the forward
-            _drop_head(way, _NO_LOSS[way], ways, clocks, used, info)
-    factor = wall_factor(clocks)
-    clocks = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
+
+    def clock(warmup: int) -> dict[str, float]:
+        return stage_clock(
+            model,
+            sample,
+            chain,
+            loss_fn=loss_fn,
+            accumulate=accumulate,
+            keep_output=keep_output,
+            warmup=warmup,
+        )
+
+    def meter(warmup: int, way_clocks: Any) -> StageReading:
+        return measure_stages(
+            model,
+            sample,
+            chain,
+            loss_fn=loss_fn,
+            accumulate=accumulate,
+            optimizer=optimizer,
+            keep_output=keep_output,
+            warmup=warmup,
+            clocks=way_clocks,
+        )
+
+    def timed_after(timed: list[dict[str, float]]) -> list[dict[str, float]]:
+        timed.append(clock(0))  # warmed up by the metered step before it
+        return timed
+
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
-    for way, way_plan in ways.items():
-        with planned(model, chain, way_plan), recording() as rebuilt:
-            readings[way] = measure_stages(
-                model,
-                sample,
-                chain,
-                loss_fn=loss_fn,
-                accumulate=accumulate,
-                optimizer=optimizer,
-                clocks=clocks[way],
-                keep_output=keep_output,
-            )
+    rebuilds: dict[str, list[Any]] = {}
+
+    def drop(way: str, error: Exception) -> None:
+        """A way that failed: a head option the model's forward does not take, or an option
+        this model cannot run correctly (a selective option saving an op whose output is then
+        written in place, where no copy can stand in), leaves the menu, so no plan picks it."""
+        if way in used:
+            _drop_head(way, f"{type(error).__name__}: {error}", ways, clocks, used, info)
+            return
+        if way in (KEEP, RECOMPUTE) or not isinstance(error, UnsupportedModelError):
+            raise error
+        logger.warning("option %r left out of the profile: %s", way, error)
+        del ways[way], clocks[way]
+
+    clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    if repeats is None and not thorough:
+        # The fast path: per way, one metered step, then one timed step that it warmed up.
+        for way, way_plan in list(ways.items()):
+            try:
+                with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
+                    readings[way] = meter(0, partial(timed_after, clocks[way]))
+            except Exception as error:
+                readings.pop(way, None)
+                drop(way, error)
+                continue
+            rebuilds[way] = rb
+            if way in used:
+                used[way] = lines
+        _drop_unused(used, ways, clocks, info)
+        readings = {way: readings[way] for way in ways}
+        factor = wall_factor(clocks)
+        readings = {way: reading.times(factor) for way, reading in readings.items()}
+    else:
+        # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
+        # drift reaches every way alike and the planner compares options measured side by side.
+        for _ in range(3 if repeats is None else repeats):
+            for way, way_plan in list(ways.items()):
+                try:
+                    with planned(model, chain, way_plan), head_usage() as lines:
+                        clocks[way].append(clock(1))
+                except Exception as error:
+                    drop(way, error)
+                    continue
+                if way in used:
+                    used[way] = lines
+        _drop_unused(used, ways, clocks, info)
+        factor = wall_factor(clocks)
+        scaled = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
+        for way, way_plan in ways.items():
+            with planned(model, chain, way_plan), recording() as rebuilds[way]:
+                readings[way] = meter(1, scaled[way])
+    for way in ways:
+        rebuilt = rebuilds.get(way)
         if is_selective(way):
             saved = saved_ops(way)
             details[way] = [selective_detail(block, saved) for block in block_ops]
-        elif rebuilt:  # the warm-up forward's blocks, in chain order
+        elif rebuilt:  # the first metered forward's blocks, in chain order
             details[way] = [{"rebuilds": entry} for entry in rebuilt[: len(chain.block_names)]]
     keep, recompute = readings.pop(KEEP), readings.pop(RECOMPUTE)
     post = {way: readings.pop(way) for way in used}
@@ -517,6 +610,19 @@ _NO_LOSS = {
     CHUNKED: "the model's loss_function never computed a loss from the head (no labels in "
     "the sample?)",
 }
+
+
+def _drop_unused(
+    used: dict[str, list[str]],
+    ways: dict[str, Plan | None],
+    clocks: dict[str, list[dict[str, float]]],
+    info: dict[str, Any],
+) -> None:
+    """Take off the menu each ``<post>`` option that never took effect: no loss it knows
+    inside the forward."""
+    for way, lines in list(used.items()):
+        if not lines:
+            _drop_head(way, _NO_LOSS[way], ways, clocks, used, info)
 
 
 def _drop_head(

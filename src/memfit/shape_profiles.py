@@ -22,6 +22,7 @@ from torch import nn
 from memfit.distributed import ranks
 from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout, step_seconds_at
 from memfit.measuring.state import preserving_state
+from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
@@ -158,6 +159,9 @@ def profile_shapes(
         >>> shaped = memfit.profile_shapes(model, {"input_ids": ids, "labels": ids})
         >>> shaped.fitted.summary()["holdout_error"]
     """
+    check_step_arguments(
+        model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
+    )
     layout = sample_layout(sample)
     if shapes is None:
         chosen = default_profile_shapes(layout.shape, longest_seq, position_limit(model))
@@ -170,7 +174,7 @@ def profile_shapes(
     started = time.perf_counter()
     profiles = {}
     options = profile_options.pop("options", ())
-    repeats = int(profile_options.pop("repeats", 3))
+    repeats = int(profile_options.pop("repeats", None) or 3)
     for shape in order:  # the largest first: its options are measured at every shape
         # the larger shapes carry the time fits' slope: twice the timed steps there
         twice = 2 * shape.tokens >= order[0].tokens

@@ -14,7 +14,6 @@ them.
 from __future__ import annotations
 
 import statistics
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -23,13 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.errors import MemfitError
-from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.errors import MemfitError, PlanMismatchError
+from memfit.integrations.hf import hf_checkpointing_off
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import chain_of_plan
-from memfit.runtime.compiled import compile_blocks, compiled_blocks, uncompile_blocks
+from memfit.runtime.compiled import (
+    compile_blocks,
+    compiled_blocks,
+    plan_compile_options,
+    uncompile_blocks,
+)
 from memfit.verification import timed_step_under
 
 MARGIN = 0.01  # another plan must be at least 1% faster (median of paired ratios) to be chosen
@@ -38,14 +42,11 @@ ALONE = "prediction: no other plan to time"
 
 
 @contextmanager
-def _as_applied(model: nn.Module, plan: Plan) -> Iterator[None]:
+def _as_applied(model: nn.Module, plan: Plan, compiling: dict[str, Any] | None) -> Iterator[None]:
     """The model as :func:`memfit.apply` would run ``plan``'s kind of plan: blocks compiled
-    for a plan from a compiled profile; Hugging Face's own checkpointing off (silently: the
-    caller's state comes back afterwards)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        disable_hf_checkpointing(model)
-    compiling = plan.info.get("compile")
+    with ``compiling`` for a plan from a compiled profile; Hugging Face's own checkpointing off
+    (silently: the caller's state comes back afterwards)."""
+    hf = hf_checkpointing_off(model, warn=False)
     blocks = chain_of_plan(model, plan).blocks
     compiled_here = compiling is not None and compiled_blocks(blocks) is None
     if compiling is not None and compiled_here:
@@ -55,6 +56,8 @@ def _as_applied(model: nn.Module, plan: Plan) -> Iterator[None]:
     finally:
         if compiled_here:
             uncompile_blocks(blocks)
+        if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
+            hf.restore()
 
 
 @preserving_state
@@ -69,6 +72,7 @@ def fastest(
     accumulate: bool = False,
     drop_failures: bool = True,
     progress: Callable[[str], None] | None = None,
+    compile: bool | dict[str, Any] | None = None,
 ) -> Plan:
     """The plan of ``plans`` whose steps measured fastest on ``model``; the first plan unless
     another is faster by more than :data:`MARGIN` (median over ``rounds`` of the ratio of its
@@ -83,13 +87,25 @@ def fastest(
     timing in lockstep must all stop). The model is left unplanned, with its RNG
     state, gradients, buffers and training mode as found.
 
+    ``compile``: the caller's ``torch.compile`` arguments for plans from a compiled profile,
+    as for :func:`memfit.apply` (``None``: the plans' own settings, checked against its
+    allow-list).
+
     Raises:
         ValueError: no plans, or ``rounds < 1``.
+        PlanMismatchError: compile settings a plan may not set, or plans that compile their
+            blocks differently (before any step).
     """
     if not plans:
         raise ValueError("fastest() needs at least one plan to time")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1 (timed steps per plan); got {rounds}")
+    settings = [plan_compile_options(plan, compile) for plan in plans]
+    if any(setting != settings[0] for setting in settings):
+        raise PlanMismatchError(
+            f"the plans to time compile their blocks differently ({settings}); time plans "
+            f"made from one profile"
+        )
     if len(plans) == 1:
         only = plans[0]
         return replace(only, info={**only.info, "chosen_by": ALONE})
@@ -97,7 +113,7 @@ def fastest(
     steps: list[list[float]] = [[] for _ in plans]
     ratios: list[list[float]] = [[] for _ in plans]
     failed: dict[int, str] = {}
-    with _as_applied(model, plans[0]):
+    with _as_applied(model, plans[0], settings[0]):
         for round_ in range(rounds):
             say(f"timing {len(plans)} plans side by side: round {round_ + 1} of {rounds}")
             shift = round_ % len(plans)

@@ -48,8 +48,8 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise TypeError(f"expected a byte count such as {_EXAMPLES}; got the bool {value!r}")
     if isinstance(value, int | float):
-        if value < 0 or value != value:
-            raise ValueError(f"expected a non-negative byte count; got {value!r}")
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"expected a finite, non-negative byte count; got {value!r}")
         return int(value)
     if not isinstance(value, str):
         raise TypeError(
@@ -61,7 +61,10 @@ def parse_bytes(value: int | float | str) -> int:
             f"cannot read {value!r} as a size; write a number with an optional unit "
             f"(B, KB, MB, GB, KiB, MiB, GiB), e.g. {_EXAMPLES}"
         )
-    return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(size):
+        raise ValueError(f"cannot read {value!r} as a size: it is not finite; e.g. {_EXAMPLES}")
+    return round(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +77,17 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.bytes is None) == (self.fraction is None):
             raise ValueError("a Budget holds exactly one of bytes= or fraction=")
-        if self.fraction is not None and not self.fraction >= 0.0:
-            raise ValueError(f"budget fraction must be >= 0; got {self.fraction}")
+        if self.fraction is not None and not 0.0 <= self.fraction < math.inf:
+            raise ValueError(f"budget fraction must be finite and >= 0; got {self.fraction}")
 
-    def resolve(self, held_bytes: int, activation_bytes: int) -> int:
-        """The budget in bytes of step peak, given what is held before the step and the
-        step's activation memory without memfit."""
+    def resolve(self, base_bytes: int, activation_bytes: int) -> int:
+        """The budget in bytes of step peak, given its base (what no plan removes: what is
+        held before the step and the gradients it makes, ``Measurement.base_bytes``) and the
+        step's activation memory without memfit (the rest of its peak)."""
         if self.bytes is not None:
             return self.bytes
         assert self.fraction is not None
-        return int(held_bytes + self.fraction * activation_bytes)
+        return int(base_bytes + self.fraction * activation_bytes)
 
     def __str__(self) -> str:
         if self.bytes is not None:
@@ -97,7 +101,8 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
 
     Accepted forms:
 
-    * a fraction of the step's activation memory without memfit: ``"40%"``, or a float in
+    * a fraction of the step's activation memory without memfit (its peak above what it
+      holds before it and the gradients it makes, which no plan removes): ``"40%"``, or a float in
       ``(0, 1]`` (``0.4`` is ``"40%"``; ``1.0`` is ``"100%"``), or a plain number in ``(0, 1]``
       written as a string (``"0.4"``);
     * bytes of step peak: an int (``12 * 2**30``), an integral float above 1 (``12e9``), or a
@@ -110,8 +115,9 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
         A :class:`Budget`.
 
     Raises:
-        ValueError: anything else (``0.0``, ``2.5``, ``"1.5"`` bytes, negative sizes, NaN),
-            naming the value received and the accepted forms.
+        ValueError: anything else (``0.0``, ``2.5``, ``"1.5"`` bytes, zero or negative
+            budgets such as ``0``, ``"0%"`` or ``"-5%"``, NaN and infinite ones such as
+            ``"inf%"``), naming the value received and the accepted forms.
         TypeError: neither a number, a string nor a :class:`Budget`.
 
     Example:
@@ -134,13 +140,22 @@ def parse_budget(value: int | float | str | Budget) -> Budget:
                 f'cannot read budget {value!r}; a percentage looks like "40%" '
                 f"(of the step's activation memory without memfit)"
             ) from None
-        if not percent >= 0.0:
-            raise ValueError(f'budget percentage must be >= 0, e.g. "40%"; got {value!r}')
+        if not 0.0 < percent < math.inf:
+            raise ValueError(
+                f'budget percentage must be above 0 and finite, e.g. "40%" (of the step\'s '
+                f"activation memory without memfit); got {value!r}"
+            )
         return Budget(fraction=percent / 100.0)
     try:
-        return Budget(bytes=parse_bytes(value))
+        size = parse_bytes(value)
     except ValueError as error:
         raise ValueError(f"invalid budget {value!r}: {error}") from None
+    if size == 0:
+        raise ValueError(
+            f"budget {value!r} is 0 bytes, which no step fits (the parameters alone take "
+            f"more); accepted forms: {_BUDGET_FORMS}"
+        )
+    return Budget(bytes=size)
 
 
 def _float_budget(number: float, received: str) -> Budget:
@@ -163,11 +178,12 @@ def infeasible_message(
         budget: the budget as parsed.
         budget_bytes: it resolved, in bytes of step peak.
         min_bytes: the smallest feasible step peak.
-        held_bytes, activation_bytes: of the profile (see :meth:`Budget.resolve`).
+        held_bytes, activation_bytes: the profile's base (held before the step, and the
+            gradients it makes) and activation memory (see :meth:`Budget.resolve`).
 
     Example:
         >>> infeasible_message(Budget(fraction=0.4), 3000, 3600, 2000, 2500)
-        'budget 40% of 2.44 KiB activation memory = 1000 B (step peak 2.93 KiB with 1.95 KiB held) is infeasible; the smallest feasible is 1.56 KiB of activation memory = 64% (step peak 3.52 KiB); raise the budget to at least "64%"'
+        'budget 40% of 2.44 KiB activation memory = 1000 B (step peak 2.93 KiB with 1.95 KiB held and gradients) is infeasible; the smallest feasible is 1.56 KiB of activation memory = 64% (step peak 3.52 KiB); raise the budget to at least "64%"'
     """
     smallest = format_bytes(min_bytes - held_bytes)
     if activation_bytes <= 0:
@@ -184,20 +200,21 @@ def infeasible_message(
         return (
             f"budget {budget} of {activation} activation memory = "
             f"{format_bytes(budget_bytes - held_bytes)} (step peak {format_bytes(budget_bytes)} "
-            f"with {format_bytes(held_bytes)} held) is infeasible; the smallest feasible is "
+            f"with {format_bytes(held_bytes)} held and gradients) is infeasible; the smallest feasible is "
             f"{smallest} of activation memory = {percent}% (step peak {format_bytes(min_bytes)}); "
             f'raise the budget to at least "{percent}%"'
         )
     share = (budget_bytes - held_bytes) * 100 / activation_bytes
     parts = (
-        f"{format_bytes(held_bytes)} held + {share:.0f}% of {activation} activation memory"
+        f"{format_bytes(held_bytes)} held and gradients + {share:.0f}% of {activation} "
+        f"activation memory"
         if share >= 0
-        else f"less than the {format_bytes(held_bytes)} held before the step"
+        else f"less than the {format_bytes(held_bytes)} held before the step and its gradients"
     )
     return (
         f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) of step peak = {parts} is "
         f"infeasible; the smallest feasible is {format_bytes(min_bytes)} ({min_bytes} bytes) = "
-        f"{format_bytes(held_bytes)} held + {percent}% of {activation}; raise the budget to at "
+        f"{format_bytes(held_bytes)} held and gradients + {percent}% of {activation}; raise the budget to at "
         f"least that"
     )
 

@@ -20,6 +20,7 @@ from memfit.measuring.run import Measurement, measure, time_step
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
+    check_step_arguments,
     compute_loss,
     held_bytes,
     reset_grads,
@@ -192,6 +193,7 @@ def verify(
         >>> report = memfit.verify(model, batch)
         >>> assert report.gradients_equal and report.ok
     """
+    check_step_arguments(model, sample, loss_fn, optimizer)
     # the planned model may sit inside a wrapper made after planning (DDP): steps run through
     # the wrapper, the plan comes off and goes back on the module that carries it
     target = planned_module(model)

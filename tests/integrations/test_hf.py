@@ -290,3 +290,51 @@ def test_rebuild_finds_the_norms_activations_and_linears_of_hf_blocks(arch, rebu
         remove_plan(model)
     assert rebuilt <= set(log[0]), log[0]
     assert_same_step(reference, planned, f"{arch} rebuild+linear")
+
+
+def _switches(model: nn.Module) -> list[tuple[str, object]]:
+    names = ("gradient_checkpointing", "_gradient_checkpointing_func")
+    return [
+        (f"{fqn}:{name}", module.__dict__[name])
+        for fqn, module in model.named_modules()
+        for name in names
+        if name in module.__dict__
+    ]
+
+
+def _hooked(model: nn.Module) -> bool:
+    return bool(model.__dict__.get("_require_grads_hooks")) or (
+        model.__dict__.get("_require_grads_hook") is not None
+    )
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["plain", "peft adapter"])
+def test_remove_turns_hf_checkpointing_back_on(adapter: bool) -> None:
+    # apply turns HF's checkpointing off (a plan replaces it); remove gives it back as the user
+    # had set it: every module's switch and checkpoint function, and PEFT's input hooks
+    model, sample = build_hf("llama", layers=2)
+    if adapter:
+        peft = pytest.importorskip("peft")
+        try:
+            model.add_adapter(peft.LoraConfig(target_modules=["q_proj"]))
+        except ValueError:  # transformers 5.25 wants peft >= 0.22: its flag, as add_adapter sets
+            model._hf_peft_config_loaded = True
+    enable_hf_checkpointing(model)
+    before = _switches(model)
+    # HF's switch hooks the embeddings' output to require grad; its disable unhooks them only
+    # where an adapter is loaded
+    assert model.is_activation_checkpointing and _hooked(model)
+    memfit.profile(model, sample, repeats=1, options=())  # leaves it all as it found it
+    assert _switches(model) == before and _hooked(model)
+    chain = chain_of(model, sample)
+    plan = plan_for(chain, (Stage(0), Segment(1, 3, (Stage(1), recompute_one(2))), Stage(3)))
+    with pytest.warns(UserWarning, match="memfit.remove\\(model\\) turns it back on"):
+        memfit.apply(model, plan)
+    assert not model.is_activation_checkpointing and _hooked(model) != adapter
+    assert memfit.remove(model)
+    assert model.is_activation_checkpointing and _switches(model) == before
+    assert _hooked(model)
+    for parameter in model.get_input_embeddings().parameters():
+        parameter.requires_grad_(False)  # frozen, as under an adapter: the hook makes the
+    embedded = model.get_input_embeddings()(sample["input_ids"])  # output require grad
+    assert embedded.requires_grad

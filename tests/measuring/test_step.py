@@ -46,13 +46,17 @@ def test_no_loss_is_a_clear_error() -> None:
 def test_measure_step_figures_are_consistent() -> None:
     model, sample = build("mlp", layers=3, width=64, hidden=128, batch=32)
     m = measure(model, sample, repeats=2)
-    assert m.peak_bytes == m.held_bytes + m.activation_bytes
-    assert m.activation_bytes == max(m.forward_peak_bytes, m.backward_peak_bytes)
+    assert m.peak_bytes == m.held_bytes + m.gradient_bytes + m.activation_bytes
+    assert m.base_bytes == m.held_bytes + m.gradient_bytes
+    assert m.gradient_bytes + m.activation_bytes == max(m.forward_peak_bytes, m.backward_peak_bytes)
     assert m.step_s > 0 and m.forward_s > 0 and m.backward_s > 0
     assert m.step_s == pytest.approx(m.forward_s + m.backward_s, rel=0.25)
     parameters = sum(p.numel() * 4 for p in model.parameters())
     sample_bytes = sum(t.numel() * 4 for t in sample)
     assert m.held_bytes == parameters + sample_bytes
+    # the step leaves its gradients (and the loss it returns, whose storage is mse_loss's
+    # buffer of the output's size on this CPU): the budget's base
+    assert parameters <= m.gradient_bytes <= parameters + sample_bytes // 2
     assert all(p.grad is None for p in model.parameters()), "measure leaves gradients as they were"
 
 
@@ -62,8 +66,9 @@ def test_gradient_accumulation_steady_state_holds_gradients_before_the_step() ->
     accumulating = measure(model, sample, repeats=1, accumulate=True)
     grads = sum(p.numel() * 4 for p in model.parameters())
     assert accumulating.held_bytes == plain.held_bytes + grads
-    # With buffers already there, backward allocates no gradients of its own.
-    assert accumulating.activation_bytes < plain.activation_bytes
+    assert accumulating.base_bytes == plain.base_bytes  # held either before or during the step
+    # With buffers already there, the step leaves no gradients of its own.
+    assert accumulating.gradient_bytes < grads <= plain.gradient_bytes
 
 
 def test_held_bytes_counts_optimizer_state_and_ties_once() -> None:

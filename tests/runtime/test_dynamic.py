@@ -10,6 +10,7 @@ switches between buckets. A batch longer than anything that fits raises before i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import pickle
 
@@ -19,7 +20,7 @@ import torch
 import memfit
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
+from memfit.measuring.shapes import resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
 from memfit.planning.shapes import Shape
 from memfit.planning.simulate import simulate
@@ -190,3 +191,36 @@ def test_batch_sizes_round_to_the_sample_batch_times_a_power_of_two(shaped_gpt2)
         assert all(s.predicted_peak_bytes <= budget for s in plans.steps)
     finally:
         memfit.remove(model)
+
+
+def test_the_shape_argument_may_come_by_keyword_or_by_position(shaped_gpt2) -> None:
+    # planned from a sample with input_ids by keyword, called with them by position; and the
+    # reverse: the hook finds the batch's shape either way (it raised on the other way before)
+    model, twin, sample, _budget = planned(shaped_gpt2)
+    ids = resize_sample(sample, Shape(2, 40))["input_ids"]
+    try:
+        loss, grads = seeded_gradients(model, (ids,), _logits_sum, 0)
+        reference_loss, reference = seeded_gradients(twin, (ids,), _logits_sum, 0)
+        assert torch.equal(loss, reference_loss) and mismatched_gradients(reference, grads) == ()
+        assert shape_plans(model).steps[-1].shape == Shape(2, 40)
+    finally:
+        memfit.remove(model)
+    _model, _sample, shaped, budget = shaped_gpt2
+    by_position = dataclasses.replace(shaped, layout=sample_layout((sample["input_ids"],)))
+    memfit.auto(
+        model,
+        (sample["input_ids"],),
+        budget=budget,
+        shapes="dynamic",
+        bucket=32,
+        shape_profile=by_position,
+    )
+    try:
+        assert_same_step(model, twin, resize_sample(sample, Shape(2, 96)), 1)  # by keyword
+        assert shape_plans(model).steps[-1].shape == Shape(2, 96)
+    finally:
+        memfit.remove(model)
+
+
+def _logits_sum(output) -> torch.Tensor:
+    return output.logits.sum()

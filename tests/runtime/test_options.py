@@ -9,6 +9,7 @@ from runtime_cases import make_plan
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy
 
+from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.chain import find_chain
 from memfit.measuring.ops import MATMUL_OPS
 from memfit.models import build
@@ -126,3 +127,30 @@ def test_out_variants_are_recomputed_correctly() -> None:
     stage_wrapper("selective:matmul")(block)(x).sum().backward()
     assert torch.equal(block.weight.grad, reference[0])
     assert torch.equal(x.grad, reference[1])
+
+
+@pytest.mark.parametrize("second", ["retain_graph", "gradient penalty"])
+def test_a_second_backward_through_selective_names_torchs_limit(second: str) -> None:
+    # torch's selective checkpoint allows one backward per forward; the error says so instead
+    # of blaming the model (a block "that does not compute the same thing twice")
+    model, sample = build("mlp", layers=3, width=16, hidden=32, batch=4)
+    chain = find_chain(model, lambda: model(*sample))
+    options = {1: "selective:matmul", 2: "selective:matmul"}
+    plan = make_plan(chain, tuple(Stage(i, options.get(i, "keep")) for i in range(len(chain))))
+    apply_plan(model, chain, plan)
+    try:
+        loss = model(*sample)
+        with pytest.raises(MemfitError) as caught:
+            if second == "retain_graph":
+                loss.backward(retain_graph=True)
+                loss.backward()
+            else:
+                grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+                sum((grad**2).sum() for grad in grads).backward()
+    finally:
+        remove_plan(model)
+    message = str(caught.value)
+    assert not isinstance(caught.value, UnsupportedModelError)
+    assert "Trying to backward an extra time" in message and "retain_graph" in message
+    assert "selective" in message and "options=()" in message
+    assert "does not compute the same thing twice" not in message

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "HFCheckpointing",
     "MemfitCallback",
     "build_hf",
     "disable_hf_checkpointing",
     "hf_block_names",
+    "hf_checkpointing_off",
 ]
 
 
@@ -71,27 +74,65 @@ def _checkpointing_on(module: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
 
-def disable_hf_checkpointing(model: nn.Module) -> bool:
-    """Turn off Hugging Face's own gradient checkpointing if the user enabled it.
+# what HF's checkpointing switch sets on modules
+_SWITCHES = ("gradient_checkpointing", "_gradient_checkpointing_func")
+_MISSING = object()
+
+
+def _input_grads_hooked(module: nn.Module) -> bool:
+    """Whether ``enable_input_require_grads`` hooks are on the module (transformers 5 keeps a
+    list, 4 one handle)."""
+    hooks = module.__dict__.get("_require_grads_hooks")
+    return bool(hooks) or module.__dict__.get("_require_grads_hook") is not None
+
+
+class HFCheckpointing:
+    """Hugging Face's checkpointing as the user had set it, to put back: each module's
+    switches (``gradient_checkpointing``, its checkpoint function with the user's arguments)
+    and the input-require-grads hooks (PEFT's, or ``enable_input_require_grads``) that HF's
+    disable removes from models with an adapter loaded."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.switches = [
+            (module, name, module.__dict__.get(name, _MISSING))
+            for module in model.modules()
+            for name in _SWITCHES
+        ]
+        self.hooked = [module for module in model.modules() if _input_grads_hooked(module)]
+
+    def restore(self) -> None:
+        """Switches as they were; input-require-grads hooks registered again where removed."""
+        for module, name, value in self.switches:
+            if value is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+        for module in self.hooked:
+            enable = getattr(module, "enable_input_require_grads", None)
+            if not _input_grads_hooked(module) and callable(enable):
+                enable()
+
+
+def hf_checkpointing_off(model: nn.Module, *, warn: bool = True) -> HFCheckpointing | None:
+    """Turn off Hugging Face's own gradient checkpointing if the user enabled it, and return
+    what to restore (``None`` when it was off: nothing changed).
 
     A memfit plan replaces it; both at once would checkpoint inside checkpoints. Looks inside
-    wrappers too (an HF model held by a plain ``nn.Module``). Warns when it acts.
-    :func:`memfit.runtime.apply_plan` calls it.
-
-    Args:
-        model: any model; HF models are recognised by their ``gradient_checkpointing`` flags.
-
-    Returns:
-        Whether HF checkpointing was on (and is now off).
+    wrappers too (an HF model held by a plain ``nn.Module``). Warns when it acts and ``warn``.
+    :func:`memfit.apply` turns it off (``memfit.remove`` turns it back on), profiling for its
+    duration.
     """
     if not _checkpointing_on(model):
-        return False
-    warnings.warn(
-        "Hugging Face gradient checkpointing was enabled on this model; memfit turned it off "
-        "because memfit's plan replaces it (both at once would recompute twice)",
-        UserWarning,
-        stacklevel=3,
-    )
+        return None
+    before = HFCheckpointing(model)
+    if warn:
+        warnings.warn(
+            "Hugging Face gradient checkpointing was enabled on this model; memfit turned it "
+            "off because memfit's plan replaces it (both at once would recompute twice); "
+            "memfit.remove(model) turns it back on",
+            UserWarning,
+            stacklevel=4,
+        )
     for module in model.modules():
         # transformers 5 renamed it "activation checkpointing" and warns on the old names
         names = ("activation_checkpointing_disable", "gradient_checkpointing_disable")
@@ -101,10 +142,29 @@ def disable_hf_checkpointing(model: nn.Module) -> bool:
     for module in model.modules():  # layers of custom code that HF's switch does not reach
         if getattr(module, "gradient_checkpointing", False) is True:
             module.gradient_checkpointing = False  # type: ignore[assignment]
-    return True
+    return before
 
 
-register_before_apply(disable_hf_checkpointing)
+def disable_hf_checkpointing(model: nn.Module) -> bool:
+    """Turn off Hugging Face's own gradient checkpointing if the user enabled it (with a
+    warning; see :func:`hf_checkpointing_off`).
+
+    Args:
+        model: any model; HF models are recognised by their ``gradient_checkpointing`` flags.
+
+    Returns:
+        Whether HF checkpointing was on (and is now off).
+    """
+    return hf_checkpointing_off(model) is not None
+
+
+def _off_for_the_plan(model: nn.Module) -> Callable[[], None] | None:
+    """apply's hook: off while the plan is on; ``memfit.remove`` calls what this returns."""
+    before = hf_checkpointing_off(model)
+    return None if before is None else before.restore
+
+
+register_before_apply(_off_for_the_plan)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ the environment and file descriptors alone (the CLI sets the variable for its ow
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -57,6 +58,10 @@ class MemoryReading:
         peak_op: the op that made the allocation at the peak.
         spans: the region cut at every ``mark``, in order.
         device: ``"cpu"`` or ``"cuda"``.
+        freed: name given to :meth:`MemoryMeter.watch` -> the label of the span in which the
+            watched storage was freed (from the span it was watched in on) and the bytes that
+            freed; names whose storage stayed live to the end, or was allocated before the
+            region, are absent.
     """
 
     peak_bytes: int
@@ -64,6 +69,7 @@ class MemoryReading:
     peak_op: str
     spans: tuple[Span, ...] = field(default=())
     device: str = "cpu"
+    freed: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
     def span(self, label: str) -> Span:
         for span in self.spans:
@@ -93,6 +99,7 @@ class MemoryMeter:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._profiler: Any = None
         self._labels: list[str] = []
+        self._watched: list[tuple[int, int, str]] = []
         self._reading: MemoryReading | None = None
 
     @property
@@ -104,6 +111,7 @@ class MemoryMeter:
     def __enter__(self) -> MemoryMeter:
         self._reading = None
         self._labels = []
+        self._watched = []
         if self.device.type == "cuda":
             # Allocations are recorded when the host asks for them; syncing only keeps kernels
             # queued before the region from running inside it.
@@ -119,6 +127,12 @@ class MemoryMeter:
         with record_function(f"{MARK_PREFIX}{len(self._labels) - 1}"):
             pass
 
+    def watch(self, name: str, tensor: torch.Tensor) -> None:
+        """Note in which span the storage behind ``tensor`` is freed, from the current span on
+        (``reading.freed[name]``): whether a stage lets its input go, say."""
+        ptr = tensor.untyped_storage().data_ptr()
+        self._watched.append((ptr, len(self._labels), name))
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -131,16 +145,22 @@ class MemoryMeter:
         profiler.__exit__(exc_type, exc, traceback)
         if exc_type is None:
             roots = profiler.profiler.kineto_results.experimental_event_tree()
-            self._reading = _replay(roots, self._labels, self.device)
+            self._reading = _replay(roots, self._labels, self.device, self._watched)
 
 
-def _replay(roots: list[Any], labels: list[str], device: torch.device) -> MemoryReading:
+def _replay(
+    roots: list[Any],
+    labels: list[str],
+    device: torch.device,
+    watched: Sequence[tuple[int, int, str]] = (),
+) -> MemoryReading:
     """Replay the allocation events on ``device`` of a finished profiler run, in time order.
 
     Args:
         roots: the profiler's event tree (``kineto_results.experimental_event_tree()``).
         labels: the marks' labels, in the order :meth:`MemoryMeter.mark` was called.
         device: whose allocations count (``cuda`` with its index).
+        watched: ``(storage pointer, span index, name)`` of :meth:`MemoryMeter.watch`.
     """
     from torch._C._profiler import _EventType
 
@@ -170,6 +190,11 @@ def _replay(roots: list[Any], labels: list[str], device: torch.device) -> Memory
         [(t, o, 0, size, ptr, op) for t, o, size, ptr, op in allocations]
         + [(t, o, 1, index, 0, "") for t, o, index in marks]
     )
+    watching: dict[int, list[tuple[int, str]]] = {}
+    for ptr, since, name in watched:
+        watching.setdefault(ptr, []).append((since, name))
+    freed: dict[str, tuple[str, int]] = {}
+    span_index = 0
     live: dict[int, int] = {}
     level = peak = 0
     peak_op = ""
@@ -179,17 +204,27 @@ def _replay(roots: list[Any], labels: list[str], device: torch.device) -> Memory
         if kind == 1:
             spans.append(Span(span_label, span_start, span_peak, level))
             span_label, span_start, span_peak = labels[value], level, level
+            span_index = value + 1
             continue
         if value > 0:
             live[ptr] = value
             level += value
         elif ptr in live:  # frees of memory allocated before the region do not count
-            level -= live.pop(ptr)
+            size = live.pop(ptr)
+            level -= size
+            for since, name in watching.get(ptr, ()):
+                if since <= span_index and name not in freed:
+                    freed[name] = (span_label, size)
         if level > span_peak:
             span_peak = level
         if level > peak:
             peak, peak_op = level, op
     spans.append(Span(span_label, span_start, span_peak, level))
     return MemoryReading(
-        peak_bytes=peak, end_bytes=level, peak_op=peak_op, spans=tuple(spans), device=device.type
+        peak_bytes=peak,
+        end_bytes=level,
+        peak_op=peak_op,
+        spans=tuple(spans),
+        device=device.type,
+        freed=freed,
     )

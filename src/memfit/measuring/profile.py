@@ -158,9 +158,14 @@ def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
     """What a one-block checkpoint keeps from its forward to its backward besides the block's
     output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
     device's). The smallest such figure over the blocks, so that what one block stashes itself
-    (a cache filled in its forward) is not taken for every checkpoint's."""
+    (a cache filled in its forward) is not taken for every checkpoint's. Blocks no gradient
+    flows through (frozen, with an input that needs none) are left out: their checkpoint saves
+    no tensor, so torch drops its RNG state at once, while a segment holding them and a block
+    that trains keeps it (frozen lower layers made this 0 and plans went over budget)."""
     kept = []
     for index in chain.block_stages:  # the stages between block lists are never recomputed
+        if not recompute.has_backward(index):
+            continue
         start, _peak, end = recompute.forward_span(index)
         shift = _tail_shift(recompute, chain, index)
         kept.append(end - start - keep.output_bytes.get(index, 0) - shift)
@@ -255,6 +260,7 @@ def build_profile(
             for option, reading in (post_options or {}).items():
                 detail = (post_details or {}).get(option)
                 menu[option] = _option_costs(reading, index, last, output, detail)
+        released = keep.released_input(index) if is_block else (0, index)
         if is_block and recompute is not None:
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
@@ -272,6 +278,8 @@ def build_profile(
                 nosave_forward_peak_bytes=nosave_peak,
                 checkpointable=is_block and recompute is not None,
                 tail_bytes=0 if recompute is None else recompute.tail_bytes.get(index, 0),
+                released_input_bytes=released[0],
+                released_input_at=None if released[1] == index else released[1],
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
@@ -287,6 +295,7 @@ def build_profile(
     costs = ChainCosts(
         stages=stages,
         held_bytes=keep.measurement.held_bytes,
+        gradient_bytes=keep.measurement.gradient_bytes,
         fingerprint=fingerprint(model, sample, chain),
         checkpoint_bytes=checkpoint,
         side_input_bytes=0 if recompute is None else _side_input_bytes(recompute, keep, chain),

@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,8 +33,10 @@ from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
     _storage_key,
+    check_step_arguments,
     compute_loss,
     held_bytes,
+    local_tensor,
     preserved_grads,
     reset_grads,
     sample_device,
@@ -52,7 +54,12 @@ class Measurement:
         peak_bytes: step peak including what was held before the step.
         held_bytes: bytes live before the step (parameters, gradients that exist, buffers,
             the sample, optimizer state when given). On CUDA: the allocator's count.
-        activation_bytes: ``peak_bytes - held_bytes``: memory the step itself needs.
+        gradient_bytes: bytes the step leaves allocated when it ends: the parameter
+            gradients it makes (0 when they existed before it: accumulation). No plan can
+            remove them, so they count with ``held_bytes`` in a budget's base.
+        activation_bytes: ``peak_bytes - held_bytes - gradient_bytes``: the memory a plan
+            can work on, the base of a percentage budget (``"40%"`` is ``base_bytes`` plus
+            40% of it).
         forward_peak_bytes: peak during forward and loss, above ``held_bytes``.
         backward_peak_bytes: peak during backward, above ``held_bytes``.
         step_s, forward_s, backward_s: medians over the timed repeats.
@@ -81,6 +88,12 @@ class Measurement:
     repeats: int
     keep_output: bool = True
     reserved_peak_bytes: int = 0
+    gradient_bytes: int = 0
+
+    @property
+    def base_bytes(self) -> int:
+        """What no plan removes: held before the step, and the gradients it makes."""
+        return self.held_bytes + self.gradient_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +168,7 @@ def wall_scaled(
 
 
 Marker = Callable[[str], None]
+Watcher = Callable[[str, torch.Tensor], None]
 
 
 def _step(
@@ -208,8 +222,9 @@ def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) 
 
 
 @contextmanager
-def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
-    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`)."""
+def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
+    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`). ``watch``
+    (:meth:`MemoryMeter.watch`) is given every block's main input, named ``input:<stage>``."""
     marked = _Marked()
     output_bytes = marked.output_bytes
     # only the previous block's side inputs, and only until the next block compares: holding
@@ -223,6 +238,10 @@ def _stage_marks(chain: Chain, mark: Marker) -> Iterator[_Marked]:
     def pre_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             mark(f"F:{index}")
+            if watch is not None:
+                given = main_tensor(split_main(args, kwargs)[0])
+                if given is not None:
+                    watch(f"input:{index}", local_tensor(given))
             current = side_inputs(args, kwargs)
             previous = calls.pop(index - 1, None)
             if previous is not None:
@@ -289,10 +308,41 @@ class StageReading:
     tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
     tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
 
+    def times(self, factor: float) -> StageReading:
+        """The same reading with every time multiplied by ``factor`` (CPU-time clocks in
+        seconds of wall time, as :func:`wall_scaled` puts them)."""
+        m = self.measurement
+        return replace(
+            self,
+            forward_s={i: s * factor for i, s in self.forward_s.items()},
+            backward_s={i: s * factor for i, s in self.backward_s.items()},
+            measurement=replace(
+                m,
+                step_s=m.step_s * factor,
+                forward_s=m.forward_s * factor,
+                backward_s=m.backward_s * factor,
+            ),
+        )
+
+    def released_input(self, index: int) -> tuple[int, int]:
+        """Bytes of block ``index``'s main input freed during the forward, and the stage in
+        whose forward span: no op saved the input and its caller let it go (a frozen block's
+        input, a trained block's that needs no gradient: in its own span; the embeddings'
+        output that the model holds to the end of its forward: in the last stage's span).
+        ``(0, index)`` when the input lived into the backward."""
+        label, size = self.memory.freed.get(f"input:{index}", ("", 0))
+        if not label.startswith("F:"):
+            return 0, index
+        return size, int(label.removeprefix("F:"))
+
     def forward_span(self, index: int) -> tuple[int, int, int]:
         """(start, peak, end) level of stage ``index``'s forward."""
         label = "F:0" if index == 0 else f"F:{index}"
         return _span(self.memory, label)
+
+    def has_backward(self, index: int) -> bool:
+        """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""
+        return any(span.label == f"B:{index}" for span in self.memory.spans)
 
     def backward_span(self, index: int, last: int) -> tuple[int, int, int]:
         label = "B:loss" if index == last else f"B:{index}"
@@ -325,12 +375,12 @@ def _timed_step(
 
 
 @contextmanager
-def _marks(chain: Chain | None, mark: Marker) -> Iterator[_Marked]:
+def _marks(chain: Chain | None, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
     """Stage marks when there is a chain (see :func:`_stage_marks`), else only the step's."""
     if chain is None:
         yield _Marked()
     else:
-        with _stage_marks(chain, mark) as marked:
+        with _stage_marks(chain, mark, watch) as marked:
             yield marked
 
 
@@ -399,16 +449,20 @@ def measure_stages(
     repeats: int = 3,
     warmup: int = 1,
     optimizer: Any = None,
-    clocks: Sequence[Mapping[str, float]] | None = None,
+    clocks: Sequence[Mapping[str, float]]
+    | Callable[[], Sequence[Mapping[str, float]]]
+    | None = None,
     keep_output: bool = True,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
     With ``chain=None`` only the whole step is measured (``measure``). ``clocks``: stage
     durations timed already (:func:`stage_clock`, interleaved with other ways of running the
-    model); then only the memory is measured here. ``keep_output``: see :func:`measure`.
+    model); then only the memory is measured here. A callable instead times them right after
+    the metered step, which is then their warm-up (the setup's fast path: one metered and one
+    timed step per way). ``keep_output``: see :func:`measure`.
     """
-    if clocks is not None and not clocks:
+    if clocks is not None and not callable(clocks) and not clocks:
         raise ValueError("clocks, when given, must hold at least one timed step")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
@@ -432,13 +486,19 @@ def measure_stages(
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with _marks(chain, meter.mark) as marked, meter:
+        with _marks(chain, meter.mark, meter.watch) as marked, meter:
             loss = _step(model, sample, loss_fn, meter.mark, keep_output)
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
             reserved = torch.cuda.max_memory_reserved(device)
+        if callable(clocks):
+            clocks = clocks()
+            if not clocks:
+                raise ValueError("clocks, when given, must hold at least one timed step")
     reading = meter.reading
     marked.output_bytes[last] = tensor_bytes(loss)
+    # what the step leaves (its gradients; the returned loss is a few bytes), never above its peak
+    gradients = min(max(0, reading.end_bytes), reading.peak_bytes)
 
     def median(label: str) -> float:
         return statistics.median(durations.get(label, 0.0) for durations in clocks)
@@ -451,7 +511,8 @@ def measure_stages(
     measurement = Measurement(
         peak_bytes=held + reading.peak_bytes,
         held_bytes=held,
-        activation_bytes=reading.peak_bytes,
+        activation_bytes=reading.peak_bytes - gradients,
+        gradient_bytes=gradients,
         forward_peak_bytes=max(
             span.peak_bytes for span in reading.spans if span.label.startswith("F:")
         ),
@@ -520,6 +581,7 @@ def measure(
         >>> m = memfit.measure(model, (x, y))
         >>> m.peak_bytes, m.activation_bytes, m.step_s
     """
+    check_step_arguments(model, sample, loss_fn, optimizer)
     return measure_stages(
         model,
         sample,

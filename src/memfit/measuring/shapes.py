@@ -17,6 +17,7 @@ Only the top level of the sample is read (a tuple of positional or a dict of key
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,14 +151,51 @@ def resize_sample(sample: Any, shape: Shape, layout: SampleLayout | None = None)
     return dict(items)
 
 
-def batch_shape(args: tuple[Any, ...], kwargs: Mapping[str, Any], layout: SampleLayout) -> Shape:
+def _argument(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], key: Key, forward: Any = None
+) -> Any:
+    """The call's argument ``key`` (a position or a keyword), also when the call passes it the
+    other way: the sample gave it by position and the call by keyword, or the reverse, matched
+    through ``forward``'s signature."""
+    if isinstance(key, str) and key in kwargs:
+        return kwargs[key]
+    if isinstance(key, int) and key < len(args):
+        return args[key]
+    if forward is None:
+        return None
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        return None
+    positional = [
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if isinstance(key, int):  # given by position in the sample, by keyword now
+        name = positional[key] if key < len(positional) else None
+        keyword = name is not None and parameters[key].kind is not inspect.Parameter.POSITIONAL_ONLY
+        return kwargs.get(name) if keyword and name is not None else None
+    if key in positional:  # given by keyword in the sample, by position now
+        index = positional.index(key)
+        return args[index] if index < len(args) else None
+    return None
+
+
+def batch_shape(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], layout: SampleLayout, forward: Any = None
+) -> Shape:
     """The shape of one call's batch, read from the argument ``layout`` names as reference.
+
+    Args:
+        forward: the model's ``forward``: with it, the reference argument is found also when
+            the call passes it by keyword where the sample had it by position, or the reverse.
 
     Raises:
         ValueError: that argument is missing or is not a tensor of the expected rank.
     """
     key = layout.reference
-    value = kwargs.get(key) if isinstance(key, str) else (args[key] if key < len(args) else None)
+    value = _argument(args, kwargs, key, forward)
     rank = 2 if layout.has_seq else 1
     if not isinstance(value, torch.Tensor) or value.dim() < rank:
         raise ValueError(

@@ -36,6 +36,47 @@ def split_sample(sample: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
+def check_step_arguments(
+    model: Any, sample: Any, loss_fn: Any = None, optimizer: Any = None
+) -> None:
+    """Refuse, before any step runs, arguments that no training step can be measured with.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, the sample is neither a tuple nor a dict,
+            ``loss_fn`` is not callable, or ``optimizer`` has no ``state_dict()`` (not an
+            optimizer), naming what came.
+        ValueError: nothing to train: every parameter is frozen and no tensor of the sample
+            requires grad, so a step has no backward and no activation memory to save.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected the model, an nn.Module; got {type(model).__name__}")
+    split_sample(sample)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be a function of the model's output returning the scalar loss "
+            f"(e.g. loss_fn=lambda output: output.logits.sum()), or None; got "
+            f"{type(loss_fn).__name__} {loss_fn!r}"
+        )
+    if optimizer is not None and not callable(getattr(optimizer, "state_dict", None)):
+        raise TypeError(
+            f"optimizer must be the training's optimizer (a torch.optim.Optimizer: its "
+            f"state_dict() is counted as held memory), or None; got {type(optimizer).__name__} "
+            f"{optimizer!r}"
+        )
+    if any(p.requires_grad for p in model.parameters()):
+        return
+    if any(t.requires_grad for t in _tensors_in(split_sample(sample))):
+        return  # inputs trained (latents fed in, an adversarial input): gradients to compute
+    count = sum(1 for _ in model.parameters())
+    held = f"all {count} parameters of" if count else "no parameters in"
+    raise ValueError(
+        f"nothing to train: {held} {type(model).__name__} require grad (requires_grad=False) "
+        f"and no tensor of the sample does, so a training step has no backward and no "
+        f"activation memory to save. Unfreeze what you train (p.requires_grad_(True)) "
+        f"before memfit measures the model"
+    )
+
+
 def compute_loss(output: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
     """The step's scalar loss from the model's output.
 

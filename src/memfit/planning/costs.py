@@ -24,6 +24,12 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   nested checkpoint runs in the outer no-save forward too); a segment of several stages peaks
   two more above its level when its forward ends (memfit's check that no random numbers were
   drawn between its blocks).
+* A top-level segment starting at a stage with ``released_input_bytes`` holds them in its
+  checkpoint to the end of its backward: where a kept stage frees them in its forward (the
+  stage itself, ``released_input_at`` None: in the segment's recompute; a later top-level stage:
+  in the step's forward), they come back right after; so with a top-level ``selective:`` stage
+  and a later stage's release. A nested segment starting there holds them from its recompute
+  on.
 * A top-level segment or ``selective:`` stage whose last stage returns tensors besides its output
   (``tail_bytes``: attention scores a checkpoint does not save) leaves them to its caller from
   the end of its forward to the end of the next top-level item's forward.
@@ -99,6 +105,14 @@ class StageCosts:
         input_offloadable: whether a segment that starts here may offload its main input:
             false where the input would stay on the device because something else saves it
             too (the block before, when it ends in ``tanh`` or ``ReLU``, saves its output).
+        released_input_bytes: bytes of its input that a step with every stage kept frees in
+            its forward, no op having saved the input: after frozen layers, an input that needs
+            no gradient. A checkpoint starting here (a recompute segment, a ``selective:``
+            stage) holds them instead to the end of its backward.
+        released_input_at: the stage in whose forward they are freed (its costs are net of
+            them); ``None``: this stage's own (the model drops the input when the stage
+            returns), else a later one's (the embeddings' output, which the model holds to the
+            end of its forward: the last stage's).
     """
 
     name: str
@@ -112,13 +126,21 @@ class StageCosts:
     tail_bytes: int = 0
     offload_bytes: int = 0
     input_offloadable: bool = True
+    released_input_bytes: int = 0
+    released_input_at: int | None = None
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:
             raise ValueError(
                 f"stage {self.name!r}: options must include {KEEP!r}; got {sorted(self.options)}"
             )
-        sizes = (self.input_bytes, self.output_bytes, self.tail_bytes, self.offload_bytes)
+        sizes = (
+            self.input_bytes,
+            self.output_bytes,
+            self.tail_bytes,
+            self.offload_bytes,
+            self.released_input_bytes,
+        )
         if min(sizes) < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")
 
@@ -130,6 +152,10 @@ class ChainCosts:
     Attributes:
         stages: the stages, first to last (the last one ends in the loss).
         held_bytes: bytes live before the step starts.
+        gradient_bytes: bytes the step leaves when it ends (the parameter gradients it makes),
+            measured. No plan removes them: with ``held_bytes`` they are the base of a
+            percentage budget (:func:`memfit.planning.simulate.budget_base`); the simulator
+            does not read them (the stages' backward deltas allocate the gradients).
         fingerprint: identifies the model and sample the costs were measured on.
         checkpoint_bytes: bytes each recompute segment's checkpoint keeps from its forward to
             its backward besides the tensors (the RNG state: 5,056 bytes on CPU, none of the
@@ -160,6 +186,7 @@ class ChainCosts:
     stages: Sequence[StageCosts]
     held_bytes: int = 0
     fingerprint: str = ""
+    gradient_bytes: int = 0
     checkpoint_bytes: int = 0
     side_input_bytes: int = 0
     side_grad_bytes: int = 0
@@ -173,6 +200,7 @@ class ChainCosts:
         if not self.stages:
             raise ValueError("ChainCosts needs at least one stage")
         for name in (
+            "gradient_bytes",
             "checkpoint_bytes",
             "side_input_bytes",
             "side_grad_bytes",
@@ -205,6 +233,7 @@ class ChainCosts:
             stages=stages,
             held_bytes=int(data.get("held_bytes", 0)),
             fingerprint=str(data.get("fingerprint", "")),
+            gradient_bytes=int(data.get("gradient_bytes", 0)),
             checkpoint_bytes=int(data.get("checkpoint_bytes", 0)),
             side_input_bytes=int(data.get("side_input_bytes", 0)),
             side_grad_bytes=int(data.get("side_grad_bytes", 0)),

@@ -344,9 +344,11 @@ class Planner:
         # with offload the floor is the lowest of a few trees, not the min-peak DP's: the
         # offload DP may still fit below it
         # the DP does not see the side inputs that checkpoints hold, nor the tails their
-        # callers hold (the simulator does): it plans as if they were held all step (one tail
+        # callers hold, nor the inputs a recompute holds that its first stage lets go when kept
+        # (the simulator does): it plans as if they were held all step (one tail and one input
         # at a time: the largest), and the tree it finds is simulated below
         tail = max(stage.tail_bytes for stage in costs.stages)
+        released = max(stage.released_input_bytes for stage in costs.stages)
         dp_budget = (
             budget_bytes
             - costs.side_input_bytes
@@ -354,6 +356,7 @@ class Planner:
             - costs.gathered_bytes
             - costs.fragmentation_bytes
             - tail
+            - released
         )
         found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
         trees = {} if found is None else {"dp": found[0]}

@@ -20,7 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from memfit.errors import PlanFormatError
+from memfit.planning.fields import array, boolean, fail, integer, json_data, number, record, text
+
 PLAN_FORMAT_VERSION = 1
+MAX_NESTING = 64  # segments within segments; the runtime recurses once per level
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,31 +60,66 @@ def recompute_one(index: int) -> Segment:
 
 
 def validate_tree(tree: Sequence[Item], start: int, stop: int, where: str = "plan") -> None:
-    """Check that ``tree`` partitions ``[start, stop)`` in order, recursively.
+    """Check that ``tree`` partitions ``[start, stop)`` in order, recursively, with segments
+    nested at most :data:`MAX_NESTING` deep and none the same as the segment it is in.
 
     Raises:
-        ValueError: naming the first item that breaks the rule.
+        PlanFormatError: naming the first item that breaks the rule (a ``ValueError``).
     """
+    _validate(tree, start, stop, where, parent=None, depth=0)
+
+
+def _validate(
+    tree: Sequence[Item],
+    start: int,
+    stop: int,
+    where: str,
+    *,
+    parent: tuple[int, int] | None,
+    depth: int,
+) -> None:
     position = start
     for item in tree:
         if isinstance(item, Stage):
             if item.index != position:
-                raise ValueError(f"{where}: expected stage {position}, found stage {item.index}")
+                raise PlanFormatError(
+                    f"{where}: expected stage {position}, found stage {item.index}"
+                )
             if not isinstance(item.option, str) or not item.option:
-                raise ValueError(f"{where}: stage {item.index} has no option name")
+                raise PlanFormatError(f"{where}: stage {item.index} has no option name")
             position += 1
         elif isinstance(item, Segment):
             if item.start != position or not item.start < item.stop <= stop:
-                raise ValueError(
+                raise PlanFormatError(
                     f"{where}: expected a segment starting at {position} and ending by {stop}, "
                     f"found [{item.start}, {item.stop})"
                 )
-            validate_tree(item.inner, item.start, item.stop, f"{where} > segment {item.start}")
+            if parent == (item.start, item.stop):
+                raise PlanFormatError(
+                    f"{where}: segment [{item.start}, {item.stop}) is the same as its parent; "
+                    f"a segment holds shorter segments only (put its inner items in its place)"
+                )
+            if depth >= MAX_NESTING:
+                raise PlanFormatError(
+                    f"{where}: segments nested deeper than {MAX_NESTING} levels (each level "
+                    f"recomputes within a recompute; memfit's solvers nest a few)"
+                )
+            inner_where = f"{where} > segment {item.start}" if depth < 4 else where
+            _validate(
+                item.inner,
+                item.start,
+                item.stop,
+                inner_where,
+                parent=(item.start, item.stop),
+                depth=depth + 1,
+            )
             position = item.stop
         else:
-            raise ValueError(f"{where}: items are Stage or Segment; found {item!r}")
+            raise PlanFormatError(f"{where}: items are Stage or Segment; found {item!r}")
     if position != stop:
-        raise ValueError(f"{where}: covers [{start}, {position}) but must cover [{start}, {stop})")
+        raise PlanFormatError(
+            f"{where}: covers [{start}, {position}) but must cover [{start}, {stop})"
+        )
 
 
 def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
@@ -97,21 +136,55 @@ def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
     return out
 
 
-def tree_from_data(data: Any) -> Tree:
-    if not isinstance(data, list):
-        raise ValueError(f"plan tree must be a JSON list; got {type(data).__name__}")
+_PLAN_KEYS = (
+    "format",
+    "stage_names",
+    "tree",
+    "strategy",
+    "budget_bytes",
+    "predicted_peak_bytes",
+    "predicted_step_s",
+    "fingerprint",
+    "step",
+    "info",
+)
+_STAGE_KEYS = ("stage", "option")
+_SEGMENT_KEYS = ("segment", "inner", "offload")
+
+
+def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
+    """The schedule tree of a plan's JSON ``tree``, read by type (see :mod:`.fields`).
+
+    Raises:
+        PlanFormatError: naming the field, such as ``tree[1].inner[0].segment``.
+    """
     items: list[Item] = []
-    for entry in data:
-        if isinstance(entry, dict) and "stage" in entry:
-            items.append(Stage(int(entry["stage"]), str(entry.get("option", "keep"))))
-        elif isinstance(entry, dict) and "segment" in entry:
-            start, stop = entry["segment"]
-            inner = tree_from_data(entry.get("inner", []))
-            items.append(Segment(int(start), int(stop), inner, bool(entry.get("offload", False))))
+    for position, entry in enumerate(array(data, field)):
+        where = f"{field}[{position}]"
+        if isinstance(entry, Mapping) and "segment" in entry:
+            record(entry, where, _SEGMENT_KEYS, required=("segment", "inner"))
+            bounds = array(entry["segment"], f"{where}.segment")
+            if len(bounds) != 2:
+                raise fail(f"{where}.segment", "[start, stop]", bounds)
+            start, stop = (integer(b, f"{where}.segment") for b in bounds)
+            if depth >= MAX_NESTING:  # before reading deeper: no recursion without limit
+                top = where.partition(".")[0]
+                raise PlanFormatError(
+                    f'plan field "{top}": segments nested deeper than {MAX_NESTING} levels'
+                )
+            inner = tree_from_data(entry["inner"], f"{where}.inner", depth + 1)
+            offload = boolean(entry.get("offload", False), f"{where}.offload")
+            items.append(Segment(start, stop, inner, offload))
+        elif isinstance(entry, Mapping) and "stage" in entry:
+            record(entry, where, _STAGE_KEYS)
+            index = integer(entry["stage"], f"{where}.stage")
+            option = text(entry.get("option", "keep"), f"{where}.option", empty=False)
+            items.append(Stage(index, option))
         else:
-            raise ValueError(
-                f'plan tree items are {{"stage": i, "option": name}} or '
-                f'{{"segment": [start, stop], "inner": [...]}}; got {entry!r}'
+            raise fail(
+                where,
+                '{"stage": i, "option": name} or {"segment": [start, stop], "inner": [...]}',
+                entry,
             )
     return tuple(items)
 
@@ -231,39 +304,66 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan of :meth:`to_dict`'s data, read by type field by field (nothing converted:
+        ``"false"`` is not false, ``0.7`` is not a stage).
+
+        Raises:
+            PlanFormatError: a ``ValueError`` naming the field, what came and what was expected.
+        """
         if not isinstance(data, Mapping):
-            raise ValueError(f"a plan is a JSON object; got {type(data).__name__}")
-        if data.get("format") != PLAN_FORMAT_VERSION:
-            raise ValueError(
-                f"plan format {data.get('format')!r} is not supported; "
-                f"expected {PLAN_FORMAT_VERSION} (re-run `memfit plan`)"
+            raise PlanFormatError(f"a plan is a JSON object; got {type(data).__name__}")
+        version = data.get("format")
+        if isinstance(version, bool) or version != PLAN_FORMAT_VERSION:
+            raise PlanFormatError(
+                f'plan field "format": {version!r} is not supported; expected '
+                f"{PLAN_FORMAT_VERSION} (re-create the plan with `memfit plan`)"
             )
         missing = [key for key in ("stage_names", "tree", "strategy") if key not in data]
         if missing:
-            raise ValueError(f"plan JSON lacks {missing}; re-create it with `memfit plan`")
+            raise PlanFormatError(f"plan JSON lacks {missing}; re-create it with `memfit plan`")
+        record(data, "", _PLAN_KEYS)
+        names = tuple(
+            text(name, f"stage_names[{i}]", empty=False)
+            for i, name in enumerate(array(data["stage_names"], "stage_names"))
+        )
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise fail("stage_names", f"distinct names ({repeated} repeat)", list(names))
         budget = data.get("budget_bytes")
-        step = data.get("step", {})
-        if not isinstance(step, Mapping):
-            raise ValueError(
-                f'plan "step" is an object such as {{"keep_output": true}}; got {step!r}'
-            )
+        step = record(data.get("step", {}), "step", ("keep_output", "accumulate"))
+        info = json_data(data.get("info", {}), "info")
+        if not isinstance(info, Mapping):
+            raise fail("info", "a JSON object", info)
         return cls(
-            stage_names=tuple(str(name) for name in data["stage_names"]),
+            stage_names=names,
             tree=tree_from_data(data["tree"]),
-            strategy=str(data["strategy"]),
-            budget_bytes=None if budget is None else int(budget),
-            predicted_peak_bytes=int(data.get("predicted_peak_bytes", 0)),
-            predicted_step_s=float(data.get("predicted_step_s", 0.0)),
-            fingerprint=str(data.get("fingerprint", "")),
-            keep_output=bool(step.get("keep_output", True)),
-            accumulate=bool(step.get("accumulate", False)),
-            info=dict(data.get("info", {})),
+            strategy=text(data["strategy"], "strategy"),
+            budget_bytes=None if budget is None else integer(budget, "budget_bytes"),
+            predicted_peak_bytes=integer(
+                data.get("predicted_peak_bytes", 0), "predicted_peak_bytes"
+            ),
+            predicted_step_s=number(data.get("predicted_step_s", 0.0), "predicted_step_s"),
+            fingerprint=text(data.get("fingerprint", ""), "fingerprint"),
+            keep_output=boolean(step.get("keep_output", True), "step.keep_output"),
+            accumulate=boolean(step.get("accumulate", False), "step.accumulate"),
+            info=dict(info),
         )
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
+        """The plan of :meth:`to_json`'s text (see :meth:`from_dict`).
+
+        Raises:
+            PlanFormatError: not JSON, nested too deeply for Python's JSON reader, or a field
+                of the wrong type (named).
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"plan is not valid JSON: {error}") from None
+            raise PlanFormatError(f"plan is not valid JSON: {error}") from None
+        except RecursionError:
+            raise PlanFormatError(
+                f"plan JSON is nested too deeply to read (a plan nests at most {MAX_NESTING} "
+                f"segments); it was not made by memfit"
+            ) from None
         return cls.from_dict(data)

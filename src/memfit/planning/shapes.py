@@ -41,7 +41,7 @@ from memfit.errors import InfeasibleBudgetError
 from memfit.planning.baselines import keep_all, recompute_all
 from memfit.planning.costs import KEEP, ChainCosts
 from memfit.planning.plan import Plan
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, solve
 from memfit.units import Budget, infeasible_message
 
@@ -392,8 +392,15 @@ _STAGE_BYTES = (
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
 )
-_CHAIN_BYTES = ("held_bytes", "checkpoint_bytes", "side_input_bytes", "side_grad_bytes")
+_CHAIN_BYTES = (
+    "held_bytes",
+    "gradient_bytes",
+    "checkpoint_bytes",
+    "side_input_bytes",
+    "side_grad_bytes",
+)
 # figures that are never negative (the others are level changes)
 _NON_NEGATIVE = {
     "forward_peak_bytes",
@@ -403,6 +410,7 @@ _NON_NEGATIVE = {
     "nosave_forward_peak_bytes",
     "tail_bytes",
     "offload_bytes",
+    "released_input_bytes",
     *_CHAIN_BYTES,
 }
 
@@ -469,9 +477,7 @@ class ShapeCosts:
         """The largest residual of an inexact byte figure, relative to the keep-all step's
         activation memory at the largest profiled shape (0.0 when every figure is exact)."""
         worst = max((self.fits[p].residual for p in self.inexact), default=0.0)
-        held = self.template.held_bytes
-
-        activation = simulate(self.template, keep_all(self.template)).peak_bytes - held
+        _, activation = budget_base(self.template)
         return worst / activation if activation > 0 else 0.0
 
     @property
@@ -843,8 +849,7 @@ def plan_shape(
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1); got {margin!r}")
     costs = fitted.costs_at(shape)
-    held = costs.held_bytes
-    activation = simulate(costs, keep_all(costs)).peak_bytes - held
+    held, activation = budget_base(costs)
     budget_bytes = budget.resolve(held, activation)
     target = budget_bytes
     if budget_bytes > held:

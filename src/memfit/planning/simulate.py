@@ -16,6 +16,13 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   the optimal DP holds that one through the inner backward too, an upper bound); a segment of several stages
   peaks ``2 * checkpoint_bytes`` above the level its forward leaves (memfit's runtime reads the
   RNG state once more between its blocks and compares);
+* a stage's ``released_input_bytes`` (an input the kept step frees in its forward, saved by
+  no op) stay live in the checkpoint of a segment starting there: freed by a kept stage's own
+  forward (``released_input_at`` None), they come back after that forward in the segment's
+  recompute (the innermost segment starting there) and go when that segment's backward ends;
+  freed in a later stage's forward (the embeddings' output, at the last stage), they come back
+  after that stage's forward when a top-level segment or ``selective:`` stage starts there,
+  and go when its backward ends;
 * with a top-level segment or ``selective:`` stage, ``side_input_bytes`` (the blocks' masks and
   position tables, which the kept step frees when its forward ends but checkpoints hold as
   their inputs) stay live from just before the last stage's forward to the end of the first
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 
 from memfit.planning.costs import KEEP, ChainCosts, StageCosts
 from memfit.planning.offload import OFFLOAD, exposed_s, host_bytes, moved_bytes, runs_ahead
-from memfit.planning.plan import Item, Segment, Stage, validate_tree
+from memfit.planning.plan import Item, Segment, Stage, keep_tree, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
 
@@ -169,7 +176,8 @@ class _Replay:
     def name(self, index: int) -> str:
         return f"stage {index} ({self.stages[index].name})"
 
-    def forward(self, items: Sequence[Item], phase: str, context: str) -> None:
+    def forward(self, items: Sequence[Item], phase: str, context: str, holds: int = -1) -> None:
+        """``holds``: the stage whose input a recompute's checkpoint holds (its first)."""
         for item in items:
             if isinstance(item, Stage):
                 stage = self.stages[item.index]
@@ -182,6 +190,9 @@ class _Replay:
                     self.step_s += option.forward_s + option.backward_s
                 label = f"{phase} of {self.name(item.index)}{context}"
                 self.event(label, phase, option.forward_peak_bytes, delta)
+                if item.index == holds and _releases_own_input(stage):
+                    label = f"recompute: input of {self.name(item.index)} held{context}"
+                    self.event(label, phase, 0, stage.released_input_bytes)
                 continue
             inside = _inside(item, context)
             states = self.checkpoint_bytes * (1 + _nested(item.inner))
@@ -211,7 +222,7 @@ class _Replay:
             self.rng_event(
                 f"recompute: RNG state saved{inside}", RECOMPUTE, 0, self.checkpoint_bytes
             )
-            self.forward(item.inner, RECOMPUTE, inside)
+            self.forward(item.inner, RECOMPUTE, inside, holds=item.start)
             self.rng_event(
                 f"recompute: RNG state restored{inside}", RECOMPUTE, 0, -self.checkpoint_bytes
             )
@@ -220,12 +231,31 @@ class _Replay:
                 f"drop recomputed output of {self.name(item.stop - 1)}", BACKWARD, 0, -dropped
             )
             self.backward(item.inner, inside)
+            first = self.stages[item.start]
+            if isinstance(item.inner[0], Stage) and _releases_own_input(first):
+                label = f"backward: input of {self.name(item.start)} freed{inside}"
+                self.event(label, BACKWARD, 0, -first.released_input_bytes)
             states = self.checkpoint_bytes * (1 + _nested(item.inner))
             self.rng_event(f"backward: checkpoint RNG states freed{inside}", BACKWARD, 0, -states)
 
 
 SIDE_HELD = "forward: side inputs held by the checkpoints"
 SIDE_FREED = "backward: side inputs freed with the first checkpoint"
+
+
+def _releases_own_input(stage: StageCosts) -> bool:
+    return stage.released_input_bytes > 0 and stage.released_input_at is None
+
+
+def _late_releases(costs: ChainCosts, tree: Sequence[Item]) -> dict[int, tuple[int, int]]:
+    """Top-level items whose checkpoint holds an input that a later stage's kept forward
+    frees: position -> (that stage, bytes)."""
+    late = {}
+    for position, item in enumerate(tree):
+        stage = costs.stages[_first(item)]
+        if holds_inputs(item) and stage.released_input_at is not None:
+            late[position] = (stage.released_input_at, stage.released_input_bytes)
+    return late
 
 
 def holds_inputs(item: Item) -> bool:
@@ -272,10 +302,15 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     # ends: from the last stage's forward to the first holder's backward
     tail, last = 0, 0  # the previous top-level item's tail (its caller holds it), last stage
     copying = 0  # an offloaded stage's bytes whose copies the current item's forward ends
+    releases = _late_releases(costs, tree)
     for position, item in enumerate(tree):
         if side and position == len(tree) - 1:
             replay.event(SIDE_HELD, FORWARD, 0, side)
         replay.forward([item], FORWARD, "")
+        for holder, (at, size) in releases.items():
+            if holder < position and isinstance(item, Stage) and item.index == at:
+                label = f"forward: input of {replay.name(_first(tree[holder]))} held"
+                replay.event(label, FORWARD, 0, size)
         if copying:
             window = _forward_s(costs, item)
             replay.step_s += exposed_s(copying, rate, window)
@@ -328,6 +363,9 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
             )
         if side and position == first:
             replay.event(SIDE_FREED, BACKWARD, 0, -side)
+        if position in releases:
+            label = f"backward: input of {replay.name(_first(item))} freed"
+            replay.event(label, BACKWARD, 0, -releases[position][1])
     return Simulation(
         peak_bytes=replay.peak,
         step_s=replay.step_s,
@@ -365,3 +403,19 @@ def _kept_times(costs: ChainCosts, stage: Stage) -> tuple[float, float]:
     menu = costs.stages[stage.index].options
     option = menu[KEEP] if stage.option == OFFLOAD else menu[stage.option]
     return option.forward_s, option.backward_s
+
+
+def budget_base(costs: ChainCosts) -> tuple[int, int]:
+    """A percentage budget's base and its activation memory, for these costs: ``(base,
+    activation)``, where ``base`` is what no plan removes (``held_bytes`` and the gradients the
+    step makes) and ``activation`` the rest of the plain step's simulated peak; ``"40%"`` is
+    ``base + 0.4 * activation`` (:meth:`memfit.units.Budget.resolve`).
+
+    Example:
+        >>> from memfit.planning.costs import uniform_chain
+        >>> budget_base(uniform_chain(2, activation_bytes=1, saved_bytes=4, held_bytes=7))
+        (7, 15)
+    """
+    base = costs.held_bytes + costs.gradient_bytes
+    plain = simulate(costs, keep_tree(0, len(costs.stages))).peak_bytes
+    return base, max(0, plain - base)

@@ -59,7 +59,8 @@ def profile_table(profile: Profile) -> Any:
     m = profile.measurement
     title = (
         f"Profile: step {m.step_s * 1e3:.1f} ms, peak {format_bytes(m.peak_bytes)} "
-        f"(held {format_bytes(m.held_bytes)} + activations {format_bytes(m.activation_bytes)})"
+        f"(held {format_bytes(m.held_bytes)} + gradients {format_bytes(m.gradient_bytes)} + "
+        f"activations {format_bytes(m.activation_bytes)})"
     )
     columns = [
         "stage",

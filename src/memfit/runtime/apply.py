@@ -25,15 +25,26 @@ from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
+_UNDO = "_memfit_undo_before_apply"
 _BEFORE_APPLY: list[Callable[[nn.Module], object]] = []
 
 
 def register_before_apply(hook: Callable[[nn.Module], object]) -> None:
     """Run ``hook(model)`` in every :func:`apply_plan`, after the plan is checked and before the
     model changes: integrations turn off a model family's own checkpointing this way (the
-    runtime cannot import them). Registering the same hook twice has no effect."""
+    runtime cannot import them). A hook that changed the model returns a function that undoes
+    it: :func:`undo_before_apply` (``memfit.remove``) calls it, and plans taken off and put
+    back meanwhile (verify, shape plans switching) leave it waiting. Registering the same hook
+    twice has no effect."""
     if hook not in _BEFORE_APPLY:
         _BEFORE_APPLY.append(hook)
+
+
+def undo_before_apply(model: nn.Module) -> None:
+    """Undo what the before-apply hooks changed on ``model`` (Hugging Face's checkpointing
+    switched back on), newest first; nothing when they changed nothing."""
+    for undo in reversed(model.__dict__.pop(_UNDO, [])):
+        undo()
 
 
 @dataclass
@@ -211,7 +222,9 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     for option in head_options:  # ValueError (a head it cannot run on) before any change
         check_head_install(model, option)
     for hook in _BEFORE_APPLY:
-        hook(model)
+        undo = hook(model)
+        if callable(undo):
+            model.__dict__.setdefault(_UNDO, []).append(undo)
     state = _Applied(plan=plan)
     if head_options:
         state.head = HeadInstall(model, chain.blocks[-1], head_options[0])

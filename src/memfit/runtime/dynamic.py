@@ -37,10 +37,9 @@ from torch import nn
 
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.measuring.shapes import SampleLayout, batch_shape
-from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import budget_base, simulate
 from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
 from memfit.units import Budget, format_bytes
 
@@ -102,10 +101,7 @@ class ShapePlans:
     _warned: bool = False
 
     def __post_init__(self) -> None:
-        if self.bucket < 1:
-            raise ValueError(f"bucket must be a sequence length >= 1; got {self.bucket!r}")
-        if not 0.0 <= self.margin < 1.0:
-            raise ValueError(f"margin must be in [0, 1); got {self.margin!r}")
+        check_bucket_and_margin(self.bucket, self.margin)
 
     def bucket_of(self, shape: Shape) -> Shape:
         """The bucket ``shape`` falls in: its seq rounded up to a multiple of ``bucket``, its
@@ -168,8 +164,7 @@ class ShapePlans:
         if step is None or peak_bytes <= step.predicted_peak_bytes:
             return False
         costs = self.fitted.costs_at(step.bucket)
-        held = costs.held_bytes
-        activation = simulate(costs, keep_all(costs)).peak_bytes - held
+        held, activation = budget_base(costs)
         share = max(1, self.budget.resolve(held, activation) - held)
         # the margin must absorb an error of this size: widened to it (with a quarter more),
         # never added up, so that an error the fits make at every long batch widens it once
@@ -200,7 +195,7 @@ class ShapePlans:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not torch.is_grad_enabled():
             return None
-        shape = batch_shape(args, kwargs, self.layout)
+        shape = batch_shape(args, kwargs, self.layout, module.forward)
         device = _device_of(args, kwargs)
         if device is not None and device.type == "cuda":
             self._read_cuda(device)
@@ -214,6 +209,33 @@ class ShapePlans:
         self.steps.append(Step(shape, self.bucket_of(shape), self.predict(shape, plan), switched))
         del self.steps[: -self.history]
         return None
+
+
+def check_bucket_and_margin(bucket: Any, margin: Any) -> None:
+    """Refuse a ``bucket`` or ``margin`` no :class:`ShapePlans` can use (``memfit.auto`` checks
+    them before it profiles anything).
+
+    Raises:
+        TypeError: ``bucket`` not an integer, ``margin`` not a number.
+        ValueError: ``bucket`` below 1, ``margin`` outside [0, 1).
+    """
+    if isinstance(bucket, bool) or not isinstance(bucket, int):
+        raise TypeError(
+            f"bucket must be an integer sequence length >= 1 (lengths are rounded up to a "
+            f"multiple of it, e.g. 64); got {type(bucket).__name__} {bucket!r}"
+        )
+    if bucket < 1:
+        raise ValueError(
+            f"bucket must be a sequence length >= 1 (lengths are rounded up to a multiple of "
+            f"it, e.g. 64); got {bucket!r}"
+        )
+    if isinstance(margin, bool) or not isinstance(margin, int | float):
+        raise TypeError(f"margin must be a number in [0, 1); got {type(margin).__name__}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(
+            f"margin must be in [0, 1) (the share of the budget's activation memory kept "
+            f"free for what the shape fits miss, e.g. 0.02); got {margin!r}"
+        )
 
 
 def batch_bucket(batch: int, reference: int) -> int:

@@ -21,7 +21,9 @@ When it runs in backward (a checkpoint's recompute: autograd's graph task is run
 * turns an error into :class:`~memfit.errors.UnsupportedModelError` naming the stage: the same
   block ran in the forward, so failing now means it cannot be replayed (a cache, a counter or
   other state its forward changed). Memory errors and memfit's own errors pass unchanged, and so
-  does torch's early-stop signal (``_StopRecomputationError``).
+  does torch's early-stop signal (``_StopRecomputationError``). A second backward through a
+  ``selective:*`` stage (``retain_graph=True``, gradient penalties) is torch's own limit, and
+  its error says so instead.
 
 Known gap: torch compares the tensors a rerun saves with the forward's only after the rerun
 (``CheckpointError``: other count or shapes); that error is torch's own.
@@ -42,6 +44,10 @@ from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.trace import rerunning
 from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
+
+# torch's selective checkpoint (torch/utils/checkpoint.py) when a second backward reaches a
+# region it already recomputed for
+_SECOND_BACKWARD = "Trying to backward an extra time"
 
 
 def replaying() -> bool:
@@ -126,6 +132,18 @@ class BlockForward:
         except (_StopRecomputationError, MemfitError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as error:
+            if _SECOND_BACKWARD in str(error):
+                raise MemfitError(
+                    f"stage {self.stage!r} ({type(self.block).__name__}) was recomputed for a "
+                    f"second backward through the same forward (backward(retain_graph=True) "
+                    f"and another backward, or a gradient penalty through "
+                    f"autograd.grad(..., create_graph=True)), and it runs a selective:* option: "
+                    f"torch's selective activation checkpoint allows one backward per forward "
+                    f"(torch: {str(error)[:200]}). This is torch's limit, not the model's: for "
+                    f"such a loop plan without selective:* options (memfit.profile(..., "
+                    f"options=()) or a list without them; keep and recompute allow a second "
+                    f"backward)"
+                ) from error
             raise UnsupportedModelError(
                 f"stage {self.stage!r} ({type(self.block).__name__}) ran in the forward but "
                 f"failed when memfit recomputed it in backward ({type(error).__name__}: "
