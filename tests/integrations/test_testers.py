@@ -10,7 +10,8 @@ the same layouts as the plain step, the measured peak within the budget, the pre
 such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit's.
 
 Cases memfit does not pass yet are ``xfail(strict=True)`` with the cause: a fix shows up as an
-unexpected pass, and the mark must go.
+unexpected pass, and the mark must go. poolformer alone is not strict: the chain memfit finds on
+it changes from call to call.
 
 Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
 (still run by ``make test``; ``-m "not slow"`` leaves it out).
@@ -65,17 +66,31 @@ KNOWN: dict[str, str] = {
     "llava": (
         "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
     ),
-    "mobilenet_v2": "over budget, prediction -1.5% (within 2%, but the floor is the prediction)",
+}
+# the chain found changes from call to call: strict would make the test flaky
+UNSTABLE: dict[str, str] = {
+    "poolformer": (
+        "the chain finder takes encoder.patch_embeddings.* on some calls and encoder.block.* on "
+        "others (blocks linked by id(), issue 22 finding 3c): a floor named on the block chain "
+        "and planned on the patch embeddings measures the unplanned peak, 15.0 MB against "
+        "8.85 MB; chain finding (helper chainfind)"
+    ),
 }
 
 
 def _cases() -> list[object]:
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name]))
-        if name in KNOWN
-        else name
-        for name in TESTERS
-    ]
+    cases: list[object] = []
+    for name in TESTERS:
+        if name in KNOWN:
+            cases.append(
+                pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name]))
+            )
+        elif name in UNSTABLE:
+            mark = pytest.mark.xfail(strict=False, reason=UNSTABLE[name])
+            cases.append(pytest.param(name, marks=mark))
+        else:
+            cases.append(name)
+    return cases
 
 
 @pytest.mark.parametrize("name", _cases())
