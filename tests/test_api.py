@@ -1,11 +1,14 @@
 """The public API end to end on the built-in models (CPU meter)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import memfit
 from memfit.measuring import POST, PRE
 from memfit.models import build
+from memfit.planning.costs import KEEP
 from memfit.planning.plan import Stage, keep_tree
 from memfit.planning.simulate import simulate
 
@@ -94,6 +97,36 @@ def test_infeasible_budget_names_the_minimum(gpt_profile) -> None:
     minimum = caught.value.min_feasible_bytes
     assert minimum > caught.value.budget_bytes
     assert memfit.plan(prof, budget=minimum).predicted_peak_bytes <= minimum
+
+
+def test_named_floor_is_reached_without_options_chosen_by_time(gpt_profile) -> None:
+    """Some selective options are chosen by measured op times, so another profile of the same
+    model may propose others: the floor memfit names must not rest on them, or the next call at
+    that floor is refused (HF testers: doge, t5, llava, gemma2, by 24 B to 23 KB)."""
+    _model, _sample, prof = gpt_profile
+    timed = "selective:save=mm"  # stands for a timed option that saves less than any other
+    stages = []
+    for stage in prof.costs.stages:
+        keep = stage.options[KEEP]
+        lean = replace(
+            keep, saved_bytes=0, backward_delta_bytes=keep.backward_delta_bytes + keep.saved_bytes
+        )
+        options = {**stage.options, timed: lean} if stage.checkpointable else stage.options
+        stages.append(replace(stage, options=options))
+    profiled = replace(
+        prof,
+        costs=replace(prof.costs, stages=tuple(stages)),
+        info={**prof.info, "timed_options": [timed]},
+    )
+    with pytest.raises(memfit.InfeasibleBudgetError) as with_it:
+        memfit.plan(replace(profiled, info={}), budget="1%")
+    with pytest.raises(memfit.InfeasibleBudgetError) as named:
+        memfit.plan(profiled, budget="1%")
+    floor = named.value.min_feasible_bytes
+    assert with_it.value.min_feasible_bytes < floor  # the timed option would lower it
+    # a later profile that did not propose the option plans at the named floor
+    later = replace(prof, info={**prof.info, "timed_options": []})
+    assert memfit.plan(later, budget=floor).predicted_peak_bytes <= floor
 
 
 def test_malformed_budget(gpt_profile) -> None:

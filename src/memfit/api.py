@@ -20,7 +20,7 @@ from memfit.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
-from memfit.planning.candidates import alternatives
+from memfit.planning.candidates import alternatives, without
 from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
@@ -157,12 +157,9 @@ def plan(
     except InfeasibleBudgetError as error:
         if parsed is None or budget_bytes is None:
             raise
-        message = infeasible_message(
-            parsed, budget_bytes, error.min_feasible_bytes, held, activation
-        )
-        raise InfeasibleBudgetError(
-            budget_bytes, error.min_feasible_bytes, error.detail, message=message
-        ) from None
+        floor = _stable_floor(prof, budget_bytes, strategy, extra, error.min_feasible_bytes)
+        message = infeasible_message(parsed, budget_bytes, floor, held, activation)
+        raise InfeasibleBudgetError(budget_bytes, floor, error.detail, message=message) from None
     together = int(prof.info.get("ranks", 1)) > 1 and ranks() > 1  # merged: all ranks solved it
     if together:
         plans = rank0_plans(plans) if candidates > 1 else [agree_on_plan(plans[0])]
@@ -198,6 +195,23 @@ def plan(
     # debug: a caller that applies the plan says so once (the Trainer callback logs one line)
     logger.debug("plan %s: predicted peak %d bytes", result.strategy, result.predicted_peak_bytes)
     return result
+
+
+def _stable_floor(
+    prof: Profile, budget_bytes: int, strategy: str, extra: dict[str, Any], floor: int
+) -> int:
+    """The smallest budget a later profile of the same model accepts too: the floor without the
+    options the profile chose by measured op times (``profile.info["timed_options"]``), which
+    another profile may not propose. A few bytes above ``floor`` (the floor with them) at most
+    what those options save; a named floor that the next call refuses would be worse."""
+    timed = set(prof.info.get("timed_options", ()))
+    if not timed:
+        return floor
+    try:
+        solve(without(prof.costs, timed), budget_bytes, strategy, **extra)
+    except InfeasibleBudgetError as stable:
+        return max(floor, stable.min_feasible_bytes)
+    return floor  # not reached: fewer options reach no lower floor
 
 
 def _host_budget(host_budget: Any) -> int:

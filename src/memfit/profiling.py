@@ -26,6 +26,7 @@ from memfit.measuring.ops import (
     draws_random,
     profile_ops,
     selective_detail,
+    timed_policies,
 )
 from memfit.measuring.profile import Profile, build_profile
 from memfit.measuring.run import (
@@ -444,8 +445,10 @@ def _profile(
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *candidate_policies(block_ops)]
+        timed = timed_policies(block_ops)  # by measured op times: no floor rests on them
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
-            options = list(rank0(options))
+            options, timed = list(rank0(options)), list(rank0(timed))
+        info["timed_options"] = timed
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
     # Every way of running the blocks: keep, recompute (each block its own segment), options.

@@ -374,7 +374,23 @@ def candidate_policies(
     writes in place is never proposed (saving it costs the runtime a copy; see
     :mod:`memfit.runtime.saved_writes`): then the matmuls that remain are proposed as
     ``selective:save=...`` in place of ``selective:matmul``.
+
+    The prefixes follow measured times, so another profile of the same model may propose
+    others (:func:`timed_policies` names them); the matmul option depends on the ops alone.
     """
+    fixed, timed = _policies(blocks, coverages)
+    return [*fixed, *timed]
+
+
+def timed_policies(blocks: list[BlockOps], coverages: tuple[float, ...] = (0.8, 0.95)) -> list[str]:
+    """The options of :func:`candidate_policies` chosen by measured op times (the coverage
+    prefixes): a profile on a busier moment may propose others, and planning must not rely on
+    them for a floor that a later profile has to reach again."""
+    return _policies(blocks, coverages)[1]
+
+
+def _policies(blocks: list[BlockOps], coverages: tuple[float, ...]) -> tuple[list[str], list[str]]:
+    """(options chosen from the ops alone, options chosen from their measured times)."""
     seconds: dict[str, float] = {}
     saved: dict[str, int] = {}
     written = {stats.op for block in blocks for stats in block.ops.values() if stats.written_later}
@@ -389,12 +405,13 @@ def candidate_policies(
         reverse=True,
     )
     total = sum(seconds[op] for op in ranked)
-    options: list[str] = []
+    fixed: list[str] = []
+    timed: list[str] = []
     matmuls = frozenset(op for op in ranked if op in MATMUL_OPS)
     if matmuls and not written & MATMUL_OPS:
-        options.append("selective:matmul")
+        fixed.append("selective:matmul")
     elif matmuls:
-        options.append("selective:save=" + "+".join(short_op_name(op) for op in sorted(matmuls)))
+        fixed.append("selective:save=" + "+".join(short_op_name(op) for op in sorted(matmuls)))
     chosen_sets: list[frozenset[str]] = [matmuls]
     for coverage in coverages:
         covered, prefix = 0.0, []
@@ -405,5 +422,5 @@ def candidate_policies(
             covered += seconds[op]
         if prefix and frozenset(prefix) not in chosen_sets:
             chosen_sets.append(frozenset(prefix))
-            options.append("selective:save=" + "+".join(short_op_name(op) for op in prefix))
-    return options
+            timed.append("selective:save=" + "+".join(short_op_name(op) for op in prefix))
+    return fixed, timed

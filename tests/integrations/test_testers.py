@@ -1,0 +1,117 @@
+"""Hugging Face's tiny tester configurations, each planned at its smallest feasible budget.
+
+The models come from :mod:`testers` (transformers' own ``*ModelTester`` sizes, the library's
+defaults otherwise: dropout, LayerDrop, ``use_cache``). For each: profile, take the floor that
+memfit names for a budget of 1% (``InfeasibleBudgetError.min_feasible_bytes``), then
+``memfit.auto`` at exactly that floor (a floor memfit names must be one a later call accepts),
+then ``memfit.verify(..., trace=True)``: loss and gradients ``torch.equal``, the same aten ops on
+the same layouts as the plain step, the measured peak within the budget, the prediction within
+2%. A model whose plain step does not repeat itself (NumPy random numbers) must be reported as
+such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit's.
+
+Cases memfit does not pass yet are ``xfail(strict=True)`` with the cause: a fix shows up as an
+unexpected pass, and the mark must go. poolformer alone is not strict: the chain memfit finds on
+it changes from call to call.
+
+Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
+(still run by ``make test``; ``-m "not slow"`` leaves it out).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hf_testers import TESTERS
+
+import memfit
+from memfit.errors import InfeasibleBudgetError
+
+pytest.importorskip("transformers")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+# what the plain step cannot repeat: verify must say so (reference_repeatable False)
+UNREPEATABLE = {"sew": "SEW masks time steps with NumPy's random numbers (SpecAugment)"}
+
+EARLY_STOP = (
+    "predicted peak more than 2% above the measured one: the simulator charges a recompute with "
+    "the kept forward's transient peak (forward_peak_bytes), but torch's checkpoint stops the "
+    "rerun once the last tensor backward needs is rebuilt (early stop), so the ops after it and "
+    "their transients never run (cohere, every block recomputed: predicted 398,865 B, measured "
+    "355,593 B, 387,217 B with set_checkpoint_early_stop(False))"
+)
+KNOWN: dict[str, str] = {
+    "doge": EARLY_STOP,
+    "t5": EARLY_STOP,
+    "cohere": EARLY_STOP,
+    "emu3": EARLY_STOP,
+    "vaultgemma": EARLY_STOP,
+    "focalnet": (
+        "over budget, prediction -11%: the chain found is FocalModulation.focal_layers, modules "
+        "inside one block whose outputs the parent reads again (ctx_all sums them); "
+        "chain finding (helper chainfind)"
+    ),
+    "encodec": (
+        "over budget, prediction -13%: no gradient reaches the encoder blocks (the quantizer's "
+        "argmin cuts the graph), so their saved tensors die in the forward and a segment's "
+        "recompute never runs; the profile charges them until a backward that never comes, so "
+        "the plan's savings are not real (measured 889,692 B = the unplanned peak, predicted "
+        "765,852 B)"
+    ),
+    "mimi": (
+        "over budget, prediction -10%: likely as encodec (the encoder gets no gradient: 43 of 86 "
+        "parameters, encoder_transformer.layers among the planned blocks); not measured further"
+    ),
+    "llava": (
+        "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
+    ),
+}
+# the chain found changes from call to call: strict would make the test flaky
+UNSTABLE: dict[str, str] = {
+    "poolformer": (
+        "the chain finder takes encoder.patch_embeddings.* on some calls and encoder.block.* on "
+        "others (blocks linked by id(), issue 22 finding 3c): a floor named on the block chain "
+        "and planned on the patch embeddings measures the unplanned peak, 15.0 MB against "
+        "8.85 MB; chain finding (helper chainfind)"
+    ),
+}
+
+
+def _cases() -> list[object]:
+    cases: list[object] = []
+    for name in TESTERS:
+        if name in KNOWN:
+            cases.append(
+                pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name]))
+            )
+        elif name in UNSTABLE:
+            mark = pytest.mark.xfail(strict=False, reason=UNSTABLE[name])
+            cases.append(pytest.param(name, marks=mark))
+        else:
+            cases.append(name)
+    return cases
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_tester_config_at_its_floor(name: str) -> None:
+    built = TESTERS[name]()
+    model, sample, loss_fn = built.model, built.sample, built.loss_fn
+    profile = memfit.profile(model, sample, loss_fn=loss_fn, repeats=1)
+    with pytest.raises(InfeasibleBudgetError) as raised:
+        memfit.plan(profile, budget="1%")
+    floor = raised.value.min_feasible_bytes
+    plan = memfit.auto(model, sample, budget=floor, loss_fn=loss_fn, repeats=1)
+    assert plan.budget_bytes == floor
+    report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+    if name in UNREPEATABLE:
+        assert not report.reference_repeatable, UNREPEATABLE[name]
+        return
+    assert report.reference_repeatable
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.trace_difference == ""
+    assert report.measured_peak_bytes <= floor, (report.measured_peak_bytes, floor)
+    assert abs(report.prediction_error) <= 0.02, (
+        report.predicted_peak_bytes,
+        report.measured_peak_bytes,
+    )
