@@ -156,3 +156,26 @@ def test_a_module_registered_under_two_names() -> None:
     assert _find(model, sample, ["pool", "flatten"]).block_names == ("pool", "flatten")
     with pytest.raises(ValueError, match=r"'classifier.0' \(first 'pool'\)"):
         _find(model, sample, "classifier")
+
+
+def test_hgnet_v2_classifier_shares_its_pool() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.HGNetV2Config(
+        embeddings_size=10,
+        hidden_sizes=[16, 32],
+        stem_channels=[3, 8, 8],
+        stage_in_channels=[8, 16],
+        stage_mid_channels=[8, 16],
+        stage_out_channels=[16, 32],
+        stage_num_blocks=[1, 2],
+        stage_downsample=[False, True],
+        stage_light_block=[False, True],
+        stage_kernel_size=[3, 3],
+        stage_numb_of_layers=[2, 2],
+        depths=[1, 2],
+        num_labels=3,
+    )
+    model = transformers.HGNetV2ForImageClassification(config).train()
+    sample = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2])}
+    chain = find_chain(model, lambda: model(**sample))  # was KeyError: 'classifier.0'
+    assert not any(name.startswith("classifier.") for name in chain.block_names)

@@ -7,6 +7,7 @@ import torch
 from runtime_cases import per_block
 from torch import nn
 
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import find_chain
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
@@ -99,3 +100,27 @@ def test_reformer_runs_under_a_plan() -> None:
     finally:
         remove_plan(model)
     assert all(p.grad is not None for p in model.reformer.encoder.layers.parameters())
+
+
+def test_xlstm_with_its_cache_is_refused_clearly() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.xLSTMConfig(
+        vocab_size=99,
+        hidden_size=64,
+        num_heads=8,
+        num_blocks=2,
+        qk_dim_factor=1.0,
+        v_dim_factor=1.0,
+        chunk_size=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.xLSTMForCausalLM(config).train()
+    ids = torch.randint(1, 99, (2, 7))
+    chain = find_chain(model, lambda: model(input_ids=ids, labels=ids))
+    apply_plan(model, chain, per_block(chain))
+    try:
+        # was: torch's CheckpointError "Recomputed values ... have different metadata"
+        with pytest.raises(UnsupportedModelError, match="use_cache=False"):
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        remove_plan(model)

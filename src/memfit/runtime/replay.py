@@ -13,6 +13,11 @@ It calls the forward as the model did: the runtime hands the main input on first
 called with keywords only whose keywords name the forward's first parameter (Reformer's
 ``prev_attn_output``) gets it back as ``hidden_states=``.
 
+It notes the version of every tensor it is given; a rerun whose arguments were written in place
+since the first run (xLSTM copies each block's new RNN state into the cache tensors it passed
+the block) is refused with :class:`~memfit.errors.UnsupportedModelError` before it runs (torch
+only noticed afterwards, as "Recomputed values ... have different metadata", or not at all).
+
 When it runs in backward (a checkpoint's recompute: autograd's graph task is running), it
 
 * restores the running statistics of the block's norm layers afterwards (BatchNorm and the
@@ -37,12 +42,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import _StopRecomputationError
 
 from memfit.errors import MemfitError, UnsupportedModelError
@@ -114,6 +121,7 @@ class BlockForward:
 
     _caches: CacheArguments | None = None  # objects pickled before it existed read it anew
     _first: str | object | None = _UNREAD
+    _versions: dict[int, tuple[weakref.ref[torch.Tensor], int]] | None = None
 
     def __init__(self, block: nn.Module, stage: str, previous: Any = None) -> None:
         self.block = block
@@ -158,6 +166,44 @@ class BlockForward:
                 return ()
         return args
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state.pop("_versions", None)  # weak references to one step's tensors
+        return state
+
+    def _remember_versions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note the version of every tensor the block is given, to compare at its rerun."""
+        if self._versions is None:
+            self._versions = {}
+        versions = self._versions
+        if len(versions) > 256:  # drop the tensors of earlier steps
+            for key in [key for key, (ref, _) in versions.items() if ref() is None]:
+                del versions[key]
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                versions[id(leaf)] = (weakref.ref(leaf), leaf._version)
+
+    def _refuse_changed_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse a rerun whose arguments were changed in place after the block's first run:
+        the rerun would compute from other values (xLSTM copies each block's new RNN state
+        into the very cache tensors it passed the block)."""
+        versions = self._versions or {}
+        for position, leaf in enumerate(tree_leaves((args, kwargs))):
+            if not isinstance(leaf, torch.Tensor) or id(leaf) not in versions:
+                continue
+            ref, version = versions[id(leaf)]
+            if ref() is not leaf or leaf._version == version:
+                continue
+            raise UnsupportedModelError(
+                f"stage {self.stage!r} ({type(self.block).__name__}) cannot be recomputed: the "
+                f"model changed one of its argument tensors in place after the block ran "
+                f"(argument tensor {position}, shape {tuple(leaf.shape)}, written "
+                f"{leaf._version - version} time(s) since), so a rerun would compute from other "
+                f"values (a recurrent state or cache the model updates in place, as xLSTM's "
+                f"with use_cache=True). Pass use_cache=False in training (as Hugging Face's "
+                f"own checkpointing does), or keep this stage in the plan (no recompute)"
+            )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self._forward()
         args = self._as_called(args, kwargs)
@@ -166,7 +212,10 @@ class BlockForward:
                 self._caches = cache_arguments(self.block)
             args, kwargs = private_caches(self._caches, args, kwargs)
         if not replaying():
+            if torch.is_grad_enabled():
+                self._remember_versions(args, kwargs)
             return forward(*args, **kwargs)
+        self._refuse_changed_arguments(args, kwargs)
         saved = _running_stats(self.norms)
         try:
             with rerunning():
