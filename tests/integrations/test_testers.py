@@ -47,11 +47,6 @@ KNOWN: dict[str, str] = {
     "cohere": EARLY_STOP,
     "emu3": EARLY_STOP,
     "vaultgemma": EARLY_STOP,
-    "focalnet": (
-        "over budget, prediction -11%: the chain found is FocalModulation.focal_layers, modules "
-        "inside one block whose outputs the parent reads again (ctx_all sums them); "
-        "chain finding (helper chainfind)"
-    ),
     "encodec": (
         "over budget, prediction -13%: no gradient reaches the encoder blocks (the quantizer's "
         "argmin cuts the graph), so their saved tensors die in the forward and a segment's "

@@ -179,3 +179,44 @@ def test_hgnet_v2_classifier_shares_its_pool() -> None:
     sample = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2])}
     chain = find_chain(model, lambda: model(**sample))  # was KeyError: 'classifier.0'
     assert not any(name.startswith("classifier.") for name in chain.block_names)
+
+
+class _Modulation(nn.Module):
+    """FocalNet's focal modulation: focal layers run as a chain, and the module sums their
+    outputs as they come (``ctx_all = ctx_all + ctx * gate``)."""
+
+    def __init__(self, width: int, levels: int = 3) -> None:
+        super().__init__()
+        self.focal_layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(levels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(x)
+        for layer in self.focal_layers:
+            x = layer(x)
+            total = total + x * 0.5
+        return total
+
+
+class _FocalLayer(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.modulation = _Modulation(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.modulation(self.norm(x))
+
+
+def test_layers_whose_outputs_the_parent_sums_are_not_a_chain() -> None:
+    # FocalNet at its tester size: the focal layers (3 of them) outnumbered the model's own
+    # layers (2) and were planned as the chain, with their outputs alive in the parent's sum:
+    # 11% over the prediction and over the budget. They are one computation's steps.
+    model = nn.Sequential(_FocalLayer(8), _FocalLayer(8))
+    x = torch.randn(2, 8)
+    chain = find_chain(model, lambda: model(x))
+    assert chain.block_names == ("0", "1")
+    # named by hand, they are still taken as asked
+    named = find_chain(model, lambda: model(x), blocks="0.modulation.focal_layers")
+    assert named.block_names == tuple(f"0.modulation.focal_layers.{i}" for i in range(3))

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from memfit.errors import UnsupportedModelError
 
@@ -220,6 +222,8 @@ def find_chain(
     handles = []
     watched = list(dict.fromkeys(name for names in groups.values() for name in names))
     tokens = _Tokens()
+    running: list[str] = []  # the watched blocks running now, outermost first
+    readers = _Readers(tokens, running)
 
     def watch(name: str) -> None:
         module = modules[name]
@@ -227,11 +231,16 @@ def find_chain(
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             first = main_tensor(split_main(args, kwargs)[0])
             calls.append((name, tokens.of(first) if first is not None else -1, None))
+            running.append(name)
 
         def post_hook(_m: nn.Module, _a: Any, _k: Any, output: Any) -> None:
             out = main_tensor(output)
             index = max(i for i, call in enumerate(calls) if call[0] == name)
             calls[index] = (name, calls[index][1], tokens.of(out) if out is not None else -2)
+            if running and running[-1] == name:
+                running.pop()
+            if out is not None:
+                readers.produced(calls[index][2], name)
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
@@ -239,7 +248,7 @@ def find_chain(
     for name in watched:
         watch(name)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), readers:
             run_forward()
     finally:
         for handle in handles:
@@ -251,7 +260,22 @@ def find_chain(
             return False
         return all(seen[k + 1][1] == seen[k][2] for k in range(len(seen) - 1))
 
+    def read_aside(names: list[str]) -> bool:
+        """Whether the model reads a block's output besides the next block while the chain
+        runs (FocalNet's modulation sums its focal layers' outputs as they come): such blocks
+        are steps of one computation, whose outputs live on, not a chain of layers."""
+        inside = set(names)
+        for block, context, returned in readers.reads:
+            if block not in inside or block == names[-1] or names[-1] in returned:
+                continue
+            following = names[names.index(block) + 1]
+            if context is None or not (context == following or context.startswith(following + ".")):
+                return True
+        return False
+
     found = {container: names for container, names in groups.items() if is_chain(names)}
+    if blocks is None:
+        found = {container: names for container, names in found.items() if not read_aside(names)}
     if blocks is not None and len(found) < len(groups):
         raise UnsupportedModelError(
             f"blocks={blocks!r} is not a chain: each block must be called once, in the given "
@@ -342,6 +366,36 @@ def find_chain(
     )
 
 
+class _Readers(TorchDispatchMode):
+    """Which ops read a watched block's output, and from where: ``reads`` holds (the block
+    that made the tensor, the innermost watched block running when an op read it or ``None``
+    in the model's own code, and the blocks that had returned by then)."""
+
+    def __init__(self, tokens: _Tokens, running: list[str]) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.running = running
+        self.made: dict[int, str] = {}  # output token -> the block that returned it
+        self.returned: set[str] = set()
+        self.reads: list[tuple[str, str | None, frozenset[str]]] = []
+
+    def produced(self, token: int | None, block: str) -> None:
+        if token is not None and token >= 0:
+            self.made[token] = block
+        self.returned.add(block)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.made:
+            for leaf in tree_leaves((args, kwargs or {})):
+                if not isinstance(leaf, torch.Tensor):
+                    continue
+                block = self.made.get(self.tokens.known(leaf) or 0)
+                if block is not None:
+                    context = self.running[-1] if self.running else None
+                    self.reads.append((block, context, frozenset(self.returned)))
+        return func(*args, **(kwargs or {}))
+
+
 class _Tokens:
     """A number per tensor object, never reused: two tokens are equal only when the hooks saw
     the very same tensor. ``id()`` is no such name: a tensor freed during the forward (a block's
@@ -352,6 +406,11 @@ class _Tokens:
     def __init__(self) -> None:
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._count = 0
+
+    def known(self, tensor: torch.Tensor) -> int | None:
+        """The tensor's token if the hooks saw it, else ``None`` (nothing recorded)."""
+        known = self._seen.get(id(tensor))
+        return known[1] if known is not None and known[0]() is tensor else None
 
     def of(self, tensor: torch.Tensor) -> int:
         known = self._seen.get(id(tensor))
