@@ -29,7 +29,9 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   stage itself, ``released_input_at`` None: in the segment's recompute; a later top-level stage:
   in the step's forward), they come back right after; so with a top-level ``selective:`` stage
   and a later stage's release. A nested segment starting there holds them from its recompute
-  on.
+  on. A segment's no-save forward does not free the input of a stage inside it that a later
+  stage's kept forward frees (the model holds it: the last block's input, a bf16 block's whose
+  norm saves a float32 copy).
 * A top-level segment or ``selective:`` stage whose last stage returns tensors besides its output
   (``tail_bytes``: attention scores a checkpoint does not save) leaves them to its caller from
   the end of its forward to the end of the next top-level item's forward.

@@ -200,7 +200,10 @@ class _Replay:
             for index in range(item.start, item.stop):
                 stage = self.stages[index]
                 self.step_s += stage.nosave_forward_s
-                delta = stage.output_bytes - (stage.input_bytes if index > item.start else 0)
+                # an input the model holds past this stage (released_input_at: a later
+                # stage's kept forward frees it) is not freed here either
+                frees = index > item.start and not _released_later(stage, index)
+                delta = stage.output_bytes - (stage.input_bytes if frees else 0)
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
             if item.stop - item.start > 1:
@@ -245,6 +248,11 @@ SIDE_FREED = "backward: side inputs freed with the first checkpoint"
 
 def _releases_own_input(stage: StageCosts) -> bool:
     return stage.released_input_bytes > 0 and stage.released_input_at is None
+
+
+def _released_later(stage: StageCosts, index: int) -> bool:
+    at = stage.released_input_at
+    return stage.released_input_bytes > 0 and at is not None and at > index
 
 
 def _late_releases(costs: ChainCosts, tree: Sequence[Item]) -> dict[int, tuple[int, int]]:
