@@ -129,6 +129,7 @@ class BlockForward:
         self.previous = previous
         self.norms = norm_layers(block)
         self._caches = cache_arguments(block)
+        self._first_parameter()  # read the signature now, not in a forward torch.compile traces
 
     def _forward(self) -> Any:
         if self.previous is not None:
@@ -212,7 +213,10 @@ class BlockForward:
                 self._caches = cache_arguments(self.block)
             args, kwargs = private_caches(self._caches, args, kwargs)
         if not replaying():
-            if torch.is_grad_enabled():
+            # not while torch.compile traces the forward around a plan: reading the versions
+            # and the signature there changed what the traced forward saved against its
+            # recompute (CheckpointError)
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 self._remember_versions(args, kwargs)
             return forward(*args, **kwargs)
         self._refuse_changed_arguments(args, kwargs)
