@@ -203,6 +203,21 @@ def test_default_decoders_train_bit_identical(decoder: dict[str, Any], label: st
         assert torch.equal(grads[name], grad), name
 
 
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of each layer of a ``DynamicCache``: its ``layers`` (transformers 4.54
+    and later), or its lists ``key_cache`` and ``value_cache`` (before)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def containers(cache: Any) -> list[Any]:
+    """The objects a ``DynamicCache`` holds its tensors in (which a private copy renews)."""
+    if hasattr(cache, "layers"):
+        return [cache.layers, *cache.layers]
+    return [cache.key_cache, cache.value_cache]
+
+
 def test_generation_keeps_the_cache(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = llama("sdpa")
@@ -220,7 +235,7 @@ def test_generation_keeps_the_cache(caplog: pytest.LogCaptureFixture) -> None:
     assert not [r for r in caplog.records if r.name.startswith("memfit")], "no cache dropped"
     assert torch.equal(out.logits, expected.logits)
     cache = out.past_key_values
-    assert [layer.keys.shape[-2] for layer in cache.layers] == [SEQ // 2] * 4
+    assert [keys.shape[-2] for keys, _ in cache_layers(cache)] == [SEQ // 2] * 4
     assert torch.equal(planned_tokens, tokens)
 
 
@@ -238,7 +253,10 @@ def test_training_is_quiet_and_leaves_the_models_cache_alone(
         remove_plan(model)
     assert not [r for r in caplog.records if r.name.startswith("memfit")]
     # the planned blocks wrote their keys into private copies, never into the model's cache
-    assert out.past_key_values.get_seq_length() == 0
+    cache = out.past_key_values
+    if isinstance(cache, tuple):  # transformers 4 returns a legacy cache: a tuple per layer
+        cache = transformers.DynamicCache.from_legacy_cache(cache)
+    assert cache.get_seq_length() == 0
 
 
 def test_a_prefix_in_the_cache_is_seen_by_every_rerun() -> None:
@@ -257,8 +275,8 @@ def test_a_prefix_in_the_cache_is_seen_by_every_rerun() -> None:
 
     def sample() -> dict[str, Any]:
         cache = DynamicCache()  # the unplanned model appends to it: a fresh one per step
-        for index, layer in enumerate(prefix.layers):
-            cache.update(layer.keys, layer.values, index)
+        for index, (keys, values) in enumerate(cache_layers(prefix)):
+            cache.update(keys, values, index)
         mask = torch.ones(BATCH, 4 + SEQ // 2, dtype=torch.long)
         return {
             "input_ids": ids,
@@ -306,8 +324,10 @@ def test_private_caches_copy_cache_objects_and_share_their_tensors() -> None:
     args, kwargs = private_caches(where, (x, cache), {"memory": cache, "use_cache": True})
     for copy in (args[1], kwargs["memory"]):
         assert type(copy) is DynamicCache and copy is not cache
-        assert copy.layers is not cache.layers and copy.layers[0] is not cache.layers[0]
-        assert copy.layers[0].keys is cache.layers[0].keys  # shared, not copied
+        assert all(
+            new is not old for new, old in zip(containers(copy), containers(cache), strict=True)
+        )
+        assert cache_layers(copy)[0][0] is cache_layers(cache)[0][0]  # shared, not copied
         copy.update(keys, keys, 0)
         assert copy.get_seq_length() == 6
     assert cache.get_seq_length() == 3  # the original is never written
