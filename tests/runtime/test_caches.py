@@ -124,18 +124,18 @@ def decoder(request: pytest.FixtureRequest) -> dict[str, Any]:
 def draws_between_blocks(model: nn.Module, sample: dict[str, Any], blocks: tuple[str, ...]) -> bool:
     """Whether a training forward draws random numbers between two blocks: OPT up to
     transformers 5.0 draws LayerDrop's number even at LayerDrop 0 (``torch.rand([])``)."""
-    states: list[tuple[str, torch.Tensor]] = []
+    states: list[tuple[str, str, torch.Tensor]] = []
     handles = []
     for name in blocks:
-        module = model.get_submodule(name)
+        module, group = model.get_submodule(name), name.rpartition(".")[0]
         handles.append(
             module.register_forward_pre_hook(
-                lambda *_: states.append(("in", torch.random.get_rng_state()))
+                lambda *_, group=group: states.append(("in", group, torch.random.get_rng_state()))
             )
         )
         handles.append(
             module.register_forward_hook(
-                lambda *_: states.append(("out", torch.random.get_rng_state()))
+                lambda *_, group=group: states.append(("out", group, torch.random.get_rng_state()))
             )
         )
     try:
@@ -145,8 +145,8 @@ def draws_between_blocks(model: nn.Module, sample: dict[str, Any], blocks: tuple
         for handle in handles:
             handle.remove()
     return any(
-        kind == "out" and later == "in" and not torch.equal(state, next_state)
-        for (kind, state), (later, next_state) in pairwise(states)
+        kind == "out" and later == "in" and group == next_group and not torch.equal(a, b)
+        for (kind, group, a), (later, next_group, b) in pairwise(states)
     )
 
 
