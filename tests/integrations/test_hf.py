@@ -258,9 +258,22 @@ def test_alternating_sliding_and_full_attention_cannot_share_a_segment() -> None
     if hasattr(config, "layer_types"):  # transformers >= 4.53; before, by layer index alike
         assert config.layer_types[:2] == ["sliding_attention", "full_attention"]
     chain = chain_of(model, sample)
+    masks: list[Any] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, _a, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+        )
+        for name in chain.block_names[:2]
+    ]
+    model(**sample)
+    for handle in handles:
+        handle.remove()
     apply_plan(model, chain, plan_for(chain, TREES["one segment"]))
-    with pytest.raises(PlanMismatchError, match=r"'model\.layers\.1' got other side inputs"):
-        model(**sample)
+    # transformers < 4.53 hands every layer one mask and slides the window inside the layer:
+    # then the layers may share a segment (the gradients are checked below as for any plan)
+    if not (isinstance(masks[0], torch.Tensor) and torch.equal(masks[0], masks[1])):
+        with pytest.raises(PlanMismatchError, match=r"'model\.layers\.1' got other side inputs"):
+            model(**sample)
     remove_plan(model)
     reference = step(model, sample)
     apply_plan(model, chain, plan_for(chain, TREES["every block recomputed"]))
