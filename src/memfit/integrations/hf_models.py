@@ -73,7 +73,7 @@ class Family:
     model: str
     sizes: Callable[[Sizes], dict[str, Any]]
     sample: str = "tokens"
-    since: str = "4.45"
+    since: str = "4.53"
 
     def available(self, transformers: Any) -> bool:
         """Whether the installed transformers has the family's config and model classes."""
