@@ -43,6 +43,10 @@ def _dropping(where: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def test_the_trace_sees_what_equal_gradients_on_this_machine_hide(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    keys = torch.randn(2, 8, 4, 4).transpose(1, 2)  # strided, as attention makes them
+    if transformers.DynamicCache().update(keys, keys, 0)[0].stride() == keys.stride():
+        # older transformers (4.52) hand a layer's first keys back as they came: no other layout
+        pytest.skip("this transformers' cache returns the keys as given: dropping it is alike")
     model, sample = gpt2()
     memfit.auto(model, sample, budget=None, strategy="sqrt", repeats=1)
     monkeypatch.setattr(replay, "private_caches", _dropping)

@@ -55,8 +55,11 @@ def _decoder_sample() -> dict[str, Any]:
 
 def _causal_lm(config_name: str, model_name: str, **extra: Any) -> Callable[[], Built]:
     def build() -> Built:
+        import pytest
         import transformers
 
+        if not hasattr(transformers, model_name):  # Doge, VaultGemma, Ernie 4.5: newer ones
+            pytest.skip(f"{model_name} is not in transformers {transformers.__version__}")
         config = getattr(transformers, config_name)(**(DECODER | extra))
         model = getattr(transformers, model_name)(config).train()
         return Built(model, _decoder_sample())

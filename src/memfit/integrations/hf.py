@@ -82,11 +82,20 @@ _SWITCHES = ("gradient_checkpointing", "_gradient_checkpointing_func")
 _MISSING = object()
 
 
+def _live(handle: Any) -> bool:
+    """Whether a hook's ``RemovableHandle`` still names a registered hook."""
+    ref = getattr(handle, "hooks_dict_ref", None)
+    hooks = ref() if callable(ref) else None
+    return hooks is not None and getattr(handle, "id", None) in hooks
+
+
 def _input_grads_hooked(module: nn.Module) -> bool:
     """Whether ``enable_input_require_grads`` hooks are on the module (transformers 5 keeps a
-    list, 4 one handle)."""
-    hooks = module.__dict__.get("_require_grads_hooks")
-    return bool(hooks) or module.__dict__.get("_require_grads_hook") is not None
+    list, 4 one handle, which its disable removes but leaves in place: hence the check that
+    the hook is still registered)."""
+    hooks = module.__dict__.get("_require_grads_hooks") or ()
+    handle = module.__dict__.get("_require_grads_hook")
+    return any(_live(hook) for hook in (*hooks, handle) if hook is not None)
 
 
 class HFCheckpointing:

@@ -65,15 +65,27 @@ class Family:
         sample: ``tokens`` (ids, labels), ``masked`` (ids, padding mask, labels), ``pixels``
             (images, class labels) or ``seq2seq`` (ids, labels; the model shifts the labels
             into decoder inputs).
+        since: the first transformers release with the model class (memfit allows older
+            releases, in which such a family is missing).
     """
 
     config: str
     model: str
     sizes: Callable[[Sizes], dict[str, Any]]
     sample: str = "tokens"
+    since: str = "4.53"
+
+    def available(self, transformers: Any) -> bool:
+        """Whether the installed transformers has the family's config and model classes."""
+        return hasattr(transformers, self.config) and hasattr(transformers, self.model)
 
     def supports(self, transformers: Any, attn_implementation: str) -> bool:
-        """Whether the model class runs with ``attn_implementation`` (``eager`` always)."""
+        """Whether the model class runs with ``attn_implementation`` (``eager`` always).
+
+        ``False`` for a family the installed transformers does not have (see :meth:`available`).
+        """
+        if not self.available(transformers):
+            return False
         model_class = getattr(transformers, self.model)
         return attn_implementation == "eager" or bool(
             getattr(model_class, f"_supports_{attn_implementation}", False)
@@ -132,6 +144,7 @@ FAMILIES: dict[str, Family] = {
         config="Qwen3Config",
         model="Qwen3ForCausalLM",
         sizes=lambda s: _decoder(s, num_key_value_heads=s.kv_heads, head_dim=s.head_dim),
+        since="4.51",
     ),
     "phi3": Family(
         config="Phi3Config",
@@ -297,7 +310,8 @@ def build_hf(
     Raises:
         ValueError: unknown architecture or attention implementation, listing the choices, or
             an implementation the model does not support.
-        ImportError: transformers is not installed.
+        ImportError: transformers is not installed, or is older than the family (Qwen3 needs
+            transformers 4.51 or newer).
 
     Example:
         >>> model, sample = build_hf("llama", layers=2, attn_implementation="eager")
@@ -314,6 +328,12 @@ def build_hf(
         )
     transformers = _require_transformers()
     family = FAMILIES[arch]
+    if not family.available(transformers):
+        raise ImportError(
+            f"Hugging Face architecture {arch!r} needs transformers>={family.since} "
+            f"({family.model}); transformers {transformers.__version__} is installed: "
+            f"pip install 'transformers>={family.since}'"
+        )
     if attn_implementation is not None and not family.supports(transformers, attn_implementation):
         raise ValueError(
             f"{family.model} does not support attn_implementation={attn_implementation!r}; "
