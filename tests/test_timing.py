@@ -154,7 +154,7 @@ def test_plan_with_candidates_on_a_real_model(gpt2) -> None:
 
 def _half(prof: memfit.Profile) -> int:
     m = prof.measurement
-    return parse_budget("50%").resolve(m.held_bytes, m.activation_bytes)
+    return parse_budget("50%").resolve(m.base_bytes, m.activation_bytes)
 
 
 def _render(table) -> str:

@@ -274,18 +274,27 @@ def find_chain(
         return False
 
     found = {container: names for container, names in groups.items() if is_chain(names)}
+    aside: list[str] = []
     if blocks is None:
-        found = {container: names for container, names in found.items() if not read_aside(names)}
+        aside = [container for container, names in found.items() if read_aside(names)]
+        found = {container: names for container, names in found.items() if container not in aside}
     if blocks is not None and len(found) < len(groups):
         raise UnsupportedModelError(
             f"blocks={blocks!r} is not a chain: each block must be called once, in the given "
             f"order, taking the previous block's output as its first argument"
         )
     if not found:
+        why = (
+            f" ({', '.join(aside)}: the model reads a block's output besides the next block "
+            f"while they run, so memfit takes them for steps of one computation, not layers; "
+            f"name them with blocks= to plan them anyway)"
+            if aside
+            else ""
+        )
         raise UnsupportedModelError(
             f"found no chain of blocks in {type(model).__name__}: no nn.ModuleList or "
             f"nn.Sequential has children called once each, in order, each on the previous "
-            f"one's output. Name the blocks with blocks=['layer.0', 'layer.1', ...]"
+            f"one's output{why}. Name the blocks with blocks=['layer.0', 'layer.1', ...]"
         )
     order = {call[0]: i for i, call in reversed(list(enumerate(calls)))}  # first call of each
 
