@@ -1,7 +1,6 @@
 """Hugging Face models built from small configs (random weights, no downloads)."""
 
 import sys
-from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from memfit.integrations.hf import FAMILIES, build_hf, disable_hf_checkpointing,
 from memfit.measuring.chain import Chain, find_chain
 from memfit.planning.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
+from rng_draws import draws_between_blocks
 from trees import TREES as SHARED_TREES
 
 transformers = pytest.importorskip("transformers")
@@ -36,37 +36,6 @@ def checkpointing_on(model: nn.Module) -> bool:
     """Whether HF's checkpointing switch is on (``is_activation_checkpointing`` in transformers
     5, ``is_gradient_checkpointing`` before it, which 5 deprecates): the definition both use."""
     return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
-
-
-def draws_between_blocks(model: nn.Module, sample: dict[str, Any], blocks: tuple[str, ...]) -> bool:
-    """Whether a training forward draws random numbers between two blocks (BART and OPT in
-    transformers 4 draw LayerDrop's number even at LayerDrop 0), which a segment of several
-    blocks of one list refuses (an encoder's last and a decoder's first block are never
-    joined)."""
-    states: list[tuple[str, str, torch.Tensor]] = []
-    handles = []
-    for name in blocks:
-        module, group = model.get_submodule(name), name.rpartition(".")[0]
-        handles.append(
-            module.register_forward_pre_hook(
-                lambda *_, group=group: states.append(("in", group, torch.random.get_rng_state()))
-            )
-        )
-        handles.append(
-            module.register_forward_hook(
-                lambda *_, group=group: states.append(("out", group, torch.random.get_rng_state()))
-            )
-        )
-    try:
-        with torch.no_grad():
-            model(**sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return any(
-        kind == "out" and later == "in" and group == next_group and not torch.equal(a, b)
-        for (kind, group, a), (later, next_group, b) in pairwise(states)
-    )
 
 
 def listed_as_layers(model: nn.Module, blocks: tuple[str, ...]) -> bool:

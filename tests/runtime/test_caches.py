@@ -10,7 +10,6 @@ import inspect
 import io
 import logging
 from collections.abc import Callable
-from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from memfit.profiling import profile
 from memfit.runtime import applied_plan, apply_plan, remove_plan
 from memfit.runtime.caches import cache_arguments, private_caches
 from memfit.runtime.head import is_head_option
+from rng_draws import draws_between_blocks
 from trees import TREES
 
 transformers = pytest.importorskip("transformers")
@@ -118,35 +118,6 @@ def decoder(request: pytest.FixtureRequest) -> dict[str, Any]:
     draws = draws_between_blocks(model, sample, chain.block_names)
     return dict(
         model=model, sample=sample, chain=chain, plans=plans, reference=reference, draws=draws
-    )
-
-
-def draws_between_blocks(model: nn.Module, sample: dict[str, Any], blocks: tuple[str, ...]) -> bool:
-    """Whether a training forward draws random numbers between two blocks: OPT up to
-    transformers 5.0 draws LayerDrop's number even at LayerDrop 0 (``torch.rand([])``)."""
-    states: list[tuple[str, str, torch.Tensor]] = []
-    handles = []
-    for name in blocks:
-        module, group = model.get_submodule(name), name.rpartition(".")[0]
-        handles.append(
-            module.register_forward_pre_hook(
-                lambda *_, group=group: states.append(("in", group, torch.random.get_rng_state()))
-            )
-        )
-        handles.append(
-            module.register_forward_hook(
-                lambda *_, group=group: states.append(("out", group, torch.random.get_rng_state()))
-            )
-        )
-    try:
-        with torch.no_grad():
-            model(**sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return any(
-        kind == "out" and later == "in" and group == next_group and not torch.equal(a, b)
-        for (kind, group, a), (later, next_group, b) in pairwise(states)
     )
 
 
