@@ -1,6 +1,6 @@
 """Hugging Face's tiny tester configurations, each planned at its smallest feasible budget.
 
-The models come from :mod:`testers` (transformers' own ``*ModelTester`` sizes, the library's
+The models come from :mod:`tests.helpers.hf_testers` (transformers' own ``*ModelTester`` sizes, the library's
 defaults otherwise: dropout, LayerDrop, ``use_cache``). For each: profile, take the floor that
 memfit names for a budget of 1% (``InfeasibleBudgetError.min_feasible_bytes``), then
 ``memfit.auto`` at exactly that floor (a floor memfit names must be one a later call accepts),
@@ -20,10 +20,10 @@ Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, he
 from __future__ import annotations
 
 import pytest
-from hf_testers import TESTERS
 
 import memfit
 from memfit.errors import InfeasibleBudgetError
+from tests.helpers.hf_testers import TESTERS
 
 pytest.importorskip("transformers")
 pytestmark = [

@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plan_strategies import UNIT, all_trees, best_time, chains, pareto_summaries, peaks
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import baselines
@@ -15,6 +14,7 @@ from memfit.planning.costs import ChainCosts, uniform_chain
 from memfit.planning.min_peak import min_peak
 from memfit.planning.optimal import fastest_tree, solve_optimal
 from memfit.planning.simulate import simulate
+from tests.helpers.strategies import UNIT, all_trees, best_time, chains, pareto_summaries, peaks
 
 
 def examples(count: int) -> settings:

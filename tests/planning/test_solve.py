@@ -11,7 +11,6 @@ import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from plan_strategies import chains, peaks
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import (
@@ -26,6 +25,7 @@ from memfit.planning import (
 )
 from memfit.planning.costs import ChainCosts, uniform_chain
 from memfit.planning.synthetic import heterogeneous_chain
+from tests.helpers.strategies import chains, peaks
 
 CHAIN = uniform_chain(8, activation_bytes=1, saved_bytes=4)
 
