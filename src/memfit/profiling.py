@@ -18,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import hf_checkpointing_off, refuse_layerdrop
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -69,6 +68,7 @@ from memfit.runtime.head import (
     head_usage,
     is_head_option,
 )
+from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import doctest
 import importlib
 import itertools
-import pathlib
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,27 +114,6 @@ def test_frontier_on_a_long_chain() -> None:
     assert front[-1].step_s == simulate(costs, keep_tree(0, 40)).step_s
     with pytest.raises(ValueError, match="points"):
         frontier(costs, points=1)
-
-
-def test_plan_imports_no_torch() -> None:
-    """planning/ imports only the standard library, numpy, scipy and memfit's torch-free modules."""
-    allowed = {"numpy", "scipy", "memfit"}
-    folder = pathlib.Path(importlib.import_module("memfit.planning").__file__ or "").parent
-    paths = sorted(folder.glob("*.py"))
-    assert len(paths) >= 10
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
-                if top == "memfit":
-                    assert name.split(".")[1] in ("planning", "errors", "units"), (path.name, name)
 
 
 @pytest.mark.parametrize(

@@ -21,18 +21,20 @@ from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
 from memfit.runtime.executor import Executor, ForwardEnd, Head, Member, TopStage
 from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
+from memfit.runtime.hf_switches import off_for_the_plan, refuse_layerdrop
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
 _UNDO = "_memfit_undo_before_apply"
-_BEFORE_APPLY: list[Callable[[nn.Module], object]] = []
+# LayerDrop refused before anything changes; then Hugging Face's own checkpointing off
+_BEFORE_APPLY: list[Callable[[nn.Module], object]] = [refuse_layerdrop, off_for_the_plan]
 
 
 def register_before_apply(hook: Callable[[nn.Module], object]) -> None:
     """Run ``hook(model)`` in every :func:`apply_plan`, after the plan is checked and before the
-    model changes: integrations turn off a model family's own checkpointing this way (the
-    runtime cannot import them). A hook that changed the model returns a function that undoes
+    model changes, as the runtime does for Hugging Face's own checkpointing and LayerDrop
+    (:mod:`memfit.runtime.hf_switches`): for another library's switches. A hook that changed the model returns a function that undoes
     it: :func:`undo_before_apply` (``memfit.remove``) calls it, and plans taken off and put
     back meanwhile (verify, shape plans switching) leave it waiting. Registering the same hook
     twice has no effect."""
