@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
-from memfit.errors import AlreadyPlannedError, UnsupportedModelError
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -48,7 +48,7 @@ from memfit.runtime import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.apply import planned, planned_module
+from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
     compile_blocks,
@@ -277,11 +277,7 @@ def profile(
     """
     refuse_compiled_model(model, "profile")
     check_step_arguments(model, sample, loss_fn, optimizer)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError(
-            "the model (or the model inside this wrapper) already carries a memfit plan; call "
-            "memfit.remove(model) before profiling"
-        )
+    refuse_planned(model, "profiling")
     if repeats is not None and repeats < 1:
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"

@@ -26,6 +26,7 @@ from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
+SHAPE_PLANS = "_memfit_shape_plans"  # shape plans (runtime/dynamic.py) installed on a model
 _UNDO = "_memfit_undo_before_apply"
 # LayerDrop refused before anything changes; then Hugging Face's own checkpointing off
 _BEFORE_APPLY: list[Callable[[nn.Module], object]] = [refuse_layerdrop, off_for_the_plan]
@@ -70,6 +71,24 @@ def planned_module(model: nn.Module) -> nn.Module | None:
         if module.__dict__.get(_STATE) is not None:
             return module
     return None
+
+
+def refuse_planned(model: nn.Module, before: str, *, shape_plans: bool = True) -> None:
+    """The one rule of every verb that needs an unplanned model: no plan and no shape plans on
+    ``model`` or on a module inside it (the model inside a wrapper made after planning).
+    ``shape_plans=False``: shape plans may stay (their switch between plans applies each one).
+
+    Raises:
+        AlreadyPlannedError: naming ``memfit.remove`` and what it must come ``before``.
+    """
+    for module in model.modules():
+        keys = (_STATE, SHAPE_PLANS) if shape_plans else (_STATE,)
+        if any(module.__dict__.get(key) is not None for key in keys):
+            inside = "" if module is model else " (inside this wrapper)"
+            raise AlreadyPlannedError(
+                f"the model{inside} already carries a memfit plan; call memfit.remove(model) "
+                f"before {before}"
+            )
 
 
 def _check(plan: Plan, chain: Chain) -> None:
@@ -166,10 +185,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     Example:
         >>> apply_plan(model, chain, plan); model(*sample).backward(); remove_plan(model)
     """
-    if model.__dict__.get(_STATE) is not None:
-        raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) first"
-        )
+    refuse_planned(model, "applying another", shape_plans=False)
     _check(plan, chain)
     names = chain.stage_names
     originals = {

@@ -35,17 +35,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
+from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.shapes import SampleLayout, batch_shape
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
 from memfit.planning.simulate import budget_base, simulate
-from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
+from memfit.runtime.apply import (
+    SHAPE_PLANS,
+    applied_plan,
+    apply_plan,
+    chain_of_plan,
+    refuse_planned,
+    remove_plan,
+)
 from memfit.units import Budget, format_bytes
 
 logger = logging.getLogger(__name__)
 
-_KEY = "_memfit_shape_plans"
+_KEY = SHAPE_PLANS
 # the margin never grows past this share of the budget's activation bytes
 MAX_MARGIN = 0.5
 
@@ -284,10 +291,7 @@ def apply_shape_plans(model: nn.Module, plans: ShapePlans, shape: Shape) -> Plan
         AlreadyPlannedError: the model carries a plan or shape plans already.
         InfeasibleBudgetError: no plan fits ``shape``.
     """
-    if applied_plan(model) is not None or model.__dict__.get(_KEY) is not None:
-        raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) first"
-        )
+    refuse_planned(model, "installing shape plans")
     plan = plans.plan_for(shape)
     apply_plan(model, chain_of_plan(model, plan), plan)
     handle = model.register_forward_pre_hook(plans, with_kwargs=True)
