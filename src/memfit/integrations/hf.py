@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from memfit.integrations.hf_models import ARCHITECTURES, FAMILIES, build_hf
+from memfit.integrations.hf_models import FAMILIES, build_hf
 from memfit.runtime.hf_switches import (
     HFCheckpointing,
     disable_hf_checkpointing,
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from memfit.integrations.hf_trainer import MemfitCallback
 
 __all__ = [
-    "ARCHITECTURES",
     "FAMILIES",
     "HFCheckpointing",
     "MemfitCallback",
