@@ -294,7 +294,9 @@ def fit_with_probes(shapes: Sequence[Shape], values: Sequence[float], long: Sequ
 def _nnls(shapes: Sequence[Shape], values: np.ndarray, features: Sequence[str]) -> np.ndarray:
     """Non-negative least squares over ``features`` (few of them): the best least-squares
     solution among the feature subsets whose coefficients are all >= 0 (the NNLS optimum is
-    the plain solution on its own support), as coefficients over all ``features``."""
+    the plain solution on its own support), as coefficients over all ``features``. Exact for
+    the two or three features the fits use, and no dependency: ``scipy.optimize.nnls`` would
+    be memfit's only use of SciPy."""
     best: tuple[float, np.ndarray] | None = None
     for size in range(len(features), 0, -1):
         for subset in itertools.combinations(range(len(features)), size):
