@@ -27,11 +27,12 @@ from memfit.measuring.ops import (
     selective_detail,
     timed_policies,
 )
-from memfit.measuring.profile import Profile, build_profile
+from memfit.measuring.profile import Profile, build_profile, no_gradient
 from memfit.measuring.run import (
     StageReading,
     measure_stages,
     stage_clock,
+    stages_without_gradient,
     wall_factor,
     wall_scaled,
 )
@@ -174,8 +175,10 @@ def _head_menu(
     return wanted, notes
 
 
-def _every_block(chain: Chain, option: str | None) -> Plan:
-    blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
+def _every_block(chain: Chain, option: str | None, kept: frozenset[int] = frozenset()) -> Plan:
+    """Every block run with ``option`` (``None``: each recomputed on its own), but the stages
+    in ``kept``: the blocks no gradient reaches, which every plan keeps."""
+    blocks = [chain.block_of_stage(i) is not None and i not in kept for i in range(len(chain))]
     tree = [
         (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
         for i, block in enumerate(blocks)
@@ -501,10 +504,25 @@ def _profile(
         logger.warning("option %r left out of the profile: %s", way, error)
         del ways[way], clocks[way]
 
+    def keep_dead(dead: frozenset[int]) -> None:
+        """Blocks cut off from the loss (an argmin, a detach after them: their graph gets no
+        gradient) run kept in every way: their saved tensors go when the model drops their
+        graph, whatever runs them, and no recompute of theirs ever runs, so checkpointing them
+        saves nothing; kept in every way, they free the same bytes in the same stage's span in
+        every reading, and the other stages' figures stay their own."""
+        if dead:
+            for way in ways:
+                if way in options or way == RECOMPUTE:
+                    ways[way] = _every_block(chain, None if way == RECOMPUTE else way, dead)
+
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
         # The fast path: per way, one metered step, then one timed step that it warmed up.
-        for way, way_plan in list(ways.items()):
+        # keep comes first: its reading says which blocks get no gradient.
+        for way in list(ways):
+            if way not in ways:
+                continue
+            way_plan = ways[way]
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
                     readings[way] = meter(0, partial(timed_after, clocks[way]))
@@ -515,6 +533,8 @@ def _profile(
             rebuilds[way] = rb
             if way in used:
                 used[way] = lines
+            if way == KEEP:
+                keep_dead(no_gradient(chain, readings[KEEP]))
         _drop_unused(used, ways, clocks, info)
         readings = {way: readings[way] for way in ways}
         factor = wall_factor(clocks)
@@ -522,6 +542,16 @@ def _profile(
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.
+        keep_dead(
+            stages_without_gradient(
+                model,
+                sample,
+                chain,
+                loss_fn=loss_fn,
+                accumulate=accumulate,
+                keep_output=keep_output,
+            )
+        )
         for _ in range(3 if repeats is None else repeats):
             for way, way_plan in list(ways.items()):
                 try:

@@ -47,17 +47,6 @@ KNOWN: dict[str, str] = {
     "cohere": EARLY_STOP,
     "emu3": EARLY_STOP,
     "vaultgemma": EARLY_STOP,
-    "encodec": (
-        "over budget, prediction -13%: no gradient reaches the encoder blocks (the quantizer's "
-        "argmin cuts the graph), so their saved tensors die in the forward and a segment's "
-        "recompute never runs; the profile charges them until a backward that never comes, so "
-        "the plan's savings are not real (measured 889,692 B = the unplanned peak, predicted "
-        "765,852 B)"
-    ),
-    "mimi": (
-        "over budget, prediction -10%: likely as encodec (the encoder gets no gradient: 43 of 86 "
-        "parameters, encoder_transformer.layers among the planned blocks); not measured further"
-    ),
     "llava": (
         "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
     ),

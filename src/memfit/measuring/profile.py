@@ -198,6 +198,17 @@ def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
     return extra
 
 
+def no_gradient(chain: Chain, keep: StageReading) -> frozenset[int]:
+    """The block stages cut off from the loss in the plain step: autograd recorded their graph
+    but no gradient reached it (an argmin, a detach after them; encodec's quantizer). Their
+    saved tensors go when the model drops the graph, in the forward, whatever option runs
+    them, and a checkpoint's recompute never runs: checkpointing them saves nothing, so the
+    profile offers them ``keep`` only (not checkpointable). Frozen blocks fed an input that
+    needs no gradient record no graph and stay checkpointable: a segment starting at one
+    spares the next blocks' inputs."""
+    return keep.cut_off(chain.block_stages)
+
+
 def _gathered_bytes(chain: Chain) -> int:
     """Bytes of the largest FSDP2 unit block's parameters, gathered (``numel`` of a sharded
     parameter is the whole one's)."""
@@ -245,6 +256,7 @@ def build_profile(
     """
     last = len(chain) - 1
     checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, chain)
+    dead = no_gradient(chain, keep)
     stages = []
     for index, name in enumerate(chain.stage_names):
         output = keep.output_bytes.get(index, 0)
@@ -252,7 +264,8 @@ def build_profile(
         menu = {KEEP: _option_costs(keep, index, last, output)}
         position = chain.block_position(index)
         is_block = position is not None
-        if position is not None:
+        trains = index not in dead
+        if position is not None and trains:
             for option, reading in (options or {}).items():
                 per_block = (details or {}).get(option)
                 detail = per_block[position] if per_block and len(per_block) > position else None
@@ -283,7 +296,7 @@ def build_profile(
                 options=menu,
                 nosave_forward_s=nosave_s,
                 nosave_forward_peak_bytes=nosave_peak,
-                checkpointable=is_block and recompute is not None,
+                checkpointable=is_block and trains and recompute is not None,
                 tail_bytes=0 if recompute is None else recompute.tail_bytes.get(index, 0),
                 released_input_bytes=released[0],
                 released_input_at=None if released[1] == index else released[1],
@@ -315,5 +328,18 @@ def build_profile(
         measurement=keep.measurement,
         parameter_bytes=_parameter_bytes(model, chain),
         recompute_measurement=None if recompute is None else recompute.measurement,
-        info=dict(info or {}),
+        info=_with_dead_note(dict(info or {}), chain, dead),
     )
+
+
+def _with_dead_note(info: dict[str, Any], chain: Chain, dead: frozenset[int]) -> dict[str, Any]:
+    """``info`` with a note naming the blocks no gradient reaches (kept by every plan)."""
+    if not dead:
+        return info
+    names = [chain.stage_names[index] for index in sorted(dead)]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    note = (
+        f"no gradient reaches {shown}: kept, since their saved tensors go with their graph in "
+        "the forward, so checkpointing them would save nothing"
+    )
+    return {**info, "notes": [*info.get("notes", []), note]}

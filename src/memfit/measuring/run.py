@@ -205,6 +205,9 @@ class _Marked:
     # block index -> bytes of those tensors (distinct storages that are neither the hidden
     # state's nor the block's inputs'): what the caller holds until the next block returns
     tail_bytes: dict[int, int] = field(default_factory=dict)
+    # blocks whose output requires grad: autograd recorded their graph (a frozen block fed an
+    # input that needs no gradient records none)
+    graphs: set[int] = field(default_factory=set)
 
 
 def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
@@ -296,6 +299,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
+                    marked.graphs.add(index)
                     labels = [f"B:{index}"]
                     outputs[index] = (weakref.ref(out), labels)
                     handles.append(out.register_hook(on_grads(labels)))
@@ -329,6 +333,12 @@ class StageReading:
     side_grad_bytes: int = 0
     tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
     tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
+    graphs: frozenset[int] = frozenset()  # blocks whose output requires grad
+
+    def cut_off(self, blocks: Sequence[int]) -> frozenset[int]:
+        """Of ``blocks``, those no gradient reaches although autograd recorded their graph
+        (see :func:`stages_without_gradient`)."""
+        return frozenset(i for i in blocks if i in self.graphs and not self.has_backward(i))
 
     def times(self, factor: float) -> StageReading:
         """The same reading with every time multiplied by ``factor`` (CPU-time clocks in
@@ -461,6 +471,30 @@ def step_clock(
     return total, total
 
 
+def stages_without_gradient(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    keep_output: bool = True,
+) -> frozenset[int]:
+    """The block stages cut off from the loss in one step of ``model`` as it is now: autograd
+    records their graph (their output requires grad) but no gradient reaches it (an argmin, a
+    detach after them), so their backward never runs. Their saved tensors go when the model
+    drops the graph, in the forward, whatever option runs them, and a checkpoint's recompute
+    never runs. (A frozen block fed an input that needs no gradient records no graph: it is
+    not among them, and a segment starting there still spares the next blocks' inputs.)"""
+    labels: list[str] = []
+    with preserved_grads(model, sample):
+        reset_grads(model, accumulate, sample)
+        with _marks(chain, labels.append) as marked:
+            _step(model, sample, loss_fn, labels.append, keep_output)
+    seen = set(labels)
+    return frozenset(i for i in chain.block_stages if i in marked.graphs and f"B:{i}" not in seen)
+
+
 def measure_stages(
     model: nn.Module,
     sample: Any,
@@ -565,6 +599,7 @@ def measure_stages(
         marked.side_grad_bytes,
         frozenset(marked.tails),
         dict(marked.tail_bytes),
+        frozenset(marked.graphs),
     )
 
 
