@@ -145,6 +145,8 @@ def _jitter(costs: ChainCosts) -> ChainCosts:
                 input_bytes=stage.input_bytes * 1009,
                 output_bytes=stage.output_bytes * 1009,
                 nosave_forward_peak_bytes=stage.nosave_forward_peak_bytes * 1009 + 3,
+                recompute_peak_bytes=stage.recompute_peak() * 1009 + 5,
+                recompute_lead_bytes=stage.recompute_lead_bytes * 1009,
                 options=options,
             )
         )

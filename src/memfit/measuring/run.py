@@ -30,7 +30,7 @@ from memfit.measuring.chain import (
     side_inputs,
     split_main,
 )
-from memfit.measuring.meter import MemoryMeter, MemoryReading
+from memfit.measuring.meter import RECOMPUTE_RANGE, MemoryMeter, MemoryReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
@@ -371,6 +371,15 @@ class StageReading:
         """(start, peak, end) level of stage ``index``'s forward."""
         label = "F:0" if index == 0 else f"F:{index}"
         return _span(self.memory, label)
+
+    def recompute_span(self, stage: str) -> tuple[int, int, int] | None:
+        """(start, peak, end) level of stage ``stage``'s first rerun in backward (a
+        checkpoint's recompute, ended by torch's early stop); ``None`` when it was not rerun."""
+        label = f"{RECOMPUTE_RANGE}{stage}"
+        for span in self.memory.ranges:
+            if span.label == label:
+                return span.start_bytes, span.peak_bytes, span.end_bytes
+        return None
 
     def has_backward(self, index: int) -> bool:
         """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""

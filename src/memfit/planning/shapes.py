@@ -395,6 +395,8 @@ _STAGE_BYTES = (
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "recompute_peak_bytes",
+    "recompute_lead_bytes",
 )
 _CHAIN_BYTES = (
     "held_bytes",
@@ -413,6 +415,8 @@ _NON_NEGATIVE = {
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "recompute_peak_bytes",
+    "recompute_lead_bytes",
     *_CHAIN_BYTES,
 }
 
@@ -422,7 +426,11 @@ def _figures(costs: ChainCosts, options: Mapping[int, Sequence[str]]) -> dict[Pa
     out: dict[Path, float] = {(name,): float(getattr(costs, name)) for name in _CHAIN_BYTES}
     for index, stage in enumerate(costs.stages):
         for name in (*_STAGE_BYTES, "nosave_forward_s"):
-            out[(index, name)] = float(getattr(stage, name))
+            # a rerun's peak not measured is the kept forward's (StageCosts.recompute_peak)
+            value = (
+                stage.recompute_peak() if name == "recompute_peak_bytes" else getattr(stage, name)
+            )
+            out[(index, name)] = float(value)
         for option in options[index]:
             for name in (*_OPTION_BYTES, *_OPTION_SECONDS):
                 out[(index, option, name)] = float(getattr(stage.options[option], name))
