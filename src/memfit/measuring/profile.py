@@ -330,6 +330,8 @@ def build_profile(
                     # FSDP2 units: a segment across them would hold all its blocks' gathered
                     # parameters at once through its recompute (memfit.runtime.sharding)
                     and not _own_units(chain, index - 1, index)
+                    # random numbers drawn before it (LayerDrop): a rerun would not draw them
+                    and position not in chain.draws_before
                 ),
             )
         )
