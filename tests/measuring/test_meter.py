@@ -160,7 +160,14 @@ def test_cuda_meter_keeps_the_users_peak_statistics() -> None:
 def _event(name: str, start_ns: int, kind: object, fields: object = None) -> object:
     from types import SimpleNamespace
 
-    return SimpleNamespace(name=name, start_time_ns=start_ns, typed=(kind, fields), children=[])
+    return SimpleNamespace(
+        name=name,
+        start_time_ns=start_ns,
+        tag=kind,
+        extra_fields=fields,
+        typed=(kind, fields),
+        children=[],
+    )
 
 
 def test_replay_counts_only_the_metered_device() -> None:

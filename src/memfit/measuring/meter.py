@@ -210,33 +210,42 @@ def _replay(
     """
     from torch._C._profiler import _EventType
 
+    allocation = _EventType.Allocation
     order = 0
     stack: list[tuple[Any, str]] = [(root, "") for root in reversed(roots)]
     allocations: list[tuple[int, int, int, int, str]] = []
     marks: list[tuple[int, int, int]] = []
     ranges: list[tuple[int, int, int, int, str]] = []  # start, order, end, end order, label
+    # Every attribute of a profiler event is a call into C++ (microseconds each, and a step has
+    # thousands of events): each is read once, and only where it is used. An allocation is a
+    # leaf (an instant, nothing nests in it): its children and name are never read.
     while stack:
         event, parent = stack.pop()
         order += 1
-        if event.typed[0] == _EventType.Allocation:
-            fields = event.typed[1]
+        if event.tag == allocation:
+            fields = event.extra_fields
             if fields.device.type == device.type and (
                 device.index is None or fields.device.index == device.index
             ):
                 allocations.append(
                     (event.start_time_ns, order, int(fields.alloc_size), int(fields.ptr), parent)
                 )
-        elif event.name.startswith(MARK_PREFIX):
-            marks.append((event.start_time_ns, order, int(event.name[len(MARK_PREFIX) :])))
-        elif event.name.startswith(RANGE_PREFIX):
-            label = event.name[len(RANGE_PREFIX) :]
+            continue
+        event_name = event.name
+        if event_name.startswith(MARK_PREFIX):
+            marks.append((event.start_time_ns, order, int(event_name[len(MARK_PREFIX) :])))
+        elif event_name.startswith(RANGE_PREFIX):
+            label = event_name[len(RANGE_PREFIX) :]
             # ends after everything inside it at the same nanosecond
             ranges.append((event.start_time_ns, order, event.end_time_ns, 1 << 62, label))
         # an op is named by its outermost event and its own: "AddmmBackward0 > aten::mm"
-        top = parent.split(" > ")[0] if parent else event.name.removeprefix(_ENGINE_PREFIX)
-        name = top if not parent else f"{top} > {event.name}"
-        for child in reversed(event.children):
-            stack.append((child, name))
+        if parent:
+            name = f"{parent.split(' > ')[0]} > {event_name}"
+        else:
+            name = event_name.removeprefix(_ENGINE_PREFIX)
+        children = event.children
+        if children:
+            stack.extend((child, name) for child in reversed(children))
     timeline = sorted(
         [(t, o, 0, size, ptr, op) for t, o, size, ptr, op in allocations]
         + [(t, o, 1, index, 0, "") for t, o, index in marks]
