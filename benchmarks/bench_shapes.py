@@ -34,7 +34,7 @@ import torch
 import memfit
 from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
+from memfit.measuring.sample_shapes import resize_sample
 from memfit.planning.baselines import keep_all
 from memfit.planning.shapes import Shape
 from memfit.planning.simulate import simulate

@@ -21,7 +21,7 @@ import torch
 
 import memfit
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
+from memfit.measuring.sample_shapes import resize_sample
 from memfit.models import gpt
 from memfit.planning.plan import Plan, keep_tree
 from memfit.planning.shapes import Shape

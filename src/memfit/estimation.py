@@ -17,7 +17,7 @@ from torch import nn
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
-from memfit.measuring.shapes import resize_sample, sample_layout
+from memfit.measuring.sample_shapes import resize_sample, sample_layout
 from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan

@@ -1,8 +1,8 @@
 """Profiles at a few shapes made from one sample, fitted to the shape: :func:`profile_shapes`.
 
 The model is profiled (:func:`memfit.profile`) at a few shapes made from the sample
-(:mod:`memfit.measuring.shapes`: rows taken in turn, sequence positions spread), the plain step
-is timed at every one of them in rounds, and every figure of the chain's costs is fitted as a
+(:mod:`memfit.measuring.sample_shapes`: rows taken in turn, sequence positions spread), the plain
+step is timed at every one of them in rounds, and every figure of the chain's costs is fitted as a
 function of ``(batch, seq)`` (:mod:`memfit.planning.shapes`). :mod:`memfit.estimation` reads
 the fits at shapes never run.
 """
@@ -20,7 +20,12 @@ from typing import Any
 from torch import nn
 
 from memfit.distributed import ranks
-from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout, step_seconds_at
+from memfit.measuring.sample_shapes import (
+    SampleLayout,
+    resize_sample,
+    sample_layout,
+    step_seconds_at,
+)
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
@@ -133,7 +138,8 @@ def profile_shapes(
     Args:
         model: the model, in training mode.
         sample: a tuple of positional or a dict of keyword arguments; its batch is dim 0 of
-            its tensors, its sequence dim 1 of its token ids (see :mod:`memfit.measuring.shapes`).
+            its tensors, its sequence dim 1 of its token ids (see
+            :mod:`memfit.measuring.sample_shapes`).
         shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
             (eight shapes up to the sample's own, and the sample's tokens at two longer seqs).
             At least two; five or more give the fits' extrapolation checks. Shapes larger than

@@ -20,7 +20,7 @@ import torch
 import memfit
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample, sample_layout
+from memfit.measuring.sample_shapes import resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
 from memfit.planning.shapes import Shape
 from memfit.planning.simulate import simulate

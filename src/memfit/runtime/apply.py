@@ -19,7 +19,7 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
 from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
-from memfit.runtime.executor import Executor, ForwardEnd, Head, Member, TopStage
+from memfit.runtime.executor import Executor, ForwardEnd, Member, SegmentStart, TopStage
 from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
 from memfit.runtime.hf_switches import off_for_the_plan, refuse_layerdrop
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
@@ -231,7 +231,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             if chain.block_of_stage(item.index) is not None:
                 overrides[item.index] = TopStage(executor, item)
         else:
-            overrides[item.start] = Head(executor, item)
+            overrides[item.start] = SegmentStart(executor, item)
             for index in range(item.start + 1, item.stop):
                 overrides[index] = Member(executor, item, index)
     head_options = [

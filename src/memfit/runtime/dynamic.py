@@ -1,8 +1,8 @@
 """Plans that follow each batch's shape: a forward pre-hook on the model picks the plan.
 
 :class:`ShapePlans` is a forward pre-hook on the root module. Before each forward with
-gradients it reads the batch's shape (:func:`memfit.measuring.shapes.batch_shape`), rounds the
-sequence length up to its bucket (and, with ``round_batch``, the batch size to the sample's batch
+gradients it reads the batch's shape (:func:`memfit.measuring.sample_shapes.batch_shape`),
+rounds the sequence length up to its bucket (and, with ``round_batch``, the batch size to the sample's batch
 times a power of two), plans that bucket from the fitted costs when it has no plan
 yet (:func:`memfit.planning.shapes.plan_shape`: evaluate the fits, solve; milliseconds, nothing
 runs), and, when the bucket's schedule differs from the one applied, swaps plans with
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from memfit.errors import InfeasibleBudgetError
-from memfit.measuring.shapes import SampleLayout, batch_shape
+from memfit.measuring.sample_shapes import SampleLayout, batch_shape
 from memfit.planning.plan import Plan
 from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
 from memfit.planning.simulate import budget_base, simulate
