@@ -40,7 +40,7 @@ import memfit
 from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.sample_shapes import resize_sample
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.runtime.apply import apply_plan, chain_of_plan
 
 HERE = Path(__file__).parent

@@ -36,7 +36,7 @@ from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.sample_shapes import resize_sample
 from memfit.planning.baselines import keep_all
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime.apply import apply_plan, chain_of_plan

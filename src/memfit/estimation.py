@@ -21,7 +21,8 @@ from memfit.measuring.sample_shapes import resize_sample, sample_layout
 from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, largest_shape, plan_shape
+from memfit.planning.shape_costs import largest_shape, plan_shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
 from memfit.runtime.apply import refuse_planned
@@ -68,7 +69,7 @@ class ShapeEstimate:
         plan: the plan for the budget (``None``: no budget, or infeasible).
         untrusted: why the estimate should not be trusted (empty: no reason known).
         step_untrusted: why its step times should not be trusted (the time fits' own check,
-            :meth:`~memfit.planning.shapes.ShapeCosts.time_trust`).
+            :meth:`~memfit.planning.shape_costs.ShapeCosts.time_trust`).
     """
 
     shape: Shape

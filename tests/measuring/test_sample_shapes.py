@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memfit.measuring.sample_shapes import batch_shape, resize_sample, sample_layout
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 
 
 def hf_sample(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:

@@ -2,10 +2,10 @@
 
 :class:`ShapePlans` is a forward pre-hook on the root module. Before each forward with
 gradients it reads the batch's shape (:func:`memfit.measuring.sample_shapes.batch_shape`),
-rounds the sequence length up to its bucket (and, with ``round_batch``, the batch size to the sample's batch
-times a power of two), plans that bucket from the fitted costs when it has no plan
-yet (:func:`memfit.planning.shapes.plan_shape`: evaluate the fits, solve; milliseconds, nothing
-runs), and, when the bucket's schedule differs from the one applied, swaps plans with
+rounds the sequence length up to its bucket (and, with ``round_batch``, the batch size to the
+sample's batch times a power of two), plans that bucket from the fitted costs when it has no
+plan yet (:func:`memfit.planning.shape_costs.plan_shape`: evaluate the fits, solve;
+milliseconds, nothing runs), and, when the bucket's schedule differs from the one applied, swaps plans with
 :func:`~memfit.runtime.apply.remove_plan` and :func:`~memfit.runtime.apply.apply_plan`. A shape
 no plan fits raises :class:`~memfit.errors.InfeasibleBudgetError` there, before the forward.
 Forwards without gradients (evaluation, generation) run with whatever plan is applied.
@@ -38,7 +38,8 @@ from torch import nn
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.sample_shapes import SampleLayout, batch_shape
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
+from memfit.planning.shape_costs import ShapeCosts, largest_shape, plan_shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
 from memfit.runtime.apply import (
     SHAPE_PLANS,
