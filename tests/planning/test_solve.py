@@ -118,7 +118,19 @@ def test_frontier_on_a_long_chain() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["simulate", "baselines", "optimal", "frontier", "solve", "synthetic", "min_peak"],
+    [
+        "simulate",
+        "baselines",
+        "optimal",
+        "frontier",
+        "solve",
+        "synthetic",
+        "min_peak",
+        "shape_fits",
+        "shape_costs",
+        "plan",
+        "costs",
+    ],
 )
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(f"memfit.planning.{module}"))

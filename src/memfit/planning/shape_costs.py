@@ -256,8 +256,12 @@ class ShapeCosts:
         """The chain's costs at ``shape``, from the fits (a ``ChainCosts`` like a profile's).
 
         Example:
-            >>> costs = fitted.costs_at(Shape(8, 1024))
-            >>> solve(costs, budget_bytes, "optimal").predicted_peak_bytes
+            >>> from memfit.planning.costs import uniform_chain
+            >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64), Shape(4, 32), Shape(2, 64)]
+            >>> fitted = fit_shapes(shapes, [uniform_chain(4, activation_bytes=1024 * s.tokens)
+            ...                              for s in shapes])
+            >>> fitted.costs_at(Shape(8, 64)).stages[1].output_bytes  # 1 KiB a token
+            524288
         """
         values: dict[Path, Any] = {p: _value(p, fit, shape) for p, fit in self.fits.items()}
         stages = []
@@ -425,8 +429,11 @@ def fit_shapes(shapes: Sequence[Shape], profiles: Sequence[ChainCosts]) -> Shape
         ValueError: mismatched lengths, too few shapes, or chains that differ between shapes.
 
     Example:
-        >>> fitted = fit_shapes([Shape(1, 32), Shape(2, 32), Shape(1, 64)], [c1, c2, c3])
-        >>> fitted.costs_at(Shape(4, 256)).held_bytes
+        >>> from memfit.planning.costs import uniform_chain
+        >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64), Shape(4, 32), Shape(2, 64)]
+        >>> chains = [uniform_chain(4, activation_bytes=1024 * s.tokens) for s in shapes]
+        >>> fit_shapes(shapes, chains).costs_at(Shape(8, 64)).stages[1].output_bytes
+        524288
     """
     if len(shapes) != len(profiles):
         raise ValueError(f"need one profile per shape; got {len(shapes)} and {len(profiles)}")
@@ -467,8 +474,11 @@ def largest_shape(
         ValueError: not exactly one of ``batch`` and ``seq`` given.
 
     Example:
-        >>> largest_shape(fitted, 8 * 2**30, batch=8)
-        Shape(batch=8, seq=3072)
+        >>> from memfit.planning.costs import uniform_chain
+        >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64), Shape(4, 32), Shape(2, 64)]
+        >>> chains = [uniform_chain(4, activation_bytes=1024 * s.tokens) for s in shapes]
+        >>> print(largest_shape(fit_shapes(shapes, chains), 64 * 2**20, batch=8))
+        8 x 2389
     """
 
     if (batch is None) == (seq is None):

@@ -148,7 +148,7 @@ def fit_bytes(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
     one at all, least squares over ``1, tokens, batch·seq²`` on all shapes, marked inexact.
 
     Example:
-        >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64)]
+        >>> shapes = [Shape(1, 32), Shape(2, 32), Shape(1, 64), Shape(4, 32)]
         >>> fit_bytes(shapes, [100 + 4 * s.tokens for s in shapes]).describe()
         '100 + 4·tokens'
     """
