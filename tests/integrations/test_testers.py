@@ -34,19 +34,7 @@ pytestmark = [
 # what the plain step cannot repeat: verify must say so (reference_repeatable False)
 UNREPEATABLE = {"sew": "SEW masks time steps with NumPy's random numbers (SpecAugment)"}
 
-EARLY_STOP = (
-    "predicted peak more than 2% above the measured one: the simulator charges a recompute with "
-    "the kept forward's transient peak (forward_peak_bytes), but torch's checkpoint stops the "
-    "rerun once the last tensor backward needs is rebuilt (early stop), so the ops after it and "
-    "their transients never run (cohere, every block recomputed: predicted 398,865 B, measured "
-    "355,593 B, 387,217 B with set_checkpoint_early_stop(False))"
-)
 KNOWN: dict[str, str] = {
-    "doge": EARLY_STOP,
-    "t5": EARLY_STOP,
-    "cohere": EARLY_STOP,
-    "emu3": EARLY_STOP,
-    "vaultgemma": EARLY_STOP,
     "llava": (
         "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
     ),
