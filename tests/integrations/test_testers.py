@@ -47,9 +47,6 @@ KNOWN: dict[str, str] = {
     "cohere": EARLY_STOP,
     "emu3": EARLY_STOP,
     "vaultgemma": EARLY_STOP,
-    "llava": (
-        "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
-    ),
 }
 
 

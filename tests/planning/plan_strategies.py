@@ -66,6 +66,7 @@ def chains(
                 nosave_forward_peak_bytes=draw(st.integers(0, forward_peak)) * unit,
                 checkpointable=not constraints or draw(st.integers(0, 5)) > 0,
                 joins_previous=not constraints or i == 0 or draw(st.integers(0, 5)) > 0,
+                nosave_held_bytes=draw(st.sampled_from([0, 0, 1, 2])) * unit,
             )
         )
     held = draw(st.integers(0, 10)) * unit
@@ -142,8 +143,12 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
         found: list[Summary] = []
         menu = {KEEP: stages[start].options[KEEP]} if drop else stages[start].options
         for name, option in menu.items():
+            # kept in a recompute: less what the step's no-save forward kept already
+            held = stages[start].nosave_held_bytes if drop else 0
             forward = event(
-                (0, 0), option.forward_peak_bytes, option.saved_bytes + stages[start].output_bytes
+                (0, 0),
+                option.forward_peak_bytes,
+                option.saved_bytes + stages[start].output_bytes - held,
             )
             for peak, total, seconds, tree in solve(start + 1, stop, drop, True):
                 state = (max(forward[0], forward[1] + peak), forward[1] + total)
@@ -156,6 +161,8 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
             forward, nosave_s = (0, 0), 0.0
             for j in range(start, end):
                 delta = stages[j].output_bytes - (stages[j].input_bytes if j > start else 0)
+                # the step's no-save forward keeps nosave_held_bytes to each stage's backward
+                delta += 0 if drop else stages[j].nosave_held_bytes
                 forward = event(forward, stages[j].nosave_forward_peak_bytes, delta)
                 nosave_s += stages[j].nosave_forward_s
             for rest in solve(end, stop, drop, True):

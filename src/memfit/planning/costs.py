@@ -12,7 +12,10 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   input go).
 * A recompute ``Segment(s, t)`` in forward runs stages ``s..t-1`` without saving: for each ``j``
   the peak is ``L + nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for
-  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept).
+  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept). In the step's forward
+  (a top-level segment) ``L += nosave_held_bytes[j]`` too: what autograd keeps past the
+  checkpoint's hooks, which the step's graph holds to stage ``j``'s backward; so stage ``j``
+  kept in a recompute adds that much less than ``saved_bytes + output_bytes``.
 * ``Stage(i, option)`` in backward: the peak is ``L + backward_peak_bytes``, then
   ``L += backward_delta_bytes`` (negative: saved tensors, the input and the output's gradient
   are freed; the input's gradient and new parameter gradients are allocated).
@@ -115,6 +118,10 @@ class StageCosts:
             them); ``None``: this stage's own (the model drops the input when the stage
             returns), else a later one's (the embeddings' output, which the model holds to the
             end of its forward: the last stage's).
+        nosave_held_bytes: bytes the stage's no-save forward keeps to its backward although a
+            checkpoint saves nothing: tensors autograd keeps without the saved-tensor hooks,
+            such as the 8-byte tensor of a Python number multiplied in (``1.702 * x`` in
+            CLIP's quick_gelu), measured beyond ``checkpoint_bytes``; part of ``saved_bytes``.
     """
 
     name: str
@@ -130,6 +137,7 @@ class StageCosts:
     input_offloadable: bool = True
     released_input_bytes: int = 0
     released_input_at: int | None = None
+    nosave_held_bytes: int = 0
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:
@@ -142,6 +150,7 @@ class StageCosts:
             self.tail_bytes,
             self.offload_bytes,
             self.released_input_bytes,
+            self.nosave_held_bytes,
         )
         if min(sizes) < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")

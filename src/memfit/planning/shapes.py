@@ -393,6 +393,7 @@ _STAGE_BYTES = (
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "nosave_held_bytes",
 )
 _CHAIN_BYTES = (
     "held_bytes",
@@ -411,6 +412,7 @@ _NON_NEGATIVE = {
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "nosave_held_bytes",
     *_CHAIN_BYTES,
 }
 

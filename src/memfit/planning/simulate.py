@@ -10,6 +10,11 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
   input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
   (the recomputed output is not needed: the output's gradient is), then ``inner`` backward;
+* a top-level segment's no-save forward (the step's) also adds each stage's
+  ``nosave_held_bytes`` (tensors autograd keeps past the checkpoint's hooks), which the step's
+  graph keeps to the stage's backward (its ``backward_delta_bytes`` frees them with what it
+  saved): a kept stage recomputed adds ``nosave_held_bytes`` less than in the step's forward,
+  and a no-save forward inside a recompute adds none;
 * every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
   forward to the end of its backward, plus one per segment nested in it (their checkpoints run
   in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
@@ -183,6 +188,8 @@ class _Replay:
                 stage = self.stages[item.index]
                 option = stage.options[item.option]
                 delta = option.saved_bytes + stage.output_bytes
+                if phase == RECOMPUTE:  # kept already by the step's no-save forward
+                    delta -= stage.nosave_held_bytes
                 if item.option == OFFLOAD:  # made on the device; the top level moves them
                     delta += stage.offload_bytes
                     self.step_s += sum(_kept_times(self.costs, item))
@@ -204,6 +211,8 @@ class _Replay:
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
                 delta = stage.output_bytes - (stage.input_bytes if frees else 0)
+                if phase == FORWARD:  # the step's graph keeps them to the stage's backward
+                    delta += stage.nosave_held_bytes
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
             if item.stop - item.start > 1:
