@@ -72,6 +72,7 @@ def chains(
                     st.none() | st.integers(0, forward_peak + 2).map(lambda peak: peak * unit)
                 ),
                 recompute_lead_bytes=draw(st.integers(0, 3)) * unit,
+                nosave_held_bytes=draw(st.sampled_from([0, 0, 1, 2])) * unit,
             )
         )
     held = draw(st.integers(0, 10)) * unit
@@ -153,7 +154,9 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
             peak_above = option.forward_peak_bytes
             if drop and start == stop - 1:
                 peak_above = stages[start].recompute_peak()
-            delta = option.saved_bytes + stages[start].output_bytes
+            # kept in a recompute: less what the step's no-save forward kept already
+            held = stages[start].nosave_held_bytes if drop else 0
+            delta = option.saved_bytes + stages[start].output_bytes - held
             forward = event((0, 0), peak_above, delta, lead)
             for peak, total, seconds, tree in solve(start + 1, stop, drop, True):
                 state = (max(forward[0], forward[1] + peak), forward[1] + total)
@@ -166,6 +169,8 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
             forward, nosave_s = (0, 0), 0.0
             for j in range(start, end):
                 delta = stages[j].output_bytes - (stages[j].input_bytes if j > start else 0)
+                # the step's no-save forward keeps nosave_held_bytes to each stage's backward
+                delta += 0 if drop else stages[j].nosave_held_bytes
                 forward = event(forward, stages[j].nosave_forward_peak_bytes, delta, lead)
                 nosave_s += stages[j].nosave_forward_s
             for rest in solve(end, stop, drop, True):

@@ -34,11 +34,7 @@ pytestmark = [
 # what the plain step cannot repeat: verify must say so (reference_repeatable False)
 UNREPEATABLE = {"sew": "SEW masks time steps with NumPy's random numbers (SpecAugment)"}
 
-KNOWN: dict[str, str] = {
-    "llava": (
-        "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 # refused on purpose, with what memfit would need said in the error

@@ -155,22 +155,29 @@ def _tail_shift(reading: StageReading, chain: Chain, index: int) -> int:
     return shift
 
 
-def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
-    """What a one-block checkpoint keeps from its forward to its backward besides the block's
-    output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
-    device's). The smallest such figure over the blocks, so that what one block stashes itself
-    (a cache filled in its forward) is not taken for every checkpoint's. Blocks no gradient
-    flows through (frozen, with an input that needs none) are left out: their checkpoint saves
-    no tensor, so torch drops its RNG state at once, while a segment holding them and a block
-    that trains keeps it (frozen lower layers made this 0 and plans went over budget)."""
-    kept = []
+def _checkpoint_kept(recompute: StageReading, keep: StageReading, chain: Chain) -> dict[int, int]:
+    """Per block, what its one-block checkpoint keeps from its forward to its backward besides
+    its output. Blocks no gradient flows through (frozen, with an input that needs none) are
+    left out: their checkpoint saves no tensor, so torch drops its RNG state at once, while a
+    segment holding them and a block that trains keeps it (frozen lower layers made the
+    checkpoint's bytes 0 and plans went over budget)."""
+    kept = {}
     for index in chain.block_stages:  # the stages between block lists are never recomputed
         if not recompute.has_backward(index):
             continue
         start, _peak, end = recompute.forward_span(index)
         shift = _tail_shift(recompute, chain, index)
-        kept.append(end - start - keep.output_bytes.get(index, 0) - shift)
-    return max(0, min(kept, default=0))
+        kept[index] = end - start - keep.output_bytes.get(index, 0) - shift
+    return kept
+
+
+def _checkpoint_bytes(kept: Mapping[int, int]) -> int:
+    """What every checkpoint keeps (:func:`_checkpoint_kept`): the RNG state torch stashes
+    (5,056 bytes on CPU; on CUDA host memory, not the device's). The smallest figure over the
+    blocks; what a block keeps beyond it is its own (:attr:`StageCosts.nosave_held_bytes`:
+    CLIP's quick_gelu multiplies by the Python number 1.702, whose 8-byte tensor autograd
+    keeps without the checkpoint's hooks; measured on LLaVA's vision tower)."""
+    return max(0, min(kept.values(), default=0))
 
 
 def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
@@ -272,7 +279,8 @@ def build_profile(
         post_details: option name -> what it does, for plans to show (``exact``, ``does``).
     """
     last = len(chain) - 1
-    checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, chain)
+    kept = {} if recompute is None else _checkpoint_kept(recompute, keep, chain)
+    checkpoint = _checkpoint_bytes(kept)
     dead = no_gradient(chain, keep)
     stages = []
     for index, name in enumerate(chain.stage_names):
@@ -321,6 +329,7 @@ def build_profile(
                 released_input_at=None if released[1] == index else released[1],
                 recompute_peak_bytes=rerun,
                 recompute_lead_bytes=lead,
+                nosave_held_bytes=max(0, kept.get(index, checkpoint) - checkpoint),
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None

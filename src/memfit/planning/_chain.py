@@ -79,8 +79,14 @@ class ChainArrays:
         ]
         self.output = np.array([stage.output_bytes for stage in stages], dtype=Int)
         inputs = np.array([stage.input_bytes for stage in stages], dtype=Int)
+        # what a stage's no-save forward keeps past the checkpoint's hooks: held by the step's
+        # graph from a top-level segment's forward to the stage's backward; so a recompute of
+        # the stage (kept) leaves that much less than its kept forward (see simulate)
+        self.held = np.array([stage.nosave_held_bytes for stage in stages], dtype=Int)
+        self.held_prefix = np.concatenate([[0], np.cumsum(self.held)]).astype(Int)
         self.option_time: list[np.ndarray] = []
         self.option_forward_peak: list[np.ndarray] = []
+        self.stage_forward_peak: list[np.ndarray] = []  # as measured (not effective)
         self.option_residue: list[np.ndarray] = []
         self.option_back_peak: list[np.ndarray] = []
         # kept as the last stage of a segment's recompute: torch's early stop ends the rerun
@@ -95,8 +101,10 @@ class ChainArrays:
             delta = np.array([o.backward_delta_bytes for o in menu], dtype=Int)
             self.option_time.append(np.array([o.forward_s + o.backward_s for o in menu]))
             forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
+            self.stage_forward_peak.append(forward_peak)
             self.option_forward_peak.append(np.maximum(forward_peak, residue))
-            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0]))
+            # what keep leaves in a recompute: its residue less what the step's forward kept
+            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0] - self.held[i]))
             self.option_residue.append(residue)
             back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
             self.option_back_peak.append(np.maximum(back_peak, delta))
@@ -120,27 +128,37 @@ class ChainArrays:
             self.max_length[s] = min(cap, 1 + (self.max_length[s + 1] if joined else 0))
         self.cap = max(1, int(self.max_length.max(initial=0)))
         shape = (n, self.cap + 1)
-        self.segment_peak = np.zeros(shape, dtype=Int)
-        self.segment_residue = np.zeros(shape, dtype=Int)
-        self.segment_time = np.zeros(shape)
         nosave_peak = np.array([stage.nosave_forward_peak_bytes for stage in stages], dtype=Int)
         nosave_s = np.array([stage.nosave_forward_s for stage in stages])
-        level = np.full(n, self.checkpoint_bytes, dtype=Int)
-        peak = level.copy()
-        seconds = np.zeros(n)
-        for length in range(1, self.cap + 1):
-            first = np.arange(n - length + 1)
-            last = first + length - 1
-            delta = self.output[last] - (inputs[last] if length > 1 else 0)
-            step_peak = np.maximum(nosave_peak[last], delta)
-            peak[first] = np.maximum(peak[first], level[first] + step_peak)
-            level[first] += delta
-            seconds[first] += nosave_s[last]
-            # several stages: the runtime's RNG check between them when the forward ends
-            check = 2 * self.checkpoint_bytes if length > 1 else 0
-            self.segment_peak[first, length] = np.maximum(peak[first], level[first] + check)
-            self.segment_residue[first, length] = level[first]
-            self.segment_time[first, length] = seconds[first]
+        # [0]: a segment inside another's recompute; [1]: a top-level one, whose no-save
+        # forward (the step's) also keeps nosave_held_bytes, freed by each stage's backward
+        peaks, residues = [], []
+        for held in (np.zeros(n, dtype=Int), self.held):
+            level = np.full(n, self.checkpoint_bytes, dtype=Int)
+            peak = level.copy()
+            segment_peak = np.zeros(shape, dtype=Int)
+            segment_residue = np.zeros(shape, dtype=Int)
+            seconds = np.zeros(n)
+            self.segment_time = np.zeros(shape)
+            for length in range(1, self.cap + 1):
+                first = np.arange(n - length + 1)
+                last = first + length - 1
+                delta = self.output[last] - (inputs[last] if length > 1 else 0)
+                step_peak = np.maximum(nosave_peak[last], delta)
+                peak[first] = np.maximum(peak[first], level[first] + step_peak)
+                level[first] += delta
+                peak[first] = np.maximum(peak[first], level[first] + held[last])
+                level[first] += held[last]
+                seconds[first] += nosave_s[last]
+                # several stages: the runtime's RNG check between them when the forward ends
+                check = 2 * self.checkpoint_bytes if length > 1 else 0
+                segment_peak[first, length] = np.maximum(peak[first], level[first] + check)
+                segment_residue[first, length] = level[first]
+                self.segment_time[first, length] = seconds[first]
+            peaks.append(segment_peak)
+            residues.append(segment_residue)
+        self.segment_peak, self.segment_top_peak = peaks
+        self.segment_residue, self.segment_top_residue = residues
 
     def full_segment_peak(self, start: int, length: int) -> int:
         """The forward peak of ``Segment(start, start + length)`` as the whole inner tree of a
@@ -154,7 +172,9 @@ class ChainArrays:
         last = np.maximum(stop - 1, 0)
         gaps = self.gap_prefix[last] - self.gap_prefix[np.minimum(start, last)]
         out = self.total_prefix[stop] - self.total_prefix[start] + (stop - start) * gaps
-        return out - self.output[last] if drop else out
+        if drop:  # inside a recompute: each stage frees what the step's no-save forward kept
+            return out - self.output[last] - (self.held_prefix[stop] - self.held_prefix[start])
+        return out
 
     def fastest_segment_peak(self) -> int:
         """The largest peak of a segment's inner tree run at its fastest (every stage kept with
@@ -183,10 +203,10 @@ class ChainArrays:
             options=options,
             time_s=np.concatenate([self.option_time[start], self.segment_time[start, lengths]]),
             forward_peak=np.concatenate(
-                [self.option_forward_peak[start], self.segment_peak[start, lengths]]
+                [self.option_forward_peak[start], self.segment_top_peak[start, lengths]]
             ),
             residue=np.concatenate(
-                [self.option_residue[start], self.segment_residue[start, lengths]]
+                [self.option_residue[start], self.segment_top_residue[start, lengths]]
             ),
             back_offset=np.zeros(0, dtype=Int),
             back_peak=np.concatenate([self.option_back_peak[start], np.zeros(len(lengths), Int)]),
@@ -210,11 +230,17 @@ class ChainArrays:
         rows = np.r_[0:options, every.options : every.options + longest]
         residue, rest_start = every.residue[rows], every.rest_start[rows]
         forward_peak = every.forward_peak[rows]
-        if drop:  # in a recompute: above its last stage's lead; that stage stops early
-            forward_peak = forward_peak.copy()
+        if drop:  # a recompute: keep leaves what the step's forward kept less; segments nest;
+            # a stage ending the recompute stops early; all above the last stage's lead
+            lengths = np.arange(1, longest + 1)
+            keep = self.option_residue[start][:1] - self.held[start]
             if stop == start + 1:
-                forward_peak[0] = self.recompute_peak[start]
-            forward_peak += self.recompute_lead[stop - 1]
+                keep_peak = self.recompute_peak[start : start + 1]
+            else:
+                keep_peak = np.maximum(self.stage_forward_peak[start][:1], keep)
+            residue = np.concatenate([keep, self.segment_residue[start, lengths]])
+            forward_peak = np.concatenate([keep_peak, self.segment_peak[start, lengths]])
+            forward_peak = forward_peak + self.recompute_lead[stop - 1]
         return Candidates(
             options=options,
             time_s=every.time_s[rows],

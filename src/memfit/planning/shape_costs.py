@@ -59,6 +59,7 @@ _STAGE_BYTES = (
     "released_input_bytes",
     "recompute_peak_bytes",
     "recompute_lead_bytes",
+    "nosave_held_bytes",
 )
 _CHAIN_BYTES = (
     "held_bytes",
@@ -79,6 +80,7 @@ _NON_NEGATIVE = {
     "released_input_bytes",
     "recompute_peak_bytes",
     "recompute_lead_bytes",
+    "nosave_held_bytes",
     *_CHAIN_BYTES,
 }
 

@@ -14,6 +14,11 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   when ``inner`` ends in a ``Stage`` that stage peaks at its ``recompute_peak()`` (measured
   that way) instead of ``forward_peak_bytes``; every peak of the recompute is
   ``recompute_lead_bytes`` of stage ``t-1`` higher (its backward's gradients made before it);
+* a top-level segment's no-save forward (the step's) also adds each stage's
+  ``nosave_held_bytes`` (tensors autograd keeps past the checkpoint's hooks), which the step's
+  graph keeps to the stage's backward (its ``backward_delta_bytes`` frees them with what it
+  saved): a kept stage recomputed adds ``nosave_held_bytes`` less than in the step's forward,
+  and a no-save forward inside a recompute adds none;
 * every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
   forward to the end of its backward, plus one per segment nested in it (their checkpoints run
   in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
@@ -192,6 +197,8 @@ class _Replay:
                 option = stage.options[item.option]
                 peak = stage.recompute_peak() if item.index == stops else option.forward_peak_bytes
                 delta = option.saved_bytes + stage.output_bytes
+                if phase == RECOMPUTE:  # kept already by the step's no-save forward
+                    delta -= stage.nosave_held_bytes
                 if item.option == OFFLOAD:  # made on the device; the top level moves them
                     delta += stage.offload_bytes
                     self.step_s += sum(_kept_times(self.costs, item))
@@ -213,6 +220,8 @@ class _Replay:
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
                 delta = stage.output_bytes - (stage.input_bytes if frees else 0)
+                if phase == FORWARD:  # the step's graph keeps them to the stage's backward
+                    delta += stage.nosave_held_bytes
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
             if item.stop - item.start > 1:
