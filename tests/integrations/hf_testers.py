@@ -716,4 +716,5 @@ TESTERS: dict[str, Callable[[], Built]] = {
     "mimi": mimi,
     "hgnet_v2": hgnet_v2,
     "wav2vec2": wav2vec2,
+    "xlstm": xlstm,
 }
