@@ -715,6 +715,7 @@ TESTERS: dict[str, Callable[[], Built]] = {
     "encodec": encodec,
     "mimi": mimi,
     "hgnet_v2": hgnet_v2,
+    "phi4_multimodal": phi4_multimodal,
     "wav2vec2": wav2vec2,
     "xlstm": xlstm,
 }
