@@ -716,6 +716,7 @@ TESTERS: dict[str, Callable[[], Built]] = {
     "mimi": mimi,
     "hgnet_v2": hgnet_v2,
     "phi4_multimodal": phi4_multimodal,
+    "reformer": reformer,
     "wav2vec2": wav2vec2,
     "xlstm": xlstm,
 }
