@@ -715,5 +715,8 @@ TESTERS: dict[str, Callable[[], Built]] = {
     "encodec": encodec,
     "mimi": mimi,
     "hgnet_v2": hgnet_v2,
+    "phi4_multimodal": phi4_multimodal,
+    "reformer": reformer,
     "wav2vec2": wav2vec2,
+    "xlstm": xlstm,
 }
