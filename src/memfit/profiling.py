@@ -175,14 +175,23 @@ def _head_menu(
     return wanted, notes
 
 
-def _every_block(chain: Chain, option: str | None) -> Plan:
+def _every_block(chain: Chain, option: str | None, head: str | None = None) -> Plan:
+    """Every block run with ``option`` (``None``: each recomputed); the last stage (head and
+    loss) with ``head``, or kept."""
     blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
     tree = [
         (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
         for i, block in enumerate(blocks)
     ]
     strategy = "all" if option is None else f"every block {option}"
+    if head is not None:
+        tree[-1] = Stage(len(tree) - 1, head)
+        strategy = f"{strategy}, <post> {head}"
     return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
+
+
+# block options that run without a checkpoint (saved-tensor hooks only)
+_UNCHECKPOINTED = (REBUILD, REBUILD_LINEAR, REBUILD_OPS)
 
 
 @preserving_state
@@ -514,16 +523,29 @@ def _profile(
         # and a clock). keep alone takes a second, plain timed step, which the metered one warms
         # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
         # every other way's times (issue 22: the setup in at most 20 steps' worth).
-        for way, way_plan in list(ways.items()):
+        # A head option rides in the step of a block option without checkpoints (rebuild*):
+        # the head's span is then the one it has with every block kept (no checkpoint holds
+        # side inputs through it), and the blocks' spans close before the head runs.
+        rides = dict(zip([w for w in ways if w in _UNCHECKPOINTED], heads, strict=False))
+        queue = [way for way in ways if way not in rides.values()]
+        while queue:
+            way = queue.pop(0)
+            head = rides.pop(way, None)
+            way_plan = ways[way] if head is None else _every_block(chain, way, head)
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
                     after = partial(timed_after, clocks[way]) if way == KEEP else None
                     readings[way] = meter(0, after, clock_metered=True)
             except Exception as error:
                 readings.pop(way, None)
-                drop(way, error)
+                if head is not None:  # apart, so that only the way that fails is dropped
+                    queue[:0] = [way, head]
+                else:
+                    drop(way, error)
                 continue
             rebuilds[way] = rb
+            if head is not None:
+                readings[head], used[head] = readings[way], lines
             if way in used:
                 used[way] = lines
             if way != KEEP:
