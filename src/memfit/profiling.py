@@ -105,6 +105,12 @@ RANDOM_NOTE = (
 )
 
 
+TIMED_NOTE = (
+    "{options} not measured: selective options picked by the blocks' measured op times; "
+    "profile with thorough=True (CLI --thorough) to measure them"
+)
+
+
 class _RandomDraws(TorchDispatchMode):
     """Notes whether any op drawn through it draws random numbers."""
 
@@ -224,7 +230,8 @@ def profile(
             ``thorough``, else the fast path (see ``thorough``).
         options: per-stage options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear``, ``rebuild+ops`` and a few
-            selective-recompute policies picked from the blocks' op profile, on CUDA
+            selective-recompute policies picked from the blocks' op profile (those picked by
+            measured op times only with ``thorough`` or ``repeats``; a note says so), on CUDA
             ``offload`` (its costs derive from keep's, the bytes it would move and the measured
             copy bandwidth; on other devices ``info["notes"]`` says why it is absent), and the
             options of the last stage (head and loss, :mod:`memfit.runtime.head`):
@@ -455,8 +462,15 @@ def _profile(
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
-        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *candidate_policies(block_ops)]
         timed = timed_policies(block_ops)  # by measured op times: no floor rests on them
+        fixed = [name for name in candidate_policies(block_ops) if name not in timed]
+        if repeats is None and not thorough and timed:
+            # The fast path leaves them out (a step each, the dearest steps to meter): another
+            # profile may pick others, and on the built-in GPT and HF GPT-2 and Llama configs
+            # no optimal plan at any budget took one (issue 22: setup time).
+            info["notes"] = [*info.get("notes", []), TIMED_NOTE.format(options=timed)]
+            timed = []
+        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed]
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
             options, timed = list(rank0(options)), list(rank0(timed))
         info["timed_options"] = timed

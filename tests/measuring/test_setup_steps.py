@@ -58,7 +58,24 @@ def test_fast_path_measures_the_same_bytes_in_a_sixth_of_the_steps() -> None:
     thorough = memfit.profile(model, sample, thorough=True)
     thorough_steps = len(calls)
     assert _byte_figures(fast) == _byte_figures(thorough)
-    assert set(fast.costs.stages[1].options) >= {"keep", "rebuild", "selective:matmul"}
+    # the selective options picked by measured op times are the thorough path's alone
+    assert set(fast.costs.stages[1].options) == {
+        "keep",
+        "rebuild",
+        "rebuild+linear",
+        "rebuild+ops",
+        "selective:matmul",
+    }
+    assert fast.info["timed_options"] == []
+    timed = thorough.info["timed_options"]
+    assert timed and set(timed) <= set(thorough.costs.stages[1].options)
+    assert any(
+        note.startswith("['selective:save=") and "thorough=True" in note
+        for note in fast.info["notes"]
+    )
+    # 7 ways (keep, recompute, 3 rebuild, 1 selective, 1 head): 6 metered steps, keep's
+    # plain one, the chain finder's and the op profile's forwards
+    assert fast_steps <= 9
     # per way one step, metered and timed, head options riding in a rebuild option's step;
     # keep's plain timed step; the chain finder and the op profile one forward each
     heads = len(fast.costs.stages[-1].options) - 1
