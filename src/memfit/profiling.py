@@ -467,7 +467,7 @@ def _profile(
         if repeats is None and not thorough and timed:
             # The fast path leaves them out (a step each, the dearest steps to meter): another
             # profile may pick others, and on the built-in GPT and HF GPT-2 and Llama configs
-            # no optimal plan at any budget took one (issue 22: setup time).
+            # no optimal plan took one, at budgets from the floor to 100% (issue 22).
             info["notes"] = [*info.get("notes", []), TIMED_NOTE.format(options=timed)]
             timed = []
         options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed]
