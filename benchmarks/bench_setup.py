@@ -4,10 +4,10 @@ For the built-in GPT at nanoGPT's small size (4 layers, width 128, 8 x 64 tokens
 Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each run times the plain
 training step (median of ``--steps`` steps after two warm-up steps), then ``memfit.auto(model,
 sample, budget=--budget)`` on a fresh copy of the model, wall seconds, with the default profile
-(one step per way of running the model, metered and timed at once) and with ``thorough=True`` (three
-timed steps per way in turns), and writes the ratio: the setup's cost in steps. Each plan is then
-verified: its predicted peak against the measured one, its predicted step time against the
-measured overhead. ``plan.info["setup_steps"]`` (profile and plan, measured inside
+(one step per way of running the model, metered and timed at once) and with ``thorough=True``
+(three timed steps per way in turns), and writes the ratio: the setup's cost in steps. Each
+plan is then verified: its predicted peak against the measured one, its predicted step time
+against the measured overhead. ``plan.info["setup_steps"]`` (profile and plan, measured inside
 ``memfit.plan`` against the profile's own step time) is printed beside it.
 
     .venv/bin/python benchmarks/bench_setup.py   # about 3 minutes on 2 quiet cores

@@ -106,6 +106,12 @@ RANDOM_NOTE = (
 )
 
 
+TIMED_NOTE = (
+    "{options} not measured: selective options picked by the blocks' measured op times; "
+    "profile with thorough=True (CLI --thorough) to measure them"
+)
+
+
 class _RandomDraws(TorchDispatchMode):
     """Notes whether any op drawn through it draws random numbers."""
 
@@ -176,16 +182,26 @@ def _head_menu(
     return wanted, notes
 
 
-def _every_block(chain: Chain, option: str | None, kept: frozenset[int] = frozenset()) -> Plan:
+def _every_block(
+    chain: Chain, option: str | None, head: str | None = None, kept: frozenset[int] = frozenset()
+) -> Plan:
     """Every block run with ``option`` (``None``: each recomputed on its own), but the stages
-    in ``kept``: the blocks no gradient reaches, which every plan keeps."""
+    in ``kept`` (the blocks no gradient reaches, which every plan keeps); the last stage (head
+    and loss) with ``head``, or kept."""
     blocks = [chain.block_of_stage(i) is not None and i not in kept for i in range(len(chain))]
     tree = [
         (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
         for i, block in enumerate(blocks)
     ]
     strategy = "all" if option is None else f"every block {option}"
+    if head is not None:
+        tree[-1] = Stage(len(tree) - 1, head)
+        strategy = f"{strategy}, <post> {head}"
     return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
+
+
+# block options that run without a checkpoint (saved-tensor hooks only)
+_UNCHECKPOINTED = (REBUILD, REBUILD_LINEAR, REBUILD_OPS)
 
 
 @preserving_state
@@ -218,7 +234,8 @@ def profile(
             ``thorough``, else the fast path (see ``thorough``).
         options: per-stage options to measure beside keep and recompute: ``"auto"`` (default)
             measures ``rebuild``, ``rebuild+linear``, ``rebuild+ops`` and a few
-            selective-recompute policies picked from the blocks' op profile, on CUDA
+            selective-recompute policies picked from the blocks' op profile (those picked by
+            measured op times only with ``thorough`` or ``repeats``; a note says so), on CUDA
             ``offload`` (its costs derive from keep's, the bytes it would move and the measured
             copy bandwidth; on other devices ``info["notes"]`` says why it is absent), and the
             options of the last stage (head and loss, :mod:`memfit.runtime.head`):
@@ -445,8 +462,15 @@ def _profile(
 ) -> Profile:
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
-        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *candidate_policies(block_ops)]
         timed = timed_policies(block_ops)  # by measured op times: no floor rests on them
+        fixed = [name for name in candidate_policies(block_ops) if name not in timed]
+        if repeats is None and not thorough and timed:
+            # The fast path leaves them out (a step each, the dearest steps to meter): another
+            # profile may pick others, and on the built-in GPT and HF GPT-2 and Llama configs
+            # no optimal plan took one, at budgets from the floor to 100% (issue 22).
+            info["notes"] = [*info.get("notes", []), TIMED_NOTE.format(options=timed)]
+            timed = []
+        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed]
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
             options, timed = list(rank0(options)), list(rank0(timed))
         info["timed_options"] = timed
@@ -507,16 +531,21 @@ def _profile(
         logger.warning("option %r left out of the profile: %s", way, error)
         del ways[way], clocks[way]
 
-    def keep_dead(dead: frozenset[int]) -> None:
+    dead: frozenset[int] = frozenset()
+
+    def keep_dead(cut_off: frozenset[int]) -> None:
         """Blocks cut off from the loss (an argmin, a detach after them: their graph gets no
         gradient) run kept in every way: their saved tensors go when the model drops their
         graph, whatever runs them, and no recompute of theirs ever runs, so checkpointing them
         saves nothing; kept in every way, they free the same bytes in the same stage's span in
         every reading, and the other stages' figures stay their own."""
+        nonlocal dead
+        dead = cut_off
         if dead:
             for way in ways:
                 if way in options or way == RECOMPUTE:
-                    ways[way] = _every_block(chain, None if way == RECOMPUTE else way, dead)
+                    option = None if way == RECOMPUTE else way
+                    ways[way] = _every_block(chain, option, kept=dead)
 
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
@@ -525,19 +554,31 @@ def _profile(
         # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
         # every other way's times (issue 22: the setup in at most 20 steps' worth). keep comes
         # first: its reading says which blocks get no gradient.
-        for way in list(ways):
+        # A head option rides in the step of a block option without checkpoints (rebuild*):
+        # the head's span is then the one it has with every block kept (no checkpoint holds
+        # side inputs through it), and the blocks' spans close before the head runs.
+        rides = dict(zip([w for w in ways if w in _UNCHECKPOINTED], heads, strict=False))
+        queue = [way for way in ways if way not in rides.values()]
+        while queue:
+            way = queue.pop(0)
             if way not in ways:
                 continue
-            way_plan = ways[way]
+            head = rides.pop(way, None)
+            way_plan = ways[way] if head is None else _every_block(chain, way, head, dead)
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
                     after = partial(timed_after, clocks[way]) if way == KEEP else None
                     readings[way] = meter(0, after, clock_metered=True)
             except Exception as error:
                 readings.pop(way, None)
-                drop(way, error)
+                if head is not None:  # apart, so that only the way that fails is dropped
+                    queue[:0] = [way, head]
+                else:
+                    drop(way, error)
                 continue
             rebuilds[way] = rb
+            if head is not None:
+                readings[head], used[head] = readings[way], lines
             if way in used:
                 used[way] = lines
             if way == KEEP:

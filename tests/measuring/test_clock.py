@@ -8,7 +8,7 @@ import pytest
 
 import memfit
 from memfit.measuring import run
-from memfit.measuring.run import CPU, WALL, wall_scaled
+from memfit.measuring.run import CPU, WALL, profiler_share, wall_scaled
 from memfit.models import gpt
 from memfit.runtime.apply import applied_plan
 
@@ -84,3 +84,15 @@ def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPa
     nosave = sum(stage.nosave_forward_s for stage in prof.costs.stages[1:-1])
     kept = sum(stage.options["keep"].forward_s for stage in prof.costs.stages[1:-1])
     assert nosave < 2.5 * kept
+
+
+def test_the_profilers_share_is_at_most_one() -> None:
+    """The profiler only adds work: a plain step slower than the metered one is noise."""
+    assert (
+        profiler_share({"F:0": 3.0, WALL: 3.0, CPU: 4.0}, {"F:0": 1.0, WALL: 1.0, CPU: 2.0}) == 0.5
+    )
+    assert (
+        profiler_share({"F:0": 1.0, WALL: 1.0, CPU: 1.0}, {"F:0": 2.0, WALL: 2.0, CPU: 2.0}) == 1.0
+    )
+    assert profiler_share({"F:0": 2.0}, {"F:0": 1.0}) == 0.5  # wall clocks (CUDA): the spans
+    assert profiler_share({}, {"F:0": 1.0}) == 1.0

@@ -154,12 +154,14 @@ def wall_factor(clocks: Mapping[str, Sequence[Mapping[str, float]]]) -> float:
 def profiler_share(metered: Mapping[str, float], plain: Mapping[str, float]) -> float:
     """Plain over metered seconds of one way's step: what a time taken under the meter (the
     profiler records every op and allocation) is multiplied by to stand for a plain step.
-    CPU seconds on a CPU clock, else the spans' sum; 1.0 when either clock is empty."""
+    CPU seconds on a CPU clock, else the spans' sum; 1.0 when either clock is empty. At most
+    1.0: the profiler only adds work, so a plain step slower than the metered one is the
+    machine's noise, which must not make every other way dearer."""
     if CPU in metered and CPU in plain:
         metered_s, plain_s = metered[CPU], plain[CPU]
     else:
         metered_s, plain_s = sum(metered.values()), sum(plain.values())
-    return plain_s / metered_s if metered_s > 0.0 and plain_s > 0.0 else 1.0
+    return min(1.0, plain_s / metered_s) if metered_s > 0.0 and plain_s > 0.0 else 1.0
 
 
 def wall_scaled(
