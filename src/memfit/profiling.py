@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
-from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import hf_checkpointing_off, refuse_layerdrop
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -32,6 +31,7 @@ from memfit.measuring.profile import Profile, build_profile, no_gradient
 from memfit.measuring.run import (
     StageReading,
     measure_stages,
+    profiler_share,
     stage_clock,
     stages_without_gradient,
     wall_factor,
@@ -50,7 +50,7 @@ from memfit.runtime import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.apply import planned, planned_module
+from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
     compile_blocks,
@@ -70,6 +70,7 @@ from memfit.runtime.head import (
     head_usage,
     is_head_option,
 )
+from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
@@ -249,12 +250,13 @@ def profile(
             cross-entropy; it lowers the floor of large-vocabulary models most). Plans that
             use one say so (``plan.exact``, ``plan.info["inexact"]``). Options that cannot run
             on the model are left out with a note in ``profile.info["notes"]``.
-        thorough: ``False`` (default): each way of running the model takes one metered step
-            (memory, to the byte) and one timed step right after it, which the metered one
-            warms up: about 20 training steps for the built-in GPT and Hugging Face decoders
+        thorough: ``False`` (default): each way of running the model takes one step,
+            metered (memory, to the byte) and timed at once; keep also takes a plain timed
+            step, which measures the profiler's share of the metered times: at most 20
+            training steps' worth for the built-in GPT and Hugging Face decoders
             (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
             per way in turns, each after an untimed step, then the metered steps after an
-            untimed step each: about three times as long, for step-time predictions on a
+            untimed step each: about six times as long, for step-time predictions on a
             noisy machine. Memory figures are the same either way.
 
     Returns:
@@ -280,11 +282,7 @@ def profile(
     """
     refuse_compiled_model(model, "profile")
     check_step_arguments(model, sample, loss_fn, optimizer)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError(
-            "the model (or the model inside this wrapper) already carries a memfit plan; call "
-            "memfit.remove(model) before profiling"
-        )
+    refuse_planned(model, "profiling")
     if repeats is not None and repeats < 1:
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
@@ -475,7 +473,7 @@ def _profile(
             warmup=warmup,
         )
 
-    def meter(warmup: int, way_clocks: Any) -> StageReading:
+    def meter(warmup: int, way_clocks: Any, clock_metered: bool = False) -> StageReading:
         return measure_stages(
             model,
             sample,
@@ -486,6 +484,7 @@ def _profile(
             keep_output=keep_output,
             warmup=warmup,
             clocks=way_clocks,
+            clock_metered=clock_metered,
         )
 
     def timed_after(timed: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -521,15 +520,19 @@ def _profile(
 
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
-        # The fast path: per way, one metered step, then one timed step that it warmed up.
-        # keep comes first: its reading says which blocks get no gradient.
+        # The fast path: one step per way, metered and timed at once (its marks run the meter
+        # and a clock). keep alone takes a second, plain timed step, which the metered one warms
+        # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
+        # every other way's times (issue 22: the setup in at most 20 steps' worth). keep comes
+        # first: its reading says which blocks get no gradient.
         for way in list(ways):
             if way not in ways:
                 continue
             way_plan = ways[way]
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
-                    readings[way] = meter(0, partial(timed_after, clocks[way]))
+                    after = partial(timed_after, clocks[way]) if way == KEEP else None
+                    readings[way] = meter(0, after, clock_metered=True)
             except Exception as error:
                 readings.pop(way, None)
                 drop(way, error)
@@ -539,10 +542,16 @@ def _profile(
                 used[way] = lines
             if way == KEEP:
                 keep_dead(no_gradient(chain, readings[KEEP]))
+            else:
+                clocks[way].append(dict(readings[way].metered_s))
         _drop_unused(used, ways, clocks, info)
         readings = {way: readings[way] for way in ways}
         factor = wall_factor(clocks)
-        readings = {way: reading.times(factor) for way, reading in readings.items()}
+        profiler = profiler_share(readings[KEEP].metered_s, clocks[KEEP][0])
+        readings = {
+            way: reading.times(factor if way == KEEP else factor * profiler)
+            for way, reading in readings.items()
+        }
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.

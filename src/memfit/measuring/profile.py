@@ -1,8 +1,9 @@
 """The per-stage profile: measured costs of every stage under every option, as plain data.
 
 Built from :class:`~memfit.measuring.run.StageReading` s of whole steps: one with every stage kept,
-one with every block recomputed (which gives the no-save forward of each block), and one per
-further option (``selective:*``). Every figure is a difference of levels the meter saw at stage
+one with every block recomputed (which gives the no-save forward of each block, and the peak of
+each block's rerun in backward as torch runs it, with its early stop), and one per further option
+(``selective:*``). Every figure is a difference of levels the meter saw at stage
 boundaries, so the simulator replays the all-keep step to the byte.
 """
 
@@ -216,6 +217,22 @@ def no_gradient(chain: Chain, keep: StageReading) -> frozenset[int]:
     return keep.cut_off(chain.block_stages)
 
 
+def _recompute_costs(
+    recompute: StageReading, index: int, last: int, name: str, checkpoint: int
+) -> tuple[int | None, int]:
+    """Block ``index``'s rerun in the step with every block its own segment, as torch runs it
+    (early stop): its peak above the level where the rerun starts, and what its backward made
+    before that (:attr:`StageCosts.recompute_lead_bytes`: the level then, above the start of
+    its backward and the checkpoint's RNG state that torch saves around the rerun).
+    ``(None, 0)`` when it was not rerun (no gradient reached it)."""
+    span = recompute.recompute_span(name)
+    if span is None or not recompute.has_backward(index):
+        return None, 0
+    start, peak, _end = span
+    backward_start = recompute.backward_span(index, last)[0]
+    return peak - start, max(0, start - backward_start - checkpoint)
+
+
 def _gathered_bytes(chain: Chain) -> int:
     """Bytes of the largest FSDP2 unit block's parameters, gathered (``numel`` of a sharded
     parameter is the whole one's)."""
@@ -289,11 +306,13 @@ def build_profile(
                 detail = (post_details or {}).get(option)
                 menu[option] = _option_costs(reading, index, last, output, detail)
         released = keep.released_input(index) if is_block else (0, index)
-        if is_block and recompute is not None:
+        rerun, lead = None, 0  # not rerun: as the kept forward (StageCosts.recompute_peak)
+        if is_block and trains and recompute is not None:  # a cut-off block ran kept there
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
             nosave_s = recompute.forward_s[index]
             nosave_peak = max(0, peak - start - checkpoint)
+            rerun, lead = _recompute_costs(recompute, index, last, name, checkpoint)
         else:
             nosave_s, nosave_peak = menu[KEEP].forward_s, menu[KEEP].forward_peak_bytes
         stages.append(
@@ -309,6 +328,8 @@ def build_profile(
                 released_input_bytes=released[0],
                 released_input_at=None if released[1] == index else released[1],
                 nosave_held_bytes=max(0, kept.get(index, checkpoint) - checkpoint),
+                recompute_peak_bytes=rerun,
+                recompute_lead_bytes=lead,
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
@@ -318,6 +339,8 @@ def build_profile(
                     # FSDP2 units: a segment across them would hold all its blocks' gathered
                     # parameters at once through its recompute (memfit.runtime.sharding)
                     and not _own_units(chain, index - 1, index)
+                    # random numbers drawn before it (LayerDrop): a rerun would not draw them
+                    and position not in chain.draws_before
                 ),
             )
         )

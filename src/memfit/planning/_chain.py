@@ -89,6 +89,13 @@ class ChainArrays:
         self.stage_forward_peak: list[np.ndarray] = []  # as measured (not effective)
         self.option_residue: list[np.ndarray] = []
         self.option_back_peak: list[np.ndarray] = []
+        # kept as the last stage of a segment's recompute: torch's early stop ends the rerun
+        # at the last tensor backward needs (see simulate)
+        self.recompute_peak = np.zeros(n, dtype=Int)
+        # as measured (not effective): a recompute's keep leaves less (nosave_held_bytes)
+        self.rerun_peak = np.array([stage.recompute_peak() for stage in stages], dtype=Int)
+        # held through a recompute whose segment ends at the stage: every peak in it is higher
+        self.recompute_lead = np.array([stage.recompute_lead_bytes for stage in stages], dtype=Int)
         totals = np.zeros(n, dtype=Int)
         for i, stage in enumerate(stages):
             menu = [stage.options[name] for name in self.option_names[i]]
@@ -98,6 +105,7 @@ class ChainArrays:
             forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
             self.stage_forward_peak.append(forward_peak)
             self.option_forward_peak.append(np.maximum(forward_peak, residue))
+            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0]))
             self.option_residue.append(residue)
             back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
             self.option_back_peak.append(np.maximum(back_peak, delta))
@@ -153,6 +161,11 @@ class ChainArrays:
         self.segment_peak, self.segment_top_peak = peaks
         self.segment_residue, self.segment_top_residue = residues
 
+    def full_segment_peak(self, start: int, length: int) -> int:
+        """The forward peak of ``Segment(start, start + length)`` as the whole inner tree of a
+        recompute over the same stages (its no-save forward, above that recompute's lead)."""
+        return int(self.segment_peak[start, length] + self.recompute_lead[start + length - 1])
+
     def total(self, start: np.ndarray | int, stop: np.ndarray | int, drop: bool) -> np.ndarray:
         """Upper bound on the level change of a whole subproblem ``[start, stop)`` (exact when
         option totals agree and inputs equal the previous outputs, as in measured profiles)."""
@@ -174,13 +187,15 @@ class ChainArrays:
             choice, stops = fastest[start], start + 1 + np.arange(self.max_length[start])
             residue = self.option_residue[start][choice]
             peak_after[start + 1] = 0
+            # kept, a stage may end a recompute instead, at its early-stop peak
+            forward_peak = max(self.option_forward_peak[start][choice], self.recompute_peak[start])
             peak = np.maximum(
-                np.maximum(self.option_forward_peak[start][choice], residue + peak_after[stops]),
+                np.maximum(forward_peak, residue + peak_after[stops]),
                 residue + self.total(start + 1, stops, True) + self.option_back_peak[start][choice],
             )
             peak_after[stops] = peak
             largest = max(largest, int(peak.max(initial=0)))
-        return largest
+        return largest + int(self.recompute_lead.max(initial=0))
 
     def _first_items(self, start: int) -> Candidates:
         lengths = np.arange(1, int(self.max_length[start]) + 1)
@@ -216,12 +231,20 @@ class ChainArrays:
         rows = np.r_[0:options, every.options : every.options + longest]
         residue, rest_start = every.residue[rows], every.rest_start[rows]
         forward_peak = every.forward_peak[rows]
-        if drop:  # a recompute: keep leaves what the step's forward kept less; segments nest
+        if drop:
+            # a recompute: keep leaves what the step's no-save forward kept less (nested
+            # segments keep nothing more); the last stage stops early; all of it above the
+            # last stage's lead
             lengths = np.arange(1, longest + 1)
             keep = self.option_residue[start][:1] - self.held[start]
-            keep_peak = np.maximum(self.stage_forward_peak[start][:1], keep)
+            measured = self.stage_forward_peak[start][:1]
+            if stop == start + 1:
+                measured = self.rerun_peak[start : start + 1]
             residue = np.concatenate([keep, self.segment_residue[start, lengths]])
-            forward_peak = np.concatenate([keep_peak, self.segment_peak[start, lengths]])
+            forward_peak = np.concatenate(
+                [np.maximum(measured, keep), self.segment_peak[start, lengths]]
+            )
+            forward_peak += self.recompute_lead[stop - 1]
         return Candidates(
             options=options,
             time_s=every.time_s[rows],
