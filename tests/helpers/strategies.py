@@ -66,13 +66,13 @@ def chains(
                 nosave_forward_peak_bytes=draw(st.integers(0, forward_peak)) * unit,
                 checkpointable=not constraints or draw(st.integers(0, 5)) > 0,
                 joins_previous=not constraints or i == 0 or draw(st.integers(0, 5)) > 0,
+                nosave_held_bytes=draw(st.sampled_from([0, 0, 1, 2])) * unit,
                 # torch's early stop: the last stage of a recompute peaks lower (or, measured,
                 # higher); its backward's gradients before the rerun lift the whole recompute
                 recompute_peak_bytes=draw(
                     st.none() | st.integers(0, forward_peak + 2).map(lambda peak: peak * unit)
                 ),
                 recompute_lead_bytes=draw(st.integers(0, 3)) * unit,
-                nosave_held_bytes=draw(st.sampled_from([0, 0, 1, 2])) * unit,
             )
         )
     held = draw(st.integers(0, 10)) * unit

@@ -307,7 +307,7 @@ def build_profile(
                 menu[option] = _option_costs(reading, index, last, output, detail)
         released = keep.released_input(index) if is_block else (0, index)
         rerun, lead = None, 0  # not rerun: as the kept forward (StageCosts.recompute_peak)
-        if is_block and recompute is not None:
+        if is_block and trains and recompute is not None:  # a cut-off block ran kept there
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
             nosave_s = recompute.forward_s[index]
@@ -327,9 +327,9 @@ def build_profile(
                 tail_bytes=0 if recompute is None else recompute.tail_bytes.get(index, 0),
                 released_input_bytes=released[0],
                 released_input_at=None if released[1] == index else released[1],
+                nosave_held_bytes=max(0, kept.get(index, checkpoint) - checkpoint),
                 recompute_peak_bytes=rerun,
                 recompute_lead_bytes=lead,
-                nosave_held_bytes=max(0, kept.get(index, checkpoint) - checkpoint),
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None

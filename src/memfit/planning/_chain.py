@@ -92,6 +92,8 @@ class ChainArrays:
         # kept as the last stage of a segment's recompute: torch's early stop ends the rerun
         # at the last tensor backward needs (see simulate)
         self.recompute_peak = np.zeros(n, dtype=Int)
+        # as measured (not effective): a recompute's keep leaves less (nosave_held_bytes)
+        self.rerun_peak = np.array([stage.recompute_peak() for stage in stages], dtype=Int)
         # held through a recompute whose segment ends at the stage: every peak in it is higher
         self.recompute_lead = np.array([stage.recompute_lead_bytes for stage in stages], dtype=Int)
         totals = np.zeros(n, dtype=Int)
@@ -103,8 +105,7 @@ class ChainArrays:
             forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
             self.stage_forward_peak.append(forward_peak)
             self.option_forward_peak.append(np.maximum(forward_peak, residue))
-            # what keep leaves in a recompute: its residue less what the step's forward kept
-            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0] - self.held[i]))
+            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0]))
             self.option_residue.append(residue)
             back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
             self.option_back_peak.append(np.maximum(back_peak, delta))
@@ -230,17 +231,20 @@ class ChainArrays:
         rows = np.r_[0:options, every.options : every.options + longest]
         residue, rest_start = every.residue[rows], every.rest_start[rows]
         forward_peak = every.forward_peak[rows]
-        if drop:  # a recompute: keep leaves what the step's forward kept less; segments nest;
-            # a stage ending the recompute stops early; all above the last stage's lead
+        if drop:
+            # a recompute: keep leaves what the step's no-save forward kept less (nested
+            # segments keep nothing more); the last stage stops early; all of it above the
+            # last stage's lead
             lengths = np.arange(1, longest + 1)
             keep = self.option_residue[start][:1] - self.held[start]
+            measured = self.stage_forward_peak[start][:1]
             if stop == start + 1:
-                keep_peak = self.recompute_peak[start : start + 1]
-            else:
-                keep_peak = np.maximum(self.stage_forward_peak[start][:1], keep)
+                measured = self.rerun_peak[start : start + 1]
             residue = np.concatenate([keep, self.segment_residue[start, lengths]])
-            forward_peak = np.concatenate([keep_peak, self.segment_peak[start, lengths]])
-            forward_peak = forward_peak + self.recompute_lead[stop - 1]
+            forward_peak = np.concatenate(
+                [np.maximum(measured, keep), self.segment_peak[start, lengths]]
+            )
+            forward_peak += self.recompute_lead[stop - 1]
         return Candidates(
             options=options,
             time_s=every.time_s[rows],

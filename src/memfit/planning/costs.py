@@ -12,6 +12,10 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   input go).
 * A recompute ``Segment(s, t)`` in forward runs stages ``s..t-1`` without saving: for each ``j``
   the peak is ``L + nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for
+  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept). In the step's forward
+  (a top-level segment) ``L += nosave_held_bytes[j]`` too: what autograd keeps past the
+  checkpoint's hooks, which the step's graph holds to stage ``j``'s backward; so stage ``j``
+  kept in a recompute adds that much less than ``saved_bytes + output_bytes``.
   ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept).
 * A segment's recompute (in backward) runs its inner tree forward, saving. Torch stops the rerun
   once the last tensor backward needs is rebuilt (early stop): when the inner tree ends in a
@@ -22,10 +26,6 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   tensor before the recompute starts: every peak of the recompute is ``recompute_lead_bytes``
   of the segment's last stage higher than its level (those gradients are the stage's backward's
   own afterwards).
-  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept). In the step's forward
-  (a top-level segment) ``L += nosave_held_bytes[j]`` too: what autograd keeps past the
-  checkpoint's hooks, which the step's graph holds to stage ``j``'s backward; so stage ``j``
-  kept in a recompute adds that much less than ``saved_bytes + output_bytes``.
 * ``Stage(i, option)`` in backward: the peak is ``L + backward_peak_bytes``, then
   ``L += backward_delta_bytes`` (negative: saved tensors, the input and the output's gradient
   are freed; the input's gradient and new parameter gradients are allocated).
@@ -128,6 +128,10 @@ class StageCosts:
             them); ``None``: this stage's own (the model drops the input when the stage
             returns), else a later one's (the embeddings' output, which the model holds to the
             end of its forward: the last stage's).
+        nosave_held_bytes: bytes the stage's no-save forward keeps to its backward although a
+            checkpoint saves nothing: tensors autograd keeps without the saved-tensor hooks,
+            such as the 8-byte tensor of a Python number multiplied in (``1.702 * x`` in
+            CLIP's quick_gelu), measured beyond ``checkpoint_bytes``; part of ``saved_bytes``.
         recompute_peak_bytes: the peak above the level at its start of the stage's rerun when
             it is the last stage of a recompute segment, measured as torch runs it: torch's
             non-reentrant checkpoint stops the rerun once the last tensor backward needs is
@@ -138,10 +142,6 @@ class StageCosts:
             last stage of a recompute segment: the gradients of the ops after its last saved
             tensor, which autograd computes before it reads the first saved tensor (and so
             starts the recompute). They stay through the whole recompute of the segment.
-        nosave_held_bytes: bytes the stage's no-save forward keeps to its backward although a
-            checkpoint saves nothing: tensors autograd keeps without the saved-tensor hooks,
-            such as the 8-byte tensor of a Python number multiplied in (``1.702 * x`` in
-            CLIP's quick_gelu), measured beyond ``checkpoint_bytes``; part of ``saved_bytes``.
     """
 
     name: str
@@ -157,9 +157,9 @@ class StageCosts:
     input_offloadable: bool = True
     released_input_bytes: int = 0
     released_input_at: int | None = None
+    nosave_held_bytes: int = 0
     recompute_peak_bytes: int | None = None
     recompute_lead_bytes: int = 0
-    nosave_held_bytes: int = 0
 
     def recompute_peak(self) -> int:
         """The peak of the stage's rerun as the last stage of a recompute segment (early
@@ -179,8 +179,8 @@ class StageCosts:
             self.tail_bytes,
             self.offload_bytes,
             self.released_input_bytes,
-            self.recompute_lead_bytes,
             self.nosave_held_bytes,
+            self.recompute_lead_bytes,
         )
         if min(sizes) < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")

@@ -57,9 +57,9 @@ _STAGE_BYTES = (
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "nosave_held_bytes",
     "recompute_peak_bytes",
     "recompute_lead_bytes",
-    "nosave_held_bytes",
 )
 _CHAIN_BYTES = (
     "held_bytes",
@@ -78,9 +78,9 @@ _NON_NEGATIVE = {
     "tail_bytes",
     "offload_bytes",
     "released_input_bytes",
+    "nosave_held_bytes",
     "recompute_peak_bytes",
     "recompute_lead_bytes",
-    "nosave_held_bytes",
     *_CHAIN_BYTES,
 }
 
