@@ -4,7 +4,7 @@ For the built-in GPT at nanoGPT's small size (4 layers, width 128, 8 x 64 tokens
 Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each run times the plain
 training step (median of ``--steps`` steps after two warm-up steps), then ``memfit.auto(model,
 sample, budget=--budget)`` on a fresh copy of the model, wall seconds, with the default profile
-(one metered and one timed step per way of running the model) and with ``thorough=True`` (three
+(one step per way of running the model, metered and timed at once) and with ``thorough=True`` (three
 timed steps per way in turns), and writes the ratio: the setup's cost in steps. Each plan is then
 verified: its predicted peak against the measured one, its predicted step time against the
 measured overhead. ``plan.info["setup_steps"]`` (profile and plan, measured inside
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 import memfit
-from common import add_threads, write_results
+from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.step import compute_loss, split_sample
 from memfit.models import build
@@ -69,10 +66,7 @@ def main() -> None:
     lines = [
         f"# memfit.auto setup time in training steps ({date.today()})",
         "",
-        f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the start (shared with other work)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {args.threads} intra-op thread(s), device CPU",
+        *header(),
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
         "| model | plain step ms | profile | auto s (budget "

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from memfit.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
-from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
+from memfit.errors import InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.candidates import alternatives, without
@@ -31,6 +31,7 @@ from memfit.runtime.apply import (
     apply_plan,
     chain_of_plan,
     planned_module,
+    refuse_planned,
     remove_plan,
     undo_before_apply,
 )
@@ -299,8 +300,7 @@ def apply(
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
     refuse_compiled_model(model, "apply")
     compiling = plan_compile_options(plan, compile)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
+    refuse_planned(model, "applying another")
     chain = chain_of_plan(model, plan)
     if plan.fingerprint:
         expected_model, _, expected_sample = plan.fingerprint.partition("-")

@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
-from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import hf_checkpointing_off, refuse_layerdrop
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -28,11 +27,13 @@ from memfit.measuring.ops import (
     selective_detail,
     timed_policies,
 )
-from memfit.measuring.profile import Profile, build_profile
+from memfit.measuring.profile import Profile, build_profile, no_gradient
 from memfit.measuring.run import (
     StageReading,
     measure_stages,
+    profiler_share,
     stage_clock,
+    stages_without_gradient,
     wall_factor,
     wall_scaled,
 )
@@ -49,7 +50,7 @@ from memfit.runtime import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.apply import planned, planned_module
+from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
     compile_blocks,
@@ -69,6 +70,7 @@ from memfit.runtime.head import (
     head_usage,
     is_head_option,
 )
+from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
 from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
@@ -174,8 +176,10 @@ def _head_menu(
     return wanted, notes
 
 
-def _every_block(chain: Chain, option: str | None) -> Plan:
-    blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
+def _every_block(chain: Chain, option: str | None, kept: frozenset[int] = frozenset()) -> Plan:
+    """Every block run with ``option`` (``None``: each recomputed on its own), but the stages
+    in ``kept``: the blocks no gradient reaches, which every plan keeps."""
+    blocks = [chain.block_of_stage(i) is not None and i not in kept for i in range(len(chain))]
     tree = [
         (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
         for i, block in enumerate(blocks)
@@ -246,12 +250,13 @@ def profile(
             cross-entropy; it lowers the floor of large-vocabulary models most). Plans that
             use one say so (``plan.exact``, ``plan.info["inexact"]``). Options that cannot run
             on the model are left out with a note in ``profile.info["notes"]``.
-        thorough: ``False`` (default): each way of running the model takes one metered step
-            (memory, to the byte) and one timed step right after it, which the metered one
-            warms up: about 20 training steps for the built-in GPT and Hugging Face decoders
+        thorough: ``False`` (default): each way of running the model takes one step,
+            metered (memory, to the byte) and timed at once; keep also takes a plain timed
+            step, which measures the profiler's share of the metered times: at most 20
+            training steps' worth for the built-in GPT and Hugging Face decoders
             (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
             per way in turns, each after an untimed step, then the metered steps after an
-            untimed step each: about three times as long, for step-time predictions on a
+            untimed step each: about six times as long, for step-time predictions on a
             noisy machine. Memory figures are the same either way.
 
     Returns:
@@ -277,11 +282,7 @@ def profile(
     """
     refuse_compiled_model(model, "profile")
     check_step_arguments(model, sample, loss_fn, optimizer)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError(
-            "the model (or the model inside this wrapper) already carries a memfit plan; call "
-            "memfit.remove(model) before profiling"
-        )
+    refuse_planned(model, "profiling")
     if repeats is not None and repeats < 1:
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
@@ -472,7 +473,7 @@ def _profile(
             warmup=warmup,
         )
 
-    def meter(warmup: int, way_clocks: Any) -> StageReading:
+    def meter(warmup: int, way_clocks: Any, clock_metered: bool = False) -> StageReading:
         return measure_stages(
             model,
             sample,
@@ -483,6 +484,7 @@ def _profile(
             keep_output=keep_output,
             warmup=warmup,
             clocks=way_clocks,
+            clock_metered=clock_metered,
         )
 
     def timed_after(timed: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -505,13 +507,32 @@ def _profile(
         logger.warning("option %r left out of the profile: %s", way, error)
         del ways[way], clocks[way]
 
+    def keep_dead(dead: frozenset[int]) -> None:
+        """Blocks cut off from the loss (an argmin, a detach after them: their graph gets no
+        gradient) run kept in every way: their saved tensors go when the model drops their
+        graph, whatever runs them, and no recompute of theirs ever runs, so checkpointing them
+        saves nothing; kept in every way, they free the same bytes in the same stage's span in
+        every reading, and the other stages' figures stay their own."""
+        if dead:
+            for way in ways:
+                if way in options or way == RECOMPUTE:
+                    ways[way] = _every_block(chain, None if way == RECOMPUTE else way, dead)
+
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
-        # The fast path: per way, one metered step, then one timed step that it warmed up.
-        for way, way_plan in list(ways.items()):
+        # The fast path: one step per way, metered and timed at once (its marks run the meter
+        # and a clock). keep alone takes a second, plain timed step, which the metered one warms
+        # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
+        # every other way's times (issue 22: the setup in at most 20 steps' worth). keep comes
+        # first: its reading says which blocks get no gradient.
+        for way in list(ways):
+            if way not in ways:
+                continue
+            way_plan = ways[way]
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
-                    readings[way] = meter(0, partial(timed_after, clocks[way]))
+                    after = partial(timed_after, clocks[way]) if way == KEEP else None
+                    readings[way] = meter(0, after, clock_metered=True)
             except Exception as error:
                 readings.pop(way, None)
                 drop(way, error)
@@ -519,13 +540,31 @@ def _profile(
             rebuilds[way] = rb
             if way in used:
                 used[way] = lines
+            if way == KEEP:
+                keep_dead(no_gradient(chain, readings[KEEP]))
+            else:
+                clocks[way].append(dict(readings[way].metered_s))
         _drop_unused(used, ways, clocks, info)
         readings = {way: readings[way] for way in ways}
         factor = wall_factor(clocks)
-        readings = {way: reading.times(factor) for way, reading in readings.items()}
+        profiler = profiler_share(readings[KEEP].metered_s, clocks[KEEP][0])
+        readings = {
+            way: reading.times(factor if way == KEEP else factor * profiler)
+            for way, reading in readings.items()
+        }
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.
+        keep_dead(
+            stages_without_gradient(
+                model,
+                sample,
+                chain,
+                loss_fn=loss_fn,
+                accumulate=accumulate,
+                keep_output=keep_output,
+            )
+        )
         for _ in range(3 if repeats is None else repeats):
             for way, way_plan in list(ways.items()):
                 try:

@@ -49,3 +49,38 @@ def test_a_loaded_machine_does_not_reorder_the_ways(monkeypatch: pytest.MonkeyPa
     assert set(plan.options.values()) == {"keep"}, plan.options
     step = prof.measurement.step_s
     assert step > 0 and prof.costs.stages[1].options["keep"].forward_s < step
+
+
+def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default profile times each way in its metered step (issue 22: setup time). A
+    synthetic profiler cost (CPU time runs five times as fast while the profiler is on) must
+    come off those times, as keep's plain timed step measures it: else every other way looks
+    five times as slow as keep, and recompute five times as dear."""
+    from torch.autograd import profiler
+
+    model, sample = gpt(layers=3, width=64, heads=2, seq=64, batch=4, vocab=128)
+    real = time.process_time
+    state = {"last": real(), "cost": 0.0}
+
+    def costly() -> float:
+        now = real()
+        if profiler._is_profiler_enabled:
+            state["cost"] += 4 * (now - state["last"])
+        state["last"] = now
+        return now + state["cost"]
+
+    monkeypatch.setattr(run.time, "process_time", costly)
+    prof = memfit.profile(model, sample, options=["rebuild"])
+    monkeypatch.undo()
+    assert state["cost"] > 0 and prof.measurement.repeats == 1
+
+    def block_s(option: str) -> float:
+        return sum(
+            stage.options[option].forward_s + stage.options[option].backward_s
+            for stage in prof.costs.stages[1:-1]
+        )
+
+    assert block_s("rebuild") < 2.5 * block_s("keep")
+    nosave = sum(stage.nosave_forward_s for stage in prof.costs.stages[1:-1])
+    kept = sum(stage.options["keep"].forward_s for stage in prof.costs.stages[1:-1])
+    assert nosave < 2.5 * kept

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 from memfit.api import plan as make_strategy_plan
@@ -26,8 +25,9 @@ from memfit.profiling import profile
 from memfit.runtime import applied_plan, apply_plan, remove_plan
 from memfit.runtime.caches import cache_arguments, private_caches
 from memfit.runtime.head import is_head_option
-from rng_draws import draws_between_blocks
-from trees import TREES
+from tests.helpers.plans import make_plan
+from tests.helpers.rng_draws import draws_between_blocks
+from tests.helpers.trees import TREES
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -26,6 +25,7 @@ from memfit.runtime import (
 )
 from memfit.runtime import options as registry
 from memfit.runtime.options import SelectivePolicy
+from tests.helpers.plans import make_plan
 
 aten = torch.ops.aten
 

@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 import memfit
@@ -14,6 +13,7 @@ from memfit.measuring.ops import candidate_policies, profile_ops
 from memfit.measuring.step import split_sample
 from memfit.planning.plan import Stage
 from memfit.runtime import saved_ops, stage_wrapper
+from tests.helpers.plans import make_plan
 
 
 def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from memfit.measuring.chain import (
     side_inputs,
     split_main,
 )
-from memfit.measuring.meter import MemoryMeter, MemoryReading
+from memfit.measuring.meter import RECOMPUTE_RANGE, MemoryMeter, MemoryReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
@@ -151,6 +151,17 @@ def wall_factor(clocks: Mapping[str, Sequence[Mapping[str, float]]]) -> float:
     return statistics.median(ratios) if ratios else 1.0
 
 
+def profiler_share(metered: Mapping[str, float], plain: Mapping[str, float]) -> float:
+    """Plain over metered seconds of one way's step: what a time taken under the meter (the
+    profiler records every op and allocation) is multiplied by to stand for a plain step.
+    CPU seconds on a CPU clock, else the spans' sum; 1.0 when either clock is empty."""
+    if CPU in metered and CPU in plain:
+        metered_s, plain_s = metered[CPU], plain[CPU]
+    else:
+        metered_s, plain_s = sum(metered.values()), sum(plain.values())
+    return plain_s / metered_s if metered_s > 0.0 and plain_s > 0.0 else 1.0
+
+
 def wall_scaled(
     clocks: Mapping[str, Sequence[Mapping[str, float]]],
 ) -> dict[str, list[dict[str, float]]]:
@@ -205,6 +216,9 @@ class _Marked:
     # block index -> bytes of those tensors (distinct storages that are neither the hidden
     # state's nor the block's inputs'): what the caller holds until the next block returns
     tail_bytes: dict[int, int] = field(default_factory=dict)
+    # blocks whose output requires grad: autograd recorded their graph (a frozen block fed an
+    # input that needs no gradient records none)
+    graphs: set[int] = field(default_factory=set)
 
 
 def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
@@ -296,6 +310,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
+                    marked.graphs.add(index)
                     labels = [f"B:{index}"]
                     outputs[index] = (weakref.ref(out), labels)
                     handles.append(out.register_hook(on_grads(labels)))
@@ -329,6 +344,15 @@ class StageReading:
     side_grad_bytes: int = 0
     tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
     tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
+    graphs: frozenset[int] = frozenset()  # blocks whose output requires grad
+    # the metered step's own clock (measure_stages(clock_metered=True)): label -> CPU seconds,
+    # the profiler's cost included; empty when it was not clocked
+    metered_s: Mapping[str, float] = field(default_factory=dict)
+
+    def cut_off(self, blocks: Sequence[int]) -> frozenset[int]:
+        """Of ``blocks``, those no gradient reaches although autograd recorded their graph
+        (see :func:`stages_without_gradient`)."""
+        return frozenset(i for i in blocks if i in self.graphs and not self.has_backward(i))
 
     def times(self, factor: float) -> StageReading:
         """The same reading with every time multiplied by ``factor`` (CPU-time clocks in
@@ -361,6 +385,15 @@ class StageReading:
         """(start, peak, end) level of stage ``index``'s forward."""
         label = "F:0" if index == 0 else f"F:{index}"
         return _span(self.memory, label)
+
+    def recompute_span(self, stage: str) -> tuple[int, int, int] | None:
+        """(start, peak, end) level of stage ``stage``'s first rerun in backward (a
+        checkpoint's recompute, ended by torch's early stop); ``None`` when it was not rerun."""
+        label = f"{RECOMPUTE_RANGE}{stage}"
+        for span in self.memory.ranges:
+            if span.label == label:
+                return span.start_bytes, span.peak_bytes, span.end_bytes
+        return None
 
     def has_backward(self, index: int) -> bool:
         """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""
@@ -461,6 +494,30 @@ def step_clock(
     return total, total
 
 
+def stages_without_gradient(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    keep_output: bool = True,
+) -> frozenset[int]:
+    """The block stages cut off from the loss in one step of ``model`` as it is now: autograd
+    records their graph (their output requires grad) but no gradient reaches it (an argmin, a
+    detach after them), so their backward never runs. Their saved tensors go when the model
+    drops the graph, in the forward, whatever option runs them, and a checkpoint's recompute
+    never runs. (A frozen block fed an input that needs no gradient records no graph: it is
+    not among them, and a segment starting there still spares the next blocks' inputs.)"""
+    labels: list[str] = []
+    with preserved_grads(model, sample):
+        reset_grads(model, accumulate, sample)
+        with _marks(chain, labels.append) as marked:
+            _step(model, sample, loss_fn, labels.append, keep_output)
+    seen = set(labels)
+    return frozenset(i for i in chain.block_stages if i in marked.graphs and f"B:{i}" not in seen)
+
+
 def measure_stages(
     model: nn.Module,
     sample: Any,
@@ -475,14 +532,18 @@ def measure_stages(
     | Callable[[], Sequence[Mapping[str, float]]]
     | None = None,
     keep_output: bool = True,
+    clock_metered: bool = False,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
     With ``chain=None`` only the whole step is measured (``measure``). ``clocks``: stage
     durations timed already (:func:`stage_clock`, interleaved with other ways of running the
     model); then only the memory is measured here. A callable instead times them right after
-    the metered step, which is then their warm-up (the setup's fast path: one metered and one
-    timed step per way). ``keep_output``: see :func:`measure`.
+    the metered step, which is then their warm-up. ``clock_metered``: the metered step's marks
+    also run a CPU clock (:func:`stage_clock`'s), whose durations, the profiler's own cost
+    included, are the reading's :attr:`StageReading.metered_s`, and its times when ``clocks``
+    is ``None`` (the setup's fast path: one step per way, both metered and timed).
+    ``keep_output``: see :func:`measure`.
     """
     if clocks is not None and not callable(clocks) and not clocks:
         raise ValueError("clocks, when given, must hold at least one timed step")
@@ -495,7 +556,7 @@ def measure_stages(
         for _ in range(warmup):
             reset_grads(model, accumulate, sample)
             _step(model, sample, loss_fn, lambda _label: None, keep_output)
-        if clocks is None:
+        if clocks is None and not clock_metered:
             clocks = [
                 _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
                 for _ in range(repeats)
@@ -508,8 +569,11 @@ def measure_stages(
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with _marks(chain, meter.mark, meter.watch) as marked, meter:
-            loss = _step(model, sample, loss_fn, meter.mark, keep_output)
+        metered_clock = _Clock(device, cpu=True) if clock_metered else None
+        mark = meter.mark if metered_clock is None else _both(meter.mark, metered_clock.mark)
+        with _marks(chain, mark, meter.watch) as marked, meter:
+            loss = _step(model, sample, loss_fn, mark, keep_output)
+        metered_s = {} if metered_clock is None else metered_clock.durations()
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
             reserved = torch.cuda.max_memory_reserved(device)
@@ -517,6 +581,8 @@ def measure_stages(
             clocks = clocks()
             if not clocks:
                 raise ValueError("clocks, when given, must hold at least one timed step")
+        elif clocks is None:
+            clocks = [metered_s]
     reading = meter.reading
     marked.output_bytes[last] = tensor_bytes(loss)
     # what the step leaves (its gradients; the returned loss is a few bytes), never above its peak
@@ -565,7 +631,19 @@ def measure_stages(
         marked.side_grad_bytes,
         frozenset(marked.tails),
         dict(marked.tail_bytes),
+        frozenset(marked.graphs),
+        metered_s,
     )
+
+
+def _both(first: Marker, second: Marker) -> Marker:
+    """One marker calling two: the meter's, then a clock's."""
+
+    def mark(label: str) -> None:
+        first(label)
+        second(label)
+
+    return mark
 
 
 @preserving_state

@@ -83,6 +83,11 @@ class ChainArrays:
         self.option_forward_peak: list[np.ndarray] = []
         self.option_residue: list[np.ndarray] = []
         self.option_back_peak: list[np.ndarray] = []
+        # kept as the last stage of a segment's recompute: torch's early stop ends the rerun
+        # at the last tensor backward needs (see simulate)
+        self.recompute_peak = np.zeros(n, dtype=Int)
+        # held through a recompute whose segment ends at the stage: every peak in it is higher
+        self.recompute_lead = np.array([stage.recompute_lead_bytes for stage in stages], dtype=Int)
         totals = np.zeros(n, dtype=Int)
         for i, stage in enumerate(stages):
             menu = [stage.options[name] for name in self.option_names[i]]
@@ -91,6 +96,7 @@ class ChainArrays:
             self.option_time.append(np.array([o.forward_s + o.backward_s for o in menu]))
             forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
             self.option_forward_peak.append(np.maximum(forward_peak, residue))
+            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0]))
             self.option_residue.append(residue)
             back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
             self.option_back_peak.append(np.maximum(back_peak, delta))
@@ -136,6 +142,11 @@ class ChainArrays:
             self.segment_residue[first, length] = level[first]
             self.segment_time[first, length] = seconds[first]
 
+    def full_segment_peak(self, start: int, length: int) -> int:
+        """The forward peak of ``Segment(start, start + length)`` as the whole inner tree of a
+        recompute over the same stages (its no-save forward, above that recompute's lead)."""
+        return int(self.segment_peak[start, length] + self.recompute_lead[start + length - 1])
+
     def total(self, start: np.ndarray | int, stop: np.ndarray | int, drop: bool) -> np.ndarray:
         """Upper bound on the level change of a whole subproblem ``[start, stop)`` (exact when
         option totals agree and inputs equal the previous outputs, as in measured profiles)."""
@@ -155,13 +166,15 @@ class ChainArrays:
             choice, stops = fastest[start], start + 1 + np.arange(self.max_length[start])
             residue = self.option_residue[start][choice]
             peak_after[start + 1] = 0
+            # kept, a stage may end a recompute instead, at its early-stop peak
+            forward_peak = max(self.option_forward_peak[start][choice], self.recompute_peak[start])
             peak = np.maximum(
-                np.maximum(self.option_forward_peak[start][choice], residue + peak_after[stops]),
+                np.maximum(forward_peak, residue + peak_after[stops]),
                 residue + self.total(start + 1, stops, True) + self.option_back_peak[start][choice],
             )
             peak_after[stops] = peak
             largest = max(largest, int(peak.max(initial=0)))
-        return largest
+        return largest + int(self.recompute_lead.max(initial=0))
 
     def _first_items(self, start: int) -> Candidates:
         lengths = np.arange(1, int(self.max_length[start]) + 1)
@@ -196,10 +209,16 @@ class ChainArrays:
         options = 1 if drop else every.options
         rows = np.r_[0:options, every.options : every.options + longest]
         residue, rest_start = every.residue[rows], every.rest_start[rows]
+        forward_peak = every.forward_peak[rows]
+        if drop:  # in a recompute: above its last stage's lead; that stage stops early
+            forward_peak = forward_peak.copy()
+            if stop == start + 1:
+                forward_peak[0] = self.recompute_peak[start]
+            forward_peak += self.recompute_lead[stop - 1]
         return Candidates(
             options=options,
             time_s=every.time_s[rows],
-            forward_peak=every.forward_peak[rows],
+            forward_peak=forward_peak,
             residue=residue,
             back_offset=residue
             + self.total(rest_start, stop, drop)

@@ -10,6 +10,10 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
   input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
   (the recomputed output is not needed: the output's gradient is), then ``inner`` backward;
+  torch stops the recompute once the last tensor backward needs is rebuilt (early stop), so
+  when ``inner`` ends in a ``Stage`` that stage peaks at its ``recompute_peak()`` (measured
+  that way) instead of ``forward_peak_bytes``; every peak of the recompute is
+  ``recompute_lead_bytes`` of stage ``t-1`` higher (its backward's gradients made before it);
 * every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
   forward to the end of its backward, plus one per segment nested in it (their checkpoints run
   in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
@@ -159,9 +163,10 @@ class _Replay:
         self.step_s = 0.0
         self.record = record
         self.timeline: list[tuple[str, int]] = []
+        self.lead = 0  # the recompute running now: its last stage's backward's bytes before it
 
     def event(self, label: str, phase: str, peak_above: int, delta: int) -> None:
-        top = self.level + max(peak_above, delta)
+        top = self.level + max(peak_above, delta) + (self.lead if phase == RECOMPUTE else 0)
         if top > self.peak:
             self.peak, self.where, self.phase = top, label, phase
         self.level += delta
@@ -176,12 +181,16 @@ class _Replay:
     def name(self, index: int) -> str:
         return f"stage {index} ({self.stages[index].name})"
 
-    def forward(self, items: Sequence[Item], phase: str, context: str, holds: int = -1) -> None:
-        """``holds``: the stage whose input a recompute's checkpoint holds (its first)."""
+    def forward(
+        self, items: Sequence[Item], phase: str, context: str, holds: int = -1, stops: int = -1
+    ) -> None:
+        """``holds``: the stage whose input a recompute's checkpoint holds (its first);
+        ``stops``: the stage at which torch's early stop ends the recompute (its last)."""
         for item in items:
             if isinstance(item, Stage):
                 stage = self.stages[item.index]
                 option = stage.options[item.option]
+                peak = stage.recompute_peak() if item.index == stops else option.forward_peak_bytes
                 delta = option.saved_bytes + stage.output_bytes
                 if item.option == OFFLOAD:  # made on the device; the top level moves them
                     delta += stage.offload_bytes
@@ -189,7 +198,7 @@ class _Replay:
                 else:
                     self.step_s += option.forward_s + option.backward_s
                 label = f"{phase} of {self.name(item.index)}{context}"
-                self.event(label, phase, option.forward_peak_bytes, delta)
+                self.event(label, phase, peak, delta)
                 if item.index == holds and _releases_own_input(stage):
                     label = f"recompute: input of {self.name(item.index)} held{context}"
                     self.event(label, phase, 0, stage.released_input_bytes)
@@ -225,7 +234,11 @@ class _Replay:
             self.rng_event(
                 f"recompute: RNG state saved{inside}", RECOMPUTE, 0, self.checkpoint_bytes
             )
-            self.forward(item.inner, RECOMPUTE, inside, holds=item.start)
+            last = item.inner[-1]
+            stops = last.index if isinstance(last, Stage) else -1
+            outer, self.lead = self.lead, self.stages[item.stop - 1].recompute_lead_bytes
+            self.forward(item.inner, RECOMPUTE, inside, holds=item.start, stops=stops)
+            self.lead = outer
             self.rng_event(
                 f"recompute: RNG state restored{inside}", RECOMPUTE, 0, -self.checkpoint_bytes
             )

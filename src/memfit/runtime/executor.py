@@ -3,14 +3,14 @@
 A top-level ``Segment(s, t, inner)`` is one ``torch.utils.checkpoint`` (non-reentrant) over
 blocks ``s..t-1``, following ``inner``: nested segments are nested checkpoints, i.e.
 multi-level recompute. A one-block segment runs as one ``checkpoint`` call in its block's
-forward. A longer one is opened when block ``s`` is called (:class:`Head`) and closed when block
+forward. A longer one is opened when block ``s`` is called (:class:`SegmentStart`) and closed when block
 ``t-1`` returns (:class:`Member`), each block running in its own call and returning its own
 output, after checking that a rerun of the segment from block ``s``'s input will give it the same
 arguments (:mod:`memfit.runtime.regions`, ``guards``). A top-level ``Stage`` runs the block
 wrapped for its option (a kept block too: every planned block runs on a private copy of its KV
 cache in training).
 
-Every override (:class:`Head`, :class:`Member`, :class:`TopStage`) is a plain object holding
+Every override (:class:`SegmentStart`, :class:`Member`, :class:`TopStage`) is a plain object holding
 the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
 ``AveragedModel``) and ``pickle``/``torch.save`` copy them with the model and rebind them to the
 copy's blocks. What one forward leaves for the next blocks (:class:`SegmentRun`: open
@@ -429,7 +429,7 @@ def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
     )
 
 
-class Head:
+class SegmentStart:
     """The forward of a top-level segment's first block. A one-block segment runs as one
     checkpoint here; a longer one opens its checkpoint here and runs this block, and the later
     blocks run in their own calls (:class:`Member`)."""

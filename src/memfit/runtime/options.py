@@ -41,6 +41,8 @@ from torch.utils.checkpoint import (
 )
 
 from memfit.measuring.ops import MATMUL_OPS, draws_random, full_op_name, saveable
+from memfit.planning.costs import KEEP
+from memfit.planning.offload import OFFLOAD
 from memfit.runtime.saved_writes import SavedWrites
 
 logger = logging.getLogger(__name__)
@@ -48,9 +50,8 @@ logger = logging.getLogger(__name__)
 Forward = Callable[..., Any]
 StageWrapper = Callable[[Forward], Forward]
 
-KEEP = "keep"
 SELECTIVE = "selective:"
-OFFLOAD = "offload"  # the executor runs it (memfit.runtime.offload): the block itself here
+# OFFLOAD: the executor runs it (memfit.runtime.offload): the block itself here
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
