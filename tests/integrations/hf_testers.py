@@ -717,6 +717,12 @@ TESTERS: dict[str, Callable[[], Built]] = {
     "hgnet_v2": hgnet_v2,
     "phi4_multimodal": phi4_multimodal,
     "reformer": reformer,
+    "textnet": textnet,
+    "mobilenet_v1": mobilenet_v1,
+    "falcon_h1": falcon_h1,
+    "sew_d": sew_d,
+    "pp_lcnet": pp_lcnet,
+    "pp_doclayout_v3": pp_doclayout_v3,
     "wav2vec2": wav2vec2,
     "xlstm": xlstm,
 }
