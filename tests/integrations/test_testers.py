@@ -9,9 +9,11 @@ the same layouts as the plain step, the measured peak within the budget, the pre
 2%. A model whose plain step does not repeat itself (NumPy random numbers) must be reported as
 such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit's.
 
-Cases memfit does not pass yet are ``xfail`` with their measured cause, not run by default (each
-costs 10-30 s of the suite and the outcome is known); ``pytest --runxfail -k <arch>`` runs them,
-and a fix must then remove the mark.
+Models memfit refuses on purpose (LayerDrop, xLSTM's in-place cache) are checked for the
+refusal and what it names instead (``REFUSED``). Cases memfit does not pass yet are ``xfail``
+with their measured cause, not run by default (each costs 10-30 s of the suite and the outcome
+is known), and so are cases not yet run to the end (``UNCHECKED_CASES``);
+``pytest --runxfail -k <arch>`` runs them, and a fix must then remove the mark.
 
 Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
 (still run by ``make test``; ``-m "not slow"`` leaves it out).
@@ -37,9 +39,18 @@ UNREPEATABLE = {
     # each ReformerLayer seeds its dropout from torch.seed() (the OS's entropy) at every
     # training forward, so no generator state repeats a plain step
     "reformer": "Reformer's layers draw their dropout seeds from torch.seed()",
+    "wav2vec2_conformer": "masks time steps with NumPy's random numbers (mask_time_prob=0.5)",
 }
 
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "lightglue": (
+        "prediction +20.7%, within budget, bit-identical: the chain found is SuperPoint's "
+        "keypoint_detector.encoder.conv_blocks, which get no gradient (LightGlue detaches the "
+        "descriptors; the keypoints come from NMS), so their saved tensors die in the forward "
+        "and the profile charges them until a backward that never comes, as on encodec "
+        "(measured 42,290,140 B, predicted 51,025,116 B at a floor of 51,025,116 B)"
+    ),
+}
 
 
 # refused on purpose, with what memfit would need said in the error; True: before any step
@@ -54,13 +65,27 @@ REFUSED: dict[str, tuple[str, bool]] = {
 }
 
 
+# built as their testers build them, not yet run to the end: on the shared 2-core machine (load
+# 8-18) their profile alone ran past 10-16 minutes. Outcome unknown: run with --runxfail -k
+UNCHECKED = "not yet run to the end (profiling alone took over 10 minutes on a loaded 2-core CPU)"
+UNCHECKED_CASES: dict[str, str] = {
+    "textnet": f"{UNCHECKED}; 10.7M parameters at the tester's sizes, floor 134,782,580 B",
+    "mobilenet_v1": f"{UNCHECKED}; floor 3,582,908 B",
+    "falcon_h1": UNCHECKED,
+    "sew_d": UNCHECKED,
+    "pp_lcnet": UNCHECKED,
+    "pp_doclayout_v3": f"{UNCHECKED}; one plain step took 33 s",
+}
+
+
 def _cases() -> list[object]:
     cases: list[object] = []
     for name in TESTERS:
         if name in REFUSED:
             continue
-        if name in KNOWN:
-            mark = pytest.mark.xfail(run=False, reason=KNOWN[name])
+        reason = KNOWN.get(name) or UNCHECKED_CASES.get(name)
+        if reason is not None:
+            mark = pytest.mark.xfail(run=False, reason=reason)
             cases.append(pytest.param(name, marks=mark))
         else:
             cases.append(name)
