@@ -1,9 +1,10 @@
 """What ``memfit.auto`` costs before training starts, in training steps of the model itself.
 
 For the built-in GPT at nanoGPT's small size (4 layers, width 128, 8 x 64 tokens) and two
-Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each run times the plain
-training step (median of ``--steps`` steps after two warm-up steps), then ``memfit.auto(model,
-sample, budget=--budget)`` on a fresh copy of the model, wall seconds, with the default profile
+Hugging Face configs (``build_hf``: GPT-2 and Llama, library defaults), each round times the
+plain training step (median of ``--steps`` steps after two warm-up steps) right before and
+after ``memfit.auto(model, sample, budget=--budget)`` on a fresh copy of the model (wall
+seconds; ``--rounds`` rounds for the default profile, the median ratio), with the default profile
 (one step per way of running the model, metered and timed at once) and with ``thorough=True``
 (three timed steps per way in turns), and writes the ratio: the setup's cost in steps. Each
 plan is then verified: its predicted peak against the measured one, its predicted step time
@@ -58,7 +59,8 @@ def step_s(model: torch.nn.Module, sample: Any, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="50%")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=3, help="plain steps before/after each")
+    parser.add_argument("--rounds", type=int, default=3, help="default-profile autos, in turns")
     parser.add_argument("--out", default=str(HERE / "results" / f"setup-{date.today()}.md"))
     add_threads(parser)
     args = parser.parse_args()
@@ -70,21 +72,35 @@ def main() -> None:
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
         "| model | plain step ms | profile | auto s (budget "
-        f"{args.budget}) | auto in steps | plan.info setup_steps | peak pred. error | "
+        f"{args.budget}) | auto in steps (per round) | plan.info setup_steps (last) | "
+        "peak pred. error | "
         "predicted overhead | measured overhead |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, (model, sample) in models().items():
-        plain = step_s(model, sample, args.steps)
-        for label, options in (("default", {}), ("thorough", {"thorough": True})):
-            fresh = copy.deepcopy(model)
-            start = time.perf_counter()
-            plan = memfit.auto(fresh, sample, budget=args.budget, **options)
-            auto_s = time.perf_counter() - start
+        for label, options, rounds in (
+            ("default", {}, args.rounds),
+            ("thorough", {"thorough": True}, 1),
+        ):
+            # in turns: plain steps right before and after each auto, the ratio per round,
+            # the median over rounds (a loaded machine's drift reaches both sides alike)
+            ratios, plains, autos = [], [], []
+            for _ in range(rounds):
+                before = step_s(model, sample, args.steps)
+                fresh = copy.deepcopy(model)
+                start = time.perf_counter()
+                plan = memfit.auto(fresh, sample, budget=args.budget, **options)
+                auto_s = time.perf_counter() - start
+                plain = (before + step_s(model, sample, args.steps)) / 2
+                ratios.append(auto_s / plain)
+                plains.append(plain)
+                autos.append(auto_s)
             check = memfit.verify(fresh, sample)
             predicted = plan.predicted_step_s / check.baseline.step_s - 1
             lines.append(
-                f"| {name} | {plain * 1e3:.1f} | {label} | {auto_s:.1f} | {auto_s / plain:.0f} | "
+                f"| {name} | {statistics.median(plains) * 1e3:.1f} | {label} | "
+                f"{statistics.median(autos):.1f} | {statistics.median(ratios):.0f} "
+                f"({', '.join(f'{r:.0f}' for r in ratios)}) | "
                 f"{plan.info['setup_steps']:.0f} | {check.prediction_error:+.2%} | "
                 f"{predicted:+.1%} | {check.overhead:+.1%} |"
             )
