@@ -1,12 +1,17 @@
 """The per-op profile of a block, against bytes computed by hand."""
 
+import torch
+
 from memfit.measuring.chain import find_chain
 from memfit.measuring.ops import (
     candidate_policies,
     full_op_name,
+    in_place_twin,
+    out_of_place_twin,
     profile_ops,
     saveable,
     short_op_name,
+    writes_in_place,
 )
 from memfit.models import build
 
@@ -68,3 +73,25 @@ def test_op_names() -> None:
     assert not saveable("aten.div_.Scalar")
     assert not saveable("aten.empty_like.default")
     assert saveable("aten.gelu.default")
+
+
+def test_in_place_is_read_from_the_schema_not_from_a_trailing_underscore() -> None:
+    # ``__lshift__`` ends in an underscore and writes nothing; ``mm.out`` writes ``out`` and
+    # batch norm's training kernel its running statistics, with no underscore at the end
+    assert saveable("aten.__lshift__.Tensor")
+    assert not saveable("aten.mm.out")
+    assert not saveable("aten._batch_norm_with_update.default")
+    assert not writes_in_place("aten.__and__.Tensor")
+    assert writes_in_place(torch.ops.aten.__ilshift__.Tensor)
+    assert not writes_in_place("aten.no_such_op.default")
+
+
+def test_in_place_and_out_of_place_twins_of_pointwise_ops() -> None:
+    aten = torch.ops.aten
+    assert in_place_twin(aten.mul.Tensor) is aten.mul_.Tensor
+    assert in_place_twin(aten.mm.default) is None  # not pointwise
+    assert in_place_twin(aten.mul_.Tensor) is None  # in place already
+    assert out_of_place_twin(aten.mul_.Tensor) == "aten.mul.Tensor"
+    assert out_of_place_twin(aten.__ilshift__.Tensor) == "aten.__lshift__.Tensor"
+    assert out_of_place_twin(aten.__lshift__.Tensor) is None  # writes nothing
+    assert out_of_place_twin(aten.mul.Tensor) is None

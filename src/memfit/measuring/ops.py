@@ -232,6 +232,47 @@ def written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     )
 
 
+def writes_in_place(op: Any) -> bool:
+    """Whether ``op`` (an ``OpOverload`` or a name such as ``aten.mul_.Tensor``) writes one of
+    its arguments, read from its schema (:func:`written_arguments`), not from a trailing
+    underscore in its name: ``__lshift__`` writes nothing, while ``mm.out`` writes ``out`` and
+    ``_batch_norm_with_update`` writes the running statistics. ``False`` for a name torch does
+    not know."""
+    func = _overload(op)
+    return func is not None and bool(written_arguments(func))
+
+
+@functools.cache
+def in_place_twin(func: Any) -> Any:
+    """The in-place overload of the pointwise aten op ``func`` (``mul.Tensor`` ->
+    ``mul_.Tensor``): same kernel, same values, written into ``self``. ``None`` when ``func``
+    is not pointwise or has no twin whose schema writes ``self`` alone."""
+    if torch.Tag.pointwise not in getattr(func, "tags", ()) or written_arguments(func):
+        return None
+    twin = _overload_by_name(
+        f"{func.namespace}.{func.overloadpacket.__name__}_.{func._overloadname}"
+    )
+    return twin if twin is not None and written_arguments(twin) == ((0, "self"),) else None
+
+
+@functools.cache
+def out_of_place_twin(func: Any) -> str | None:
+    """The name of the out-of-place overload of the in-place pointwise aten op ``func``
+    (``aten.mul_.Tensor`` -> ``aten.mul.Tensor``; ``aten.__ilshift__.Tensor`` ->
+    ``aten.__lshift__.Tensor``), or ``None`` when ``func`` does not write ``self`` alone or
+    has no such twin."""
+    if torch.Tag.pointwise not in getattr(func, "tags", ()):
+        return None
+    if written_arguments(func) != ((0, "self"),):
+        return None
+    packet = func.overloadpacket.__name__
+    dunder = packet.startswith("__i") and packet.endswith("__")
+    base = f"__{packet[3:]}" if dunder else packet.removesuffix("_")
+    name = f"{func.namespace}.{base}.{func._overloadname}"
+    twin = _overload_by_name(name)
+    return name if twin is not None and not written_arguments(twin) else None
+
+
 def written_tensors(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
     """The tensors a call of ``func`` writes in place (see :func:`written_arguments`)."""
     written = []
@@ -330,14 +371,14 @@ def full_op_name(short: str) -> str:
 def saveable(op: str) -> bool:
     """Whether a selective policy may name the op: not random (recomputing every random op in
     order keeps the RNG stream; a saved one would be skipped and shift every draw after it), not
-    in-place, not a factory whose output is filled later.
+    in place (its schema writes an argument: :func:`writes_in_place`), not a factory whose
+    output is filled later.
 
     Attention kernels are random only with dropout on: they may be named, and the policy
     recomputes the calls that draw (:func:`draws_random`)."""
-    packet = op.split(".")[1] if op.count(".") >= 2 else op
     return (
         (not is_random_op(op) or decides_per_call(op))
-        and not packet.endswith("_")
+        and not writes_in_place(op)
         and not op.startswith(_NEVER_SAVED_PREFIXES)
     )
 
