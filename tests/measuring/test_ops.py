@@ -4,6 +4,8 @@ import torch
 
 from memfit.measuring.chain import find_chain
 from memfit.measuring.ops import (
+    MATMUL_OPS,
+    _overload_by_name,
     candidate_policies,
     full_op_name,
     in_place_twin,
@@ -95,3 +97,33 @@ def test_in_place_and_out_of_place_twins_of_pointwise_ops() -> None:
     assert out_of_place_twin(aten.__ilshift__.Tensor) == "aten.__lshift__.Tensor"
     assert out_of_place_twin(aten.__lshift__.Tensor) is None  # writes nothing
     assert out_of_place_twin(aten.mul.Tensor) is None
+
+
+def test_every_matmul_op_is_an_op_of_the_installed_torch() -> None:
+    # a name torch renamed or dropped would make ``selective:matmul`` save nothing, silently
+    missing = sorted(op for op in MATMUL_OPS if _overload_by_name(op) is None)
+    assert missing == []
+
+
+# torch's compute-intensive ops that ``selective:matmul`` leaves out, and why
+_NOT_MATMUL = {
+    "convolution_backward": "a backward kernel: a forward policy never sees it",
+    "_flash_attention_forward": "called inside the SDPA kernels, not by a block",
+    "_efficient_attention_forward": "called inside the SDPA kernels, not by a block",
+    "upsample_bilinear2d": "interpolation: cheap to recompute against its output",
+    "_scaled_mm": "fp8 matmul: not priced by memfit yet",
+}
+
+
+def test_matmul_ops_against_torchs_compute_intensive_ops() -> None:
+    # torch's list is private (``torch._functorch.partitioners``): this test says when it moves
+    from torch._functorch.partitioners import get_default_op_list
+
+    theirs = {op.__name__ for op in get_default_op_list().compute_intensive_ops}
+    ours = {op.split(".")[1] for op in MATMUL_OPS}
+    assert theirs - ours == set(_NOT_MATMUL), "torch's compute-intensive ops changed: review"
+    assert ours - theirs == {
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+    }

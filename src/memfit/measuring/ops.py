@@ -23,7 +23,16 @@ from torch.utils._pytree import tree_leaves
 from memfit.measuring.chain import Chain
 from memfit.measuring.step import split_sample
 
-# Ops whose outputs are worth keeping because they are expensive to recompute.
+# Ops whose outputs are worth keeping because they are expensive to recompute: what
+# ``selective:matmul`` saves. memfit keeps its own list rather than building it from torch's:
+# the nearest torch has, ``compute_intensive_ops`` in
+# ``torch._functorch.partitioners.get_default_op_list``, is private (no stability promise) and
+# is a compiler's list, not a forward policy's: it names backward kernels
+# (``convolution_backward``), the kernels SDPA calls inside itself (``_flash_attention_forward``),
+# interpolation (``upsample_bilinear2d``) and fp8 ``_scaled_mm``, and lacks the CPU flash, cuDNN
+# attention and ``baddbmm`` that blocks run. tests/measuring/test_ops.py holds the two lists
+# side by side, and checks that every name here is an op of the installed torch (a renamed op
+# would make the policy silently save nothing).
 MATMUL_OPS = frozenset(
     {
         "aten.mm.default",
