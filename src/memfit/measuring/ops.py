@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from memfit.measuring.chain import Chain
-from memfit.measuring.step import split_sample
+from memfit.measuring.step import split_sample, storage_key
 
 # Ops whose outputs are worth keeping because they are expensive to recompute: what
 # ``selective:matmul`` saves. memfit keeps its own list rather than building it from torch's:
@@ -196,7 +196,7 @@ class _Recorder(TorchDispatchMode):
             stats.random = True
             stats.needs.add("random numbers")
         inputs = {
-            leaf.untyped_storage().data_ptr()
+            storage_key(leaf)
             for leaf in tree_leaves((args, kwargs))
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
         }
@@ -213,7 +213,7 @@ class _Recorder(TorchDispatchMode):
                 stats.needs.add("parameters" if known else "block input")
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                ptr = leaf.untyped_storage().data_ptr()
+                ptr = storage_key(leaf)
                 if ptr in inputs:  # a view or an in-place op: the storage is its input's
                     if random and ptr in self.block.producers:
                         # filled with random numbers in place (dropout's mask on CPU)
@@ -292,9 +292,9 @@ def written_tensors(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
 
 
 def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
-    """Storage pointers of the tensors a call of ``func`` writes in place."""
+    """Storage keys of the tensors a call of ``func`` writes in place."""
     return {
-        tensor.untyped_storage().data_ptr()
+        storage_key(tensor)
         for tensor in written_tensors(func, args, kwargs)
         if tensor.device.type != "meta"
     }
@@ -314,7 +314,7 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
 
         def hook(tensor: torch.Tensor) -> torch.Tensor:
             # Resolved now, while the storage is alive and its pointer still names it.
-            ptr = tensor.untyped_storage().data_ptr()
+            ptr = storage_key(tensor)
             op = block.producers.get(ptr)
             if op is not None and ptr not in block.saved:
                 block.saved.add(ptr)
@@ -331,7 +331,7 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
         def hook(module: nn.Module, _args: Any) -> None:
             # read in the forward: FSDP2's pre-hook (which runs first) has swapped the
             # sharded parameters for the gathered ones the ops see
-            blocks[index].parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            blocks[index].parameters = {storage_key(p) for p in module.parameters()}
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack(index), _identity))
             stack.enter_context(_Recorder(blocks[index]))
 

@@ -418,7 +418,7 @@ def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
         return True
     return (
         received._version == run.expected_version == expected._version
-        and received.untyped_storage().data_ptr() == expected.untyped_storage().data_ptr()
+        and storage_key(received) == storage_key(expected)
         and received.storage_offset() == expected.storage_offset()
         and received.shape == expected.shape
         and received.stride() == expected.stride()
