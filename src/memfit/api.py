@@ -25,7 +25,6 @@ from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
 from memfit.profiling import profile
-from memfit.runtime import REBUILD, REBUILD_LINEAR, REBUILD_OPS
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
@@ -45,7 +44,7 @@ from memfit.runtime.compiled import (
     uncompile_blocks,
 )
 from memfit.runtime.dynamic import remove_shape_plans
-from memfit.runtime.options import is_selective
+from memfit.runtime.options import hooks_inside
 from memfit.timing import fastest
 from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
 from memfit.verification import Verification, verify
@@ -329,10 +328,7 @@ def apply(
         apply_plan(model, chain, plan)
         arm_traced_plan_warning()
         return
-    hooked = sorted(
-        {o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR, REBUILD_OPS)}
-    )
-    hooked += sorted({o for o in plan.options.values() if is_selective(o)})
+    hooked = sorted({o for o in plan.options.values() if hooks_inside(o)})
     if hooked:
         raise PlanMismatchError(
             f"the plan compiles its blocks (compile={compiling}) but asks for {hooked}, which "

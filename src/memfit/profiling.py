@@ -71,7 +71,7 @@ from memfit.runtime.head import (
     is_head_option,
 )
 from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
-from memfit.runtime.options import is_selective
+from memfit.runtime.options import hooks_inside, is_selective
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,7 @@ def _draws_random(model: nn.Module, sample: Any) -> bool:
 
 def _hooked_options(options: Sequence[str]) -> list[str]:
     """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
-    return [
-        name
-        for name in options
-        if name in (REBUILD, REBUILD_LINEAR, REBUILD_OPS) or is_selective(name)
-    ]
+    return [name for name in options if hooks_inside(name)]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:

@@ -170,6 +170,7 @@ class MemoryMeter:
     def watch(self, name: str, tensor: torch.Tensor) -> None:
         """Note in which span the storage behind ``tensor`` is freed, from the current span on
         (``reading.freed[name]``): whether a stage lets its input go, say."""
+        # an address, not a storage_key: the profiler's free events report addresses
         ptr = tensor.untyped_storage().data_ptr()
         self._watched.append((ptr, len(self._labels), name))
 

@@ -34,7 +34,6 @@ from memfit.measuring.meter import RECOMPUTE_RANGE, MemoryMeter, MemoryReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
-    _storage_key,
     check_step_arguments,
     compute_loss,
     held_bytes,
@@ -43,6 +42,7 @@ from memfit.measuring.step import (
     reset_grads,
     sample_device,
     split_sample,
+    storage_key,
     synchronize,
     tensor_bytes,
 )
@@ -227,14 +227,14 @@ def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) 
     """Bytes of the tensors a block returns besides its hidden state, counting each storage
     once and leaving out the hidden state's and the block's inputs' (a position bias passed on)."""
     known = {
-        _storage_key(leaf)
+        storage_key(leaf)
         for leaf in [main, *tree_leaves([args, kwargs])]
         if isinstance(leaf, torch.Tensor)
     }
     tails = [
         leaf
         for leaf in tree_leaves(list(output[1:]))
-        if isinstance(leaf, torch.Tensor) and _storage_key(leaf) not in known
+        if isinstance(leaf, torch.Tensor) and storage_key(leaf) not in known
     ]
     return tensor_bytes(*tails)
 

@@ -10,11 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.measuring.step import storage_key
 from memfit.measuring.trace import rerunning
 
 
 def _ptr(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+    """The key of the storage behind ``tensor`` (:func:`~memfit.measuring.step.storage_key`)."""
+    return storage_key(tensor)
 
 
 def _strided(tensor: Any) -> bool:

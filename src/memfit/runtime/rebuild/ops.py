@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from memfit.measuring.ops import in_place_twin
 from memfit.runtime.rebuild.handles import Geometry, _geometry, _Source
 
 # Ops whose outputs ``rebuild`` may compute again in backward from what the block saves anyway:
@@ -121,16 +122,6 @@ def _evaluate(
     return out
 
 
-@functools.cache
-def _in_place(func: Any) -> Any:
-    """The in-place overload of the pointwise aten op ``func`` (``mul.Tensor`` ->
-    ``mul_.Tensor``), or ``None``: same kernel, same values, written into ``self``."""
-    if torch.Tag.pointwise not in getattr(func, "tags", ()):
-        return None
-    packet = getattr(torch.ops.aten, func.overloadpacket.__name__ + "_", None)
-    return getattr(packet, func._overloadname, None) if packet is not None else None
-
-
 class _OpRecipe:
     """Rebuilds one storage by rerunning the chain of cheap ops that made it, from storages
     the block keeps saved (or rebuilds in turn), parameters and small constants.
@@ -169,7 +160,7 @@ class _OpRecipe:
 
     def evaluate(self, call: _OpCall) -> torch.Tensor:
         first = call.args[0] if call.args else None
-        func = _in_place(call.func)
+        func = in_place_twin(call.func)
         if (
             func is not None
             and isinstance(first, _Arg)

@@ -46,10 +46,7 @@ def _rebuild(option: str) -> StageWrapper:
     return functools.partial(Rebuilt, linear=option == REBUILD_LINEAR, ops=option == REBUILD_OPS)
 
 
-register_option(OptionKind(prefix=REBUILD, form=REBUILD, recomputes=False, wrapper=_rebuild))
-register_option(
-    OptionKind(prefix=REBUILD_OPS, form=REBUILD_OPS, recomputes=False, wrapper=_rebuild)
-)
-register_option(
-    OptionKind(prefix=REBUILD_LINEAR, form=REBUILD_LINEAR, recomputes=False, wrapper=_rebuild)
-)
+for _name in (REBUILD, REBUILD_OPS, REBUILD_LINEAR):
+    register_option(
+        OptionKind(prefix=_name, form=_name, recomputes=False, wrapper=_rebuild, hooks_inside=True)
+    )
