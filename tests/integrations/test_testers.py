@@ -40,17 +40,10 @@ UNREPEATABLE = {
     # training forward, so no generator state repeats a plain step
     "reformer": "Reformer's layers draw their dropout seeds from torch.seed()",
     "wav2vec2_conformer": "masks time steps with NumPy's random numbers (mask_time_prob=0.5)",
+    "sew_d": "SEW-D masks time steps with NumPy's random numbers (SpecAugment), as SEW",
 }
 
-KNOWN: dict[str, str] = {
-    "lightglue": (
-        "prediction +20.7%, within budget, bit-identical: the chain found is SuperPoint's "
-        "keypoint_detector.encoder.conv_blocks, which get no gradient (LightGlue detaches the "
-        "descriptors; the keypoints come from NMS), so their saved tensors die in the forward "
-        "and the profile charges them until a backward that never comes, as on encodec "
-        "(measured 42,290,140 B, predicted 51,025,116 B at a floor of 51,025,116 B)"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 # refused on purpose, with what memfit would need said in the error; True: before any step
@@ -70,10 +63,6 @@ REFUSED: dict[str, tuple[str, bool]] = {
 UNCHECKED = "not yet run to the end (profiling alone took over 10 minutes on a loaded 2-core CPU)"
 UNCHECKED_CASES: dict[str, str] = {
     "textnet": f"{UNCHECKED}; 10.7M parameters at the tester's sizes, floor 134,782,580 B",
-    "mobilenet_v1": f"{UNCHECKED}; floor 3,582,908 B",
-    "falcon_h1": UNCHECKED,
-    "sew_d": UNCHECKED,
-    "pp_lcnet": UNCHECKED,
     "pp_doclayout_v3": f"{UNCHECKED}; one plain step took 33 s",
 }
 
