@@ -12,7 +12,7 @@ such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit
 Models memfit refuses on purpose (LayerDrop, xLSTM's in-place cache) are checked for the
 refusal and what it names instead (``REFUSED``). Cases memfit does not pass yet are ``xfail``
 with their measured cause, not run by default (each costs 10-30 s of the suite and the outcome
-is known), and so are cases not yet run to the end (``UNCHECKED_CASES``);
+is known);
 ``pytest --runxfail -k <arch>`` runs them, and a fix must then remove the mark.
 
 Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
@@ -58,21 +58,12 @@ REFUSED: dict[str, tuple[str, bool]] = {
 }
 
 
-# built as their testers build them, not yet run to the end: on the shared 2-core machine (load
-# 8-18) their profile alone ran past 10-16 minutes. Outcome unknown: run with --runxfail -k
-UNCHECKED = "not yet run to the end (profiling alone took over 10 minutes on a loaded 2-core CPU)"
-UNCHECKED_CASES: dict[str, str] = {
-    "textnet": f"{UNCHECKED}; 10.7M parameters at the tester's sizes, floor 134,782,580 B",
-    "pp_doclayout_v3": f"{UNCHECKED}; one plain step took 33 s",
-}
-
-
 def _cases() -> list[object]:
     cases: list[object] = []
     for name in TESTERS:
         if name in REFUSED:
             continue
-        reason = KNOWN.get(name) or UNCHECKED_CASES.get(name)
+        reason = KNOWN.get(name)
         if reason is not None:
             mark = pytest.mark.xfail(run=False, reason=reason)
             cases.append(pytest.param(name, marks=mark))
