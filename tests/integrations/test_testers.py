@@ -12,8 +12,7 @@ such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit
 Models memfit refuses on purpose (LayerDrop, xLSTM's in-place cache) are checked for the
 refusal and what it names instead (``REFUSED``). Cases memfit does not pass yet are ``xfail``
 with their measured cause, not run by default (each costs 10-30 s of the suite and the outcome
-is known);
-``pytest --runxfail -k <arch>`` runs them, and a fix must then remove the mark.
+is known); ``pytest --runxfail -k <arch>`` runs them, and a fix must then remove the mark.
 
 Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
 (still run by ``make test``; ``-m "not slow"`` leaves it out).
