@@ -99,7 +99,6 @@ UNCHECKED_CASES: dict[str, str] = {
     "mobilenet_v1": f"{UNCHECKED}; floor 3,582,908 B",
     "falcon_h1": UNCHECKED,
     "sew_d": UNCHECKED,
-    "pp_lcnet": UNCHECKED,
     "pp_doclayout_v3": f"{UNCHECKED}; one plain step took 33 s",
 }
 
