@@ -96,7 +96,6 @@ REFUSED: dict[str, tuple[str, bool]] = {
 UNCHECKED = "not yet run to the end (profiling alone took over 10 minutes on a loaded 2-core CPU)"
 UNCHECKED_CASES: dict[str, str] = {
     "textnet": f"{UNCHECKED}; 10.7M parameters at the tester's sizes, floor 134,782,580 B",
-    "mobilenet_v1": f"{UNCHECKED}; floor 3,582,908 B",
     "falcon_h1": UNCHECKED,
     "sew_d": UNCHECKED,
     "pp_doclayout_v3": f"{UNCHECKED}; one plain step took 33 s",
