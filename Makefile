@@ -1,4 +1,4 @@
-# Two commands are the whole set-up: `make demo` and `make test`.
+# Two commands are the whole set-up: `make demo` and `make test` (`make quick`: the fast tests).
 # Each creates .venv when missing and installs what it needs. On the project's machines the
 # CPU build of torch lies on disk as torch==2.13.0; override TORCH_SPEC elsewhere.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.memfit-installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test quick lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# the tests not marked slow (no Hugging Face sweeps, no processes, no compile): for each change
+quick: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py

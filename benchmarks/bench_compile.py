@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ import torch._functorch.config
 import torch._inductor.config
 
 import memfit
+from common import header
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.run import time_step
 from memfit.models import build, describe
@@ -62,18 +61,6 @@ class Row:
     max_diff: float | None = None
     plan: str = ""
     setup_s: float = 0.0
-
-
-def header(device: str) -> list[str]:
-    import transformers
-
-    return [
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs "
-        f"(shared with other jobs)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} intra-op threads",
-        f"- device: {device}; compile backend inductor (CPU: C++/OpenMP kernels)",
-    ]
 
 
 def build_model(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
@@ -162,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.accumulated_recompile_limit = 4096
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     base, sample, text = build_model(args.model, args)
-    say("\n".join(header("CPU")))
+    say("\n".join(header("CPU; compile backend inductor (C++/OpenMP kernels)")))
 
     rows = [Row("eager", copy.deepcopy(base))]
     knobs = [1.0, *(float(k) for k in args.knob.split(","))]
@@ -226,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# memfit + torch.compile vs compile's activation_memory_budget: {args.model} "
         f"({date.today()})",
         "",
-        *header("CPU"),
+        *header("CPU; compile backend inductor (C++/OpenMP kernels)"),
         f"- model: {text}",
         f"- eager step: peak {eager.peak_bytes / 2**20:.1f} MiB, activations "
         f"{eager.activation_bytes / 2**20:.1f} MiB",

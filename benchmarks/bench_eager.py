@@ -22,17 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
-import platform
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import memfit
-from common import write_results
+from common import header, write_results
 from memfit.bench import BenchRow, bench
 from memfit.integrations.hf import build_hf
 from memfit.planning.frontier import frontier
@@ -230,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# The eager frontier: memfit before and after op-chain rebuild and head options "
         f"({date.today()})",
         "",
-        f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs; python "
-        f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        *header(),
         f"- models: Hugging Face configs with library defaults, {args.layers} layers, width "
         f"{args.hidden}, vocab {args.vocab if args.vocab != 'default' else 'the config default'}"
         f", batch {args.batch} x {args.seq} tokens",

@@ -27,7 +27,6 @@ import argparse
 import copy
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,26 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 import memfit
-from common import add_threads, write_results
+from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
-from memfit.planning.shapes import Shape
+from memfit.measuring.sample_shapes import resize_sample
+from memfit.planning.shape_fits import Shape
 from memfit.runtime.apply import apply_plan, chain_of_plan
 
 HERE = Path(__file__).parent
-
-
-def header(threads: int) -> list[str]:
-    return [
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at the start (shared with other work)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {threads} intra-op thread(s)",
-        "- device: CPU",
-    ]
 
 
 def timed(model: torch.nn.Module, batch: dict) -> tuple[float, float]:
@@ -203,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     torch.set_num_threads(args.threads)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    say("\n".join(header(args.threads)))
+    say("\n".join(header()))
     b, s = args.batch, args.seq
     runs = [measure_run(args, say) for _ in range(args.runs)]
     profiled = ", ".join(str(x) for x in sorted(next(iter(runs[0][1].values()))[0].fitted.shapes))
@@ -211,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Step time predicted at 2x and 4x the profiled tokens ({date.today()})",
         "",
-        *header(args.threads),
+        *header(),
         f"- models: Hugging Face configs (build_hf, library defaults) {args.archs}, "
         f"{args.layers} layers, width {args.width}, {args.heads} heads, vocabulary 256",
         f"- profiled by memfit.estimate's defaults for a {b} x {s} sample ({profiled}; "

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 import memfit
-from bench_gpt import header
-from common import write_results
+from common import header, write_results
 from memfit.measuring.profile import Profile
 from memfit.planning.costs import ChainCosts
 from memfit.runtime.head import HEAD_OPTIONS, is_head_option

@@ -18,35 +18,20 @@ On a GPU (``benchmarks/gpu_check.sh``), sizes and rows are chosen on the command
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from datetime import date
 from pathlib import Path
 
-import torch
-
 import memfit
-from common import write_results
+from common import header, write_results
 from memfit.bench import bench
 from memfit.models import build, describe
 
 HERE = Path(__file__).parent
 
 
-def header() -> list[str]:
-    return [
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
-        f"- python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads",
-        "- device: "
-        + (
-            f"{torch.cuda.get_device_name()} (memory from memfit's meter over the caching "
-            "allocator's events)"
-            if torch.cuda.is_available()
-            else "CPU (memory from memfit's CPU meter, to the byte)"
-        ),
-    ]
+# how the memory column was measured, on each device
+MEMORY = "(memory from memfit's meter: the CPU allocator's events, or CUDA's caching allocator's)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         model, sample = build("gpt", batch=args.batch, **sizes)
         sample = tuple(t.to(args.device) for t in sample)
     model = model.to(args.device)
-    print("\n".join(header()), file=sys.stderr)
+    print(
+        "\n".join(header(note=MEMORY)),
+        file=sys.stderr,
+    )
     profile = memfit.profile(model, sample, repeats=args.repeats)
     budgets = [b.strip() for b in args.budgets.split(",")]
     result = bench(
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# memfit vs checkpointing baselines: {args.hf or 'built-in GPT'}, batch {args.batch} "
         f"({date.today()})",
         "",
-        *header(),
+        *header(note=MEMORY),
         f"- model: {describe(model)}, batch {args.batch}; sample shapes "
         f"{[tuple(t.shape) for t in (sample.values() if isinstance(sample, dict) else sample)]}",
         f"- host copies: {profile.costs.host_bytes_per_s / 1e9:.1f} GB/s"

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 import memfit
-from common import add_threads, write_results
+from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.step import compute_loss, split_sample
 from memfit.models import build
@@ -71,10 +68,7 @@ def main() -> None:
     lines = [
         f"# memfit.auto setup time in training steps ({date.today()})",
         "",
-        f"- machine: {platform.platform()}, {os.cpu_count()} logical CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the start (shared with other work)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {args.threads} intra-op thread(s), device CPU",
+        *header(),
         f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
         "| model | plain step ms | profile | auto s (budget "

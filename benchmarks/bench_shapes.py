@@ -22,7 +22,6 @@ import argparse
 import copy
 import gc
 import os
-import platform
 import random
 import statistics
 import sys
@@ -31,14 +30,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import transformers
 
 import memfit
-from common import add_threads, write_results
+from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
+from memfit.measuring.sample_shapes import resize_sample
 from memfit.planning.baselines import keep_all
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime.apply import apply_plan, chain_of_plan
@@ -46,15 +44,6 @@ from memfit.runtime.dynamic import shape_plans
 from memfit.verification import mismatched_gradients, seeded_gradients
 
 HERE = Path(__file__).parent
-
-
-def header() -> list[str]:
-    return [
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} logical CPUs",
-        f"- python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} intra-op threads",
-        "- device: CPU (memory from memfit's CPU meter, to the byte)",
-    ]
 
 
 def cpu_step(model: torch.nn.Module, batch: dict) -> float:
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     torch.set_num_threads(args.threads)
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    say("\n".join(header()))
+    say("\n".join(header("CPU (memory from memfit's CPU meter, to the byte)")))
 
     model, sample = build_hf(
         "gpt2", layers=args.layers, hidden=args.width, heads=4, seq=args.longest, batch=2
@@ -170,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Shape-following plans on a stream of random lengths ({date.today()})",
         "",
-        *header(),
+        *header("CPU (memory from memfit's CPU meter, to the byte)"),
         f"- model: Hugging Face GPT-2 config (build_hf, library defaults), {args.layers} layers, "
         f"width {args.width}, 4 heads, vocabulary 256; batches of {args.batch} x "
         f"{args.shortest}-{args.longest} tokens (uniform, seed {args.seed}), {args.steps} steps",

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
-import numpy as np
-
+from common import header
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import min_peak_bytes, simulate, solve
 from memfit.planning.optimal import fastest_tree
@@ -29,26 +27,6 @@ from memfit.planning.synthetic import heterogeneous_chain
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 BASELINES = ("all", "sqrt", "every:2", "every:4")
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def header() -> list[str]:
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    return [
-        f"- machine: {platform.system()} {platform.release()}, {cpu_name()}, "
-        f"{os.cpu_count()} logical CPUs, load average at start {load}",
-        f"- python {platform.python_version()}, numpy {np.__version__}",
-        "- device: CPU only (the solver is numpy; no torch)",
-    ]
 
 
 def bench_chain(stages: int, repeats: int) -> list[str]:
@@ -105,7 +83,12 @@ def main() -> None:
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     parser.add_argument("--stages", type=int, nargs="+", default=[100, 1000])
     args = parser.parse_args()
-    lines = ["# Solver benchmark", "", *header(), ""]
+    lines = [
+        "# Solver benchmark",
+        "",
+        *header("CPU only (the solver is numpy; no torch)", libraries=("numpy",)),
+        "",
+    ]
     print("\n".join(lines), flush=True)
     for stages in args.stages:
         lines += bench_chain(stages, args.repeats)

@@ -21,10 +21,10 @@ import torch
 
 import memfit
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample
+from memfit.measuring.sample_shapes import resize_sample
 from memfit.models import gpt
 from memfit.planning.plan import Plan, keep_tree
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.runtime.apply import chain_of_plan, planned
 from memfit.shape_profiles import default_profile_shapes
 

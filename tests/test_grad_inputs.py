@@ -45,8 +45,8 @@ def latents() -> torch.Tensor:
 
 
 CASES: dict[str, tuple[bool, Callable[[], torch.Tensor], str]] = {
-    "sample": (True, sample_requiring_grad, "80%"),
-    "parameter": (True, latents, "80%"),
+    "sample": (True, sample_requiring_grad, "70%"),
+    "parameter": (True, latents, "70%"),
     "no-parameters": (False, sample_requiring_grad, "80%"),
 }
 

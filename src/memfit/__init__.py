@@ -21,7 +21,7 @@ from memfit.errors import (
 from memfit.estimation import Estimate, ShapeProfile, estimate, profile_shapes
 from memfit.measuring import Measurement, MemoryMeter, Profile, measure
 from memfit.planning import ChainCosts, Plan
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from memfit.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
-from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError, PlanMismatchError
+from memfit.errors import InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.candidates import alternatives, without
@@ -25,12 +25,12 @@ from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
 from memfit.profiling import profile
-from memfit.runtime import REBUILD, REBUILD_LINEAR, REBUILD_OPS
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
     chain_of_plan,
     planned_module,
+    refuse_planned,
     remove_plan,
     undo_before_apply,
 )
@@ -44,7 +44,7 @@ from memfit.runtime.compiled import (
     uncompile_blocks,
 )
 from memfit.runtime.dynamic import remove_shape_plans
-from memfit.runtime.options import is_selective
+from memfit.runtime.options import hooks_inside
 from memfit.timing import fastest
 from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
 from memfit.verification import Verification, verify
@@ -299,8 +299,7 @@ def apply(
         raise TypeError(f"memfit.apply(model, plan) takes a Plan; got {type(plan).__name__}")
     refuse_compiled_model(model, "apply")
     compiling = plan_compile_options(plan, compile)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError("the model already carries a plan; call memfit.remove(model)")
+    refuse_planned(model, "applying another")
     chain = chain_of_plan(model, plan)
     if plan.fingerprint:
         expected_model, _, expected_sample = plan.fingerprint.partition("-")
@@ -329,10 +328,7 @@ def apply(
         apply_plan(model, chain, plan)
         arm_traced_plan_warning()
         return
-    hooked = sorted(
-        {o for o in plan.options.values() if o in (REBUILD, REBUILD_LINEAR, REBUILD_OPS)}
-    )
-    hooked += sorted({o for o in plan.options.values() if is_selective(o)})
+    hooked = sorted({o for o in plan.options.values() if hooks_inside(o)})
     if hooked:
         raise PlanMismatchError(
             f"the plan compiles its blocks (compile={compiling}) but asks for {hooked}, which "

@@ -237,7 +237,7 @@ def _sizes_list(text: str) -> list[int]:
 
 def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
     import memfit
-    from memfit.measuring.shapes import resize_sample, sample_layout
+    from memfit.measuring.sample_shapes import resize_sample, sample_layout
     from memfit.report.tables import estimate_table
     from memfit.targets import load_target
     from memfit.units import format_bytes, parse_budget

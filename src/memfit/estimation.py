@@ -15,21 +15,21 @@ from typing import Any
 
 from torch import nn
 
-from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
+from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
-from memfit.measuring.shapes import resize_sample, sample_layout
+from memfit.measuring.sample_shapes import resize_sample, sample_layout
 from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, largest_shape, plan_shape
+from memfit.planning.shape_costs import largest_shape, plan_shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
-from memfit.runtime.apply import applied_plan
+from memfit.runtime.apply import refuse_planned
 from memfit.runtime.dynamic import (
     ShapePlans,
     apply_shape_plans,
     check_bucket_and_margin,
-    shape_plans,
 )
 from memfit.shape_profiles import (
     ShapeProfile,
@@ -69,7 +69,7 @@ class ShapeEstimate:
         plan: the plan for the budget (``None``: no budget, or infeasible).
         untrusted: why the estimate should not be trusted (empty: no reason known).
         step_untrusted: why its step times should not be trusted (the time fits' own check,
-            :meth:`~memfit.planning.shapes.ShapeCosts.time_trust`).
+            :meth:`~memfit.planning.shape_costs.ShapeCosts.time_trust`).
     """
 
     shape: Shape
@@ -272,10 +272,7 @@ def auto_dynamic(
     check_step_arguments(
         model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
     )
-    if applied_plan(model) is not None or shape_plans(model) is not None:
-        raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) first"
-        )
+    refuse_planned(model, "planning it again")
     layout = sample_layout(sample)
     if seq_range is not None:
         if not layout.has_seq:

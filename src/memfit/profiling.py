@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
-from memfit.errors import AlreadyPlannedError, UnsupportedModelError
-from memfit.integrations.hf import hf_checkpointing_off, refuse_layerdrop
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
@@ -28,12 +27,13 @@ from memfit.measuring.ops import (
     selective_detail,
     timed_policies,
 )
-from memfit.measuring.profile import Profile, build_profile
+from memfit.measuring.profile import Profile, build_profile, no_gradient
 from memfit.measuring.run import (
     StageReading,
     measure_stages,
     profiler_share,
     stage_clock,
+    stages_without_gradient,
     wall_factor,
     wall_scaled,
 )
@@ -50,7 +50,7 @@ from memfit.runtime import (
     saved_ops,
     stage_wrapper,
 )
-from memfit.runtime.apply import planned, planned_module
+from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
     compile_blocks,
@@ -70,7 +70,8 @@ from memfit.runtime.head import (
     head_usage,
     is_head_option,
 )
-from memfit.runtime.options import is_selective
+from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
+from memfit.runtime.options import hooks_inside, is_selective
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +135,7 @@ def _draws_random(model: nn.Module, sample: Any) -> bool:
 
 def _hooked_options(options: Sequence[str]) -> list[str]:
     """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
-    return [
-        name
-        for name in options
-        if name in (REBUILD, REBUILD_LINEAR, REBUILD_OPS) or is_selective(name)
-    ]
+    return [name for name in options if hooks_inside(name)]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
@@ -181,10 +178,13 @@ def _head_menu(
     return wanted, notes
 
 
-def _every_block(chain: Chain, option: str | None, head: str | None = None) -> Plan:
-    """Every block run with ``option`` (``None``: each recomputed); the last stage (head and
-    loss) with ``head``, or kept."""
-    blocks = [chain.block_of_stage(i) is not None for i in range(len(chain))]
+def _every_block(
+    chain: Chain, option: str | None, head: str | None = None, kept: frozenset[int] = frozenset()
+) -> Plan:
+    """Every block run with ``option`` (``None``: each recomputed on its own), but the stages
+    in ``kept`` (the blocks no gradient reaches, which every plan keeps); the last stage (head
+    and loss) with ``head``, or kept."""
+    blocks = [chain.block_of_stage(i) is not None and i not in kept for i in range(len(chain))]
     tree = [
         (recompute_one(i) if option is None else Stage(i, option)) if block else Stage(i)
         for i, block in enumerate(blocks)
@@ -295,11 +295,7 @@ def profile(
     """
     refuse_compiled_model(model, "profile")
     check_step_arguments(model, sample, loss_fn, optimizer)
-    if planned_module(model) is not None:
-        raise AlreadyPlannedError(
-            "the model (or the model inside this wrapper) already carries a memfit plan; call "
-            "memfit.remove(model) before profiling"
-        )
+    refuse_planned(model, "profiling")
     if repeats is not None and repeats < 1:
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
@@ -531,12 +527,29 @@ def _profile(
         logger.warning("option %r left out of the profile: %s", way, error)
         del ways[way], clocks[way]
 
+    dead: frozenset[int] = frozenset()
+
+    def keep_dead(cut_off: frozenset[int]) -> None:
+        """Blocks cut off from the loss (an argmin, a detach after them: their graph gets no
+        gradient) run kept in every way: their saved tensors go when the model drops their
+        graph, whatever runs them, and no recompute of theirs ever runs, so checkpointing them
+        saves nothing; kept in every way, they free the same bytes in the same stage's span in
+        every reading, and the other stages' figures stay their own."""
+        nonlocal dead
+        dead = cut_off
+        if dead:
+            for way in ways:
+                if way in options or way == RECOMPUTE:
+                    option = None if way == RECOMPUTE else way
+                    ways[way] = _every_block(chain, option, kept=dead)
+
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
         # The fast path: one step per way, metered and timed at once (its marks run the meter
         # and a clock). keep alone takes a second, plain timed step, which the metered one warms
         # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
-        # every other way's times (issue 22: the setup in about 20 steps' worth).
+        # every other way's times (issue 22: the setup in about 20 steps' worth). keep comes
+        # first: its reading says which blocks get no gradient.
         # A head option rides in the step of a block option without checkpoints (rebuild*):
         # the head's span is then the one it has with every block kept (no checkpoint holds
         # side inputs through it), and the blocks' spans close before the head runs.
@@ -544,8 +557,10 @@ def _profile(
         queue = [way for way in ways if way not in rides.values()]
         while queue:
             way = queue.pop(0)
+            if way not in ways:
+                continue
             head = rides.pop(way, None)
-            way_plan = ways[way] if head is None else _every_block(chain, way, head)
+            way_plan = ways[way] if head is None else _every_block(chain, way, head, dead)
             try:
                 with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
                     after = partial(timed_after, clocks[way]) if way == KEEP else None
@@ -562,7 +577,9 @@ def _profile(
                 readings[head], used[head] = readings[way], lines
             if way in used:
                 used[way] = lines
-            if way != KEEP:
+            if way == KEEP:
+                keep_dead(no_gradient(chain, readings[KEEP]))
+            else:
                 clocks[way].append(dict(readings[way].metered_s))
         _drop_unused(used, ways, clocks, info)
         readings = {way: readings[way] for way in ways}
@@ -575,6 +592,16 @@ def _profile(
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.
+        keep_dead(
+            stages_without_gradient(
+                model,
+                sample,
+                chain,
+                loss_fn=loss_fn,
+                accumulate=accumulate,
+                keep_output=keep_output,
+            )
+        )
         for _ in range(3 if repeats is None else repeats):
             for way, way_plan in list(ways.items()):
                 try:

@@ -1,9 +1,9 @@
 """Profiles at a few shapes made from one sample, fitted to the shape: :func:`profile_shapes`.
 
 The model is profiled (:func:`memfit.profile`) at a few shapes made from the sample
-(:mod:`memfit.measuring.shapes`: rows taken in turn, sequence positions spread), the plain step
-is timed at every one of them in rounds, and every figure of the chain's costs is fitted as a
-function of ``(batch, seq)`` (:mod:`memfit.planning.shapes`). :mod:`memfit.estimation` reads
+(:mod:`memfit.measuring.sample_shapes`: rows taken in turn, sequence positions spread), the plain
+step is timed at every one of them in rounds, and every figure of the chain's costs is fitted as a
+function of ``(batch, seq)`` (:mod:`memfit.planning.shape_costs`). :mod:`memfit.estimation` reads
 the fits at shapes never run.
 """
 
@@ -20,13 +20,19 @@ from typing import Any
 from torch import nn
 
 from memfit.distributed import ranks
-from memfit.measuring.shapes import SampleLayout, resize_sample, sample_layout, step_seconds_at
+from memfit.measuring.sample_shapes import (
+    SampleLayout,
+    resize_sample,
+    sample_layout,
+    step_seconds_at,
+)
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, ShapeCosts, fit_shapes, scale_seconds
+from memfit.planning.shape_costs import ShapeCosts, fit_shapes, scale_seconds
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
 from memfit.profiling import profile
 from memfit.runtime.apply import chain_of_plan, planned
@@ -41,7 +47,7 @@ class ShapeProfile:
     """A model profiled at several shapes, with its costs fitted as functions of the shape.
 
     Attributes:
-        fitted: the fits (:class:`~memfit.planning.shapes.ShapeCosts`).
+        fitted: the fits (:class:`~memfit.planning.shape_costs.ShapeCosts`).
         layout: where the sample's batch and sequence axes are.
         keep_output, accumulate: the training loop profiled (as in :func:`memfit.profile`).
         profile_s: seconds spent profiling.
@@ -70,7 +76,7 @@ def default_profile_shapes(
     ``S/4``, ``S/2``, ``S``, and a ladder: the grid's largest tokens at longer seqs, the batch
     halved as the seq doubles (``B/2 x 2S``, ``B/4 x 4S``; as far as the batch halves to 1).
     Shapes of equal tokens and other seqs tell the time fits the tokens term from attention's
-    ``batch·seq²`` one (measured, see :func:`~memfit.planning.shapes.seconds_basis`), and the
+    ``batch·seq²`` one (measured, see :func:`~memfit.planning.shape_fits.seconds_basis`), and the
     longer seqs are where the step time grows fastest. With ``longest_seq`` (the longest seq
     an estimate is asked for) the ladder goes on towards it while the batch allows; it never
     goes beyond ``max_seq`` (a model's position limit). A rung holds the sample's tokens, but
@@ -133,7 +139,8 @@ def profile_shapes(
     Args:
         model: the model, in training mode.
         sample: a tuple of positional or a dict of keyword arguments; its batch is dim 0 of
-            its tensors, its sequence dim 1 of its token ids (see :mod:`memfit.measuring.shapes`).
+            its tensors, its sequence dim 1 of its token ids (see
+            :mod:`memfit.measuring.sample_shapes`).
         shapes: ``(batch, seq)`` pairs to profile; default :func:`default_profile_shapes`
             (eight shapes up to the sample's own, and the sample's tokens at two longer seqs).
             At least two; five or more give the fits' extrapolation checks. Shapes larger than

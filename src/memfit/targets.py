@@ -60,9 +60,9 @@ def load_target(
     if target in models.BUILDERS:
         builder = models.BUILDERS[target]
         return builder(**_accepted(builder, size, strict))
-    from memfit.integrations.hf import ARCHITECTURES
+    from memfit.integrations.hf import FAMILIES
 
-    hf_names = ", ".join(f"hf:{arch}" for arch in sorted(ARCHITECTURES))
+    hf_names = ", ".join(f"hf:{arch}" for arch in sorted(FAMILIES))
     raise ValueError(
         f"unknown target {target!r}; use a built-in model ({', '.join(sorted(models.BUILDERS))}), "
         f"hf:<arch> ({hf_names}) or path/to/file.py:function"

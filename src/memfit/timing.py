@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError, PlanMismatchError
-from memfit.integrations.hf import hf_checkpointing_off
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
@@ -34,6 +33,7 @@ from memfit.runtime.compiled import (
     plan_compile_options,
     uncompile_blocks,
 )
+from memfit.runtime.hf_switches import hf_checkpointing_off
 from memfit.verification import timed_step_under
 
 MARGIN = 0.01  # another plan must be at least 1% faster (median of paired ratios) to be chosen

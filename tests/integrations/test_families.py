@@ -89,7 +89,7 @@ class Profiled:
 
 # Known gaps in the predicted peak, checked strictly: gradients and budget are checked as for
 # every family, the prediction must still miss by more than 2% (a fix fails the test until the
-# gap is removed here), and the gap is in docs/architecture.md.
+# gap is removed here), and the gap is in docs/known-gaps.md.
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 

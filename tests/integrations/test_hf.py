@@ -13,8 +13,8 @@ from memfit.integrations.hf import FAMILIES, build_hf, disable_hf_checkpointing,
 from memfit.measuring.chain import Chain, find_chain
 from memfit.planning.plan import Plan, Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
-from rng_draws import draws_between_blocks
-from trees import TREES as SHARED_TREES
+from tests.helpers.rng_draws import draws_between_blocks
+from tests.helpers.trees import TREES as SHARED_TREES
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")

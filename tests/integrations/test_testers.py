@@ -1,6 +1,6 @@
 """Hugging Face's tiny tester configurations, each planned at its smallest feasible budget.
 
-The models come from :mod:`testers` (transformers' own ``*ModelTester`` sizes, the library's
+The models come from :mod:`tests.helpers.hf_testers` (transformers' own ``*ModelTester`` sizes, the library's
 defaults otherwise: dropout, LayerDrop, ``use_cache``). For each: profile, take the floor that
 memfit names for a budget of 1% (``InfeasibleBudgetError.min_feasible_bytes``), then
 ``memfit.auto`` at exactly that floor (a floor memfit names must be one a later call accepts),
@@ -9,9 +9,10 @@ the same layouts as the plain step, the measured peak within the budget, the pre
 2%. A model whose plain step does not repeat itself (NumPy random numbers) must be reported as
 such by ``verify`` (``reference_repeatable`` false), not as a mismatch of memfit's.
 
-Cases memfit does not pass yet are ``xfail`` with their measured cause, not run by default (each
-costs 10-30 s of the suite and the outcome is known); ``pytest --runxfail -k <arch>`` runs them,
-and a fix must then remove the mark.
+Models memfit refuses on purpose (LayerDrop, xLSTM's in-place cache) are checked for the
+refusal and what it names instead (``REFUSED``). Cases memfit does not pass yet are ``xfail``
+with their measured cause, not run by default (each costs 10-30 s of the suite and the outcome
+is known); ``pytest --runxfail -k <arch>`` runs them, and a fix must then remove the mark.
 
 Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, hence ``slow``
 (still run by ``make test``; ``-m "not slow"`` leaves it out).
@@ -20,10 +21,10 @@ Each case profiles twice and verifies under tracing: 10-30 s on a 2-core CPU, he
 from __future__ import annotations
 
 import pytest
-from hf_testers import TESTERS
 
 import memfit
-from memfit.errors import InfeasibleBudgetError
+from memfit.errors import InfeasibleBudgetError, UnsupportedModelError
+from tests.helpers.hf_testers import TESTERS
 
 pytest.importorskip("transformers")
 pytestmark = [
@@ -32,43 +33,38 @@ pytestmark = [
 ]
 
 # what the plain step cannot repeat: verify must say so (reference_repeatable False)
-UNREPEATABLE = {"sew": "SEW masks time steps with NumPy's random numbers (SpecAugment)"}
+UNREPEATABLE = {
+    "sew": "SEW masks time steps with NumPy's random numbers (SpecAugment)",
+    # each ReformerLayer seeds its dropout from torch.seed() (the OS's entropy) at every
+    # training forward, so no generator state repeats a plain step
+    "reformer": "Reformer's layers draw their dropout seeds from torch.seed()",
+    "wav2vec2_conformer": "masks time steps with NumPy's random numbers (mask_time_prob=0.5)",
+    "sew_d": "SEW-D masks time steps with NumPy's random numbers (SpecAugment), as SEW",
+}
 
-EARLY_STOP = (
-    "predicted peak more than 2% above the measured one: the simulator charges a recompute with "
-    "the kept forward's transient peak (forward_peak_bytes), but torch's checkpoint stops the "
-    "rerun once the last tensor backward needs is rebuilt (early stop), so the ops after it and "
-    "their transients never run (cohere, every block recomputed: predicted 398,865 B, measured "
-    "355,593 B, 387,217 B with set_checkpoint_early_stop(False))"
-)
-KNOWN: dict[str, str] = {
-    "doge": EARLY_STOP,
-    "t5": EARLY_STOP,
-    "cohere": EARLY_STOP,
-    "emu3": EARLY_STOP,
-    "vaultgemma": EARLY_STOP,
-    "encodec": (
-        "over budget, prediction -13%: no gradient reaches the encoder blocks (the quantizer's "
-        "argmin cuts the graph), so their saved tensors die in the forward and a segment's "
-        "recompute never runs; the profile charges them until a backward that never comes, so "
-        "the plan's savings are not real (measured 889,692 B = the unplanned peak, predicted "
-        "765,852 B)"
-    ),
-    "mimi": (
-        "over budget, prediction -10%: likely as encodec (the encoder gets no gradient: 43 of 86 "
-        "parameters, encoder_transformer.layers among the planned blocks); not measured further"
-    ),
-    "llava": (
-        "over budget by 8 B (measured 478,837 B, predicted 478,829 B at a floor of 478,829 B)"
-    ),
+KNOWN: dict[str, str] = {}
+
+
+# refused on purpose, with what memfit would need said in the error; True: before any step
+REFUSED: dict[str, tuple[str, bool]] = {
+    # LayerDrop (the library's default of 0.1): refused before anything runs
+    "wav2vec2": (r"LayerDrop: config\.layerdrop=0\.1.*layerdrop=0\.0", True),
+    # its default cache (use_cache=True): each block writes its new RNN state into the cache
+    # tensors it was passed, so a rerun would start from other values; refused when the
+    # profile first reruns a block (was torch's CheckpointError "Recomputed values ... have
+    # different metadata")
+    "xlstm": (r"xLSTMBlock\) cannot be recomputed.*in place.*use_cache=False", False),
 }
 
 
 def _cases() -> list[object]:
     cases: list[object] = []
     for name in TESTERS:
-        if name in KNOWN:
-            mark = pytest.mark.xfail(run=False, reason=KNOWN[name])
+        if name in REFUSED:
+            continue
+        reason = KNOWN.get(name)
+        if reason is not None:
+            mark = pytest.mark.xfail(run=False, reason=reason)
             cases.append(pytest.param(name, marks=mark))
         else:
             cases.append(name)
@@ -97,3 +93,14 @@ def test_tester_config_at_its_floor(name: str) -> None:
         report.predicted_peak_bytes,
         report.measured_peak_bytes,
     )
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_tester_config_is_refused_clearly(name: str) -> None:
+    built = TESTERS[name]()
+    pattern, before_any_step = REFUSED[name]
+    calls: list[int] = []
+    built.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        memfit.auto(built.model, built.sample, budget="80%", loss_fn=built.loss_fn, repeats=1)
+    assert (calls == []) == before_any_step

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.measuring.meter import MemoryMeter
+from memfit.measuring.meter import MemoryMeter, metered_range
 
 L, WIDTH, BATCH = 3, 256, 64
 A = BATCH * WIDTH * 4  # one activation
@@ -29,6 +29,42 @@ def test_plain_allocations_and_frees() -> None:
     assert reading.span("second") == reading.spans[1]
     assert (reading.spans[1].start_bytes, reading.spans[1].peak_bytes) == (1000, 5000)
     assert view.numel() == 990
+
+
+def test_ranges_across_marks_and_ended_by_an_exception() -> None:
+    """A range (a block's rerun in backward) has its own start, peak and end, across marks; an
+    exception leaving it ends it there (torch's early stop leaves a recompute by raising)."""
+    with MemoryMeter() as meter:
+        x = torch.empty(1000, dtype=torch.uint8)
+        with metered_range("first"):
+            y = torch.empty(3000, dtype=torch.uint8)
+            meter.mark("inside")
+            del y
+            z = torch.empty(500, dtype=torch.uint8)
+        try:
+            with metered_range("second"):
+                w = torch.empty(2000, dtype=torch.uint8)
+                raise KeyError("stop")
+        except KeyError:
+            del w
+        u = torch.empty(9000, dtype=torch.uint8)
+        del u
+    first, second = meter.reading.ranges
+    assert (first.label, first.start_bytes, first.peak_bytes, first.end_bytes) == (
+        "first",
+        1000,
+        4000,
+        1500,
+    )
+    assert (second.label, second.start_bytes, second.peak_bytes) == ("second", 1500, 3500)
+    assert [s.label for s in meter.reading.spans] == ["<start>", "inside"]
+    assert x.numel() + z.numel() == 1500
+
+
+def test_ranges_cost_nothing_without_a_meter() -> None:
+    with metered_range("outside"), MemoryMeter() as meter:
+        torch.empty(100, dtype=torch.uint8)
+    assert meter.reading.ranges == ()
 
 
 def test_frees_of_memory_from_before_the_region_do_not_count() -> None:

@@ -1,12 +1,19 @@
 """The per-op profile of a block, against bytes computed by hand."""
 
+import torch
+
 from memfit.measuring.chain import find_chain
 from memfit.measuring.ops import (
+    MATMUL_OPS,
+    _overload_by_name,
     candidate_policies,
     full_op_name,
+    in_place_twin,
+    out_of_place_twin,
     profile_ops,
     saveable,
     short_op_name,
+    writes_in_place,
 )
 from memfit.models import build
 
@@ -68,3 +75,55 @@ def test_op_names() -> None:
     assert not saveable("aten.div_.Scalar")
     assert not saveable("aten.empty_like.default")
     assert saveable("aten.gelu.default")
+
+
+def test_in_place_is_read_from_the_schema_not_from_a_trailing_underscore() -> None:
+    # ``__lshift__`` ends in an underscore and writes nothing; ``mm.out`` writes ``out`` and
+    # batch norm's training kernel its running statistics, with no underscore at the end
+    assert saveable("aten.__lshift__.Tensor")
+    assert not saveable("aten.mm.out")
+    assert not saveable("aten._batch_norm_with_update.default")
+    assert not writes_in_place("aten.__and__.Tensor")
+    assert writes_in_place(torch.ops.aten.__ilshift__.Tensor)
+    assert not writes_in_place("aten.no_such_op.default")
+
+
+def test_in_place_and_out_of_place_twins_of_pointwise_ops() -> None:
+    aten = torch.ops.aten
+    assert in_place_twin(aten.mul.Tensor) is aten.mul_.Tensor
+    assert in_place_twin(aten.mm.default) is None  # not pointwise
+    assert in_place_twin(aten.mul_.Tensor) is None  # in place already
+    assert out_of_place_twin(aten.mul_.Tensor) == "aten.mul.Tensor"
+    assert out_of_place_twin(aten.__ilshift__.Tensor) == "aten.__lshift__.Tensor"
+    assert out_of_place_twin(aten.__lshift__.Tensor) is None  # writes nothing
+    assert out_of_place_twin(aten.mul.Tensor) is None
+
+
+def test_every_matmul_op_is_an_op_of_the_installed_torch() -> None:
+    # a name torch renamed or dropped would make ``selective:matmul`` save nothing, silently
+    missing = sorted(op for op in MATMUL_OPS if _overload_by_name(op) is None)
+    assert missing == []
+
+
+# torch's compute-intensive ops that ``selective:matmul`` leaves out, and why
+_NOT_MATMUL = {
+    "convolution_backward": "a backward kernel: a forward policy never sees it",
+    "_flash_attention_forward": "called inside the SDPA kernels, not by a block",
+    "_efficient_attention_forward": "called inside the SDPA kernels, not by a block",
+    "upsample_bilinear2d": "interpolation: cheap to recompute against its output",
+    "_scaled_mm": "fp8 matmul: not priced by memfit yet",
+}
+
+
+def test_matmul_ops_against_torchs_compute_intensive_ops() -> None:
+    # torch's list is private (``torch._functorch.partitioners``): this test says when it moves
+    from torch._functorch.partitioners import get_default_op_list
+
+    theirs = {op.__name__ for op in get_default_op_list().compute_intensive_ops}
+    ours = {op.split(".")[1] for op in MATMUL_OPS}
+    assert theirs - ours == set(_NOT_MATMUL), "torch's compute-intensive ops changed: review"
+    assert ours - theirs == {
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+    }

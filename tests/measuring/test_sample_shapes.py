@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.measuring.shapes import batch_shape, resize_sample, sample_layout
-from memfit.planning.shapes import Shape
+from memfit.measuring.sample_shapes import batch_shape, resize_sample, sample_layout
+from memfit.planning.shape_fits import Shape
 
 
 def hf_sample(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def test_bad_samples_say_what_was_expected() -> None:
 
 
 def test_step_seconds_at_every_shape_leaves_gradients() -> None:
-    from memfit.measuring.shapes import step_seconds_at
+    from memfit.measuring.sample_shapes import step_seconds_at
     from memfit.models import gpt
 
     model, sample = gpt(layers=2, width=32, heads=2, vocab=64, seq=32, batch=2)

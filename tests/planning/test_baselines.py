@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 from hypothesis import given, settings
-from plan_strategies import chains
 
 from memfit.planning import baselines
 from memfit.planning.costs import ChainCosts, uniform_chain
 from memfit.planning.plan import Segment, Stage, keep_tree, recompute_one
 from memfit.planning.simulate import check_tree
+from tests.helpers.strategies import chains
 
 
 def _constrained(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plan_strategies import chains, peaks
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import Segment, Stage, simulate, solve
 from memfit.planning.candidates import alternatives, used_options, without
 from memfit.planning.costs import ChainCosts
 from memfit.planning.synthetic import heterogeneous_chain
+from tests.helpers.strategies import chains, peaks
 
 
 def _check(costs: ChainCosts, budget: int, count: int) -> None:

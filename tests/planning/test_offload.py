@@ -9,7 +9,6 @@ from itertools import pairwise, product
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plan_strategies import UNIT, all_trees, chains
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import baselines
@@ -25,6 +24,7 @@ from memfit.planning.offload import (
 from memfit.planning.optimal import Planner, solve_optimal
 from memfit.planning.plan import Plan, Segment, Stage, Tree, recompute_one
 from memfit.planning.simulate import simulate
+from tests.helpers.strategies import UNIT, all_trees, chains
 
 
 def examples(count: int) -> settings:

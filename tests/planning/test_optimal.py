@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from plan_strategies import UNIT, all_trees, best_time, chains, pareto_summaries, peaks
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import baselines
@@ -15,6 +14,7 @@ from memfit.planning.costs import ChainCosts, uniform_chain
 from memfit.planning.min_peak import min_peak
 from memfit.planning.optimal import fastest_tree, solve_optimal
 from memfit.planning.simulate import simulate
+from tests.helpers.strategies import UNIT, all_trees, best_time, chains, pareto_summaries, peaks
 
 
 def examples(count: int) -> settings:
@@ -145,6 +145,8 @@ def _jitter(costs: ChainCosts) -> ChainCosts:
                 input_bytes=stage.input_bytes * 1009,
                 output_bytes=stage.output_bytes * 1009,
                 nosave_forward_peak_bytes=stage.nosave_forward_peak_bytes * 1009 + 3,
+                recompute_peak_bytes=stage.recompute_peak() * 1009 + 5,
+                recompute_lead_bytes=stage.recompute_lead_bytes * 1009,
                 options=options,
             )
         )

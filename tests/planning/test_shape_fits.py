@@ -12,14 +12,12 @@ from memfit.errors import InfeasibleBudgetError
 from memfit.planning import uniform_chain
 from memfit.planning.baselines import keep_all, recompute_all
 from memfit.planning.costs import KEEP
-from memfit.planning.shapes import (
+from memfit.planning.shape_costs import fit_shapes, largest_shape, plan_shape
+from memfit.planning.shape_fits import (
     Shape,
     fit_bytes,
     fit_seconds,
-    fit_shapes,
     fit_with_probes,
-    largest_shape,
-    plan_shape,
     probes,
     seconds_basis,
 )

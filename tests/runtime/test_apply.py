@@ -1,82 +1,16 @@
 """Executing plans: bit-identical gradients per option and nesting, round trips, misuse."""
 
-from typing import Any
-
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
-from memfit.measuring.chain import Chain, find_chain
 from memfit.models import build
-from memfit.planning.plan import Plan, Segment, Stage, recompute_one
+from memfit.planning.plan import Plan, Segment, Stage
 from memfit.runtime import applied_plan, apply_plan, remove_plan
-from trees import TREES as SHARED_TREES
-
-SIZES: dict[str, dict[str, int]] = {
-    "gpt": dict(layers=4, width=32, heads=4, seq=16, batch=2, vocab=64),
-    "mlp": dict(layers=4, width=32, hidden=64, batch=8),
-}
-
-
-def chain_of(model: nn.Module, sample: tuple[Any, ...]) -> Chain:
-    return find_chain(model, lambda: model(*sample))
-
-
-# stages: 0 <pre>, 1..4 the blocks, 5 <post>
-TREES: dict[str, tuple] = {
-    **SHARED_TREES,
-    # outer segment over 3 blocks; inside it, block 1 recomputed again, blocks 2, 3 kept;
-    # block 4 under a selective policy at the top level
-    "nested": (
-        Stage(0),
-        Segment(1, 4, (recompute_one(1), Stage(2), Stage(3))),
-        Stage(4, "selective:matmul"),
-        Stage(5),
-    ),
-    "three levels": (
-        Stage(0),
-        Segment(
-            1,
-            5,
-            (
-                Segment(1, 3, (recompute_one(1), Stage(2))),
-                Stage(3),
-                recompute_one(4),
-            ),
-        ),
-        Stage(5),
-    ),
-    "selective by op": (
-        Stage(0),
-        *[Stage(i, "selective:save=addmm+gelu") for i in range(1, 5)],
-        Stage(5),
-    ),
-}
-
-
-def step(
-    model: nn.Module, sample: tuple[Any, ...], seed: int = 0, zero: bool = True
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step from a fixed RNG state; the loss and a copy of every gradient."""
-    if zero:
-        model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = model(*sample)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def assert_same_step(
-    reference: tuple[torch.Tensor, dict[str, torch.Tensor]],
-    planned: tuple[torch.Tensor, dict[str, torch.Tensor]],
-) -> None:
-    assert torch.equal(planned[0], reference[0]), "loss differs"
-    assert planned[1].keys() == reference[1].keys()
-    for name, grad in reference[1].items():
-        assert torch.equal(planned[1][name], grad), name
+from tests.helpers.plans import make_plan
+from tests.helpers.steps import SIZES, assert_same_step, chain_of, step
+from tests.helpers.trees import RUNTIME_TREES as TREES
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))

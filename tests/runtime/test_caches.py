@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 from memfit.api import plan as make_strategy_plan
@@ -26,8 +25,9 @@ from memfit.profiling import profile
 from memfit.runtime import applied_plan, apply_plan, remove_plan
 from memfit.runtime.caches import cache_arguments, private_caches
 from memfit.runtime.head import is_head_option
-from rng_draws import draws_between_blocks
-from trees import TREES
+from tests.helpers.plans import make_plan
+from tests.helpers.rng_draws import draws_between_blocks
+from tests.helpers.trees import TREES
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,11 +143,8 @@ def blocks_only(plan: Plan) -> Plan:
 def test_default_decoders_train_bit_identical(decoder: dict[str, Any], label: str) -> None:
     model, sample, plan = decoder["model"], decoder["sample"], decoder["plans"][label]
     if decoder["draws"] and joins_blocks(plan):
-        if label not in OPTION_TREES:  # a plan of memfit's own: it should not join them
-            pytest.xfail(
-                "the profile does not see random numbers drawn between blocks (OPT before "
-                "transformers 5.x), so a strategy joins blocks the runtime then refuses"
-            )
+        # a plan of memfit's own never joins blocks across draws (OPT before transformers 5.x)
+        assert label in OPTION_TREES, plan.tree
         apply_plan(model, decoder["chain"], plan)  # a rerun would draw other numbers: refused
         try:
             with pytest.raises(PlanMismatchError, match="drew random numbers"):

@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan
-from test_apply import SIZES, TREES, assert_same_step, chain_of, step
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from memfit.models import build
 from memfit.planning.plan import Plan
 from memfit.runtime import applied_plan, apply_plan, remove_plan
+from tests.helpers.plans import make_plan
+from tests.helpers.steps import SIZES, assert_same_step, chain_of, step
+from tests.helpers.trees import RUNTIME_TREES as TREES
 
 LABELS = ["nested", "rebuild mixed"]
 

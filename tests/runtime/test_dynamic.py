@@ -20,9 +20,9 @@ import torch
 import memfit
 from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
 from memfit.integrations.hf import build_hf
-from memfit.measuring.shapes import resize_sample, sample_layout
+from memfit.measuring.sample_shapes import resize_sample, sample_layout
 from memfit.planning.baselines import keep_all
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime import applied_plan

@@ -5,7 +5,6 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan, one_segment, per_block
 from torch import nn
 
 import memfit
@@ -13,6 +12,7 @@ from memfit.errors import MemfitError, PlanMismatchError, UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import applied_plan, apply_plan, remove_plan
+from tests.helpers.plans import make_plan, one_segment, per_block
 
 WIDTH = 8
 

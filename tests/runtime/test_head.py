@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from runtime_cases import make_plan
 
 import memfit
 from memfit.errors import PlanMismatchError
@@ -20,6 +19,7 @@ from memfit.runtime import apply_plan, losses, remove_plan
 from memfit.runtime.head import CHUNKED, LEAN_LOSS
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
 from memfit.verification import ROUNDING, seeded_gradients
+from tests.helpers.plans import make_plan
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")

@@ -4,13 +4,13 @@
 
 import pytest
 import torch
-from runtime_cases import per_block
 from torch import nn
 
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import find_chain
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
+from tests.helpers.plans import per_block
 
 WIDTH = 8
 

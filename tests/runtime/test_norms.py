@@ -5,8 +5,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from runtime_cases import make_plan
-from test_apply import TREES
 from torch import nn
 
 from memfit.api import plan as strategy_plan
@@ -14,6 +12,8 @@ from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.chain import find_chain
 from memfit.profiling import profile
 from memfit.runtime import apply_plan, remove_plan
+from tests.helpers.plans import make_plan
+from tests.helpers.trees import RUNTIME_TREES as TREES
 
 CHANNELS, SIDE, BATCH = 8, 8, 4
 

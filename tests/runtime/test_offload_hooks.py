@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan
-from test_apply import assert_same_step, chain_of, step
 from torch import nn
 
 import memfit
@@ -32,6 +30,8 @@ from memfit.runtime import apply_plan, remove_plan
 from memfit.runtime.apply import planned, planned_module
 from memfit.runtime.executor import Executor
 from memfit.runtime.offload import Entry, Group, HostCopies, Offloader
+from tests.helpers.plans import make_plan
+from tests.helpers.steps import assert_same_step, chain_of, step
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy
 
+import memfit
 from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.chain import find_chain
 from memfit.measuring.ops import MATMUL_OPS
@@ -26,6 +26,7 @@ from memfit.runtime import (
 )
 from memfit.runtime import options as registry
 from memfit.runtime.options import SelectivePolicy
+from tests.helpers.plans import make_plan
 
 aten = torch.ops.aten
 
@@ -154,3 +155,27 @@ def test_a_second_backward_through_selective_names_torchs_limit(second: str) -> 
     assert "Trying to backward an extra time" in message and "retain_graph" in message
     assert "selective" in message and "options=()" in message
     assert "does not compute the same thing twice" not in message
+
+
+def test_whether_an_option_hooks_inside_the_block_is_a_field_of_its_kind(scratch_registry) -> None:
+    # profile and apply refuse such options on compiled blocks: a registered option says so
+    # itself, rather than by a list of names written in each place
+    assert all(
+        registry.hooks_inside(o)
+        for o in ("rebuild", "rebuild+linear", "rebuild+ops", "selective:matmul")
+    )
+    assert not any(
+        registry.hooks_inside(o) for o in ("keep", "offload", "compile-budget:0.5", "no-such")
+    )
+    register_option(
+        OptionKind(
+            prefix="hooked:",
+            form="hooked:<label>",
+            recomputes=False,
+            wrapper=lambda option: lambda forward: forward,
+            hooks_inside=True,
+        )
+    )
+    model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
+    with pytest.raises(ValueError, match=r"\['hooked:x'\] cannot run on compiled blocks"):
+        memfit.profile(model, sample, options=("hooked:x",), compile=True)

@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 import memfit
@@ -14,6 +13,7 @@ from memfit.measuring.ops import candidate_policies, profile_ops
 from memfit.measuring.step import split_sample
 from memfit.planning.plan import Stage
 from memfit.runtime import saved_ops, stage_wrapper
+from tests.helpers.plans import make_plan
 
 
 def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -120,3 +120,22 @@ def test_falcon_eager_attention() -> None:
     )
     memfit.apply(model, make_plan(chain, tree))
     assert memfit.verify(model, sample, repeats=1).gradients_equal
+
+
+def empty_scores_then_an_unrelated_empty_write(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    s = q @ k.transpose(-1, -2)  # no rows: an empty storage
+    t = s.transpose(-1, -2)  # saved below: a view
+    other = q.new_zeros(0)  # another empty storage, written in place
+    other.add_(1.0)
+    return (q * k).sum() + t.sum() + other.sum()
+
+
+def test_an_in_place_write_into_another_empty_storage_is_not_a_write_into_the_saved_one() -> None:
+    # every empty storage has data pointer 0: told apart by address, the write into ``other``
+    # looked like a write into the saved view, and the stage raised UnsupportedModelError
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 0, 4, generator=generator, requires_grad=True)
+    k = torch.randn(2, 0, 4, generator=generator, requires_grad=True)
+    run = stage_wrapper("selective:save=transpose.int")(empty_scores_then_an_unrelated_empty_write)
+    run(q, k).backward()
+    assert q.grad is not None and q.grad.shape == q.shape

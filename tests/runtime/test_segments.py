@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_cases import make_plan
 from torch import nn
 
 import memfit
@@ -19,7 +18,8 @@ from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.trace import compare_traces, tracing
 from memfit.planning.plan import Segment, Stage, recompute_one
 from memfit.runtime import apply_plan, remove_plan
-from trees import TREES
+from tests.helpers.plans import make_plan
+from tests.helpers.trees import TREES
 
 WIDTH = 8
 

@@ -246,7 +246,6 @@ FAMILIES: dict[str, Family] = {
         sample="seq2seq",
     ),
 }
-ARCHITECTURES = FAMILIES  # the name earlier versions exported
 
 
 def _require_transformers() -> Any:

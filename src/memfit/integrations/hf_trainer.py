@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from memfit.integrations.hf import disable_hf_checkpointing
+from memfit.api import auto
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan
+from memfit.runtime.hf_switches import disable_hf_checkpointing
 from memfit.units import Budget, format_bytes, parse_budget
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,6 @@ class MemfitCallback(TrainerCallback):
                 f"arguments and the keywords {sorted(kwargs)}"
             )
         sample: tuple[Any, ...] | Mapping[str, Any] = dict(kwargs) if kwargs else args
-        from memfit.api import auto  # the callback speaks the user's words: api sits above it
-
         self.plan = auto(
             model, sample, budget=self.budget, strategy=self.strategy, **self.profile_options
         )

@@ -12,6 +12,11 @@ encoder's final norm, the decoder's embeddings) is a stage of its own, ``<after 
 which is always kept and never joins a recompute segment. Its output is the next group's first
 input; what it makes besides (the encoder output every decoder block reads) stays live until
 its backward, after the last decoder block's.
+
+The same forward notes where the model draws random numbers between two blocks of a group
+(LayerDrop's ``torch.rand([])``, drawn by BART and OPT up to transformers 5.0 even at LayerDrop
+0): a recompute segment reruns its blocks back to back, without those draws, so the planner
+never joins blocks across them (:attr:`Chain.draws_before`).
 """
 
 from __future__ import annotations
@@ -45,12 +50,16 @@ class Chain:
         blocks: the block modules, in the same order.
         groups: where each group of blocks starts, as positions in ``blocks`` (``(0,)`` for a
             single list). Before every group but the first sits a between stage.
+        draws_before: positions in ``blocks`` of the blocks before which the model drew random
+            numbers after the previous block of their group returned (LayerDrop): a recompute
+            segment must not join such a block with the one before it.
     """
 
     container: str
     block_names: tuple[str, ...]
     blocks: tuple[nn.Module, ...]
     groups: tuple[int, ...] = (0,)
+    draws_before: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         starts = self.groups
@@ -131,6 +140,42 @@ def same_side_inputs(expected: Inputs, received: Inputs) -> bool:
         except Exception:  # objects whose != is not a plain bool (arrays, odd __ne__)
             return False
     return True
+
+
+def rng_state(device: torch.device | None) -> tuple[torch.Tensor, ...]:
+    """The random generators' states that blocks on ``device`` draw from (CPU always); none
+    while torch.compile traces (a compiled region cannot read them without a graph break)."""
+    if torch.compiler.is_compiling():
+        return ()
+    states = [torch.random.get_rng_state()]
+    if device is not None and device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return tuple(states)
+
+
+def same_rng_state(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    """Whether two :func:`rng_state` readings are equal."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class _Draws:
+    """Numbers the random stream at each block call and return: a new number whenever the
+    generators' state moved since the last call or return seen (compared as bytes, so that
+    no op reaches the chain finder's dispatch mode; only the last state is held)."""
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None
+        self.last: bytes | None = None
+        self.epoch = 0
+
+    def now(self, tensor: torch.Tensor | None) -> int:
+        if self.device is None and tensor is not None:
+            self.device = tensor.device
+        state = b"".join(t.numpy().tobytes() for t in rng_state(self.device))
+        if self.last is not None and state != self.last:
+            self.epoch += 1
+        self.last = state
+        return self.epoch
 
 
 MAIN_KEYWORD = "hidden_states"  # how Hugging Face passes a layer its main input by keyword
@@ -219,6 +264,8 @@ def find_chain(
             groups = {"<blocks=>": names}
         _refuse_second_names(groups, modules, every)
     calls: list[tuple[str, int, int | None]] = []  # (block fqn, input token, output token)
+    draws = _Draws()
+    streams: list[list[int]] = []  # per call: the random stream's number at its call, return
     handles = []
     watched = list(dict.fromkeys(name for names in groups.values() for name in names))
     tokens = _Tokens()
@@ -231,12 +278,14 @@ def find_chain(
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             first = main_tensor(split_main(args, kwargs)[0])
             calls.append((name, tokens.of(first) if first is not None else -1, None))
+            streams.append([draws.now(first), -1])
             running.append(name)
 
         def post_hook(_m: nn.Module, _a: Any, _k: Any, output: Any) -> None:
             out = main_tensor(output)
             index = max(i for i, call in enumerate(calls) if call[0] == name)
             calls[index] = (name, calls[index][1], tokens.of(out) if out is not None else -2)
+            streams[index][1] = draws.now(out)
             if running and running[-1] == name:
                 running.pop()
             if out is not None:
@@ -362,6 +411,12 @@ def find_chain(
     starts = [0]
     for _, group in chosen[:-1]:
         starts.append(starts[-1] + len(group))
+    draws_before = frozenset(
+        position
+        for position in range(1, len(names))
+        if position not in starts
+        and streams[order[names[position]]][0] != streams[order[names[position - 1]]][1]
+    )
     if chosen[0][0] == "<blocks=>":
         parents = {name.rpartition(".")[0] for name in names}
         container = parents.pop() if len(parents) == 1 else ""
@@ -372,6 +427,7 @@ def find_chain(
         block_names=tuple(names),
         blocks=tuple(modules[name] for name in names),
         groups=tuple(starts),
+        draws_before=draws_before,
     )
 
 

@@ -19,17 +19,22 @@ off stderr (:mod:`memfit.measuring.session`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import _disable_current_modes
 
 from memfit.measuring.session import PROFILER_LOCK, quiet_stderr, refuse_inside_profiler
 
 MARK_PREFIX = "memfit::mark::"
+RANGE_PREFIX = "memfit::range::"
+RECOMPUTE_RANGE = "recompute:"  # + stage name: a block's rerun in backward (runtime.replay)
+_meters = 0  # meters running now (under PROFILER_LOCK): ranges are recorded only then
 _ENGINE_PREFIX = "autograd::engine::evaluate_function: "
 
 
@@ -64,6 +69,8 @@ class MemoryReading:
             watched storage was freed (from the span it was watched in on) and the bytes that
             freed; names whose storage stayed live to the end, or was allocated before the
             region, are absent.
+        ranges: the code that ran inside :func:`metered_range` during the region, in the order
+            the ranges opened: level at the range's start, peak inside it, level at its end.
     """
 
     peak_bytes: int
@@ -72,12 +79,34 @@ class MemoryReading:
     spans: tuple[Span, ...] = field(default=())
     device: str = "cpu"
     freed: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    ranges: tuple[Span, ...] = field(default=())
 
     def span(self, label: str) -> Span:
         for span in self.spans:
             if span.label == label:
                 return span
         raise KeyError(f"no span {label!r}; spans are {[s.label for s in self.spans]}")
+
+
+@contextmanager
+def metered_range(label: str) -> Iterator[None]:
+    """Code inside is one range of a running :class:`MemoryMeter`'s reading
+    (``reading.ranges``): its start, peak and end level, wherever it runs (inside a span, across
+    marks, in backward). Costs nothing when no meter runs. An exception leaving the range ends it
+    there (torch's checkpoint stops a recompute by raising once it has what backward needs)."""
+    if not _meters:
+        yield
+        return
+    # outside the dispatch modes active here (a selective checkpoint's, a trace's): the
+    # profiler's own ops are no op of the block's
+    record = record_function(f"{RANGE_PREFIX}{label}")
+    with _disable_current_modes():
+        record.__enter__()
+    try:
+        yield
+    finally:
+        with _disable_current_modes():
+            record.__exit__(None, None, None)
 
 
 class MemoryMeter:
@@ -125,6 +154,8 @@ class MemoryMeter:
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             with quiet_stderr():
                 self._profiler.__enter__()
+            global _meters
+            _meters += 1
         except BaseException:
             PROFILER_LOCK.release()
             raise
@@ -139,6 +170,7 @@ class MemoryMeter:
     def watch(self, name: str, tensor: torch.Tensor) -> None:
         """Note in which span the storage behind ``tensor`` is freed, from the current span on
         (``reading.freed[name]``): whether a stage lets its input go, say."""
+        # an address, not a storage_key: the profiler's free events report addresses
         ptr = tensor.untyped_storage().data_ptr()
         self._watched.append((ptr, len(self._labels), name))
 
@@ -148,6 +180,8 @@ class MemoryMeter:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        global _meters
+        _meters -= 1
         try:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -182,6 +216,7 @@ def _replay(
     stack: list[tuple[Any, str]] = [(root, "") for root in reversed(roots)]
     allocations: list[tuple[int, int, int, int, str]] = []
     marks: list[tuple[int, int, int]] = []
+    ranges: list[tuple[int, int, int, int, str]] = []  # start, order, end, end order, label
     # Every attribute of a profiler event is a call into C++ (microseconds each, and a step has
     # thousands of events): each is read once, and only where it is used. An allocation is a
     # leaf (an instant, nothing nests in it): its children and name are never read.
@@ -200,6 +235,10 @@ def _replay(
         event_name = event.name
         if event_name.startswith(MARK_PREFIX):
             marks.append((event.start_time_ns, order, int(event_name[len(MARK_PREFIX) :])))
+        elif event_name.startswith(RANGE_PREFIX):
+            label = event_name[len(RANGE_PREFIX) :]
+            # ends after everything inside it at the same nanosecond
+            ranges.append((event.start_time_ns, order, event.end_time_ns, 1 << 62, label))
         # an op is named by its outermost event and its own: "AddmmBackward0 > aten::mm"
         if parent:
             name = f"{parent.split(' > ')[0]} > {event_name}"
@@ -211,7 +250,11 @@ def _replay(
     timeline = sorted(
         [(t, o, 0, size, ptr, op) for t, o, size, ptr, op in allocations]
         + [(t, o, 1, index, 0, "") for t, o, index in marks]
+        + [(t, o, 2, index, 0, "") for index, (t, o, _e, _eo, _l) in enumerate(ranges)]
+        + [(e, eo + index, 3, index, 0, "") for index, (_t, _o, e, eo, _l) in enumerate(ranges)]
     )
+    open_ranges: dict[int, list[int]] = {}  # range -> [start level, peak]
+    closed: dict[int, Span] = {}
     watching: dict[int, list[tuple[int, str]]] = {}
     for ptr, since, name in watched:
         watching.setdefault(ptr, []).append((since, name))
@@ -228,6 +271,13 @@ def _replay(
             span_label, span_start, span_peak = labels[value], level, level
             span_index = value + 1
             continue
+        if kind == 2:
+            open_ranges[value] = [level, level]
+            continue
+        if kind == 3:
+            start, top = open_ranges.pop(value, [level, level])
+            closed[value] = Span(ranges[value][4], start, top, level)
+            continue
         if value > 0:
             live[ptr] = value
             level += value
@@ -239,6 +289,8 @@ def _replay(
                     freed[name] = (span_label, size)
         if level > span_peak:
             span_peak = level
+        for levels in open_ranges.values():
+            levels[1] = max(levels[1], level)
         if level > peak:
             peak, peak_op = level, op
     spans.append(Span(span_label, span_start, span_peak, level))
@@ -249,4 +301,5 @@ def _replay(
         spans=tuple(spans),
         device=device.type,
         freed=freed,
+        ranges=tuple(closed[index] for index in sorted(closed)),
     )

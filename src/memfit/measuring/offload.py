@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memfit.measuring.chain import split_main
+from memfit.measuring.step import storage_key
 
 MIN_OFFLOAD_BYTES = 1 << 16  # smaller tensors stay on the device: copying them costs more
 
@@ -42,8 +43,9 @@ def offloadable(tensor: torch.Tensor) -> bool:
 
 
 def storage_keys(tensors: Iterable[torch.Tensor]) -> frozenset[int]:
-    """Storage identities (``_cdata``) of ``tensors`` (parameters and buffers stay put)."""
-    return frozenset(t.untyped_storage()._cdata for t in tensors if t.device.type != "meta")
+    """Storage keys (:func:`~memfit.measuring.step.storage_key`) of ``tensors`` (parameters and
+    buffers stay put)."""
+    return frozenset(storage_key(t) for t in tensors if t.device.type != "meta")
 
 
 def module_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
@@ -96,10 +98,10 @@ def saved_activations(blocks: dict[int, nn.Module], forward: Callable[[], Any]) 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if offloadable(tensor):
             index = current[-1] if current else None
-            storage = tensor.untyped_storage()
-            if index is None or storage._cdata not in keep[index]:
-                sizes[storage._cdata] = storage.nbytes()
-                savers.setdefault(storage._cdata, set()).add(index)
+            key = storage_key(tensor)
+            if index is None or key not in keep[index]:
+                sizes[key] = tensor.untyped_storage().nbytes()
+                savers.setdefault(key, set()).add(index)
         return tensor
 
     def enter(index: int) -> Callable[..., None]:
@@ -108,7 +110,7 @@ def saved_activations(blocks: dict[int, nn.Module], forward: Callable[[], Any]) 
             current.append(index)
             main = split_main(args, kwargs)[0]
             moved = isinstance(main, torch.Tensor) and offloadable(main)
-            inputs[index] = main.untyped_storage()._cdata if moved else None
+            inputs[index] = storage_key(main) if moved else None
 
         return hook
 
@@ -119,7 +121,7 @@ def saved_activations(blocks: dict[int, nn.Module], forward: Callable[[], Any]) 
             if main is None and isinstance(output, tuple | list) and output:
                 main = output[0] if isinstance(output[0], torch.Tensor) else None
             if main is not None:
-                outputs[index] = main.untyped_storage()._cdata
+                outputs[index] = storage_key(main)
 
         return hook
 

@@ -21,9 +21,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from memfit.measuring.chain import Chain
-from memfit.measuring.step import split_sample
+from memfit.measuring.step import split_sample, storage_key
 
-# Ops whose outputs are worth keeping because they are expensive to recompute.
+# Ops whose outputs are worth keeping because they are expensive to recompute: what
+# ``selective:matmul`` saves. memfit keeps its own list rather than building it from torch's:
+# the nearest torch has, ``compute_intensive_ops`` in
+# ``torch._functorch.partitioners.get_default_op_list``, is private (no stability promise) and
+# is a compiler's list, not a forward policy's: it names backward kernels
+# (``convolution_backward``), the kernels SDPA calls inside itself (``_flash_attention_forward``),
+# interpolation (``upsample_bilinear2d``) and fp8 ``_scaled_mm``, and lacks the CPU flash, cuDNN
+# attention and ``baddbmm`` that blocks run. tests/measuring/test_ops.py holds the two lists
+# side by side, and checks that every name here is an op of the installed torch (a renamed op
+# would make the policy silently save nothing).
 MATMUL_OPS = frozenset(
     {
         "aten.mm.default",
@@ -187,7 +196,7 @@ class _Recorder(TorchDispatchMode):
             stats.random = True
             stats.needs.add("random numbers")
         inputs = {
-            leaf.untyped_storage().data_ptr()
+            storage_key(leaf)
             for leaf in tree_leaves((args, kwargs))
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
         }
@@ -204,7 +213,7 @@ class _Recorder(TorchDispatchMode):
                 stats.needs.add("parameters" if known else "block input")
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                ptr = leaf.untyped_storage().data_ptr()
+                ptr = storage_key(leaf)
                 if ptr in inputs:  # a view or an in-place op: the storage is its input's
                     if random and ptr in self.block.producers:
                         # filled with random numbers in place (dropout's mask on CPU)
@@ -232,6 +241,47 @@ def written_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     )
 
 
+def writes_in_place(op: Any) -> bool:
+    """Whether ``op`` (an ``OpOverload`` or a name such as ``aten.mul_.Tensor``) writes one of
+    its arguments, read from its schema (:func:`written_arguments`), not from a trailing
+    underscore in its name: ``__lshift__`` writes nothing, while ``mm.out`` writes ``out`` and
+    ``_batch_norm_with_update`` writes the running statistics. ``False`` for a name torch does
+    not know."""
+    func = _overload(op)
+    return func is not None and bool(written_arguments(func))
+
+
+@functools.cache
+def in_place_twin(func: Any) -> Any:
+    """The in-place overload of the pointwise aten op ``func`` (``mul.Tensor`` ->
+    ``mul_.Tensor``): same kernel, same values, written into ``self``. ``None`` when ``func``
+    is not pointwise or has no twin whose schema writes ``self`` alone."""
+    if torch.Tag.pointwise not in getattr(func, "tags", ()) or written_arguments(func):
+        return None
+    twin = _overload_by_name(
+        f"{func.namespace}.{func.overloadpacket.__name__}_.{func._overloadname}"
+    )
+    return twin if twin is not None and written_arguments(twin) == ((0, "self"),) else None
+
+
+@functools.cache
+def out_of_place_twin(func: Any) -> str | None:
+    """The name of the out-of-place overload of the in-place pointwise aten op ``func``
+    (``aten.mul_.Tensor`` -> ``aten.mul.Tensor``; ``aten.__ilshift__.Tensor`` ->
+    ``aten.__lshift__.Tensor``), or ``None`` when ``func`` does not write ``self`` alone or
+    has no such twin."""
+    if torch.Tag.pointwise not in getattr(func, "tags", ()):
+        return None
+    if written_arguments(func) != ((0, "self"),):
+        return None
+    packet = func.overloadpacket.__name__
+    dunder = packet.startswith("__i") and packet.endswith("__")
+    base = f"__{packet[3:]}" if dunder else packet.removesuffix("_")
+    name = f"{func.namespace}.{base}.{func._overloadname}"
+    twin = _overload_by_name(name)
+    return name if twin is not None and not written_arguments(twin) else None
+
+
 def written_tensors(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
     """The tensors a call of ``func`` writes in place (see :func:`written_arguments`)."""
     written = []
@@ -242,9 +292,9 @@ def written_tensors(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
 
 
 def _written_storages(func: Any, args: Any, kwargs: Any) -> set[int]:
-    """Storage pointers of the tensors a call of ``func`` writes in place."""
+    """Storage keys of the tensors a call of ``func`` writes in place."""
     return {
-        tensor.untyped_storage().data_ptr()
+        storage_key(tensor)
         for tensor in written_tensors(func, args, kwargs)
         if tensor.device.type != "meta"
     }
@@ -264,7 +314,7 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
 
         def hook(tensor: torch.Tensor) -> torch.Tensor:
             # Resolved now, while the storage is alive and its pointer still names it.
-            ptr = tensor.untyped_storage().data_ptr()
+            ptr = storage_key(tensor)
             op = block.producers.get(ptr)
             if op is not None and ptr not in block.saved:
                 block.saved.add(ptr)
@@ -281,7 +331,7 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
         def hook(module: nn.Module, _args: Any) -> None:
             # read in the forward: FSDP2's pre-hook (which runs first) has swapped the
             # sharded parameters for the gathered ones the ops see
-            blocks[index].parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            blocks[index].parameters = {storage_key(p) for p in module.parameters()}
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack(index), _identity))
             stack.enter_context(_Recorder(blocks[index]))
 
@@ -330,14 +380,14 @@ def full_op_name(short: str) -> str:
 def saveable(op: str) -> bool:
     """Whether a selective policy may name the op: not random (recomputing every random op in
     order keeps the RNG stream; a saved one would be skipped and shift every draw after it), not
-    in-place, not a factory whose output is filled later.
+    in place (its schema writes an argument: :func:`writes_in_place`), not a factory whose
+    output is filled later.
 
     Attention kernels are random only with dropout on: they may be named, and the policy
     recomputes the calls that draw (:func:`draws_random`)."""
-    packet = op.split(".")[1] if op.count(".") >= 2 else op
     return (
         (not is_random_op(op) or decides_per_call(op))
-        and not packet.endswith("_")
+        and not writes_in_place(op)
         and not op.startswith(_NEVER_SAVED_PREFIXES)
     )
 

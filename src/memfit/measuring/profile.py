@@ -1,8 +1,9 @@
 """The per-stage profile: measured costs of every stage under every option, as plain data.
 
 Built from :class:`~memfit.measuring.run.StageReading` s of whole steps: one with every stage kept,
-one with every block recomputed (which gives the no-save forward of each block), and one per
-further option (``selective:*``). Every figure is a difference of levels the meter saw at stage
+one with every block recomputed (which gives the no-save forward of each block, and the peak of
+each block's rerun in backward as torch runs it, with its early stop), and one per further option
+(``selective:*``). Every figure is a difference of levels the meter saw at stage
 boundaries, so the simulator replays the all-keep step to the byte.
 """
 
@@ -154,22 +155,29 @@ def _tail_shift(reading: StageReading, chain: Chain, index: int) -> int:
     return shift
 
 
-def _checkpoint_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
-    """What a one-block checkpoint keeps from its forward to its backward besides the block's
-    output: the RNG state torch stashes (5,056 bytes on CPU; on CUDA host memory, not the
-    device's). The smallest such figure over the blocks, so that what one block stashes itself
-    (a cache filled in its forward) is not taken for every checkpoint's. Blocks no gradient
-    flows through (frozen, with an input that needs none) are left out: their checkpoint saves
-    no tensor, so torch drops its RNG state at once, while a segment holding them and a block
-    that trains keeps it (frozen lower layers made this 0 and plans went over budget)."""
-    kept = []
+def _checkpoint_kept(recompute: StageReading, keep: StageReading, chain: Chain) -> dict[int, int]:
+    """Per block, what its one-block checkpoint keeps from its forward to its backward besides
+    its output. Blocks no gradient flows through (frozen, with an input that needs none) are
+    left out: their checkpoint saves no tensor, so torch drops its RNG state at once, while a
+    segment holding them and a block that trains keeps it (frozen lower layers made the
+    checkpoint's bytes 0 and plans went over budget)."""
+    kept = {}
     for index in chain.block_stages:  # the stages between block lists are never recomputed
         if not recompute.has_backward(index):
             continue
         start, _peak, end = recompute.forward_span(index)
         shift = _tail_shift(recompute, chain, index)
-        kept.append(end - start - keep.output_bytes.get(index, 0) - shift)
-    return max(0, min(kept, default=0))
+        kept[index] = end - start - keep.output_bytes.get(index, 0) - shift
+    return kept
+
+
+def _checkpoint_bytes(kept: Mapping[int, int]) -> int:
+    """What every checkpoint keeps (:func:`_checkpoint_kept`): the RNG state torch stashes
+    (5,056 bytes on CPU; on CUDA host memory, not the device's). The smallest figure over the
+    blocks; what a block keeps beyond it is its own (:attr:`StageCosts.nosave_held_bytes`:
+    CLIP's quick_gelu multiplies by the Python number 1.702, whose 8-byte tensor autograd
+    keeps without the checkpoint's hooks; measured on LLaVA's vision tower)."""
+    return max(0, min(kept.values(), default=0))
 
 
 def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain) -> int:
@@ -196,6 +204,33 @@ def _side_input_bytes(recompute: StageReading, keep: StageReading, chain: Chain)
                     freed -= size
             extra += max(0, (recomputed[2] - recomputed[0]) + freed - (kept[2] - kept[0]))
     return extra
+
+
+def no_gradient(chain: Chain, keep: StageReading) -> frozenset[int]:
+    """The block stages cut off from the loss in the plain step: autograd recorded their graph
+    but no gradient reached it (an argmin, a detach after them; encodec's quantizer). Their
+    saved tensors go when the model drops the graph, in the forward, whatever option runs
+    them, and a checkpoint's recompute never runs: checkpointing them saves nothing, so the
+    profile offers them ``keep`` only (not checkpointable). Frozen blocks fed an input that
+    needs no gradient record no graph and stay checkpointable: a segment starting at one
+    spares the next blocks' inputs."""
+    return keep.cut_off(chain.block_stages)
+
+
+def _recompute_costs(
+    recompute: StageReading, index: int, last: int, name: str, checkpoint: int
+) -> tuple[int | None, int]:
+    """Block ``index``'s rerun in the step with every block its own segment, as torch runs it
+    (early stop): its peak above the level where the rerun starts, and what its backward made
+    before that (:attr:`StageCosts.recompute_lead_bytes`: the level then, above the start of
+    its backward and the checkpoint's RNG state that torch saves around the rerun).
+    ``(None, 0)`` when it was not rerun (no gradient reached it)."""
+    span = recompute.recompute_span(name)
+    if span is None or not recompute.has_backward(index):
+        return None, 0
+    start, peak, _end = span
+    backward_start = recompute.backward_span(index, last)[0]
+    return peak - start, max(0, start - backward_start - checkpoint)
 
 
 def _gathered_bytes(chain: Chain) -> int:
@@ -244,7 +279,9 @@ def build_profile(
         post_details: option name -> what it does, for plans to show (``exact``, ``does``).
     """
     last = len(chain) - 1
-    checkpoint = 0 if recompute is None else _checkpoint_bytes(recompute, keep, chain)
+    kept = {} if recompute is None else _checkpoint_kept(recompute, keep, chain)
+    checkpoint = _checkpoint_bytes(kept)
+    dead = no_gradient(chain, keep)
     stages = []
     for index, name in enumerate(chain.stage_names):
         output = keep.output_bytes.get(index, 0)
@@ -252,7 +289,8 @@ def build_profile(
         menu = {KEEP: _option_costs(keep, index, last, output)}
         position = chain.block_position(index)
         is_block = position is not None
-        if position is not None:
+        trains = index not in dead
+        if position is not None and trains:
             for option, reading in (options or {}).items():
                 per_block = (details or {}).get(option)
                 detail = per_block[position] if per_block and len(per_block) > position else None
@@ -268,11 +306,13 @@ def build_profile(
                 detail = (post_details or {}).get(option)
                 menu[option] = _option_costs(reading, index, last, output, detail)
         released = keep.released_input(index) if is_block else (0, index)
-        if is_block and recompute is not None:
+        rerun, lead = None, 0  # not rerun: as the kept forward (StageCosts.recompute_peak)
+        if is_block and trains and recompute is not None:  # a cut-off block ran kept there
             start, peak, _end = recompute.forward_span(index)
             # the checkpoint's own RNG state is the segment's (ChainCosts.checkpoint_bytes)
             nosave_s = recompute.forward_s[index]
             nosave_peak = max(0, peak - start - checkpoint)
+            rerun, lead = _recompute_costs(recompute, index, last, name, checkpoint)
         else:
             nosave_s, nosave_peak = menu[KEEP].forward_s, menu[KEEP].forward_peak_bytes
         stages.append(
@@ -283,10 +323,13 @@ def build_profile(
                 options=menu,
                 nosave_forward_s=nosave_s,
                 nosave_forward_peak_bytes=nosave_peak,
-                checkpointable=is_block and recompute is not None,
+                checkpointable=is_block and trains and recompute is not None,
                 tail_bytes=0 if recompute is None else recompute.tail_bytes.get(index, 0),
                 released_input_bytes=released[0],
                 released_input_at=None if released[1] == index else released[1],
+                nosave_held_bytes=max(0, kept.get(index, checkpoint) - checkpoint),
+                recompute_peak_bytes=rerun,
+                recompute_lead_bytes=lead,
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
@@ -296,6 +339,8 @@ def build_profile(
                     # FSDP2 units: a segment across them would hold all its blocks' gathered
                     # parameters at once through its recompute (memfit.runtime.sharding)
                     and not _own_units(chain, index - 1, index)
+                    # random numbers drawn before it (LayerDrop): a rerun would not draw them
+                    and position not in chain.draws_before
                 ),
             )
         )
@@ -315,5 +360,18 @@ def build_profile(
         measurement=keep.measurement,
         parameter_bytes=_parameter_bytes(model, chain),
         recompute_measurement=None if recompute is None else recompute.measurement,
-        info=dict(info or {}),
+        info=_with_dead_note(dict(info or {}), chain, dead),
     )
+
+
+def _with_dead_note(info: dict[str, Any], chain: Chain, dead: frozenset[int]) -> dict[str, Any]:
+    """``info`` with a note naming the blocks no gradient reaches (kept by every plan)."""
+    if not dead:
+        return info
+    names = [chain.stage_names[index] for index in sorted(dead)]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    note = (
+        f"no gradient reaches {shown}: kept, since their saved tensors go with their graph in "
+        "the forward, so checkpointing them would save nothing"
+    )
+    return {**info, "notes": [*info.get("notes", []), note]}

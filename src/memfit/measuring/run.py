@@ -30,11 +30,10 @@ from memfit.measuring.chain import (
     side_inputs,
     split_main,
 )
-from memfit.measuring.meter import MemoryMeter, MemoryReading
+from memfit.measuring.meter import RECOMPUTE_RANGE, MemoryMeter, MemoryReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
-    _storage_key,
     check_step_arguments,
     compute_loss,
     held_bytes,
@@ -43,6 +42,7 @@ from memfit.measuring.step import (
     reset_grads,
     sample_device,
     split_sample,
+    storage_key,
     synchronize,
     tensor_bytes,
 )
@@ -218,20 +218,23 @@ class _Marked:
     # block index -> bytes of those tensors (distinct storages that are neither the hidden
     # state's nor the block's inputs'): what the caller holds until the next block returns
     tail_bytes: dict[int, int] = field(default_factory=dict)
+    # blocks whose output requires grad: autograd recorded their graph (a frozen block fed an
+    # input that needs no gradient records none)
+    graphs: set[int] = field(default_factory=set)
 
 
 def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
     """Bytes of the tensors a block returns besides its hidden state, counting each storage
     once and leaving out the hidden state's and the block's inputs' (a position bias passed on)."""
     known = {
-        _storage_key(leaf)
+        storage_key(leaf)
         for leaf in [main, *tree_leaves([args, kwargs])]
         if isinstance(leaf, torch.Tensor)
     }
     tails = [
         leaf
         for leaf in tree_leaves(list(output[1:]))
-        if isinstance(leaf, torch.Tensor) and _storage_key(leaf) not in known
+        if isinstance(leaf, torch.Tensor) and storage_key(leaf) not in known
     ]
     return tensor_bytes(*tails)
 
@@ -309,6 +312,7 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if out is not None:
                 output_bytes[index] = tensor_bytes(out)
                 if out.requires_grad:
+                    marked.graphs.add(index)
                     labels = [f"B:{index}"]
                     outputs[index] = (weakref.ref(out), labels)
                     handles.append(out.register_hook(on_grads(labels)))
@@ -342,9 +346,15 @@ class StageReading:
     side_grad_bytes: int = 0
     tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
     tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
+    graphs: frozenset[int] = frozenset()  # blocks whose output requires grad
     # the metered step's own clock (measure_stages(clock_metered=True)): label -> CPU seconds,
     # the profiler's cost included; empty when it was not clocked
     metered_s: Mapping[str, float] = field(default_factory=dict)
+
+    def cut_off(self, blocks: Sequence[int]) -> frozenset[int]:
+        """Of ``blocks``, those no gradient reaches although autograd recorded their graph
+        (see :func:`stages_without_gradient`)."""
+        return frozenset(i for i in blocks if i in self.graphs and not self.has_backward(i))
 
     def times(self, factor: float) -> StageReading:
         """The same reading with every time multiplied by ``factor`` (CPU-time clocks in
@@ -377,6 +387,15 @@ class StageReading:
         """(start, peak, end) level of stage ``index``'s forward."""
         label = "F:0" if index == 0 else f"F:{index}"
         return _span(self.memory, label)
+
+    def recompute_span(self, stage: str) -> tuple[int, int, int] | None:
+        """(start, peak, end) level of stage ``stage``'s first rerun in backward (a
+        checkpoint's recompute, ended by torch's early stop); ``None`` when it was not rerun."""
+        label = f"{RECOMPUTE_RANGE}{stage}"
+        for span in self.memory.ranges:
+            if span.label == label:
+                return span.start_bytes, span.peak_bytes, span.end_bytes
+        return None
 
     def has_backward(self, index: int) -> bool:
         """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""
@@ -475,6 +494,30 @@ def step_clock(
         return durations[WALL], durations[CPU]
     total = sum(durations.values())
     return total, total
+
+
+def stages_without_gradient(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    *,
+    loss_fn: LossFn | None = None,
+    accumulate: bool = False,
+    keep_output: bool = True,
+) -> frozenset[int]:
+    """The block stages cut off from the loss in one step of ``model`` as it is now: autograd
+    records their graph (their output requires grad) but no gradient reaches it (an argmin, a
+    detach after them), so their backward never runs. Their saved tensors go when the model
+    drops the graph, in the forward, whatever option runs them, and a checkpoint's recompute
+    never runs. (A frozen block fed an input that needs no gradient records no graph: it is
+    not among them, and a segment starting there still spares the next blocks' inputs.)"""
+    labels: list[str] = []
+    with preserved_grads(model, sample):
+        reset_grads(model, accumulate, sample)
+        with _marks(chain, labels.append) as marked:
+            _step(model, sample, loss_fn, labels.append, keep_output)
+    seen = set(labels)
+    return frozenset(i for i in chain.block_stages if i in marked.graphs and f"B:{i}" not in seen)
 
 
 def measure_stages(
@@ -590,6 +633,7 @@ def measure_stages(
         marked.side_grad_bytes,
         frozenset(marked.tails),
         dict(marked.tail_bytes),
+        frozenset(marked.graphs),
         metered_s,
     )
 

@@ -138,18 +138,26 @@ def own_fsdp_unit(module: nn.Module) -> bool:
     return callable(get) and get() is not None
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    storage = local_tensor(tensor).untyped_storage()
-    return (str(tensor.device), storage.data_ptr())
+def storage_key(tensor: torch.Tensor) -> int:
+    """Which storage holds ``tensor``: the same key for its views, aliases and detached copies
+    while the storage lives (a ``DTensor``: its local shard's storage).
+
+    The key is the storage object's identity (``untyped_storage()._cdata``), not its memory
+    address (``data_ptr()``): every zero-size storage has address 0, so addresses would make
+    all empty tensors one storage, and a storage resized to nothing (FSDP2's freed parameters)
+    would change its address but not its identity. Like an address, a key may be reused once
+    its storage is freed. Memory addresses (what the profiler's allocation events report) are a
+    different question: the meter asks ``data_ptr()`` for those."""
+    return local_tensor(tensor).untyped_storage()._cdata
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and ties counted once; a
     ``DTensor`` counts its local shard: what this rank holds)."""
-    seen: dict[tuple[str, int], int] = {}
+    seen: dict[int, int] = {}
     for tensor in tensors:
         if tensor is not None and tensor.device.type != "meta":
-            seen[_storage_key(tensor)] = local_tensor(tensor).untyped_storage().nbytes()
+            seen[storage_key(tensor)] = local_tensor(tensor).untyped_storage().nbytes()
     return sum(seen.values())
 
 

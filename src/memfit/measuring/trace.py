@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memfit.measuring.ops import out_of_place_twin
+
 FORWARD, BACKWARD, RECOMPUTE = "forward", "backward", "recompute"
 
 # ops that move, alias, allocate or fill memory: exact on every machine
@@ -175,16 +177,6 @@ def _neutral(op: Any) -> bool:
     )
 
 
-@functools.cache
-def _out_of_place(op: Any) -> str | None:
-    """``aten.mul.Tensor`` for ``aten.mul_.Tensor`` (pointwise ops only); ``None`` otherwise."""
-    name = str(op)
-    namespace, packet, overload = name.split(".", 2)
-    if not packet.endswith("_") or torch.Tag.pointwise not in op.tags:
-        return None
-    return f"{namespace}.{packet[:-1]}.{overload}"
-
-
 def _describe(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], str]:
     if value.layout != torch.strided:
         return tuple(value.shape), (), str(value.dtype)
@@ -213,7 +205,7 @@ class _Recorder(TorchDispatchMode):
         else:
             phase = BACKWARD
         layouts = tuple(_describe(a) for a in inputs)
-        twin = _out_of_place(func)
+        twin = out_of_place_twin(func)
         name = str(func) if twin is None else twin
         self.trace.calls.append(OpCall(name, layouts, phase, run, twin is not None))
         return out

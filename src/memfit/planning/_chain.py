@@ -79,10 +79,23 @@ class ChainArrays:
         ]
         self.output = np.array([stage.output_bytes for stage in stages], dtype=Int)
         inputs = np.array([stage.input_bytes for stage in stages], dtype=Int)
+        # what a stage's no-save forward keeps past the checkpoint's hooks: held by the step's
+        # graph from a top-level segment's forward to the stage's backward; so a recompute of
+        # the stage (kept) leaves that much less than its kept forward (see simulate)
+        self.held = np.array([stage.nosave_held_bytes for stage in stages], dtype=Int)
+        self.held_prefix = np.concatenate([[0], np.cumsum(self.held)]).astype(Int)
         self.option_time: list[np.ndarray] = []
         self.option_forward_peak: list[np.ndarray] = []
+        self.stage_forward_peak: list[np.ndarray] = []  # as measured (not effective)
         self.option_residue: list[np.ndarray] = []
         self.option_back_peak: list[np.ndarray] = []
+        # kept as the last stage of a segment's recompute: torch's early stop ends the rerun
+        # at the last tensor backward needs (see simulate)
+        self.recompute_peak = np.zeros(n, dtype=Int)
+        # as measured (not effective): a recompute's keep leaves less (nosave_held_bytes)
+        self.rerun_peak = np.array([stage.recompute_peak() for stage in stages], dtype=Int)
+        # held through a recompute whose segment ends at the stage: every peak in it is higher
+        self.recompute_lead = np.array([stage.recompute_lead_bytes for stage in stages], dtype=Int)
         totals = np.zeros(n, dtype=Int)
         for i, stage in enumerate(stages):
             menu = [stage.options[name] for name in self.option_names[i]]
@@ -90,7 +103,9 @@ class ChainArrays:
             delta = np.array([o.backward_delta_bytes for o in menu], dtype=Int)
             self.option_time.append(np.array([o.forward_s + o.backward_s for o in menu]))
             forward_peak = np.array([o.forward_peak_bytes for o in menu], dtype=Int)
+            self.stage_forward_peak.append(forward_peak)
             self.option_forward_peak.append(np.maximum(forward_peak, residue))
+            self.recompute_peak[i] = max(stage.recompute_peak(), int(residue[0]))
             self.option_residue.append(residue)
             back_peak = np.array([o.backward_peak_bytes for o in menu], dtype=Int)
             self.option_back_peak.append(np.maximum(back_peak, delta))
@@ -114,27 +129,42 @@ class ChainArrays:
             self.max_length[s] = min(cap, 1 + (self.max_length[s + 1] if joined else 0))
         self.cap = max(1, int(self.max_length.max(initial=0)))
         shape = (n, self.cap + 1)
-        self.segment_peak = np.zeros(shape, dtype=Int)
-        self.segment_residue = np.zeros(shape, dtype=Int)
-        self.segment_time = np.zeros(shape)
         nosave_peak = np.array([stage.nosave_forward_peak_bytes for stage in stages], dtype=Int)
         nosave_s = np.array([stage.nosave_forward_s for stage in stages])
-        level = np.full(n, self.checkpoint_bytes, dtype=Int)
-        peak = level.copy()
-        seconds = np.zeros(n)
-        for length in range(1, self.cap + 1):
-            first = np.arange(n - length + 1)
-            last = first + length - 1
-            delta = self.output[last] - (inputs[last] if length > 1 else 0)
-            step_peak = np.maximum(nosave_peak[last], delta)
-            peak[first] = np.maximum(peak[first], level[first] + step_peak)
-            level[first] += delta
-            seconds[first] += nosave_s[last]
-            # several stages: the runtime's RNG check between them when the forward ends
-            check = 2 * self.checkpoint_bytes if length > 1 else 0
-            self.segment_peak[first, length] = np.maximum(peak[first], level[first] + check)
-            self.segment_residue[first, length] = level[first]
-            self.segment_time[first, length] = seconds[first]
+        # [0]: a segment inside another's recompute; [1]: a top-level one, whose no-save
+        # forward (the step's) also keeps nosave_held_bytes, freed by each stage's backward
+        peaks, residues = [], []
+        for held in (np.zeros(n, dtype=Int), self.held):
+            level = np.full(n, self.checkpoint_bytes, dtype=Int)
+            peak = level.copy()
+            segment_peak = np.zeros(shape, dtype=Int)
+            segment_residue = np.zeros(shape, dtype=Int)
+            seconds = np.zeros(n)
+            self.segment_time = np.zeros(shape)
+            for length in range(1, self.cap + 1):
+                first = np.arange(n - length + 1)
+                last = first + length - 1
+                delta = self.output[last] - (inputs[last] if length > 1 else 0)
+                step_peak = np.maximum(nosave_peak[last], delta)
+                peak[first] = np.maximum(peak[first], level[first] + step_peak)
+                level[first] += delta
+                peak[first] = np.maximum(peak[first], level[first] + held[last])
+                level[first] += held[last]
+                seconds[first] += nosave_s[last]
+                # several stages: the runtime's RNG check between them when the forward ends
+                check = 2 * self.checkpoint_bytes if length > 1 else 0
+                segment_peak[first, length] = np.maximum(peak[first], level[first] + check)
+                segment_residue[first, length] = level[first]
+                self.segment_time[first, length] = seconds[first]
+            peaks.append(segment_peak)
+            residues.append(segment_residue)
+        self.segment_peak, self.segment_top_peak = peaks
+        self.segment_residue, self.segment_top_residue = residues
+
+    def full_segment_peak(self, start: int, length: int) -> int:
+        """The forward peak of ``Segment(start, start + length)`` as the whole inner tree of a
+        recompute over the same stages (its no-save forward, above that recompute's lead)."""
+        return int(self.segment_peak[start, length] + self.recompute_lead[start + length - 1])
 
     def total(self, start: np.ndarray | int, stop: np.ndarray | int, drop: bool) -> np.ndarray:
         """Upper bound on the level change of a whole subproblem ``[start, stop)`` (exact when
@@ -143,7 +173,9 @@ class ChainArrays:
         last = np.maximum(stop - 1, 0)
         gaps = self.gap_prefix[last] - self.gap_prefix[np.minimum(start, last)]
         out = self.total_prefix[stop] - self.total_prefix[start] + (stop - start) * gaps
-        return out - self.output[last] if drop else out
+        if drop:  # inside a recompute: each stage frees what the step's no-save forward kept
+            return out - self.output[last] - (self.held_prefix[stop] - self.held_prefix[start])
+        return out
 
     def fastest_segment_peak(self) -> int:
         """The largest peak of a segment's inner tree run at its fastest (every stage kept with
@@ -155,13 +187,15 @@ class ChainArrays:
             choice, stops = fastest[start], start + 1 + np.arange(self.max_length[start])
             residue = self.option_residue[start][choice]
             peak_after[start + 1] = 0
+            # kept, a stage may end a recompute instead, at its early-stop peak
+            forward_peak = max(self.option_forward_peak[start][choice], self.recompute_peak[start])
             peak = np.maximum(
-                np.maximum(self.option_forward_peak[start][choice], residue + peak_after[stops]),
+                np.maximum(forward_peak, residue + peak_after[stops]),
                 residue + self.total(start + 1, stops, True) + self.option_back_peak[start][choice],
             )
             peak_after[stops] = peak
             largest = max(largest, int(peak.max(initial=0)))
-        return largest
+        return largest + int(self.recompute_lead.max(initial=0))
 
     def _first_items(self, start: int) -> Candidates:
         lengths = np.arange(1, int(self.max_length[start]) + 1)
@@ -170,10 +204,10 @@ class ChainArrays:
             options=options,
             time_s=np.concatenate([self.option_time[start], self.segment_time[start, lengths]]),
             forward_peak=np.concatenate(
-                [self.option_forward_peak[start], self.segment_peak[start, lengths]]
+                [self.option_forward_peak[start], self.segment_top_peak[start, lengths]]
             ),
             residue=np.concatenate(
-                [self.option_residue[start], self.segment_residue[start, lengths]]
+                [self.option_residue[start], self.segment_top_residue[start, lengths]]
             ),
             back_offset=np.zeros(0, dtype=Int),
             back_peak=np.concatenate([self.option_back_peak[start], np.zeros(len(lengths), Int)]),
@@ -196,10 +230,25 @@ class ChainArrays:
         options = 1 if drop else every.options
         rows = np.r_[0:options, every.options : every.options + longest]
         residue, rest_start = every.residue[rows], every.rest_start[rows]
+        forward_peak = every.forward_peak[rows]
+        if drop:
+            # a recompute: keep leaves what the step's no-save forward kept less (nested
+            # segments keep nothing more); the last stage stops early; all of it above the
+            # last stage's lead
+            lengths = np.arange(1, longest + 1)
+            keep = self.option_residue[start][:1] - self.held[start]
+            measured = self.stage_forward_peak[start][:1]
+            if stop == start + 1:
+                measured = self.rerun_peak[start : start + 1]
+            residue = np.concatenate([keep, self.segment_residue[start, lengths]])
+            forward_peak = np.concatenate(
+                [np.maximum(measured, keep), self.segment_peak[start, lengths]]
+            )
+            forward_peak += self.recompute_lead[stop - 1]
         return Candidates(
             options=options,
             time_s=every.time_s[rows],
-            forward_peak=every.forward_peak[rows],
+            forward_peak=forward_peak,
             residue=residue,
             back_offset=residue
             + self.total(rest_start, stop, drop)

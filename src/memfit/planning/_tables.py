@@ -103,7 +103,7 @@ class SegmentTables:
     def _full_segment(self, start: int, length: int, inner: np.ndarray) -> np.ndarray:
         arrays = self.arrays
         shifted = self._shift(inner[None, :], np.array([self._full_offset(start, length)]))[0]
-        need = int(ceil_slots(arrays.segment_peak[start, length], self.slot_bytes))
+        need = int(ceil_slots(np.array(arrays.full_segment_peak(start, length)), self.slot_bytes))
         shifted[: max(0, need)] = np.inf
         return shifted + arrays.segment_time[start, length]
 

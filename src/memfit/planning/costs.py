@@ -12,7 +12,20 @@ Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their execu
   input go).
 * A recompute ``Segment(s, t)`` in forward runs stages ``s..t-1`` without saving: for each ``j``
   the peak is ``L + nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for
+  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept). In the step's forward
+  (a top-level segment) ``L += nosave_held_bytes[j]`` too: what autograd keeps past the
+  checkpoint's hooks, which the step's graph holds to stage ``j``'s backward; so stage ``j``
+  kept in a recompute adds that much less than ``saved_bytes + output_bytes``.
   ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept).
+* A segment's recompute (in backward) runs its inner tree forward, saving. Torch stops the rerun
+  once the last tensor backward needs is rebuilt (early stop): when the inner tree ends in a
+  ``Stage``, that stage peaks at ``recompute_peak_bytes`` instead of its kept forward's peak
+  (its level change is as kept: its output is dropped right after anyway). An inner tree ending
+  in a nested segment is charged that segment's whole no-save forward, although torch stops at
+  its input (an over-estimate). Autograd runs the last stage's backward up to its first saved
+  tensor before the recompute starts: every peak of the recompute is ``recompute_lead_bytes``
+  of the segment's last stage higher than its level (those gradients are the stage's backward's
+  own afterwards).
 * ``Stage(i, option)`` in backward: the peak is ``L + backward_peak_bytes``, then
   ``L += backward_delta_bytes`` (negative: saved tensors, the input and the output's gradient
   are freed; the input's gradient and new parameter gradients are allocated).
@@ -115,6 +128,20 @@ class StageCosts:
             them); ``None``: this stage's own (the model drops the input when the stage
             returns), else a later one's (the embeddings' output, which the model holds to the
             end of its forward: the last stage's).
+        nosave_held_bytes: bytes the stage's no-save forward keeps to its backward although a
+            checkpoint saves nothing: tensors autograd keeps without the saved-tensor hooks,
+            such as the 8-byte tensor of a Python number multiplied in (``1.702 * x`` in
+            CLIP's quick_gelu), measured beyond ``checkpoint_bytes``; part of ``saved_bytes``.
+        recompute_peak_bytes: the peak above the level at its start of the stage's rerun when
+            it is the last stage of a recompute segment, measured as torch runs it: torch's
+            non-reentrant checkpoint stops the rerun once the last tensor backward needs is
+            rebuilt (early stop), so the ops after it never run. ``None`` (profiles from
+            before it was measured, hand-written chains): the kept forward's peak
+            (:meth:`recompute_peak`).
+        recompute_lead_bytes: bytes the stage's backward holds when its rerun starts, as the
+            last stage of a recompute segment: the gradients of the ops after its last saved
+            tensor, which autograd computes before it reads the first saved tensor (and so
+            starts the recompute). They stay through the whole recompute of the segment.
     """
 
     name: str
@@ -130,6 +157,16 @@ class StageCosts:
     input_offloadable: bool = True
     released_input_bytes: int = 0
     released_input_at: int | None = None
+    nosave_held_bytes: int = 0
+    recompute_peak_bytes: int | None = None
+    recompute_lead_bytes: int = 0
+
+    def recompute_peak(self) -> int:
+        """The peak of the stage's rerun as the last stage of a recompute segment (early
+        stop), above the level at its start; the kept forward's when not measured."""
+        if self.recompute_peak_bytes is None:
+            return self.options[KEEP].forward_peak_bytes
+        return self.recompute_peak_bytes
 
     def __post_init__(self) -> None:
         if KEEP not in self.options:
@@ -142,9 +179,16 @@ class StageCosts:
             self.tail_bytes,
             self.offload_bytes,
             self.released_input_bytes,
+            self.nosave_held_bytes,
+            self.recompute_lead_bytes,
         )
         if min(sizes) < 0:
             raise ValueError(f"stage {self.name!r}: tensor sizes must be >= 0")
+        if self.recompute_peak_bytes is not None and self.recompute_peak_bytes < 0:
+            raise ValueError(
+                f"stage {self.name!r}: recompute_peak_bytes must be >= 0 or None; "
+                f"got {self.recompute_peak_bytes!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -76,7 +76,7 @@ class MinPeak:
         self.inner_choice[start, length] = best
         arrays = self.arrays
         full = max(
-            int(arrays.segment_peak[start, length]),
+            arrays.full_segment_peak(start, length),
             int(arrays.segment_residue[start, length])
             + int(arrays.total(np.array(stop), stop, True))
             + arrays.checkpoint_bytes  # the RNG state saved around the recompute

@@ -122,6 +122,8 @@ def unit_bytes(costs: ChainCosts) -> int:
     values: list[int] = [costs.checkpoint_bytes]
     for stage in costs.stages:
         values += [stage.input_bytes, stage.output_bytes, stage.nosave_forward_peak_bytes]
+        values.append(stage.nosave_held_bytes)
+        values += [stage.recompute_peak(), stage.recompute_lead_bytes]
         for option in stage.options.values():
             values += [
                 option.saved_bytes,

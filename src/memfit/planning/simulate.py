@@ -10,6 +10,15 @@ It is the executable definition of the memory semantics in :mod:`memfit.planning
   nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
   input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
   (the recomputed output is not needed: the output's gradient is), then ``inner`` backward;
+  torch stops the recompute once the last tensor backward needs is rebuilt (early stop), so
+  when ``inner`` ends in a ``Stage`` that stage peaks at its ``recompute_peak()`` (measured
+  that way) instead of ``forward_peak_bytes``; every peak of the recompute is
+  ``recompute_lead_bytes`` of stage ``t-1`` higher (its backward's gradients made before it);
+* a top-level segment's no-save forward (the step's) also adds each stage's
+  ``nosave_held_bytes`` (tensors autograd keeps past the checkpoint's hooks), which the step's
+  graph keeps to the stage's backward (its ``backward_delta_bytes`` frees them with what it
+  saved): a kept stage recomputed adds ``nosave_held_bytes`` less than in the step's forward,
+  and a no-save forward inside a recompute adds none;
 * every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
   forward to the end of its backward, plus one per segment nested in it (their checkpoints run
   in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
@@ -159,9 +168,10 @@ class _Replay:
         self.step_s = 0.0
         self.record = record
         self.timeline: list[tuple[str, int]] = []
+        self.lead = 0  # the recompute running now: its last stage's backward's bytes before it
 
     def event(self, label: str, phase: str, peak_above: int, delta: int) -> None:
-        top = self.level + max(peak_above, delta)
+        top = self.level + max(peak_above, delta) + (self.lead if phase == RECOMPUTE else 0)
         if top > self.peak:
             self.peak, self.where, self.phase = top, label, phase
         self.level += delta
@@ -176,20 +186,26 @@ class _Replay:
     def name(self, index: int) -> str:
         return f"stage {index} ({self.stages[index].name})"
 
-    def forward(self, items: Sequence[Item], phase: str, context: str, holds: int = -1) -> None:
-        """``holds``: the stage whose input a recompute's checkpoint holds (its first)."""
+    def forward(
+        self, items: Sequence[Item], phase: str, context: str, holds: int = -1, stops: int = -1
+    ) -> None:
+        """``holds``: the stage whose input a recompute's checkpoint holds (its first);
+        ``stops``: the stage at which torch's early stop ends the recompute (its last)."""
         for item in items:
             if isinstance(item, Stage):
                 stage = self.stages[item.index]
                 option = stage.options[item.option]
+                peak = stage.recompute_peak() if item.index == stops else option.forward_peak_bytes
                 delta = option.saved_bytes + stage.output_bytes
+                if phase == RECOMPUTE:  # kept already by the step's no-save forward
+                    delta -= stage.nosave_held_bytes
                 if item.option == OFFLOAD:  # made on the device; the top level moves them
                     delta += stage.offload_bytes
                     self.step_s += sum(_kept_times(self.costs, item))
                 else:
                     self.step_s += option.forward_s + option.backward_s
                 label = f"{phase} of {self.name(item.index)}{context}"
-                self.event(label, phase, option.forward_peak_bytes, delta)
+                self.event(label, phase, peak, delta)
                 if item.index == holds and _releases_own_input(stage):
                     label = f"recompute: input of {self.name(item.index)} held{context}"
                     self.event(label, phase, 0, stage.released_input_bytes)
@@ -204,6 +220,8 @@ class _Replay:
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
                 delta = stage.output_bytes - (stage.input_bytes if frees else 0)
+                if phase == FORWARD:  # the step's graph keeps them to the stage's backward
+                    delta += stage.nosave_held_bytes
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
             if item.stop - item.start > 1:
@@ -225,7 +243,11 @@ class _Replay:
             self.rng_event(
                 f"recompute: RNG state saved{inside}", RECOMPUTE, 0, self.checkpoint_bytes
             )
-            self.forward(item.inner, RECOMPUTE, inside, holds=item.start)
+            last = item.inner[-1]
+            stops = last.index if isinstance(last, Stage) else -1
+            outer, self.lead = self.lead, self.stages[item.stop - 1].recompute_lead_bytes
+            self.forward(item.inner, RECOMPUTE, inside, holds=item.start, stops=stops)
+            self.lead = outer
             self.rng_event(
                 f"recompute: RNG state restored{inside}", RECOMPUTE, 0, -self.checkpoint_bytes
             )

@@ -19,20 +19,23 @@ from torch import nn
 from memfit.errors import AlreadyPlannedError, PlanMismatchError
 from memfit.measuring.chain import Chain, is_block_stage_name
 from memfit.planning.plan import Item, Plan, Segment, Stage
-from memfit.runtime.executor import Executor, ForwardEnd, Head, Member, TopStage
+from memfit.runtime.executor import Executor, ForwardEnd, Member, SegmentStart, TopStage
 from memfit.runtime.head import HeadInstall, check_head_install, head_option, is_head_option
+from memfit.runtime.hf_switches import off_for_the_plan, refuse_layerdrop
 from memfit.runtime.options import KEEP, OFFLOAD, Forward, stage_wrapper
 from memfit.runtime.replay import BlockForward
 
 _STATE = "_memfit_applied"
+SHAPE_PLANS = "_memfit_shape_plans"  # shape plans (runtime/dynamic.py) installed on a model
 _UNDO = "_memfit_undo_before_apply"
-_BEFORE_APPLY: list[Callable[[nn.Module], object]] = []
+# LayerDrop refused before anything changes; then Hugging Face's own checkpointing off
+_BEFORE_APPLY: list[Callable[[nn.Module], object]] = [refuse_layerdrop, off_for_the_plan]
 
 
 def register_before_apply(hook: Callable[[nn.Module], object]) -> None:
     """Run ``hook(model)`` in every :func:`apply_plan`, after the plan is checked and before the
-    model changes: integrations turn off a model family's own checkpointing this way (the
-    runtime cannot import them). A hook that changed the model returns a function that undoes
+    model changes, as the runtime does for Hugging Face's own checkpointing and LayerDrop
+    (:mod:`memfit.runtime.hf_switches`): for another library's switches. A hook that changed the model returns a function that undoes
     it: :func:`undo_before_apply` (``memfit.remove``) calls it, and plans taken off and put
     back meanwhile (verify, shape plans switching) leave it waiting. Registering the same hook
     twice has no effect."""
@@ -68,6 +71,24 @@ def planned_module(model: nn.Module) -> nn.Module | None:
         if module.__dict__.get(_STATE) is not None:
             return module
     return None
+
+
+def refuse_planned(model: nn.Module, before: str, *, shape_plans: bool = True) -> None:
+    """The one rule of every verb that needs an unplanned model: no plan and no shape plans on
+    ``model`` or on a module inside it (the model inside a wrapper made after planning).
+    ``shape_plans=False``: shape plans may stay (their switch between plans applies each one).
+
+    Raises:
+        AlreadyPlannedError: naming ``memfit.remove`` and what it must come ``before``.
+    """
+    for module in model.modules():
+        keys = (_STATE, SHAPE_PLANS) if shape_plans else (_STATE,)
+        if any(module.__dict__.get(key) is not None for key in keys):
+            inside = "" if module is model else " (inside this wrapper)"
+            raise AlreadyPlannedError(
+                f"the model{inside} already carries a memfit plan; call memfit.remove(model) "
+                f"before {before}"
+            )
 
 
 def _check(plan: Plan, chain: Chain) -> None:
@@ -164,10 +185,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
     Example:
         >>> apply_plan(model, chain, plan); model(*sample).backward(); remove_plan(model)
     """
-    if model.__dict__.get(_STATE) is not None:
-        raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) first"
-        )
+    refuse_planned(model, "applying another", shape_plans=False)
     _check(plan, chain)
     names = chain.stage_names
     originals = {
@@ -213,7 +231,7 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             if chain.block_of_stage(item.index) is not None:
                 overrides[item.index] = TopStage(executor, item)
         else:
-            overrides[item.start] = Head(executor, item)
+            overrides[item.start] = SegmentStart(executor, item)
             for index in range(item.start + 1, item.stop):
                 overrides[index] = Member(executor, item, index)
     head_options = [

@@ -1,11 +1,11 @@
 """Plans that follow each batch's shape: a forward pre-hook on the model picks the plan.
 
 :class:`ShapePlans` is a forward pre-hook on the root module. Before each forward with
-gradients it reads the batch's shape (:func:`memfit.measuring.shapes.batch_shape`), rounds the
-sequence length up to its bucket (and, with ``round_batch``, the batch size to the sample's batch
-times a power of two), plans that bucket from the fitted costs when it has no plan
-yet (:func:`memfit.planning.shapes.plan_shape`: evaluate the fits, solve; milliseconds, nothing
-runs), and, when the bucket's schedule differs from the one applied, swaps plans with
+gradients it reads the batch's shape (:func:`memfit.measuring.sample_shapes.batch_shape`),
+rounds the sequence length up to its bucket (and, with ``round_batch``, the batch size to the
+sample's batch times a power of two), plans that bucket from the fitted costs when it has no
+plan yet (:func:`memfit.planning.shape_costs.plan_shape`: evaluate the fits, solve;
+milliseconds, nothing runs), and, when the bucket's schedule differs from the one applied, swaps plans with
 :func:`~memfit.runtime.apply.remove_plan` and :func:`~memfit.runtime.apply.apply_plan`. A shape
 no plan fits raises :class:`~memfit.errors.InfeasibleBudgetError` there, before the forward.
 Forwards without gradients (evaluation, generation) run with whatever plan is applied.
@@ -35,17 +35,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.errors import AlreadyPlannedError, InfeasibleBudgetError
-from memfit.measuring.shapes import SampleLayout, batch_shape
+from memfit.errors import InfeasibleBudgetError
+from memfit.measuring.sample_shapes import SampleLayout, batch_shape
 from memfit.planning.plan import Plan
-from memfit.planning.shapes import Shape, ShapeCosts, largest_shape, plan_shape
+from memfit.planning.shape_costs import ShapeCosts, largest_shape, plan_shape
+from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
-from memfit.runtime.apply import applied_plan, apply_plan, chain_of_plan, remove_plan
+from memfit.runtime.apply import (
+    SHAPE_PLANS,
+    applied_plan,
+    apply_plan,
+    chain_of_plan,
+    refuse_planned,
+    remove_plan,
+)
 from memfit.units import Budget, format_bytes
 
 logger = logging.getLogger(__name__)
 
-_KEY = "_memfit_shape_plans"
+_KEY = SHAPE_PLANS
 # the margin never grows past this share of the budget's activation bytes
 MAX_MARGIN = 0.5
 
@@ -284,10 +292,7 @@ def apply_shape_plans(model: nn.Module, plans: ShapePlans, shape: Shape) -> Plan
         AlreadyPlannedError: the model carries a plan or shape plans already.
         InfeasibleBudgetError: no plan fits ``shape``.
     """
-    if applied_plan(model) is not None or model.__dict__.get(_KEY) is not None:
-        raise AlreadyPlannedError(
-            "the model already carries a memfit plan; call memfit.remove(model) first"
-        )
+    refuse_planned(model, "installing shape plans")
     plan = plans.plan_for(shape)
     apply_plan(model, chain_of_plan(model, plan), plan)
     handle = model.register_forward_pre_hook(plans, with_kwargs=True)

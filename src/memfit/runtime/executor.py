@@ -3,14 +3,14 @@
 A top-level ``Segment(s, t, inner)`` is one ``torch.utils.checkpoint`` (non-reentrant) over
 blocks ``s..t-1``, following ``inner``: nested segments are nested checkpoints, i.e.
 multi-level recompute. A one-block segment runs as one ``checkpoint`` call in its block's
-forward. A longer one is opened when block ``s`` is called (:class:`Head`) and closed when block
+forward. A longer one is opened when block ``s`` is called (:class:`SegmentStart`) and closed when block
 ``t-1`` returns (:class:`Member`), each block running in its own call and returning its own
 output, after checking that a rerun of the segment from block ``s``'s input will give it the same
 arguments (:mod:`memfit.runtime.regions`, ``guards``). A top-level ``Stage`` runs the block
 wrapped for its option (a kept block too: every planned block runs on a private copy of its KV
 cache in training).
 
-Every override (:class:`Head`, :class:`Member`, :class:`TopStage`) is a plain object holding
+Every override (:class:`SegmentStart`, :class:`Member`, :class:`TopStage`) is a plain object holding
 the :class:`Executor`, which holds the chain's blocks: ``copy.deepcopy`` (EMA copies,
 ``AveragedModel``) and ``pickle``/``torch.save`` copy them with the model and rebind them to the
 copy's blocks. What one forward leaves for the next blocks (:class:`SegmentRun`: open
@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from memfit.errors import PlanMismatchError
 from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
 from memfit.measuring.offload import module_tensors, storage_keys
-from memfit.measuring.step import own_fsdp_unit
+from memfit.measuring.step import own_fsdp_unit, storage_key
 from memfit.planning.plan import Item, Segment, Stage
 from memfit.runtime.compiled import eager_around_compiled_blocks
 from memfit.runtime.guards import (
@@ -204,10 +204,8 @@ class Executor:
             if run.group is None:
                 region = Region(body, (x, *rest), side)
             else:  # the offload hooks see what the checkpoint keeps: its inputs
-                storage = x.untyped_storage()._cdata
-                with self.offloader.saving(
-                    run.group, keep=lambda t: t.untyped_storage()._cdata != storage
-                ):
+                storage = storage_key(x)
+                with self.offloader.saving(run.group, keep=lambda t: storage_key(t) != storage):
                     region = Region(body, (x, *rest), side)
         except BaseException:
             self.calls.pop(segment.start, None)
@@ -362,8 +360,8 @@ class Executor:
         if group is None:
             out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         else:  # outside the checkpoint, the hooks see what it keeps: its inputs
-            storage = x.untyped_storage()._cdata
-            with self.offloader.saving(group, keep=lambda t: t.untyped_storage()._cdata != storage):
+            storage = storage_key(x)
+            with self.offloader.saving(group, keep=lambda t: storage_key(t) != storage):
                 out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         return guard_input(out, x, self.name(segment.start))
 
@@ -420,7 +418,7 @@ def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
         return True
     return (
         received._version == run.expected_version == expected._version
-        and received.untyped_storage().data_ptr() == expected.untyped_storage().data_ptr()
+        and storage_key(received) == storage_key(expected)
         and received.storage_offset() == expected.storage_offset()
         and received.shape == expected.shape
         and received.stride() == expected.stride()
@@ -429,7 +427,7 @@ def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
     )
 
 
-class Head:
+class SegmentStart:
     """The forward of a top-level segment's first block. A one-block segment runs as one
     checkpoint here; a longer one opens its checkpoint here and runs this block, and the later
     blocks run in their own calls (:class:`Member`)."""
@@ -594,9 +592,7 @@ class TopStage:
                 block = executor.chain.block_of_stage(stage.index)
                 assert block is not None
                 keys = storage_keys(module_tensors(block))
-                with executor.offloader.saving(
-                    group, keep=lambda t: t.untyped_storage()._cdata in keys
-                ):
+                with executor.offloader.saving(group, keep=lambda t: storage_key(t) in keys):
                     out = executor.run_stage(stage, *call)
         except BaseException:
             executor.abandon_offload()

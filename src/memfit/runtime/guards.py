@@ -6,7 +6,8 @@
   changed that input in place since the forward.
 * :func:`rng_state` / :func:`same_rng_state`: a multi-block segment runs its blocks back to back,
   which keeps the random stream only when the model draws no random numbers between blocks
-  (LayerDrop does).
+  (LayerDrop does; the profile sees such draws, :attr:`memfit.measuring.chain.Chain.draws_before`,
+  and plans never join blocks across them: this check catches hand-made plans).
 * :class:`Watch`: recompute reruns a block in backward, which is only right when its first run
   changed neither its arguments in place (a mask) nor its modules' state (``self.calls += 1``, a
   tensor attribute, a buffer): the rerun would read the changed values and write them again.
@@ -31,7 +32,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_leaves
 
 from memfit.errors import MemfitError, UnsupportedModelError
-from memfit.measuring.chain import Inputs, main_tensor, same_side_inputs
+from memfit.measuring.chain import (
+    Inputs,
+    main_tensor,
+    rng_state,
+    same_rng_state,
+    same_side_inputs,
+)
 from memfit.measuring.step import sharded
 
 __all__ = [
@@ -80,22 +87,6 @@ def guard_input(out: Any, watched: Any, stage: str) -> Any:
 
     main.register_hook(check)
     return out
-
-
-def rng_state(device: torch.device | None) -> tuple[torch.Tensor, ...]:
-    """The random generators' states that blocks on ``device`` draw from (CPU always); none
-    while torch.compile traces (a compiled region cannot read them without a graph break)."""
-    if torch.compiler.is_compiling():
-        return ()
-    states = [torch.random.get_rng_state()]
-    if device is not None and device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return tuple(states)
-
-
-def same_rng_state(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    """Whether two :func:`rng_state` readings are equal."""
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _arguments(main: Any, rest: tuple[Any, ...], side: dict[str, Any]) -> list[tuple[str, Any]]:

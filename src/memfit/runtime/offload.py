@@ -51,6 +51,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memfit.measuring.offload import offloadable
+from memfit.measuring.step import storage_key
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ class Offloader:
 
     def pack(self, tensor: torch.Tensor, group: Group) -> Packed:
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_key(tensor)
         entry = self.storages.get(key)
         if entry is None or entry.weak.expired() or entry.host is None:
             device = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
@@ -369,7 +370,7 @@ class Offloader:
         if own is None:
             return
         if isinstance(output, torch.Tensor):  # the output stays on the device for the next
-            storage = output.untyped_storage()._cdata
+            storage = storage_key(output)
             for entry in own.entries:
                 if entry.weak.cdata == storage:
                     entry.kept = True

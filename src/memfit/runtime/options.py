@@ -41,6 +41,8 @@ from torch.utils.checkpoint import (
 )
 
 from memfit.measuring.ops import MATMUL_OPS, draws_random, full_op_name, saveable
+from memfit.planning.costs import KEEP
+from memfit.planning.offload import OFFLOAD
 from memfit.runtime.saved_writes import SavedWrites
 
 logger = logging.getLogger(__name__)
@@ -48,9 +50,8 @@ logger = logging.getLogger(__name__)
 Forward = Callable[..., Any]
 StageWrapper = Callable[[Forward], Forward]
 
-KEEP = "keep"
 SELECTIVE = "selective:"
-OFFLOAD = "offload"  # the executor runs it (memfit.runtime.offload): the block itself here
+# OFFLOAD: the executor runs it (memfit.runtime.offload): the block itself here
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,12 +66,16 @@ class OptionKind:
             runtime watches that input for in-place changes.
         wrapper: option name -> wrapper of a block's forward. Raises ``ValueError`` for a
             malformed name; called when a plan is applied, before anything changes.
+        hooks_inside: whether the option works inside the block's forward through saved-tensor
+            hooks or dispatch modes (``rebuild``, ``selective:``): it sees nothing of a compiled
+            block, so profiles and plans of compiled blocks leave it out.
     """
 
     prefix: str
     form: str
     recomputes: bool
     wrapper: Callable[[str], StageWrapper]
+    hooks_inside: bool = False
 
     def __post_init__(self) -> None:
         if not self.prefix or (":" in self.prefix and not self.prefix.endswith(":")):
@@ -117,6 +122,14 @@ def option_kind(option: str) -> OptionKind:
         forms = ", ".join(repr(k.form) for k in _KINDS.values())
         raise ValueError(f"unknown stage option {option!r}; expected one of {forms}")
     return kind
+
+
+def hooks_inside(option: str) -> bool:
+    """Whether ``option`` works through hooks inside the block's forward
+    (:attr:`OptionKind.hooks_inside`); ``False`` for an option memfit does not know (the
+    registry's own checks reject it)."""
+    kind = _KINDS.get(option if option in _KINDS else option.partition(":")[0] + ":")
+    return kind is not None and kind.hooks_inside
 
 
 def is_selective(option: str) -> bool:
@@ -266,6 +279,12 @@ def _selective(option: str) -> StageWrapper:
 register_option(OptionKind(prefix=KEEP, form=KEEP, recomputes=False, wrapper=_keep))
 register_option(OptionKind(prefix=OFFLOAD, form=OFFLOAD, recomputes=False, wrapper=_keep))
 register_option(
-    OptionKind(prefix=SELECTIVE, form="selective:<policy>", recomputes=True, wrapper=_selective)
+    OptionKind(
+        prefix=SELECTIVE,
+        form="selective:<policy>",
+        recomputes=True,
+        wrapper=_selective,
+        hooks_inside=True,
+    )
 )
 register_selective_policy("matmul", MATMUL_OPS)

@@ -54,6 +54,7 @@ from torch.utils.checkpoint import _StopRecomputationError
 
 from memfit.errors import MemfitError, UnsupportedModelError
 from memfit.measuring.chain import MAIN_KEYWORD
+from memfit.measuring.meter import RECOMPUTE_RANGE, metered_range
 from memfit.measuring.trace import rerunning
 from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
@@ -206,6 +207,12 @@ class BlockForward:
             )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if replaying():  # the profile meters each recompute: early stop ends it (StageCosts)
+            with metered_range(f"{RECOMPUTE_RANGE}{self.stage}"):
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         forward = self._forward()
         args = self._as_called(args, kwargs)
         if torch.is_grad_enabled():

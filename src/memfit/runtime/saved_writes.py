@@ -32,16 +32,13 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.ops import written_arguments, written_tensors
+from memfit.measuring.step import storage_key
 
 
 @functools.cache
 def _returns_alias(func: Any) -> bool:
     schema = getattr(func, "_schema", None)
     return schema is not None and any(ret.alias_info is not None for ret in schema.returns)
-
-
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
 
 
 class SavedWrites(TorchDispatchMode):
@@ -61,7 +58,7 @@ class SavedWrites(TorchDispatchMode):
         self.storage = storage
         self.stage = stage
         self.option = option
-        self.saved: dict[int, Any] = {}  # storage pointer of a saved output -> its op
+        self.saved: dict[int, Any] = {}  # storage key of a saved output -> its op
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -71,14 +68,14 @@ class SavedWrites(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.saved and written_arguments(func):
             for tensor in written_tensors(func, args, kwargs):
-                op = self.saved.pop(_storage(tensor), None)
+                op = self.saved.pop(storage_key(tensor), None)
                 if op is not None:
-                    self._copy_cached(op, _storage(tensor), func)
+                    self._copy_cached(op, storage_key(tensor), func)
         out = func(*args, **kwargs)
         if self.saves(func, args, kwargs):
             for leaf in tree_leaves(out):
                 if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                    self.saved[_storage(leaf)] = func
+                    self.saved[storage_key(leaf)] = func
         return out
 
     def _copy_cached(self, op: Any, storage: int, writer: Any) -> None:
@@ -91,7 +88,7 @@ class SavedWrites(TorchDispatchMode):
             for entry in list(entries.values() if isinstance(entries, dict) else entries):
                 for wrapper in tree_leaves(entry):
                     value = getattr(wrapper, "val", None)
-                    if not isinstance(value, torch.Tensor) or _storage(value) != storage:
+                    if not isinstance(value, torch.Tensor) or storage_key(value) != storage:
                         continue
                     if not hasattr(wrapper, "version"):
                         break

@@ -66,6 +66,13 @@ def chains(
                 nosave_forward_peak_bytes=draw(st.integers(0, forward_peak)) * unit,
                 checkpointable=not constraints or draw(st.integers(0, 5)) > 0,
                 joins_previous=not constraints or i == 0 or draw(st.integers(0, 5)) > 0,
+                nosave_held_bytes=draw(st.sampled_from([0, 0, 1, 2])) * unit,
+                # torch's early stop: the last stage of a recompute peaks lower (or, measured,
+                # higher); its backward's gradients before the rerun lift the whole recompute
+                recompute_peak_bytes=draw(
+                    st.none() | st.integers(0, forward_peak + 2).map(lambda peak: peak * unit)
+                ),
+                recompute_lead_bytes=draw(st.integers(0, 3)) * unit,
             )
         )
     held = draw(st.integers(0, 10)) * unit
@@ -131,9 +138,9 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
     """
     stages = costs.stages
 
-    def event(state: tuple[int, int], peak: int, delta: int) -> tuple[int, int]:
+    def event(state: tuple[int, int], peak: int, delta: int, lead: int = 0) -> tuple[int, int]:
         top, level = state
-        return max(top, level + max(peak, delta)), level + delta
+        return max(top, level + max(peak, delta) + lead), level + delta
 
     @cache
     def solve(start: int, stop: int, drop: bool, whole: bool) -> list[Summary]:
@@ -141,10 +148,16 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
             return [(0, -stages[stop - 1].output_bytes if drop else 0, 0.0, ())]
         found: list[Summary] = []
         menu = {KEEP: stages[start].options[KEEP]} if drop else stages[start].options
+        # a recompute's forward: above its last stage's lead, which stops early
+        lead = stages[stop - 1].recompute_lead_bytes if drop else 0
         for name, option in menu.items():
-            forward = event(
-                (0, 0), option.forward_peak_bytes, option.saved_bytes + stages[start].output_bytes
-            )
+            peak_above = option.forward_peak_bytes
+            if drop and start == stop - 1:
+                peak_above = stages[start].recompute_peak()
+            # kept in a recompute: less what the step's no-save forward kept already
+            held = stages[start].nosave_held_bytes if drop else 0
+            delta = option.saved_bytes + stages[start].output_bytes - held
+            forward = event((0, 0), peak_above, delta, lead)
             for peak, total, seconds, tree in solve(start + 1, stop, drop, True):
                 state = (max(forward[0], forward[1] + peak), forward[1] + total)
                 state = event(state, option.backward_peak_bytes, option.backward_delta_bytes)
@@ -156,7 +169,9 @@ def pareto_summaries(costs: ChainCosts) -> list[Summary]:
             forward, nosave_s = (0, 0), 0.0
             for j in range(start, end):
                 delta = stages[j].output_bytes - (stages[j].input_bytes if j > start else 0)
-                forward = event(forward, stages[j].nosave_forward_peak_bytes, delta)
+                # the step's no-save forward keeps nosave_held_bytes to each stage's backward
+                delta += 0 if drop else stages[j].nosave_held_bytes
+                forward = event(forward, stages[j].nosave_forward_peak_bytes, delta, lead)
                 nosave_s += stages[j].nosave_forward_s
             for rest in solve(end, stop, drop, True):
                 for inner in solve(start, end, True, False):

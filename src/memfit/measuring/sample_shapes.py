@@ -28,7 +28,7 @@ from torch import nn
 
 from memfit.measuring.run import step_clock
 from memfit.measuring.step import LossFn, split_sample
-from memfit.planning.shapes import Shape
+from memfit.planning.shape_fits import Shape
 
 Key = int | str  # a positional argument's index or a keyword argument's name
 

@@ -19,3 +19,35 @@ TREES: dict[str, tuple] = {
         Stage(5),
     ),
 }
+
+
+# stages: 0 <pre>, 1..4 the blocks, 5 <post>; the runtime tests add nested trees
+RUNTIME_TREES: dict[str, tuple] = {
+    **TREES,
+    # outer segment over 3 blocks; inside it, block 1 recomputed again, blocks 2, 3 kept;
+    # block 4 under a selective policy at the top level
+    "nested": (
+        Stage(0),
+        Segment(1, 4, (recompute_one(1), Stage(2), Stage(3))),
+        Stage(4, "selective:matmul"),
+        Stage(5),
+    ),
+    "three levels": (
+        Stage(0),
+        Segment(
+            1,
+            5,
+            (
+                Segment(1, 3, (recompute_one(1), Stage(2))),
+                Stage(3),
+                recompute_one(4),
+            ),
+        ),
+        Stage(5),
+    ),
+    "selective by op": (
+        Stage(0),
+        *[Stage(i, "selective:save=addmm+gelu") for i in range(1, 5)],
+        Stage(5),
+    ),
+}
