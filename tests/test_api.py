@@ -84,7 +84,8 @@ def test_auto_then_remove_round_trips() -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = memfit.auto(model, sample, budget="50%", repeats=1)
     assert set(model.state_dict()) == set(state)
-    assert any(option == "recompute" for option in plan.options.values())
+    # which options reach 50% depends on measured times; that some block is not kept does not
+    assert any(option != "keep" for option in plan.options.values())
     assert memfit.remove(model) is True
     assert memfit.remove(model) is False
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
