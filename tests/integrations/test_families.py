@@ -49,6 +49,7 @@ from memfit.planning.simulate import simulate
 from memfit.verification import same_tensors, traced_gradients
 
 transformers = pytest.importorskip("transformers")
+Version = pytest.importorskip("packaging.version").Version  # a dependency of transformers
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 
 STAGE_OPTIONS = ("rebuild", "rebuild+linear", "rebuild+ops", "selective:matmul")
@@ -91,6 +92,36 @@ class Profiled:
 # every family, the prediction must still miss by more than 2% (a fix fails the test until the
 # gap is removed here), and the gap is in docs/known-gaps.md.
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
+# Gaps that show only in some runs (the plan depends on measured times): the prediction may be
+# high by up to two tails beyond the 2% check; the test is xfailed only when it is.
+LOOSE_GAPS: dict[tuple[str, str, str], str] = {}
+TAIL_BYTES = 2 * SIZES["batch"] * SIZES["seq"] * SIZES["hidden"] * 4  # keys and values, float32
+
+# Before transformers 4.54 (4.53.3 fails these cases, 4.54.1 passes all of them) OPT and Falcon
+# (sdpa) layers return their keys and values as extra outputs (tails). The first and last
+# layers' kept stages are measured with nothing recomputed and include one such tail (65,536
+# bytes at the sweep's sizes) that a rerun does not keep, so the prediction is high by one or
+# two of them. Figures: predicted / measured peak bytes on 4.53.3, torch 2.13.0 CPU.
+TAILS_BEFORE_4_54 = "transformers<4.54: key/value tails counted in the kept first and last layers"
+if Version(transformers.__version__) < Version("4.54"):
+    KNOWN_GAPS.update(
+        (variant, f"{TAILS_BEFORE_4_54}: predicted / measured {figures}")
+        for variant, figures in {
+            ("falcon", "sdpa", "recompute"): "2,007,544 / 1,942,008 B (+3.4%)",
+            ("opt", "eager", "30%"): "2,308,200 / 2,227,400 B (+3.6%)",
+            ("opt", "eager", "recompute"): "2,308,200 / 2,177,112 B (+6.0%)",
+            ("opt", "sdpa", "30%"): "1,934,472 / 1,868,936 B (+3.5%)",
+            ("opt", "sdpa", "recompute"): "1,930,456 / 1,799,376 B (+7.3%)",
+        }.items()
+    )
+    # At 60% the optimal plan follows the profiled step times: some runs keep the first or
+    # last layer (then high by one or two tails: 4,419,976 / 4,288,904 B, +3.1%, OPT eager;
+    # 3,313,992 / 3,248,456 B, +2.0%, OPT sdpa), others not (OPT eager +1.5%). Not strict: the
+    # prediction may be high by up to two tails beyond the 2%, never low.
+    LOOSE_GAPS.update(
+        ((family, attention, "60%"), f"{TAILS_BEFORE_4_54}: up to {2 * TAIL_BYTES:,} B high")
+        for family, attention in (("opt", "eager"), ("opt", "sdpa"))
+    )
 
 
 @pytest.fixture(scope="module", params=_variants())
@@ -104,6 +135,16 @@ def profiled(request: pytest.FixtureRequest) -> Profiled:
 
 def known_gap(profiled: Profiled, way: str) -> str | None:
     return KNOWN_GAPS.get((*profiled.variant, way))
+
+
+def loose_gap(profiled: Profiled, way: str, predicted: int, measured: int) -> str | None:
+    """The loose gap of ``way`` if the prediction shows it (high by over 2%, up to two tails
+    beyond); a prediction lower, or higher still, fails."""
+    gap = LOOSE_GAPS.get((*profiled.variant, way))
+    if gap is None or predicted <= measured * 1.02:
+        return None
+    assert predicted <= measured * 1.02 + 2 * TAIL_BYTES, (gap, predicted, measured)
+    return gap
 
 
 def every_block(profile: Profile, option: str) -> Plan:
@@ -125,10 +166,10 @@ def every_block(profile: Profile, option: str) -> Plan:
     )
 
 
-def check_planned(profiled: Profiled, plan: Plan, gap: str | None = None) -> int:
+def check_planned(profiled: Profiled, plan: Plan, way: str) -> tuple[int, str | None]:
     """Run ``plan`` on the model: loss and gradients bit for bit as unplanned, the same ops on
-    the same layouts, the predicted peak within 2% of the measured one. Returns the measured
-    peak.
+    the same layouts, the predicted peak within 2% of the measured one unless ``way`` has a
+    known gap. Returns the measured peak and the gap it showed.
 
     ``memfit.verify`` without its timed steps (a garbage collection before each on a heap that
     holds transformers costs a quarter second, and no check here reads times).
@@ -148,11 +189,14 @@ def check_planned(profiled: Profiled, plan: Plan, gap: str | None = None) -> int
     mismatched = [name for name, g in reference_grads.items() if not same_tensors(g, grads[name])]
     assert not mismatched, (plan.tree, mismatched)
     error = plan.predicted_peak_bytes / peak_bytes - 1.0
+    gap = known_gap(profiled, way) or loose_gap(
+        profiled, way, plan.predicted_peak_bytes, peak_bytes
+    )
     if gap is None:
         assert abs(error) <= 0.02, (plan.predicted_peak_bytes, peak_bytes)
     else:  # a known gap must still be there: a fix shows up as a failure to remove it
         assert abs(error) > 0.02, f"known gap closed, remove it from KNOWN_GAPS: {gap}"
-    return peak_bytes
+    return peak_bytes, gap
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -165,8 +209,7 @@ def test_optimal_plan(profiled: Profiled, budget: str) -> None:
         # budget the error names must hold, to the byte: plan and check at exactly that.
         assert error.min_feasible_bytes > error.budget_bytes
         plan = memfit.plan(profiled.profile, budget=error.min_feasible_bytes)
-    gap = known_gap(profiled, budget)
-    peak_bytes = check_planned(profiled, plan, gap)
+    peak_bytes, gap = check_planned(profiled, plan, budget)
     assert plan.budget_bytes is not None
     assert peak_bytes <= plan.budget_bytes
     if gap is not None:
@@ -180,8 +223,7 @@ def test_every_block_under_one_option(profiled: Profiled, option: str) -> None:
         if option == "recompute"
         else every_block(profiled.profile, option)
     )
-    gap = known_gap(profiled, option)
-    peak_bytes = check_planned(profiled, plan, gap)
+    peak_bytes, gap = check_planned(profiled, plan, option)
     assert peak_bytes <= profiled.profile.measurement.peak_bytes
     if gap is not None:
         pytest.xfail(gap)  # everything else held
