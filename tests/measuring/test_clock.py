@@ -53,9 +53,9 @@ def test_a_loaded_machine_does_not_reorder_the_ways(monkeypatch: pytest.MonkeyPa
 
 def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """The default profile times each way in its metered step (issue 22: setup time). A
-    synthetic profiler cost (CPU time runs five times as fast while the profiler is on) must
+    synthetic profiler cost (CPU time runs ten times as fast while the profiler is on) must
     come off those times, as keep's plain timed step measures it: else every other way looks
-    five times as slow as keep, and recompute five times as dear."""
+    ten times as slow as keep, and recompute ten times as dear."""
     from torch.autograd import profiler
 
     model, sample = gpt(layers=3, width=64, heads=2, seq=64, batch=4, vocab=128)
@@ -65,7 +65,7 @@ def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPa
     def costly() -> float:
         now = real()
         if profiler._is_profiler_enabled:
-            state["cost"] += 4 * (now - state["last"])
+            state["cost"] += 9 * (now - state["last"])
         state["last"] = now
         return now + state["cost"]
 
@@ -80,10 +80,12 @@ def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPa
             for stage in prof.costs.stages[1:-1]
         )
 
-    assert block_s("rebuild") < 2.5 * block_s("keep")
+    # without the correction both ratios are about 10; with it about 1, give or take a loaded
+    # machine's noise between two steps (measured up to 2.9)
+    assert block_s("rebuild") < 5 * block_s("keep")
     nosave = sum(stage.nosave_forward_s for stage in prof.costs.stages[1:-1])
     kept = sum(stage.options["keep"].forward_s for stage in prof.costs.stages[1:-1])
-    assert nosave < 2.5 * kept
+    assert nosave < 5 * kept
 
 
 def test_the_profilers_share_is_at_most_one() -> None:
