@@ -170,9 +170,8 @@ def plan(
         for key in ("compile", "notes"):  # compiled blocks: apply compiles them; left out
             if key in prof.info:
                 info[key] = prof.info[key]
-        plans[index] = dataclasses.replace(
-            candidate, keep_output=step.keep_output, accumulate=step.accumulate, info=info
-        )
+        stamped = candidate.for_loop(keep_output=step.keep_output, accumulate=step.accumulate)
+        plans[index] = dataclasses.replace(stamped, info=info)
     result = plans[0]
     if candidates > 1:
         assert isinstance(profile_or_model, nn.Module)  # checked above
