@@ -36,8 +36,7 @@ from memfit.runtime.apply import (
 )
 from memfit.runtime.compiled import (
     arm_traced_plan_warning,
-    compile_blocks,
-    compiled_blocks,
+    blocks_compiled,
     is_compile_budget,
     plan_compile_options,
     refuse_compiled_model,
@@ -170,9 +169,8 @@ def plan(
         for key in ("compile", "notes"):  # compiled blocks: apply compiles them; left out
             if key in prof.info:
                 info[key] = prof.info[key]
-        plans[index] = dataclasses.replace(
-            candidate, keep_output=step.keep_output, accumulate=step.accumulate, info=info
-        )
+        stamped = candidate.for_loop(keep_output=step.keep_output, accumulate=step.accumulate)
+        plans[index] = dataclasses.replace(stamped, info=info)
     result = plans[0]
     if candidates > 1:
         assert isinstance(profile_or_model, nn.Module)  # checked above
@@ -334,15 +332,8 @@ def apply(
             f"the plan compiles its blocks (compile={compiling}) but asks for {hooked}, which "
             f"cannot see inside compiled blocks; plan again from a compiled profile"
         )
-    compiled = compiled_blocks(chain.blocks)
-    if compiled is None:
-        compile_blocks(chain.blocks, compiling)
-    try:
+    with blocks_compiled(chain.blocks, compiling, keep=True):  # until memfit.remove
         apply_plan(model, chain, plan)
-    except BaseException:
-        if compiled is None:
-            uncompile_blocks(chain.blocks)
-        raise
 
 
 def remove(model: nn.Module) -> bool:

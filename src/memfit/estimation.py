@@ -213,7 +213,10 @@ def estimate(
             except InfeasibleBudgetError:
                 chosen = None
             else:
-                chosen = _with_loop(chosen, shaped, model, sample, shape)
+                chosen = replace(
+                    chosen.for_loop(keep_output=shaped.keep_output, accumulate=shaped.accumulate),
+                    fingerprint=_fingerprint(chosen, shaped, model, sample, shape),
+                )
         rows.append(
             ShapeEstimate(
                 shape=shape,
@@ -237,17 +240,14 @@ def estimate(
     )
 
 
-def _with_loop(plan: Plan, shaped: ShapeProfile, model: Any, sample: Any, shape: Shape) -> Plan:
-    """The plan with the profiled loop and, given the sample, the fingerprint that
-    ``memfit.apply(model, plan, sample_of_that_shape)`` checks."""
-    fingerprint = plan.fingerprint
-    if isinstance(model, nn.Module) and sample is not None:
-        model_part = fingerprint.partition("-")[0]
-        resized = resize_sample(sample, shape, shaped.layout)
-        fingerprint = f"{model_part}-{sample_digest(resized)}"
-    return replace(
-        plan, keep_output=shaped.keep_output, accumulate=shaped.accumulate, fingerprint=fingerprint
-    )
+def _fingerprint(plan: Plan, shaped: ShapeProfile, model: Any, sample: Any, shape: Shape) -> str:
+    """The fingerprint that ``memfit.apply(model, plan, sample_of_that_shape)`` checks, given
+    the sample; the plan's own without one."""
+    if not isinstance(model, nn.Module) or sample is None:
+        return plan.fingerprint
+    model_part = plan.fingerprint.partition("-")[0]
+    resized = resize_sample(sample, shape, shaped.layout)
+    return f"{model_part}-{sample_digest(resized)}"
 
 
 def auto_dynamic(

@@ -53,12 +53,11 @@ from memfit.runtime import (
 from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     COMPILE_BUDGETS,
-    compile_blocks,
+    blocks_compiled,
     compile_options,
     compiled_blocks,
     is_compile_budget,
     refuse_compiled_model,
-    uncompile_blocks,
 )
 from memfit.runtime.head import (
     CHUNKED,
@@ -414,11 +413,9 @@ def _profile_chain(
             notes = [*notes, COMPILED_HEAD_NOTE]
             heads, head_notes = [], []
         info = {"compile": compiling, "notes": notes}
-        if already is None:
-            compile_blocks(chain.blocks, compiling)
     if head_notes:
         info["notes"] = [*info.get("notes", []), *head_notes]
-    try:
+    with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
         return _profile(
             model,
             sample,
@@ -435,9 +432,6 @@ def _profile_chain(
             heads,
             thorough,
         )
-    finally:
-        if compiling is not None and already is None:
-            uncompile_blocks(chain.blocks)
 
 
 def _profile(

@@ -27,12 +27,7 @@ from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import chain_of_plan
-from memfit.runtime.compiled import (
-    compile_blocks,
-    compiled_blocks,
-    plan_compile_options,
-    uncompile_blocks,
-)
+from memfit.runtime.compiled import blocks_compiled, plan_compile_options
 from memfit.runtime.hf_switches import hf_checkpointing_off
 from memfit.verification import timed_step_under
 
@@ -48,14 +43,10 @@ def _as_applied(model: nn.Module, plan: Plan, compiling: dict[str, Any] | None) 
     (silently: the caller's state comes back afterwards)."""
     hf = hf_checkpointing_off(model, warn=False)
     blocks = chain_of_plan(model, plan).blocks
-    compiled_here = compiling is not None and compiled_blocks(blocks) is None
-    if compiling is not None and compiled_here:
-        compile_blocks(blocks, compiling)
     try:
-        yield
+        with blocks_compiled(blocks, compiling):
+            yield
     finally:
-        if compiled_here:
-            uncompile_blocks(blocks)
         if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
             hf.restore()
 

@@ -219,3 +219,14 @@ def test_not_json_at_all() -> None:
         Plan.from_json("[1]")
     with pytest.raises(PlanFormatError, match=r"lacks \['tree'\]"):
         Plan.from_json('{"format": 1, "stage_names": [], "strategy": "x"}')
+
+
+def test_for_loop_stamps_only_the_loop_and_it_round_trips() -> None:
+    plan = _plan()
+    stamped = plan.for_loop(keep_output=False, accumulate=True)
+    assert (stamped.keep_output, stamped.accumulate) == (False, True)
+    assert stamped.loop == "only the loss kept, gradient accumulation"
+    unchanged = ("tree", "strategy", "predicted_peak_bytes", "fingerprint", "info")
+    assert all(getattr(stamped, name) == getattr(plan, name) for name in unchanged)
+    assert (plan.keep_output, plan.accumulate) == (True, False)  # frozen: a new plan
+    assert Plan.from_json(stamped.to_json()) == stamped

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pathlib
 
 import pytest
 
@@ -146,3 +148,15 @@ def test_invalid_nested(chain: ChainCosts) -> None:
 def test_tree_must_cover_chain(chain: ChainCosts) -> None:
     with pytest.raises(ValueError, match="must cover"):
         simulate(chain, keep_tree(0, 2))
+
+
+def test_the_memory_semantics_have_one_home_that_the_modules_link_to() -> None:
+    page = pathlib.Path(__file__).parents[2] / "docs" / "memory-model.md"
+    text = page.read_text()
+    for term in ("Early stop", "nosave_held_bytes", "recompute_lead_bytes", "output_bytes[t-1]"):
+        assert term in text, term
+    for name in ("costs", "simulate"):
+        module = importlib.import_module(f"memfit.planning.{name}")
+        doc = module.__doc__ or ""
+        assert "docs/memory-model.md" in doc, module.__name__
+        assert "L += saved_bytes" not in doc, f"{module.__name__} restates the semantics"

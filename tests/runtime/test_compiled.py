@@ -413,3 +413,27 @@ def test_compiling_a_plan_made_without_compile_warns_once_with_the_fix() -> None
     compiled(*sample).backward()  # and the warning cost no recompile nor graph break
     assert _dynamo_counts() == {"graphs": 0, "breaks": 0}
     assert memfit.remove(model)
+
+
+def test_blocks_compiled_undoes_only_what_it_compiled() -> None:
+    blocks = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+
+    def compiled_now() -> dict[str, Any] | None:
+        return compiled.compiled_blocks(blocks)
+
+    with compiled.blocks_compiled(blocks, None) as here:  # no compile asked: nothing done
+        assert not here and compiled_now() is None
+    with compiled.blocks_compiled(blocks, COMPILE) as here:  # profile, fastest: for the with
+        assert here and compiled_now() == COMPILE
+    assert compiled_now() is None
+    with compiled.blocks_compiled(blocks, COMPILE, keep=True):  # apply: kept on success
+        pass
+    assert compiled_now() == COMPILE
+    with compiled.blocks_compiled(blocks, {"backend": "eager"}) as here:  # memfit's: as found
+        assert not here
+    assert compiled_now() == COMPILE
+    compiled.uncompile_blocks(blocks)
+    failing = compiled.blocks_compiled(blocks, COMPILE, keep=True)  # apply failed: undone
+    with pytest.raises(RuntimeError, match="apply failed"), failing:
+        raise RuntimeError("apply failed")
+    assert compiled_now() is None

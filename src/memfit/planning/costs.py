@@ -3,54 +3,8 @@
 A :class:`ChainCosts` is built from a measured profile (``memfit.measuring``) or written by hand
 (tests, synthetic chains). No torch here.
 
-Memory semantics (the simulator, :mod:`memfit.planning.simulate`, is their executable definition):
-
-* The level ``L`` starts at ``held_bytes`` (parameters, existing gradients, optimizer state, the
-  sample: everything live before the step). Stage 0's input belongs to it and is never freed.
-* ``Stage(i, option)`` in forward: the peak is ``L + forward_peak_bytes``, then
-  ``L += saved_bytes + output_bytes`` (``saved_bytes`` may be negative when the stage lets its
-  input go).
-* A recompute ``Segment(s, t)`` in forward runs stages ``s..t-1`` without saving: for each ``j``
-  the peak is ``L + nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for
-  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept). In the step's forward
-  (a top-level segment) ``L += nosave_held_bytes[j]`` too: what autograd keeps past the
-  checkpoint's hooks, which the step's graph holds to stage ``j``'s backward; so stage ``j``
-  kept in a recompute adds that much less than ``saved_bytes + output_bytes``.
-  ``j > s``, ``L -= input_bytes[j]`` (only the segment's input is kept).
-* A segment's recompute (in backward) runs its inner tree forward, saving. Torch stops the rerun
-  once the last tensor backward needs is rebuilt (early stop): when the inner tree ends in a
-  ``Stage``, that stage peaks at ``recompute_peak_bytes`` instead of its kept forward's peak
-  (its level change is as kept: its output is dropped right after anyway). An inner tree ending
-  in a nested segment is charged that segment's whole no-save forward, although torch stops at
-  its input (an over-estimate). Autograd runs the last stage's backward up to its first saved
-  tensor before the recompute starts: every peak of the recompute is ``recompute_lead_bytes``
-  of the segment's last stage higher than its level (those gradients are the stage's backward's
-  own afterwards).
-* ``Stage(i, option)`` in backward: the peak is ``L + backward_peak_bytes``, then
-  ``L += backward_delta_bytes`` (negative: saved tensors, the input and the output's gradient
-  are freed; the input's gradient and new parameter gradients are allocated).
-* A ``Segment(s, t, inner)`` in backward replays ``inner`` forward, drops the recomputed output
-  (``L -= output_bytes[t-1]``), then runs ``inner`` backward.
-* Every recompute segment, at any depth, is one torch checkpoint, which keeps the RNG state
-  (``checkpoint_bytes``: 5,056 bytes on CPU) from its forward to the end of its backward, one
-  more during its recompute, and one per segment nested in it from its no-save forward on (a
-  nested checkpoint runs in the outer no-save forward too); a segment of several stages peaks
-  two more above its level when its forward ends (memfit's check that no random numbers were
-  drawn between its blocks).
-* A top-level segment starting at a stage with ``released_input_bytes`` holds them in its
-  checkpoint to the end of its backward: where a kept stage frees them in its forward (the
-  stage itself, ``released_input_at`` None: in the segment's recompute; a later top-level stage:
-  in the step's forward), they come back right after; so with a top-level ``selective:`` stage
-  and a later stage's release. A nested segment starting there holds them from its recompute
-  on. A segment's no-save forward does not free the input of a stage inside it that a later
-  stage's kept forward frees (the model holds it: the last block's input, a bf16 block's whose
-  norm saves a float32 copy).
-* A top-level segment or ``selective:`` stage whose last stage returns tensors besides its output
-  (``tail_bytes``: attention scores a checkpoint does not save) leaves them to its caller from
-  the end of its forward to the end of the next top-level item's forward.
-
-Time: ``Stage`` costs ``forward_s + backward_s`` of its option; a ``Segment`` adds the no-save
-forward of its stages (``nosave_forward_s``) to the time of its inner plan.
+What the simulator (:mod:`memfit.planning.simulate`) charges for each field, stage by stage, is
+stated once in ``docs/memory-model.md``; the dataclasses below say what each field measures.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 from memfit.errors import PlanFormatError
@@ -278,6 +278,11 @@ class Plan:
         stage name -> which, e.g. ``head:chunked``, chosen from a profile made with
         ``exact=False``)."""
         return not self.info.get("inexact")
+
+    def for_loop(self, *, keep_output: bool, accumulate: bool) -> Plan:
+        """This plan stamped with the training loop it is for (the loop the profile
+        measured): ``verify`` measures that loop again and :attr:`loop` names it."""
+        return replace(self, keep_output=keep_output, accumulate=accumulate)
 
     @property
     def loop(self) -> str:

@@ -1,52 +1,11 @@
 """The simulator: a schedule tree replayed over the chain's costs, giving its peak and step time.
 
-It is the executable definition of the memory semantics in :mod:`memfit.planning.costs`:
-
-* the level ``L`` starts at ``held_bytes``;
-* the forward runs the tree's items in order, the backward runs them in reverse;
-* ``Stage(i, option)``: forward peak ``L + forward_peak_bytes``, then ``L += saved_bytes +
-  output_bytes``; backward peak ``L + backward_peak_bytes``, then ``L += backward_delta_bytes``;
-* ``Segment(s, t, inner)`` forward: stages ``s..t-1`` without saving: peak ``L +
-  nosave_forward_peak_bytes[j]``, then ``L += output_bytes[j]`` and, for ``j > s``, ``L -=
-  input_bytes[j]``; backward: ``inner`` forward (the *recompute*), ``L -= output_bytes[t-1]``
-  (the recomputed output is not needed: the output's gradient is), then ``inner`` backward;
-  torch stops the recompute once the last tensor backward needs is rebuilt (early stop), so
-  when ``inner`` ends in a ``Stage`` that stage peaks at its ``recompute_peak()`` (measured
-  that way) instead of ``forward_peak_bytes``; every peak of the recompute is
-  ``recompute_lead_bytes`` of stage ``t-1`` higher (its backward's gradients made before it);
-* a top-level segment's no-save forward (the step's) also adds each stage's
-  ``nosave_held_bytes`` (tensors autograd keeps past the checkpoint's hooks), which the step's
-  graph keeps to the stage's backward (its ``backward_delta_bytes`` frees them with what it
-  saved): a kept stage recomputed adds ``nosave_held_bytes`` less than in the step's forward,
-  and a no-save forward inside a recompute adds none;
-* every ``Segment`` keeps ``checkpoint_bytes`` (its checkpoint's RNG state) from the start of its
-  forward to the end of its backward, plus one per segment nested in it (their checkpoints run
-  in its no-save forward too), plus one during its recompute (torch's ``fork_rng`` around it;
-  the optimal DP holds that one through the inner backward too, an upper bound); a segment of several stages
-  peaks ``2 * checkpoint_bytes`` above the level its forward leaves (memfit's runtime reads the
-  RNG state once more between its blocks and compares);
-* a stage's ``released_input_bytes`` (an input the kept step frees in its forward, saved by
-  no op) stay live in the checkpoint of a segment starting there: freed by a kept stage's own
-  forward (``released_input_at`` None), they come back after that forward in the segment's
-  recompute (the innermost segment starting there) and go when that segment's backward ends;
-  freed in a later stage's forward (the embeddings' output, at the last stage), they come back
-  after that stage's forward when a top-level segment or ``selective:`` stage starts there,
-  and go when its backward ends;
-* with a top-level segment or ``selective:`` stage, ``side_input_bytes`` (the blocks' masks and
-  position tables, which the kept step frees when its forward ends but checkpoints hold as
-  their inputs) stay live from just before the last stage's forward to the end of the first
-  such item's backward;
-* a top-level segment or ``selective:`` stage whose last stage has ``tail_bytes`` (tensors it
-  returns besides its output, which a checkpoint does not save) adds them when its forward ends;
-  they are freed when the next top-level item's forward ends (its caller holds them until the
-  next block returns).
-
-One clarification: an event's peak is never below the level it leaves (``L`` after the change).
-Measured costs always satisfy this, since a transient peak includes the end state; counting the
-level as well keeps hand-written, inconsistent costs from under-reporting the peak.
-
-Step time is the sum of ``forward_s + backward_s`` of every ``Stage`` item (at any depth) plus,
-for every ``Segment`` (at any depth), the ``nosave_forward_s`` of its stages.
+It is the executable definition of the memory semantics stated in ``docs/memory-model.md``
+(the level, each item's forward, recompute and backward, early stop, ``nosave_held_bytes``,
+``recompute_lead_bytes``, checkpoint states, released inputs, side inputs, tails, and the step
+time); :mod:`memfit.planning.costs` holds the numbers it reads. Every solver's tree is judged
+by it: :func:`simulate` gives a plan's predicted peak and step time, :func:`check_tree` refuses
+a tree the chain cannot run, :func:`budget_base` is a percentage budget's base.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "CompileBudget",
     "CompiledForward",
     "arm_traced_plan_warning",
+    "blocks_compiled",
     "compile_blocks",
     "compile_budget",
     "compile_options",
@@ -344,6 +346,34 @@ def uncompile_blocks(blocks: Iterable[nn.Module]) -> None:
     for block in blocks:
         if isinstance(block.__dict__.get("forward"), CompiledForward):
             del block.forward
+
+
+@contextmanager
+def blocks_compiled(
+    blocks: Iterable[nn.Module], options: Mapping[str, Any] | None, *, keep: bool = False
+) -> Iterator[bool]:
+    """The blocks compiled with ``options`` inside the ``with`` (yields whether this call
+    compiled them): the one way :func:`memfit.apply`, :func:`memfit.profile` and
+    :func:`memfit.timing.fastest` compile a planned model's blocks.
+
+    ``options=None``, or blocks memfit compiled already, are left as they are (and as they
+    are afterwards). Blocks compiled here run their own forward again on leaving; with
+    ``keep=True`` only when the ``with`` raises: ``apply`` keeps them compiled for the plan's
+    lifetime (:func:`memfit.remove` uncompiles them), while ``profile`` and ``fastest`` measure
+    the blocks compiled and leave the model as they found it.
+    """
+    blocks = list(blocks)
+    if options is None or compiled_blocks(blocks) is not None:
+        yield False
+        return
+    compile_blocks(blocks, options)
+    try:
+        yield True
+    except BaseException:
+        uncompile_blocks(blocks)
+        raise
+    if not keep:
+        uncompile_blocks(blocks)
 
 
 def runs_compiled_blocks(override: Any) -> bool:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -136,7 +136,7 @@ class ShapePlans:
                 )
             except InfeasibleBudgetError as error:
                 raise self._beyond(shape, bucket, error) from None
-            plan = _with_loop(plan, self.keep_output, self.accumulate)
+            plan = plan.for_loop(keep_output=self.keep_output, accumulate=self.accumulate)
             self.plans[bucket] = plan
         return plan
 
@@ -263,10 +263,6 @@ def batch_bucket(batch: int, reference: int) -> int:
     while size > 1 and -(-size // 2) >= batch:
         size = -(-size // 2)
     return size
-
-
-def _with_loop(plan: Plan, keep_output: bool, accumulate: bool) -> Plan:
-    return replace(plan, keep_output=keep_output, accumulate=accumulate)
 
 
 def _device_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
