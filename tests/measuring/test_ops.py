@@ -59,8 +59,9 @@ def test_policies_come_from_the_profile_and_never_save_random_ops() -> None:
     assert options[0] == "selective:matmul"
     assert len(options) == len(set(options)) >= 2
     for option in options[1:]:
+        # which ops the coverage prefixes take follows measured op times (addmm first on a quiet
+        # machine, gelu once under load): not checked here
         saved = option.removeprefix("selective:save=").split("+")
-        assert "addmm" in saved
         # attention kernels are random-tagged but drew nothing here (dropout off in the kernel)
         assert not any(blocks[0].ops[full_op_name(name)].random for name in saved)
         assert all(saveable(full_op_name(name)) for name in saved)
