@@ -69,20 +69,7 @@ _CHAIN_BYTES = (
     "side_grad_bytes",
 )
 # figures that are never negative (the others are level changes)
-_NON_NEGATIVE = {
-    "forward_peak_bytes",
-    "backward_peak_bytes",
-    "input_bytes",
-    "output_bytes",
-    "nosave_forward_peak_bytes",
-    "tail_bytes",
-    "offload_bytes",
-    "released_input_bytes",
-    "nosave_held_bytes",
-    "recompute_peak_bytes",
-    "recompute_lead_bytes",
-    *_CHAIN_BYTES,
-}
+_NON_NEGATIVE = {"forward_peak_bytes", "backward_peak_bytes", *_STAGE_BYTES, *_CHAIN_BYTES}
 
 
 def _figures(costs: ChainCosts, options: Mapping[int, Sequence[str]]) -> dict[Path, float]:
