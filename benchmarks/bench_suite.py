@@ -41,6 +41,7 @@ def timed(command: str) -> dict[str, object]:
         "code": done.returncode,
         "load": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}",
         "summary": lines[-1] if lines else done.stderr.strip()[-200:],
+        "failed": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
     }
 
 
@@ -61,6 +62,7 @@ def main() -> None:
             f"| `{row['command']}` | {row['wall_s']:.0f} | {cpu_s:.0f} | {row['load']} | "
             f"{row['code']} | {row['summary']} |"
         )
+        lines += [f"|  |  |  |  |  | {line} |" for line in row["failed"]]  # type: ignore[attr-defined]
     write_results(options.out, lines)
 
 
