@@ -121,6 +121,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
         if any(where.startswith(prefix) or where.endswith(prefix) for prefix in SLOW):
             item.add_marker(pytest.mark.slow)
+        if where.startswith("distributed/"):
+            # each launches 2 ranks: one launch at a time, not 4 ranks on 2 cores (under load
+            # the FSDP2 scenario then ran past its 300 s limit)
+            item.add_marker(pytest.mark.xdist_group("distributed"))
         group = shared_fixture_group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(f"{where}:{group}" if group else where))
