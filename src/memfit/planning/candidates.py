@@ -63,7 +63,9 @@ def alternatives(
     """Up to ``count`` distinct plans within ``budget_bytes``, the optimal one first, then in
     order of predicted step time: the optimal plans over menus without options the optimal
     plan uses (each alone, then all of them; breadth first over what those plans use in
-    turn). ``options`` go to :func:`~memfit.planning.solve.solve` (``host_budget_bytes``...).
+    turn), then, while fewer than ``count``, the optimal plans at ever lower peaks (each just
+    below the one before, down to the floor). ``options`` go to
+    :func:`~memfit.planning.solve.solve` (``host_budget_bytes``...).
 
     Raises:
         InfeasibleBudgetError: not even the optimal plan fits.
@@ -90,6 +92,17 @@ def alternatives(
                 continue  # the budget needs one of these options
             queue.append((taken, other))
             found.setdefault(other.tree, other)
+    below, steps = best, 0
+    while len(found) < count and steps < count:
+        steps += 1
+        # menus ran out (a plan of keep and recompute only): the optimal plans just below the
+        # one before, down the frontier; each fits the budget, and timing may prefer one
+        try:
+            lower = solve(costs, below.predicted_peak_bytes - 1, "optimal", **options)
+        except InfeasibleBudgetError:
+            break  # the floor
+        below = replace(lower, budget_bytes=budget_bytes)
+        found.setdefault(below.tree, below)
     rest = sorted((p for p in found.values() if p is not best), key=lambda p: p.predicted_step_s)
     return [best, *rest][:count]
 
