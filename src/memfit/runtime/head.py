@@ -23,9 +23,9 @@ tensors of tokens x vocabulary each. Options (``Stage(last, option)`` in a plan)
   ``num_items_in_batch``, ``shift_labels``). The output's ``logits`` is then ``None``, as with
   Liger's kernels in training.
 
-Why not a checkpoint around the head and the loss: measured on a Llama with a 32,000-token
-vocabulary (width 512, 2 layers, 2 x 256 tokens, HF's full recompute), it leaves the floor where
-it was (402.3 MiB both ways, and 339.8 MiB both ways in a loop that drops the output): the
+Why not a checkpoint around the head and the loss: it leaves the floor where it is (measured
+on a Llama with a 32,000-token vocabulary: the same peak with and without it;
+``benchmarks/results/design-figures.md``, "No checkpoint around the head and loss"): the
 recompute rebuilds the very tensors the backward then peaks on, and nothing else runs between
 ``<post>``'s forward and its backward that the saved bytes could make room for.
 
