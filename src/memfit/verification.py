@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError
-from memfit.measuring.run import Measurement, measure, time_step
+from memfit.measuring.readings import Measurement
+from memfit.measuring.run import measure, time_step
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
