@@ -212,14 +212,16 @@ def test_meter_keeps_fd_2() -> None:
     assert meter.reading.peak_bytes == 64
 
 
-def test_a_meter_without_ops_reads_the_same_bytes() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_meter_without_ops_reads_the_same_bytes(device: str) -> None:
     """``ops=False`` (the profile's meter: no op recorded, only allocations and memfit's own
     ranges) gives the reading of ``ops=True`` to the byte: spans, ranges, freed storages."""
     readings = []
     for ops in (True, False):
         torch.manual_seed(0)
-        model, x = linear_gelu_chain(), torch.randn(BATCH, WIDTH)
-        with MemoryMeter(ops=ops) as meter:
+        model = linear_gelu_chain().to(device)
+        x = torch.randn(BATCH, WIDTH, device=device)
+        with MemoryMeter(device, ops=ops) as meter:
             hidden = model[0](x)
             meter.watch("hidden", hidden)
             meter.mark("rest")
