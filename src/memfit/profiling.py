@@ -169,7 +169,7 @@ def profile(
             on the model are left out with a note in ``profile.info["notes"]``.
         thorough: ``False`` (default): each way of running the model takes one step,
             metered (memory, to the byte) and timed at once; keep also takes a plain timed
-            step, which measures the profiler's share of the metered times: about 20
+            step, which measures the profiler's share of the metered times: about 15
             training steps' worth for the built-in GPT and Hugging Face decoders
             (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
             per way in turns, each after an untimed step, then the metered steps after an
@@ -396,7 +396,7 @@ def _profile(
         # The fast path: one step per way, metered and timed at once (its marks run the meter
         # and a clock). keep alone takes a second, plain timed step, which the metered one warms
         # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
-        # every other way's times (issue 22: the setup in about 20 steps' worth). keep comes
+        # every other way's times (issue 22: the setup in at most 20 steps' worth). keep comes
         # first: its reading says which blocks get no gradient.
         # A head option rides in the step of a block option without checkpoints (rebuild*):
         # the head's span is then the one it has with every block kept (no checkpoint holds
