@@ -224,7 +224,7 @@ def unmeasured(monkeypatch: pytest.MonkeyPatch):
         raise AssertionError("profiling started before the usage error")
 
     monkeypatch.setattr(memfit.profiling, "_chain", profiled)
-    monkeypatch.setattr("memfit.estimation.profile_shapes", profiled)
+    monkeypatch.setattr("memfit.estimation.shape_profile_with", profiled)
     model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
 
     def ran(module, args):

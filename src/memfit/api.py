@@ -24,7 +24,8 @@ from memfit.planning.candidates import alternatives, without
 from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
-from memfit.profiling import profile
+from memfit.profile_options import ProfileOptions
+from memfit.profiling import profile, profile_with
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
@@ -44,6 +45,7 @@ from memfit.runtime.compiled import (
 )
 from memfit.runtime.dynamic import remove_shape_plans
 from memfit.runtime.options import hooks_inside
+from memfit.shape_profiles import shape_profile_options
 from memfit.timing import fastest
 from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
 from memfit.verification import Verification, verify
@@ -125,10 +127,12 @@ def plan(
     parse_strategy(strategy)
     host_budget_bytes = None if host_budget is None else _host_budget(host_budget)
     candidates = _check_candidates(candidates, profile_or_model, strategy)
+    options = None
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
             raise TypeError("memfit.plan(model, sample, budget=...) needs the sample to profile")
-        prof = profile(profile_or_model, sample, **profile_options)
+        options = ProfileOptions.of(**profile_options)
+        prof = profile_with(profile_or_model, sample, options)
     elif isinstance(profile_or_model, Profile):
         prof = profile_or_model
     else:
@@ -173,12 +177,12 @@ def plan(
         plans[index] = dataclasses.replace(stamped, info=info)
     result = plans[0]
     if candidates > 1:
-        assert isinstance(profile_or_model, nn.Module)  # checked above
+        assert isinstance(profile_or_model, nn.Module) and options is not None  # checked above
         result = fastest(
             profile_or_model,
             sample,
             plans,
-            loss_fn=profile_options.get("loss_fn"),
+            loss_fn=options.loop.loss_fn,
             keep_output=step.keep_output,
             accumulate=step.accumulate,
             drop_failures=not together,  # a rank that skips a plan would desert the others
@@ -456,6 +460,8 @@ def auto(
         from memfit.estimation import auto_dynamic
 
         assert budget is not None  # refused above
+        shapes_profiled = profile_options.pop("shapes_profiled", None)
+        shape_profile = profile_options.pop("shape_profile", None)
         applied = auto_dynamic(
             model,
             sample,
@@ -465,7 +471,9 @@ def auto(
             bucket=bucket,
             margin=margin,
             round_batch=round_batch,
-            **profile_options,
+            shapes_profiled=shapes_profiled,
+            shape_profile=shape_profile,
+            options=shape_profile_options(**profile_options),
         )
         arm_traced_plan_warning()
         return applied

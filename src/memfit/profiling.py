@@ -36,19 +36,19 @@ from memfit.measuring.run import (
     wall_scaled,
 )
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn, check_step_arguments, split_sample
+from memfit.measuring.step import LossFn, split_sample
 from memfit.menu import (
     NO_LOSS,
     OFFLOAD_NOTE,
     TIMED_NOTE,
     Menu,
-    check_options,
     compiled_menu,
     menu_for,
 )
 from memfit.planning.costs import KEEP
 from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.profile_options import Blocks, ProfileOptions
 from memfit.runtime import (
     REBUILD,
     REBUILD_LINEAR,
@@ -59,7 +59,6 @@ from memfit.runtime import (
 from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     blocks_compiled,
-    compile_options,
     compiled_blocks,
     refuse_compiled_model,
 )
@@ -72,7 +71,6 @@ from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
 
-Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
 
 
@@ -203,16 +201,31 @@ def profile(
         >>> prof = memfit.profile(model, (tokens, targets))
         >>> prof.measurement.peak_bytes
     """
+    options_ = ProfileOptions.of(
+        loss_fn=loss_fn,
+        blocks=blocks,
+        accumulate=accumulate,
+        repeats=repeats,
+        options=options,
+        optimizer=optimizer,
+        keep_output=keep_output,
+        distributed=distributed,
+        compile=compile,
+        exact=exact,
+        thorough=thorough,
+    )
+    return profile_with(model, sample, options_)
+
+
+@preserving_state
+def profile_with(model: nn.Module, sample: Any, options: ProfileOptions) -> Profile:
+    """:func:`profile` with its options checked and held in one value (what ``plan``,
+    ``auto`` and the shape profiles call once they have built it)."""
     refuse_compiled_model(model, "profile")
-    check_step_arguments(model, sample, loss_fn, optimizer)
+    options.loop.check(model, sample)
     refuse_planned(model, "profiling")
-    if repeats is not None and repeats < 1:
-        raise ValueError(
-            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
-        )
-    compiling = compile_options(compile)
-    menu = menu_for(model, check_options(options, exact, compiling), exact)
-    world = ranks(distributed)
+    menu = menu_for(model, options.options, options.exact)
+    world = ranks(options.distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
         agree(
             "sample shapes",
@@ -226,43 +239,20 @@ def profile(
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     hf = hf_checkpointing_off(model, warn=False)
     try:
-        return _profile_chain(
-            model,
-            sample,
-            blocks,
-            loss_fn,
-            accumulate,
-            repeats,
-            menu,
-            optimizer,
-            keep_output,
-            world,
-            compiling,
-            thorough,
-        )
+        return _profile_chain(model, sample, options, menu, world)
     finally:
         if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
             hf.restore()
 
 
 def _profile_chain(
-    model: nn.Module,
-    sample: Any,
-    blocks: Blocks,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    repeats: int | None,
-    menu: Menu,
-    optimizer: Any,
-    keep_output: bool,
-    world: int,
-    compiling: dict[str, Any] | None,
-    thorough: bool,
+    model: nn.Module, sample: Any, options: ProfileOptions, menu: Menu, world: int
 ) -> Profile:
     """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
-    chain = _chain(model, sample, blocks)
+    chain = _chain(model, sample, options.blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
+    compiling = options.compile
     already = compiled_blocks(chain.blocks)
     if compiling is not None and already is not None and already != compiling:
         raise ValueError(
@@ -278,36 +268,24 @@ def _profile_chain(
     if menu.notes:
         info["notes"] = list(menu.notes)
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
-        return _profile(
-            model,
-            sample,
-            chain,
-            loss_fn,
-            accumulate,
-            repeats,
-            menu,
-            optimizer,
-            keep_output,
-            info,
-            world,
-            thorough,
-        )
+        return _profile(model, sample, chain, options, menu, info, world)
 
 
 def _profile(
     model: nn.Module,
     sample: Any,
     chain: Chain,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    repeats: int | None,
+    profile_options: ProfileOptions,
     menu: Menu,
-    optimizer: Any,
-    keep_output: bool,
     info: dict[str, Any],
     world: int,
-    thorough: bool = False,
 ) -> Profile:
+    """Measure every way of running the chain's stages: keep, recompute and ``menu``."""
+    loop, repeats, thorough = (
+        profile_options.loop,
+        profile_options.repeats,
+        profile_options.thorough,
+    )
     options: Sequence[str] | str = menu.blocks
     heads = menu.heads
     if isinstance(options, str):
@@ -341,9 +319,9 @@ def _profile(
             model,
             sample,
             chain,
-            loss_fn=loss_fn,
-            accumulate=accumulate,
-            keep_output=keep_output,
+            loss_fn=loop.loss_fn,
+            accumulate=loop.accumulate,
+            keep_output=loop.keep_output,
             warmup=warmup,
         )
 
@@ -352,10 +330,10 @@ def _profile(
             model,
             sample,
             chain,
-            loss_fn=loss_fn,
-            accumulate=accumulate,
-            optimizer=optimizer,
-            keep_output=keep_output,
+            loss_fn=loop.loss_fn,
+            accumulate=loop.accumulate,
+            optimizer=loop.optimizer,
+            keep_output=loop.keep_output,
             warmup=warmup,
             clocks=way_clocks,
             clock_metered=clock_metered,
@@ -451,9 +429,9 @@ def _profile(
                 model,
                 sample,
                 chain,
-                loss_fn=loss_fn,
-                accumulate=accumulate,
-                keep_output=keep_output,
+                loss_fn=loop.loss_fn,
+                accumulate=loop.accumulate,
+                keep_output=loop.keep_output,
             )
         )
         for _ in range(3 if repeats is None else repeats):
