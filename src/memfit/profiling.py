@@ -18,6 +18,7 @@ from torch import nn
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.clock import profiler_share, wall_factor, wall_scaled
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
@@ -26,15 +27,8 @@ from memfit.measuring.ops import (
     timed_policies,
 )
 from memfit.measuring.profile import Profile, build_profile, no_gradient
-from memfit.measuring.run import (
-    StageReading,
-    measure_stages,
-    profiler_share,
-    stage_clock,
-    stages_without_gradient,
-    wall_factor,
-    wall_scaled,
-)
+from memfit.measuring.readings import StageReading
+from memfit.measuring.run import measure_stages, stage_clock, stages_without_gradient
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
 from memfit.menu import (

@@ -12,14 +12,14 @@ from memfit.errors import PlanMismatchError
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import Chain, find_chain
 from memfit.models import build
-from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.planning.plan import Plan, Stage
 from memfit.planning.simulate import simulate
 from memfit.report.tables import plan_table
 from memfit.runtime import apply_plan, losses, remove_plan
 from memfit.runtime.head import CHUNKED, LEAN_LOSS
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
 from memfit.verification import ROUNDING, seeded_gradients
-from tests.helpers.plans import make_plan
+from tests.helpers.plans import head_plan, make_plan
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
@@ -29,13 +29,6 @@ HEADS = [LEAN_LOSS, CHUNKED]
 
 def chain_of(model: torch.nn.Module, sample: dict) -> Chain:
     return find_chain(model, lambda: model(**sample))
-
-
-def head_plan(chain: Chain, option: str, recompute: bool = True) -> Plan:
-    """Blocks recomputed one by one (or kept), the last stage run with ``option``."""
-    last = len(chain) - 1
-    blocks = [recompute_one(i) if recompute else Stage(i) for i in range(1, last)]
-    return make_plan(chain, (Stage(0), *blocks, Stage(last, option)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
