@@ -275,7 +275,7 @@ def _calibrates(prof: Any, options: ProfileOptions) -> bool:
     """Whether the stage times are scaled to unmarked steps: not for compiled blocks (the
     step would run them uncompiled) nor across ranks (each rank's own scale would give the
     ranks other plans; their merged profile is the slowest rank's)."""
-    return "compile" not in prof.info and ranks(options.distributed) <= 1
+    return prof.compile is None and ranks(options.distributed) <= 1
 
 
 def parse_shapes(shapes: ShapesArg, layout: SampleLayout) -> list[Shape]:
