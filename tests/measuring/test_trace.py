@@ -130,3 +130,13 @@ def test_real_steps_mark_forward_and_backward_regions() -> None:
     # gradient (before the region) and the logits' (after it)
     unmarked = [(c.op, c.phase) for c in trace.calls if c.design is None]
     assert unmarked == [("aten.mul.Tensor", FORWARD)] * 2 + [("aten.mul.Tensor", BACKWARD)] * 2
+
+
+def test_backward_regions_are_hooked_only_while_recording() -> None:
+    logits = torch.randn(4, 8, requires_grad=True)
+    with by_design("loss"):
+        loss = F.cross_entropy(logits, torch.tensor([1, 2, 3, 0]))
+    by_design_backward("loss", loss, logits)  # no trace records: no hooks on the user's graph
+    with tracing() as trace:
+        loss.backward()
+    assert trace.calls and all(call.design is None for call in trace.calls)
