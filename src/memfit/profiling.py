@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -30,19 +30,19 @@ from memfit.measuring.profile import Profile, build_profile, no_gradient
 from memfit.measuring.readings import StageReading
 from memfit.measuring.run import measure_stages, stage_clock, stages_without_gradient
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn, check_step_arguments, split_sample
+from memfit.measuring.step import LossFn, split_sample
 from memfit.menu import (
     NO_LOSS,
     OFFLOAD_NOTE,
     TIMED_NOTE,
     Menu,
-    check_options,
     compiled_menu,
     menu_for,
 )
 from memfit.planning.costs import KEEP
 from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.profile_options import Blocks, ProfileOptions
 from memfit.runtime import (
     REBUILD,
     REBUILD_LINEAR,
@@ -53,7 +53,6 @@ from memfit.runtime import (
 from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
     blocks_compiled,
-    compile_options,
     compiled_blocks,
     refuse_compiled_model,
 )
@@ -66,7 +65,6 @@ from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
 
-Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
 
 
@@ -137,7 +135,7 @@ def profile(
             selective-recompute policies picked from the blocks' op profile (those picked by
             measured op times only with ``thorough`` or ``repeats``; a note says so), on CUDA
             ``offload`` (its costs derive from keep's, the bytes it would move and the measured
-            copy bandwidth; on other devices ``info["notes"]`` says why it is absent), and the
+            copy bandwidth; on other devices ``profile.notes`` says why it is absent), and the
             options of the last stage (head and loss, :mod:`memfit.runtime.head`):
             ``head:lean-loss``, and with ``exact=False`` ``head:chunked``; or a list such as
             ``["rebuild", "selective:matmul", "offload", "head:lean-loss"]``; ``()`` for none.
@@ -156,17 +154,17 @@ def profile(
             (:mod:`memfit.runtime.compiled`), so every cost is the compiled block's. The menu
             is then keep and recompute: ``rebuild`` and ``selective:*`` cannot see inside a
             compiled block (``options="auto"`` leaves them out, with a note in
-            ``profile.info["notes"]``; naming one is a ``ValueError``); in their place
+            ``profile.notes``; naming one is a ``ValueError``); in their place
             ``options="auto"`` measures ``compile-budget:0.5`` and ``compile-budget:0.1``,
             each block compiled with compile's own ``activation_memory_budget``. Plans made from the
-            profile record the options (``plan.info["compile"]``) and :func:`memfit.apply`
+            profile record the options (``plan.compile``) and :func:`memfit.apply`
             compiles the blocks. Blocks already compiled by memfit are profiled as they are.
         exact: ``True`` (default): only options whose gradients and loss are bit-identical to
             the unplanned model's. ``False`` also measures options exact only to rounding
             (``head:chunked``: head and loss fused in chunks of tokens, as Liger's fused linear
             cross-entropy; it lowers the floor of large-vocabulary models most). Plans that
-            use one say so (``plan.exact``, ``plan.info["inexact"]``). Options that cannot run
-            on the model are left out with a note in ``profile.info["notes"]``.
+            use one say so (``plan.exact``, ``plan.inexact``). Options that cannot run
+            on the model are left out with a note in ``profile.notes``.
         thorough: ``False`` (default): each way of running the model takes one step,
             metered (memory, to the byte) and timed at once; keep also takes a plain timed
             step, which measures the profiler's share of the metered times: about 15
@@ -197,16 +195,31 @@ def profile(
         >>> prof = memfit.profile(model, (tokens, targets))
         >>> prof.measurement.peak_bytes
     """
+    options_ = ProfileOptions.of(
+        loss_fn=loss_fn,
+        blocks=blocks,
+        accumulate=accumulate,
+        repeats=repeats,
+        options=options,
+        optimizer=optimizer,
+        keep_output=keep_output,
+        distributed=distributed,
+        compile=compile,
+        exact=exact,
+        thorough=thorough,
+    )
+    return profile_with(model, sample, options_)
+
+
+@preserving_state
+def profile_with(model: nn.Module, sample: Any, options: ProfileOptions) -> Profile:
+    """:func:`profile` with its options checked and held in one value (what ``plan``,
+    ``auto`` and the shape profiles call once they have built it)."""
     refuse_compiled_model(model, "profile")
-    check_step_arguments(model, sample, loss_fn, optimizer)
+    options.loop.check(model, sample)
     refuse_planned(model, "profiling")
-    if repeats is not None and repeats < 1:
-        raise ValueError(
-            f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
-        )
-    compiling = compile_options(compile)
-    menu = menu_for(model, check_options(options, exact, compiling), exact)
-    world = ranks(distributed)
+    menu = menu_for(model, options.options, options.exact)
+    world = ranks(options.distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
         agree(
             "sample shapes",
@@ -220,43 +233,20 @@ def profile(
     # switched back on when profiling ends (apply, which leaves it off, is the one that warns).
     hf = hf_checkpointing_off(model, warn=False)
     try:
-        return _profile_chain(
-            model,
-            sample,
-            blocks,
-            loss_fn,
-            accumulate,
-            repeats,
-            menu,
-            optimizer,
-            keep_output,
-            world,
-            compiling,
-            thorough,
-        )
+        return _profile_chain(model, sample, options, menu, world)
     finally:
         if hf is not None:  # PEFT's input hooks too, which the state snapshot does not hold
             hf.restore()
 
 
 def _profile_chain(
-    model: nn.Module,
-    sample: Any,
-    blocks: Blocks,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    repeats: int | None,
-    menu: Menu,
-    optimizer: Any,
-    keep_output: bool,
-    world: int,
-    compiling: dict[str, Any] | None,
-    thorough: bool,
+    model: nn.Module, sample: Any, options: ProfileOptions, menu: Menu, world: int
 ) -> Profile:
     """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
-    chain = _chain(model, sample, blocks)
+    chain = _chain(model, sample, options.blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
+    compiling = options.compile
     already = compiled_blocks(chain.blocks)
     if compiling is not None and already is not None and already != compiling:
         raise ValueError(
@@ -266,44 +256,29 @@ def _profile_chain(
     compiling = already if compiling is None else compiling
     if compiling is not None:
         menu = compiled_menu(menu, compiling, model, sample)
-    info: dict[str, Any] = {}
-    if compiling is not None:
-        info["compile"] = compiling
-    if menu.notes:
-        info["notes"] = list(menu.notes)
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
-        return _profile(
-            model,
-            sample,
-            chain,
-            loss_fn,
-            accumulate,
-            repeats,
-            menu,
-            optimizer,
-            keep_output,
-            info,
-            world,
-            thorough,
-        )
+        return _profile(model, sample, chain, options, menu, compiling, world)
 
 
 def _profile(
     model: nn.Module,
     sample: Any,
     chain: Chain,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    repeats: int | None,
+    profile_options: ProfileOptions,
     menu: Menu,
-    optimizer: Any,
-    keep_output: bool,
-    info: dict[str, Any],
+    compiling: Mapping[str, Any] | None,
     world: int,
-    thorough: bool = False,
 ) -> Profile:
+    """Measure every way of running the chain's stages: keep, recompute and ``menu``."""
+    loop, repeats, thorough = (
+        profile_options.loop,
+        profile_options.repeats,
+        profile_options.thorough,
+    )
     options: Sequence[str] | str = menu.blocks
     heads = menu.heads
+    info: dict[str, Any] = {}  # free-form facts
+    notes = list(menu.notes)  # what the menu leaves out, and why
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         timed = timed_policies(block_ops)  # by measured op times: no floor rests on them
@@ -312,7 +287,7 @@ def _profile(
             # The fast path leaves them out (a step each, the dearest steps to meter): another
             # profile may pick others, and on the built-in GPT and HF GPT-2 and Llama configs
             # no optimal plan took one, at budgets from the floor to 100% (issue 22).
-            info["notes"] = [*info.get("notes", []), TIMED_NOTE.format(options=timed)]
+            notes.append(TIMED_NOTE.format(options=timed))
             timed = []
         options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed]
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
@@ -335,9 +310,9 @@ def _profile(
             model,
             sample,
             chain,
-            loss_fn=loss_fn,
-            accumulate=accumulate,
-            keep_output=keep_output,
+            loss_fn=loop.loss_fn,
+            accumulate=loop.accumulate,
+            keep_output=loop.keep_output,
             warmup=warmup,
         )
 
@@ -346,10 +321,10 @@ def _profile(
             model,
             sample,
             chain,
-            loss_fn=loss_fn,
-            accumulate=accumulate,
-            optimizer=optimizer,
-            keep_output=keep_output,
+            loss_fn=loop.loss_fn,
+            accumulate=loop.accumulate,
+            optimizer=loop.optimizer,
+            keep_output=loop.keep_output,
             warmup=warmup,
             clocks=way_clocks,
             clock_metered=clock_metered,
@@ -368,7 +343,7 @@ def _profile(
         this model cannot run correctly (a selective option saving an op whose output is then
         written in place, where no copy can stand in), leaves the menu, so no plan picks it."""
         if way in used:
-            _drop_head(way, f"{type(error).__name__}: {error}", ways, clocks, used, info)
+            _drop_head(way, f"{type(error).__name__}: {error}", ways, clocks, used, notes)
             return
         if way in (KEEP, RECOMPUTE) or not isinstance(error, UnsupportedModelError):
             raise error
@@ -429,7 +404,7 @@ def _profile(
                 keep_dead(no_gradient(chain, readings[KEEP]))
             else:
                 clocks[way].append(dict(readings[way].metered_s))
-        _drop_unused(used, ways, clocks, info)
+        _drop_unused(used, ways, clocks, notes)
         readings = {way: readings[way] for way in ways}
         factor = wall_factor(clocks)
         profiler = profiler_share(readings[KEEP].metered_s, clocks[KEEP][0])
@@ -445,9 +420,9 @@ def _profile(
                 model,
                 sample,
                 chain,
-                loss_fn=loss_fn,
-                accumulate=accumulate,
-                keep_output=keep_output,
+                loss_fn=loop.loss_fn,
+                accumulate=loop.accumulate,
+                keep_output=loop.keep_output,
             )
         )
         for _ in range(3 if repeats is None else repeats):
@@ -460,7 +435,7 @@ def _profile(
                     continue
                 if way in used:
                     used[way] = lines
-        _drop_unused(used, ways, clocks, info)
+        _drop_unused(used, ways, clocks, notes)
         factor = wall_factor(clocks)
         scaled = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
         for way, way_plan in ways.items():
@@ -493,6 +468,8 @@ def _profile(
         options=readings,
         details=details,
         info=info,
+        compile=compiling,
+        notes=notes,
         post_options=post,
         post_details=post_details,
     )
@@ -506,12 +483,12 @@ def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) 
     forward, and the copy bandwidth. On other devices a note says why it is absent."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type != "cuda":
-        notes = [*result.info.get("notes", []), OFFLOAD_NOTE.format(device=device.type)]
-        return dataclasses.replace(result, info={**result.info, "notes": notes})
+        notes = (*result.notes, OFFLOAD_NOTE.format(device=device.type))
+        return dataclasses.replace(result, notes=notes)
     blocks = {i: block for i in chain.block_stages if (block := chain.block_of_stage(i))}
     args, kwargs = split_sample(sample)
     saved = SavedActivations(offload_bytes={}, inputs_stay=frozenset())
-    if "compile" not in result.info:  # hooks cannot see inside compiled blocks: inputs only
+    if result.compile is None:  # hooks cannot see inside compiled blocks: inputs only
         with planned(model, chain, _every_block(chain, KEEP)):
             saved = saved_activations(blocks, lambda: model(*args, **kwargs))
     stages = [
@@ -532,13 +509,13 @@ def _drop_unused(
     used: dict[str, list[str]],
     ways: dict[str, Plan | None],
     clocks: dict[str, list[dict[str, float]]],
-    info: dict[str, Any],
+    notes: list[str],
 ) -> None:
     """Take off the menu each ``<post>`` option that never took effect: no loss it knows
     inside the forward."""
     for way, lines in list(used.items()):
         if not lines:
-            _drop_head(way, NO_LOSS[way], ways, clocks, used, info)
+            _drop_head(way, NO_LOSS[way], ways, clocks, used, notes)
 
 
 def _drop_head(
@@ -547,9 +524,9 @@ def _drop_head(
     ways: dict[str, Plan | None],
     clocks: dict[str, list[dict[str, float]]],
     used: dict[str, list[str]],
-    info: dict[str, Any],
+    notes: list[str],
 ) -> None:
     """Take a ``<post>`` option off the menu, with a note saying why."""
     logger.info("option %r left out of the profile: %s", way, reason)
     del ways[way], clocks[way], used[way]
-    info["notes"] = [*info.get("notes", []), f"{way} left out: {reason}"]
+    notes.append(f"{way} left out: {reason}")

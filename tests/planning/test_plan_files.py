@@ -33,8 +33,9 @@ def test_an_old_plan_file_writes_itself_out_unchanged(name: str) -> None:
 
 def test_an_old_plan_file_applies_with_the_same_gradients() -> None:
     plan = Plan.from_json((DATA / "plan-2026-12-07.json").read_text())
-    assert any("offload left out" in note for note in plan.info["notes"])
-    assert plan.exact and plan_compile_options(plan) is None
+    assert any("offload left out" in note for note in plan.notes)
+    assert plan.exact and plan.compile is None and plan_compile_options(plan) is None
+    assert not set(plan.info) & {"compile", "inexact", "notes"}  # free-form facts only
     model, sample = _gpt()
     reference = copy.deepcopy(model)
     memfit.apply(model, plan, sample)  # checks the fingerprint against this model and sample
@@ -49,12 +50,13 @@ def test_an_old_plan_file_applies_with_the_same_gradients() -> None:
 
 def test_an_old_compiled_plan_file_keeps_its_compile_settings() -> None:
     plan = Plan.from_json((DATA / "plan-2026-12-07-compiled.json").read_text())
-    assert plan_compile_options(plan) == {"backend": "aot_eager"}
-    assert any("rebuild and selective:* left out" in note for note in plan.info["notes"])
+    assert plan.compile == {"backend": "aot_eager"}
+    assert plan_compile_options(plan) == {"backend": "aot_eager"}  # on the allow-list
+    assert any("rebuild and selective:* left out" in note for note in plan.notes)
 
 
 def test_an_old_inexact_plan_file_says_so() -> None:
     plan = Plan.from_json((DATA / "plan-2026-12-07-inexact.json").read_text())
     assert not plan.exact
     assert plan.options["<post>"] == "head:chunked"
-    assert "exact to rounding" in plan.info["inexact"]["<post>"]
+    assert set(plan.inexact) == {"<post>"} and "exact to rounding" in plan.inexact["<post>"]

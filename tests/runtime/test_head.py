@@ -196,7 +196,7 @@ def test_chunked_is_opt_in() -> None:
     exact = memfit.profile(model, sample, repeats=1)
     post = exact.costs.stages[-1].options
     assert LEAN_LOSS in post and CHUNKED not in post
-    assert any("exact=False" in note for note in exact.info["notes"])
+    assert any("exact=False" in note for note in exact.notes)
     with pytest.raises(ValueError, match="exact=False"):
         memfit.profile(model, sample, options=[CHUNKED])
     with pytest.raises(ValueError, match="compiled blocks"):  # a compile around would trace it
@@ -213,7 +213,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
     model, sample = build("gpt", layers=2, width=32, seq=16, batch=2)  # loss inside forward
     prof = memfit.profile(model, sample, options=[LEAN_LOSS, CHUNKED], exact=False, repeats=1)
     assert LEAN_LOSS in prof.costs.stages[-1].options
-    for notes in (prof.info["notes"], memfit.plan(prof, budget=None).info["notes"]):
+    for notes in (prof.notes, memfit.plan(prof, budget=None).notes):
         # the plan says why too
         assert any(
             note.startswith(f"{CHUNKED} left out: not a Hugging Face model") for note in notes
@@ -228,7 +228,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
 
     prof = memfit.profile(hf, hf_sample, loss_fn=loss_fn, options=[LEAN_LOSS], repeats=1)
     assert LEAN_LOSS not in prof.costs.stages[-1].options
-    assert any("loss_fn" in note for note in prof.info["notes"])
+    assert any("loss_fn" in note for note in prof.notes)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -273,7 +273,7 @@ def test_plans_mark_the_inexact_option() -> None:
     again = Plan.from_json(plan.to_json())
     assert not again.exact
     assert "NOT bit-identical" in str(plan_table(plan).title)
-    exact_plan = dataclasses.replace(plan, info={})
+    exact_plan = dataclasses.replace(plan, inexact={})
     assert exact_plan.exact
 
 
