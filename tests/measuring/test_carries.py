@@ -74,6 +74,43 @@ class DualStream(nn.Module):
         return (self.out(hidden_states) - x).pow(2).mean()
 
 
+class OneStream(nn.Module):
+    """A single-stream block as older diffusers' Flux had it: one tensor in, one out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return hidden_states + nn.functional.gelu(self.mlp(hidden_states * temb[:, None]))
+
+
+class Concatenated(nn.Module):
+    """Flux as older diffusers wrote it: the joint blocks' two streams concatenated between
+    the lists, the single-stream blocks handing on one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, WIDTH)
+        self.context_embed = nn.Linear(8, WIDTH)
+        self.time = nn.Linear(1, WIDTH)
+        self.transformer_blocks = nn.ModuleList(Joint() for _ in range(2))
+        self.single_transformer_blocks = nn.ModuleList(OneStream() for _ in range(3))
+        self.out = nn.Linear(WIDTH, 4)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        hidden_states, encoder_hidden_states = self.embed(x), self.context_embed(context)
+        temb = self.time(t[:, None])
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
+            )
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        for single in self.single_transformer_blocks:
+            hidden_states = single(hidden_states, temb)
+        return (self.out(hidden_states)[:, TEXT:] - x).pow(2).mean()
+
+
 class Pair(nn.Module):
     """A block that takes two tensors positionally and hands them on in the same order."""
 
@@ -123,6 +160,31 @@ def test_dual_then_single_stream_lists_are_groups_of_one_chain() -> None:
     assert chain.groups == (0, 2)
     assert chain.stage_names[3] == "<after transformer_blocks>"
     assert len(chain.carries) == 2 and all(chain.carries)
+
+
+@pytest.mark.slow  # a profile and a traced verify: about 3 s, 10 s under load
+def test_a_concatenation_between_two_streams_and_one_joins_the_groups() -> None:
+    torch.manual_seed(0)
+    model = Concatenated().train()
+    sample = _sample()
+    chain = find_chain(model, lambda: model(*sample))
+    assert chain.groups == (0, 2)
+    assert chain.carries == (((0, 1), ("encoder_hidden_states", 0)), MAIN_ONLY)
+    profile = memfit.profile(model, sample, options=())
+    names = [stage.name for stage in profile.costs.stages]
+    assert names[3] == "<after transformer_blocks>"
+    # the joint blocks joined in one segment, the single-stream ones in another
+    tree = (Stage(0), Segment(1, 3, (Stage(1), Stage(2))), Stage(3))
+    tree += (Segment(4, 7, (Stage(4), Stage(5), Stage(6))), Stage(7))
+    plan = Plan.from_tree(names, tree, "hand-made")
+    predicted = simulate(profile.costs, plan.tree).peak_bytes
+    memfit.apply(model, plan)
+    report = memfit.verify(model, sample, repeats=1, trace=True)
+    assert report.gradients_equal and report.loss_equal and report.trace_difference == ""
+    # high, never low: the recompute of this toy's last single-stream block is predicted one
+    # stream tensor high, with or without carries (docs/known-gaps.md); the joint segment
+    # alone is predicted within 128 B
+    assert 0 <= predicted - report.measured_peak_bytes <= 0.06 * report.measured_peak_bytes
 
 
 def test_blocks_handing_on_a_pair_positionally_carry_both() -> None:
@@ -196,6 +258,7 @@ def test_the_profile_counts_every_carried_tensor() -> None:
     assert stages["single_transformer_blocks.0"].output_bytes == both
 
 
+@pytest.mark.slow  # a profile and a traced verify each: about 3 s, 10 s under load
 @pytest.mark.parametrize(
     "tree",
     [
