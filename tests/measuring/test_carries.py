@@ -194,9 +194,11 @@ def test_blocks_handing_on_a_pair_positionally_carry_both() -> None:
     assert chain.carries == (((0, 0), (1, 1)),)
 
 
-def test_a_tensor_passed_on_unchanged_is_no_carry() -> None:
+@pytest.mark.parametrize("layers", [2, 3])
+def test_a_tensor_passed_on_unchanged_is_no_carry(layers: int) -> None:
     """T5's position bias: made by the first block, returned by every block, passed to the
-    next as it is. Only the hidden state is carried."""
+    next as it is. Only the hidden state is carried, also with two layers, where the one pair
+    of blocks hands on both tensors (transformers' T5 tester config)."""
 
     class Biased(nn.Module):
         def __init__(self) -> None:
@@ -213,7 +215,7 @@ def test_a_tensor_passed_on_unchanged_is_no_carry() -> None:
     class Stack(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layers = nn.ModuleList(Biased() for _ in range(3))
+            self.layers = nn.ModuleList(Biased() for _ in range(layers))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             bias = None
@@ -224,7 +226,7 @@ def test_a_tensor_passed_on_unchanged_is_no_carry() -> None:
     model = Stack()
     x = torch.randn(BATCH, WIDTH)
     chain = find_chain(model, lambda: model(x))
-    assert chain.block_names == ("layers.0", "layers.1", "layers.2")
+    assert chain.block_names == tuple(f"layers.{i}" for i in range(layers))
     assert chain.carries == () and chain.carry(1) == MAIN_ONLY
 
 

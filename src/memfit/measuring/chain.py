@@ -340,7 +340,12 @@ def find_chain(
         found = {find_carry(results[a], arguments[a], arguments[b]) for a, b in pairs}
         if len(found) == 1:
             carry = found.pop()
-            if len(carry) >= 2 and carry[0][0] == 0:
+            # no block, the last included, returns one of its own inputs where the carry hands
+            # on (T5's position bias, made by the first layer and passed on by every other)
+            passes_on = any(
+                results[k].get(index) in arguments[k].values() for k in seen for _, index in carry
+            )
+            if len(carry) >= 2 and carry[0][0] == 0 and not passes_on:
                 return carry
         if all(calls[b][1] == calls[a][2] for a, b in pairs):
             return MAIN_ONLY
