@@ -7,6 +7,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import pytest
 import torch
 
+pytest_plugins = ["tests.helpers.cpu_time"]
+
 # One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
 # 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
 torch.set_num_threads(1)
@@ -31,6 +33,29 @@ SLOW = (
 )
 
 
+def shared_fixture_group(item: pytest.Item) -> str | None:
+    """Which instance of its file's module-scoped fixtures ``item`` shares (``""``: the file's
+    only one; ``None``: the test uses none), for pytest-xdist's ``--dist loadgroup``: one worker
+    runs every test of a group, so a module's profile is built once, not once per worker. A
+    parametrized fixture makes a group of each parameter (a family of the Hugging Face sweep)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    callspec = getattr(item, "callspec", None)
+    shared = False
+    params = []
+    for name in item.fixturenames:
+        definitions = info.name2fixturedefs.get(name)
+        # the tests' own fixtures (pytest's session-scoped ``tmp_path_factory`` costs nothing)
+        if not definitions or definitions[-1].scope == "function" or not definitions[-1].baseid:
+            continue
+        shared = True
+        if callspec is not None and name in callspec.indices:
+            params.append(f"{name}[{callspec.indices[name]}]")
+    return ",".join(sorted(params)) if shared else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs CUDA")
     tests = pathlib.Path(__file__).parent
@@ -40,3 +65,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         where = item.path.relative_to(tests).as_posix()
         if any(where.startswith(prefix) or where.endswith(prefix) for prefix in SLOW):
             item.add_marker(pytest.mark.slow)
+        group = shared_fixture_group(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{where}:{group}" if group else where))

@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "verbs",
         (
+            "memfit.menu",
             "memfit.profiling",
             "memfit.api",
             "memfit.shape_profiles",

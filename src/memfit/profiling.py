@@ -14,33 +14,34 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.clock import profiler_share, wall_factor, wall_scaled
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
-    draws_random,
     profile_ops,
     selective_detail,
     timed_policies,
 )
 from memfit.measuring.profile import Profile, build_profile, no_gradient
-from memfit.measuring.run import (
-    StageReading,
-    measure_stages,
-    profiler_share,
-    stage_clock,
-    stages_without_gradient,
-    wall_factor,
-    wall_scaled,
-)
+from memfit.measuring.readings import StageReading
+from memfit.measuring.run import measure_stages, stage_clock, stages_without_gradient
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, check_step_arguments, split_sample
+from memfit.menu import (
+    NO_LOSS,
+    OFFLOAD_NOTE,
+    TIMED_NOTE,
+    Menu,
+    check_options,
+    compiled_menu,
+    menu_for,
+)
 from memfit.planning.costs import KEEP
-from memfit.planning.offload import OFFLOAD, with_offload
+from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.runtime import (
     REBUILD,
@@ -48,93 +49,25 @@ from memfit.runtime import (
     REBUILD_OPS,
     recording,
     saved_ops,
-    stage_wrapper,
 )
 from memfit.runtime.apply import planned, refuse_planned
 from memfit.runtime.compiled import (
-    COMPILE_BUDGETS,
     blocks_compiled,
     compile_options,
     compiled_blocks,
-    is_compile_budget,
     refuse_compiled_model,
 )
 from memfit.runtime.head import (
-    CHUNKED,
     HEAD_OPTIONS,
-    INEXACT_NOTE,
-    LEAN_LOSS,
-    chunked_head_support,
-    head_option,
     head_usage,
-    is_head_option,
 )
 from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
-from memfit.runtime.options import hooks_inside, is_selective
+from memfit.runtime.options import is_selective
 
 logger = logging.getLogger(__name__)
 
 Blocks = Sequence[str] | str | None
 RECOMPUTE = "recompute"
-COMPILED_NOTE = (
-    "blocks compiled (torch.compile {options}): rebuild and selective:* left out of the menu, "
-    "their saved-tensor hooks and dispatch modes cannot see inside a compiled block; keep, "
-    "recompute (checkpoints around the compiled blocks) and compile-budget:<fraction> "
-    "(compile's own activation_memory_budget per block) remain"
-)
-
-
-COMPILED_HEAD_NOTE = (
-    "head:* left out too: a compile around the planned model (supported for plans with "
-    "compiled blocks) would trace the head option's hooks and run the head as it is, so the "
-    "plan's peak would not hold; profile with compile=False for them"
-)
-
-
-OFFLOAD_NOTE = (
-    "offload left out of the menu: the model is on {device}, and offload moves saved "
-    "activations from a CUDA device's memory to host memory; there is nothing to move to here"
-)
-
-
-RANDOM_NOTE = (
-    "compile-budget:* left out too: the model draws random numbers in training (dropout), and "
-    "compile's activation_memory_budget recomputes them in backward with other numbers than the "
-    "forward's (torch 2.13, CPU: gradients off by 2e-2 against the same compile without it; "
-    "equal with dropout off)"
-)
-
-
-TIMED_NOTE = (
-    "{options} not measured: selective options picked by the blocks' measured op times; "
-    "profile with thorough=True (CLI --thorough) to measure them"
-)
-
-
-class _RandomDraws(TorchDispatchMode):
-    """Notes whether any op drawn through it draws random numbers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        self.found = self.found or draws_random(func, args, kwargs)
-        return func(*args, **kwargs)
-
-
-def _draws_random(model: nn.Module, sample: Any) -> bool:
-    """Whether one training forward of the model draws random numbers (dropout on)."""
-    args, kwargs = split_sample(sample)
-    with torch.no_grad(), _RandomDraws() as mode:  # the RNG state is restored by the caller
-        model(*args, **kwargs)
-    return mode.found
-
-
-def _hooked_options(options: Sequence[str]) -> list[str]:
-    """The options made of saved-tensor hooks or dispatch modes (useless on compiled blocks)."""
-    return [name for name in options if hooks_inside(name)]
 
 
 def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
@@ -147,34 +80,6 @@ def _head_way(chain: Chain, option: str) -> Plan:
     last = len(chain) - 1
     tree = tuple(Stage(i, option if i == last else KEEP) for i in range(len(chain)))
     return Plan.from_tree(chain.stage_names, tree, f"<post> {option}")
-
-
-def _head_menu(
-    model: nn.Module, options: Sequence[str] | str, exact: bool
-) -> tuple[list[str], list[str]]:
-    """The ``<post>`` options to measure, and notes on the ones left out.
-
-    Raises:
-        ValueError: an unknown ``head:`` option, or one exact only to rounding while ``exact``.
-    """
-    if isinstance(options, str):
-        wanted = [name for name, head in HEAD_OPTIONS.items() if head.exact or not exact]
-    else:
-        wanted = [name for name in options if is_head_option(name)]
-        for name in wanted:
-            if not head_option(name).exact and exact:
-                raise ValueError(
-                    f"option {name!r} is {INEXACT_NOTE}; pass exact=False to measure it"
-                )
-    notes = []
-    if CHUNKED in wanted:
-        reason = chunked_head_support(model)
-        if reason is not None:
-            wanted.remove(CHUNKED)
-            notes.append(f"{CHUNKED} left out: {reason}")
-    elif exact and isinstance(options, str) and chunked_head_support(model) is None:
-        notes.append(f"{CHUNKED} not measured: it is {INEXACT_NOTE}; exact=False offers it")
-    return wanted, notes
 
 
 def _every_block(
@@ -299,21 +204,8 @@ def profile(
         raise ValueError(
             f"repeats must be at least 1 (timed steps per way of running); got {repeats}"
         )
-    if isinstance(options, str):
-        if options != "auto":
-            raise ValueError(f'options must be "auto" or a list of option names; got {options!r}')
-        offload = True
-    else:
-        options = list(options)
-        for name in options:  # a bad name fails here, before anything is measured or changed
-            if not is_head_option(name):
-                stage_wrapper(name)
-        # offload's costs come from keep's and two measured figures (CUDA), not a step of its own
-        offload = OFFLOAD in options
-        options = [name for name in options if name != OFFLOAD]
-    heads, head_notes = _head_menu(model, options, exact)
-    if not isinstance(options, str):
-        options = [name for name in options if not is_head_option(name)]
+    compiling = compile_options(compile)
+    menu = menu_for(model, check_options(options, exact, compiling), exact)
     world = ranks(distributed)
     if world > 1:  # before the first step: a step one rank skips hangs the others
         agree(
@@ -322,24 +214,6 @@ def profile(
             "Give every rank a sample of the same shapes (pad to one length), or pass "
             "distributed=False to plan each rank alone (ranks may then run different plans and "
             "wait for each other at every collective)",
-        )
-    compiling = compile_options(compile)
-    if compiling is not None and not isinstance(options, str) and _hooked_options(options):
-        raise ValueError(
-            f"options {_hooked_options(options)} cannot run on compiled blocks (saved-tensor "
-            f"hooks and dispatch modes do not see inside compiled code); profile with "
-            f"compile=False for them, or leave them out"
-        )
-    if compiling is not None and heads and not isinstance(options, str):
-        raise ValueError(
-            f"options {heads} cannot be planned with compiled blocks: "
-            f"{COMPILED_HEAD_NOTE.partition(': ')[2]}"
-        )
-    budgets = [] if isinstance(options, str) else [o for o in options if is_compile_budget(o)]
-    if compiling is None and budgets:
-        raise ValueError(
-            f"options {budgets} compile the blocks with compile's activation_memory_budget; "
-            f"profile with compile=True (or a dict of torch.compile arguments) for them"
         )
     refuse_layerdrop(model)
     # Measure the model as memfit will run it: HF's own checkpointing off. Silently: it is
@@ -353,14 +227,11 @@ def profile(
             loss_fn,
             accumulate,
             repeats,
-            options,
+            menu,
             optimizer,
             keep_output,
             world,
             compiling,
-            heads,
-            head_notes,
-            offload,
             thorough,
         )
     finally:
@@ -375,14 +246,11 @@ def _profile_chain(
     loss_fn: LossFn | None,
     accumulate: bool,
     repeats: int | None,
-    options: Sequence[str] | str,
+    menu: Menu,
     optimizer: Any,
     keep_output: bool,
     world: int,
     compiling: dict[str, Any] | None,
-    heads: list[str],
-    head_notes: list[str],
-    offload: bool,
     thorough: bool,
 ) -> Profile:
     """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
@@ -396,25 +264,13 @@ def _profile_chain(
             f"profile with compile={already} (or compile=False to take them as they are)"
         )
     compiling = already if compiling is None else compiling
-    menu: Sequence[str] | str = options
+    if compiling is not None:
+        menu = compiled_menu(menu, compiling, model, sample)
     info: dict[str, Any] = {}
     if compiling is not None:
-        menu = list(COMPILE_BUDGETS) if isinstance(options, str) else list(options)
-        notes = [COMPILED_NOTE.format(options=compiling)]
-        if any(map(is_compile_budget, menu)) and _draws_random(model, sample):
-            if not isinstance(options, str):
-                raise ValueError(
-                    f"options {[o for o in menu if is_compile_budget(o)]} would give wrong "
-                    f"gradients here: {RANDOM_NOTE.partition(': ')[2]}; leave them out or turn "
-                    f"dropout off"
-                )
-            menu, notes = [], [*notes, RANDOM_NOTE]
-        if heads or head_notes:
-            notes = [*notes, COMPILED_HEAD_NOTE]
-            heads, head_notes = [], []
-        info = {"compile": compiling, "notes": notes}
-    if head_notes:
-        info["notes"] = [*info.get("notes", []), *head_notes]
+        info["compile"] = compiling
+    if menu.notes:
+        info["notes"] = list(menu.notes)
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
         return _profile(
             model,
@@ -428,8 +284,6 @@ def _profile_chain(
             keep_output,
             info,
             world,
-            offload,
-            heads,
             thorough,
         )
 
@@ -441,15 +295,15 @@ def _profile(
     loss_fn: LossFn | None,
     accumulate: bool,
     repeats: int | None,
-    options: Sequence[str] | str,
+    menu: Menu,
     optimizer: Any,
     keep_output: bool,
     info: dict[str, Any],
     world: int,
-    offload: bool = True,
-    heads: Sequence[str] = (),
     thorough: bool = False,
 ) -> Profile:
+    options: Sequence[str] | str = menu.blocks
+    heads = menu.heads
     if isinstance(options, str):
         block_ops = profile_ops(model, sample, chain)
         timed = timed_policies(block_ops)  # by measured op times: no floor rests on them
@@ -642,7 +496,7 @@ def _profile(
         post_options=post,
         post_details=post_details,
     )
-    if offload:
+    if menu.offload:
         result = _with_offload(model, sample, chain, result)
     return merge_profiles(result) if world > 1 else result
 
@@ -674,15 +528,6 @@ def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) 
     return dataclasses.replace(result, costs=with_offload(costs))
 
 
-_NO_LOSS = {
-    LEAN_LOSS: "no F.cross_entropy over 2-D logits ran inside the model's forward after its "
-    "last block (a loss computed afterwards, by loss_fn or the training loop, is out of its "
-    "reach)",
-    CHUNKED: "the model's loss_function never computed a loss from the head (no labels in "
-    "the sample?)",
-}
-
-
 def _drop_unused(
     used: dict[str, list[str]],
     ways: dict[str, Plan | None],
@@ -693,7 +538,7 @@ def _drop_unused(
     inside the forward."""
     for way, lines in list(used.items()):
         if not lines:
-            _drop_head(way, _NO_LOSS[way], ways, clocks, used, info)
+            _drop_head(way, NO_LOSS[way], ways, clocks, used, info)
 
 
 def _drop_head(

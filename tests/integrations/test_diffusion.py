@@ -1,17 +1,13 @@
 """Dual-stream diffusion transformers: diffusers' SD3 and Flux at tiny sizes with the library's
-defaults (tests/helpers/diffusion.py), planned across the two streams their joint blocks carry.
-
-Before carries of several tensors, their block lists were refused as "not a chain" and ``auto``
-planned three modules inside one feed-forward (floor 92-95% of the activation memory), where
-diffusers' own ``enable_gradient_checkpointing()`` reaches about 20-30%."""
+defaults (tests/helpers/diffusion.py), planned across the two streams their joint blocks carry
+(docs/carries.md), against diffusers' own ``enable_gradient_checkpointing()``."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 
 import memfit
+from memfit.measuring.profile import Profile
 from tests.helpers import diffusion
 
 pytest.importorskip("diffusers")
@@ -22,23 +18,20 @@ BLOCKS = {
     "flux": [f"transformer_blocks.{i}" for i in range(2)]
     + [f"single_transformer_blocks.{i}" for i in range(4)],
 }
-_CACHE: dict[str, tuple[diffusion.Built, Any]] = {}
 
 
-def _profiled(name: str) -> tuple[diffusion.Built, Any]:
-    """The model and its default profile, once per model for the module."""
-    if name not in _CACHE:
-        built = BUILDERS[name]()
-        _CACHE[name] = (built, memfit.profile(built.model, built.sample, loss_fn=built.loss_fn))
-    return _CACHE[name]
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def profiled(request: pytest.FixtureRequest) -> tuple[str, diffusion.Built, Profile]:
+    """A model, built and profiled once for the module."""
+    built = BUILDERS[request.param]()
+    return request.param, built, memfit.profile(built.model, built.sample, loss_fn=built.loss_fn)
 
 
 @pytest.mark.parametrize("budget", ["50%", "30%"])
-@pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_dual_stream_transformer_plans_bit_identically_within_budget(
-    name: str, budget: str
+    profiled: tuple[str, diffusion.Built, Profile], budget: str
 ) -> None:
-    built, profile = _profiled(name)
+    name, built, profile = profiled
     blocks = [stage.name for stage in profile.costs.stages if not stage.name.startswith("<")]
     assert blocks == BLOCKS[name]  # the model's own blocks, both streams carried
     plan = memfit.plan(profile, budget=budget)
@@ -57,14 +50,15 @@ def test_dual_stream_transformer_plans_bit_identically_within_budget(
     assert any(option != "keep" for option in plan.options.values())
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_floor_reaches_the_memory_of_diffusers_own_checkpointing(name: str) -> None:
+def test_floor_reaches_the_memory_of_diffusers_own_checkpointing(
+    profiled: tuple[str, diffusion.Built, Profile],
+) -> None:
     """memfit's floor plan peaks no higher than diffusers' ``enable_gradient_checkpointing()``
     (every block recomputed), measured. The smallest budget memfit accepts is a few hundred
     bytes above it (measured: 384 B on SD3, 256 B on Flux, of about 4 and 1.7 MB): the gradient
     reserve of the side input that requires grad (``temb``, 256 B) and a prediction 128 B high
     on SD3."""
-    built, profile = _profiled(name)
+    _name, built, profile = profiled
     model = built.model
     model.enable_gradient_checkpointing()
     try:

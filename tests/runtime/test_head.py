@@ -11,15 +11,16 @@ import memfit
 from memfit.errors import PlanMismatchError
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.trace import compare_traces, exempt_regions
 from memfit.models import build
-from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.planning.plan import Plan, Stage
 from memfit.planning.simulate import simulate
 from memfit.report.tables import plan_table
 from memfit.runtime import apply_plan, losses, remove_plan
-from memfit.runtime.head import CHUNKED, LEAN_LOSS
+from memfit.runtime.head import CHUNKED, LEAN_LOSS, marking_head
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
-from memfit.verification import ROUNDING, seeded_gradients
-from tests.helpers.plans import make_plan
+from memfit.verification import ROUNDING, seeded_gradients, traced_gradients
+from tests.helpers.plans import head_plan, make_plan
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
@@ -29,13 +30,6 @@ HEADS = [LEAN_LOSS, CHUNKED]
 
 def chain_of(model: torch.nn.Module, sample: dict) -> Chain:
     return find_chain(model, lambda: model(**sample))
-
-
-def head_plan(chain: Chain, option: str, recompute: bool = True) -> Plan:
-    """Blocks recomputed one by one (or kept), the last stage run with ``option``."""
-    last = len(chain) - 1
-    blocks = [recompute_one(i) if recompute else Stage(i) for i in range(1, last)]
-    return make_plan(chain, (Stage(0), *blocks, Stage(last, option)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -123,6 +117,34 @@ def test_chunked_head_matches_to_rounding_and_drops_the_logits(arch: str) -> Non
     assert "forward" not in model.lm_head.__dict__
     assert "_loss_function" not in model.__dict__
     assert model(**sample).logits is not None
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_chunked_head_is_a_trace_difference_by_design() -> None:
+    model, sample = build_hf("gpt2", layers=2, hidden=32, seq=32, batch=2, vocab=512)
+    chain = chain_of(model, sample)
+    plan = head_plan(chain, CHUNKED)
+    plain_loss, plain_grads, bare = traced_gradients(model, sample, None, seed=3)
+    with marking_head(model, chain.blocks[-1], plan.options.values()):
+        marked_loss, marked_grads, plain = traced_gradients(model, sample, None, seed=3)
+    # marking runs the plain step as it is
+    assert torch.equal(marked_loss, plain_loss)
+    assert all(torch.equal(marked_grads[n], g) for n, g in plain_grads.items() if g is not None)
+    apply_plan(model, chain, plan)
+    try:
+        _, _, planned = traced_gradients(model, sample, None, seed=3)
+    finally:
+        remove_plan(model)
+    assert compare_traces(plain, planned) is None
+    forward, backward = exempt_regions(plain, planned)
+    label = f"{CHUNKED}: head and loss over 64 x 512 logits"
+    assert forward.startswith(f"{label} (forward): the plain step's aten.mm.default, ")
+    assert "aten.nll_loss_forward.default replaced by aten.mm.default x32" in forward
+    assert backward.startswith(f"{label} (backward): the plain step's aten.nll_loss_backward")
+    # without the plain step's marks, the head's region is a difference, named as such
+    difference = compare_traces(bare, planned)
+    assert difference is not None and difference.where == "forward"
+    assert f"by design in the planned step only: {label}" in str(difference)
 
 
 def test_chunked_head_follows_num_items_in_batch() -> None:

@@ -1,6 +1,6 @@
 """The per-stage profile: measured costs of every stage under every option, as plain data.
 
-Built from :class:`~memfit.measuring.run.StageReading` s of whole steps: one with every stage kept,
+Built from :class:`~memfit.measuring.readings.StageReading` s of whole steps: one with every stage kept,
 one with every block recomputed (which gives the no-save forward of each block, and the peak of
 each block's rerun in backward as torch runs it, with its early stop), and one per further option
 (``selective:*``). Every figure is a difference of levels the meter saw at stage
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memfit.measuring.chain import Chain
-from memfit.measuring.run import Measurement, StageReading
+from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.step import local_tensor, own_fsdp_unit, split_sample
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.plan import Stage
