@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.library_blocks import find_blocks
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
@@ -137,9 +138,17 @@ def _hooked_options(options: Sequence[str]) -> list[str]:
     return [name for name in options if hooks_inside(name)]
 
 
-def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
+def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> tuple[Chain, list[str]]:
+    """The chain to profile and notes on how it was chosen: ``blocks=`` as named, else the
+    model's real blocks (:func:`~memfit.measuring.library_blocks.find_blocks`)."""
     args, kwargs = split_sample(sample)
-    return find_chain(model, lambda: model(*args, **kwargs), blocks)
+
+    def run() -> Any:
+        return model(*args, **kwargs)
+
+    if blocks is not None:
+        return find_chain(model, run, blocks), []
+    return find_blocks(model, run)
 
 
 def _head_way(chain: Chain, option: str) -> Plan:
@@ -279,7 +288,9 @@ def profile(
 
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
-        UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
+        UnsupportedModelError: no chain of blocks found, or only one inside a block of those
+            the model's own checkpointing switch checkpoints, which are no chain either (the
+            message names them and why); pass ``blocks=``.
         ValueError: an unknown option name (checked before anything is measured), or an
             option that cannot run on compiled blocks; nothing to train (every parameter
             frozen and no input requiring grad).
@@ -386,7 +397,7 @@ def _profile_chain(
     thorough: bool,
 ) -> Profile:
     """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
-    chain = _chain(model, sample, blocks)
+    chain, chain_notes = _chain(model, sample, blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
     already = compiled_blocks(chain.blocks)
@@ -413,8 +424,8 @@ def _profile_chain(
             notes = [*notes, COMPILED_HEAD_NOTE]
             heads, head_notes = [], []
         info = {"compile": compiling, "notes": notes}
-    if head_notes:
-        info["notes"] = [*info.get("notes", []), *head_notes]
+    if head_notes or chain_notes:
+        info["notes"] = [*chain_notes, *info.get("notes", []), *head_notes]
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
         return _profile(
             model,

@@ -1,0 +1,165 @@
+"""The model's real blocks: what its own checkpointing switch checkpoints, as a check on the
+chain the finder picks (:mod:`memfit.measuring.library_blocks`).
+
+The models here checkpoint as diffusers' and transformers' do: a module with a
+``gradient_checkpointing`` flag passes each block it checkpoints through
+``self._gradient_checkpointing_func``. No library is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import memfit
+from memfit.errors import UnsupportedModelError
+from memfit.measuring.library_blocks import find_blocks, library_blocks
+
+WIDTH = 16
+
+
+def _feed_forward() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
+
+
+class _Checkpointing(nn.Module):
+    """Runs a block as diffusers does: through the checkpoint function when the flag is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def run(self, block: nn.Module, *args: Any) -> Any:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+
+class Joint(nn.Module):
+    """Two streams in, both out, the other way round (SD3's joint block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ff = _feed_forward()
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return context + self.mix(x), x + self.drop(self.ff(x + context))
+
+
+class DualStream(_Checkpointing):
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Joint() for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            context, x = self.run(block, x, context)
+        return (x * x).mean()
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ff = _feed_forward()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.ff(x))
+
+
+class Attributes(_Checkpointing):
+    """Blocks held as attributes, not in a list: the finder sees only each block's ``ff``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.third, self.fourth = (Residual() for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.first, self.second, self.third, self.fourth):
+            x = self.run(block, x)
+        return (x * x).mean()
+
+
+class Skips(_Checkpointing):
+    """Down and up lists with a skip from the first down block to the last up block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.ModuleList(Residual() for _ in range(2))
+        self.up = nn.ModuleList(Residual() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.run(self.down[0], x)
+        x = self.run(self.down[1], first)
+        x = self.run(self.up[0], x)
+        x = self.run(self.up[1], x + first)
+        return (x * x).mean()
+
+
+def _run(model: nn.Module, *sample: torch.Tensor) -> Any:
+    return lambda: model(*sample)
+
+
+def test_library_blocks_are_what_the_switch_checkpoints_and_flags_come_back() -> None:
+    model = Attributes().train()
+    x = torch.randn(4, WIDTH)
+    found = library_blocks(model, _run(model, x))
+    assert found is not None
+    assert found.names == ("first", "second", "third", "fourth")
+    assert found.reasons() == []
+    assert model.gradient_checkpointing is False
+    assert "_gradient_checkpointing_func" not in vars(model)
+
+
+def test_blocks_of_the_library_replace_a_chain_inside_one_block() -> None:
+    model = Attributes().train()
+    x = torch.randn(4, WIDTH)
+    chain, notes = find_blocks(model, _run(model, x))
+    assert chain.block_names == ("first", "second", "third", "fourth")
+    assert len(notes) == 1 and "first.ff" in notes[0], notes
+
+
+def test_library_blocks_plan_bit_identical_within_budget() -> None:
+    model = Attributes().train()
+    sample = (torch.randn(64, WIDTH),)
+    plan = memfit.auto(model, sample, budget="50%", repeats=1)
+    assert plan.stage_names[1:-1] == ("first", "second", "third", "fourth")
+    report = memfit.verify(model, sample, repeats=1)
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.measured_peak_bytes <= plan.budget_bytes
+    assert abs(report.prediction_error) <= 0.02
+
+
+def test_blocks_carrying_two_tensors_are_refused_naming_the_switch() -> None:
+    model = DualStream().train()
+    sample = (torch.randn(4, WIDTH), torch.randn(4, WIDTH))
+    with pytest.raises(UnsupportedModelError) as raised:
+        memfit.profile(model, sample, repeats=1)
+    message = str(raised.value)
+    assert "blocks.0.ff.0" in message  # what the finder found
+    assert "inside one of the blocks" in message
+    assert "carry several tensors" in message and "blocks.1 takes 2 tensors" in message
+    assert "model.gradient_checkpointing" not in message  # no library method here
+    assert "blocks=" in message
+
+
+def test_skip_connections_are_refused_and_named() -> None:
+    model = Skips().train()
+    x = torch.randn(4, WIDTH)
+    found = library_blocks(model, _run(model, x))
+    assert found is not None
+    assert found.skipped == (("down.0", "the model's code before up.1"),)
+    with pytest.raises(UnsupportedModelError, match=r"skip connections: the output of down\.0"):
+        find_blocks(model, _run(model, x))
+
+
+def test_a_model_without_flags_keeps_the_finders_chain() -> None:
+    model = nn.Sequential(*(Residual() for _ in range(3)))
+    x = torch.randn(4, WIDTH)
+    chain, notes = find_blocks(model, _run(model, x))
+    assert chain.block_names == ("0", "1", "2") and notes == []
