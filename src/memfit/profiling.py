@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
-from memfit.measuring.library_blocks import find_blocks
+from memfit.measuring.library_blocks import coverage_note, find_blocks
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
@@ -427,7 +427,7 @@ def _profile_chain(
     if head_notes or chain_notes:
         info["notes"] = [*chain_notes, *info.get("notes", []), *head_notes]
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
-        return _profile(
+        result = _profile(
             model,
             sample,
             chain,
@@ -443,6 +443,11 @@ def _profile_chain(
             heads,
             thorough,
         )
+    note = coverage_note(result, chain)
+    if note is None:
+        return result
+    notes = [*result.info.get("notes", []), note]
+    return dataclasses.replace(result, info={**result.info, "notes": notes})
 
 
 def _profile(

@@ -163,3 +163,24 @@ def test_a_model_without_flags_keeps_the_finders_chain() -> None:
     x = torch.randn(4, WIDTH)
     chain, notes = find_blocks(model, _run(model, x))
     assert chain.block_names == ("0", "1", "2") and notes == []
+
+
+class WideHead(nn.Module):
+    """Three small blocks before a head that saves far more than they do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(Residual() for _ in range(3)))
+        self.head = nn.Linear(WIDTH, 64 * WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x)).square().mean()
+
+
+def test_blocks_saving_under_half_the_activations_get_a_note() -> None:
+    model = WideHead().train()
+    profile = memfit.profile(model, (torch.randn(8, WIDTH),), options=(), repeats=1)
+    notes = [note for note in profile.info.get("notes", []) if "activation memory" in note]
+    assert len(notes) == 1 and "blocks.0" in notes[0] and "blocks=" in notes[0], notes
+    plan = memfit.plan(profile, budget="90%")
+    assert notes[0] in plan.info.get("notes", [])

@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.profile import Profile
 
 FLAG = "gradient_checkpointing"
 FUNCTION = "_gradient_checkpointing_func"
@@ -350,3 +351,27 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         f"chain memfit can plan ({'; '.join(reasons)}): memfit plans the chain it found "
         f"({_some(chain.block_names)}), whose floor may be above that switch's"
     ]
+
+
+SMALL_SHARE = 0.5  # blocks holding less of the activation memory than this get a note
+
+
+def coverage_note(profile: Profile, chain: Chain) -> str | None:
+    """A note when the chain's blocks save less than half of the plain step's activation
+    memory: no plan over them goes below the rest (``<pre>``, ``<post>``, what runs between
+    groups), so the floor stays high; ``None`` otherwise."""
+    activation = profile.measurement.activation_bytes
+    if activation <= 0:
+        return None
+    saved = sum(
+        profile.costs.stages[index].options["keep"].saved_bytes for index in chain.block_stages
+    )
+    share = saved / activation
+    if share >= SMALL_SHARE:
+        return None
+    return (
+        f"the chain's {len(chain.blocks)} blocks ({_some(chain.block_names)}) save "
+        f"{share:.0%} of the step's activation memory: no plan over them goes below the rest "
+        f"(<pre>, <post>, stages between groups); if the model has larger blocks, name them "
+        f"with blocks=[...]"
+    )
