@@ -184,3 +184,78 @@ def test_blocks_saving_under_half_the_activations_get_a_note() -> None:
     assert len(notes) == 1 and "blocks.0" in notes[0] and "blocks=" in notes[0], notes
     plan = memfit.plan(profile, budget="90%")
     assert notes[0] in plan.info.get("notes", [])
+
+
+class NewTokens(_Checkpointing):
+    """A list whose second block gets extra tokens joined to the first's output (EoMT's
+    queries, concatenated before its last layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Residual() for _ in range(3))
+        self.queries = nn.Parameter(torch.randn(2, WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.run(self.layers[0], x)
+        x = torch.cat([self.queries, x])
+        for layer in self.layers[1:]:
+            x = self.run(layer, x)
+        return (x * x).mean()
+
+
+def test_blocks_whose_input_the_model_joins_are_refused_and_named() -> None:
+    model = NewTokens().train()
+    with pytest.raises(UnsupportedModelError, match=r"makes layers\.1's input from layers\.0's"):
+        find_blocks(model, _run(model, torch.randn(4, WIDTH)))
+
+
+class Parallel(nn.Module):
+    """Each layer spread over two lists, the residual adds in the model's code (XLM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+        self.ffns = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attention, ffn in zip(self.attentions, self.ffns, strict=True):
+            x = x + attention(x)
+            x = x + ffn(x).relu()
+        return (x * x).mean()
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(WIDTH, 4 * WIDTH)
+        self.down = nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.up(x).relu())
+
+
+class DirectForward(nn.Module):
+    """Runs its blocks by calling ``.forward`` (SqueezeBERT's encoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Plain() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return (x * x).mean()
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (Parallel(), r"spread over parallel lists \(attentions, ffns"),
+        (DirectForward(), r"runs the blocks of layers by calling their \.forward itself"),
+    ],
+)
+def test_no_chain_without_a_switch_says_why(model: nn.Module, reason: str) -> None:
+    model.train()
+    with pytest.raises(UnsupportedModelError, match=reason):
+        find_blocks(model, _run(model, torch.randn(4, WIDTH)))
+    assert "forward" not in vars(model.get_submodule("ffns.0" if "ffns" in reason else "layers.0"))

@@ -22,8 +22,9 @@ checkpoint taken (grad mode on, as the switch needs; saved tensors dropped at on
   taken as it is, no second forward;
 * the library checkpoints nothing, or exactly the chain's blocks: the chain found (or the
   finder's refusal);
-* the library's blocks run as a chain (one or several groups), with no block output read
-  later than by the next block: they are the chain, with a note naming them;
+* the library's blocks run as a chain the finder accepts (one or several groups), with no
+  block output read later than by the next block and none called twice: they are the chain,
+  with a note naming them;
 * otherwise, if the chain found lies inside one library block, or no chain was found:
   ``UnsupportedModelError`` naming what was found and why it is not enough (several tensors
   carried between blocks, skip connections, blocks called twice), the switch that reaches
@@ -74,6 +75,9 @@ class LibraryBlocks:
         skipped: (block, reader) where a block's output is read after the next block has
             returned, while blocks still run: a skip connection, live past its next block.
         repeated: blocks called more than once in the forward.
+        joined: (block, next block) of one list where the next block takes none of the
+            block's output tensors: the model's code makes its input (a concatenation, new
+            tokens). Between two lists such a join is the chain's stage between groups.
     """
 
     names: tuple[str, ...]
@@ -81,6 +85,7 @@ class LibraryBlocks:
     carried: tuple[tuple[str, str, int], ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
     repeated: tuple[str, ...] = ()
+    joined: tuple[tuple[str, str], ...] = ()
 
     def reasons(self) -> list[str]:
         """Why these blocks are not one chain of single tensors, in words (empty: no reason
@@ -100,6 +105,14 @@ class LibraryBlocks:
                 f"blocks ran ({len(self.skipped)} such tensor(s)); memfit's chain frees a "
                 f"block's output after the next block, and does not plan tensors held from "
                 f"their maker to a later reader"
+            )
+        if self.joined:
+            block, after = self.joined[0]
+            said.append(
+                f"the model's code makes {after}'s input from {block}'s output and other "
+                f"tensors ({len(self.joined)} such join(s)), where a chain passes a block's "
+                f"output on as it is; memfit plans such joins only between two lists of "
+                f"blocks (an encoder and a decoder)"
             )
         if self.repeated:
             said.append(
@@ -166,6 +179,7 @@ class _Watch(TorchDispatchMode):
         self.returned = 0  # calls returned so far (they return in order: none nest)
         self.running = False
         self.taken: list[list[int]] = []  # per call: the earlier calls whose outputs it took
+        self.first: list[int | None] = []  # per call: the call that made its first tensor
         self.late: dict[int, tuple[str, int]] = {}  # call -> (first late reader, calls returned)
         self.seen = _Seen()
 
@@ -177,7 +191,9 @@ class _Watch(TorchDispatchMode):
         index = len(self.calls)
         self.calls.append(name)
         leaves = tree_leaves((args, kwargs))
-        taken = [self.seen.known(t) for t in leaves if isinstance(t, torch.Tensor)]
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        self.first.append(self.seen.known(tensors[0]) if tensors else None)
+        taken = [self.seen.known(t) for t in tensors]
         self.taken.append([made for made in taken if made is not None])
         for made in self.taken[-1]:
             self._read(made, name)
@@ -251,6 +267,13 @@ def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryB
     order = list(dict.fromkeys(watch.calls))
     repeated = tuple(name for name in order if watch.calls.count(name) > 1)
     carried = []
+    joined = tuple(
+        (watch.calls[index - 1], watch.calls[index])
+        for index in range(1, len(watch.calls))
+        if watch.first[index] != index - 1
+        and (index - 1) not in watch.taken[index]
+        and _parent(watch.calls[index - 1]) == _parent(watch.calls[index])  # not two lists
+    )
     for index in range(1, len(watch.calls)):
         from_previous = watch.taken[index].count(index - 1)
         if from_previous >= 2:
@@ -266,12 +289,80 @@ def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryB
         carried=tuple(carried),
         skipped=skipped,
         repeated=repeated,
+        joined=joined,
     )
+
+
+def _without_library(model: nn.Module, run_forward: Callable[[], Any]) -> list[str]:
+    """Why a model with no chain and no checkpointing switch has none, where it shows:
+    layers spread over parallel lists (XLM's and Flaubert's ``attentions[i]``, ``ffns[i]``),
+    or a list whose blocks the model runs by calling ``.forward`` itself (SqueezeBERT), which
+    module hooks (the finder's, FSDP2's) never see."""
+    said = []
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList | nn.Sequential) and len(module) >= 2
+    ]
+    by_parent: dict[tuple[str, int], list[str]] = {}
+    for name, module in lists:
+        by_parent.setdefault((name.rpartition(".")[0], len(module)), []).append(name)
+    parallel = next((names for names in by_parent.values() if len(names) >= 2), None)
+    if parallel is not None:
+        said.append(
+            f"its layers are spread over parallel lists ({_some(parallel)}: the i-th layer is "
+            f"the i-th module of each), so no module holds one layer to plan as a block; memfit "
+            f"would need blocks made of several modules"
+        )
+    called: dict[int, int] = {}
+    ran: dict[int, int] = {}
+    handles = []
+    children = [child for _, module in lists for child in module]
+    for child in children:
+        handles.append(child.register_forward_pre_hook(lambda m, _a: _count(called, m)))
+        child.__dict__["forward"] = _counting(child, ran)
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for child in children:
+            child.__dict__.pop("forward", None)
+    direct = [
+        name
+        for name, module in lists
+        if all(ran.get(id(c), 0) > called.get(id(c), 0) for c in module)
+    ]
+    if direct:
+        said.append(
+            f"the model runs the blocks of {_some(direct)} by calling their .forward itself, "
+            f"which module hooks never see; memfit would need the model to call the blocks"
+        )
+    return said
+
+
+def _count(counts: dict[int, int], module: nn.Module) -> None:
+    counts[id(module)] = counts.get(id(module), 0) + 1
+
+
+def _counting(module: nn.Module, counts: dict[int, int]) -> Callable[..., Any]:
+    forward = type(module).forward
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        _count(counts, module)
+        return forward(module, *args, **kwargs)
+
+    return run
 
 
 def _groups(chain: Chain) -> list[tuple[str, ...]]:
     ends = [*chain.groups[1:], len(chain.block_names)]
     return [chain.block_names[start:end] for start, end in zip(chain.groups, ends, strict=True)]
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
 
 
 def _inside(name: str, other: str) -> bool:
@@ -298,6 +389,9 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
     if library is None:
         if chain is None:
             assert failure is not None
+            why = _without_library(model, run_forward)
+            if why:
+                raise UnsupportedModelError(f"{failure} ({'; '.join(why)})") from None
             raise failure
         return chain, []
     makers = {maker for maker, _ in library.skipped}
@@ -306,11 +400,11 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         return chain, []
     reasons = library.reasons()
     theirs: Chain | None = None
-    if not reasons:
+    if not library.skipped and not library.repeated:  # the finder may follow carries, joins
         try:
             theirs = find_chain(model, run_forward, library.names)
         except UnsupportedModelError as error:
-            reasons = [f"memfit's chain finder refused them: {error}"]
+            reasons = reasons or [f"memfit's chain finder refused them: {error}"]
     model_name = type(model).__name__
     if theirs is not None:
         found = "none" if chain is None else _some(chain.block_names)
