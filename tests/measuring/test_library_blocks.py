@@ -153,7 +153,7 @@ def test_skip_connections_are_refused_and_named() -> None:
     x = torch.randn(4, WIDTH)
     found = library_blocks(model, _run(model, x))
     assert found is not None
-    assert found.skipped == (("down.0", "the model's code before up.1"),)
+    assert found.skipped == (("down.0", "the model's code before up.1", 2),)
     with pytest.raises(UnsupportedModelError, match=r"skip connections: the output of down\.0"):
         find_blocks(model, _run(model, x))
 

@@ -72,8 +72,9 @@ class LibraryBlocks:
             checkpointing()``).
         carried: (block, next block, tensors) where the next block takes several tensors of
             the block's output: the blocks carry several tensors, not one.
-        skipped: (block, reader) where a block's output is read after the next block has
-            returned, while blocks still run: a skip connection, live past its next block.
+        skipped: (block, its last reader, blocks run in between) where a block's output is
+            read after the next block has returned, while blocks still run: a skip
+            connection, live past its next block; the longest first.
         repeated: blocks called more than once in the forward.
         joined: (block, next block) of one list where the next block takes none of the
             block's output tensors: the model's code makes its input (a concatenation, new
@@ -83,7 +84,7 @@ class LibraryBlocks:
     names: tuple[str, ...]
     switch: str
     carried: tuple[tuple[str, str, int], ...] = ()
-    skipped: tuple[tuple[str, str], ...] = ()
+    skipped: tuple[tuple[str, str, int], ...] = ()
     repeated: tuple[str, ...] = ()
     joined: tuple[tuple[str, str], ...] = ()
 
@@ -99,10 +100,10 @@ class LibraryBlocks:
                 f"block to block"
             )
         if self.skipped:
-            block, reader = self.skipped[0]
+            block, reader, later = self.skipped[0]
             said.append(
-                f"skip connections: the output of {block} is read by {reader} after later "
-                f"blocks ran ({len(self.skipped)} such tensor(s)); memfit's chain frees a "
+                f"skip connections: the output of {block} is read again by {reader}, "
+                f"{later} blocks later ({len(self.skipped)} such tensor(s)); memfit's chain frees a "
                 f"block's output after the next block, and does not plan tensors held from "
                 f"their maker to a later reader"
             )
@@ -180,7 +181,7 @@ class _Watch(TorchDispatchMode):
         self.running = False
         self.taken: list[list[int]] = []  # per call: the earlier calls whose outputs it took
         self.first: list[int | None] = []  # per call: the call that made its first tensor
-        self.late: dict[int, tuple[str, int]] = {}  # call -> (first late reader, calls returned)
+        self.late: dict[int, tuple[str, int]] = {}  # call -> (last late reader, calls returned)
         self.seen = _Seen()
 
     def record(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -210,8 +211,8 @@ class _Watch(TorchDispatchMode):
 
     def _read(self, made: int, reader: str) -> None:
         """A read of call ``made``'s output: late when the call after it has returned."""
-        if self.returned > made + 1 and made not in self.late:
-            self.late[made] = (reader, self.returned)
+        if self.returned > made + 1 and self.returned >= self.late.get(made, ("", 0))[1]:
+            self.late[made] = (reader, self.returned)  # the latest read
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if not self.running:  # the model's own code between blocks
@@ -278,10 +279,13 @@ def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryB
         from_previous = watch.taken[index].count(index - 1)
         if from_previous >= 2:
             carried.append((watch.calls[index - 1], watch.calls[index], from_previous))
-    skipped = tuple(
-        (watch.calls[made], reader or f"the model's code before {watch.calls[returned]}")
-        for made, (reader, returned) in sorted(watch.late.items())
+    late = [
+        (returned - made - 1, made, reader or f"the model's code before {watch.calls[returned]}")
+        for made, (reader, returned) in watch.late.items()
         if returned < len(watch.calls)  # reads once every block ran are the head's (LLaVA's)
+    ]
+    skipped = tuple(
+        (watch.calls[made], reader, later) for later, made, reader in sorted(late, reverse=True)
     )
     return LibraryBlocks(
         names=tuple(order),
@@ -394,7 +398,7 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
                 raise UnsupportedModelError(f"{failure} ({'; '.join(why)})") from None
             raise failure
         return chain, []
-    makers = {maker for maker, _ in library.skipped}
+    makers = {maker for maker, _, _ in library.skipped}
     held = chain is not None and any(block in makers for block in chain.block_names)
     if chain is not None and set(chain.block_names) == set(library.names) and not held:
         return chain, []
