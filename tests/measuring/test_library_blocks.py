@@ -259,3 +259,23 @@ def test_no_chain_without_a_switch_says_why(model: nn.Module, reason: str) -> No
     with pytest.raises(UnsupportedModelError, match=reason):
         find_blocks(model, _run(model, torch.randn(4, WIDTH)))
     assert "forward" not in vars(model.get_submodule("ffns.0" if "ffns" in reason else "layers.0"))
+
+
+class Longer(_Checkpointing):
+    """A list of six blocks of which the switch checkpoints only the last three (Mimi: its
+    transformer layers, not the convolutions in the same chain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Residual() for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = self.run(layer, x) if index >= 3 else layer(x)
+        return (x * x).mean()
+
+
+def test_a_chain_holding_every_library_block_stays() -> None:
+    model = Longer().train()
+    chain, notes = find_blocks(model, _run(model, torch.randn(4, WIDTH)))
+    assert chain.block_names == tuple(f"layers.{i}" for i in range(6)) and notes == []

@@ -20,7 +20,7 @@ checkpoint taken (grad mode on, as the switch needs; saved tensors dropped at on
 
 * the chain found is made of the library's checkpointing layers (each block has the flag):
   taken as it is, no second forward;
-* the library checkpoints nothing, or exactly the chain's blocks: the chain found (or the
+* the library checkpoints nothing, or only blocks of the chain found: that chain (or the
   finder's refusal);
 * the library's blocks run as a chain the finder accepts (one or several groups), with no
   block output read later than by the next block and none called twice: they are the chain,
@@ -365,6 +365,12 @@ def _groups(chain: Chain) -> list[tuple[str, ...]]:
     return [chain.block_names[start:end] for start, end in zip(chain.groups, ends, strict=True)]
 
 
+def _holds_all(chain: Chain, library: LibraryBlocks) -> bool:
+    """Whether every library block is a block of the chain (the chain may have more: Mimi's
+    convolution layers besides the transformer layers its switch checkpoints)."""
+    return set(library.names) <= set(chain.block_names)
+
+
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -400,7 +406,7 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         return chain, []
     makers = {maker for maker, _, _ in library.skipped}
     held = chain is not None and any(block in makers for block in chain.block_names)
-    if chain is not None and set(chain.block_names) == set(library.names) and not held:
+    if chain is not None and not held and _holds_all(chain, library):
         return chain, []
     reasons = library.reasons()
     theirs: Chain | None = None
