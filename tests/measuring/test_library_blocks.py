@@ -279,3 +279,45 @@ def test_a_chain_holding_every_library_block_stays() -> None:
     model = Longer().train()
     chain, notes = find_blocks(model, _run(model, torch.randn(4, WIDTH)))
     assert chain.block_names == tuple(f"layers.{i}" for i in range(6)) and notes == []
+
+
+class Stage(_Checkpointing):
+    """A container of blocks of two classes, each checkpointed by the container (a diffusers
+    down block's resnets and attentions; an EfficientNet stage's blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Residual(), Plain(), Residual()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = self.run(block, x)
+        return x
+
+
+class Stages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(Stage() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return (x * x).mean()
+
+
+def _floor(profile: memfit.Profile) -> int:
+    with pytest.raises(memfit.InfeasibleBudgetError) as raised:
+        memfit.plan(profile, budget="1%")
+    return raised.value.min_feasible_bytes
+
+
+def test_containers_give_way_to_the_blocks_the_library_checkpoints_in_them() -> None:
+    model = Stages().train()
+    sample = (torch.randn(64, WIDTH),)
+    chain, notes = find_blocks(model, _run(model, *sample))
+    assert chain.block_names == tuple(f"stages.{s}.blocks.{b}" for s in (0, 1) for b in (0, 1, 2))
+    assert chain.groups == (0, 3) and "stages.0" in notes[0]
+    finer = memfit.profile(model, sample, options=(), repeats=1)
+    whole = memfit.profile(model, sample, options=(), repeats=1, blocks="stages")
+    assert _floor(finer) < _floor(whole)

@@ -18,8 +18,8 @@ checkpoint taken (grad mode on, as the switch needs; saved tensors dropped at on
 
 :func:`find_blocks` is the rule ``profile`` follows when no ``blocks=`` is given:
 
-* the chain found is made of the library's checkpointing layers (each block has the flag):
-  taken as it is, no second forward;
+* the chain found is made of transformers' ``GradientCheckpointingLayer`` classes (layers that
+  checkpoint themselves): taken as it is, no second forward;
 * the library checkpoints nothing, or only blocks of the chain found: that chain (or the
   finder's refusal);
 * the library's blocks run as a chain the finder accepts (one or several groups), with no
@@ -130,6 +130,13 @@ def _some(names: Sequence[str]) -> str:
 
 def _flagged(module: nn.Module) -> bool:
     return isinstance(getattr(module, FLAG, None), bool)
+
+
+def _checkpoints_itself(module: nn.Module) -> bool:
+    """Whether the module is one of transformers' ``GradientCheckpointingLayer`` layers, which
+    checkpoint themselves (a diffusers block with the flag checkpoints its children instead).
+    By class name: transformers is never imported here."""
+    return any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
 
 
 def _switch(model: nn.Module) -> str:
@@ -393,8 +400,8 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         chain, failure = find_chain(model, run_forward), None
     except UnsupportedModelError as error:
         chain, failure = None, error
-    if chain is not None and all(_flagged(block) for block in chain.blocks):
-        return chain, []  # transformers' GradientCheckpointingLayer blocks: the library's own
+    if chain is not None and all(map(_checkpoints_itself, chain.blocks)):
+        return chain, []  # the library's own layers
     library = library_blocks(model, run_forward)
     if library is None:
         if chain is None:
