@@ -134,26 +134,38 @@ def wav2vec2_bert() -> Built:
     return Built(Wav2Vec2BertForSequenceClassification(config).train(), sample)
 
 
+_EOMT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=4,
+    num_queries=5,
+    num_blocks=1,
+    num_labels=3,
+    num_register_tokens=0,
+)
+
+
 def eomt() -> Built:
     from transformers import EomtConfig, EomtForUniversalSegmentation
 
-    config = EomtConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-        num_queries=5,
-        num_blocks=1,
-        num_labels=3,
-        num_register_tokens=0,
-    )
-    sample = {
+    return Built(EomtForUniversalSegmentation(EomtConfig(**_EOMT)).train(), _segmentation())
+
+
+def eomt_dinov3() -> Built:
+    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+
+    config = EomtDinov3Config(**_EOMT, intermediate_size=64)
+    return Built(EomtDinov3ForUniversalSegmentation(config).train(), _segmentation())
+
+
+def _segmentation() -> dict[str, Any]:
+    return {
         "pixel_values": torch.rand(2, 3, 32, 32),
         "mask_labels": [torch.randint(0, 2, (2, 32, 32)).float() for _ in range(2)],
         "class_labels": [torch.randint(0, 3, (2,)) for _ in range(2)],
     }
-    return Built(EomtForUniversalSegmentation(config).train(), sample)
 
 
 def sd3() -> Built:
@@ -233,6 +245,7 @@ MODELS: dict[str, Callable[[], Built]] = {
     "gemma4": gemma4,
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
+    "eomt_dinov3": eomt_dinov3,
     "sd3": sd3,
     "flux": flux,
     "unet": unet,

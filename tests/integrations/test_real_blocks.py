@@ -22,6 +22,7 @@ REFUSED = {
     "flaubert": r"spread over parallel lists \(transformer\.attentions, .*blocks made of several",
     "xlm": r"spread over parallel lists \(transformer\.attentions, .*blocks made of several",
     "squeezebert": r"runs the blocks of transformer\.encoder\.layers by calling their \.forward",
+    "eomt_dinov3": r"checkpoints 2 blocks \(layers\.0, layers\.1\).*makes layers\.1's input",
     "eomt": r"checkpoints 2 blocks \(layers\.0, layers\.1\).*makes layers\.1's input.*"
     r"model\.gradient_checkpointing_enable\(\)",
     # blocks that write state in forward: HF's switch replays the write, memfit refuses it
