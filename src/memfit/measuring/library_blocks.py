@@ -96,8 +96,8 @@ class LibraryBlocks:
             block, after, count = self.carried[0]
             said.append(
                 f"they carry several tensors: {after} takes {count} tensors of {block}'s output "
-                f"({len(self.carried)} such link(s)); memfit's chain passes one tensor from "
-                f"block to block"
+                f"({len(self.carried)} such link(s)), which memfit's chain finder did not "
+                f"follow here"
             )
         if self.skipped:
             block, reader, later = self.skipped[0]
@@ -421,7 +421,7 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         try:
             theirs = find_chain(model, run_forward, library.names)
         except UnsupportedModelError as error:
-            reasons = reasons or [f"memfit's chain finder refused them: {error}"]
+            reasons = [*reasons, f"memfit's chain finder refused them: {error}"]
     model_name = type(model).__name__
     if theirs is not None:
         found = "none" if chain is None else _some(chain.block_names)
