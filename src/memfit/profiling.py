@@ -180,7 +180,7 @@ def profile(
             training steps' worth for the built-in GPT and Hugging Face decoders
             (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
             per way in turns, each after an untimed step, then the metered steps after an
-            untimed step each: about six times as long, for step-time predictions on a
+            untimed step each: about seven times as long, for step-time predictions on a
             noisy machine. Memory figures are the same either way.
 
     Returns:

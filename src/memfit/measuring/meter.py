@@ -14,9 +14,8 @@ destroys the user's own peak statistics; the meter never resets them.
 
 A meter that does not name the op at the peak (``ops=False``, what profiling uses) records
 only the allocations and its own ranges (torch's user scope), not every op: the same bytes, and
-the profiler's stop and the replay take about a quarter of the time (a Llama config's step:
-4,300 events, 25 ms to stop and 30 ms to replay, against 6 and 13 ms), so that each way of
-running a model costs less of the setup.
+the profiler's stop and the replay take about a quarter of the time, which each way of running
+a model pays in a profile (``benchmarks/results/setup-*.md``).
 
 The profiler is one per process: the meter runs under memfit's process-wide lock, refuses to
 start inside the user's own profiler session, and keeps the profiler's start and stop lines
