@@ -19,6 +19,7 @@ from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ra
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.clock import profiler_share, wall_factor, wall_scaled
+from memfit.measuring.library_blocks import coverage_note, find_blocks
 from memfit.measuring.offload import SavedActivations, host_bandwidth, saved_activations
 from memfit.measuring.ops import (
     candidate_policies,
@@ -68,9 +69,17 @@ logger = logging.getLogger(__name__)
 RECOMPUTE = "recompute"
 
 
-def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> Chain:
+def _chain(model: nn.Module, sample: Any, blocks: Blocks) -> tuple[Chain, list[str]]:
+    """The chain to profile and notes on how it was chosen: ``blocks=`` as named, else the
+    model's real blocks (:func:`~memfit.measuring.library_blocks.find_blocks`)."""
     args, kwargs = split_sample(sample)
-    return find_chain(model, lambda: model(*args, **kwargs), blocks)
+
+    def run() -> Any:
+        return model(*args, **kwargs)
+
+    if blocks is not None:
+        return find_chain(model, run, blocks), []
+    return find_blocks(model, run)
 
 
 def _head_way(chain: Chain, option: str) -> Plan:
@@ -167,7 +176,7 @@ def profile(
             on the model are left out with a note in ``profile.notes``.
         thorough: ``False`` (default): each way of running the model takes one step,
             metered (memory, to the byte) and timed at once; keep also takes a plain timed
-            step, which measures the profiler's share of the metered times: about 20
+            step, which measures the profiler's share of the metered times: about 15
             training steps' worth for the built-in GPT and Hugging Face decoders
             (``benchmarks/bench_setup.py``). ``True``: ``repeats`` (default 3) timed steps
             per way in turns, each after an untimed step, then the metered steps after an
@@ -182,7 +191,9 @@ def profile(
 
     Raises:
         AlreadyPlannedError: the model carries a plan (``memfit.remove(model)`` first).
-        UnsupportedModelError: no chain of blocks found; pass ``blocks=``.
+        UnsupportedModelError: no chain of blocks found, or only one inside a block of those
+            the model's own checkpointing switch checkpoints, which are no chain either (the
+            message names them and why); pass ``blocks=``.
         ValueError: an unknown option name (checked before anything is measured), or an
             option that cannot run on compiled blocks; nothing to train (every parameter
             frozen and no input requiring grad).
@@ -243,7 +254,7 @@ def _profile_chain(
     model: nn.Module, sample: Any, options: ProfileOptions, menu: Menu, world: int
 ) -> Profile:
     """:func:`profile` once its arguments are checked and HF's checkpointing is off."""
-    chain = _chain(model, sample, options.blocks)
+    chain, chain_notes = _chain(model, sample, options.blocks)
     if world > 1:
         agree("chains", chain.stage_names, "Pass the same blocks= on every rank")
     compiling = options.compile
@@ -257,7 +268,10 @@ def _profile_chain(
     if compiling is not None:
         menu = compiled_menu(menu, compiling, model, sample)
     with blocks_compiled(chain.blocks, compiling):  # already compiled: left as they are
-        return _profile(model, sample, chain, options, menu, compiling, world)
+        result = _profile(model, sample, chain, options, menu, compiling, world)
+    note = coverage_note(result, chain)
+    notes = (*chain_notes, *result.notes, *([] if note is None else [note]))
+    return dataclasses.replace(result, notes=notes) if notes != result.notes else result
 
 
 def _profile(
@@ -371,7 +385,7 @@ def _profile(
         # The fast path: one step per way, metered and timed at once (its marks run the meter
         # and a clock). keep alone takes a second, plain timed step, which the metered one warms
         # up: the profiler's cost, keep's metered CPU seconds over its plain ones, comes off
-        # every other way's times (issue 22: the setup in about 20 steps' worth). keep comes
+        # every other way's times (issue 22: the setup in at most 20 steps' worth). keep comes
         # first: its reading says which blocks get no gradient.
         # A head option rides in the step of a block option without checkpoints (rebuild*):
         # the head's span is then the one it has with every block kept (no checkpoint holds

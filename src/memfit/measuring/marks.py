@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from memfit.measuring.carry import carried_inputs, carried_outputs, uncarried
 from memfit.measuring.chain import (
     Chain,
     Inputs,
     main_tensor,
     same_side_inputs,
-    side_inputs,
     split_main,
 )
 from memfit.measuring.step import local_tensor, storage_key, tensor_bytes
@@ -49,20 +49,55 @@ class Marked:
     graphs: set[int] = field(default_factory=set)
 
 
-def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
-    """Bytes of the tensors a block returns besides its hidden state, counting each storage
-    once and leaving out the hidden state's and the block's inputs' (a position bias passed on)."""
+def _tail_bytes(output: Any, carried: list[Any], args: Any, kwargs: Any) -> int:
+    """Bytes of the tensors a block returns besides its hidden state (the carried tensors),
+    counting each storage once and leaving out the carried tensors' and the block's inputs'
+    (a position bias passed on)."""
     known = {
         storage_key(leaf)
-        for leaf in [main, *tree_leaves([args, kwargs])]
+        for leaf in [*carried, *tree_leaves([args, kwargs])]
         if isinstance(leaf, torch.Tensor)
     }
     tails = [
         leaf
-        for leaf in tree_leaves(list(output[1:]))
+        for leaf in tree_leaves(_uncarried_items(output, carried))
         if isinstance(leaf, torch.Tensor) and storage_key(leaf) not in known
     ]
     return tensor_bytes(*tails)
+
+
+def _uncarried_items(output: Any, carried: list[Any]) -> list[Any]:
+    """The items of a block's output tuple that are not carried to the next block (the items
+    after the hidden state, for a block that hands on its main tensor only)."""
+    if not isinstance(output, tuple | list):
+        return []
+    if len(carried) == 1:
+        return list(output[1:])
+    return [item for item in output if not any(item is tensor for tensor in carried)]
+
+
+def _carried(values: list[Any]) -> list[torch.Tensor]:
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def _same_tensors(a: list[Any], b: list[torch.Tensor]) -> bool:
+    """Whether two lists hold the very same tensors, in any order."""
+    return {id(t) for t in a if t is not None} == {id(t) for t in b} and all(
+        any(t is u for u in b) for t in a if t is not None
+    )
+
+
+def _once(hook: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    """``hook`` for the first of several tensors' gradients only (a block that carries several
+    tensors starts its backward when the first of their gradients is ready)."""
+    fired = [False]
+
+    def first(grad: torch.Tensor) -> None:
+        if not fired[0]:
+            fired[0] = True
+            hook(grad)
+
+    return first
 
 
 @contextmanager
@@ -81,8 +116,9 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
     # block stage -> its output and the labels its gradient marks, latest stage first: a stage
     # between groups that passes the block's output on as it is (nothing between layer1 and
     # layer2 of a ResNet) marks its (empty) backward before the block's, which runs next.
-    # Weakly: holding the outputs would change the step measured.
-    outputs: dict[int, tuple[weakref.ref[torch.Tensor], list[str]]] = {}
+    # Weakly: holding the outputs would change the step measured. Several for a block that
+    # carries several tensors on (:mod:`memfit.measuring.carry`).
+    outputs: dict[int, tuple[list[weakref.ref[torch.Tensor]], list[str]]] = {}
 
     def on_grad(label: str) -> Callable[[torch.Tensor], None]:
         return lambda _grad: mark(label)
@@ -101,7 +137,9 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
                 given = main_tensor(split_main(args, kwargs)[0])
                 if given is not None:
                     watch(f"input:{index}", local_tensor(given))
-            current = side_inputs(args, kwargs)
+            x, rest, side = split_main(args, kwargs)
+            carry = chain.carry(index)
+            current = uncarried(carry, rest, side)
             previous = calls.pop(index - 1, None)
             if previous is not None:
                 marked.same[index] = same_side_inputs(previous, current)
@@ -116,32 +154,40 @@ def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> It
             if chain.block_of_stage(index + 1) is not None:
                 calls[index] = current
             if chain.block_of_stage(index - 1) is None:  # <pre> or a stage between groups
-                first = main_tensor(split_main(args, kwargs)[0])
-                if first is not None:
-                    output_bytes[index - 1] = tensor_bytes(first)
+                handed = carried_inputs(carry, x, rest, side)
+                firsts = _carried([main_tensor(handed[0]), *handed[1:]])
+                if firsts:
+                    output_bytes[index - 1] = tensor_bytes(*firsts)
                     before = outputs.get(index - 2)
-                    if before is not None and before[0]() is first:
+                    if before is not None and _same_tensors([ref() for ref in before[0]], firsts):
                         before[1].append(f"B:{index - 1}")
-                    elif first.requires_grad:
-                        handles.append(first.register_hook(on_grad(f"B:{index - 1}")))
+                    else:
+                        hook = _once(on_grad(f"B:{index - 1}"))
+                        for first in firsts:
+                            if first.requires_grad:
+                                handles.append(first.register_hook(hook))
 
         return hook
 
     def post_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            out = main_tensor(output)
-            if isinstance(output, tuple | list) and any(
-                isinstance(leaf, torch.Tensor) for leaf in tree_leaves(list(output[1:]))
+            carried = carried_outputs(chain.carry(index), output, main_tensor)
+            if any(
+                isinstance(leaf, torch.Tensor)
+                for leaf in tree_leaves(_uncarried_items(output, carried))
             ):
                 marked.tails.add(index)
-                marked.tail_bytes[index] = _tail_bytes(output, out, args, kwargs)
-            if out is not None:
-                output_bytes[index] = tensor_bytes(out)
-                if out.requires_grad:
+                marked.tail_bytes[index] = _tail_bytes(output, carried, args, kwargs)
+            outs = _carried(carried)
+            if outs:
+                output_bytes[index] = tensor_bytes(*outs)
+                grads = [out for out in outs if out.requires_grad]
+                if grads:
                     marked.graphs.add(index)
                     labels = [f"B:{index}"]
-                    outputs[index] = (weakref.ref(out), labels)
-                    handles.append(out.register_hook(on_grads(labels)))
+                    outputs[index] = ([weakref.ref(out) for out in outs], labels)
+                    hook = _once(on_grads(labels))
+                    handles.extend(out.register_hook(hook) for out in grads)
             if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
                 mark(f"F:{index + 1}")
 

@@ -27,7 +27,8 @@ class Measurement:
         forward_peak_bytes: peak during forward and loss, above ``held_bytes``.
         backward_peak_bytes: peak during backward, above ``held_bytes``.
         step_s, forward_s, backward_s: medians over the timed repeats.
-        peak_op: the op at the peak (CPU).
+        peak_op: the op at the peak (CPU; ``measure`` names it, a profile's readings leave it
+            ``""``).
         accumulate: whether gradients existed before the step (gradient accumulation).
         keep_output: whether the model's output stayed alive through backward (the loop
             ``out = model(**batch); out.loss.backward()``) or only the loss did.

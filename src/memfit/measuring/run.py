@@ -175,6 +175,7 @@ def measure_stages(
     | None = None,
     keep_output: bool = True,
     clock_metered: bool = False,
+    peak_op: bool = False,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
@@ -185,7 +186,9 @@ def measure_stages(
     also run a CPU clock (:func:`stage_clock`'s), whose durations, the profiler's own cost
     included, are the reading's :attr:`StageReading.metered_s`, and its times when ``clocks``
     is ``None`` (the setup's fast path: one step per way, both metered and timed).
-    ``keep_output``: see :func:`measure`.
+    ``keep_output``: see :func:`measure`. ``peak_op``: name the op at the peak
+    (:attr:`Measurement.peak_op`; the profiler then records every op, which costs it about four
+    times as long after the step); else it is ``""``.
     """
     if clocks is not None and not callable(clocks) and not clocks:
         raise ValueError("clocks, when given, must hold at least one timed step")
@@ -203,7 +206,7 @@ def measure_stages(
             ]
         reset_grads(model, accumulate, sample)
         held = held_bytes(model, sample, optimizer)
-        meter = MemoryMeter(device)
+        meter = MemoryMeter(device, ops=peak_op)
         reserved = 0
         if device.type == "cuda":  # the step's own reserved peak: from an empty cache
             torch.cuda.synchronize(device)
@@ -322,6 +325,7 @@ def measure(
         warmup=warmup,
         optimizer=optimizer,
         keep_output=keep_output,
+        peak_op=True,
     ).measurement
 
 
