@@ -179,9 +179,7 @@ def plan(
             profile_or_model,
             sample,
             plans,
-            loss_fn=options.loop.loss_fn,
-            keep_output=step.keep_output,
-            accumulate=step.accumulate,
+            loop=options.loop,  # the loop the profile measured
             drop_failures=not together,  # a rank that skips a plan would desert the others
             compile=prof.compile,  # profiled here: the caller's own arguments
         )
