@@ -236,6 +236,24 @@ def unet() -> Built:
     return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 32, 32)))
 
 
+def vae() -> Built:
+    """``AutoencoderKL`` with two down and two up blocks: diffusers checkpoints each down block,
+    each mid block and each up block."""
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=32,
+    )
+    target = torch.randn(2, 3, 32, 32)
+    return Built(model.train(), {"sample": torch.randn(2, 3, 32, 32)}, _mse_to(target))
+
+
 MODELS: dict[str, Callable[[], Built]] = {
     "flaubert": flaubert,
     "xlm": xlm,
@@ -249,4 +267,5 @@ MODELS: dict[str, Callable[[], Built]] = {
     "sd3": sd3,
     "flux": flux,
     "unet": unet,
+    "vae": vae,
 }
