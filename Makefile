@@ -6,6 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.memfit-installed
+# pytest-xdist workers (one per core on the project's 2-core machines). Tests that share a
+# module-scoped fixture run on one worker (tests/conftest.py groups them), so a module's profile
+# is built once; WORKERS=0 runs the tests in this process.
+WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -q -n $(WORKERS) --dist loadgroup
 
 .PHONY: demo test quick lint typecheck unit bench clean
 
@@ -27,13 +32,13 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(PYTEST)
 
 test: lint typecheck unit
 
 # the tests not marked slow (no Hugging Face sweeps, no processes, no compile): for each change
 quick: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_solver.py

@@ -7,6 +7,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import pytest
 import torch
 
+pytest_plugins = ["tests.helpers.cpu_time"]
+
 # One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
 # 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
 torch.set_num_threads(1)
@@ -30,13 +32,71 @@ SLOW = (
     "runtime/test_dynamic.py",
 )
 
+# Slow by test: each took over about a second of CPU in a run with ``--cpu-durations=0``
+# (brute force, real Hugging Face models, timed candidates, end-to-end CLI runs); every
+# parameter of a listed test. Listing a test that no longer exists is an error.
+SLOW_TESTS = (
+    "measuring/test_between_stages.py::test_a_block_before_a_pass_through_stage_keeps_its_own_backward",
+    "measuring/test_groups.py::test_plans_over_both_lists_are_exact",
+    "measuring/test_session.py::test_auto_prints_nothing_and_leaves_the_users_profiler_as_it_was",
+    "measuring/test_session.py::test_two_threads_planning_two_models_take_turns",
+    "runtime/test_offload_hooks.py::test_simulated_peaks_match_the_stand_in_to_the_byte",
+    "runtime/test_saved_writes.py::test_falcon_eager_attention",
+    "runtime/test_segments.py::test_hugging_face_hidden_states_under_the_tightest_plan",
+    "test_api.py::test_planned_steps_fit_their_budget_and_keep_gradients",
+    "test_api.py::test_stage_times_add_up_to_the_step",
+    "test_budget_base.py::test_gradients_are_in_the_base_not_in_the_percentage",
+    "test_cli.py::test_bench_writes_plot_and_json",
+    "test_cli.py::test_demo_json",
+    "test_cli.py::test_plan_for_a_loss_only_loop",
+    "test_side_effects.py::test_cnn_with_batchnorm_and_dropout",
+    "test_timing.py::test_bench_rows_chosen_by_timing",
+    "test_timing.py::test_plan_with_candidates_on_a_real_model",
+)
 
+
+def shared_fixture_group(item: pytest.Item) -> str | None:
+    """Which instance of its file's module-scoped fixtures ``item`` shares (``""``: the file's
+    only one; ``None``: the test uses none), for pytest-xdist's ``--dist loadgroup``: one worker
+    runs every test of a group, so a module's profile is built once, not once per worker. A
+    parametrized fixture makes a group of each parameter (a family of the Hugging Face sweep)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    callspec = getattr(item, "callspec", None)
+    shared = False
+    params = []
+    for name in item.fixturenames:
+        definitions = info.name2fixturedefs.get(name)
+        # the tests' own fixtures (pytest's session-scoped ``tmp_path_factory`` costs nothing)
+        if not definitions or definitions[-1].scope == "function" or not definitions[-1].baseid:
+            continue
+        shared = True
+        if callspec is not None and name in callspec.indices:
+            params.append(f"{name}[{callspec.indices[name]}]")
+    return ",".join(sorted(params)) if shared else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs CUDA")
     tests = pathlib.Path(__file__).parent
+    listed = {name: False for name in SLOW_TESTS}
+    files = set()
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
         where = item.path.relative_to(tests).as_posix()
+        files.add(where)
+        name = f"{where}::{getattr(item, 'originalname', item.name)}"
+        if name in listed:
+            listed[name] = True
+            item.add_marker(pytest.mark.slow)
         if any(where.startswith(prefix) or where.endswith(prefix) for prefix in SLOW):
             item.add_marker(pytest.mark.slow)
+        group = shared_fixture_group(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{where}:{group}" if group else where))
+    stale = [name for name, seen in listed.items() if not seen and name.partition("::")[0] in files]
+    if stale:
+        raise pytest.UsageError(f"SLOW_TESTS in tests/conftest.py names no test: {stale}")

@@ -62,6 +62,9 @@ def test_profile_json_round_trip(gpt_profile) -> None:
     assert {row["op"] for row in prof.info["ops"]["blocks.0"]} >= {"addmm", "gelu"}
     assert again.costs == prof.costs
     assert again.measurement == prof.measurement
+    assert any("offload left out" in note for note in prof.notes)
+    assert again.notes == prof.notes and again.compile is None
+    assert again.to_dict()["info"]["notes"] == list(prof.notes)  # where the JSON kept them
 
 
 @pytest.mark.parametrize("budget", ["30%", "50%", "70%"])
@@ -227,7 +230,7 @@ def unmeasured(monkeypatch: pytest.MonkeyPatch):
         raise AssertionError("profiling started before the usage error")
 
     monkeypatch.setattr(memfit.profiling, "_chain", profiled)
-    monkeypatch.setattr("memfit.estimation.profile_shapes", profiled)
+    monkeypatch.setattr("memfit.estimation.shape_profile_with", profiled)
     model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
 
     def ran(module, args):
@@ -297,4 +300,4 @@ def test_a_valid_host_budget_on_cpu_is_accepted_and_unused() -> None:
     # one script for CPU and CUDA: a size is checked everywhere, used where offload is planned
     model, sample = build("mlp", layers=3, width=16, hidden=32, batch=4)
     plan = memfit.plan(model, sample, budget="100%", host_budget="1GiB", repeats=1)
-    assert any("offload left out" in note for note in plan.info["notes"])
+    assert any("offload left out" in note for note in plan.notes)

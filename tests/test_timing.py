@@ -29,10 +29,15 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def three(gpt2):
-    """Three distinct real plans of the model (what they are does not matter here)."""
+def prof(gpt2):
+    """The model's profile (timed: ``repeats=1``), shared by the tests that only read it."""
     model, sample = gpt2
-    prof = memfit.profile(model, sample, repeats=1)
+    return memfit.profile(model, sample, repeats=1)
+
+
+@pytest.fixture(scope="module")
+def three(prof):
+    """Three distinct real plans of the model (what they are does not matter here)."""
     return [memfit.plan(prof, budget=None, strategy=s) for s in ("none", "all", "every:2")]
 
 
@@ -135,6 +140,7 @@ def test_plan_with_candidates_on_a_real_model(gpt2) -> None:
     within = alternatives(prof.costs, _half(prof), 3)
     assert len(within) >= 2  # this budget leaves room for other plans
     plan = memfit.plan(model, sample, budget="50%", candidates=3, repeats=1, keep_output=False)
+    # an optimal plan of keep and recompute only still has the plans below it to time
     timed = plan.info["timed"]
     assert len(timed) >= 2 and sum(e["chosen"] for e in timed) == 1
     assert plan.info["chosen_by"] == "timing"
@@ -176,9 +182,8 @@ def test_auto_with_candidates_applies_the_choice(gpt2) -> None:
         memfit.remove(model)
 
 
-def test_bench_rows_chosen_by_timing(gpt2) -> None:
+def test_bench_rows_chosen_by_timing(gpt2, prof) -> None:
     model, sample = gpt2
-    prof = memfit.profile(model, sample, repeats=1)
     result = bench(model, sample, prof, budgets=["50%"], strategies=("optimal-timed",), repeats=1)
     (row,) = result.rows
     assert row.label == "optimal, candidates timed"
@@ -188,9 +193,8 @@ def test_bench_rows_chosen_by_timing(gpt2) -> None:
         bench(model, sample, prof, budgets=["50%"], strategies=("optimal-timed",), candidates=1)
 
 
-def test_candidates_errors(gpt2) -> None:
+def test_candidates_errors(gpt2, prof) -> None:
     model, sample = gpt2
-    prof = memfit.profile(model, sample, repeats=1)
     with pytest.raises(ValueError, match="candidates must be an integer >= 1"):
         memfit.plan(prof, budget="50%", candidates=0)
     for wrong in (True, 2.0, "3"):
@@ -209,9 +213,7 @@ def test_candidates_errors(gpt2) -> None:
     assert applied_plan(model) is None
 
 
-def test_used_options_of_a_real_plan(gpt2) -> None:
-    model, sample = gpt2
-    prof = memfit.profile(model, sample, repeats=1)
+def test_used_options_of_a_real_plan(prof) -> None:
     menus = {name for stage in prof.costs.stages for name in stage.options}
     for budget in ("40%", "50%", "60%", "70%"):
         plan = memfit.plan(prof, budget=budget)

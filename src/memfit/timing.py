@@ -7,14 +7,14 @@ allocator's state after another plan's step is not charged to this one), and com
 plan with the first (the optimal plan of the predicted costs) by the median of their ratios
 in the same round. Another plan replaces the first only when it is faster by more than
 :data:`MARGIN`: a measured choice must not flip on noise. Plans made from a compiled profile
-(``plan.info["compile"]``) are timed with the blocks compiled, as :func:`memfit.apply` runs
+(``plan.compile``) are timed with the blocks compiled, as :func:`memfit.apply` runs
 them.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -63,7 +63,7 @@ def fastest(
     accumulate: bool = False,
     drop_failures: bool = True,
     progress: Callable[[str], None] | None = None,
-    compile: bool | dict[str, Any] | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
 ) -> Plan:
     """The plan of ``plans`` whose steps measured fastest on ``model``; the first plan unless
     another is faster by more than :data:`MARGIN` (median over ``rounds`` of the ratio of its

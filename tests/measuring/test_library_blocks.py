@@ -186,10 +186,10 @@ class WideHead(nn.Module):
 def test_blocks_saving_under_half_the_activations_get_a_note() -> None:
     model = WideHead().train()
     profile = memfit.profile(model, (torch.randn(8, WIDTH),), options=(), repeats=1)
-    notes = [note for note in profile.info.get("notes", []) if "activation memory" in note]
+    notes = [note for note in profile.notes if "activation memory" in note]
     assert len(notes) == 1 and "blocks.0" in notes[0] and "blocks=" in notes[0], notes
     plan = memfit.plan(profile, budget="90%")
-    assert notes[0] in plan.info.get("notes", [])
+    assert notes[0] in plan.notes
 
 
 class NewTokens(_Checkpointing):

@@ -268,7 +268,11 @@ def every_tree(costs: ChainCosts) -> list[tuple[Tree, int, float]]:
     return out
 
 
-@examples(120)
+# Brute force: every tree with every subset of offloaded segment inputs, simulated (up to
+# 14,000 trees for a chain of 5 stages), hence slow, and 60 examples each (the DP's offload
+# rules are also held by the chains of 3-8 blocks above, in make quick).
+@pytest.mark.slow
+@examples(60)
 @given(costs=offload_chains(fast=False), data=st.data())
 def test_offload_dp_is_safe_and_never_slower_than_without(
     costs: ChainCosts, data: st.DataObject
@@ -289,7 +293,8 @@ def test_offload_dp_is_safe_and_never_slower_than_without(
         assert solution.simulation.step_s <= best_plain
 
 
-@examples(120)
+@pytest.mark.slow
+@examples(60)
 @given(costs=offload_chains(fast=True), data=st.data())
 def test_offload_dp_is_optimal_within_its_reserve_when_copies_are_free(
     costs: ChainCosts, data: st.DataObject

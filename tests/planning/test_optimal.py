@@ -41,12 +41,14 @@ def chain_and_budget(draw: st.DrawFn, **kwargs: int) -> tuple[ChainCosts, int]:
     return costs, budget
 
 
+@pytest.mark.slow  # brute force (make quick leaves it out)
 @examples(400)
 @given(case=chain_and_budget(min_stages=1, max_stages=7, max_options=3))
 def test_optimal_matches_brute_force(case: tuple[ChainCosts, int]) -> None:
     _check_against_brute_force(*case)
 
 
+@pytest.mark.slow  # brute force
 @examples(250)
 @given(case=chain_and_budget(min_stages=5, max_stages=7, max_options=3))
 def test_optimal_matches_brute_force_on_longer_chains(case: tuple[ChainCosts, int]) -> None:

@@ -1,0 +1,40 @@
+"""The xdist groups of ``tests/conftest.py``: tests sharing a module-scoped fixture's instance
+run on one worker, so the fixture is built once (``make test`` runs two workers)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from tests.conftest import shared_fixture_group
+
+
+def fixture(scope: str, baseid: str = "tests/test_x.py") -> SimpleNamespace:
+    return SimpleNamespace(scope=scope, baseid=baseid)
+
+
+def item(fixtures: dict[str, SimpleNamespace], indices: dict[str, int] | None = None) -> Any:
+    info = SimpleNamespace(name2fixturedefs={name: [f] for name, f in fixtures.items()})
+    callspec = None if indices is None else SimpleNamespace(indices=indices)
+    return SimpleNamespace(_fixtureinfo=info, fixturenames=list(fixtures), callspec=callspec)
+
+
+def test_function_fixtures_and_pytests_own_make_no_group() -> None:
+    own = {"tmp_path": fixture("function", ""), "tmp_path_factory": fixture("session", "")}
+    assert shared_fixture_group(item(own)) is None
+    assert shared_fixture_group(item({"model": fixture("function")})) is None
+
+
+def test_a_module_fixture_makes_one_group_per_file() -> None:
+    assert shared_fixture_group(item({"gpt2": fixture("module")})) == ""
+    # another test of the file, with a second module fixture: still the file's one group
+    both = {"gpt2": fixture("module"), "three": fixture("module"), "x": fixture("function")}
+    assert shared_fixture_group(item(both, indices={"x": 2})) == ""
+
+
+def test_each_parameter_of_a_parametrized_module_fixture_is_a_group() -> None:
+    profiled = {"profiled": fixture("module"), "budget": fixture("function")}
+    first = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 1}))
+    again = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 0}))
+    other = shared_fixture_group(item(profiled, indices={"profiled": 3, "budget": 1}))
+    assert first == again == "profiled[0]" and other == "profiled[3]"
