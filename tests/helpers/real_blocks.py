@@ -4,7 +4,7 @@ no downloads).
 
 transformers: the sizes of its own ``*ModelTester`` classes (hidden 16-32, two layers), as in
 :mod:`tests.helpers.hf_testers`. diffusers: sizes from its own model tests (head width 8-16,
-width 32); the U-Net is Stable-Diffusion-like (cross-attention down and up blocks,
+width 32; SD3 and Flux from :mod:`tests.helpers.diffusion`); the U-Net is Stable-Diffusion-like (cross-attention down and up blocks,
 ``block_out_channels=(32, 64)``). Diffusion models get a diffusion step's loss: the mean
 squared error of the prediction against a fixed target.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import diffusion
 from tests.helpers.hf_testers import BATCH, DECODER, VOCAB, Built, _decoder_sample, _tokens
 
 
@@ -168,53 +169,6 @@ def _segmentation() -> dict[str, Any]:
     }
 
 
-def sd3() -> Built:
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=1,
-        in_channels=4,
-        num_layers=4,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
-    sample = {
-        "hidden_states": torch.randn(2, 4, 16, 16),
-        "encoder_hidden_states": torch.randn(2, 24, 32),
-        "pooled_projections": torch.randn(2, 64),
-        "timestep": torch.randint(0, 1000, (2,)),
-    }
-    return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 16, 16)))
-
-
-def flux() -> Built:
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 4, 8),
-    )
-    sample = {
-        "hidden_states": torch.randn(2, 64, 4),
-        "encoder_hidden_states": torch.randn(2, 24, 32),
-        "pooled_projections": torch.randn(2, 32),
-        "timestep": torch.rand(2),
-        "img_ids": torch.randn(64, 3),
-        "txt_ids": torch.randn(24, 3),
-    }
-    return Built(model.train(), sample, _mse_to(torch.randn(2, 64, 4)))
-
-
 def unet() -> Built:
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.UNet2DConditionModel(
@@ -254,7 +208,7 @@ def vae() -> Built:
     return Built(model.train(), {"sample": torch.randn(2, 3, 32, 32)}, _mse_to(target))
 
 
-MODELS: dict[str, Callable[[], Built]] = {
+MODELS: dict[str, Callable[[], Built | diffusion.Built]] = {
     "flaubert": flaubert,
     "xlm": xlm,
     "squeezebert": squeezebert,
@@ -264,8 +218,8 @@ MODELS: dict[str, Callable[[], Built]] = {
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
     "eomt_dinov3": eomt_dinov3,
-    "sd3": sd3,
-    "flux": flux,
+    "sd3": diffusion.sd3,
+    "flux": diffusion.flux,
     "unet": unet,
     "vae": vae,
 }
