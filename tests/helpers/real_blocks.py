@@ -113,6 +113,33 @@ def gemma4() -> Built:
     return Built(Gemma4ForCausalLM(config).train(), _decoder_sample())
 
 
+def longcat_flash() -> Built:
+    """Two layers (each two attentions and a mixture of experts with zero-computation experts)."""
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+
+    decoder = {
+        key: value
+        for key, value in DECODER.items()
+        if key not in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
+    }
+    config = LongcatFlashConfig(
+        **decoder,
+        num_layers=2,
+        ffn_hidden_size=37,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        moe_topk=2,
+        zero_expert_num=2,
+        expert_ffn_hidden_size=16,
+    )
+    return Built(LongcatFlashForCausalLM(config).train(), _decoder_sample())
+
+
 def wav2vec2_bert() -> Built:
     """LayerDrop off (0.1 by default): memfit refuses LayerDrop and says to turn it off."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForSequenceClassification
@@ -215,6 +242,7 @@ MODELS: dict[str, Callable[[], Built | diffusion.Built]] = {
     "ibert": ibert,
     "recurrent_gemma": recurrent_gemma,
     "gemma4": gemma4,
+    "longcat_flash": longcat_flash,
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
     "eomt_dinov3": eomt_dinov3,

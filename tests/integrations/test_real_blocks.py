@@ -61,8 +61,11 @@ def test_refused_naming_what_memfit_would_need(name: str) -> None:
         memfit.profile(built.model, built.sample, loss_fn=built.loss_fn, repeats=1)
 
 
+PLANNED = ["longcat_flash"]
+
+
 def _planned_cases() -> list[object]:
-    names = [*UNREPEATABLE, *KNOWN]
+    names = [*PLANNED, *UNREPEATABLE, *KNOWN]
     return [
         pytest.param(name, marks=pytest.mark.xfail(run=False, reason=KNOWN[name]))
         if name in KNOWN
