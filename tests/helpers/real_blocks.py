@@ -140,6 +140,51 @@ def longcat_flash() -> Built:
     return Built(LongcatFlashForCausalLM(config).train(), _decoder_sample())
 
 
+def florence2() -> Built:
+    """A DaViT vision tower of two stages (one block each) and a BART-like language model of
+    2 + 2 layers; 17 image tokens (16 patches and one pooled) before 7 text tokens."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+    vision = dict(
+        depths=(1, 1),
+        patch_size=(7, 3),
+        patch_stride=(4, 2),
+        patch_padding=(3, 1),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(2, 4),
+        num_groups=(2, 4),
+        window_size=2,
+        projection_dim=32,
+        max_position_embeddings=16,
+        max_temporal_embeddings=4,
+    )
+    text = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    image_token = VOCAB - 1
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=image_token)
+    ids = torch.cat([torch.full((2, 17), image_token), torch.randint(3, VOCAB - 9, (2, 7))], 1)
+    sample = {
+        "pixel_values": torch.rand(2, 3, 32, 32),
+        "input_ids": ids,
+        "labels": torch.randint(3, VOCAB - 9, (2, 5)),
+    }
+    return Built(Florence2ForConditionalGeneration(config).train(), sample)
+
+
 def wav2vec2_bert() -> Built:
     """LayerDrop off (0.1 by default): memfit refuses LayerDrop and says to turn it off."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForSequenceClassification
@@ -243,6 +288,7 @@ MODELS: dict[str, Callable[[], Built | diffusion.Built]] = {
     "recurrent_gemma": recurrent_gemma,
     "gemma4": gemma4,
     "longcat_flash": longcat_flash,
+    "florence2": florence2,
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
     "eomt_dinov3": eomt_dinov3,

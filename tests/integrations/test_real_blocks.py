@@ -61,7 +61,7 @@ def test_refused_naming_what_memfit_would_need(name: str) -> None:
         memfit.profile(built.model, built.sample, loss_fn=built.loss_fn, repeats=1)
 
 
-PLANNED = ["longcat_flash"]
+PLANNED = ["longcat_flash", "florence2"]
 
 
 def _planned_cases() -> list[object]:
