@@ -128,7 +128,7 @@ def test_blocks_of_the_library_replace_a_chain_inside_one_block() -> None:
 def test_library_blocks_plan_bit_identical_within_budget() -> None:
     model = Attributes().train()
     sample = (torch.randn(64, WIDTH),)
-    plan = memfit.auto(model, sample, budget="50%", repeats=1)
+    plan = memfit.auto(model, sample, budget="50%", repeats=1, options=())
     assert plan.stage_names[1:-1] == ("first", "second", "third", "fourth")
     report = memfit.verify(model, sample, repeats=1)
     assert report.loss_equal and report.gradients_equal, report.mismatched
