@@ -4,7 +4,7 @@ no downloads).
 
 transformers: the sizes of its own ``*ModelTester`` classes (hidden 16-32, two layers), as in
 :mod:`tests.helpers.hf_testers`. diffusers: sizes from its own model tests (head width 8-16,
-width 32); the U-Net is Stable-Diffusion-like (cross-attention down and up blocks,
+width 32; SD3 and Flux from :mod:`tests.helpers.diffusion`); the U-Net is Stable-Diffusion-like (cross-attention down and up blocks,
 ``block_out_channels=(32, 64)``). Diffusion models get a diffusion step's loss: the mean
 squared error of the prediction against a fixed target.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import diffusion
 from tests.helpers.hf_testers import BATCH, DECODER, VOCAB, Built, _decoder_sample, _tokens
 
 
@@ -112,6 +113,78 @@ def gemma4() -> Built:
     return Built(Gemma4ForCausalLM(config).train(), _decoder_sample())
 
 
+def longcat_flash() -> Built:
+    """Two layers (each two attentions and a mixture of experts with zero-computation experts)."""
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+
+    decoder = {
+        key: value
+        for key, value in DECODER.items()
+        if key not in ("num_hidden_layers", "intermediate_size", "num_key_value_heads")
+    }
+    config = LongcatFlashConfig(
+        **decoder,
+        num_layers=2,
+        ffn_hidden_size=37,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        moe_topk=2,
+        zero_expert_num=2,
+        expert_ffn_hidden_size=16,
+    )
+    return Built(LongcatFlashForCausalLM(config).train(), _decoder_sample())
+
+
+def florence2() -> Built:
+    """A DaViT vision tower of two stages (one block each) and a BART-like language model of
+    2 + 2 layers; 17 image tokens (16 patches and one pooled) before 7 text tokens."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+    vision = dict(
+        depths=(1, 1),
+        patch_size=(7, 3),
+        patch_stride=(4, 2),
+        patch_padding=(3, 1),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(2, 4),
+        num_groups=(2, 4),
+        window_size=2,
+        projection_dim=32,
+        max_position_embeddings=16,
+        max_temporal_embeddings=4,
+    )
+    text = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    image_token = VOCAB - 1
+    config = Florence2Config(text_config=text, vision_config=vision, image_token_id=image_token)
+    ids = torch.cat([torch.full((2, 17), image_token), torch.randint(3, VOCAB - 9, (2, 7))], 1)
+    sample = {
+        "pixel_values": torch.rand(2, 3, 32, 32),
+        "input_ids": ids,
+        "labels": torch.randint(3, VOCAB - 9, (2, 5)),
+    }
+    return Built(Florence2ForConditionalGeneration(config).train(), sample)
+
+
 def wav2vec2_bert() -> Built:
     """LayerDrop off (0.1 by default): memfit refuses LayerDrop and says to turn it off."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForSequenceClassification
@@ -168,53 +241,6 @@ def _segmentation() -> dict[str, Any]:
     }
 
 
-def sd3() -> Built:
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=1,
-        in_channels=4,
-        num_layers=4,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=64,
-        out_channels=4,
-    )
-    sample = {
-        "hidden_states": torch.randn(2, 4, 16, 16),
-        "encoder_hidden_states": torch.randn(2, 24, 32),
-        "pooled_projections": torch.randn(2, 64),
-        "timestep": torch.randint(0, 1000, (2,)),
-    }
-    return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 16, 16)))
-
-
-def flux() -> Built:
-    diffusers = pytest.importorskip("diffusers")
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 4, 8),
-    )
-    sample = {
-        "hidden_states": torch.randn(2, 64, 4),
-        "encoder_hidden_states": torch.randn(2, 24, 32),
-        "pooled_projections": torch.randn(2, 32),
-        "timestep": torch.rand(2),
-        "img_ids": torch.randn(64, 3),
-        "txt_ids": torch.randn(24, 3),
-    }
-    return Built(model.train(), sample, _mse_to(torch.randn(2, 64, 4)))
-
-
 def unet() -> Built:
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.UNet2DConditionModel(
@@ -236,17 +262,38 @@ def unet() -> Built:
     return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 32, 32)))
 
 
-MODELS: dict[str, Callable[[], Built]] = {
+def vae() -> Built:
+    """``AutoencoderKL`` with two down and two up blocks: diffusers checkpoints each down block,
+    each mid block and each up block."""
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=32,
+    )
+    target = torch.randn(2, 3, 32, 32)
+    return Built(model.train(), {"sample": torch.randn(2, 3, 32, 32)}, _mse_to(target))
+
+
+MODELS: dict[str, Callable[[], Built | diffusion.Built]] = {
     "flaubert": flaubert,
     "xlm": xlm,
     "squeezebert": squeezebert,
     "ibert": ibert,
     "recurrent_gemma": recurrent_gemma,
     "gemma4": gemma4,
+    "longcat_flash": longcat_flash,
+    "florence2": florence2,
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
     "eomt_dinov3": eomt_dinov3,
-    "sd3": sd3,
-    "flux": flux,
+    "sd3": diffusion.sd3,
+    "flux": diffusion.flux,
     "unet": unet,
+    "vae": vae,
 }

@@ -8,6 +8,7 @@ The models here checkpoint as diffusers' and transformers' do: a module with a
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -127,7 +128,7 @@ def test_blocks_of_the_library_replace_a_chain_inside_one_block() -> None:
 def test_library_blocks_plan_bit_identical_within_budget() -> None:
     model = Attributes().train()
     sample = (torch.randn(64, WIDTH),)
-    plan = memfit.auto(model, sample, budget="50%", repeats=1)
+    plan = memfit.auto(model, sample, budget="50%", repeats=1, options=())
     assert plan.stage_names[1:-1] == ("first", "second", "third", "fourth")
     report = memfit.verify(model, sample, repeats=1)
     assert report.loss_equal and report.gradients_equal, report.mismatched
@@ -327,3 +328,49 @@ def test_containers_give_way_to_the_blocks_the_library_checkpoints_in_them() -> 
     finer = memfit.profile(model, sample, options=(), repeats=1)
     whole = memfit.profile(model, sample, options=(), repeats=1, blocks="stages")
     assert _floor(finer) < _floor(whole)
+
+
+class Cross(nn.Module):
+    """A decoder block reading the encoder's output besides its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ff = Plain()
+        self.cross = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.ff(x) + self.cross(memory)
+
+
+class EncoderDecoder(_Checkpointing):
+    """Two lists, the encoder's last output read by every decoder block (BART without an
+    encoder norm, Florence-2's language model); logs as transformers does when its switch is
+    on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList(Plain() for _ in range(2))
+        self.decoder = nn.ModuleList(Cross() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            logging.getLogger("transformers.toy").warning("use_cache=True is incompatible")
+        for block in self.encoder:
+            x = self.run(block, x)
+        for block in self.decoder:
+            y = self.run(block, y, x)
+        return (y * y).mean()
+
+
+def test_an_encoder_output_read_by_every_decoder_block_is_no_skip(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = EncoderDecoder().train()
+    sample = (torch.randn(4, WIDTH), torch.randn(4, WIDTH))
+    with caplog.at_level(logging.WARNING):
+        found = library_blocks(model, _run(model, *sample))
+        chain, notes = find_blocks(model, _run(model, *sample))
+    assert found is not None and found.skipped == ()
+    assert chain.block_names == ("encoder.0", "encoder.1", "decoder.0", "decoder.1")
+    assert notes == [] and chain.groups == (0, 2)
+    assert caplog.records == []  # the watch turned the switch on, not the user

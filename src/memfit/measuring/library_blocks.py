@@ -39,6 +39,7 @@ test dependencies); the chain finder's own search applies.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +60,7 @@ FLAG = "gradient_checkpointing"
 FUNCTION = "_gradient_checkpointing_func"
 _MISSING = object()
 SHOWN = 4  # names shown in a message before "..."
+LIBRARIES = ("transformers", "diffusers")  # whose loggers the watch quiets
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,22 @@ def _switched_on(modules: Sequence[nn.Module], function: Callable[..., Any]) -> 
                 module.__dict__[name] = value
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The libraries' own log lines off while memfit watches (transformers logs "use_cache=True
+    is incompatible with gradient checkpointing" when its switch is on): the user turned no
+    switch on."""
+    loggers = [logging.getLogger(name) for name in LIBRARIES]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryBlocks | None:
     """The blocks the model's own checkpointing switch checkpoints, seen in one forward with
     the switch on (no checkpoint taken, nothing saved for backward); ``None`` when the model
@@ -267,7 +285,7 @@ def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryB
     names = {id(module): name for name, module in model.named_modules()}
     watch = _Watch(names)
     dropped = torch.autograd.graph.saved_tensors_hooks(_drop, _never)
-    with _switched_on(flagged, watch.record), torch.enable_grad(), dropped, watch:
+    with _switched_on(flagged, watch.record), torch.enable_grad(), dropped, watch, _quiet():
         output = run_forward()
     del output
     if not watch.calls:
@@ -286,10 +304,14 @@ def library_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> LibraryB
         from_previous = watch.taken[index].count(index - 1)
         if from_previous >= 2:
             carried.append((watch.calls[index - 1], watch.calls[index], from_previous))
+    # the last block of a list may be read by a later list (an encoder's output, read by every
+    # decoder block): the chain's stage between the two groups holds it
+    last_of_list = {_parent(name): index for index, name in enumerate(watch.calls)}
     late = [
         (returned - made - 1, made, reader or f"the model's code before {watch.calls[returned]}")
         for made, (reader, returned) in watch.late.items()
         if returned < len(watch.calls)  # reads once every block ran are the head's (LLaVA's)
+        and last_of_list[_parent(watch.calls[made])] != made
     ]
     skipped = tuple(
         (watch.calls[made], reader, later) for later, made, reader in sorted(late, reverse=True)
