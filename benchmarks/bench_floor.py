@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     model.gradient_checkpointing_disable()
     say(f"HF full recompute: peak {hf.peak_bytes / 2**20:.1f} MiB")
     profile = memfit.profile(model, sample, exact=False, repeats=args.repeats)
-    say(f"profiled; notes: {profile.info.get('notes')}")
+    say(f"profiled; notes: {list(profile.notes)}")
     exact_heads = {name for name, head in HEAD_OPTIONS.items() if head.exact}
     rows = [
         ("memfit before (exact block options, <post> kept)", with_post_menu(profile, set())),

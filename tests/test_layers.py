@@ -23,6 +23,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "verbs",
         (
+            "memfit.menu",
+            "memfit.profile_options",
             "memfit.profiling",
             "memfit.api",
             "memfit.shape_profiles",

@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 import memfit
-from memfit.runtime import replay
+from memfit.measuring.chain import find_chain
+from memfit.models import build
+from memfit.runtime import apply_plan, remove_plan, replay
+from memfit.runtime.head import LEAN_LOSS
+from tests.helpers.plans import head_plan
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,3 +88,66 @@ def test_a_model_that_does_not_repeat_itself_is_named_not_the_plan() -> None:
         memfit.remove(model)
     assert not report.gradients_equal
     assert report.reference_repeatable is False
+
+
+def lean_loss_model(arch: str) -> tuple[nn.Module, Any]:
+    """``arch`` with every block recomputed and its loss under ``head:lean-loss`` (forced: the
+    planner picks it only where it pays)."""
+    if arch == "gpt2":
+        model, sample = gpt2()
+        chain = find_chain(model, lambda: model(**sample))
+    else:  # the built-in GPT: its forward calls F.cross_entropy
+        model, sample = build("gpt", layers=2, width=32, seq=16, batch=2)
+        chain = find_chain(model, lambda: model(*sample))
+    apply_plan(model, chain, head_plan(chain, LEAN_LOSS))
+    return model, sample
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt"])
+def test_the_lean_loss_is_a_difference_by_design(arch: str) -> None:
+    model, sample = lean_loss_model(arch)
+    try:
+        report = memfit.verify(model, sample, repeats=1, trace=True)
+    finally:
+        remove_plan(model)
+    assert report.trace_difference == "", report.trace_difference
+    assert report.ok and report.gradients_equal and report.loss_equal
+    forward, backward = report.by_design
+    rows = "64 x 64" if arch == "gpt2" else "32 x 1024"
+    label = f"{LEAN_LOSS}: cross_entropy over {rows} logits"
+    assert forward.startswith(f"{label} (forward): the plain step's aten._log_softmax.default, ")
+    assert "aten.nll_loss_forward.default replaced by" in forward and "gather" in forward
+    assert backward.startswith(f"{label} (backward): the plain step's aten.nll_loss_backward")
+    assert "aten._log_softmax_backward_data.default replaced by" in backward
+
+
+def _column_major(where: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A planned block's input as a column-major copy: the same values on another layout."""
+    first, *rest = args
+    return (first.mT.contiguous().mT, *rest), kwargs
+
+
+def _column_major_reruns(where: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The same in a block's rerun only: the forward matches, and the first difference is a
+    block's backward on the rerun's saved tensors, after the head's backward region (found only
+    where that region is cut out of both steps)."""
+    return _column_major(where, args, kwargs) if replay.replaying() else (args, kwargs)
+
+
+@pytest.mark.parametrize(
+    ("patch", "where"), [(_column_major, "forward"), (_column_major_reruns, "backward")]
+)
+def test_a_block_difference_is_caught_with_the_head_exempt(
+    monkeypatch: pytest.MonkeyPatch, patch: Any, where: str
+) -> None:
+    model, sample = lean_loss_model("gpt")
+    monkeypatch.setattr(replay, "private_caches", patch)
+    try:
+        report = memfit.verify(model, sample, repeats=1, trace=True)
+    finally:
+        remove_plan(model)
+    assert report.trace_difference.startswith(where), report.trace_difference
+    assert "stride" in report.trace_difference
+    assert "by design" not in report.trace_difference
+    assert not report.ok
+    assert report.by_design[0].startswith(f"{LEAN_LOSS}: cross_entropy over 32 x 1024 logits")

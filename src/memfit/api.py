@@ -24,7 +24,8 @@ from memfit.planning.candidates import alternatives, without
 from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
-from memfit.profiling import profile
+from memfit.profile_options import ProfileOptions
+from memfit.profiling import profile, profile_with
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
@@ -44,6 +45,7 @@ from memfit.runtime.compiled import (
 )
 from memfit.runtime.dynamic import remove_shape_plans
 from memfit.runtime.options import hooks_inside
+from memfit.shape_profiles import shape_profile_options
 from memfit.timing import fastest
 from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
 from memfit.verification import Verification, verify
@@ -72,7 +74,7 @@ def plan(
             also offer options exact only to rounding, such as ``head:chunked``...). The plan
             records the loop the profile measured (``plan.keep_output``, ``plan.accumulate``);
             a plan using an option exact to rounding says so (``plan.exact`` is false,
-            ``plan.info["inexact"]`` names the stage), and what planning took:
+            ``plan.inexact`` names the stage), and what planning took:
             ``plan.info["setup_s"]`` seconds, ``plan.info["setup_steps"]`` unplanned steps.
         budget: a fraction of the step's activation memory without memfit (``"40%"``, or a
             float in (0, 1] such as ``0.4``): the step peak above what is held before it
@@ -86,7 +88,7 @@ def plan(
             (``plan.info["host_peak_bytes"]`` says how much a plan holds there). Checked
             everywhere (a malformed size is a ``ValueError`` before anything is measured);
             on a model whose profile has no offload in its menu (CPU) a valid size has no
-            effect, so that one script serves CPU and CUDA (``plan.info["notes"]`` says why
+            effect, so that one script serves CPU and CUDA (``plan.notes`` says why
             offload is absent).
         candidates: how many plans within the budget to time on the model before choosing
             (``optimal`` only; needs the model and sample, not a profile). 1 (default): the
@@ -125,10 +127,12 @@ def plan(
     parse_strategy(strategy)
     host_budget_bytes = None if host_budget is None else _host_budget(host_budget)
     candidates = _check_candidates(candidates, profile_or_model, strategy)
+    options = None
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
             raise TypeError("memfit.plan(model, sample, budget=...) needs the sample to profile")
-        prof = profile(profile_or_model, sample, **profile_options)
+        options = ProfileOptions.of(**profile_options)
+        prof = profile_with(profile_or_model, sample, options)
     elif isinstance(profile_or_model, Profile):
         prof = profile_or_model
     else:
@@ -165,24 +169,19 @@ def plan(
     # the plan holds for the loop the profile measured: verify measures that one again
     step = prof.measurement
     for index, candidate in enumerate(plans):
-        info = dict(candidate.info)
-        for key in ("compile", "notes"):  # compiled blocks: apply compiles them; left out
-            if key in prof.info:
-                info[key] = prof.info[key]
         stamped = candidate.for_loop(keep_output=step.keep_output, accumulate=step.accumulate)
-        plans[index] = dataclasses.replace(stamped, info=info)
+        # compiled blocks: apply compiles them; the menu's notes: what was left out and why
+        plans[index] = dataclasses.replace(stamped, compile=prof.compile, notes=prof.notes)
     result = plans[0]
     if candidates > 1:
-        assert isinstance(profile_or_model, nn.Module)  # checked above
+        assert isinstance(profile_or_model, nn.Module) and options is not None  # checked above
         result = fastest(
             profile_or_model,
             sample,
             plans,
-            loss_fn=profile_options.get("loss_fn"),
-            keep_output=step.keep_output,
-            accumulate=step.accumulate,
+            loop=options.loop,  # the loop the profile measured
             drop_failures=not together,  # a rank that skips a plan would desert the others
-            compile=prof.info.get("compile"),  # profiled here: the caller's own arguments
+            compile=prof.compile,  # profiled here: the caller's own arguments
         )
         if together:  # every rank timed the same plans in lockstep; all run rank 0's choice
             result = rank0_plan(result)
@@ -264,7 +263,7 @@ def apply(
 
     The module tree, ``state_dict()`` keys and values stay as they are.
 
-    A plan made from a compiled profile (``plan.info["compile"]``, see :func:`profile`)
+    A plan made from a compiled profile (``plan.compile``, see :func:`profile`)
     compiles each block's own forward first; memfit's checkpoints run around the compiled
     blocks. A plan is data, and may come from a file: the ``torch.compile`` arguments are the
     caller's ``compile=``, or else the plan's own settings when they only choose among torch's
@@ -321,7 +320,7 @@ def apply(
         if budgets:
             raise PlanMismatchError(
                 f"the plan asks for {budgets}, which run on compiled blocks, but records no "
-                f'compile arguments (plan.info["compile"]); plan with compile=True'
+                f"compile arguments (plan.compile); plan with compile=True"
             )
         apply_plan(model, chain, plan)
         arm_traced_plan_warning()
@@ -352,7 +351,7 @@ def remove(model: nn.Module) -> bool:
         return False
     chain = chain_of_plan(target, current)
     remove_plan(target)
-    if current.info.get("compile") is not None:
+    if current.compile is not None:
         uncompile_blocks(chain.blocks)
     undo_before_apply(target)  # Hugging Face's checkpointing back on, if apply turned it off
     return True
@@ -456,6 +455,8 @@ def auto(
         from memfit.estimation import auto_dynamic
 
         assert budget is not None  # refused above
+        shapes_profiled = profile_options.pop("shapes_profiled", None)
+        shape_profile = profile_options.pop("shape_profile", None)
         applied = auto_dynamic(
             model,
             sample,
@@ -465,7 +466,9 @@ def auto(
             bucket=bucket,
             margin=margin,
             round_batch=round_batch,
-            **profile_options,
+            shapes_profiled=shapes_profiled,
+            shape_profile=shape_profile,
+            options=shape_profile_options(**profile_options),
         )
         arm_traced_plan_warning()
         return applied
@@ -475,5 +478,5 @@ def auto(
         model, sample, budget=budget, strategy=strategy, candidates=count, **profile_options
     )
     # made here from the caller's compile= (or the blocks the caller compiled): theirs to pass
-    apply(model, result, sample, compile=result.info.get("compile"))
+    apply(model, result, sample, compile=result.compile)
     return result

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memfit.errors import InfeasibleBudgetError
+from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.profile import Profile
 from memfit.measuring.run import measure
 from memfit.measuring.state import preserving_state
@@ -166,9 +167,9 @@ def bench(
                     model,
                     sample,
                     plans_within,
-                    loss_fn=loss_fn,
-                    keep_output=keep,
-                    accumulate=measurement.accumulate,
+                    loop=TrainingLoop(
+                        loss_fn=loss_fn, keep_output=keep, accumulate=measurement.accumulate
+                    ),
                 )
             else:
                 chosen = solve(costs, budget_bytes, strategy)

@@ -18,13 +18,13 @@ from torch import nn
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.profile import sample_digest
 from memfit.measuring.sample_shapes import resize_sample, sample_layout
-from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.plan import Plan
 from memfit.planning.shape_costs import largest_shape, plan_shape
 from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
+from memfit.profile_options import ProfileOptions
 from memfit.runtime.apply import refuse_planned
 from memfit.runtime.dynamic import (
     ShapePlans,
@@ -38,6 +38,8 @@ from memfit.shape_profiles import (
     parse_shapes,
     position_limit,
     profile_shapes,
+    shape_profile_options,
+    shape_profile_with,
 )
 from memfit.units import Budget, parse_budget
 
@@ -192,8 +194,10 @@ def estimate(
             raise TypeError("memfit.estimate(model, sample, shapes=...) needs the sample")
         # checked before anything is profiled
         longest = max(s.seq for s in parse_shapes(shapes, sample_layout(sample)))
-        shaped = profile_shapes(
-            model, sample, shapes=profile_at, longest_seq=longest, **profile_options
+        options = shape_profile_options(**profile_options)
+        options.loop.check(model, sample)
+        shaped = shape_profile_with(
+            model, sample, shapes=profile_at, longest_seq=longest, options=options
         )
     else:
         raise TypeError(
@@ -262,16 +266,15 @@ def auto_dynamic(
     round_batch: bool = False,
     shapes_profiled: Iterable[Shape | tuple[int, int]] | None = None,
     shape_profile: ShapeProfile | None = None,
-    **profile_options: Any,
+    options: ProfileOptions,
 ) -> Plan:
-    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`.
+    """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`
+    (``options``: its profile options, :func:`~memfit.shape_profiles.shape_profile_options`).
     Every argument is checked before the first shape is profiled."""
     parsed = parse_budget(budget)
     parse_strategy(strategy)
     check_bucket_and_margin(bucket, margin)
-    check_step_arguments(
-        model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
-    )
+    options.loop.check(model, sample)
     refuse_planned(model, "planning it again")
     layout = sample_layout(sample)
     if seq_range is not None:
@@ -301,7 +304,9 @@ def auto_dynamic(
                 *default_profile_shapes(layout.shape, max_seq=limit),
                 Shape(1, seq_range[1]),
             ]
-        shaped = profile_shapes(model, sample, shapes=shapes_profiled, **profile_options)
+        shaped = shape_profile_with(
+            model, sample, shapes=shapes_profiled, longest_seq=None, options=options
+        )
     else:
         shaped = shape_profile
     plans = ShapePlans(

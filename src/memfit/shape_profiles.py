@@ -14,7 +14,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -27,14 +27,14 @@ from memfit.measuring.sample_shapes import (
     step_seconds_at,
 )
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import check_step_arguments
 from memfit.planning.baselines import keep_all
 from memfit.planning.costs import KEEP
 from memfit.planning.plan import Plan
 from memfit.planning.shape_costs import ShapeCosts, fit_shapes, scale_seconds
 from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
-from memfit.profiling import profile
+from memfit.profile_options import ProfileOptions
+from memfit.profiling import profile_with
 from memfit.runtime.apply import chain_of_plan, planned
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,6 @@ def _option_names(prof: Any) -> list[str]:
     return sorted(names - {KEEP})
 
 
-@preserving_state
 def profile_shapes(
     model: nn.Module,
     sample: Any,
@@ -166,9 +165,40 @@ def profile_shapes(
         >>> shaped = memfit.profile_shapes(model, {"input_ids": ids, "labels": ids})
         >>> shaped.fitted.summary()["holdout_error"]
     """
-    check_step_arguments(
-        model, sample, profile_options.get("loss_fn"), profile_options.get("optimizer")
+    return shape_profile_with(
+        model,
+        sample,
+        shapes=shapes,
+        longest_seq=longest_seq,
+        options=shape_profile_options(**profile_options),
     )
+
+
+def shape_profile_options(**profile_options: Any) -> ProfileOptions:
+    """:func:`profile_shapes`'s ``profile_options`` as one value: ``options`` ``()`` unless
+    given; ``repeats`` ``None`` unless given above 0 (then 3 at each shape, see
+    :func:`shape_profile_with`).
+
+    Raises:
+        ValueError, TypeError: as :func:`memfit.profile` for the same options.
+    """
+    repeats = profile_options.pop("repeats", None) or None
+    return ProfileOptions.of(**{"options": (), **profile_options, "repeats": repeats})
+
+
+@preserving_state
+def shape_profile_with(
+    model: nn.Module,
+    sample: Any,
+    *,
+    shapes: Iterable[Shape | tuple[int, int]] | None,
+    longest_seq: int | None,
+    options: ProfileOptions,
+) -> ShapeProfile:
+    """:func:`profile_shapes` with its profile options in one value
+    (:func:`shape_profile_options`): each shape profiled with them, its ``repeats`` timed
+    steps (3 for ``None``) and twice as many at the larger shapes."""
+    options.loop.check(model, sample)
     layout = sample_layout(sample)
     if shapes is None:
         chosen = default_profile_shapes(layout.shape, longest_seq, position_limit(model))
@@ -180,26 +210,21 @@ def profile_shapes(
     order = sorted(set(chosen), key=lambda s: (s.tokens, s.seq), reverse=True)
     started = time.perf_counter()
     profiles = {}
-    options = profile_options.pop("options", ())
-    repeats = int(profile_options.pop("repeats", None) or 3)
+    menu = options.options
+    repeats = int(options.repeats or 3)
     for shape in order:  # the largest first: its options are measured at every shape
         # the larger shapes carry the time fits' slope: twice the timed steps there
         twice = 2 * shape.tokens >= order[0].tokens
+        at_shape = replace(options, options=menu, repeats=2 * repeats if twice else repeats)
         try:
-            prof = profile(
-                model,
-                resize_sample(sample, shape, layout),
-                options=options,
-                repeats=2 * repeats if twice else repeats,
-                **profile_options,
-            )
+            prof = profile_with(model, resize_sample(sample, shape, layout), at_shape)
         except Exception as error:
             if shape not in optional:
                 raise
             logger.warning("memfit: shape %s left out of the shape profile: %s", shape, error)
             continue
-        if isinstance(options, str):
-            options = _option_names(prof)
+        if isinstance(menu, str):
+            menu = tuple(_option_names(prof))
         profiles[shape] = prof
     shapes_ = list(profiles)
     # each profile turned CPU seconds into wall seconds by its own wall/CPU factor, which
@@ -210,7 +235,7 @@ def profile_shapes(
     first = profiles[shapes_[0]]  # the largest profiled
     measured = first.measurement
     calibration = {}
-    if _calibrates(first, profile_options):
+    if _calibrates(first, options):
         # the plain step timed at every shape in rounds, without stage marks: each profile's
         # stage times are scaled to it (the marks' own cost out, one machine state for all)
         plan = _keep_plan(first.costs)
@@ -221,7 +246,7 @@ def profile_shapes(
                 model,
                 samples,
                 rounds=2 * repeats + 1,
-                loss_fn=profile_options.get("loss_fn"),
+                loss_fn=options.loop.loss_fn,
                 accumulate=measured.accumulate,
                 keep_output=measured.keep_output,
             )
@@ -246,11 +271,11 @@ def _keep_plan(costs: Any) -> Plan:
     return Plan.from_tree([stage.name for stage in costs.stages], keep_all(costs), "none")
 
 
-def _calibrates(prof: Any, profile_options: Mapping[str, Any]) -> bool:
+def _calibrates(prof: Any, options: ProfileOptions) -> bool:
     """Whether the stage times are scaled to unmarked steps: not for compiled blocks (the
     step would run them uncompiled) nor across ranks (each rank's own scale would give the
     ranks other plans; their merged profile is the slowest rank's)."""
-    return "compile" not in prof.info and ranks(profile_options.get("distributed")) <= 1
+    return prof.compile is None and ranks(options.distributed) <= 1
 
 
 def parse_shapes(shapes: ShapesArg, layout: SampleLayout) -> list[Shape]:

@@ -25,11 +25,10 @@ class TargetCodeError(MemfitError):
 
 
 # Sizes of the hf: targets where the command line gives none. Parameter gradients, the head's
-# logits and one block's backward working set set a floor under every plan's peak; at 2 layers
-# of 2 x 32 tokens it was 74% of activation memory and the README's `--budget 40%` failed. At 8
-# layers of 2 x 128 tokens, with the builders keeping the library's defaults (SDPA, caches), it
-# measured 21-23% (bert, roberta, gemma2, gpt2, bart), 29-35% (llama, mistral, qwen3, phi3,
-# falcon) and 47% (opt); `memfit plan hf:llama` took 2-5 s on a shared 2-vCPU machine.
+# logits and one block's backward working set set a floor under every plan's peak: at 2 layers
+# of 2 x 32 tokens it is 74% of activation memory, above the README's `--budget 40%`; at 8
+# layers of 2 x 128 tokens 21-47% by family, and a plan still takes seconds
+# (benchmarks/results/design-figures.md, "Default sizes of hf: targets").
 HF_SIZES: dict[str, int] = {"layers": 8, "seq": 128, "batch": 2}
 # ViT ignores seq (65 tokens per 32x32 image): batch 8 brings its floor from 45% to 24%.
 HF_ARCH_SIZES: dict[str, dict[str, int]] = {"vit": {"batch": 8}}

@@ -7,14 +7,14 @@ allocator's state after another plan's step is not charged to this one), and com
 plan with the first (the optimal plan of the predicted costs) by the median of their ratios
 in the same round. Another plan replaces the first only when it is faster by more than
 :data:`MARGIN`: a measured choice must not flip on noise. Plans made from a compiled profile
-(``plan.info["compile"]``) are timed with the blocks compiled, as :func:`memfit.apply` runs
+(``plan.compile``) are timed with the blocks compiled, as :func:`memfit.apply` runs
 them.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError, PlanMismatchError
+from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.state import preserving_state
-from memfit.measuring.step import LossFn
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import chain_of_plan
 from memfit.runtime.compiled import blocks_compiled, plan_compile_options
@@ -58,12 +58,10 @@ def fastest(
     plans: Sequence[Plan],
     *,
     rounds: int = ROUNDS,
-    loss_fn: LossFn | None = None,
-    keep_output: bool = True,
-    accumulate: bool = False,
+    loop: TrainingLoop | None = None,
     drop_failures: bool = True,
     progress: Callable[[str], None] | None = None,
-    compile: bool | dict[str, Any] | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
 ) -> Plan:
     """The plan of ``plans`` whose steps measured fastest on ``model``; the first plan unless
     another is faster by more than :data:`MARGIN` (median over ``rounds`` of the ratio of its
@@ -78,6 +76,9 @@ def fastest(
     timing in lockstep must all stop). The model is left unplanned, with its RNG
     state, gradients, buffers and training mode as found.
 
+    ``loop``: the training loop to time (``loss_fn``, ``keep_output``, ``accumulate``; the
+    optimizer plays no part in a step's time); ``None``: ``TrainingLoop()``, the usual loop.
+
     ``compile``: the caller's ``torch.compile`` arguments for plans from a compiled profile,
     as for :func:`memfit.apply` (``None``: the plans' own settings, checked against its
     allow-list).
@@ -89,6 +90,7 @@ def fastest(
     """
     if not plans:
         raise ValueError("fastest() needs at least one plan to time")
+    loop = TrainingLoop() if loop is None else loop
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1 (timed steps per plan); got {rounds}")
     settings = [plan_compile_options(plan, compile) for plan in plans]
@@ -114,7 +116,12 @@ def fastest(
                     continue
                 try:
                     times[index] = timed_step_under(
-                        model, sample, plans[index], loss_fn, keep_output, accumulate=accumulate
+                        model,
+                        sample,
+                        plans[index],
+                        loop.loss_fn,
+                        loop.keep_output,
+                        accumulate=loop.accumulate,
                     )
                 except (torch.OutOfMemoryError, MemfitError, RuntimeError) as error:
                     if index == 0 or not drop_failures:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import warnings
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError
-from memfit.measuring.run import Measurement, measure, time_step
+from memfit.measuring.readings import Measurement
+from memfit.measuring.run import measure, time_step
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
@@ -27,7 +29,7 @@ from memfit.measuring.step import (
     sample_device,
     split_sample,
 )
-from memfit.measuring.trace import Trace, compare_traces, tracing
+from memfit.measuring.trace import Trace, compare_traces, exempt_regions, tracing
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import (
     applied_plan,
@@ -37,7 +39,7 @@ from memfit.runtime.apply import (
     planned_module,
     remove_plan,
 )
-from memfit.runtime.head import inexact_options
+from memfit.runtime.head import inexact_options, marking_head
 
 # what "exact to rounding" allows: relative to the largest reference value (float32 sums in
 # another order differ by about 1e-6 of it; measured 3e-7 to 8e-7 on the head's gradients)
@@ -64,7 +66,13 @@ class Verification:
         overhead: planned step time / unplanned step time - 1 (medians, interleaved runs).
         trace_difference: with ``trace=True``, the first op the planned step runs that the
             plain step does not run on the same shapes, strides and dtypes (``""``: none, the
-            same kernels run on any machine; ``None``: not traced).
+            same kernels run on any machine; ``None``: not traced). Ops that a ``<post>``
+            option replaces by design (``head:lean-loss``'s row-chunked cross-entropy) are not
+            compared; ``by_design`` names them.
+        by_design: with ``trace=True``, the regions cut out of both traces by design, one line
+            each (forward, then backward): the option and the call (``head:lean-loss:
+            cross_entropy over 64 x 512 logits (forward)``), the plain step's ops there and the
+            planned step's. Every op outside them is compared.
         reference_repeatable: ``False`` when the unplanned step itself gives other gradients
             from the same seed (the model draws random numbers memfit cannot seed, e.g. with
             NumPy): a mismatch is then the model's, not the plan's.
@@ -85,6 +93,7 @@ class Verification:
     loss_error: float = 0.0
     trace_difference: str | None = None
     reference_repeatable: bool = True
+    by_design: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -182,7 +191,10 @@ def verify(
             forward and backward) and recomputes only ops the plain forward ran on the same
             layouts (``Verification.trace_difference``). Equal gradients show identity on this
             machine; equal traces show it on any machine, since the same ops on the same
-            layouts take the same kernels. A step under tracing runs several times slower.
+            layouts take the same kernels. The ops a ``<post>`` option replaces by design
+            (``head:*``) are cut out of both steps, where the plain step marks the calls the
+            option would replace, and named in ``Verification.by_design``; everything else is
+            compared. A step under tracing runs several times slower.
 
     Raises:
         MemfitError: the model carries no plan.
@@ -224,7 +236,14 @@ def verify(
         planned_loss, planned_grads, planned_trace = run(model, sample, loss_fn, seed)
         planned = measure(model, sample, repeats=1, **step)
         remove_plan(target)
-        reference_loss, reference_grads, reference_trace = run(model, sample, loss_fn, seed)
+        # the plain step marks what the plan's <post> option replaces by design
+        marks = (
+            marking_head(target, chain.blocks[-1], current.options.values())
+            if trace
+            else nullcontext()
+        )
+        with marks:
+            reference_loss, reference_grads, reference_trace = run(model, sample, loss_fn, seed)
         mismatched = mismatched_gradients(reference_grads, planned_grads)
         repeatable = True
         if mismatched or not torch.equal(reference_loss, planned_loss):
@@ -242,8 +261,10 @@ def verify(
         if applied_plan(target) is None:
             apply_plan(target, chain, current)
     difference = None
+    by_design: tuple[str, ...] = ()
     if reference_trace is not None and planned_trace is not None:
         difference = str(compare_traces(reference_trace, planned_trace) or "")
+        by_design = exempt_regions(reference_trace, planned_trace)
     return Verification(
         gradients_equal=not mismatched,
         loss_equal=torch.equal(reference_loss, planned_loss),
@@ -263,6 +284,7 @@ def verify(
         baseline=baseline,
         trace_difference=difference,
         reference_repeatable=repeatable,
+        by_design=by_design,
     )
 
 

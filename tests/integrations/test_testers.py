@@ -21,10 +21,14 @@ CPU, hence ``slow`` (still run by ``make test``; ``make quick`` leaves it out).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import memfit
 from memfit.errors import InfeasibleBudgetError, UnsupportedModelError
+from memfit.planning.plan import Stage
+from memfit.runtime.head import LEAN_LOSS
 from tests.helpers.hf_testers import TESTERS
 
 pytest.importorskip("transformers")
@@ -95,6 +99,33 @@ def test_tester_config_at_its_floor(name: str) -> None:
         report.predicted_peak_bytes,
         report.measured_peak_bytes,
     )
+
+
+@pytest.mark.parametrize("name", ["textnet", "gpt2"])
+def test_lean_loss_at_the_floor_is_a_trace_difference_by_design(name: str) -> None:
+    """The floor's plan with ``head:lean-loss`` on ``<post>`` (the planner picks it by measured
+    times: on textnet it did in a CI run, and the trace check then reported its loss's ops)."""
+    built = TESTERS[name]()
+    model, sample, loss_fn = built.model, built.sample, built.loss_fn
+    profile = memfit.profile(model, sample, loss_fn=loss_fn)
+    assert LEAN_LOSS in profile.costs.stages[-1].options
+    with pytest.raises(InfeasibleBudgetError) as raised:
+        memfit.plan(profile, budget="1%")
+    plan = memfit.plan(profile, budget=raised.value.min_feasible_bytes)
+    last = len(plan.stage_names) - 1
+    tree = (*plan.tree[:-1], Stage(last, LEAN_LOSS))
+    memfit.apply(model, dataclasses.replace(plan, tree=tree, budget_bytes=None))
+    report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.trace_difference == ""
+    assert [line.partition(" logits (")[2] for line in report.by_design] == [
+        "forward): the plain step's aten._log_softmax.default, aten.nll_loss_forward.default "
+        "replaced by aten._log_softmax.default, aten.gather.default, "
+        "aten.nll_loss_forward.default",
+        "backward): the plain step's aten.nll_loss_backward.default, "
+        "aten._log_softmax_backward_data.default replaced by aten.nll_loss_backward.default, "
+        "aten._log_softmax.default, aten.scatter_.src, aten._log_softmax_backward_data.out",
+    ]
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

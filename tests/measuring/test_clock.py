@@ -7,8 +7,8 @@ import time
 import pytest
 
 import memfit
-from memfit.measuring import run
-from memfit.measuring.run import CPU, WALL, profiler_share, wall_scaled
+from memfit.measuring import clock
+from memfit.measuring.clock import CPU, WALL, profiler_share, wall_scaled
 from memfit.models import gpt
 from memfit.runtime.apply import applied_plan
 
@@ -41,7 +41,7 @@ def test_a_loaded_machine_does_not_reorder_the_ways(monkeypatch: pytest.MonkeyPa
         state["last"] = now
         return now + state["load"]
 
-    monkeypatch.setattr(run.time, "perf_counter", loaded)
+    monkeypatch.setattr(clock.time, "perf_counter", loaded)
     prof = memfit.profile(model, sample, options=["rebuild"], repeats=3)
     monkeypatch.undo()
     assert state["load"] > 0  # the load hit the keep way's steps
@@ -69,7 +69,7 @@ def test_the_fast_path_takes_the_profilers_cost_off(monkeypatch: pytest.MonkeyPa
         state["last"] = now
         return now + state["cost"]
 
-    monkeypatch.setattr(run.time, "process_time", costly)
+    monkeypatch.setattr(clock.time, "process_time", costly)
     prof = memfit.profile(model, sample, options=["rebuild"])
     monkeypatch.undo()
     assert state["cost"] > 0 and prof.measurement.repeats == 1

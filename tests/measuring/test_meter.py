@@ -210,3 +210,30 @@ def test_meter_keeps_fd_2() -> None:
         assert os.fstat(2) == before
         torch.empty(16)
     assert meter.reading.peak_bytes == 64
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_meter_without_ops_reads_the_same_bytes(device: str) -> None:
+    """``ops=False`` (the profile's meter: no op recorded, only allocations and memfit's own
+    ranges) gives the reading of ``ops=True`` to the byte: spans, ranges, freed storages."""
+    readings = []
+    for ops in (True, False):
+        torch.manual_seed(0)
+        model = linear_gelu_chain().to(device)
+        x = torch.randn(BATCH, WIDTH, device=device)
+        with MemoryMeter(device, ops=ops) as meter:
+            hidden = model[0](x)
+            meter.watch("hidden", hidden)
+            meter.mark("rest")
+            with metered_range("tail"):
+                out = model[1:](hidden)
+            del hidden
+            meter.mark("backward")
+            out.sum().backward()
+        readings.append(meter.reading)
+    named, plain = readings
+    assert named.peak_op and plain.peak_op == ""
+    assert (plain.peak_bytes, plain.end_bytes) == (named.peak_bytes, named.end_bytes)
+    assert plain.spans == named.spans and len(plain.spans) == 3
+    assert plain.ranges == named.ranges and len(plain.ranges) == 1
+    assert plain.freed == named.freed and "hidden" in plain.freed

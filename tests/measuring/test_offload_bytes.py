@@ -68,5 +68,5 @@ def test_cpu_plans_say_why_offload_is_absent() -> None:
     assert prof.costs.host_bytes_per_s == 0
     assert all(OFFLOAD not in stage.options for stage in prof.costs.stages)
     plan = memfit.plan(prof, budget=None)
-    assert any("offload left out" in note and "cpu" in note for note in plan.info["notes"])
+    assert any("offload left out" in note and "cpu" in note for note in plan.notes)
     assert "host_peak_bytes" not in plan.info

@@ -70,8 +70,7 @@ def test_fast_path_measures_the_same_bytes_in_a_sixth_of_the_steps() -> None:
     timed = thorough.info["timed_options"]
     assert timed and set(timed) <= set(thorough.costs.stages[1].options)
     assert any(
-        note.startswith("['selective:save=") and "thorough=True" in note
-        for note in fast.info["notes"]
+        note.startswith("['selective:save=") and "thorough=True" in note for note in fast.notes
     )
     # 7 ways (keep, recompute, 3 rebuild, 1 selective, 1 head): 6 metered steps, keep's
     # plain one, the chain finder's and the op profile's forwards

@@ -28,8 +28,11 @@ def _check(costs: ChainCosts, budget: int, count: int) -> None:
             result.step_s,
         )
     for plan in plans[1:]:
-        # each alternative does without something the optimal plan relies on
-        assert used_options(best.tree) - used_options(plan.tree)
+        # each alternative does without something the optimal plan relies on, or is a plan of
+        # the frontier below it
+        lower = plan.predicted_peak_bytes < best.predicted_peak_bytes
+        assert used_options(best.tree) - used_options(plan.tree) or lower
+        assert plan.budget_bytes == budget
     times = [p.predicted_step_s for p in plans[1:]]
     assert times == sorted(times)
 
@@ -53,7 +56,8 @@ def test_alternatives_on_a_heterogeneous_chain() -> None:
         counts.append(len(plans))
         best_used = used_options(plans[0].tree)
         if not best_used:
-            assert len(plans) == 1  # nothing to do without: the optimal plan alone
+            # nothing to do without: the optimal plans below the optimal one's peak
+            assert all(p.predicted_peak_bytes < plans[0].predicted_peak_bytes for p in plans[1:])
             continue
         # the menus without one option the optimal plan uses, each alone
         menus = {solve(without(costs, {o}), budget, "optimal").tree for o in best_used}
@@ -61,12 +65,29 @@ def test_alternatives_on_a_heterogeneous_chain() -> None:
     assert max(counts) > 1  # some budgets leave room for other plans
 
 
+def test_a_plan_of_keep_and_recompute_gets_the_plans_below_it() -> None:
+    costs = heterogeneous_chain(8, options=1, seed=1)
+    assert all(stage.options.keys() <= {"keep"} for stage in costs.stages)
+    floor = simulate(costs, solve(costs, None, "all").tree).peak_bytes
+    high = simulate(costs, solve(costs, None, "none").tree).peak_bytes
+    budget = (floor + high) // 2
+    plans = alternatives(costs, budget, 3)
+    assert len(plans) == 3
+    peaks_found = [p.predicted_peak_bytes for p in plans]
+    assert peaks_found[1:] and all(peak < peaks_found[0] for peak in peaks_found[1:])
+    # each is at least as fast as what the DP finds at its own peak (the DP rounds bytes up to
+    # slots, so a budget a little above a plan's peak can find a faster one than its peak)
+    for plan in plans[1:]:
+        optimal = solve(costs, plan.predicted_peak_bytes, "optimal")
+        assert plan.predicted_step_s <= optimal.predicted_step_s
+
+
 def test_the_search_is_bounded() -> None:
     costs = heterogeneous_chain(8, options=4, seed=3)
     low = simulate(costs, solve(costs, None, "all").tree).peak_bytes
     high = simulate(costs, solve(costs, None, "none").tree).peak_bytes
     budget = (low + high) // 2
-    many = alternatives(costs, budget, 1000)  # more than exist: stops when menus run out
+    many = alternatives(costs, budget, 1000)  # more than exist: stops at the floor
     assert len({p.tree for p in many}) == len(many)
     two = alternatives(costs, budget, 2)
     assert two[0].tree == many[0].tree  # the optimal plan first, whatever the count

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -33,7 +35,8 @@ def _plan() -> Plan:
         predicted_step_s=0.5,
         budget_bytes=2000,
         fingerprint="abc-def",
-        info={"notes": ["a note"], "timed": [{"ratio": 1.0, "chosen": True, "error": None}]},
+        notes=("a note",),
+        info={"timed": [{"ratio": 1.0, "chosen": True, "error": None}]},
     )
 
 
@@ -230,3 +233,39 @@ def test_for_loop_stamps_only_the_loop_and_it_round_trips() -> None:
     assert all(getattr(stamped, name) == getattr(plan, name) for name in unchanged)
     assert (plan.keep_output, plan.accumulate) == (True, False)  # frozen: a new plan
     assert Plan.from_json(stamped.to_json()) == stamped
+
+
+def test_the_typed_fields_round_trip_under_info() -> None:
+    plan = replace(
+        _plan(),
+        compile={"backend": "aot_eager", "dynamic": None},
+        inexact={"c": "head:chunked: exact to rounding, not bit for bit"},
+    )
+    data = plan.to_dict()
+    # where plan files before the fields kept them, before the free-form facts written later
+    assert list(data["info"]) == ["inexact", "compile", "notes", "timed"]
+    assert data["info"]["compile"] == {"backend": "aot_eager", "dynamic": None}
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and not again.exact
+    assert again.notes == ("a note",) and set(again.info) == {"timed"}
+
+
+def test_typed_info_keys_are_refused_in_info() -> None:
+    with pytest.raises(ValueError, match=r"Plan.compile"):
+        replace(_plan(), info={"compile": {"backend": "eager"}})
+    with pytest.raises(ValueError, match=r"Plan.notes"):
+        replace(_plan(), info={"notes": ["a note"]})
+
+
+@pytest.mark.parametrize(
+    ("info", "field"),
+    [
+        ({"notes": "a note"}, "info.notes"),
+        ({"notes": [3]}, "info.notes[0]"),
+        ({"inexact": ["<post>"]}, "info.inexact"),
+        ({"inexact": {"<post>": False}}, "info.inexact"),
+    ],
+)
+def test_malformed_typed_info_is_refused_by_name(info: dict[str, Any], field: str) -> None:
+    with pytest.raises(PlanFormatError, match=f'"{re.escape(field)}"'):
+        Plan.from_dict({**_data(), "info": info})

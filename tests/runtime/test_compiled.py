@@ -101,14 +101,14 @@ def test_a_compiled_plan_runs_as_profiled() -> None:
     plan = memfit.auto(model, sample, budget="50%", repeats=1, compile=COMPILE)
     # one graph for every block (the class forward, compiled once), no graph break
     assert _dynamo_counts() == {"graphs": 1, "breaks": 0}
-    assert plan.info["compile"] == COMPILE
-    assert any("rebuild and selective:* left out" in note for note in plan.info["notes"])
+    assert plan.compile == COMPILE
+    assert any("rebuild and selective:* left out" in note for note in plan.notes)
     # dropout on: compile's activation_memory_budget would replay it wrongly, so not offered
-    assert any("compile-budget:* left out" in note for note in plan.info["notes"])
+    assert any("compile-budget:* left out" in note for note in plan.notes)
     assert set(plan.options.values()) <= {"keep", "recompute"}
     assert "recompute" in plan.options.values()
     assert all(runs_compiled_blocks(block.forward) for block in model.blocks)
-    assert "compile" in Plan.from_json(plan.to_json()).info
+    assert Plan.from_json(plan.to_json()).compile == COMPILE
     _compile_around(reference, "blocks")
     counts = _steps_match(model, reference, sample)
     assert counts == [{"graphs": 0, "breaks": 0}] * 3  # compiled while profiling, never again
@@ -204,7 +204,7 @@ def test_compiled_blocks_refuse_hooked_options() -> None:
         memfit.profile(model, sample, repeats=1, options=("rebuild",), compile=COMPILE)
     with pytest.raises(ValueError, match="keys \\['cache'\\]"):
         memfit.profile(model, sample, compile={"cache": True})
-    edited = dataclasses.replace(_by_hand(model, sample, {2: "rebuild"}), info={"compile": COMPILE})
+    edited = dataclasses.replace(_by_hand(model, sample, {2: "rebuild"}), compile=COMPILE)
     with pytest.raises(PlanMismatchError, match="cannot see inside compiled blocks"):
         memfit.apply(model, edited)
     assert not any("forward" in block.__dict__ for block in model.blocks)
@@ -219,7 +219,7 @@ def test_candidates_are_timed_with_the_blocks_compiled() -> None:
     timed = plan.info["timed"]
     assert len(timed) >= 2 and not any("error" in entry for entry in timed)
     assert any("compile-budget:" in entry["options"] for entry in timed)
-    assert plan.info["compile"] == backend
+    assert plan.compile == backend
     assert all("forward" not in block.__dict__ for block in model.blocks)  # left uncompiled
     memfit.apply(model, plan, sample)
     try:
@@ -236,7 +236,7 @@ def _recompute_block_2(model: torch.nn.Module, sample: Any) -> Plan:
 
 
 def _with_compile(plan: Plan, settings: Any) -> Plan:
-    """``plan`` as a file would carry it, with ``info["compile"]`` set to ``settings``."""
+    """``plan`` as a file would carry it, with ``info.compile`` set to ``settings`` (``Plan.compile``)."""
     data = plan.to_dict()
     data["info"] = {**data["info"], "compile": settings}
     return Plan.from_json(json.dumps(data))
@@ -304,7 +304,7 @@ def test_a_plan_file_cannot_configure_the_compiler(
         ({"fullgraph": "yes"}, "'fullgraph'"),
         ({"dynamic": 1}, "'dynamic'"),
         ({"options": {}}, "'options'"),
-        ("inductor", 'info\\["compile"\\]'),
+        ("inductor", "plan.compile is 'inductor'"),
     ],
 )
 def test_malformed_compile_settings_are_refused_at_apply(settings: Any, named: str) -> None:
@@ -355,7 +355,7 @@ def test_auto_passes_the_callers_own_compile_arguments_on() -> None:
     model, sample = _gpt()
     settings = {"backend": "aot_eager", "options": {}}
     plan = memfit.auto(model, sample, budget="50%", repeats=1, compile=settings)
-    assert plan.info["compile"] == settings
+    assert plan.compile == settings
     assert all(runs_compiled_blocks(block.forward) for block in model.blocks)
     fresh, _ = _gpt()
     with pytest.raises(PlanMismatchError, match="'options'"):  # the same plan, from a file

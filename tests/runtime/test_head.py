@@ -11,15 +11,16 @@ import memfit
 from memfit.errors import PlanMismatchError
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import Chain, find_chain
+from memfit.measuring.trace import compare_traces, exempt_regions
 from memfit.models import build
-from memfit.planning.plan import Plan, Stage, recompute_one
+from memfit.planning.plan import Plan, Stage
 from memfit.planning.simulate import simulate
 from memfit.report.tables import plan_table
 from memfit.runtime import apply_plan, losses, remove_plan
-from memfit.runtime.head import CHUNKED, LEAN_LOSS
+from memfit.runtime.head import CHUNKED, LEAN_LOSS, marking_head
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
-from memfit.verification import ROUNDING, seeded_gradients
-from tests.helpers.plans import make_plan
+from memfit.verification import ROUNDING, seeded_gradients, traced_gradients
+from tests.helpers.plans import head_plan, make_plan
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
@@ -29,13 +30,6 @@ HEADS = [LEAN_LOSS, CHUNKED]
 
 def chain_of(model: torch.nn.Module, sample: dict) -> Chain:
     return find_chain(model, lambda: model(**sample))
-
-
-def head_plan(chain: Chain, option: str, recompute: bool = True) -> Plan:
-    """Blocks recomputed one by one (or kept), the last stage run with ``option``."""
-    last = len(chain) - 1
-    blocks = [recompute_one(i) if recompute else Stage(i) for i in range(1, last)]
-    return make_plan(chain, (Stage(0), *blocks, Stage(last, option)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -125,6 +119,34 @@ def test_chunked_head_matches_to_rounding_and_drops_the_logits(arch: str) -> Non
     assert model(**sample).logits is not None
 
 
+@pytest.mark.usefixtures("small_chunks")
+def test_chunked_head_is_a_trace_difference_by_design() -> None:
+    model, sample = build_hf("gpt2", layers=2, hidden=32, seq=32, batch=2, vocab=512)
+    chain = chain_of(model, sample)
+    plan = head_plan(chain, CHUNKED)
+    plain_loss, plain_grads, bare = traced_gradients(model, sample, None, seed=3)
+    with marking_head(model, chain.blocks[-1], plan.options.values()):
+        marked_loss, marked_grads, plain = traced_gradients(model, sample, None, seed=3)
+    # marking runs the plain step as it is
+    assert torch.equal(marked_loss, plain_loss)
+    assert all(torch.equal(marked_grads[n], g) for n, g in plain_grads.items() if g is not None)
+    apply_plan(model, chain, plan)
+    try:
+        _, _, planned = traced_gradients(model, sample, None, seed=3)
+    finally:
+        remove_plan(model)
+    assert compare_traces(plain, planned) is None
+    forward, backward = exempt_regions(plain, planned)
+    label = f"{CHUNKED}: head and loss over 64 x 512 logits"
+    assert forward.startswith(f"{label} (forward): the plain step's aten.mm.default, ")
+    assert "aten.nll_loss_forward.default replaced by aten.mm.default x32" in forward
+    assert backward.startswith(f"{label} (backward): the plain step's aten.nll_loss_backward")
+    # without the plain step's marks, the head's region is a difference, named as such
+    difference = compare_traces(bare, planned)
+    assert difference is not None and difference.where == "forward"
+    assert f"by design in the planned step only: {label}" in str(difference)
+
+
 def test_chunked_head_follows_num_items_in_batch() -> None:
     model, sample = build_hf("llama", layers=2, hidden=32, seq=16, batch=2, vocab=300)
     sample = {**sample, "num_items_in_batch": torch.tensor(50)}
@@ -174,7 +196,7 @@ def test_chunked_is_opt_in() -> None:
     exact = memfit.profile(model, sample, repeats=1)
     post = exact.costs.stages[-1].options
     assert LEAN_LOSS in post and CHUNKED not in post
-    assert any("exact=False" in note for note in exact.info["notes"])
+    assert any("exact=False" in note for note in exact.notes)
     with pytest.raises(ValueError, match="exact=False"):
         memfit.profile(model, sample, options=[CHUNKED])
     with pytest.raises(ValueError, match="compiled blocks"):  # a compile around would trace it
@@ -191,7 +213,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
     model, sample = build("gpt", layers=2, width=32, seq=16, batch=2)  # loss inside forward
     prof = memfit.profile(model, sample, options=[LEAN_LOSS, CHUNKED], exact=False, repeats=1)
     assert LEAN_LOSS in prof.costs.stages[-1].options
-    for notes in (prof.info["notes"], memfit.plan(prof, budget=None).info["notes"]):
+    for notes in (prof.notes, memfit.plan(prof, budget=None).notes):
         # the plan says why too
         assert any(
             note.startswith(f"{CHUNKED} left out: not a Hugging Face model") for note in notes
@@ -206,7 +228,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
 
     prof = memfit.profile(hf, hf_sample, loss_fn=loss_fn, options=[LEAN_LOSS], repeats=1)
     assert LEAN_LOSS not in prof.costs.stages[-1].options
-    assert any("loss_fn" in note for note in prof.info["notes"])
+    assert any("loss_fn" in note for note in prof.notes)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -251,7 +273,7 @@ def test_plans_mark_the_inexact_option() -> None:
     again = Plan.from_json(plan.to_json())
     assert not again.exact
     assert "NOT bit-identical" in str(plan_table(plan).title)
-    exact_plan = dataclasses.replace(plan, info={})
+    exact_plan = dataclasses.replace(plan, inexact={})
     assert exact_plan.exact
 
 

@@ -3,7 +3,8 @@
 from memfit.measuring.chain import POST, PRE, Chain, find_chain
 from memfit.measuring.meter import MemoryMeter, MemoryReading, Span
 from memfit.measuring.profile import Profile, build_profile, fingerprint
-from memfit.measuring.run import Measurement, StageReading, measure, measure_stages, time_step
+from memfit.measuring.readings import Measurement, StageReading
+from memfit.measuring.run import measure, measure_stages, time_step
 
 __all__ = [
     "POST",

@@ -21,6 +21,7 @@ never joins blocks across them (:attr:`Chain.draws_before`).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from memfit.errors import UnsupportedModelError
+from memfit.measuring.carry import MAIN_ONLY, Carry, Slot, find_carry, output_items, slot_values
 
 PRE = "<pre>"
 POST = "<post>"
@@ -53,6 +55,8 @@ class Chain:
         draws_before: positions in ``blocks`` of the blocks before which the model drew random
             numbers after the previous block of their group returned (LayerDrop): a recompute
             segment must not join such a block with the one before it.
+        carries: per group, how a block's output becomes the next block's arguments
+            (:mod:`memfit.measuring.carry`); empty: every group hands on its main tensor.
     """
 
     container: str
@@ -60,11 +64,14 @@ class Chain:
     blocks: tuple[nn.Module, ...]
     groups: tuple[int, ...] = (0,)
     draws_before: frozenset[int] = frozenset()
+    carries: tuple[Carry, ...] = ()
 
     def __post_init__(self) -> None:
         starts = self.groups
         if not starts or starts[0] != 0 or list(starts) != sorted(set(starts)):
             raise ValueError(f"Chain.groups must start at 0 and increase; got {starts}")
+        if self.carries and len(self.carries) != len(starts):
+            raise ValueError(f"Chain.carries {self.carries} must give one carry per group {starts}")
         if starts[-1] >= max(len(self.blocks), 1):
             raise ValueError(f"Chain.groups {starts} point past the {len(self.blocks)} blocks")
         positions: list[int | None] = [None]  # <pre>
@@ -97,6 +104,15 @@ class Chain:
         stages between groups)."""
         position = self.block_position(index)
         return None if position is None else self.blocks[position]
+
+    def carry(self, index: int) -> Carry:
+        """The carry of stage ``index``'s group (:data:`MAIN_ONLY` for a stage that is no
+        block, and for every stage of a chain without carries)."""
+        position = self.block_position(index)
+        if position is None or not self.carries:
+            return MAIN_ONLY
+        group = max(k for k, start in enumerate(self.groups) if start <= position)
+        return self.carries[group]
 
     @property
     def block_stages(self) -> tuple[int, ...]:
@@ -264,6 +280,9 @@ def find_chain(
             groups = {"<blocks=>": names}
         _refuse_second_names(groups, modules, every)
     calls: list[tuple[str, int, int | None]] = []  # (block fqn, input token, output token)
+    # per call: the tokens of its tensor arguments by slot, and of its output's tensor items
+    arguments: list[dict[Slot, int]] = []
+    results: list[dict[int, int]] = []
     draws = _Draws()
     streams: list[list[int]] = []  # per call: the random stream's number at its call, return
     handles = []
@@ -278,6 +297,8 @@ def find_chain(
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             first = main_tensor(split_main(args, kwargs)[0])
             calls.append((name, tokens.of(first) if first is not None else -1, None))
+            arguments.append({s: tokens.of(t) for s, t in slot_values(*split_main(args, kwargs))})
+            results.append({})
             streams.append([draws.now(first), -1])
             running.append(name)
 
@@ -285,6 +306,11 @@ def find_chain(
             out = main_tensor(output)
             index = max(i for i, call in enumerate(calls) if call[0] == name)
             calls[index] = (name, calls[index][1], tokens.of(out) if out is not None else -2)
+            results[index] = {
+                k: tokens.of(item)
+                for k, item in enumerate(output_items(output))
+                if isinstance(item, torch.Tensor)
+            }
             streams[index][1] = draws.now(out)
             if running and running[-1] == name:
                 running.pop()
@@ -303,11 +329,29 @@ def find_chain(
         for handle in handles:
             handle.remove()
 
-    def is_chain(names: list[str]) -> bool:
-        seen = [call for call in calls if call[0] in set(names)]
-        if [call[0] for call in seen] != names:
-            return False
-        return all(seen[k + 1][1] == seen[k][2] for k in range(len(seen) - 1))
+    def link(names: list[str]) -> Carry | None:
+        """How the blocks hand on: a carry of several tensors when every block hands the next
+        the same slots (the main input among them), else the main tensor
+        (:data:`MAIN_ONLY`); ``None``: not a chain."""
+        seen = [k for k, call in enumerate(calls) if call[0] in set(names)]
+        if [calls[k][0] for k in seen] != names:
+            return None
+        pairs = list(itertools.pairwise(seen))
+        found = {find_carry(results[a], arguments[a], arguments[b]) for a, b in pairs}
+        if len(found) == 1:
+            carry = found.pop()
+            # no block, the last included, returns one of its own inputs where the carry hands
+            # on (T5's position bias, made by the first layer and passed on by every other)
+            passes_on = any(
+                results[k].get(index) in arguments[k].values() for k in seen for _, index in carry
+            )
+            if len(carry) >= 2 and carry[0][0] == 0 and not passes_on:
+                return carry
+        if all(calls[b][1] == calls[a][2] for a, b in pairs):
+            return MAIN_ONLY
+        return None
+
+    links = {container: link(names) for container, names in groups.items()}
 
     def read_aside(names: list[str]) -> bool:
         """Whether the model reads a block's output besides the next block while the chain
@@ -322,7 +366,9 @@ def find_chain(
                 return True
         return False
 
-    found = {container: names for container, names in groups.items() if is_chain(names)}
+    found = {
+        container: names for container, names in groups.items() if links[container] is not None
+    }
     aside: list[str] = []
     if blocks is None:
         aside = [container for container, names in found.items() if read_aside(names)]
@@ -330,7 +376,9 @@ def find_chain(
     if blocks is not None and len(found) < len(groups):
         raise UnsupportedModelError(
             f"blocks={blocks!r} is not a chain: each block must be called once, in the given "
-            f"order, taking the previous block's output as its first argument"
+            f"order, taking the previous block's output as its first argument (or, for blocks "
+            f"that carry several tensors, the tensors of the previous block's output tuple as "
+            f"its main input and other arguments, in the same places for every block)"
         )
     if not found:
         why = (
@@ -422,12 +470,14 @@ def find_chain(
         container = parents.pop() if len(parents) == 1 else ""
     else:
         container = ",".join(name for name, _ in chosen)
+    carries = tuple(links[name] or MAIN_ONLY for name, _ in chosen)
     return Chain(
         container=container,
         block_names=tuple(names),
         blocks=tuple(modules[name] for name in names),
         groups=tuple(starts),
         draws_before=draws_before,
+        carries=carries if any(carries) else (),
     )
 
 

@@ -12,6 +12,11 @@ the profiler (host side, in program order, sizes as ``memory_allocated`` counts 
 ``max_memory_allocated`` instead would need ``reset_peak_memory_stats`` at every mark, which
 destroys the user's own peak statistics; the meter never resets them.
 
+A meter that does not name the op at the peak (``ops=False``, what profiling uses) records
+only the allocations and its own ranges (torch's user scope), not every op: the same bytes, and
+the profiler's stop and the replay take about a quarter of the time, which each way of running
+a model pays in a profile (``benchmarks/results/setup-*.md``).
+
 The profiler is one per process: the meter runs under memfit's process-wide lock, refuses to
 start inside the user's own profiler session, and keeps the profiler's start and stop lines
 off stderr (:mod:`memfit.measuring.session`).
@@ -22,10 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from types import TracebackType
 from typing import Any
 
 import torch
+from torch._C._profiler import RecordScope
+from torch.autograd import profiler as autograd_profiler
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -109,8 +117,26 @@ def metered_range(label: str) -> Iterator[None]:
             record.__exit__(None, None, None)
 
 
+class _RangesOnly(autograd_profiler.profile):
+    """torch's profiler recording allocations and user-scope ranges (``record_function``: the
+    meter's marks and ranges) but no op: its start with a scope filter, otherwise torch's."""
+
+    def _start_trace(self) -> None:
+        self.entered = True
+        autograd_profiler._run_on_profiler_start()
+        # the binding takes the scopes to record (its signature says so); torch's stub omits them
+        torch._C._autograd._enable_profiler(  # type: ignore[call-arg]
+            self.config(create_trace_id=False), self.kineto_activities, {RecordScope.USER_SCOPE}
+        )
+        self.profiling_start_time_ns = perf_counter_ns()
+
+
 class MemoryMeter:
     """Context manager measuring memory of the code inside it.
+
+    ``ops``: ``True`` (default): the reading names the op at the peak (``peak_op``), which
+    needs the profiler to record every op; ``False``: ``peak_op`` is ``""`` and the same bytes
+    cost the profiler a quarter of the time after the region.
 
     Example:
         >>> with MemoryMeter("cpu") as meter:
@@ -122,8 +148,9 @@ class MemoryMeter:
         (5120, 1024)
     """
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    def __init__(self, device: str | torch.device = "cpu", *, ops: bool = True) -> None:
         self.device = torch.device(device)
+        self.ops = ops
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"MemoryMeter measures 'cpu' or 'cuda'; got device {device!r}")
         if self.device.type == "cuda" and self.device.index is None:
@@ -151,7 +178,10 @@ class MemoryMeter:
                 # kernels queued before the region from running inside it.
                 torch.cuda.synchronize(self.device)
             # Host activity only: the CUDA allocator's events are reported without CUPTI.
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            if self.ops:
+                self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            else:
+                self._profiler = _RangesOnly(use_cpu=True, profile_memory=True, use_kineto=True)
             with quiet_stderr():
                 self._profiler.__enter__()
             global _meters
@@ -191,7 +221,8 @@ class MemoryMeter:
         finally:
             PROFILER_LOCK.release()
         if exc_type is None:
-            roots = profiler.profiler.kineto_results.experimental_event_tree()
+            results = profiler.profiler.kineto_results if self.ops else profiler.kineto_results
+            roots = results.experimental_event_tree()
             self._reading = _replay(roots, self._labels, self.device, self._watched)
 
 

@@ -322,7 +322,7 @@ def profile_ops(model: nn.Module, sample: Any, chain: Chain) -> list[BlockOps]:
             # Not the tensor itself: a node that saves its own output (softmax, layer norm's
             # mean) would then hold a tensor whose grad_fn is that node, a cycle through C++
             # that Python's collector cannot see. This forward never runs backward, so the
-            # graph would never free it: every profile leaked the whole forward.
+            # graph would never free it: every profile would leak the whole forward.
             return tensor.detach()
 
         return hook

@@ -1,6 +1,6 @@
 """The per-stage profile: measured costs of every stage under every option, as plain data.
 
-Built from :class:`~memfit.measuring.run.StageReading` s of whole steps: one with every stage kept,
+Built from :class:`~memfit.measuring.readings.StageReading` s of whole steps: one with every stage kept,
 one with every block recomputed (which gives the no-save forward of each block, and the peak of
 each block's rerun in backward as torch runs it, with its early stop), and one per further option
 (``selective:*``). Every figure is a difference of levels the meter saw at stage
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memfit.measuring.chain import Chain
-from memfit.measuring.run import Measurement, StageReading
+from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.step import local_tensor, own_fsdp_unit, split_sample
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.plan import Stage
@@ -35,15 +35,35 @@ class Profile:
         measurement: the plain step (no plan), measured.
         parameter_bytes: per stage, bytes of the parameters it owns.
         recompute_measurement: the step with every block recomputed, when measured.
-        info: JSON-ready facts; ``info["ops"]``: block name -> its ops that make autograd save
-            something (op, calls, seconds, output and saved bytes, what recomputing it needs).
+        compile: the ``torch.compile`` arguments the blocks ran compiled with (``None``:
+            eager); plans made from the profile record them (``Plan.compile``).
+        notes: what the menu left out and why, and other facts a plan must say
+            (``Plan.notes``).
+        info: free-form JSON facts; ``info["ops"]``: block name -> its ops that make autograd
+            save something (op, calls, seconds, output and saved bytes, what recomputing it
+            needs); ``timed_options``, ``wall_per_cpu``, ``ranks``.
+
+    The training loop profiled is the measurement's (``measurement.keep_output``,
+    ``measurement.accumulate``). In the JSON, ``compile`` and ``notes`` sit under ``"info"``,
+    as they did before they were fields.
     """
 
     costs: ChainCosts
     measurement: Measurement
     parameter_bytes: tuple[int, ...]
     recompute_measurement: Measurement | None = None
+    compile: Mapping[str, Any] | None = None
+    notes: tuple[str, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "notes", tuple(self.notes))
+        typed = sorted(set(self.info) & {"compile", "notes"})
+        if typed:
+            raise ValueError(
+                f"Profile info {typed}: these are the profile's fields now "
+                f"({', '.join(f'Profile.{key}' for key in typed)}); pass them as such"
+            )
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -61,8 +81,16 @@ class Profile:
             "recompute_measurement": (
                 None if self.recompute_measurement is None else self.recompute_measurement.to_dict()
             ),
-            "info": dict(self.info),
+            "info": self._info_data(),
         }
+
+    def _info_data(self) -> dict[str, Any]:
+        typed: dict[str, Any] = {}
+        if self.compile is not None:
+            typed["compile"] = dict(self.compile)
+        if self.notes:
+            typed["notes"] = list(self.notes)
+        return typed | dict(self.info)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -70,12 +98,16 @@ class Profile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Profile:
         recompute = data.get("recompute_measurement")
+        info = dict(data.get("info", {}))
+        compile = info.pop("compile", None)
         return cls(
             costs=ChainCosts.from_dict(data["costs"]),
             measurement=Measurement(**data["measurement"]),
             parameter_bytes=tuple(int(b) for b in data["parameter_bytes"]),
             recompute_measurement=None if recompute is None else Measurement(**recompute),
-            info=dict(data.get("info", {})),
+            compile=None if compile is None else dict(compile),
+            notes=tuple(info.pop("notes", ())),
+            info=info,
         )
 
     @classmethod
@@ -263,6 +295,8 @@ def build_profile(
     info: Mapping[str, Any] | None = None,
     post_options: Mapping[str, StageReading] | None = None,
     post_details: Mapping[str, Mapping[str, Any]] | None = None,
+    compile: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
 ) -> Profile:
     """Assemble a :class:`Profile` from stage readings of the same model and sample.
 
@@ -277,6 +311,9 @@ def build_profile(
         post_options: option name -> the step with every block kept and the last stage
             (``<post>``: head and loss) run with that option (``head:*``).
         post_details: option name -> what it does, for plans to show (``exact``, ``does``).
+        compile: the blocks' ``torch.compile`` arguments (``None``: eager).
+        notes: what the menu left out and why; a note on the blocks no gradient reaches is
+            added.
     """
     last = len(chain) - 1
     kept = {} if recompute is None else _checkpoint_kept(recompute, keep, chain)
@@ -360,18 +397,20 @@ def build_profile(
         measurement=keep.measurement,
         parameter_bytes=_parameter_bytes(model, chain),
         recompute_measurement=None if recompute is None else recompute.measurement,
-        info=_with_dead_note(dict(info or {}), chain, dead),
+        compile=compile,
+        notes=_with_dead_note(tuple(notes), chain, dead),
+        info=dict(info or {}),
     )
 
 
-def _with_dead_note(info: dict[str, Any], chain: Chain, dead: frozenset[int]) -> dict[str, Any]:
-    """``info`` with a note naming the blocks no gradient reaches (kept by every plan)."""
+def _with_dead_note(notes: tuple[str, ...], chain: Chain, dead: frozenset[int]) -> tuple[str, ...]:
+    """``notes`` and a note naming the blocks no gradient reaches (kept by every plan)."""
     if not dead:
-        return info
+        return notes
     names = [chain.stage_names[index] for index in sorted(dead)]
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     note = (
         f"no gradient reaches {shown}: kept, since their saved tensors go with their graph in "
         "the forward, so checkpointing them would save nothing"
     )
-    return {**info, "notes": [*info.get("notes", []), note]}
+    return (*notes, note)

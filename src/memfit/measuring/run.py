@@ -1,9 +1,10 @@
-"""Measuring training steps: the whole step (``measure``) and its stages (``measure_stages``).
+"""Running training steps under the meter and the clocks: the whole step (``measure``), its
+stages (``measure_stages``) and timed steps of one way of running the model (``stage_clock``,
+``step_clock``).
 
-Stage boundaries are marks dropped by module and tensor hooks: a block's forward pre-hook opens
-its forward span; a gradient hook on a stage's output opens that stage's backward span (the
-gradient of its output is ready). Memory comes from one step under the :class:`MemoryMeter`;
-times from separate steps without the profiler (medians over repeats after a warm-up).
+Stage boundaries are the marks of :mod:`memfit.measuring.marks`. Memory comes from one step
+under the :class:`~memfit.measuring.meter.MemoryMeter`; times from the same step's clock or from
+separate steps without the profiler (medians over repeats after a warm-up).
 """
 
 from __future__ import annotations
@@ -11,179 +12,30 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
-from torch.utils.hooks import RemovableHandle
 
-from memfit.measuring.chain import (
-    Chain,
-    Inputs,
-    main_tensor,
-    same_side_inputs,
-    side_inputs,
-    split_main,
-)
-from memfit.measuring.meter import RECOMPUTE_RANGE, MemoryMeter, MemoryReading
+from memfit.measuring.chain import Chain
+from memfit.measuring.clock import CPU, WALL, Clock
+from memfit.measuring.marks import Marker, both, marks
+from memfit.measuring.meter import MemoryMeter
+from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
     check_step_arguments,
     compute_loss,
     held_bytes,
-    local_tensor,
     preserved_grads,
     reset_grads,
     sample_device,
     split_sample,
-    storage_key,
     synchronize,
     tensor_bytes,
 )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Measurement:
-    """One training step, measured.
-
-    Attributes:
-        peak_bytes: step peak including what was held before the step.
-        held_bytes: bytes live before the step (parameters, gradients that exist, buffers,
-            the sample, optimizer state when given). On CUDA: the allocator's count.
-        gradient_bytes: bytes the step leaves allocated when it ends: the parameter
-            gradients it makes (0 when they existed before it: accumulation). No plan can
-            remove them, so they count with ``held_bytes`` in a budget's base.
-        activation_bytes: ``peak_bytes - held_bytes - gradient_bytes``: the memory a plan
-            can work on, the base of a percentage budget (``"40%"`` is ``base_bytes`` plus
-            40% of it).
-        forward_peak_bytes: peak during forward and loss, above ``held_bytes``.
-        backward_peak_bytes: peak during backward, above ``held_bytes``.
-        step_s, forward_s, backward_s: medians over the timed repeats.
-        peak_op: the op at the peak (CPU).
-        accumulate: whether gradients existed before the step (gradient accumulation).
-        keep_output: whether the model's output stayed alive through backward (the loop
-            ``out = model(**batch); out.loss.backward()``) or only the loss did.
-        device: where the step ran.
-        repeats: how many timed steps the medians are over.
-        reserved_peak_bytes: CUDA: the caching allocator's reserved peak during the metered
-            step (from an emptied cache: the step's own), what the device must really have;
-            0 on CPU.
-    """
-
-    peak_bytes: int
-    held_bytes: int
-    activation_bytes: int
-    forward_peak_bytes: int
-    backward_peak_bytes: int
-    step_s: float
-    forward_s: float
-    backward_s: float
-    peak_op: str
-    accumulate: bool
-    device: str
-    repeats: int
-    keep_output: bool = True
-    reserved_peak_bytes: int = 0
-    gradient_bytes: int = 0
-
-    @property
-    def base_bytes(self) -> int:
-        """What no plan removes: held before the step, and the gradients it makes."""
-        return self.held_bytes + self.gradient_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def fragmentation_bytes(self) -> int:
-        """CUDA: what the caching allocator reserved beyond the allocated peak during the step
-        (rounding, split blocks, streams); 0 on CPU."""
-        return max(0, self.reserved_peak_bytes - self.peak_bytes) if self.reserved_peak_bytes else 0
-
-
-WALL, CPU = "wall", "cpu"  # a CPU clock's whole-step seconds, beside its stage labels
-
-
-class _Clock:
-    """Marks with times (synchronising CUDA so spans hold their own kernels).
-
-    ``cpu=True`` on the CPU: spans are the process's CPU time (every thread's), which other
-    processes' load does not enter as it enters wall time, and the durations carry the step's
-    wall and CPU seconds under :data:`WALL` and :data:`CPU` (for :func:`wall_scaled`). On
-    CUDA the device's work is what counts: wall time, synchronised.
-    """
-
-    def __init__(self, device: torch.device, cpu: bool = False) -> None:
-        self.device = device
-        self.cpu = cpu and device.type == "cpu"
-        self.marks: list[tuple[str, float, float]] = []
-
-    def mark(self, label: str) -> None:
-        synchronize(self.device)
-        self.marks.append((label, time.perf_counter(), time.process_time() if self.cpu else 0.0))
-
-    def durations(self) -> dict[str, float]:
-        at = 1 if self.cpu else 0  # after the label: wall, CPU
-        spans = {
-            label: later[at] - now[at]
-            for (label, *now), (_next, *later) in zip(self.marks, self.marks[1:], strict=False)
-        }
-        if self.cpu and len(self.marks) > 1:
-            spans[WALL] = self.marks[-1][1] - self.marks[0][1]
-            spans[CPU] = self.marks[-1][2] - self.marks[0][2]
-        return spans
-
-
-def wall_factor(clocks: Mapping[str, Sequence[Mapping[str, float]]]) -> float:
-    """The median of the steps' wall / CPU seconds over all ways (1.0 for wall-time clocks)."""
-    ratios = [
-        step[WALL] / step[CPU]
-        for steps in clocks.values()
-        for step in steps
-        if step.get(CPU, 0.0) > 0.0
-    ]
-    return statistics.median(ratios) if ratios else 1.0
-
-
-def profiler_share(metered: Mapping[str, float], plain: Mapping[str, float]) -> float:
-    """Plain over metered seconds of one way's step: what a time taken under the meter (the
-    profiler records every op and allocation) is multiplied by to stand for a plain step.
-    CPU seconds on a CPU clock, else the spans' sum; 1.0 when either clock is empty. At most
-    1.0: the profiler only adds work, so a plain step slower than the metered one is the
-    machine's noise, which must not make every other way dearer."""
-    if CPU in metered and CPU in plain:
-        metered_s, plain_s = metered[CPU], plain[CPU]
-    else:
-        metered_s, plain_s = sum(metered.values()), sum(plain.values())
-    return min(1.0, plain_s / metered_s) if metered_s > 0.0 and plain_s > 0.0 else 1.0
-
-
-def wall_scaled(
-    clocks: Mapping[str, Sequence[Mapping[str, float]]],
-) -> dict[str, list[dict[str, float]]]:
-    """CPU-time clocks (:func:`stage_clock`) in seconds of wall time: every span times one
-    factor (:func:`wall_factor`), the median of the steps' wall / CPU seconds over all ways.
-    One factor keeps the ways' order as their CPU times have it (a way timed while another
-    process ran is not slower for it), and puts predicted step times back in the seconds a
-    user waits. Wall-time clocks (CUDA) come back as they are."""
-    factor = wall_factor(clocks)
-    return {
-        way: [
-            {label: value * factor for label, value in step.items() if label not in (WALL, CPU)}
-            for step in steps
-        ]
-        for way, steps in clocks.items()
-    }
-
-
-Marker = Callable[[str], None]
-Watcher = Callable[[str, torch.Tensor], None]
 
 
 def _step(
@@ -203,216 +55,18 @@ def _step(
     return loss.detach()
 
 
-@dataclass
-class _Marked:
-    """What the stage marks saw: stage index -> bytes of its output; block index -> whether
-    it got the same side inputs as the block before it; the largest bytes of side inputs that
-    require grad (an encoder output every decoder block reads) that any block got."""
-
-    output_bytes: dict[int, int] = field(default_factory=dict)
-    same: dict[int, bool] = field(default_factory=dict)
-    side_grad_bytes: int = 0
-    # blocks whose output holds tensors besides the hidden state (attention weights): the
-    # runtime cannot join them with their neighbours in one recompute segment
-    tails: set[int] = field(default_factory=set)
-    # block index -> bytes of those tensors (distinct storages that are neither the hidden
-    # state's nor the block's inputs'): what the caller holds until the next block returns
-    tail_bytes: dict[int, int] = field(default_factory=dict)
-    # blocks whose output requires grad: autograd recorded their graph (a frozen block fed an
-    # input that needs no gradient records none)
-    graphs: set[int] = field(default_factory=set)
-
-
-def _tail_bytes(output: Any, main: torch.Tensor | None, args: Any, kwargs: Any) -> int:
-    """Bytes of the tensors a block returns besides its hidden state, counting each storage
-    once and leaving out the hidden state's and the block's inputs' (a position bias passed on)."""
-    known = {
-        storage_key(leaf)
-        for leaf in [main, *tree_leaves([args, kwargs])]
-        if isinstance(leaf, torch.Tensor)
-    }
-    tails = [
-        leaf
-        for leaf in tree_leaves(list(output[1:]))
-        if isinstance(leaf, torch.Tensor) and storage_key(leaf) not in known
-    ]
-    return tensor_bytes(*tails)
-
-
-@contextmanager
-def _stage_marks(chain: Chain, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
-    """Hooks that mark stage boundaries; yields what they saw (:class:`_Marked`). ``watch``
-    (:meth:`MemoryMeter.watch`) is given every block's main input, named ``input:<stage>``."""
-    marked = _Marked()
-    output_bytes = marked.output_bytes
-    # only the previous block's side inputs, and only until the next block compares: holding
-    # every block's (masks, rotary tables) to the end of the step would change the step measured
-    calls: dict[int, Inputs] = {}
-    # every hook's handle, the tensors' too: a block's input may be the user's own tensor (a
-    # sample or a parameter that requires grad), which must not keep memfit's hooks (they would
-    # mark the spans of meters long gone at every later backward)
-    handles: list[RemovableHandle] = []
-    # block stage -> its output and the labels its gradient marks, latest stage first: a stage
-    # between groups that passes the block's output on as it is (nothing between layer1 and
-    # layer2 of a ResNet) marks its (empty) backward before the block's, which runs next.
-    # Weakly: holding the outputs would change the step measured.
-    outputs: dict[int, tuple[weakref.ref[torch.Tensor], list[str]]] = {}
-
-    def on_grad(label: str) -> Callable[[torch.Tensor], None]:
-        return lambda _grad: mark(label)
-
-    def on_grads(labels: list[str]) -> Callable[[torch.Tensor], None]:
-        def hook(_grad: torch.Tensor) -> None:
-            for label in reversed(labels):
-                mark(label)
-
-        return hook
-
-    def pre_hook(index: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            mark(f"F:{index}")
-            if watch is not None:
-                given = main_tensor(split_main(args, kwargs)[0])
-                if given is not None:
-                    watch(f"input:{index}", local_tensor(given))
-            current = side_inputs(args, kwargs)
-            previous = calls.pop(index - 1, None)
-            if previous is not None:
-                marked.same[index] = same_side_inputs(previous, current)
-            grads = [
-                leaf
-                for leaf in tree_leaves(current)
-                if isinstance(leaf, torch.Tensor)
-                and leaf.requires_grad
-                and not isinstance(leaf, nn.Parameter)
-            ]
-            marked.side_grad_bytes = max(marked.side_grad_bytes, tensor_bytes(*grads))
-            if chain.block_of_stage(index + 1) is not None:
-                calls[index] = current
-            if chain.block_of_stage(index - 1) is None:  # <pre> or a stage between groups
-                first = main_tensor(split_main(args, kwargs)[0])
-                if first is not None:
-                    output_bytes[index - 1] = tensor_bytes(first)
-                    before = outputs.get(index - 2)
-                    if before is not None and before[0]() is first:
-                        before[1].append(f"B:{index - 1}")
-                    elif first.requires_grad:
-                        handles.append(first.register_hook(on_grad(f"B:{index - 1}")))
-
-        return hook
-
-    def post_hook(index: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            out = main_tensor(output)
-            if isinstance(output, tuple | list) and any(
-                isinstance(leaf, torch.Tensor) for leaf in tree_leaves(list(output[1:]))
-            ):
-                marked.tails.add(index)
-                marked.tail_bytes[index] = _tail_bytes(output, out, args, kwargs)
-            if out is not None:
-                output_bytes[index] = tensor_bytes(out)
-                if out.requires_grad:
-                    marked.graphs.add(index)
-                    labels = [f"B:{index}"]
-                    outputs[index] = (weakref.ref(out), labels)
-                    handles.append(out.register_hook(on_grads(labels)))
-            if chain.block_of_stage(index + 1) is None:  # <post> or a stage between groups
-                mark(f"F:{index + 1}")
-
-        return hook
-
-    for index in chain.block_stages:
-        block = chain.block_of_stage(index)
-        assert block is not None
-        handles.append(block.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
-        handles.append(block.register_forward_hook(post_hook(index), with_kwargs=True))
-    try:
-        yield marked
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@dataclass(frozen=True, slots=True)
-class StageReading:
-    """Memory spans and median times of every stage of one way of running the model."""
-
-    memory: MemoryReading
-    forward_s: dict[int, float]
-    backward_s: dict[int, float]
-    output_bytes: dict[int, int]
-    measurement: Measurement
-    same_side_inputs: dict[int, bool]
-    side_grad_bytes: int = 0
-    tails: frozenset[int] = frozenset()  # blocks returning tensors besides the hidden state
-    tail_bytes: Mapping[int, int] = field(default_factory=dict)  # block -> bytes of those
-    graphs: frozenset[int] = frozenset()  # blocks whose output requires grad
-    # the metered step's own clock (measure_stages(clock_metered=True)): label -> CPU seconds,
-    # the profiler's cost included; empty when it was not clocked
-    metered_s: Mapping[str, float] = field(default_factory=dict)
-
-    def cut_off(self, blocks: Sequence[int]) -> frozenset[int]:
-        """Of ``blocks``, those no gradient reaches although autograd recorded their graph
-        (see :func:`stages_without_gradient`)."""
-        return frozenset(i for i in blocks if i in self.graphs and not self.has_backward(i))
-
-    def times(self, factor: float) -> StageReading:
-        """The same reading with every time multiplied by ``factor`` (CPU-time clocks in
-        seconds of wall time, as :func:`wall_scaled` puts them)."""
-        m = self.measurement
-        return replace(
-            self,
-            forward_s={i: s * factor for i, s in self.forward_s.items()},
-            backward_s={i: s * factor for i, s in self.backward_s.items()},
-            measurement=replace(
-                m,
-                step_s=m.step_s * factor,
-                forward_s=m.forward_s * factor,
-                backward_s=m.backward_s * factor,
-            ),
-        )
-
-    def released_input(self, index: int) -> tuple[int, int]:
-        """Bytes of block ``index``'s main input freed during the forward, and the stage in
-        whose forward span: no op saved the input and its caller let it go (a frozen block's
-        input, a trained block's that needs no gradient: in its own span; the embeddings'
-        output that the model holds to the end of its forward: in the last stage's span).
-        ``(0, index)`` when the input lived into the backward."""
-        label, size = self.memory.freed.get(f"input:{index}", ("", 0))
-        if not label.startswith("F:"):
-            return 0, index
-        return size, int(label.removeprefix("F:"))
-
-    def forward_span(self, index: int) -> tuple[int, int, int]:
-        """(start, peak, end) level of stage ``index``'s forward."""
-        label = "F:0" if index == 0 else f"F:{index}"
-        return _span(self.memory, label)
-
-    def recompute_span(self, stage: str) -> tuple[int, int, int] | None:
-        """(start, peak, end) level of stage ``stage``'s first rerun in backward (a
-        checkpoint's recompute, ended by torch's early stop); ``None`` when it was not rerun."""
-        label = f"{RECOMPUTE_RANGE}{stage}"
-        for span in self.memory.ranges:
-            if span.label == label:
-                return span.start_bytes, span.peak_bytes, span.end_bytes
-        return None
-
-    def has_backward(self, index: int) -> bool:
-        """Whether a gradient flowed into stage ``index``'s output (its backward ran)."""
-        return any(span.label == f"B:{index}" for span in self.memory.spans)
-
-    def backward_span(self, index: int, last: int) -> tuple[int, int, int]:
-        label = "B:loss" if index == last else f"B:{index}"
-        try:
-            return _span(self.memory, label)
-        except KeyError:  # no gradient flows into this stage (frozen input): no backward
-            level = self.memory.span("end").start_bytes
-            return level, level, level
-
-
-def _span(reading: MemoryReading, label: str) -> tuple[int, int, int]:
-    span = reading.span(label)
-    return span.start_bytes, span.peak_bytes, span.end_bytes
+def _warm_up(
+    model: nn.Module,
+    sample: Any,
+    loss_fn: LossFn | None,
+    accumulate: bool,
+    keep_output: bool,
+    steps: int,
+) -> None:
+    """``steps`` untimed, unmarked steps, each from the gradients' steady state."""
+    for _ in range(steps):
+        reset_grads(model, accumulate, sample)
+        _step(model, sample, loss_fn, lambda _label: None, keep_output)
 
 
 def _timed_step(
@@ -425,20 +79,10 @@ def _timed_step(
     cpu: bool = False,
 ) -> dict[str, float]:
     reset_grads(model, accumulate, sample)
-    clock = _Clock(sample_device(model, sample), cpu)
-    with _marks(chain, clock.mark):
+    clock = Clock(sample_device(model, sample), cpu)
+    with marks(chain, clock.mark):
         _step(model, sample, loss_fn, clock.mark, keep_output)
     return clock.durations()
-
-
-@contextmanager
-def _marks(chain: Chain | None, mark: Marker, watch: Watcher | None = None) -> Iterator[_Marked]:
-    """Stage marks when there is a chain (see :func:`_stage_marks`), else only the step's."""
-    if chain is None:
-        yield _Marked()
-    else:
-        with _stage_marks(chain, mark, watch) as marked:
-            yield marked
 
 
 def stage_clock(
@@ -463,9 +107,7 @@ def stage_clock(
     +46% on the keep step of the built-in GPT right after a recompute step).
     """
     with preserved_grads(model, sample):
-        for _ in range(warmup):
-            reset_grads(model, accumulate, sample)
-            _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
         return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output, cpu=True)
 
 
@@ -486,9 +128,7 @@ def step_clock(
     scale the stage times to this clock's step (:func:`memfit.shape_profiles.profile_shapes`).
     """
     with preserved_grads(model, sample):
-        for _ in range(warmup):
-            reset_grads(model, accumulate, sample)
-            _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
         durations = _timed_step(model, sample, None, loss_fn, accumulate, keep_output, cpu=True)
     if CPU in durations:
         return durations[WALL], durations[CPU]
@@ -514,7 +154,7 @@ def stages_without_gradient(
     labels: list[str] = []
     with preserved_grads(model, sample):
         reset_grads(model, accumulate, sample)
-        with _marks(chain, labels.append) as marked:
+        with marks(chain, labels.append) as marked:
             _step(model, sample, loss_fn, labels.append, keep_output)
     seen = set(labels)
     return frozenset(i for i in chain.block_stages if i in marked.graphs and f"B:{i}" not in seen)
@@ -535,6 +175,7 @@ def measure_stages(
     | None = None,
     keep_output: bool = True,
     clock_metered: bool = False,
+    peak_op: bool = False,
 ) -> StageReading:
     """Measure one step of ``model`` as it is now (plain or planned), cut into stages.
 
@@ -545,7 +186,9 @@ def measure_stages(
     also run a CPU clock (:func:`stage_clock`'s), whose durations, the profiler's own cost
     included, are the reading's :attr:`StageReading.metered_s`, and its times when ``clocks``
     is ``None`` (the setup's fast path: one step per way, both metered and timed).
-    ``keep_output``: see :func:`measure`.
+    ``keep_output``: see :func:`measure`. ``peak_op``: name the op at the peak
+    (:attr:`Measurement.peak_op`; the profiler then records every op, which costs it about four
+    times as long after the step); else it is ``""``.
     """
     if clocks is not None and not callable(clocks) and not clocks:
         raise ValueError("clocks, when given, must hold at least one timed step")
@@ -555,9 +198,7 @@ def measure_stages(
     last = len(chain) - 1 if chain is not None else 0
 
     with preserved_grads(model, sample):
-        for _ in range(warmup):
-            reset_grads(model, accumulate, sample)
-            _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
         if clocks is None and not clock_metered:
             clocks = [
                 _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
@@ -565,15 +206,15 @@ def measure_stages(
             ]
         reset_grads(model, accumulate, sample)
         held = held_bytes(model, sample, optimizer)
-        meter = MemoryMeter(device)
+        meter = MemoryMeter(device, ops=peak_op)
         reserved = 0
         if device.type == "cuda":  # the step's own reserved peak: from an empty cache
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        metered_clock = _Clock(device, cpu=True) if clock_metered else None
-        mark = meter.mark if metered_clock is None else _both(meter.mark, metered_clock.mark)
-        with _marks(chain, mark, meter.watch) as marked, meter:
+        metered_clock = Clock(device, cpu=True) if clock_metered else None
+        mark = meter.mark if metered_clock is None else both(meter.mark, metered_clock.mark)
+        with marks(chain, mark, meter.watch) as marked, meter:
             loss = _step(model, sample, loss_fn, mark, keep_output)
         metered_s = {} if metered_clock is None else metered_clock.durations()
         if device.type == "cuda":
@@ -638,16 +279,6 @@ def measure_stages(
     )
 
 
-def _both(first: Marker, second: Marker) -> Marker:
-    """One marker calling two: the meter's, then a clock's."""
-
-    def mark(label: str) -> None:
-        first(label)
-        second(label)
-
-    return mark
-
-
 @preserving_state
 def measure(
     model: nn.Module,
@@ -694,6 +325,7 @@ def measure(
         warmup=warmup,
         optimizer=optimizer,
         keep_output=keep_output,
+        peak_op=True,
     ).measurement
 
 

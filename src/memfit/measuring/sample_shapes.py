@@ -217,7 +217,8 @@ def step_seconds_at(
 ) -> dict[Shape, float]:
     """The median CPU seconds (wall on CUDA) of a training step of ``model`` as it is now at
     each of several samples, timed in ``rounds`` passes over all of them, so that another
-    process's load, which moves even CPU seconds (measured: +20% at a wall/CPU factor of 3),
+    process's load, which moves even CPU seconds (+20% at a wall/CPU factor of 3:
+    ``benchmarks/results/design-figures.md``, "Cost of the stage marks"),
     reaches every shape alike. Each step comes after one untimed step of the same sample and
     has no stage marks (:func:`~memfit.measuring.run.step_clock`).
 

@@ -14,6 +14,14 @@ checkpoint's rerun), and :func:`compare_traces` holds a planned step against the
   rerun may stop early, and selective checkpointing returns the ops it saved without rerunning
   them, but nothing is computed that the plain forward did not compute on the same layouts.
 
+Some options replace ops by design: ``head:lean-loss`` computes the same cross-entropy with other
+ops, row chunk by row chunk. Their ops run inside a region marked :func:`by_design` (forward:
+around the call; backward: :func:`by_design_backward`, from the replaced computation's output
+node until its input's gradient is made), in the planned step where the option runs and in the
+plain step around the call it would replace. :func:`compare_traces` cuts those regions out of
+both steps, requires the same regions (same labels) at the same places, and compares every
+other op as above; :func:`exempt_regions` says what was cut.
+
 Ops that cannot round are left out of the comparison: views and other aliases, copies and
 clones, fills and allocations, and ops without a floating-point output (comparisons, indices,
 masks). They are what memfit's runtime adds around the model's own ops (moving saved tensors to
@@ -79,6 +87,8 @@ class _State(threading.local):
     depth = 0  # rerunning() levels
     run = 0  # reruns so far
     hidden = 0  # bookkeeping() levels
+    recording = 0  # tracing() levels
+    design: str | None = None  # the by-design region the ops run in
 
 
 _state = _State()
@@ -109,6 +119,53 @@ def bookkeeping() -> Iterator[None]:
         _state.hidden = before
 
 
+def recording() -> bool:
+    """Whether a :func:`tracing` records this thread's ops (by-design regions need backward
+    hooks only then)."""
+    return _state.recording > 0
+
+
+@contextmanager
+def by_design(label: str) -> Iterator[None]:
+    """Ops inside replace other ops by design (an option's own computation, or in the plain step
+    the computation it replaces); ``label`` names the option and the call, the same in both
+    steps."""
+    before = _state.design
+    _state.design = label
+    try:
+        yield
+    finally:
+        _state.design = before
+
+
+class _BackwardRegion:
+    """Entered by the output node's pre-hook, left by the input's gradient hook."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.before: str | None = None
+        self.inside = False
+
+    def enter(self, *_: Any) -> None:
+        if not self.inside:
+            self.before, _state.design, self.inside = _state.design, self.label, True
+
+    def leave(self, *_: Any) -> None:
+        if self.inside:
+            _state.design, self.inside = self.before, False
+
+
+def by_design_backward(label: str, output: torch.Tensor, source: torch.Tensor) -> None:
+    """Mark ``output``'s backward as by design (``label``) until ``source``'s gradient is made:
+    the backward of what :func:`by_design` computed from ``source`` in forward. Only while
+    recording (the hooks stay on the tensors as long as the graph lives)."""
+    if not recording() or output.grad_fn is None or not source.requires_grad:
+        return
+    region = _BackwardRegion(label)
+    output.grad_fn.register_prehook(region.enter)
+    source.register_hook(region.leave)
+
+
 @dataclass(frozen=True, slots=True)
 class OpCall:
     """One aten op as a kernel sees it.
@@ -121,6 +178,7 @@ class OpCall:
         phase: ``forward``, ``backward`` or ``recompute``.
         run: which rerun a recompute op belongs to (``None``: not inside :func:`rerunning`).
         in_place: the op ran in place.
+        design: the :func:`by_design` region the op ran in (``None``: none, compared).
     """
 
     op: str
@@ -128,6 +186,7 @@ class OpCall:
     phase: str
     run: int | None = None
     in_place: bool = False
+    design: str | None = None
 
     @property
     def key(self) -> tuple[str, tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]]:
@@ -207,7 +266,8 @@ class _Recorder(TorchDispatchMode):
         layouts = tuple(_describe(a) for a in inputs)
         twin = out_of_place_twin(func)
         name = str(func) if twin is None else twin
-        self.trace.calls.append(OpCall(name, layouts, phase, run, twin is not None))
+        call = OpCall(name, layouts, phase, run, twin is not None, _state.design)
+        self.trace.calls.append(call)
         return out
 
 
@@ -215,8 +275,14 @@ class _Recorder(TorchDispatchMode):
 def tracing() -> Iterator[Trace]:
     """Record the compared ops run inside (this thread)."""
     trace = Trace()
-    with _Recorder(trace):
-        yield trace
+    design = _state.design
+    _state.recording += 1
+    try:
+        with _Recorder(trace):
+            yield trace
+    finally:
+        _state.recording -= 1
+        _state.design = design  # a backward that failed inside a region never left it
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,45 +294,93 @@ class TraceDifference:
         index: position of the op in that part (compared ops only).
         planned: the planned step's op there (``None``: the planned part ended early).
         plain: the plain step's op there (``None``: it has no such op).
+        note: what else is known (a by-design region in one step only, or other ones).
     """
 
     where: str
     index: int
     planned: OpCall | None
     plain: OpCall | None
+    note: str = ""
 
     def __str__(self) -> str:
         return (
             f"{self.where}, compared op {self.index}: the planned step runs "
             f"{self.planned or 'nothing more'}, the plain step "
-            f"{self.plain or 'nothing more'}"
+            f"{self.plain or 'nothing more'}{f' ({self.note})' if self.note else ''}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """Consecutive ops of one by-design region: exempt from the comparison as a whole."""
+
+    label: str
+    calls: list[OpCall]
+
+
+def _parts(calls: Sequence[OpCall]) -> list[OpCall | _Cut]:
+    parts: list[OpCall | _Cut] = []
+    for call in calls:
+        if call.design is None:
+            parts.append(call)
+        elif parts and isinstance(parts[-1], _Cut) and parts[-1].label == call.design:
+            parts[-1].calls.append(call)
+        else:
+            parts.append(_Cut(call.design, [call]))
+    return parts
+
+
+def _cut_note(planned: OpCall | _Cut | None, plain: OpCall | _Cut | None) -> str:
+    if isinstance(planned, _Cut) and isinstance(plain, _Cut):
+        return f"by design: {planned.label!r} in the planned step, {plain.label!r} in the plain"
+    if isinstance(planned, _Cut):
+        return f"by design in the planned step only: {planned.label}"
+    assert isinstance(plain, _Cut)
+    return f"by design in the plain step only: {plain.label}"
 
 
 def _first_difference(
     where: str, planned: Sequence[OpCall], plain: Sequence[OpCall]
 ) -> TraceDifference | None:
-    for index in range(max(len(planned), len(plain))):
-        a = planned[index] if index < len(planned) else None
-        b = plain[index] if index < len(plain) else None
+    planned_parts, plain_parts = _parts(planned), _parts(plain)
+    compared = 0
+    for index in range(max(len(planned_parts), len(plain_parts))):
+        a = planned_parts[index] if index < len(planned_parts) else None
+        b = plain_parts[index] if index < len(plain_parts) else None
+        if isinstance(a, _Cut) or isinstance(b, _Cut):
+            if isinstance(a, _Cut) and isinstance(b, _Cut) and a.label == b.label:
+                continue  # the same region in both: its ops differ by design
+            return TraceDifference(
+                where,
+                compared,
+                a.calls[0] if isinstance(a, _Cut) else a,
+                b.calls[0] if isinstance(b, _Cut) else b,
+                _cut_note(a, b),
+            )
         if a is None or b is None or a.key != b.key:
-            return TraceDifference(where, index, a, b)
+            return TraceDifference(where, compared, a, b)
+        compared += 1
     return None
 
 
 def compare_traces(plain: Trace, planned: Trace) -> TraceDifference | None:
     """The first difference between a plain step's trace and a planned step's (``None``: the
-    planned step computes exactly what the plain step does, on the same layouts)."""
+    planned step computes exactly what the plain step does, on the same layouts).
+
+    By-design regions (:func:`by_design`) are cut out of both forwards and both backwards: the
+    same regions must stand at the same places (same labels, in order), and every op outside
+    them is compared op for op."""
     plain_forward = plain.phase(FORWARD)
     difference = _first_difference(FORWARD, planned.phase(FORWARD), plain_forward)
     if difference is None:
         difference = _first_difference(BACKWARD, planned.phase(BACKWARD), plain.phase(BACKWARD))
     if difference is not None:
         return difference
-    keys = [call.key for call in plain_forward]
+    keys = [call.key for call in plain_forward if call.design is None]
     for number, run in enumerate(planned.recomputes()):
         position = 0  # greedy: a subsequence of the plain forward, in order
-        for index, call in enumerate(run):
+        for index, call in enumerate(c for c in run if c.design is None):
             while position < len(keys) and keys[position] != call.key:
                 position += 1
             if position == len(keys):
@@ -274,3 +388,24 @@ def compare_traces(plain: Trace, planned: Trace) -> TraceDifference | None:
                 return TraceDifference(f"recompute {number}", index, call, same)
             position += 1
     return None
+
+
+def _ops(calls: Sequence[OpCall]) -> str:
+    counts: dict[str, int] = {}
+    for call in calls:
+        counts[call.op] = counts.get(call.op, 0) + 1
+    return ", ".join(op if n == 1 else f"{op} x{n}" for op, n in counts.items())
+
+
+def exempt_regions(plain: Trace, planned: Trace) -> tuple[str, ...]:
+    """What :func:`compare_traces` cut out by design, region by region (forward, then
+    backward): its label and the ops of each step there."""
+    lines: list[str] = []
+    for phase in (FORWARD, BACKWARD):
+        plain_cuts = [p for p in _parts(plain.phase(phase)) if isinstance(p, _Cut)]
+        planned_cuts = [p for p in _parts(planned.phase(phase)) if isinstance(p, _Cut)]
+        for a, b in zip(planned_cuts, plain_cuts, strict=False):
+            lines.append(
+                f"{a.label} ({phase}): the plain step's {_ops(b.calls)} replaced by {_ops(a.calls)}"
+            )
+    return tuple(lines)

@@ -24,11 +24,12 @@ Int = np.int64
 def default_segment_cap(n: int) -> int:
     """The longest recompute segment the solvers consider for ``n`` stages.
 
-    Measured on synthetic 100- and 1000-stage chains (:mod:`memfit.planning.synthetic`) at 5-80% of
-    the activation memory: a cap of 32 (or none, on 100 stages) found plans at most 0.2% faster
-    and the same minimal peak within 0.3%, at twice the solve time or more (the segment tables
-    grow with the cap squared, and one grid then spans longer segments); a cap of 8 was up to
-    0.3% slower on 1000 stages.
+    Why 16, measured on synthetic 100- and 1000-stage chains (:mod:`memfit.planning.synthetic`)
+    at 5-80% of the activation memory: a cap of 32 (or none, on 100 stages) found plans at most
+    0.2% faster and the same minimal peak within 0.3%, at twice the solve time or more (the
+    segment tables grow with the cap squared, and one grid then spans longer segments); a cap
+    of 8 was up to 0.3% slower on 1000 stages (``benchmarks/results/design-figures.md``,
+    "Segment cap").
     """
     return min(n, 16)
 

@@ -4,7 +4,8 @@ The DP is optimal over the *predicted* costs. Those come from steps that ran eve
 way, and a plan that mixes ways pays costs no such step shows (the allocator's state between
 stages, a rebuilt stage's unpack landing beside a recompute): on a Llama config the optimal
 plan at 30% of activation memory, with ``rebuild+ops`` beside recompute segments, measured
-+35.9% while the plan made without that option measured +28.7%. :func:`alternatives` gives
++35.9% while the plan made without that option measured +28.7%
+(``benchmarks/results/eager-2026-12-02-4.md``). :func:`alternatives` gives
 the plans a user would weigh against the optimal one: the optimal plans over menus without
 each option the plans found so far rely on, one at a time (then without all of them), each
 within the same budget. Timing them on the model (:func:`memfit.plan` with ``candidates=``)
@@ -63,7 +64,9 @@ def alternatives(
     """Up to ``count`` distinct plans within ``budget_bytes``, the optimal one first, then in
     order of predicted step time: the optimal plans over menus without options the optimal
     plan uses (each alone, then all of them; breadth first over what those plans use in
-    turn). ``options`` go to :func:`~memfit.planning.solve.solve` (``host_budget_bytes``...).
+    turn), then, while fewer than ``count``, the optimal plans at ever lower peaks (each just
+    below the one before, down to the floor). ``options`` go to
+    :func:`~memfit.planning.solve.solve` (``host_budget_bytes``...).
 
     Raises:
         InfeasibleBudgetError: not even the optimal plan fits.
@@ -75,7 +78,8 @@ def alternatives(
     found = {best.tree: best}
     tried: set[frozenset[str]] = {frozenset()}
     queue = deque([(frozenset[str](), best)])
-    solves = 0  # each menu is a DP of its own (0.3-0.5 s at 100 stages): at most this many
+    # each menu is a DP of its own (0.3-0.5 s at 100 stages: benchmarks/results/solver-*.md)
+    solves = 0  # at most this many
     limit = count * (len(used_options(best.tree)) + 1)
     while queue and len(found) < count and solves < limit:
         removed, plan = queue.popleft()
@@ -90,6 +94,17 @@ def alternatives(
                 continue  # the budget needs one of these options
             queue.append((taken, other))
             found.setdefault(other.tree, other)
+    below, steps = best, 0
+    while len(found) < count and steps < count:
+        steps += 1
+        # menus ran out (a plan of keep and recompute only): the optimal plans just below the
+        # one before, down the frontier; each fits the budget, and timing may prefer one
+        try:
+            lower = solve(costs, below.predicted_peak_bytes - 1, "optimal", **options)
+        except InfeasibleBudgetError:
+            break  # the floor
+        below = replace(lower, budget_bytes=budget_bytes)
+        found.setdefault(below.tree, below)
     rest = sorted((p for p in found.values() if p is not best), key=lambda p: p.predicted_step_s)
     return [best, *rest][:count]
 

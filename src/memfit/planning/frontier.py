@@ -43,7 +43,8 @@ def frontier(costs: ChainCosts, points: int = 24, **options: Any) -> list[Fronti
             points, fewer where plans coincide or dominate one another.
         **options: passed to :class:`~memfit.planning.optimal.Planner` (``slots``,
             ``max_segment_stages``, ``max_states``: 512 here, where it costs at most 0.1% of
-            step time on a synthetic 100-stage chain and runs 1.5 times faster than 2048).
+            step time on a synthetic 100-stage chain and runs 1.5 times faster than 2048;
+            ``benchmarks/results/design-figures.md``, "Top-level states").
 
     Returns:
         The points, lowest peak first (so slowest first), each strictly faster than the one

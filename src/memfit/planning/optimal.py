@@ -52,8 +52,9 @@ Known inefficiencies:
 * rounding segments up to slots loses up to one slot per item inside a segment, so on a coarse
   grid a segment's inner tree can be slower than needed;
 * a long chain's top-level sets can grow past ``max_states`` (default 2048); they are thinned by
-  level buckets, losing some fast plans (measured on a synthetic 1000-stage chain: 0.1% of step
-  time at half the activation memory against 16,384 states, which took seven times longer);
+  level buckets, losing some fast plans (why 2048: on a synthetic 1000-stage chain it loses
+  0.1% of step time at half the activation memory against 16,384 states, which take seven
+  times longer; ``benchmarks/results/design-figures.md``, "Top-level states");
 * when the sweep finds nothing that a baseline or the min-peak tree beats (or nothing at all),
   the result is the fastest of those that fit: never worse than a baseline;
 * time is ``O(n K (K + k) M)`` for the tables plus ``O(n (K + k) S log S)`` for the sweep, with

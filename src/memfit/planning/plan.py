@@ -149,6 +149,10 @@ _PLAN_KEYS = (
     "info",
 )
 _STAGE_KEYS = ("stage", "option")
+# the Plan's typed fields that the JSON keeps under "info" (format 1), and the free-form keys
+# written after them there
+TYPED_INFO = ("compile", "inexact", "notes")
+_LATER_INFO = ("setup_steps", "timed", "chosen_by", "shape", "margin")
 _SEGMENT_KEYS = ("segment", "inner", "offload")
 
 
@@ -189,6 +193,14 @@ def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
     return tuple(items)
 
 
+def _info_object(data: Any) -> Mapping[str, Any]:
+    """A plan's JSON ``info``: an object of free-form JSON data (see :func:`.fields.json_data`)."""
+    info = json_data(data, "info")
+    if not isinstance(info, Mapping):
+        raise fail("info", "a JSON object", info)
+    return info
+
+
 def stage_options(tree: Sequence[Item]) -> dict[int, str]:
     """Stage index -> how it runs at the top level: its option, or ``recompute``."""
     out: dict[int, str] = {}
@@ -220,8 +232,21 @@ class Plan:
             when only the loss does. ``verify`` measures the same loop.
         accumulate: made for the gradient-accumulation steady state (gradients exist before
             the step).
-        info: JSON-ready facts (solver details, what each option saves; ``inexact``: the
-            stages whose option is exact to rounding only, see :attr:`exact`).
+        compile: the ``torch.compile`` arguments the blocks were profiled with (``None``:
+            eager blocks); :func:`memfit.apply` compiles the blocks with them, when they pass
+            its allow-list (:func:`~memfit.runtime.compiled.plan_compile_options`: a plan
+            file never configures the compiler).
+        inexact: stage name -> why its option is exact to rounding only (``head:chunked``,
+            from a profile made with ``exact=False``); empty for a plan bit-identical to the
+            unplanned model (see :attr:`exact`).
+        notes: what the profile left out of the menu, and why (offload on CPU, ``rebuild``
+            on compiled blocks...).
+        info: free-form JSON facts for people and tables (solver details, what each option
+            saves, solve and setup seconds, the plans timed); no behaviour reads it.
+
+    In the JSON (:meth:`to_dict`), ``compile``, ``inexact`` and ``notes`` sit under ``"info"``
+    as they did before they were fields (format 1), so that plan files and the tools reading
+    them keep working both ways.
     """
 
     stage_names: tuple[str, ...]
@@ -233,11 +258,22 @@ class Plan:
     fingerprint: str = ""
     keep_output: bool = True
     accumulate: bool = False
+    compile: Any = None
+    inexact: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_names", tuple(self.stage_names))
         object.__setattr__(self, "tree", tuple(self.tree))
+        object.__setattr__(self, "inexact", dict(self.inexact))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        typed = sorted(set(self.info) & set(TYPED_INFO))
+        if typed:
+            raise ValueError(
+                f"Plan info {typed}: these are the plan's fields now "
+                f"({', '.join(f'Plan.{key}' for key in typed)}); pass them as such"
+            )
         validate_tree(self.tree, 0, len(self.stage_names))
 
     @classmethod
@@ -274,10 +310,10 @@ class Plan:
     @property
     def exact(self) -> bool:
         """Whether every option of the plan keeps gradients and loss bit-identical to the
-        unplanned model's; ``False`` when one is exact to rounding only (``info["inexact"]``:
+        unplanned model's; ``False`` when one is exact to rounding only (:attr:`inexact`:
         stage name -> which, e.g. ``head:chunked``, chosen from a profile made with
         ``exact=False``)."""
-        return not self.info.get("inexact")
+        return not self.inexact
 
     def for_loop(self, *, keep_output: bool, accumulate: bool) -> Plan:
         """This plan stamped with the training loop it is for (the loop the profile
@@ -301,8 +337,26 @@ class Plan:
             "predicted_step_s": self.predicted_step_s,
             "fingerprint": self.fingerprint,
             "step": {"keep_output": self.keep_output, "accumulate": self.accumulate},
-            "info": dict(self.info),
+            "info": self._info_data(),
         }
+
+    def _info_data(self) -> dict[str, Any]:
+        """``info`` as the JSON holds it: the typed fields under their keys of format 1, in
+        the place they had there (after the solver's facts, before setup and timing)."""
+        typed: dict[str, Any] = {}
+        if self.inexact:
+            typed["inexact"] = dict(self.inexact)
+        if self.compile is not None:
+            typed["compile"] = self.compile
+        if self.notes:
+            typed["notes"] = list(self.notes)
+        out: dict[str, Any] = {}
+        for key, value in self.info.items():
+            if key in _LATER_INFO:
+                out |= typed
+                typed = {}
+            out[key] = value
+        return out | typed
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -336,9 +390,17 @@ class Plan:
             raise fail("stage_names", f"distinct names ({repeated} repeat)", list(names))
         budget = data.get("budget_bytes")
         step = record(data.get("step", {}), "step", ("keep_output", "accumulate"))
-        info = json_data(data.get("info", {}), "info")
-        if not isinstance(info, Mapping):
-            raise fail("info", "a JSON object", info)
+        info = dict(_info_object(data.get("info", {})))
+        compile = info.pop("compile", None)
+        inexact = info.pop("inexact", {})
+        if not isinstance(inexact, Mapping) or not all(
+            isinstance(why, str) for why in inexact.values()
+        ):
+            raise fail("info.inexact", "an object of stage names and strings", inexact)
+        notes = tuple(
+            text(note, f"info.notes[{i}]")
+            for i, note in enumerate(array(info.pop("notes", []), "info.notes"))
+        )
         return cls(
             stage_names=names,
             tree=tree_from_data(data["tree"]),
@@ -351,7 +413,10 @@ class Plan:
             fingerprint=text(data.get("fingerprint", ""), "fingerprint"),
             keep_output=boolean(step.get("keep_output", True), "step.keep_output"),
             accumulate=boolean(step.get("accumulate", False), "step.accumulate"),
-            info=dict(info),
+            compile=compile,
+            inexact=inexact,
+            notes=notes,
+            info=info,
         )
 
     @classmethod

@@ -44,7 +44,7 @@ from memfit.units import Budget, infeasible_message
 MAX_EXTRAPOLATION = 16.0
 # an extrapolation check worse than this marks the fit as not trusted
 MAX_HOLDOUT_ERROR = 0.05
-# the same for step times (the issue's goal for them: within 15%)
+# the same for step times (the goal for time estimates: within 15%)
 MAX_TIME_HOLDOUT_ERROR = 0.15
 
 Path = tuple[Any, ...]
@@ -200,7 +200,8 @@ class ShapeCosts:
         worth half that peak or more there (eager attention's probabilities: their gradient,
         as large, appears in the backward). Measured: a Llama with eager attention profiled
         to 2 x 64 has its kept blocks' backward peaks linear (270 KB at 2 x 256) while the
-        scores' gradient there is 1.3 MB."""
+        scores' gradient there is 1.3 MB (``benchmarks/results/design-figures.md``, "Hidden
+        seq² branches")."""
         if not shape.seq or shape.seq <= max(s.seq for s in self.shapes):
             return []
         quadratic = {"batch·seq²", "seq²"}

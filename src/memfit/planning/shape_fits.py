@@ -179,10 +179,10 @@ def fit_bytes(shapes: Sequence[Shape], values: Sequence[float]) -> Fit:
                 break
             if drop and len({s.tokens for s in kept}) <= size:
                 # larger shapes of few token counts (the default shapes' ladder holds the
-                # sample's tokens at every rung) check no token term: measured, a constant
-                # over the three 256-token shapes of a BERT config's 4 x 64 profile stood in
-                # for its held bytes, 278,900 + 24·tokens (18 KB low at 16 x 64), and for
-                # two peaks of its embedding and head (plans at 16 x 64 then +10% high)
+                # sample's tokens at every rung) check no token term: on a BERT config a
+                # constant over three 256-token shapes stood in for token terms, and plans at
+                # 16 x 64 were then +10% high (benchmarks/results/design-figures.md, "Token
+                # terms of byte fits")
                 continue
             for features in itertools.combinations(BYTES_FEATURES, size):
                 coefficients, residual = _lstsq(kept, kept_values, features)
@@ -236,10 +236,7 @@ def fit_with_probes(shapes: Sequence[Shape], values: Sequence[float], long: Sequ
     upper bound when the long branch is ``q·batch·seq²`` and the grid's ``l·batch·seq`` per
     sample: the difference of the term and the true excess is concave in ``seq``, at least
     zero at ``G`` (the grid branch wins there) and zero at ``P``. Beyond ``P`` it is not.
-
-    The first version added ``c·batch·seq²`` at every seq, lifting the grid's own seqs too
-    (``(s / S)²`` of the excess per sample); the default shapes' ladder makes every profile
-    hold such probes (its rungs).
+    The default shapes' ladder makes every profile hold such probes (its rungs).
     """
     whole = fit_bytes(shapes, values)
     if whole.exact or not long:
@@ -298,13 +295,13 @@ def seconds_basis(
     predicts them; it returns the signed worst relative miss there (``None``: fewer than five
     shapes).
 
-    Measured on CPU (HF GPT-2, Llama and BERT configs, 4 layers, width 64, one thread, 33
-    shapes each up to 8 x 256 and 2 x 512, every fit held against steps measured at 2-4x its
-    largest profiled tokens): choosing between ``1 + tokens`` and the quadratic basis by this
-    same check kept ``1 + tokens`` on noise for Llama (SDPA: attention is a few percent of a
-    short step) and predicted 2-4x along the seq 22-49% low; the quadratic basis always
-    brought 88 of 129 cells within 15% to 117 (with shapes of equal tokens at longer seqs
-    among the profiled ones, :func:`memfit.shape_profiles.default_profile_shapes`).
+    Why always the quadratic basis when the seq varies, rather than choosing by this check:
+    the check kept ``1 + tokens`` on noise for Llama (SDPA: attention is a few percent of a
+    short step), which then predicted 2-4x along the seq 22-49% low; the quadratic basis
+    brought 117 of 129 cells within 15% instead of 88 (HF GPT-2, Llama and BERT configs on
+    CPU, with shapes of equal tokens at longer seqs among the profiled ones,
+    :func:`memfit.shape_profiles.default_profile_shapes`; conditions in
+    ``benchmarks/results/design-figures.md``, "Time basis of shape fits").
     """
     array = np.array(totals, dtype=np.float64)
     linear = ("1", "tokens")

@@ -122,14 +122,14 @@ def solve(
     ops = _option_details(costs, tree)
     if ops:
         info["ops"] = ops
-    inexact = {name: detail for name, detail in ops.items() if detail.get("exact") is False}
-    if inexact:  # never silently: the plan, its JSON and its table say so
-        chosen = stage_options(tree)
-        names = [stage.name for stage in costs.stages]
-        info["inexact"] = {
-            name: f"{chosen[names.index(name)]}: exact to rounding, not bit for bit"
-            for name in inexact
-        }
+    # never silently: the plan, its JSON and its table say so
+    chosen = stage_options(tree)
+    names = [stage.name for stage in costs.stages]
+    inexact = {
+        name: f"{chosen[names.index(name)]}: exact to rounding, not bit for bit"
+        for name, detail in ops.items()
+        if detail.get("exact") is False
+    }
     return Plan(
         stage_names=tuple(stage.name for stage in costs.stages),
         tree=tree,
@@ -138,6 +138,7 @@ def solve(
         predicted_step_s=simulation.step_s,
         budget_bytes=budget_bytes,
         fingerprint=costs.fingerprint,
+        inexact=inexact,
         info=info,
     )
 

@@ -141,9 +141,9 @@ def plan_table(plan: Plan) -> Any:
         + f"; loop: {plan.loop}"
     )
     if not plan.exact:
-        stages = ", ".join(f"{name} ({why})" for name, why in plan.info["inexact"].items())
+        stages = ", ".join(f"{name} ({why})" for name, why in plan.inexact.items())
         title += f"; NOT bit-identical: {stages}"
-    for note in plan.info.get("notes", []):
+    for note in plan.notes:
         rows.append(["note", "", str(note)])
     for entry in plan.info.get("timed", []):
         mark = "chosen" if entry["chosen"] else "timed"

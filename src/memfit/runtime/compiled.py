@@ -102,7 +102,7 @@ def plan_compile_options(
 ) -> dict[str, Any] | None:
     """The ``torch.compile`` arguments to run ``plan``'s blocks with (``None``: not compiled).
 
-    A plan is data that may come from a file: its ``info["compile"]`` is taken only when every
+    A plan is data that may come from a file: its ``compile`` settings are taken only when every
     setting is on the allow-list (``backend`` one of :data:`PLAN_BACKENDS`, ``mode`` one of
     torch's modes for inductor, ``fullgraph`` a bool, ``dynamic`` a bool or null; nothing
     else, no ``options``). The caller's own ``compile=`` (True or a dict of ``torch.compile``
@@ -115,7 +115,7 @@ def plan_compile_options(
             for one made with them).
         TypeError, ValueError: a malformed ``compile=`` (see :func:`compile_options`).
     """
-    recorded = plan.info.get("compile")
+    recorded = plan.compile
     if compile is None:
         return None if recorded is None else _plan_settings(recorded)
     chosen = compile_options(compile)
@@ -127,13 +127,13 @@ def plan_compile_options(
     if recorded is not None and chosen is None:
         raise PlanMismatchError(
             f"compile={compile!r}, but the plan was made with compiled blocks "
-            f'(plan.info["compile"]); pass compile=True or a dict of torch.compile arguments'
+            f"(plan.compile); pass compile=True or a dict of torch.compile arguments"
         )
     return chosen
 
 
 def _plan_settings(recorded: Any) -> dict[str, Any]:
-    """``plan.info["compile"]`` checked against the allow-list (see
+    """``plan.compile`` checked against the allow-list (see
     :func:`plan_compile_options`)."""
     fix = (
         "a plan file may only choose among torch's own compilers; if you trust these settings, "
@@ -141,20 +141,20 @@ def _plan_settings(recorded: Any) -> dict[str, Any]:
     )
     if not isinstance(recorded, Mapping):
         raise PlanMismatchError(
-            f'plan.info["compile"] is {recorded!r}; expected an object such as '
+            f"plan.compile is {recorded!r}; expected an object such as "
             f'{{"backend": "inductor"}}; {fix}'
         )
     allowed = ("backend", "mode", "fullgraph", "dynamic")
     for key in recorded:
         if key not in allowed:
             raise PlanMismatchError(
-                f'plan.info["compile"] names {key!r}, which a plan may not set (only '
+                f"plan.compile names {key!r}, which a plan may not set (only "
                 f"{list(allowed)}); {fix}"
             )
     backend = recorded.get("backend", "inductor")
     if not isinstance(backend, str) or backend not in PLAN_BACKENDS:
         raise PlanMismatchError(
-            f"plan.info[\"compile\"] names 'backend' {backend!r}; expected one of "
+            f"plan.compile names 'backend' {backend!r}; expected one of "
             f"{list(PLAN_BACKENDS)}; {fix}"
         )
     mode = recorded.get("mode")
@@ -166,18 +166,18 @@ def _plan_settings(recorded: Any) -> dict[str, Any]:
             modes += [m for m in torch._inductor.list_mode_options() if m not in modes]
         if not isinstance(mode, str) or mode not in modes:
             raise PlanMismatchError(
-                f"plan.info[\"compile\"] names 'mode' {mode!r}; with backend {backend!r} "
+                f"plan.compile names 'mode' {mode!r}; with backend {backend!r} "
                 f"expected null or one of {modes}; {fix}"
             )
     fullgraph = recorded.get("fullgraph", False)
     if not isinstance(fullgraph, bool):
         raise PlanMismatchError(
-            f"plan.info[\"compile\"] names 'fullgraph' {fullgraph!r}; expected true or false"
+            f"plan.compile names 'fullgraph' {fullgraph!r}; expected true or false"
         )
     dynamic = recorded.get("dynamic")
     if dynamic is not None and not isinstance(dynamic, bool):
         raise PlanMismatchError(
-            f"plan.info[\"compile\"] names 'dynamic' {dynamic!r}; expected true, false or null"
+            f"plan.compile names 'dynamic' {dynamic!r}; expected true, false or null"
         )
     return dict(recorded)
 

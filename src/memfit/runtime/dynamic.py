@@ -82,10 +82,11 @@ class ShapePlans:
             made for its longest length; every shorter one then fits too).
         round_batch: round batch sizes up to the sample's batch times a power of two
             (:func:`batch_bucket`: 17-24 plan as 24 at a sample of 24, 25-48 as 48, 7-12 as
-            12), so that a stream of many batch sizes holds a plan per bucket. Off by default:
-            a plan per batch size costs 3 ms once (then cached) and a switch 0.3 ms (4-layer
-            GPT-2 config, CPU), while a plan made for a larger batch recomputes more than the
-            batch needs (measured from the fits at 5 x 256 planned as 8 x 256: +14% step time).
+            12), so that a stream of many batch sizes holds a plan per bucket. Off by default,
+            as measured: a plan per batch size costs milliseconds once (then cached) and a
+            switch less, while a plan made for a larger batch recomputes more than the batch
+            needs (+14% step time at 5 x 256 planned as 8 x 256; figures in
+            ``benchmarks/results/design-figures.md``, "Batch sizes not rounded by default").
         keep_output, accumulate: the loop the plans are for.
         plans: bucket -> its plan (planned on first use).
         steps: every forward the hook planned (the last ``history`` of them).

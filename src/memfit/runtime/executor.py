@@ -34,6 +34,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import PlanMismatchError
+from memfit.measuring.carry import (
+    MAIN_ONLY,
+    Carry,
+    hand_on,
+    ordered,
+    output_items,
+    slot_values,
+    uncarried,
+)
 from memfit.measuring.chain import MAIN_KEYWORD, Chain, main_tensor, split_main
 from memfit.measuring.offload import module_tensors, storage_keys
 from memfit.measuring.step import own_fsdp_unit, storage_key
@@ -98,6 +107,7 @@ class Executor:
     offloading = False  # whether the plan offloads anything (set by apply_plan)
     _offloader: Offloader | None = None
     places: dict[int, tuple[torch.nn.Module, str]] = {}  # noqa: RUF012 (read-only default)
+    links: dict[int, Carry] = {}  # noqa: RUF012 (read-only default)
 
     def __init__(
         self,
@@ -112,6 +122,9 @@ class Executor:
         self.places = dict(places or {})
         # segment start -> its current forward (SegmentCall: while torch.compile traces)
         self.calls: dict[int, SegmentRun | SegmentCall] = {}
+        # block stage -> how its output becomes the next block's arguments in a segment's
+        # rerun, as the forward saw it (carries of several tensors: memfit.measuring.carry)
+        self.links: dict[int, Carry] = {}
         self.nesting: dict[int, dict[int, list[Segment]]] = {}
         # FSDP2 applied after the plan (or removed): the plan's figures are another model's
         self.sharded = own_fsdp_unit(chain.blocks[0]) if chain.blocks else False
@@ -228,12 +241,12 @@ class Executor:
                 f"stage {name!r} was called without the blocks before it, joined with it from "
                 f"{joined}, having just run: the model skips or reorders blocks"
             )
-        elif main is None or run.expected is None or not _handed_on(run, main):
+        elif main is None or (carry := _handed_on(run, call)) is None:
             problem = (
                 f"stage {name!r} did not get the output of the block before it (joined with it "
                 f"from {joined}): the model changes the hidden state between blocks"
             )
-        elif not same_side_inputs(run.side_inputs, (rest, side)):
+        elif not same_side_inputs(uncarried(carry, *run.side_inputs), uncarried(carry, rest, side)):
             problem = (
                 f"stage {name!r} got other side inputs (masks, positions...) than "
                 f"{self.name(segment.start)!r}, joined with it in one recompute segment (e.g. "
@@ -248,7 +261,10 @@ class Executor:
             error = PlanMismatchError(f"{problem}; recompute these blocks one by one")
             self.drop_run(segment.start, error)
             raise error
-        assert isinstance(run, SegmentRun)
+        assert isinstance(run, SegmentRun) and carry is not None
+        if "links" not in vars(self):  # an executor pickled before links existed
+            self.links = {}
+        self.links[index - 1] = carry
         return self._run_member(run, index, call)
 
     def _run_member(self, run: SegmentRun, index: int, call: Call) -> Any:
@@ -284,7 +300,13 @@ class Executor:
             )
             self.drop_run(segment.start, mismatch)
             raise mismatch
-        run.expected, run.expected_version, run.next = weakref.ref(main), main._version, index + 1
+        items = [
+            (k, weakref.ref(item), item._version)
+            for k, item in enumerate(output_items(out))
+            if isinstance(item, torch.Tensor)
+        ]
+        run.expected = Handed(items, (weakref.ref(main), main._version))
+        run.next = index + 1
         run.rng = rng_state(main.device)
         run.regions.suspend()
         return out
@@ -339,7 +361,9 @@ class Executor:
                 out = self.run_stage(item, x, rest, kwargs, head)
             else:
                 out = self.run_segment(item, x, rest, kwargs, head)
-            x = main_tensor(out)
+            last = item.index if isinstance(item, Stage) else item.stop - 1
+            carry = self.links.get(last, MAIN_ONLY)
+            x, rest, kwargs = hand_on(carry, out, x, rest, kwargs, main_tensor)
         return out
 
     def run_segment(
@@ -392,8 +416,7 @@ class SegmentRun:
     group: Group | None
     regions: Regions
     next: int  # the block expected next
-    expected: weakref.ref[torch.Tensor] | None = None  # the previous block's output (weak)
-    expected_version: int = 0  # its version when that block returned
+    expected: Handed | None = None  # the previous block's output
     rng: tuple[torch.Tensor, ...] = ()  # the random generators when the previous block returned
 
 
@@ -406,18 +429,48 @@ def _nested(items: Sequence[Item], into: dict[int, list[Segment]]) -> dict[int, 
     return into
 
 
-def _handed_on(run: SegmentRun, received: torch.Tensor) -> bool:
-    """Whether a block got the previous block's output: the very tensor, or an alias of it with
-    the same layout and values (FSDP2's pre-forward hook hands a block its inputs through an
-    autograd function that returns aliases)."""
-    assert run.expected is not None
-    expected = run.expected()
-    if expected is None:
+@dataclass
+class Handed:
+    """A block's output as its call returned it, weakly (never keep an activation alive past
+    its use), each tensor with its version then: the tensor items of its output tuple (their
+    positions in it) and its main tensor."""
+
+    items: list[tuple[int, weakref.ref[torch.Tensor], int]]
+    main: tuple[weakref.ref[torch.Tensor], int]
+
+
+def _handed_on(run: SegmentRun, call: Call) -> Carry | None:
+    """How a block got the previous block's output: a carry of several tensors (the main input
+    among them) when its arguments hold several of the output tuple's tensors, :data:`MAIN_ONLY`
+    when its main input is the output's main tensor, ``None`` when neither. A tensor counts as
+    got when it is the very tensor, or an alias of it with the same layout and values (FSDP2's
+    pre-forward hook hands a block its inputs through an autograd function that returns
+    aliases)."""
+    handed = run.expected
+    if handed is None:
+        return None
+    pairs = []
+    for slot, tensor in slot_values(*call):
+        found = [k for k, ref, version in handed.items if _same_tensor(ref, version, tensor)]
+        if found:
+            pairs.append((slot, found[0]))
+    carry = ordered(pairs)
+    if len(carry) >= 2 and carry[0][0] == 0:
+        return carry
+    main = main_tensor(call[0])
+    return MAIN_ONLY if _same_tensor(*handed.main, main) else None
+
+
+def _same_tensor(
+    ref: weakref.ref[torch.Tensor], version: int, received: torch.Tensor | None
+) -> bool:
+    expected = ref()
+    if expected is None or received is None:
         return False
     if received is expected:
         return True
     return (
-        received._version == run.expected_version == expected._version
+        received._version == version == expected._version
         and storage_key(received) == storage_key(expected)
         and received.storage_offset() == expected.storage_offset()
         and received.shape == expected.shape

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils._pytree import tree_leaves
 
 from memfit.errors import MemfitError, UnsupportedModelError
+from memfit.measuring.carry import output_items
 from memfit.measuring.chain import (
     Inputs,
     main_tensor,
@@ -72,6 +73,8 @@ def guard_input(out: Any, watched: Any, stage: str) -> Any:
     if torch.compiler.is_compiling():
         return out
     main = main_tensor(out)
+    if main is None:  # a block carrying several tensors may return None first (SD3's last)
+        main = next((item for item in output_items(out) if isinstance(item, torch.Tensor)), None)
     if not (isinstance(watched, torch.Tensor) and main is not None and main.requires_grad):
         return out
     version, watched_ref = watched._version, weakref.ref(watched)  # never keep it alive

@@ -23,11 +23,16 @@ tensors of tokens x vocabulary each. Options (``Stage(last, option)`` in a plan)
   ``num_items_in_batch``, ``shift_labels``). The output's ``logits`` is then ``None``, as with
   Liger's kernels in training.
 
-Why not a checkpoint around the head and the loss: measured on a Llama with a 32,000-token
-vocabulary (width 512, 2 layers, 2 x 256 tokens, HF's full recompute), it leaves the floor where
-it was (402.3 MiB both ways, and 339.8 MiB both ways in a loop that drops the output): the
+Why not a checkpoint around the head and the loss: it leaves the floor where it is (measured
+on a Llama with a 32,000-token vocabulary: the same peak with and without it;
+``benchmarks/results/design-figures.md``, "No checkpoint around the head and loss"): the
 recompute rebuilds the very tensors the backward then peaks on, and nothing else runs between
 ``<post>``'s forward and its backward that the saved bytes could make room for.
+
+Both options compute the same loss with other ops, by design: their ops run inside a
+:func:`~memfit.measuring.trace.by_design` region (forward and backward), and
+:func:`marking_head` marks the same region around the computation they replace in a plain step,
+so that an op trace (``verify(trace=True)``) cuts the two out and compares every other op.
 
 Every object here is a plain module-level class, so copies of a planned model (``deepcopy``,
 ``pickle``) carry the option with their own modules.
@@ -38,7 +43,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +53,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from memfit.measuring.trace import by_design, by_design_backward
 from memfit.runtime.losses import (
     CHUNKS,
     REDUCTIONS,
@@ -200,7 +206,12 @@ def _lean_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
 
 
 class _LeanLossMode(TorchFunctionMode):
-    """Routes eligible ``F.cross_entropy`` calls to the lean, bit-identical loss."""
+    """Routes eligible ``F.cross_entropy`` calls to the lean, bit-identical loss (``replace``
+    false: runs them as they are, only marking them by design for an op trace)."""
+
+    def __init__(self, replace: bool) -> None:
+        super().__init__()
+        self.replace = replace
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
@@ -210,24 +221,56 @@ class _LeanLossMode(TorchFunctionMode):
             lean = _lean_arguments(args, kwargs)
             if lean is not None:
                 rows, classes = lean[0].shape
-                _used(f"{LEAN_LOSS}: cross_entropy over {rows} x {classes} logits")
-                return lean_cross_entropy(*lean)
+                label = f"{LEAN_LOSS}: cross_entropy over {rows} x {classes} logits"
+                with by_design(label):
+                    if self.replace:
+                        _used(label)
+                        loss = lean_cross_entropy(*lean)
+                    else:
+                        loss = func(*args, **kwargs)
+                by_design_backward(label, loss, lean[0])
+                return loss
         return func(*args, **kwargs)
 
 
 class HeadRun:
-    """One planned model's ``<post>`` option: what its hooks share during a forward."""
+    """One planned model's ``<post>`` option: what its hooks share during a forward.
 
-    def __init__(self, option: str, model: nn.Module) -> None:
+    ``replace`` false: the plain step of an op trace, whose ops the option would replace are only
+    marked by design (:func:`marking_head`)."""
+
+    def __init__(self, option: str, model: nn.Module, replace: bool = True) -> None:
         self.option = option
+        self.replace = replace
         self.armed = False
         self.mode: _LeanLossMode | None = None
         self.hidden: torch.Tensor | None = None
         self.labels_position = _labels_position(model)
+        # head:chunked's forward region, from the head's call to the loss's return
+        self.label = ""
+        self.region: AbstractContextManager[None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # per forward: never copied or pickled
-        return vars(self) | {"armed": False, "mode": None, "hidden": None}
+        return vars(self) | {"armed": False, "mode": None, "hidden": None, "region": None}
+
+    def open(self, hidden: torch.Tensor, classes: int) -> None:
+        """Enter head:chunked's by-design region at the head's call."""
+        self.hidden = hidden
+        if self.region is None:
+            rows = hidden.numel() // hidden.shape[-1]
+            self.label = f"{CHUNKED}: head and loss over {rows} x {classes} logits"
+            self.region = by_design(self.label)
+            self.region.__enter__()
+
+    def close(self, loss: torch.Tensor | None = None, source: torch.Tensor | None = None) -> None:
+        """Leave the region when the loss is made; its backward is by design until the head's
+        input has its gradient."""
+        region, self.region = self.region, None
+        if region is not None:
+            region.__exit__(None, None, None)
+            if loss is not None and source is not None:
+                by_design_backward(self.label, loss, source)
 
     def arm(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # traced by a compile around the plan: the model runs as it is (as memfit's guards do
@@ -244,12 +287,13 @@ class HeadRun:
 
     def enter(self) -> None:
         if self.armed and self.option == LEAN_LOSS and self.mode is None:
-            self.mode = _LeanLossMode()
+            self.mode = _LeanLossMode(self.replace)
             self.mode.__enter__()
 
     def disarm(self) -> None:
         self.armed = False
         self.hidden = None
+        self.close()
         mode, self.mode = self.mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
@@ -287,7 +331,7 @@ class _Disarm:
 
 class DeferredHead:
     """The head's forward under ``head:chunked``: in an armed forward it keeps its input for the
-    loss and returns ``None`` (no logits); otherwise the head's own forward."""
+    loss and returns ``None`` (no logits); otherwise (or only marking) the head's own forward."""
 
     def __init__(self, run: HeadRun, head: nn.Module, previous: Any) -> None:
         self.run = run
@@ -296,8 +340,10 @@ class DeferredHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.run.armed and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.run.hidden = hidden
-            return None
+            assert isinstance(self.head, nn.Linear)  # chunked_head_support
+            self.run.open(hidden, self.head.out_features)
+            if self.run.replace:
+                return None
         if self.previous is not None:
             return self.previous(hidden)
         return type(self.head).forward(self.head, hidden)
@@ -324,7 +370,7 @@ class ChunkedLoss:
     ) -> torch.Tensor:
         hidden, self.run.hidden = self.run.hidden, None
         if logits is not None or hidden is None:
-            return self.original(
+            loss = self.original(
                 logits,
                 labels,
                 vocab_size,
@@ -333,6 +379,22 @@ class ChunkedLoss:
                 shift_labels=shift_labels,
                 **kwargs,
             )
+        else:
+            loss = self._chunked(
+                hidden, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels
+            )
+        self.run.close(loss, hidden)
+        return loss
+
+    def _chunked(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None,
+        ignore_index: int,
+        shift_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
         if vocab_size != self.head.out_features:
             raise ValueError(
                 f"head:chunked: the loss was asked for vocab_size={vocab_size}, but the head "
@@ -376,12 +438,17 @@ def check_head_install(model: nn.Module, option: str) -> None:
 
 
 class HeadInstall:
-    """A ``<post>`` option installed on a model; :meth:`remove` undoes it."""
+    """A ``<post>`` option installed on a model; :meth:`remove` undoes it.
 
-    def __init__(self, model: nn.Module, last_block: nn.Module, option: str) -> None:
+    ``replace`` false: the option's computation is not run; the ops it would replace are marked
+    by design for an op trace (:func:`marking_head`)."""
+
+    def __init__(
+        self, model: nn.Module, last_block: nn.Module, option: str, replace: bool = True
+    ) -> None:
         check_head_install(model, option)
         self.model = model
-        self.run = HeadRun(option, model)
+        self.run = HeadRun(option, model, replace)
         self.handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(_Arm(self.run), with_kwargs=True),
             model.register_forward_hook(_Disarm(self.run), always_call=True),
@@ -418,3 +485,18 @@ class HeadInstall:
             self.model.__dict__.pop("_loss_function", None)
             if self.had_loss:
                 self.model.__dict__["_loss_function"] = self.previous_loss
+
+
+@contextmanager
+def marking_head(model: nn.Module, last_block: nn.Module, options: Iterable[str]) -> Iterator[None]:
+    """In a plain step (``model`` carries no plan), mark by design the ops that the ``<post>``
+    option among ``options`` would replace (the same calls, found the same way), running them as
+    they are: an op trace of the plain step then cuts out what a planned step's trace cuts out
+    (:func:`~memfit.measuring.trace.compare_traces`). Nothing is marked without a head option."""
+    heads = [option for option in options if is_head_option(option)]
+    install = HeadInstall(model, last_block, heads[0], replace=False) if heads else None
+    try:
+        yield
+    finally:
+        if install is not None:
+            install.remove()

@@ -134,7 +134,8 @@ class _BlockSaves:
         if self.ops:
             # the ops that made it, from what stays saved, rather than the whole module again:
             # a Python-arithmetic GELU's output is one mul of two saved (rebuilt) storages,
-            # whose rerun as a module recomputed all 8 ops a second time (GPT-2: +2.3 ms/block)
+            # whose rerun as a module would recompute all 8 ops a second time (GPT-2: +2.3 ms a
+            # block; benchmarks/results/design-figures.md, "Op-chain rebuild costs")
             recipe = self.op_makers.recipe(ptr, base, self.handles, self.bases)
             if recipe is not None:
                 return recipe

@@ -34,12 +34,12 @@ class _TwoValued:
 def two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     """``tensor`` as a :class:`_TwoValued` when every element is bitwise +0 or one value.
 
-    The check counts instead of comparing element-wise twice: ``ne``, ``eq`` and two counts
-    (0.7 ms for a 4 x 4 x 256 x 256 mask on 2 cores, against 1.9 ms for the ``logical_or``,
-    ``all`` form it replaced; ``all`` alone took 0.38 ms). It runs on every mask: skipping it
-    for masks "known" from the ops that made them (``bernoulli_``, then a scalar scale) was
-    tried and reviewed out, since writes the recorder cannot see (another thread, a NumPy
-    view, a partial or overflowing scale, a view of another dtype) then went unchecked."""
+    The check counts instead of comparing element-wise twice: ``ne``, ``eq`` and two counts,
+    under half the time of a ``logical_or``, ``all`` form
+    (``benchmarks/results/design-figures.md``, "Op-chain rebuild costs"). It runs on every
+    mask, even one "known" from the ops that made it (``bernoulli_``, then a scalar scale):
+    writes the recorder cannot see (another thread, a NumPy view, a partial or overflowing
+    scale, a view of another dtype) would otherwise go unchecked."""
     bits = _BITS.get(tensor.element_size())
     if (
         bits is None

@@ -62,8 +62,9 @@ class _OpMakers:
         """Note which op made each fresh storage (and that in-place writes made new ones).
 
         Runs for every aten op of the block's forward, so it walks aten's flat argument lists
-        itself (:func:`_aten_leaves`) rather than through pytree: 2.6 -> 1.1 ms per GPT-2
-        block forward (72 ops)."""
+        itself (:func:`_aten_leaves`) rather than through pytree: 1.1 ms per GPT-2 block
+        forward (72 ops) instead of 2.6 ms (``benchmarks/results/design-figures.md``, "Op-chain
+        rebuild costs")."""
         if threading.get_ident() != self.thread:
             return
         for position, name in written_arguments(func):

@@ -129,7 +129,8 @@ class _OpRecipe:
     An op whose first argument is an intermediate this recipe has just made (nobody saved it,
     nothing else holds it) runs in place on it when its output has that argument's dtype and
     layout: GPT-2's tanh chain then allocates 2 tensors instead of 5, and fresh memory is what
-    a rebuild pays most for on a CPU (the chain: 3.0 -> 1.9 ms warm at width 768)."""
+    a rebuild pays most for on a CPU (the chain: 1.9 ms warm instead of 3.0 ms at width 768;
+    ``benchmarks/results/design-figures.md``, "Op-chain rebuild costs")."""
 
     def __init__(
         self,
