@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -125,8 +126,10 @@ def test_stage_times_scaled_to_unmarked_steps_and_rungs_past_positions_left_out(
     assert sorted(shaped.fitted.shapes) == [Shape(b, s) for b in (2, 4) for s in (4, 8, 16, 32)]
     assert "shape 2 x 64 left out" in caplog.text and "shape 1 x 128 left out" in caplog.text
     assert set(shaped.calibration) == set(shaped.fitted.shapes)
-    # the hooks cost time, the steps are the same: the scale stays near one on any load
-    assert all(0.3 < factor < 3.0 for factor in shaped.calibration.values())
+    # a scale per shape, each a ratio of two measured times (near one on a quiet machine:
+    # 0.70-1.05 here; a loaded CI run pushed one past 3, so the size is the estimate
+    # benchmark's to show, not a test's)
+    assert all(math.isfinite(factor) and factor > 0 for factor in shaped.calibration.values())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
