@@ -43,6 +43,24 @@ class Built:
     loss_fn: LossFn | None = None
 
 
+def verified_at_its_floor(built: Built) -> tuple[int, Any, Any]:
+    """Profile ``built`` as it is, plan at the smallest budget memfit names (the error of a 1%
+    budget), apply that plan and verify it with the op trace: ``(floor, plan, report)``."""
+    import pytest
+
+    import memfit
+    from memfit.errors import InfeasibleBudgetError
+
+    profile = memfit.profile(built.model, built.sample, loss_fn=built.loss_fn)
+    with pytest.raises(InfeasibleBudgetError) as raised:
+        memfit.plan(profile, budget="1%")
+    floor = raised.value.min_feasible_bytes
+    plan = memfit.plan(profile, budget=floor)
+    memfit.apply(built.model, plan)
+    report = memfit.verify(built.model, built.sample, loss_fn=built.loss_fn, repeats=1, trace=True)
+    return floor, plan, report
+
+
 def _tokens(batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq))
 

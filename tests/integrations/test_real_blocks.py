@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 import memfit
-from memfit.errors import InfeasibleBudgetError, UnsupportedModelError
+from memfit.errors import UnsupportedModelError
 from memfit.measuring.library_blocks import find_blocks
+from tests.helpers.hf_testers import verified_at_its_floor
 from tests.helpers.real_blocks import MODELS
 
 pytest.importorskip("transformers")
@@ -76,14 +77,7 @@ def _planned_cases() -> list[object]:
 
 @pytest.mark.parametrize("name", _planned_cases())
 def test_planned_at_its_floor(name: str) -> None:
-    built = MODELS[name]()
-    model, sample, loss_fn = built.model, built.sample, built.loss_fn
-    profile = memfit.profile(model, sample, loss_fn=loss_fn)
-    with pytest.raises(InfeasibleBudgetError) as raised:
-        memfit.plan(profile, budget="1%")
-    floor = raised.value.min_feasible_bytes
-    memfit.apply(model, memfit.plan(profile, budget=floor))
-    report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+    floor, _plan, report = verified_at_its_floor(MODELS[name]())
     if name in UNREPEATABLE:
         assert not report.reference_repeatable, UNREPEATABLE[name]
     else:

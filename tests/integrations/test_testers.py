@@ -29,7 +29,7 @@ import memfit
 from memfit.errors import InfeasibleBudgetError, UnsupportedModelError
 from memfit.planning.plan import Stage
 from memfit.runtime.head import LEAN_LOSS
-from tests.helpers.hf_testers import TESTERS
+from tests.helpers.hf_testers import TESTERS, verified_at_its_floor
 
 pytest.importorskip("transformers")
 pytestmark = [
@@ -78,16 +78,8 @@ def _cases() -> list[object]:
 
 @pytest.mark.parametrize("name", _cases())
 def test_tester_config_at_its_floor(name: str) -> None:
-    built = TESTERS[name]()
-    model, sample, loss_fn = built.model, built.sample, built.loss_fn
-    profile = memfit.profile(model, sample, loss_fn=loss_fn)
-    with pytest.raises(InfeasibleBudgetError) as raised:
-        memfit.plan(profile, budget="1%")
-    floor = raised.value.min_feasible_bytes
-    plan = memfit.plan(profile, budget=floor)
+    floor, plan, report = verified_at_its_floor(TESTERS[name]())
     assert plan.budget_bytes == floor
-    memfit.apply(model, plan)
-    report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
     if name in UNREPEATABLE:
         assert not report.reference_repeatable, UNREPEATABLE[name]
         return
