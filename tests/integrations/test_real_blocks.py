@@ -46,8 +46,10 @@ UNREPEATABLE = {
 
 KNOWN = {
     "gemma4": "at its floor the measured peak is 6.9% above the prediction (and over the "
-    "budget); gradients and trace equal. Not its per-layer inputs: 7.9% without them "
-    "(hidden_size_per_layer_input=0). Cause not found yet",
+    "budget); gradients and trace equal. Each attention layer stores its keys and values in the "
+    "shared_kv_states dict the model passes every layer (kv_sharing_modes 'store' even with "
+    "num_kv_shared_layers=0), which the checkpoints keep alive and the memory model does not "
+    "count: with store_full_length_kv off the same plan is within 0.1% (docs/known-gaps.md)",
 }
 
 # blocks that rebind their modules' state in forward (I-BERT's quantisation statistics and
