@@ -185,6 +185,48 @@ def florence2() -> Built:
     return Built(Florence2ForConditionalGeneration(config).train(), sample)
 
 
+def evolla() -> Built:
+    """A SaProt protein encoder of one layer, a resampler of depth 2 and a Llama-like decoder of
+    two layers (hidden 16, head width 8) whose layers cross-attend to the protein features;
+    20 text and 10 protein tokens."""
+    from transformers import EvollaConfig, EvollaForProteinText2Text
+
+    protein = dict(
+        vocab_size=20,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=37,
+    )
+    config = EvollaConfig(
+        protein_encoder_config=protein,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        aligner_num_add_layers=1,
+        resampler_depth=2,
+        resampler_num_latents=7,
+        resampler_ff_mult=1,
+        resampler_heads=2,
+        resampler_dim_head=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    ids = torch.randint(3, VOCAB, (2, 20))
+    sample = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "protein_input_ids": torch.randint(4, 20, (2, 10)),
+        "protein_attention_mask": torch.ones(2, 10, dtype=torch.long),
+    }
+    return Built(EvollaForProteinText2Text(config).train(), sample)
+
+
 def wav2vec2_bert() -> Built:
     """LayerDrop off (0.1 by default): memfit refuses LayerDrop and says to turn it off."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForSequenceClassification
@@ -289,6 +331,7 @@ MODELS: dict[str, Callable[[], Built | diffusion.Built]] = {
     "gemma4": gemma4,
     "longcat_flash": longcat_flash,
     "florence2": florence2,
+    "evolla": evolla,
     "wav2vec2_bert": wav2vec2_bert,
     "eomt": eomt,
     "eomt_dinov3": eomt_dinov3,

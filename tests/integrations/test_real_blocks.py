@@ -77,7 +77,7 @@ def test_refused_naming_what_memfit_would_need(name: str) -> None:
         memfit.profile(built.model, built.sample, loss_fn=built.loss_fn, repeats=1)
 
 
-PLANNED = ["longcat_flash", "florence2"]
+PLANNED = ["longcat_flash", "florence2", "evolla"]
 
 
 def _planned_cases() -> list[object]:
