@@ -320,25 +320,14 @@ def _profile(
     used: dict[str, list[str]] = {option: [] for option in heads}
 
     def clock(warmup: int) -> dict[str, float]:
-        return stage_clock(
-            model,
-            sample,
-            chain,
-            loss_fn=loop.loss_fn,
-            accumulate=loop.accumulate,
-            keep_output=loop.keep_output,
-            warmup=warmup,
-        )
+        return stage_clock(model, sample, chain, loop=loop, warmup=warmup)
 
     def meter(warmup: int, way_clocks: Any, clock_metered: bool = False) -> StageReading:
         return measure_stages(
             model,
             sample,
             chain,
-            loss_fn=loop.loss_fn,
-            accumulate=loop.accumulate,
-            optimizer=loop.optimizer,
-            keep_output=loop.keep_output,
+            loop=loop,
             warmup=warmup,
             clocks=way_clocks,
             clock_metered=clock_metered,
@@ -429,16 +418,7 @@ def _profile(
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.
-        keep_dead(
-            stages_without_gradient(
-                model,
-                sample,
-                chain,
-                loss_fn=loop.loss_fn,
-                accumulate=loop.accumulate,
-                keep_output=loop.keep_output,
-            )
-        )
+        keep_dead(stages_without_gradient(model, sample, chain, loop=loop))
         for _ in range(3 if repeats is None else repeats):
             for way, way_plan in list(ways.items()):
                 try:

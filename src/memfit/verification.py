@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from memfit.errors import MemfitError
+from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.readings import Measurement
-from memfit.measuring.run import measure, time_step
+from memfit.measuring.run import USUAL, measure_loop, time_step
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
@@ -225,7 +226,7 @@ def verify(
             UserWarning,
             stacklevel=3,
         )
-    step = dict(
+    loop = TrainingLoop(
         loss_fn=loss_fn,
         optimizer=optimizer,
         accumulate=current.accumulate if accumulate is None else accumulate,
@@ -234,7 +235,7 @@ def verify(
     run = traced_gradients if trace else _untraced_gradients
     try:
         planned_loss, planned_grads, planned_trace = run(model, sample, loss_fn, seed)
-        planned = measure(model, sample, repeats=1, **step)
+        planned = measure_loop(model, sample, loop, repeats=1)
         remove_plan(target)
         # the plain step marks what the plan's <post> option replaces by design
         marks = (
@@ -251,10 +252,10 @@ def verify(
             repeatable = torch.equal(again_loss, reference_loss) and not mismatched_gradients(
                 reference_grads, again_grads
             )
-        baseline = measure(model, sample, repeats=1, **step)
+        baseline = measure_loop(model, sample, loop, repeats=1)
         ratios = [
-            timed_step_under(model, sample, current, loss_fn, step["keep_output"], target)
-            / timed_step_under(model, sample, None, loss_fn, step["keep_output"], target)
+            timed_step_under(model, sample, current, loop, target)
+            / timed_step_under(model, sample, None, loop, target)
             for _ in range(repeats)
         ]
     finally:
@@ -298,23 +299,19 @@ def timed_step_under(
     model: nn.Module,
     sample: Any,
     plan: Plan | None,
-    loss_fn: LossFn | None = None,
-    keep_output: bool = True,
+    loop: TrainingLoop = USUAL,
     target: nn.Module | None = None,
-    accumulate: bool = False,
 ) -> float:
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
-    carry a plan), after one untimed step: right after another way of running, the allocator's
-    state (pages a leaner plan gave back) would otherwise be charged to this one. ``target``:
-    the module of ``model`` the plan goes on (default ``model``; a wrapper's inner model).
-    ``accumulate``: steps of the gradient-accumulation steady state (gradients kept)."""
+    carry a plan), run as ``loop`` runs it, after one untimed step: right after another way of
+    running, the allocator's state (pages a leaner plan gave back) would otherwise be charged
+    to this one. ``target``: the module of ``model`` the plan goes on (default ``model``; a
+    wrapper's inner model)."""
     target = model if target is None else target
     chain = None if plan is None else chain_of_plan(target, plan)
     with planned(target, chain, plan):
         for _ in range(2):  # the first one untimed
-            seconds = time_step(
-                model, sample, loss_fn=loss_fn, keep_output=keep_output, accumulate=accumulate
-            )
+            seconds = time_step(model, sample, loop=loop)
         return seconds
 
 
