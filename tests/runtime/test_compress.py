@@ -180,3 +180,29 @@ def test_the_exact_path_measures_and_plans_no_lossy_option() -> None:
     assert not any(o.startswith("compress:") for s in prof.costs.stages for o in s.options)
     plan = memfit.plan(prof, budget="60%")
     assert plan.exact and plan.max_error is None
+
+
+def test_auto_with_its_defaults_measures_and_plans_no_lossy_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import memfit.api
+
+    profiles = []
+    real = memfit.api.profile_with
+
+    def spy(*args: object, **kwargs: object) -> object:
+        profiles.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return profiles[-1]
+
+    monkeypatch.setattr(memfit.api, "profile_with", spy)
+    model, sample = build("gpt", **GPT)
+    plan = memfit.auto(model, sample, budget="50%")
+    memfit.remove(model)
+    assert plan.exact and not plan.inexact
+    (prof,) = profiles
+    assert not [o for s in prof.costs.stages for o in s.options if o.startswith("compress:")]
+    # with exact=False the same call measures them
+    profiles.clear()
+    memfit.auto(model, sample, budget="60%", exact=False, options=[BF16])
+    memfit.remove(model)
+    assert all(BF16 in s.options for s in profiles[0].costs.stages[1:-1])
