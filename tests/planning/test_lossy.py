@@ -108,3 +108,18 @@ def test_exact_costs_give_exact_plans_at_every_budget() -> None:
         except Exception:
             continue
         assert plan.exact and not plan.inexact
+
+
+def test_a_plans_error_budget_survives_its_json_and_is_read_by_type() -> None:
+    from memfit.planning.fields import PlanFormatError
+    from memfit.planning.plan import Plan
+
+    plan = replace(solve(lossy_chain(), 26 << 20), max_error=0.01)
+    data = plan.to_dict()
+    assert data["info"]["max_error"] == 0.01 and "inexact" in data["info"]
+    again = Plan.from_json(plan.to_json())
+    assert again.max_error == 0.01 and again.inexact == plan.inexact and not again.exact
+    assert Plan.from_dict(solve(lossy_chain(), None).to_dict()).max_error is None
+    data["info"]["max_error"] = "0.01"
+    with pytest.raises(PlanFormatError, match="max_error"):
+        Plan.from_dict(data)
