@@ -206,3 +206,12 @@ def test_auto_with_its_defaults_measures_and_plans_no_lossy_option(
     memfit.auto(model, sample, budget="60%", exact=False, options=[BF16])
     memfit.remove(model)
     assert all(BF16 in s.options for s in profiles[0].costs.stages[1:-1])
+
+
+def test_the_plan_table_says_what_a_compressed_stage_stores() -> None:
+    from memfit.report.tables import describe_ops
+
+    line = describe_ops(
+        FP8, {"exact": False, "stores": "float8_e4m3fn", "error": 0.03, "compressed": [4096, 1024]}
+    )
+    assert "float8_e4m3fn: 4.00 KiB -> 1.00 KiB" in line and "3.0e-02" in line

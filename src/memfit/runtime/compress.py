@@ -187,7 +187,7 @@ def _narrow(tensor: torch.Tensor, target: torch.dtype) -> _Stored | None:
     if target != torch.float8_e4m3fn:
         return _Stored(flat.to(target), None, flat.dtype)
     rows = flat.view(-1, _rows(tensor, flat.numel())).to(torch.float32)
-    peak = rows.abs().amax(dim=1, keepdim=True)
+    peak = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # max |x|
     if not bool(torch.isfinite(peak).all()):
         return None
     scale = torch.where(peak > 0, peak / FP8_MAX, torch.ones_like(peak))
