@@ -37,6 +37,9 @@ SLOW = (
 # profiled and verified, CLI runs end to end), except the planning property tests, which
 # ``make quick`` keeps; every parameter of a listed test. A name no test has is an error.
 SLOW_TESTS = (
+    "runtime/test_compress.py::test_auto_with_its_defaults_measures_and_plans_no_lossy_option",
+    "test_cli.py::test_lossy_options_enter_no_cli_plan_without_inexact",
+    "runtime/test_compress.py::test_a_lossy_plan_fits_its_budget_as_predicted_and_reports_its_error",
     "measuring/test_between_stages.py::test_a_block_before_a_pass_through_stage_keeps_its_own_backward",
     "measuring/test_chain.py::test_stable_diffusion_unet_up_blocks_are_not_a_chain",
     "measuring/test_groups.py::test_plans_over_both_lists_are_exact",

@@ -69,6 +69,9 @@ class OptionKind:
         hooks_inside: whether the option works inside the block's forward through saved-tensor
             hooks or dispatch modes (``rebuild``, ``selective:``): it sees nothing of a compiled
             block, so profiles and plans of compiled blocks leave it out.
+        exact: whether the option's gradients are bit-identical to the unplanned model's.
+            ``False`` (``compress:*``, lossy): measured and planned only with ``exact=False``,
+            and named in ``plan.inexact``.
     """
 
     prefix: str
@@ -76,6 +79,7 @@ class OptionKind:
     recomputes: bool
     wrapper: Callable[[str], StageWrapper]
     hooks_inside: bool = False
+    exact: bool = True
 
     def __post_init__(self) -> None:
         if not self.prefix or (":" in self.prefix and not self.prefix.endswith(":")):
@@ -130,6 +134,14 @@ def hooks_inside(option: str) -> bool:
     registry's own checks reject it)."""
     kind = _KINDS.get(option if option in _KINDS else option.partition(":")[0] + ":")
     return kind is not None and kind.hooks_inside
+
+
+def is_exact(option: str) -> bool:
+    """Whether ``option`` gives gradients bit-identical to the unplanned model's
+    (:attr:`OptionKind.exact`); ``True`` for a name memfit does not know (the registry's own
+    checks reject it)."""
+    kind = _KINDS.get(option if option in _KINDS else option.partition(":")[0] + ":")
+    return kind is None or kind.exact
 
 
 def is_selective(option: str) -> bool:
