@@ -15,6 +15,7 @@ from memfit.planning.costs import ChainCosts, Skip, uniform_chain
 from memfit.planning.optimal import solve_optimal
 from memfit.planning.plan import Segment, Stage
 from memfit.planning.simulate import simulate
+from memfit.planning.solve import min_peak_bytes
 from tests.helpers.strategies import UNIT, all_trees, chains
 
 
@@ -55,7 +56,7 @@ def test_the_skip_raises_the_floor_and_the_solver_plans_for_it() -> None:
     assert floor > min(simulate(plain, tree).peak_bytes for tree in all_trees(plain))
     with pytest.raises(InfeasibleBudgetError) as error:
         solve_optimal(skipped, floor - 1)
-    assert error.value.min_feasible_bytes == floor
+    assert error.value.min_feasible_bytes == floor == min_peak_bytes(skipped)
     for budget in range(floor, max(run.peak_bytes for run in runs) + 1):
         solution = solve_optimal(skipped, budget)
         assert solution.simulation.peak_bytes <= budget
@@ -63,9 +64,43 @@ def test_the_skip_raises_the_floor_and_the_solver_plans_for_it() -> None:
         assert solution.simulation.step_s == min(r.step_s for r in runs if r.peak_bytes <= budget)
 
 
+def test_costs_with_skips_round_trip_through_json() -> None:
+    costs = replace(uniform_chain(5), skips=(Skip(1, 4), Skip(0, 3)))
+    again = ChainCosts.from_json(costs.to_json())
+    assert again == costs
+    assert again.skips == (Skip(0, 3), Skip(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("skips", "expected"),
+    [
+        ((Skip(0, 5),), "reads past the last of the 5 stages"),
+        ((Skip(0, 3), Skip(0, 4)), "one skip per maker"),
+    ],
+)
+def test_malformed_skips_are_refused(skips: tuple[Skip, ...], expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        replace(uniform_chain(5), skips=skips)
+    with pytest.raises(ValueError, match="reader > maker \\+ 1"):
+        Skip(2, 3)
+
+
+def test_a_plain_chain_never_takes_the_skip_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chains without skips keep the plain sweep (and its speed)."""
+    import memfit.planning.optimal as optimal
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the skip sweep ran on a chain without skips")
+
+    monkeypatch.setattr(optimal, "solve_top_skips", refuse)
+    solution = solve_optimal(uniform_chain(8, activation_bytes=1, saved_bytes=4), 14)
+    assert solution.info["source"] == "dp"
+
+
 @st.composite
 def chain_with_skips(draw: st.DrawFn) -> tuple[ChainCosts, int]:
-    costs = draw(chains(min_stages=3, max_stages=5, max_options=2))
+    constraints = draw(st.booleans())
+    costs = draw(chains(min_stages=3, max_stages=5, max_options=2, constraints=constraints))
     n = len(costs.stages)
     makers = draw(st.lists(st.integers(0, n - 3), unique=True, min_size=1, max_size=n - 2))
     skips = tuple(Skip(maker, draw(st.integers(maker + 2, n - 1))) for maker in makers)
@@ -76,12 +111,13 @@ def chain_with_skips(draw: st.DrawFn) -> tuple[ChainCosts, int]:
 
 
 @pytest.mark.slow  # brute force (make quick leaves it out)
-@examples(150)
+@examples(80)
 @given(case=chain_with_skips())
 def test_optimal_matches_brute_force_with_skips(case: tuple[ChainCosts, int]) -> None:
     costs, budget = case
     runs = [simulate(costs, tree) for tree in all_trees(costs)]
     fitting = [run.step_s for run in runs if run.peak_bytes <= budget]
+    assert min_peak_bytes(costs) == min(run.peak_bytes for run in runs)
     if not fitting:
         with pytest.raises(InfeasibleBudgetError) as error:
             solve_optimal(costs, budget)
