@@ -190,4 +190,6 @@ def min_peak_bytes(costs: ChainCosts) -> int:
         >>> min_peak_bytes(uniform_chain(8, activation_bytes=1, saved_bytes=4))
         11
     """
+    if costs.skips:  # the min-peak DP does not see them: the optimal planner's floor does
+        return Planner(costs).floor_simulation.peak_bytes
     return simulate(costs, min_peak(costs).tree()).peak_bytes
