@@ -40,7 +40,7 @@ from memfit.menu import (
     compiled_menu,
     menu_for,
 )
-from memfit.planning.costs import KEEP
+from memfit.planning.costs import CHECKPOINT, KEEP
 from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.profile_options import Blocks, ProfileOptions
@@ -107,6 +107,14 @@ def _every_block(
         tree[-1] = Stage(len(tree) - 1, head)
         strategy = f"{strategy}, <post> {head}"
     return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
+
+
+def _dead_checkpointed(chain: Chain, dead: frozenset[int]) -> Plan:
+    """The blocks no gradient reaches (``dead``) under the ``checkpoint`` option, every other
+    stage kept: what each of them holds that way, and whether the rest of the step is the
+    kept step's (:func:`memfit.measuring.profile.build_profile` checks it)."""
+    tree = tuple(Stage(i, CHECKPOINT if i in dead else KEEP) for i in range(len(chain)))
+    return Plan.from_tree(chain.stage_names, tree, "cut-off blocks checkpointed")
 
 
 # block options that run without a checkpoint (saved-tensor hooks only)
@@ -372,6 +380,9 @@ def _profile(
                 if way in options or way == RECOMPUTE:
                     option = None if way == RECOMPUTE else way
                     ways[way] = _every_block(chain, option, kept=dead)
+            if compiling is None:  # the cut-off blocks under a checkpoint, the rest kept
+                ways[CHECKPOINT] = _dead_checkpointed(chain, dead)
+                clocks[CHECKPOINT] = []
 
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
@@ -415,6 +426,7 @@ def _profile(
                 used[way] = lines
             if way == KEEP:
                 keep_dead(no_gradient(chain, readings[KEEP]))
+                queue += [CHECKPOINT] if CHECKPOINT in ways else []
             else:
                 clocks[way].append(dict(readings[way].metered_s))
         _drop_unused(used, ways, clocks, notes)

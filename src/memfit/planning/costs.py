@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KEEP = "keep"
+# A block no gradient reaches, run under one checkpoint (no rerun ever runs): its graph keeps
+# the checkpoint's inputs and RNG state instead of its saved tensors (memory-model.md)
+CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
