@@ -3,6 +3,7 @@ run on one worker, so the fixture is built once (``make test`` runs two workers)
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,3 +39,9 @@ def test_each_parameter_of_a_parametrized_module_fixture_is_a_group() -> None:
     again = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 0}))
     other = shared_fixture_group(item(profiled, indices={"profiled": 3, "budget": 1}))
     assert first == again == "profiled[0]" and other == "profiled[3]"
+
+
+def test_what_collection_made_is_out_of_the_collectors_walks() -> None:
+    """``tests/conftest.py`` freezes the heap after collection: memfit's timed steps each run
+    ``gc.collect()``, which walked every object torch and transformers had made."""
+    assert gc.get_freeze_count() > 0
