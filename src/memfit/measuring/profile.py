@@ -21,7 +21,7 @@ from torch import nn
 from memfit.measuring.chain import Chain
 from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.step import local_tensor, own_fsdp_unit, split_sample
-from memfit.planning.costs import CHECKPOINT, KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.planning.costs import CHECKPOINT, KEEP, ChainCosts, OptionCosts, Skip, StageCosts
 from memfit.planning.plan import Stage
 from memfit.planning.simulate import holds_inputs
 
@@ -382,6 +382,8 @@ def build_profile(
                     and not _own_units(chain, index - 1, index)
                     # random numbers drawn before it (LayerDrop): a rerun would not draw them
                     and position not in chain.draws_before
+                    # the model's code makes its input (cat(output, skip)): a rerun would not
+                    and position not in chain.joins
                 ),
             )
         )
@@ -395,6 +397,7 @@ def build_profile(
         side_grad_bytes=keep.side_grad_bytes,
         gathered_bytes=_gathered_bytes(chain),
         fragmentation_bytes=keep.measurement.fragmentation_bytes,
+        skips=_skips(chain),
     )
     return Profile(
         costs=costs,
@@ -444,6 +447,21 @@ def _dead_checkpointed(
         index: _option_costs(reading, index, last, keep.output_bytes.get(index, 0))
         for index in sorted(dead)
     }
+
+
+def _skips(chain: Chain) -> tuple[Skip, ...]:
+    """The chain's skip connections (:attr:`Chain.skips`, block positions) as stages."""
+    stages = chain.block_stages
+    last = len(chain) - 1
+
+    def stage(position: int) -> int:
+        return 0 if position < 0 else last if position >= len(stages) else stages[position]
+
+    return tuple(
+        Skip(stage(maker), stage(reader))
+        for maker, reader in chain.skips
+        if stage(reader) > stage(maker) + 1
+    )
 
 
 def _with_dead_note(notes: tuple[str, ...], chain: Chain, dead: frozenset[int]) -> tuple[str, ...]:
