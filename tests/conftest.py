@@ -98,6 +98,26 @@ SLOW_TESTS = (
 )
 
 
+def _slow_by_file(where: str) -> bool:
+    """Whether the file or folder ``where`` (relative to ``tests/``) is in :data:`SLOW`."""
+    return any(
+        where.startswith(prefix) or where.endswith(prefix) or f"{where}/" == prefix
+        for prefix in SLOW
+    )
+
+
+def pytest_ignore_collect(collection_path: pathlib.Path, config: pytest.Config) -> bool | None:
+    """``-m "not slow"`` (``make quick``) leaves out every test of a file slow as a whole, so
+    such files are not even imported: ``integrations/`` alone imports diffusers, peft and
+    accelerate, seconds of CPU in each xdist worker. Any other selection collects them."""
+    if config.getoption("markexpr", "") != "not slow":
+        return None
+    tests = pathlib.Path(__file__).parent
+    if not collection_path.is_relative_to(tests) or collection_path == tests:
+        return None
+    return True if _slow_by_file(collection_path.relative_to(tests).as_posix()) else None
+
+
 def shared_fixture_group(item: pytest.Item) -> str | None:
     """Which instance of its file's module-scoped fixtures ``item`` shares (``""``: the file's
     only one; ``None``: the test uses none), for pytest-xdist's ``--dist loadgroup``: one worker
@@ -135,7 +155,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if name in listed:
             listed[name] = True
             item.add_marker(pytest.mark.slow)
-        if any(where.startswith(prefix) or where.endswith(prefix) for prefix in SLOW):
+        if _slow_by_file(where):
             item.add_marker(pytest.mark.slow)
         if where.startswith("distributed/"):
             # each launches 2 ranks: one launch at a time, not 4 ranks on 2 cores (under load
