@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for arch in args.models.split(","):
             lines += overhead_part(arch.strip(), args)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("\n".join(lines) + "\n")  # each model as it is done
     write_results(args.out, lines)
     return 0
 
