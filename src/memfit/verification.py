@@ -21,7 +21,7 @@ from memfit.errors import MemfitError
 from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.readings import Measurement
 from memfit.measuring.run import USUAL, measure_loop, time_step
-from memfit.measuring.state import preserving_state
+from memfit.measuring.state import Buffers, buffer_values, preserving_state
 from memfit.measuring.step import (
     LossFn,
     check_step_arguments,
@@ -87,6 +87,9 @@ class Verification:
         max_error: the plan's error budget (``Plan.max_error``): a lossy plan (``compress:*``)
             is held to ``relative_error <= max_error``; ``None``: no bound was asked for, and
             only the loss and the peak are held.
+        mismatched_buffers: the buffers whose values after the planned step differ from their
+            values after the plain step (both steps start from the same buffers): a plan must
+            leave running statistics and other state as training without it does.
     """
 
     gradients_equal: bool
@@ -105,6 +108,7 @@ class Verification:
     trace_difference: str | None = None
     reference_repeatable: bool = True
     by_design: tuple[str, ...] = ()
+    mismatched_buffers: tuple[str, ...] = ()
     group_errors: Mapping[str, float] = field(default_factory=dict)
     cosine: float = 1.0
     lossy: bool = False
@@ -124,7 +128,8 @@ class Verification:
         fits = self.budget_bytes is None or self.measured_peak_bytes <= self.budget_bytes
         if self.exact:
             same_ops = not self.trace_difference
-            return self.gradients_equal and self.loss_equal and fits and same_ops
+            same_state = not self.mismatched_buffers
+            return self.gradients_equal and self.loss_equal and fits and same_ops and same_state
         if self.lossy:
             bounded = self.max_error is None or self.relative_error <= self.max_error
             return bounded and self.loss_error <= ROUNDING and fits
@@ -259,8 +264,10 @@ def verify(
         keep_output=current.keep_output if keep_output is None else keep_output,
     )
     run = traced_gradients if trace else _untraced_gradients
+    start = Buffers(model)  # each seeded step starts from them (I-BERT's statistics move)
     try:
         planned_loss, planned_grads, planned_trace = run(model, sample, loss_fn, seed)
+        planned_buffers = buffer_values(model)
         planned = measure_loop(model, sample, loop, repeats=1)
         remove_plan(target)
         # the plain step marks what the plan's <post> option replaces by design
@@ -269,11 +276,14 @@ def verify(
             if trace
             else nullcontext()
         )
+        start.restore()
         with marks:
             reference_loss, reference_grads, reference_trace = run(model, sample, loss_fn, seed)
+        reference_buffers = buffer_values(model)
         mismatched = mismatched_gradients(reference_grads, planned_grads)
         repeatable = True
         if mismatched or not torch.equal(reference_loss, planned_loss):
+            start.restore()
             again_loss, again_grads = seeded_gradients(model, sample, loss_fn, seed)
             repeatable = torch.equal(again_loss, reference_loss) and not mismatched_gradients(
                 reference_grads, again_grads
@@ -318,6 +328,23 @@ def verify(
         cosine=cosine_similarity(reference_grads, planned_grads),
         lossy=any(not is_exact(option) for option in current.options.values()),
         max_error=current.max_error,
+        mismatched_buffers=_mismatched_buffers(reference_buffers, planned_buffers),
+    )
+
+
+def _mismatched_buffers(
+    reference: Mapping[str, torch.Tensor], planned: Mapping[str, torch.Tensor]
+) -> tuple[str, ...]:
+    """Names of the buffers whose values after the planned step differ from the plain step's."""
+    names = sorted(reference.keys() | planned.keys())
+    return tuple(
+        name
+        for name in names
+        if name not in reference
+        or name not in planned
+        or reference[name].dtype != planned[name].dtype
+        or reference[name].shape != planned[name].shape
+        or not torch.equal(reference[name], planned[name])
     )
 
 

@@ -9,12 +9,15 @@ profile per case at most; refusals by the block choice come before any measured 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import memfit
-from memfit.errors import UnsupportedModelError
+from memfit.errors import InfeasibleBudgetError, UnsupportedModelError
 from memfit.measuring.library_blocks import find_blocks
+from memfit.planning.plan import Segment
 from tests.helpers.hf_testers import verified_at_its_floor
 from tests.helpers.real_blocks import MODELS
+from tests.runtime.test_state_replay import same_state, state_of
 
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -27,9 +30,6 @@ REFUSED = {
     "eomt_dinov3": r"checkpoints 2 blocks \(layers\.0, layers\.1\).*makes layers\.1's input",
     "eomt": r"checkpoints 2 blocks \(layers\.0, layers\.1\).*makes layers\.1's input.*"
     r"model\.gradient_checkpointing_enable\(\)",
-    # blocks that write state in forward: HF's switch replays the write, memfit refuses it
-    "ibert": r"ibert\.encoder\.layer\.0' writes to its modules' state.*keep this stage",
-    "recurrent_gemma": r"model\.layers\.0' writes to its modules' state.*recurrent_states",
     # the up blocks read the down blocks' outputs: the chain found (down_blocks.1's resnets and
     # one feed-forward inside the mid block) planned a floor of 63%, diffusers' switch 32%
     "unet": r"checkpoints 17 blocks.*skip connections: the output of down_blocks\.1\.resnets\.0 "
@@ -48,6 +48,19 @@ KNOWN = {
     "gemma4": "at its floor the measured peak is 6.9% above the prediction (and over the "
     "budget); gradients and trace equal. Not its per-layer inputs: 7.9% without them "
     "(hidden_size_per_layer_input=0). Cause not found yet",
+}
+
+# blocks that rebind their modules' state in forward (I-BERT's quantisation statistics and
+# quantised weights, RecurrentGemma's recurrent and convolution states): replayed from the state
+# their first run saw (memfit.runtime.state_replay). Hugging Face's switch reruns them from the
+# state the first run left: RecurrentGemma's gradients are bit-identical that way (its states
+# do not reach the output at position 0) but its conv1d_state is left None; I-BERT has no switch
+# ("does not support activation checkpointing"). The prediction's error allowed per model:
+STATE_WRITERS = {
+    "recurrent_gemma": (-0.02, 0.02),
+    # 3.5% high (conservative) on this config, the plan recomputing its first layer; the cause
+    # is not found (docs/known-gaps.md)
+    "ibert": (-0.02, 0.04),
 }
 
 # blocks carrying two streams: the library's, or refused naming the carries where the chain
@@ -85,6 +98,33 @@ def test_planned_at_its_floor(name: str) -> None:
         assert report.trace_difference == ""
     assert report.measured_peak_bytes <= floor
     assert abs(report.prediction_error) <= 0.02
+
+
+@pytest.mark.parametrize("name", list(STATE_WRITERS))
+def test_blocks_that_write_state_plan_bit_identical_with_the_same_state(name: str) -> None:
+    """At the floor (options=(): every recomputed layer reruns as a whole): the same gradients,
+    ops and buffers as the unplanned step, and the same state attributes left on the modules."""
+    torch.manual_seed(0)
+    built = MODELS[name]()
+    model, sample = built.model, built.sample
+    profile = memfit.profile(model, sample, loss_fn=built.loss_fn, options=(), repeats=1)
+    with pytest.raises(InfeasibleBudgetError) as raised:
+        memfit.plan(profile, budget="1%")
+    plan = memfit.plan(profile, budget=raised.value.min_feasible_bytes)
+    assert any(isinstance(item, Segment) for item in plan.tree)  # a layer is rerun
+    memfit.apply(model, plan)
+    report = memfit.verify(model, sample, loss_fn=built.loss_fn, repeats=1, trace=True)
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.trace_difference == "" and report.mismatched_buffers == ()
+    assert plan.budget_bytes is not None and report.measured_peak_bytes <= plan.budget_bytes
+    low, high = STATE_WRITERS[name]
+    assert low <= report.prediction_error <= high
+    torch.manual_seed(0)
+    reference = MODELS[name]().model  # the same weights (memfit's steps left the state as is)
+    for each in (reference, model):  # one more step each, from the same state
+        torch.manual_seed(1)
+        each(**sample).loss.backward()
+    assert same_state(state_of(reference), state_of(model))
 
 
 @pytest.mark.parametrize("name", list(CARRIES))

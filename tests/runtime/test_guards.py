@@ -292,22 +292,6 @@ def with_masks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class Counts(Dense):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
-        self.calls += 1
-        return super().forward(x, scale)
-
-
-class KeepsLast(Dense):
-    def forward(self, x: torch.Tensor, scale: Any = 1.0) -> torch.Tensor:
-        self.last = x.detach()  # a tensor attribute, rebound every forward
-        return super().forward(x, scale)
-
-
 class CountsInBuffer(Dense):
     def __init__(self) -> None:
         super().__init__()
@@ -343,16 +327,12 @@ BAD_BLOCKS = {
         with_masks,
         r"'blocks\.0' changes its positional argument 1 in place",
     ),
-    "counter": (Counts, plain, r"'blocks\.0' writes to its modules' state.*blocks\.0\.calls"),
-    "tensor attribute": (
-        KeepsLast,
-        plain,
-        r"'blocks\.0' writes to its modules' state.*blocks\.0\.last",
-    ),
+    # rebound attributes (a counter, a tensor attribute) are replayed: tests/runtime/
+    # test_state_replay.py
     "buffer in place": (
         CountsInBuffer,
         plain,
-        r"'blocks\.0' writes to its modules' state.*blocks\.0\.seen",
+        r"'blocks\.0' writes to its modules' state.*blocks\.0\.seen.*cannot replay",
     ),
 }
 

@@ -60,6 +60,38 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(found.values())
 
 
+class Buffers:
+    """The model's buffers as they are now, copied to host memory (never to the device: a CUDA
+    meter counts what is allocated there), to put back between steps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [
+            (module, name, buffer, buffer.detach().to("cpu", copy=True))
+            for module in model.modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+
+    def restore(self) -> None:
+        """The same buffer objects back in their modules (a forward may have rebound them, as
+        I-BERT's quantisation statistics), holding the values copied."""
+        with torch.no_grad():
+            for module, name, buffer, copy in self.saved:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
+                # Always: BatchNorm's kernel updates its running statistics without bumping
+                # their version counters, so versions cannot tell what changed.
+                buffer.copy_(copy)
+
+
+def buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer of ``model`` by name, copied to host memory (to compare two steps' ends)."""
+    return {
+        name: buffer.detach().to("cpu", copy=True)
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+    }
+
+
 class ModelState:
     """A snapshot of what a training step can change on ``model`` and in the process (and on
     the sample's tensors that require grad: their ``.grad``)."""
@@ -73,12 +105,7 @@ class ModelState:
         self.versions = {name: p._version for name, p in model.named_parameters()}
         self.parameters = dict(model.named_parameters())
         self.training = {module: module.training for module in model.modules()}
-        self.buffers = [
-            (module, name, buffer, buffer.detach().to("cpu", copy=True))
-            for module in model.modules()
-            for name, buffer in module._buffers.items()
-            if buffer is not None
-        ]
+        self.buffers = Buffers(model)
         # every module: turning HF checkpointing off may set a switch on a module whose
         # instance had none (a class attribute), which restoring must remove again
         self.switches = {
@@ -105,13 +132,7 @@ class ModelState:
             tensor.grad = grad
         for module, flag in self.training.items():
             module.training = flag  # not .train(): that recurses and may run user overrides
-        with torch.no_grad():
-            for module, name, buffer, copy in self.buffers:
-                if module._buffers.get(name) is not buffer:
-                    module._buffers[name] = buffer
-                # Always: BatchNorm's kernel updates its running statistics without bumping
-                # their version counters, so versions cannot tell what changed.
-                buffer.copy_(copy)
+        self.buffers.restore()
         for (module, name), value in self.switches.items():
             if value is _MISSING:
                 module.__dict__.pop(name, None)

@@ -18,7 +18,8 @@ checkpoints, weak references) is never copied or pickled.
 
 In a forward with gradients, planned blocks run on private copies of their KV caches
 (``caches``, done in ``replay.BlockForward``), and each recomputed item is watched in its first
-run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``).
+run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``);
+the attributes it rebinds are put back around each rerun (``state_replay``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
 from memfit.runtime.regions import Region, Regions
 from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block, gather_for_backward
+from memfit.runtime.state_replay import StateReplay, Write, remember
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +289,7 @@ class Executor:
         if index == segment.stop - 1:
             del self.calls[segment.start]
             if run.watch is not None:
-                run.watch.check()
+                self.replay(segment, run.watch.check())
             self.item_done(segment.stop, out, run.group, segment=True)
             earlier = [self.chain.block_of_stage(i) for i in range(segment.start, index)]
             gather_for_backward([block for block in earlier if block is not None], out)
@@ -324,6 +326,21 @@ class Executor:
             return None
         modules = [named for index in range(start, stop) for named in self.modules[index]]
         return Watch(self.name(start), modules, *call)
+
+    def replay(self, item: Item, writes: list[Write]) -> None:
+        """Keep what the first run of the top-level ``item`` rebound for the reruns of its
+        blocks (:mod:`memfit.runtime.state_replay`), each block its own."""
+        start, stop = (
+            (item.index, item.index + 1) if isinstance(item, Stage) else (item.start, item.stop)
+        )
+        for index in range(start, stop):
+            block = self.chain.block_of_stage(index)
+            if block is None:
+                continue
+            owned = {id(module) for module in block.modules()}
+            mine = [write for write in writes if id(write.module) in owned]
+            if mine:
+                remember(block, StateReplay(self.name(index), mine, _reruns((item,), index)))
 
     def run_stage(
         self,
@@ -420,6 +437,17 @@ class SegmentRun:
     rng: tuple[torch.Tensor, ...] = ()  # the random generators when the previous block returned
 
 
+def _reruns(items: Sequence[Item], index: int) -> int:
+    """How many times a backward reruns stage ``index`` under ``items``: once per segment
+    around it, and once more for a recomputing option of its own."""
+    for item in items:
+        if isinstance(item, Stage) and item.index == index:
+            return int(option_kind(item.option).recomputes)
+        if isinstance(item, Segment) and item.start <= index < item.stop:
+            return 1 + _reruns(item.inner, index)
+    return 0
+
+
 def _nested(items: Sequence[Item], into: dict[int, list[Segment]]) -> dict[int, list[Segment]]:
     """Block index -> the segments nested in ``items`` that start there, outermost first."""
     for item in items:
@@ -506,7 +534,7 @@ class SegmentStart:
             executor.abandon_offload()
             raise
         if watch is not None:
-            watch.check()
+            executor.replay(segment, watch.check())
         executor.item_done(segment.stop, out, group, segment=True)
         if segment.stop == segment.start + 1:  # no later blocks
             return out
@@ -651,6 +679,6 @@ class TopStage:
             executor.abandon_offload()
             raise
         if watch is not None:
-            watch.check()
+            executor.replay(stage, watch.check())
         executor.item_done(stage.index + 1, out, group, segment=False)
         return out

@@ -9,9 +9,13 @@
   (LayerDrop does; the profile sees such draws, :attr:`memfit.measuring.chain.Chain.draws_before`,
   and plans never join blocks across them: this check catches hand-made plans).
 * :class:`Watch`: recompute reruns a block in backward, which is only right when its first run
-  changed neither its arguments in place (a mask) nor its modules' state (``self.calls += 1``, a
-  tensor attribute, a buffer): the rerun would read the changed values and write them again.
-  Checked around the first run of every recomputed top-level item, before any backward.
+  changed neither its arguments in place (a mask) nor its modules' state in a way the rerun
+  cannot replay: the rerun would read the changed values and write them again. Attributes the
+  first run rebinds (``self.calls += 1``, ``self.x_min = ...``, a tensor attribute, a buffer
+  assigned anew) are replayed (:mod:`memfit.runtime.state_replay`); in-place writes to a
+  module's tensors (``self.seen.add_(1)``), replaced parameters and rebound attributes of other
+  types are refused. Checked around the first run of every recomputed top-level item, before
+  any backward.
 
 What the watch cannot see: Python containers changed in place (``self.log.append(x)``), state
 outside the block's modules (globals, other modules), and tensors reached through containers.
@@ -41,6 +45,7 @@ from memfit.measuring.chain import (
     same_side_inputs,
 )
 from memfit.measuring.step import sharded
+from memfit.runtime.state_replay import ABSENT, Write, replayable
 
 __all__ = [
     "Inputs",
@@ -53,7 +58,6 @@ __all__ = [
 
 NamedModules = Sequence[tuple[str, nn.Module]]
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-_ABSENT = object()  # an attribute missing before or after a run (never stored in a model)
 
 
 def guard_input(out: Any, watched: Any, stage: str) -> Any:
@@ -134,7 +138,9 @@ class Watch:
         self.stage = stage
         if torch.compiler.is_compiling():
             self.inputs: list[tuple[str, torch.Tensor, int]] = []
-            self.modules: list[tuple[str, nn.Module, dict[str, Any], dict[str, Any]]] = []
+            self.modules: list[
+                tuple[str, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]
+            ] = []
             return
         self.inputs = [(label, t, t._version) for label, t in _arguments(main, rest, side)]
         self.modules = [
@@ -143,12 +149,14 @@ class Watch:
                 module,
                 dict(vars(module)),
                 {k: (t, t._version) for k, t in _tensors_of(module).items()},
+                dict(module._buffers),
             )
             for name, module in modules
         ]
 
-    def check(self) -> None:
-        """Raise if the run changed an argument in place or wrote to its modules' state.
+    def check(self) -> list[Write]:
+        """Raise if the run changed an argument in place or wrote to its modules' state in a
+        way a rerun cannot replay; return the attributes it rebound (to replay).
 
         Raises:
             UnsupportedModelError: naming the stage, what changed and what to do.
@@ -162,34 +170,48 @@ class Watch:
                 f"block compute a new tensor instead (mask = mask.masked_fill(...), not "
                 f"mask.masked_fill_(...)), or keep this stage in the plan (no recompute)"
             )
-        written = self._written()
+        rebound, written = self._written()
         if written:
             raise UnsupportedModelError(
                 f"stage {self.stage!r} writes to its modules' state in forward ({', '.join(written[:3])}"
-                f"{', ...' if len(written) > 3 else ''}); recomputing it in backward would run "
+                f"{', ...' if len(written) > 3 else ''}) in a way memfit cannot replay (a "
+                f"tensor written in place, a parameter replaced, or an attribute that is no "
+                f"tensor, number, string or None); recomputing it in backward would run "
                 f"the write again and read the changed state, so the step would differ from an "
-                f"unplanned one. Move the write out of the block's forward (e.g. into a hook on "
-                f"the model), or keep this stage in the plan (no recompute)"
+                f"unplanned one. Assign new values instead (self.x = self.x + 1, not "
+                f"self.x.add_(1): memfit replays those), move the write out of the block's "
+                f"forward (e.g. into a hook on the model), or keep this stage in the plan (no "
+                f"recompute)"
             )
+        return rebound
 
-    def _written(self) -> list[str]:
-        written: list[str] = []
-        for name, module, attributes, tensors in self.modules:
-            now = vars(module)
+    def _written(self) -> tuple[list[Write], list[str]]:
+        """The attributes the run rebound to values a rerun can replay, and the names of every
+        other write (in place, a parameter, another type)."""
+        rebound: dict[str, Write] = {}
+        written: set[str] = set()
+        for name, module, attributes, tensors, buffers in self.modules:
             prefix = f"{name}." if name else ""
-            for key in attributes.keys() | now.keys():
-                if now.get(key, _ABSENT) is not attributes.get(key, _ABSENT):
-                    written.append(prefix + key)
             current = _tensors_of(module)
             for key in tensors.keys() | current.keys():
-                before = tensors.get(key)
-                tensor = current.get(key)
-                if (
-                    before is not None
-                    and tensor is not None
-                    and (sharded(before[0]) or sharded(tensor))
-                ):
+                old, tensor = tensors.get(key), current.get(key)
+                if old is not None and tensor is not None and (sharded(old[0]) or sharded(tensor)):
                     continue  # FSDP2 gathered or resharded the block's parameters meanwhile
-                if before is None or tensor is not before[0] or tensor._version != before[1]:
-                    written.append(prefix + key)
-        return sorted(set(written))
+                if old is not None and old[0]._version != old[1]:
+                    written.add(prefix + key)  # written in place: the value before is gone
+                elif key in module._parameters and tensor is not (None if old is None else old[0]):
+                    written.add(prefix + key)  # a parameter replaced
+            now = vars(module)
+            for key in attributes.keys() | now.keys():
+                before, after = attributes.get(key, ABSENT), now.get(key, ABSENT)
+                if after is not before:
+                    rebound[prefix + key] = Write(module, prefix + key, key, before, after)
+            for key in buffers.keys() | module._buffers.keys():
+                before, after = buffers.get(key, ABSENT), module._buffers.get(key, ABSENT)
+                if after is not before:
+                    rebound[prefix + key] = Write(module, prefix + key, key, before, after)
+        for key, write in list(rebound.items()):
+            if key in written or not (replayable(write.before) and replayable(write.after)):
+                written.add(key)
+                del rebound[key]
+        return list(rebound.values()), sorted(written)

@@ -27,6 +27,9 @@ When it runs in backward (a checkpoint's recompute: autograd's graph task is run
   the rerun's own BatchNorm saved them since, through the checkpoint's saved-tensor hooks
   (which skip autograd's version check), and in train mode its backward reads the batch
   statistics, not these.
+* puts back the attributes the block's first run rebound (I-BERT's statistics, RecurrentGemma's
+  states, a counter) as that run found them, and afterwards as they were before the rerun
+  (:mod:`memfit.runtime.state_replay`);
 * turns an error into :class:`~memfit.errors.UnsupportedModelError` naming the stage: the same
   block ran in the forward, so failing now means it cannot be replayed (a cache, a counter or
   other state its forward changed). Memory errors and memfit's own errors pass unchanged, and so
@@ -58,6 +61,7 @@ from memfit.measuring.meter import RECOMPUTE_RANGE, metered_range
 from memfit.measuring.trace import rerunning
 from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
+from memfit.runtime.state_replay import replayed
 
 # torch's selective checkpoint (torch/utils/checkpoint.py) when a second backward reaches a
 # region it already recomputed for
@@ -230,7 +234,7 @@ class BlockForward:
         saved = _running_stats(self.norms)
         try:
             with rerunning():
-                return forward(*args, **kwargs)
+                return replayed(self.block, lambda: forward(*args, **kwargs))
         except (_StopRecomputationError, MemfitError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as error:
