@@ -190,13 +190,15 @@ def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) 
     recompute_only = frontier(prof.costs.keep_only())
     assert len(recompute_only) >= 2
     for point in recompute_only:
-        # at every budget of the keep/recompute frontier, the full menu is as fast to within
-        # the DP's grid: keep and recompute alone may fit an exact grid where the full menu's
-        # odd byte figures get rounded up to slots (planning/optimal.py, "Known inefficiencies";
-        # a CI run measured the full menu 0.07% slower at one point)
+        # the full menu holds every keep/recompute tree, so it is as fast wherever that tree
+        # fits its grid: the DP rounds byte figures up to slots, losing at most one slot per
+        # stage inside a segment (planning/optimal.py, "Known inefficiencies"), so one slot per
+        # stage of slack makes the frontier's tree fit whatever the measured figures are
         with_selective = solve(prof.costs, point.peak_bytes)
         assert with_selective.predicted_peak_bytes <= point.peak_bytes
-        assert with_selective.predicted_step_s <= point.step_s * 1.01, point
+        slack = with_selective.info["slot_bytes"] * (len(prof.costs.stages) + 2)
+        with_slack = solve(prof.costs, point.peak_bytes + slack)
+        assert with_slack.predicted_step_s <= point.step_s * (1 + 1e-9), point
 
 
 def test_repeats_must_be_positive(gpt_profile) -> None:

@@ -290,3 +290,22 @@ def test_nothing_to_train_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["plan", f"{source}:build", "--budget", "50%"]) == 2
     err = capsys.readouterr().err
     assert "nothing to train" in err and "Traceback" not in err
+
+
+def test_lossy_options_enter_no_cli_plan_without_inexact(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["plan", "gpt", *TINY, "--budget", "90%", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert "inexact" not in plan["info"] and "compress:" not in json.dumps(plan["tree"])
+    assert main(["profile", "gpt", *TINY, "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["costs"]["stages"]
+    assert not [name for stage in stages for name in stage["options"] if "compress:" in name]
+
+
+@pytest.mark.usefixtures("unmeasured")
+def test_max_error_without_inexact_exits_2_before_work(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--budget", "30%", "--max-error", "0.01"]) == 2
+    assert "--inexact" in capsys.readouterr().err
+    assert main(["plan", "gpt", *TINY, "--budget", "30%", "--inexact", "--max-error", "-1"]) == 2
+    assert "max_error" in capsys.readouterr().err

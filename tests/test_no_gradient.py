@@ -4,14 +4,19 @@ records their graph, but no gradient reaches them, so their saved tensors go whe
 that graph, in the forward, and a checkpoint's recompute never runs. Checkpointing them saves
 nothing: plans must not count it as a saving (it took plans over budget with predictions 13%
 low), so the profile offers them ``keep`` only. Plans at the floor must hold their budget, with
-bit-identical gradients and predictions within 2%."""
+bit-identical gradients and predictions within 2%.
+
+A model may hold that graph past the forward instead (LLaVA returns its vision tower's output,
+whose graph holds the last vision layer, which no gradient reaches): then a checkpoint around
+the block holds its inputs and RNG state in place of its saved tensors, to the end of the step,
+and the profile offers it (``checkpoint``)."""
 
 import pytest
 import torch
 from torch import nn
 
 import memfit
-from memfit.planning.costs import KEEP
+from memfit.planning.costs import CHECKPOINT, KEEP
 from memfit.planning.plan import Segment
 
 WIDTH, BATCH, BLOCKS, CODES = 16, 64, 3, 8
@@ -101,3 +106,62 @@ def _step(model: nn.Module, sample: tuple) -> tuple[torch.Tensor, list[torch.Ten
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
+
+
+class Features(nn.Module):
+    """A LLaVA-like tower: the loss reads the last block but one (``hidden_states[-2]``); the
+    last block runs all the same and its output is returned with the loss, so the caller's
+    output holds its graph, which no gradient reaches, through the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.head = nn.Linear(WIDTH, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states = [x]
+        for block in self.blocks:
+            states.append(block(states[-1]))
+        return self.head(states[-2]).square().mean(), states[-1]
+
+
+def _first(output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return output[0]
+
+
+def test_a_cut_off_block_whose_graph_outlives_the_forward_runs_under_a_checkpoint() -> None:
+    torch.manual_seed(0)
+    model = Features().train()
+    sample = (torch.randn(BATCH, WIDTH),)
+    profile = memfit.profile(model, sample, loss_fn=_first)
+    last = profile.costs.stages[BLOCKS]
+    assert last.name == f"blocks.{BLOCKS - 1}" and not last.checkpointable
+    assert set(last.options) == {KEEP, CHECKPOINT}
+    kept, checkpointed = last.options[KEEP], last.options[CHECKPOINT]
+    assert checkpointed.saved_bytes < kept.saved_bytes // 2  # its input and RNG state only
+    with pytest.raises(memfit.InfeasibleBudgetError) as error:
+        memfit.plan(profile, budget="1%")
+    floor = error.value.min_feasible_bytes
+    plan = memfit.plan(profile, budget=floor)
+    assert plan.options[last.name] == CHECKPOINT
+    every = memfit.plan(profile, budget=None, strategy="all")
+    assert every.options[last.name] == CHECKPOINT  # as Hugging Face's switch runs it
+    memfit.apply(model, plan)
+    try:
+        result = memfit.verify(model, sample, loss_fn=_first, repeats=1, trace=True)
+    finally:
+        memfit.remove(model)
+    assert result.gradients_equal and result.loss_equal and result.trace_difference == ""
+    assert result.measured_peak_bytes <= floor, (result.measured_peak_bytes, floor)
+    assert abs(result.prediction_error) <= 0.02, result.prediction_error
+
+
+def test_a_cut_off_block_whose_graph_goes_in_the_forward_is_kept() -> None:
+    """The same model, its loop dropping the output before backward: the graph goes when the
+    forward ends, where a checkpoint would free less than the kept step shows (no cost of the
+    block can say so), so ``keep`` stays its only option."""
+    torch.manual_seed(0)
+    model = Features().train()
+    sample = (torch.randn(BATCH, WIDTH),)
+    profile = memfit.profile(model, sample, loss_fn=_first, keep_output=False)
+    assert set(profile.costs.stages[BLOCKS].options) == {KEEP}

@@ -3,10 +3,12 @@ run on one worker, so the fixture is built once (``make test`` runs two workers)
 
 from __future__ import annotations
 
+import gc
+import pathlib
 from types import SimpleNamespace
 from typing import Any
 
-from tests.conftest import shared_fixture_group
+from tests.conftest import pytest_ignore_collect, shared_fixture_group
 
 
 def fixture(scope: str, baseid: str = "tests/test_x.py") -> SimpleNamespace:
@@ -38,3 +40,25 @@ def test_each_parameter_of_a_parametrized_module_fixture_is_a_group() -> None:
     again = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 0}))
     other = shared_fixture_group(item(profiled, indices={"profiled": 3, "budget": 1}))
     assert first == again == "profiled[0]" and other == "profiled[3]"
+
+
+def test_what_collection_made_is_out_of_the_collectors_walks() -> None:
+    """``tests/conftest.py`` freezes the heap after collection: memfit's timed steps each run
+    ``gc.collect()``, which walked every object torch and transformers had made."""
+    assert gc.get_freeze_count() > 0
+
+
+def test_quick_runs_do_not_import_files_slow_as_a_whole() -> None:
+    tests = pathlib.Path(__file__).parent
+
+    def ignored(where: str, markexpr: str) -> bool | None:
+        config = SimpleNamespace(getoption=lambda name, default=None: markexpr)
+        return pytest_ignore_collect(tests / where, config)
+
+    for where in ("integrations", "integrations/test_hf.py", "distributed", "test_timing.py"):
+        assert ignored(where, "not slow") is True, where
+        assert ignored(where, "") is None and ignored(where, "slow") is None, where
+    # a file with some slow tests (test_api.py) is collected: its other tests are quick
+    for where in ("runtime", "runtime/test_apply.py", "test_api.py", "helpers"):
+        assert ignored(where, "not slow") is None, where
+    assert ignored("runtime/test_compiled.py", "not slow") is True

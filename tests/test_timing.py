@@ -46,7 +46,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, seconds) -> list[int]:
     calls: list[int] = []
     plans: list[memfit.Plan] = []
 
-    def fake(model, sample, plan, loss_fn=None, keep_output=True, accumulate=False):
+    def fake(model, sample, plan, loop=None, target=None):
         if plan not in plans:
             plans.append(plan)
         index = next(i for i, p in enumerate(plans) if p is plan)

@@ -151,3 +151,62 @@ def test_a_block_difference_is_caught_with_the_head_exempt(
     assert "by design" not in report.trace_difference
     assert not report.ok
     assert report.by_design[0].startswith(f"{LEAN_LOSS}: cross_entropy over 32 x 1024 logits")
+
+
+def test_group_errors_and_cosine_measure_a_gradient_against_the_reference() -> None:
+    from memfit.verification import (
+        OUTSIDE_BLOCKS,
+        cosine_similarity,
+        group_errors,
+        parameter_groups,
+    )
+
+    model, _sample = build("gpt", layers=2, width=16, heads=2, vocab=32, seq=8, batch=2)
+    groups = parameter_groups(model, ["blocks.0", "blocks.1"])
+    assert groups["blocks.1.attn.qkv.weight"] == "blocks.1"
+    assert OUTSIDE_BLOCKS in set(groups.values())
+    reference = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    planned = dict(reference)
+    assert set(group_errors(reference, planned, groups).values()) == {0.0}
+    assert cosine_similarity(reference, planned) == pytest.approx(1.0)
+    # one block's gradients 1% off, in norm: that group only
+    planned = {
+        name: grad * 1.01 if groups[name] == "blocks.0" else grad
+        for name, grad in reference.items()
+    }
+    errors = group_errors(reference, planned, groups)
+    assert errors["blocks.0"] == pytest.approx(0.01) and errors["blocks.1"] == 0.0
+    assert cosine_similarity(reference, {k: -v for k, v in reference.items()}) == pytest.approx(-1)
+    missing = {**reference, "blocks.1.attn.qkv.weight": None}
+    assert group_errors(reference, missing, groups)["blocks.1"] == float("inf")
+
+
+def test_a_lossy_plan_is_held_to_its_error_budget() -> None:
+    from memfit.runtime import BF16
+
+    model, sample = build("gpt", layers=2, width=64, heads=4, vocab=64, seq=32, batch=2)
+    chain = find_chain(model, lambda: model(*sample))
+    from memfit.planning.plan import Plan, Stage
+
+    stages = tuple(
+        Stage(i, BF16 if chain.block_of_stage(i) is not None else "keep") for i in range(len(chain))
+    )
+    for bound, ok in ((None, True), (1e-9, False), (0.5, True)):
+        plan = Plan(
+            stage_names=chain.stage_names,
+            tree=stages,
+            strategy="by hand",
+            predicted_peak_bytes=1,
+            predicted_step_s=0.0,
+            max_error=bound,
+        )
+        apply_plan(model, chain, plan)
+        try:
+            report = memfit.verify(model, sample, repeats=1)
+        finally:
+            remove_plan(model)
+        assert report.lossy and not report.exact and not report.gradients_equal
+        assert report.loss_equal  # the forward is the plain one: only backward reads bf16
+        assert 0 < report.relative_error < 0.05 and 0.99 < report.cosine < 1
+        assert report.max_error == bound and report.ok is ok
+        assert report.to_dict()["relative_error"] == report.relative_error

@@ -21,6 +21,7 @@ from memfit.errors import InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
 from memfit.planning.candidates import alternatives, without
+from memfit.planning.lossy import check_max_error, within_error
 from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
@@ -63,6 +64,7 @@ def plan(
     strategy: str = "optimal",
     host_budget: int | str | None = None,
     candidates: int = 1,
+    max_error: float | None = None,
     **profile_options: Any,
 ) -> Plan:
     """Choose how every stage runs so that the step fits ``budget`` at the least time.
@@ -99,6 +101,13 @@ def plan(
             Costs 10 steps per plan (5 rounds of an untimed and a timed step; ``repeats`` does
             not change it); worth it where predictions of mixed plans miss. Across ranks
             every rank times the same plans in lockstep and all run rank 0's choice.
+        max_error: the error budget of lossy options (``compress:*``, measured with
+            ``exact=False``): the largest relative gradient error of a parameter group
+            (``||g - g_exact|| / ||g_exact||`` over a block's parameters) that an option may
+            bring, as the profile measured it with every block under the option on the sample;
+            options above it are not offered (``plan.notes`` says which), and
+            :func:`memfit.verify` holds the plan to it (``plan.max_error``). ``None``
+            (default): no bound. Needs ``exact=False`` when a model is profiled here.
 
     Returns:
         The :class:`~memfit.planning.Plan`, with its predicted peak and step time.
@@ -113,7 +122,7 @@ def plan(
             before anything is measured.
         TypeError: ``candidates`` is not an integer; ``loss_fn`` not callable; ``optimizer``
             not an optimizer; a ``torch.compile`` wrapper as the model (the message shows the
-            fix: plan ``model._orig_mod`` with ``compile=True``).
+            fix: plan ``model._orig_mod`` with ``compile=True``); ``max_error`` not a number.
 
     Example:
         >>> p = memfit.plan(prof, budget="40%")
@@ -127,11 +136,18 @@ def plan(
     parse_strategy(strategy)
     host_budget_bytes = None if host_budget is None else _host_budget(host_budget)
     candidates = _check_candidates(candidates, profile_or_model, strategy)
+    if max_error is not None:
+        max_error = check_max_error(max_error)
     options = None
     if isinstance(profile_or_model, nn.Module):
         if sample is None:
             raise TypeError("memfit.plan(model, sample, budget=...) needs the sample to profile")
         options = ProfileOptions.of(**profile_options)
+        if max_error is not None and options.exact:
+            raise ValueError(
+                f"max_error={max_error!r} bounds the error of lossy options, which only "
+                f"exact=False offers; pass exact=False too, or leave max_error out"
+            )
         prof = profile_with(profile_or_model, sample, options)
     elif isinstance(profile_or_model, Profile):
         prof = profile_or_model
@@ -139,6 +155,9 @@ def plan(
         raise TypeError(
             f"memfit.plan takes a Profile or an nn.Module; got {type(profile_or_model).__name__}"
         )
+    if max_error is not None:  # options above the error budget leave the menu, with a note
+        bounded, dropped = within_error(prof.costs, max_error)
+        prof = dataclasses.replace(prof, costs=bounded, notes=(*prof.notes, *dropped))
     held, activation = prof.measurement.base_bytes, prof.measurement.activation_bytes
     budget_bytes = None if parsed is None else parsed.resolve(held, activation)
     extra: dict[str, Any] = {}
@@ -171,7 +190,9 @@ def plan(
     for index, candidate in enumerate(plans):
         stamped = candidate.for_loop(keep_output=step.keep_output, accumulate=step.accumulate)
         # compiled blocks: apply compiles them; the menu's notes: what was left out and why
-        plans[index] = dataclasses.replace(stamped, compile=prof.compile, notes=prof.notes)
+        plans[index] = dataclasses.replace(
+            stamped, compile=prof.compile, notes=prof.notes, max_error=max_error
+        )
     result = plans[0]
     if candidates > 1:
         assert isinstance(profile_or_model, nn.Module) and options is not None  # checked above
@@ -369,6 +390,7 @@ def auto(
     margin: float = 0.02,
     round_batch: bool = False,
     candidates: int = 1,
+    max_error: float | None = None,
     **profile_options: Any,
 ) -> Plan:
     """Profile, plan and apply in one call; returns the plan applied.
@@ -408,6 +430,8 @@ def auto(
             per batch size, see :class:`~memfit.runtime.dynamic.ShapePlans`).
         candidates: as for :func:`plan`: time this many plans within the budget on the model
             and apply the fastest (one shape only: not with ``shapes="dynamic"``).
+        max_error: as for :func:`plan`: the error budget of lossy options (with
+            ``exact=False``; one shape only: not with ``shapes="dynamic"``).
         **profile_options: passed to :func:`profile` (and to :func:`memfit.profile_shapes`
             with ``shapes="dynamic"``: ``shapes_profiled=[(1, 64), ...]``, or
             ``shape_profile=`` a :class:`~memfit.ShapeProfile` made before, to reuse), e.g.
@@ -446,6 +470,11 @@ def auto(
     if shapes is not None:
         if shapes != "dynamic":
             raise ValueError(f'shapes must be None or "dynamic"; got {shapes!r}')
+        if max_error is not None:
+            raise ValueError(
+                "max_error bounds options measured on the sample's shape: not with "
+                'shapes="dynamic"; leave it out or plan one shape'
+            )
         if count != 1:
             raise ValueError(
                 'candidates times plans at the sample\'s shape: not with shapes="dynamic" '
@@ -475,7 +504,13 @@ def auto(
     if seq_range is not None:
         raise ValueError('seq_range applies to shapes="dynamic" only')
     result = plan(
-        model, sample, budget=budget, strategy=strategy, candidates=count, **profile_options
+        model,
+        sample,
+        budget=budget,
+        strategy=strategy,
+        candidates=count,
+        max_error=max_error,
+        **profile_options,
     )
     # made here from the caller's compile= (or the blocks the caller compiled): theirs to pass
     apply(model, result, sample, compile=result.compile)

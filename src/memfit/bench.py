@@ -20,7 +20,7 @@ from torch import nn
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.profile import Profile
-from memfit.measuring.run import measure
+from memfit.measuring.run import measure_loop
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn
 from memfit.planning.candidates import alternatives
@@ -137,6 +137,7 @@ def bench(
     say = progress or (lambda _message: None)
     measurement = profile.measurement
     keep = measurement.keep_output if keep_output is None else keep_output
+    loop = TrainingLoop(loss_fn=loss_fn, keep_output=keep, accumulate=measurement.accumulate)
     resolved = [
         (text, parse_budget(text).resolve(measurement.base_bytes, measurement.activation_bytes))
         for text in budgets
@@ -167,9 +168,7 @@ def bench(
                     model,
                     sample,
                     plans_within,
-                    loop=TrainingLoop(
-                        loss_fn=loss_fn, keep_output=keep, accumulate=measurement.accumulate
-                    ),
+                    loop=loop,
                 )
             else:
                 chosen = solve(costs, budget_bytes, strategy)
@@ -198,9 +197,7 @@ def bench(
         apply_plan(model, chain, chosen)
         try:
             loss, grads = seeded_gradients(model, sample, loss_fn, seed)
-            peak = measure(
-                model, sample, loss_fn=loss_fn, repeats=1, warmup=1, keep_output=keep
-            ).peak_bytes
+            peak = measure_loop(model, sample, loop, repeats=1, warmup=1).peak_bytes
         finally:
             remove_plan(model)
         equal = torch.equal(loss, reference_loss) and not mismatched_gradients(reference, grads)
@@ -214,8 +211,8 @@ def bench(
         # each round starts at another row, so no row always follows the same one
         shift = round_ % len(timed_rows) if timed_rows else 0
         for index in timed_rows[shift:] + timed_rows[:shift]:
-            planned = timed_step_under(model, sample, plans[index], loss_fn, keep)
-            unplanned = timed_step_under(model, sample, None, loss_fn, keep)
+            planned = timed_step_under(model, sample, plans[index], loop)
+            unplanned = timed_step_under(model, sample, None, loop)
             row_s[index].append(planned)
             baseline_samples.append(unplanned)
             ratios[index].append(planned / unplanned)

@@ -188,6 +188,7 @@ def _cmd_profile(args: argparse.Namespace, out: _Output) -> int:
 
 def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     import memfit
+    from memfit.planning.lossy import check_max_error
     from memfit.planning.solve import Strategy, parse_strategy
     from memfit.report.tables import plan_table
     from memfit.units import parse_budget, parse_bytes
@@ -196,6 +197,10 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
     _usage(parse_strategy, args.strategy)
     if args.host_budget is not None:
         _usage(parse_bytes, args.host_budget)
+    if args.max_error is not None:
+        if not args.inexact:
+            raise UsageError("--max-error bounds lossy options, which only --inexact offers")
+        _usage(check_max_error, args.max_error)
     if args.candidates > 1 and parse_strategy(args.strategy)[0] is not Strategy.OPTIMAL:
         raise UsageError(
             f"--candidates times optimal plans; --strategy is {args.strategy!r}: use --strategy "
@@ -216,6 +221,7 @@ def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
             thorough=args.thorough,
             keep_output=_keep(args),
             exact=not args.inexact,
+            max_error=args.max_error,
         )
     if args.output:
         Path(args.output).write_text(plan.to_json())
@@ -410,9 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     inexact_help = (
-        "also measure options exact only to rounding, not bit for bit (head:chunked: head and "
-        "loss fused in chunks of tokens, the lowest floor on large vocabularies); plans that "
-        "use one say so"
+        "also measure options that are not bit for bit: exact to rounding (head:chunked: head "
+        "and loss fused in chunks of tokens, the lowest floor on large vocabularies) and lossy "
+        "(compress:bf16, compress:fp8: saved activations stored in fewer bits); plans that use "
+        "one say so"
     )
     sub = target_command("profile", "measure every stage of a model")
     sub.add_argument("-o", "--output", help="write the profile as JSON")
@@ -440,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("-o", "--output", help="write the plan as JSON")
     sub.add_argument("--inexact", action="store_true", help=inexact_help)
+    sub.add_argument(
+        "--max-error",
+        type=float,
+        help="with --inexact: the largest relative gradient error of a parameter group that a "
+        "lossy option may bring, as measured on the sample (e.g. 0.01); options above it are "
+        "left out",
+    )
     sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("estimate", help="predict peak and time at shapes never run")
     sub.add_argument("target", help="gpt, mlp, hf:<arch> or file.py:function")

@@ -23,6 +23,7 @@ from memfit.measuring.step import split_sample
 from memfit.planning.offload import OFFLOAD
 from memfit.runtime import stage_wrapper
 from memfit.runtime.compiled import COMPILE_BUDGETS, is_compile_budget
+from memfit.runtime.compress import FORMATS
 from memfit.runtime.head import (
     CHUNKED,
     HEAD_OPTIONS,
@@ -32,11 +33,12 @@ from memfit.runtime.head import (
     head_option,
     is_head_option,
 )
-from memfit.runtime.options import hooks_inside
+from memfit.runtime.options import hooks_inside, is_exact
 
 __all__ = [
     "COMPILED_HEAD_NOTE",
     "COMPILED_NOTE",
+    "LOSSY_OPTIONS",
     "NO_LOSS",
     "OFFLOAD_NOTE",
     "RANDOM_NOTE",
@@ -82,6 +84,9 @@ TIMED_NOTE = (
 )
 
 
+# the lossy block options ``"auto"`` measures with ``exact=False``
+LOSSY_OPTIONS = tuple(FORMATS)
+
 # why a <post> option that ran took no effect: it found no loss it knows inside the forward
 NO_LOSS = {
     LEAN_LOSS: "no F.cross_entropy over 2-D logits ran inside the model's forward after its "
@@ -101,12 +106,15 @@ class Menu:
             run) or the names to measure.
         heads: the ``<post>`` options (``head:*``) to measure.
         offload: whether offload is in the menu (its costs derive from keep's, CUDA only).
+        lossy: block options that are not bit-identical (``compress:*``), measured beside
+            ``blocks``; only with ``exact=False``.
         notes: why options were left out, for the profile's and its plans' notes.
     """
 
     blocks: Literal["auto"] | tuple[str, ...]
     heads: tuple[str, ...] = ()
     offload: bool = True
+    lossy: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
 
@@ -135,6 +143,12 @@ def check_options(
         if not head_option(name).exact and exact:
             raise ValueError(f"option {name!r} is {INEXACT_NOTE}; pass exact=False to measure it")
     blocks = [name for name in names if not is_head_option(name) and name != OFFLOAD]
+    lossy = [name for name in blocks if not is_exact(name)]
+    if lossy and exact:
+        raise ValueError(
+            f"options {lossy} are lossy (saved activations stored in fewer bits: gradients "
+            f"not bit-identical); pass exact=False to measure them"
+        )
     hooked = [name for name in blocks if hooks_inside(name)]
     if compiling is not None and hooked:
         raise ValueError(
@@ -165,8 +179,11 @@ def menu_for(model: nn.Module, options: Literal["auto"] | tuple[str, ...], exact
         blocks: Literal["auto"] | tuple[str, ...] = "auto"
         heads = [name for name, head in HEAD_OPTIONS.items() if head.exact or not exact]
         offload = True
+        lossy = () if exact else LOSSY_OPTIONS
     else:
-        blocks = tuple(n for n in options if not is_head_option(n) and n != OFFLOAD)
+        named = [n for n in options if not is_head_option(n) and n != OFFLOAD]
+        blocks = tuple(n for n in named if is_exact(n))
+        lossy = tuple(n for n in named if not is_exact(n))
         heads = [name for name in options if is_head_option(name)]
         # offload's costs come from keep's and two measured figures (CUDA), not a step
         offload = OFFLOAD in options
@@ -178,7 +195,7 @@ def menu_for(model: nn.Module, options: Literal["auto"] | tuple[str, ...], exact
             notes.append(f"{CHUNKED} left out: {reason}")
     elif exact and options == "auto" and chunked_head_support(model) is None:
         notes.append(f"{CHUNKED} not measured: it is {INEXACT_NOTE}; exact=False offers it")
-    return Menu(blocks=blocks, heads=tuple(heads), offload=offload, notes=tuple(notes))
+    return Menu(blocks=blocks, heads=tuple(heads), offload=offload, lossy=lossy, notes=tuple(notes))
 
 
 def compiled_menu(menu: Menu, compiling: Mapping[str, Any], model: nn.Module, sample: Any) -> Menu:
@@ -203,7 +220,8 @@ def compiled_menu(menu: Menu, compiling: Mapping[str, Any], model: nn.Module, sa
         blocks, notes = [], [*notes, RANDOM_NOTE]
     if menu.heads or menu.notes:
         notes.append(COMPILED_HEAD_NOTE)
-    return replace(menu, blocks=tuple(blocks), heads=(), notes=tuple(notes))
+    # compress:* work through saved-tensor hooks too: nothing to see inside a compiled block
+    return replace(menu, blocks=tuple(blocks), heads=(), lossy=(), notes=tuple(notes))
 
 
 class _RandomDraws(TorchDispatchMode):

@@ -40,7 +40,7 @@ from memfit.menu import (
     compiled_menu,
     menu_for,
 )
-from memfit.planning.costs import KEEP
+from memfit.planning.costs import CHECKPOINT, KEEP
 from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.profile_options import Blocks, ProfileOptions
@@ -57,12 +57,14 @@ from memfit.runtime.compiled import (
     compiled_blocks,
     refuse_compiled_model,
 )
+from memfit.runtime.compress import compress_format, compress_log, is_compress
 from memfit.runtime.head import (
     HEAD_OPTIONS,
     head_usage,
 )
 from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
-from memfit.runtime.options import is_selective
+from memfit.runtime.options import is_exact, is_selective
+from memfit.verification import group_errors, parameter_groups, seeded_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,14 @@ def _every_block(
         tree[-1] = Stage(len(tree) - 1, head)
         strategy = f"{strategy}, <post> {head}"
     return Plan.from_tree(chain.stage_names, tuple(tree), strategy)
+
+
+def _dead_checkpointed(chain: Chain, dead: frozenset[int]) -> Plan:
+    """The blocks no gradient reaches (``dead``) under the ``checkpoint`` option, every other
+    stage kept: what each of them holds that way, and whether the rest of the step is the
+    kept step's (:func:`memfit.measuring.profile.build_profile` checks it)."""
+    tree = tuple(Stage(i, CHECKPOINT if i in dead else KEEP) for i in range(len(chain)))
+    return Plan.from_tree(chain.stage_names, tree, "cut-off blocks checkpointed")
 
 
 # block options that run without a checkpoint (saved-tensor hooks only)
@@ -303,12 +313,13 @@ def _profile(
             # no optimal plan took one, at budgets from the floor to 100% (issue 22).
             notes.append(TIMED_NOTE.format(options=timed))
             timed = []
-        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed]
+        options = [REBUILD, REBUILD_LINEAR, REBUILD_OPS, *fixed, *timed, *menu.lossy]
         if world > 1:  # picked from each rank's op profile: rank 0's are measured everywhere
             options, timed = list(rank0(options)), list(rank0(timed))
         info["timed_options"] = timed
     else:
         block_ops = profile_ops(model, sample, chain) if any(map(is_selective, options)) else []
+        options = [*options, *menu.lossy]
     # Every way of running the blocks: keep, recompute (each block its own segment), options.
     # keep is measured as a plan too (every block kept), as the plans will run it
     ways: dict[str, Plan | None] = {
@@ -320,25 +331,14 @@ def _profile(
     used: dict[str, list[str]] = {option: [] for option in heads}
 
     def clock(warmup: int) -> dict[str, float]:
-        return stage_clock(
-            model,
-            sample,
-            chain,
-            loss_fn=loop.loss_fn,
-            accumulate=loop.accumulate,
-            keep_output=loop.keep_output,
-            warmup=warmup,
-        )
+        return stage_clock(model, sample, chain, loop=loop, warmup=warmup)
 
     def meter(warmup: int, way_clocks: Any, clock_metered: bool = False) -> StageReading:
         return measure_stages(
             model,
             sample,
             chain,
-            loss_fn=loop.loss_fn,
-            accumulate=loop.accumulate,
-            optimizer=loop.optimizer,
-            keep_output=loop.keep_output,
+            loop=loop,
             warmup=warmup,
             clocks=way_clocks,
             clock_metered=clock_metered,
@@ -351,6 +351,7 @@ def _profile(
     readings: dict[str, StageReading] = {}
     details: dict[str, list[dict[str, Any]]] = {}
     rebuilds: dict[str, list[Any]] = {}
+    compressed: dict[str, list[tuple[int, int]]] = {}
 
     def drop(way: str, error: Exception) -> None:
         """A way that failed: a head option the model's forward does not take, or an option
@@ -379,6 +380,9 @@ def _profile(
                 if way in options or way == RECOMPUTE:
                     option = None if way == RECOMPUTE else way
                     ways[way] = _every_block(chain, option, kept=dead)
+            if compiling is None:  # the cut-off blocks under a checkpoint, the rest kept
+                ways[CHECKPOINT] = _dead_checkpointed(chain, dead)
+                clocks[CHECKPOINT] = []
 
     clocks: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
     if repeats is None and not thorough:
@@ -390,7 +394,8 @@ def _profile(
         # A head option rides in the step of a block option without checkpoints (rebuild*):
         # the head's span is then the one it has with every block kept (no checkpoint holds
         # side inputs through it), and the blocks' spans close before the head runs.
-        rides = dict(zip([w for w in ways if w in _UNCHECKPOINTED], heads, strict=False))
+        unchecked = [w for w in ways if w in _UNCHECKPOINTED or is_compress(w)]
+        rides = dict(zip(unchecked, heads, strict=False))
         queue = [way for way in ways if way not in rides.values()]
         while queue:
             way = queue.pop(0)
@@ -399,7 +404,12 @@ def _profile(
             head = rides.pop(way, None)
             way_plan = ways[way] if head is None else _every_block(chain, way, head, dead)
             try:
-                with planned(model, chain, way_plan), head_usage() as lines, recording() as rb:
+                with (
+                    planned(model, chain, way_plan),
+                    head_usage() as lines,
+                    recording() as rb,
+                    compress_log() as packed,
+                ):
                     after = partial(timed_after, clocks[way]) if way == KEEP else None
                     readings[way] = meter(0, after, clock_metered=True)
             except Exception as error:
@@ -409,13 +419,14 @@ def _profile(
                 else:
                     drop(way, error)
                 continue
-            rebuilds[way] = rb
+            rebuilds[way], compressed[way] = rb, packed
             if head is not None:
                 readings[head], used[head] = readings[way], lines
             if way in used:
                 used[way] = lines
             if way == KEEP:
                 keep_dead(no_gradient(chain, readings[KEEP]))
+                queue += [CHECKPOINT] if CHECKPOINT in ways else []
             else:
                 clocks[way].append(dict(readings[way].metered_s))
         _drop_unused(used, ways, clocks, notes)
@@ -429,16 +440,7 @@ def _profile(
     else:
         # Times first, in turns (keep, recompute, options, keep, ...), so that the machine's
         # drift reaches every way alike and the planner compares options measured side by side.
-        keep_dead(
-            stages_without_gradient(
-                model,
-                sample,
-                chain,
-                loss_fn=loop.loss_fn,
-                accumulate=loop.accumulate,
-                keep_output=loop.keep_output,
-            )
-        )
+        keep_dead(stages_without_gradient(model, sample, chain, loop=loop))
         for _ in range(3 if repeats is None else repeats):
             for way, way_plan in list(ways.items()):
                 try:
@@ -453,11 +455,28 @@ def _profile(
         factor = wall_factor(clocks)
         scaled = wall_scaled(clocks)  # CPU time: another process's load does not reorder ways
         for way, way_plan in ways.items():
-            with planned(model, chain, way_plan), recording() as rebuilds[way]:
+            with (
+                planned(model, chain, way_plan),
+                recording() as rebuilds[way],
+                compress_log() as compressed[way],
+            ):
                 readings[way] = meter(1, scaled[way])
+    errors = _lossy_errors(model, sample, chain, ways, loop.loss_fn)
     for way in ways:
         rebuilt = rebuilds.get(way)
-        if is_selective(way):
+        if is_compress(way):
+            blocks = len(chain.block_names)
+            stored: list[Any] = compressed.get(way, [])[:blocks]
+            if len(stored) < blocks:  # blocks no gradient reaches ran kept: no per-block log
+                stored = [None] * blocks
+            lossy = {"exact": False, "stores": str(compress_format(way)).removeprefix("torch.")}
+            details[way] = [
+                lossy
+                | ({} if entry is None else {"compressed": list(entry)})
+                | {"error": errors[way]}
+                for entry in stored
+            ]
+        elif is_selective(way):
             saved = saved_ops(way)
             details[way] = [selective_detail(block, saved) for block in block_ops]
         elif rebuilt:  # the first metered forward's blocks, in chain order
@@ -466,6 +485,7 @@ def _profile(
     post = {way: readings.pop(way) for way in used}
     post_details = {
         way: {"exact": HEAD_OPTIONS[way].exact, "does": HEAD_OPTIONS[way].does, "ran": lines[0]}
+        | ({"error": errors[way]} if way in errors else {})
         for way, lines in used.items()
     }
     ops = {block.name: block.to_rows() for block in block_ops}
@@ -490,6 +510,35 @@ def _profile(
     if menu.offload:
         result = _with_offload(model, sample, chain, result)
     return merge_profiles(result) if world > 1 else result
+
+
+def _lossy_errors(
+    model: nn.Module,
+    sample: Any,
+    chain: Chain,
+    ways: Mapping[str, Plan | None],
+    loss_fn: Any,
+) -> dict[str, float]:
+    """Way -> the largest relative gradient error over parameter groups
+    (:func:`~memfit.verification.group_errors`) of one step run that way, against the step with
+    every block kept, both from the seed :func:`memfit.verify` uses (0), for every way that is
+    not bit-identical (``compress:*``, ``head:chunked``): what ``plan(max_error=...)`` compares.
+    With every block under it, this is an option's error at its most: a plan that mixes it
+    with exact blocks rounds fewer saved tensors."""
+    lossy = [
+        w for w in ways if (w in HEAD_OPTIONS and not HEAD_OPTIONS[w].exact) or not is_exact(w)
+    ]
+    if not lossy:
+        return {}
+    groups = parameter_groups(model, chain.block_names)
+    with planned(model, chain, ways[KEEP]):
+        _loss, reference = seeded_gradients(model, sample, loss_fn, 0)
+    errors = {}
+    for way in lossy:
+        with planned(model, chain, ways[way]):
+            _loss, grads = seeded_gradients(model, sample, loss_fn, 0)
+        errors[way] = max(group_errors(reference, grads, groups).values(), default=0.0)
+    return errors
 
 
 def _with_offload(model: nn.Module, sample: Any, chain: Chain, result: Profile) -> Profile:

@@ -246,9 +246,7 @@ def shape_profile_with(
                 model,
                 samples,
                 rounds=2 * repeats + 1,
-                loss_fn=options.loop.loss_fn,
-                accumulate=measured.accumulate,
-                keep_output=measured.keep_output,
+                loop=options.loop,
             )
         for shape in shapes_:
             total = simulate(costs[shape], keep_all(costs[shape])).step_s

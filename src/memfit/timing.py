@@ -115,14 +115,7 @@ def fastest(
                 if index in failed:
                     continue
                 try:
-                    times[index] = timed_step_under(
-                        model,
-                        sample,
-                        plans[index],
-                        loop.loss_fn,
-                        loop.keep_output,
-                        accumulate=loop.accumulate,
-                    )
+                    times[index] = timed_step_under(model, sample, plans[index], loop)
                 except (torch.OutOfMemoryError, MemfitError, RuntimeError) as error:
                     if index == 0 or not drop_failures:
                         raise

@@ -6,19 +6,21 @@ are the ones the benchmark (:mod:`memfit.bench`) runs for every row too.
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from memfit.errors import MemfitError
+from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.readings import Measurement
-from memfit.measuring.run import measure, time_step
+from memfit.measuring.run import USUAL, measure_loop, time_step
 from memfit.measuring.state import Buffers, buffer_values, preserving_state
 from memfit.measuring.step import (
     LossFn,
@@ -40,6 +42,7 @@ from memfit.runtime.apply import (
     remove_plan,
 )
 from memfit.runtime.head import inexact_options, marking_head
+from memfit.runtime.options import is_exact
 
 # what "exact to rounding" allows: relative to the largest reference value (float32 sums in
 # another order differ by about 1e-6 of it; measured 3e-7 to 8e-7 on the head's gradients)
@@ -76,6 +79,14 @@ class Verification:
         reference_repeatable: ``False`` when the unplanned step itself gives other gradients
             from the same seed (the model draws random numbers memfit cannot seed, e.g. with
             NumPy): a mismatch is then the model's, not the plan's.
+        group_errors: parameter group (each block of the chain, and
+            :data:`OUTSIDE_BLOCKS`) -> ``||planned - reference|| / ||reference||`` over its
+            parameters' gradients together (0.0 where equal).
+        cosine: cosine similarity of the step's whole gradient (every parameter's, as one
+            vector) to the reference's (1.0: the same direction).
+        max_error: the plan's error budget (``Plan.max_error``): a lossy plan (``compress:*``)
+            is held to ``relative_error <= max_error``; ``None``: no bound was asked for, and
+            only the loss and the peak are held.
         mismatched_buffers: the buffers whose values after the planned step differ from their
             values after the plain step (both steps start from the same buffers): a plan must
             leave running statistics and other state as training without it does.
@@ -98,16 +109,30 @@ class Verification:
     reference_repeatable: bool = True
     by_design: tuple[str, ...] = ()
     mismatched_buffers: tuple[str, ...] = ()
+    group_errors: Mapping[str, float] = field(default_factory=dict)
+    cosine: float = 1.0
+    lossy: bool = False
+    max_error: float | None = None
+
+    @property
+    def relative_error(self) -> float:
+        """The largest of :attr:`group_errors` (0.0 when every gradient is equal): what
+        ``plan(max_error=...)`` bounds."""
+        return max(self.group_errors.values(), default=0.0)
 
     @property
     def ok(self) -> bool:
         """Gradients and loss equal (within :data:`ROUNDING` for a plan that is exact to
-        rounding only), the same ops when traced, and the peak within the budget."""
+        rounding only; a lossy plan's gradients within its ``max_error``), the same ops when
+        traced, and the peak within the budget."""
         fits = self.budget_bytes is None or self.measured_peak_bytes <= self.budget_bytes
         if self.exact:
             same_ops = not self.trace_difference
             same_state = not self.mismatched_buffers
             return self.gradients_equal and self.loss_equal and fits and same_ops and same_state
+        if self.lossy:
+            bounded = self.max_error is None or self.relative_error <= self.max_error
+            return bounded and self.loss_error <= ROUNDING and fits
         return self.gradient_error <= ROUNDING and self.loss_error <= ROUNDING and fits
 
     @property
@@ -125,6 +150,7 @@ class Verification:
         return asdict(self) | {
             "ok": self.ok,
             "prediction_error": self.prediction_error,
+            "relative_error": self.relative_error,
             "reserved_peak_bytes": self.reserved_peak_bytes,
         }
 
@@ -179,8 +205,9 @@ def verify(
 
     Runs one step with and without the plan from the same RNG state (dropout on) and compares
     every parameter gradient and the loss bit for bit (a plan exact to rounding only,
-    ``plan.exact`` false, is held to a relative error of :data:`ROUNDING` instead); measures both peaks; times both steps in
-    pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
+    ``plan.exact`` false, is held to a relative error of :data:`ROUNDING` instead; a lossy
+    one, ``compress:*``, to its ``max_error``: ``Verification.group_errors``, ``cosine``);
+    measures both peaks; times both steps in pairs (planned, unplanned; ``repeats`` pairs) and reports the median of the paired ratios.
     The peaks are measured in the steady state the plan was made for. The model (gradients,
     buffers, modes) and the RNG states are left as they were.
 
@@ -230,7 +257,7 @@ def verify(
             UserWarning,
             stacklevel=3,
         )
-    step = dict(
+    loop = TrainingLoop(
         loss_fn=loss_fn,
         optimizer=optimizer,
         accumulate=current.accumulate if accumulate is None else accumulate,
@@ -241,7 +268,7 @@ def verify(
     try:
         planned_loss, planned_grads, planned_trace = run(model, sample, loss_fn, seed)
         planned_buffers = buffer_values(model)
-        planned = measure(model, sample, repeats=1, **step)
+        planned = measure_loop(model, sample, loop, repeats=1)
         remove_plan(target)
         # the plain step marks what the plan's <post> option replaces by design
         marks = (
@@ -261,15 +288,17 @@ def verify(
             repeatable = torch.equal(again_loss, reference_loss) and not mismatched_gradients(
                 reference_grads, again_grads
             )
-        baseline = measure(model, sample, repeats=1, **step)
+        baseline = measure_loop(model, sample, loop, repeats=1)
         ratios = [
-            timed_step_under(model, sample, current, loss_fn, step["keep_output"], target)
-            / timed_step_under(model, sample, None, loss_fn, step["keep_output"], target)
+            timed_step_under(model, sample, current, loop, target)
+            / timed_step_under(model, sample, None, loop, target)
             for _ in range(repeats)
         ]
     finally:
         if applied_plan(target) is None:
             apply_plan(target, chain, current)
+    root = next((name for name, module in model.named_modules() if module is target), "")
+    groups = parameter_groups(model, chain.block_names, root)
     difference = None
     by_design: tuple[str, ...] = ()
     if reference_trace is not None and planned_trace is not None:
@@ -295,6 +324,10 @@ def verify(
         trace_difference=difference,
         reference_repeatable=repeatable,
         by_design=by_design,
+        group_errors=group_errors(reference_grads, planned_grads, groups),
+        cosine=cosine_similarity(reference_grads, planned_grads),
+        lossy=any(not is_exact(option) for option in current.options.values()),
+        max_error=current.max_error,
         mismatched_buffers=_mismatched_buffers(reference_buffers, planned_buffers),
     )
 
@@ -325,23 +358,19 @@ def timed_step_under(
     model: nn.Module,
     sample: Any,
     plan: Plan | None,
-    loss_fn: LossFn | None = None,
-    keep_output: bool = True,
+    loop: TrainingLoop = USUAL,
     target: nn.Module | None = None,
-    accumulate: bool = False,
 ) -> float:
     """Seconds of one step of ``model`` under ``plan`` (``None``: unplanned; ``model`` must not
-    carry a plan), after one untimed step: right after another way of running, the allocator's
-    state (pages a leaner plan gave back) would otherwise be charged to this one. ``target``:
-    the module of ``model`` the plan goes on (default ``model``; a wrapper's inner model).
-    ``accumulate``: steps of the gradient-accumulation steady state (gradients kept)."""
+    carry a plan), run as ``loop`` runs it, after one untimed step: right after another way of
+    running, the allocator's state (pages a leaner plan gave back) would otherwise be charged
+    to this one. ``target``: the module of ``model`` the plan goes on (default ``model``; a
+    wrapper's inner model)."""
     target = model if target is None else target
     chain = None if plan is None else chain_of_plan(target, plan)
     with planned(target, chain, plan):
         for _ in range(2):  # the first one untimed
-            seconds = time_step(
-                model, sample, loss_fn=loss_fn, keep_output=keep_output, accumulate=accumulate
-            )
+            seconds = time_step(model, sample, loop=loop)
         return seconds
 
 
@@ -364,6 +393,66 @@ def relative_error(reference: torch.Tensor | None, planned: torch.Tensor | None)
     difference = (planned.double() - reference.double()).abs().max().item()
     scale = reference.double().abs().max().item()
     return difference / scale if scale > 0 else float("inf")
+
+
+OUTSIDE_BLOCKS = "<outside the blocks>"
+
+
+def parameter_groups(
+    model: nn.Module, block_names: Sequence[str], root: str = ""
+) -> dict[str, str]:
+    """Parameter name -> its group: the block (chain stage) it lies in, or
+    :data:`OUTSIDE_BLOCKS` (embeddings, final norm, head). ``root``: the fqn in ``model`` of
+    the module the block names start from (a wrapper's inner model)."""
+    start = f"{root}." if root else ""
+    prefixes = [(f"{start}{name}.", name) for name in block_names]
+    groups = {}
+    for name, _ in model.named_parameters():
+        found = next((group for prefix, group in prefixes if name.startswith(prefix)), None)
+        groups[name] = OUTSIDE_BLOCKS if found is None else found
+    return groups
+
+
+def group_errors(
+    reference: Mapping[str, torch.Tensor | None],
+    planned: Mapping[str, torch.Tensor | None],
+    groups: Mapping[str, str],
+) -> dict[str, float]:
+    """Group -> relative error of its gradients, ``||planned - reference|| / ||reference||``
+    (Euclidean norms over the group's parameters together; 0.0 where equal, inf where a
+    gradient is missing on one side only or the reference is zero and the planned one not)."""
+    squares: dict[str, list[float]] = {}
+    for name, grad in reference.items():
+        other = planned.get(name)
+        totals = squares.setdefault(groups.get(name, OUTSIDE_BLOCKS), [0.0, 0.0])
+        if grad is None or other is None:
+            if (grad is None) != (other is None):
+                totals[0] = float("inf")
+            continue
+        totals[0] += float((other.double() - grad.double()).square().sum())
+        totals[1] += float(grad.double().square().sum())
+    return {
+        group: 0.0 if diff == 0 else (math.sqrt(diff / ref) if ref > 0 else float("inf"))
+        for group, (diff, ref) in squares.items()
+    }
+
+
+def cosine_similarity(
+    reference: Mapping[str, torch.Tensor | None], planned: Mapping[str, torch.Tensor | None]
+) -> float:
+    """Cosine of the angle between the step's whole planned gradient and the reference (every
+    parameter's gradient as one vector; 1.0: the same direction)."""
+    dot = norm_ref = norm_planned = 0.0
+    for name, grad in reference.items():
+        other = planned.get(name)
+        if grad is None or other is None:
+            continue
+        dot += float((grad.double() * other.double()).sum())
+        norm_ref += float(grad.double().square().sum())
+        norm_planned += float(other.double().square().sum())
+    if norm_ref == 0 or norm_planned == 0:
+        return 1.0 if norm_ref == norm_planned else 0.0
+    return dot / math.sqrt(norm_ref * norm_planned)
 
 
 def mismatched_gradients(

@@ -57,6 +57,13 @@ class Chain:
             segment must not join such a block with the one before it.
         carries: per group, how a block's output becomes the next block's arguments
             (:mod:`memfit.measuring.carry`); empty: every group hands on its main tensor.
+        joins: positions in ``blocks`` of the blocks whose main input the model's own code
+            makes from the previous block's output (a U-Net's up blocks: ``cat(output,
+            skip)``): no recompute segment joins such a block with the one before.
+        skips: ``(maker, reader)`` positions in ``blocks`` of block outputs the model reads
+            again after the next block returned (U-Net skip connections), ``reader`` the block
+            after whose call the last read happens (``len(blocks)``: after the last block, in
+            ``<post>``); ``maker`` -1 is ``<pre>``'s output.
     """
 
     container: str
@@ -65,6 +72,8 @@ class Chain:
     groups: tuple[int, ...] = (0,)
     draws_before: frozenset[int] = frozenset()
     carries: tuple[Carry, ...] = ()
+    joins: frozenset[int] = frozenset()
+    skips: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         starts = self.groups
@@ -252,6 +261,7 @@ def find_chain(
     modules = dict(model.named_modules())  # a module registered under several names: its first
     every = dict(model.named_modules(remove_duplicate=False))
     lists = (nn.ModuleList, nn.Sequential)
+    given: list[str] = []  # blocks named one by one from several lists
     if blocks is None:
         containers = _candidates(model)
         groups = {name: _children(name, module) for name, module in containers.items()}
@@ -273,6 +283,7 @@ def find_chain(
         if names and all(isinstance(every[name], lists) for name in names):
             groups = {name: _children(name, every[name]) for name in names}
         elif len({name.rpartition(".")[0] for name in names}) > 1:  # blocks of several lists
+            given = names
             groups = {}
             for name in names:
                 groups.setdefault(name.rpartition(".")[0], []).append(name)
@@ -296,6 +307,8 @@ def find_chain(
 
         def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             first = main_tensor(split_main(args, kwargs)[0])
+            if given and name == given[0] and first is not None and not calls:
+                readers.produced(tokens.of(first), PRE, returned=False)
             calls.append((name, tokens.of(first) if first is not None else -1, None))
             arguments.append({s: tokens.of(t) for s, t in slot_values(*split_main(args, kwargs))})
             results.append({})
@@ -352,6 +365,13 @@ def find_chain(
         return None
 
     links = {container: link(names) for container, names in groups.items()}
+    joins: frozenset[int] = frozenset()
+    skips: tuple[tuple[int, int], ...] = ()
+    if given and any(carry is None for carry in links.values()):
+        joined = _joined(given, calls, readers)
+        if joined is not None:  # one sequence through several lists, joined by the model
+            groups, links = {"<blocks=>": list(given)}, {"<blocks=>": MAIN_ONLY}
+            joins, skips = joined
 
     def read_aside(names: list[str]) -> bool:
         """Whether the model reads a block's output besides the next block while the chain
@@ -478,7 +498,50 @@ def find_chain(
         groups=tuple(starts),
         draws_before=draws_before,
         carries=carries if any(carries) else (),
+        joins=joins,
+        skips=skips,
     )
+
+
+def _joined(
+    names: list[str],
+    calls: list[tuple[str, int, int | None]],
+    readers: _Readers,
+) -> tuple[frozenset[int], tuple[tuple[int, int], ...]] | None:
+    """Blocks named one by one from several lists (a U-Net's resnets, attentions, down- and
+    upsamplers), as one sequence: each block called once, in order, on the previous block's
+    output or on a tensor the model's code made after it returned from that output (a
+    *join*: ``cat(output, skip)``). Returns the joins and the skips (outputs read after the
+    next block returned; see :attr:`Chain.skips`), or ``None`` when they run otherwise."""
+    seen = [k for k, call in enumerate(calls) if call[0] in set(names)]
+    if [calls[k][0] for k in seen] != names:
+        return None
+    outputs = {calls[k][2] for k in seen}
+    joined_reads = {
+        block for block, context, returned in readers.reads if context is None and block in returned
+    }
+    joins = set()
+    for position, (a, b) in enumerate(itertools.pairwise(seen), start=1):
+        if calls[b][1] == calls[a][2]:
+            continue
+        made_after = (calls[a][2] or 0) < calls[b][1] and calls[b][1] not in outputs
+        if not made_after or names[position - 1] not in joined_reads:
+            return None
+        joins.add(position)
+    where = {name: position for position, name in enumerate(names)}
+    last: dict[int, int] = {}
+    for block, context, returned in readers.reads:
+        maker = -1 if block == PRE else where.get(block)
+        if maker is None or maker + 1 >= len(names) or names[maker + 1] not in returned:
+            continue
+        if context is not None and context in where:
+            reader = where[context]
+        else:
+            done = max(where[name] for name in returned if name in where)
+            reader = len(names) if done == len(names) - 1 else done
+        if reader > maker + 1:
+            last[maker] = max(reader, last.get(maker, reader))
+    return frozenset(joins), tuple(sorted(last.items()))
 
 
 class _Readers(TorchDispatchMode):
@@ -494,10 +557,11 @@ class _Readers(TorchDispatchMode):
         self.returned: set[str] = set()
         self.reads: list[tuple[str, str | None, frozenset[str]]] = []
 
-    def produced(self, token: int | None, block: str) -> None:
+    def produced(self, token: int | None, block: str, returned: bool = True) -> None:
         if token is not None and token >= 0:
             self.made[token] = block
-        self.returned.add(block)
+        if returned:
+            self.returned.add(block)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self.made:

@@ -21,7 +21,7 @@ from torch import nn
 from memfit.measuring.chain import Chain
 from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.step import local_tensor, own_fsdp_unit, split_sample
-from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
+from memfit.planning.costs import CHECKPOINT, KEEP, ChainCosts, OptionCosts, Skip, StageCosts
 from memfit.planning.plan import Stage
 from memfit.planning.simulate import holds_inputs
 
@@ -319,6 +319,8 @@ def build_profile(
     kept = {} if recompute is None else _checkpoint_kept(recompute, keep, chain)
     checkpoint = _checkpoint_bytes(kept)
     dead = no_gradient(chain, keep)
+    options = dict(options or {})
+    dead_checkpointed = _dead_checkpointed(chain, keep, options.pop(CHECKPOINT, None), dead)
     stages = []
     for index, name in enumerate(chain.stage_names):
         output = keep.output_bytes.get(index, 0)
@@ -327,8 +329,10 @@ def build_profile(
         position = chain.block_position(index)
         is_block = position is not None
         trains = index not in dead
+        if index in dead_checkpointed:
+            menu[CHECKPOINT] = dead_checkpointed[index]
         if position is not None and trains:
-            for option, reading in (options or {}).items():
+            for option, reading in options.items():
                 per_block = (details or {}).get(option)
                 detail = per_block[position] if per_block and len(per_block) > position else None
                 measured = _option_costs(reading, index, last, output, detail)
@@ -378,6 +382,8 @@ def build_profile(
                     and not _own_units(chain, index - 1, index)
                     # random numbers drawn before it (LayerDrop): a rerun would not draw them
                     and position not in chain.draws_before
+                    # the model's code makes its input (cat(output, skip)): a rerun would not
+                    and position not in chain.joins
                 ),
             )
         )
@@ -391,6 +397,7 @@ def build_profile(
         side_grad_bytes=keep.side_grad_bytes,
         gathered_bytes=_gathered_bytes(chain),
         fragmentation_bytes=keep.measurement.fragmentation_bytes,
+        skips=_skips(chain),
     )
     return Profile(
         costs=costs,
@@ -398,8 +405,62 @@ def build_profile(
         parameter_bytes=_parameter_bytes(model, chain),
         recompute_measurement=None if recompute is None else recompute.measurement,
         compile=compile,
-        notes=_with_dead_note(tuple(notes), chain, dead),
+        notes=_with_dead_note(tuple(notes), chain, dead - dead_checkpointed.keys()),
         info=dict(info or {}),
+    )
+
+
+def _dead_checkpointed(
+    chain: Chain, keep: StageReading, reading: StageReading | None, dead: frozenset[int]
+) -> dict[int, OptionCosts]:
+    """The ``checkpoint`` option's costs for the blocks no gradient reaches (``dead``), from
+    ``reading``: the step with those blocks under a checkpoint and every other stage kept.
+
+    Such a block's saved tensors live as long as its graph, which the model may hold past the
+    forward (LLaVA returns its vision tower's output, whose graph holds the last vision layer:
+    with the usual loop, to the end of the step); under a checkpoint the graph holds the
+    checkpoint's inputs and RNG state instead, and no rerun ever runs. Where the model drops
+    that graph inside the step, the stage that drops it frees less than the kept step shows,
+    which no cost of the block itself can say: the option is offered only where every other
+    stage's figures in ``reading`` are the kept step's, byte for byte (the graph lives to the
+    end of the step), so the block's own figures are all that changes."""
+    if reading is None or not dead:
+        return {}
+    last = len(chain) - 1
+
+    def figures(costs: OptionCosts) -> tuple[int, ...]:
+        return (
+            costs.saved_bytes,
+            costs.forward_peak_bytes,
+            costs.backward_peak_bytes,
+            costs.backward_delta_bytes,
+        )
+
+    for index in range(len(chain)):
+        if index in dead:
+            continue
+        output = keep.output_bytes.get(index, 0)
+        kept = _option_costs(keep, index, last, output)
+        if figures(_option_costs(reading, index, last, output)) != figures(kept):
+            return {}
+    return {
+        index: _option_costs(reading, index, last, keep.output_bytes.get(index, 0))
+        for index in sorted(dead)
+    }
+
+
+def _skips(chain: Chain) -> tuple[Skip, ...]:
+    """The chain's skip connections (:attr:`Chain.skips`, block positions) as stages."""
+    stages = chain.block_stages
+    last = len(chain) - 1
+
+    def stage(position: int) -> int:
+        return 0 if position < 0 else last if position >= len(stages) else stages[position]
+
+    return tuple(
+        Skip(stage(maker), stage(reader))
+        for maker, reader in chain.skips
+        if stage(reader) > stage(maker) + 1
     )
 
 

@@ -20,13 +20,13 @@ from torch import nn
 
 from memfit.measuring.chain import Chain
 from memfit.measuring.clock import CPU, WALL, Clock
+from memfit.measuring.loop import TrainingLoop
 from memfit.measuring.marks import Marker, both, marks
 from memfit.measuring.meter import MemoryMeter
 from memfit.measuring.readings import Measurement, StageReading
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import (
     LossFn,
-    check_step_arguments,
     compute_loss,
     held_bytes,
     preserved_grads,
@@ -37,17 +37,18 @@ from memfit.measuring.step import (
     tensor_bytes,
 )
 
+USUAL = TrainingLoop()
 
-def _step(
-    model: nn.Module, sample: Any, loss_fn: LossFn | None, mark: Marker, keep_output: bool = True
-) -> torch.Tensor:
-    """Forward, loss, backward. ``keep_output``: the output (logits, caches) stays alive through
-    backward, as in ``out = model(**batch); out.loss.backward()``; else only the loss does."""
+
+def _step(model: nn.Module, sample: Any, loop: TrainingLoop, mark: Marker) -> torch.Tensor:
+    """Forward, loss, backward, as ``loop`` runs them (``loop.keep_output``: the output, logits
+    and caches, stays alive through backward, as in ``out = model(**batch);
+    out.loss.backward()``; else only the loss does)."""
     args, kwargs = split_sample(sample)
     mark("F:0")
     output = model(*args, **kwargs)
-    loss = compute_loss(output, loss_fn)
-    if not keep_output:
+    loss = compute_loss(output, loop.loss_fn)
+    if not loop.keep_output:
         del output
     mark("B:loss")
     loss.backward()
@@ -55,33 +56,20 @@ def _step(
     return loss.detach()
 
 
-def _warm_up(
-    model: nn.Module,
-    sample: Any,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    keep_output: bool,
-    steps: int,
-) -> None:
+def _warm_up(model: nn.Module, sample: Any, loop: TrainingLoop, steps: int) -> None:
     """``steps`` untimed, unmarked steps, each from the gradients' steady state."""
     for _ in range(steps):
-        reset_grads(model, accumulate, sample)
-        _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        reset_grads(model, loop.accumulate, sample)
+        _step(model, sample, loop, lambda _label: None)
 
 
 def _timed_step(
-    model: nn.Module,
-    sample: Any,
-    chain: Chain | None,
-    loss_fn: LossFn | None,
-    accumulate: bool,
-    keep_output: bool = True,
-    cpu: bool = False,
+    model: nn.Module, sample: Any, chain: Chain | None, loop: TrainingLoop, cpu: bool = False
 ) -> dict[str, float]:
-    reset_grads(model, accumulate, sample)
+    reset_grads(model, loop.accumulate, sample)
     clock = Clock(sample_device(model, sample), cpu)
     with marks(chain, clock.mark):
-        _step(model, sample, loss_fn, clock.mark, keep_output)
+        _step(model, sample, loop, clock.mark)
     return clock.durations()
 
 
@@ -90,10 +78,8 @@ def stage_clock(
     sample: Any,
     chain: Chain,
     *,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
+    loop: TrainingLoop = USUAL,
     warmup: int = 1,
-    keep_output: bool = True,
 ) -> dict[str, float]:
     """One timed step of ``model`` as it is now, cut at the stage marks: label -> seconds of
     the process's CPU time on the CPU (plus the step's wall and CPU seconds, under
@@ -107,18 +93,16 @@ def stage_clock(
     +46% on the keep step of the built-in GPT right after a recompute step).
     """
     with preserved_grads(model, sample):
-        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
-        return _timed_step(model, sample, chain, loss_fn, accumulate, keep_output, cpu=True)
+        _warm_up(model, sample, loop, warmup)
+        return _timed_step(model, sample, chain, loop, cpu=True)
 
 
 def step_clock(
     model: nn.Module,
     sample: Any,
     *,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
+    loop: TrainingLoop = USUAL,
     warmup: int = 1,
-    keep_output: bool = True,
 ) -> tuple[float, float]:
     """Wall and CPU seconds of one training step of ``model`` as it is now, without stage
     marks (on CUDA both are the synchronised wall time), after ``warmup`` untimed steps.
@@ -128,8 +112,8 @@ def step_clock(
     scale the stage times to this clock's step (:func:`memfit.shape_profiles.profile_shapes`).
     """
     with preserved_grads(model, sample):
-        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
-        durations = _timed_step(model, sample, None, loss_fn, accumulate, keep_output, cpu=True)
+        _warm_up(model, sample, loop, warmup)
+        durations = _timed_step(model, sample, None, loop, cpu=True)
     if CPU in durations:
         return durations[WALL], durations[CPU]
     total = sum(durations.values())
@@ -141,9 +125,7 @@ def stages_without_gradient(
     sample: Any,
     chain: Chain,
     *,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
-    keep_output: bool = True,
+    loop: TrainingLoop = USUAL,
 ) -> frozenset[int]:
     """The block stages cut off from the loss in one step of ``model`` as it is now: autograd
     records their graph (their output requires grad) but no gradient reaches it (an argmin, a
@@ -153,9 +135,9 @@ def stages_without_gradient(
     not among them, and a segment starting there still spares the next blocks' inputs.)"""
     labels: list[str] = []
     with preserved_grads(model, sample):
-        reset_grads(model, accumulate, sample)
+        reset_grads(model, loop.accumulate, sample)
         with marks(chain, labels.append) as marked:
-            _step(model, sample, loss_fn, labels.append, keep_output)
+            _step(model, sample, loop, labels.append)
     seen = set(labels)
     return frozenset(i for i in chain.block_stages if i in marked.graphs and f"B:{i}" not in seen)
 
@@ -165,15 +147,12 @@ def measure_stages(
     sample: Any,
     chain: Chain | None,
     *,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
+    loop: TrainingLoop = USUAL,
     repeats: int = 3,
     warmup: int = 1,
-    optimizer: Any = None,
     clocks: Sequence[Mapping[str, float]]
     | Callable[[], Sequence[Mapping[str, float]]]
     | None = None,
-    keep_output: bool = True,
     clock_metered: bool = False,
     peak_op: bool = False,
 ) -> StageReading:
@@ -186,7 +165,7 @@ def measure_stages(
     also run a CPU clock (:func:`stage_clock`'s), whose durations, the profiler's own cost
     included, are the reading's :attr:`StageReading.metered_s`, and its times when ``clocks``
     is ``None`` (the setup's fast path: one step per way, both metered and timed).
-    ``keep_output``: see :func:`measure`. ``peak_op``: name the op at the peak
+    ``loop``: how the user's loop runs the step (see :func:`measure`). ``peak_op``: name the op at the peak
     (:attr:`Measurement.peak_op`; the profiler then records every op, which costs it about four
     times as long after the step); else it is ``""``.
     """
@@ -198,14 +177,11 @@ def measure_stages(
     last = len(chain) - 1 if chain is not None else 0
 
     with preserved_grads(model, sample):
-        _warm_up(model, sample, loss_fn, accumulate, keep_output, warmup)
+        _warm_up(model, sample, loop, warmup)
         if clocks is None and not clock_metered:
-            clocks = [
-                _timed_step(model, sample, chain, loss_fn, accumulate, keep_output)
-                for _ in range(repeats)
-            ]
-        reset_grads(model, accumulate, sample)
-        held = held_bytes(model, sample, optimizer)
+            clocks = [_timed_step(model, sample, chain, loop) for _ in range(repeats)]
+        reset_grads(model, loop.accumulate, sample)
+        held = held_bytes(model, sample, loop.optimizer)
         meter = MemoryMeter(device, ops=peak_op)
         reserved = 0
         if device.type == "cuda":  # the step's own reserved peak: from an empty cache
@@ -215,7 +191,7 @@ def measure_stages(
         metered_clock = Clock(device, cpu=True) if clock_metered else None
         mark = meter.mark if metered_clock is None else both(meter.mark, metered_clock.mark)
         with marks(chain, mark, meter.watch) as marked, meter:
-            loss = _step(model, sample, loss_fn, mark, keep_output)
+            loss = _step(model, sample, loop, mark)
         metered_s = {} if metered_clock is None else metered_clock.durations()
         if device.type == "cuda":
             held = torch.cuda.memory_allocated(device) - meter.reading.end_bytes
@@ -256,10 +232,10 @@ def measure_stages(
         forward_s=total(forward_labels),
         backward_s=total(backward_labels),
         peak_op=reading.peak_op,
-        accumulate=accumulate,
+        accumulate=loop.accumulate,
         device=str(device),
         repeats=len(clocks),
-        keep_output=keep_output,
+        keep_output=loop.keep_output,
         reserved_peak_bytes=reserved,
     )
     forward_s = {i: median("F:0" if i == 0 else f"F:{i}") for i in range(last + 1)}
@@ -279,7 +255,6 @@ def measure_stages(
     )
 
 
-@preserving_state
 def measure(
     model: nn.Module,
     sample: Any,
@@ -314,39 +289,35 @@ def measure(
         >>> m = memfit.measure(model, (x, y))
         >>> m.peak_bytes, m.activation_bytes, m.step_s
     """
-    check_step_arguments(model, sample, loss_fn, optimizer)
+    loop = TrainingLoop(
+        loss_fn=loss_fn, optimizer=optimizer, keep_output=keep_output, accumulate=accumulate
+    )
+    return measure_loop(model, sample, loop, repeats=repeats, warmup=warmup)
+
+
+@preserving_state
+def measure_loop(
+    model: nn.Module, sample: Any, loop: TrainingLoop = USUAL, *, repeats: int = 5, warmup: int = 1
+) -> Measurement:
+    """:func:`measure` with the loop as one value (the model and RNG states left as found)."""
+    loop.check(model, sample)
     return measure_stages(
-        model,
-        sample,
-        None,
-        loss_fn=loss_fn,
-        accumulate=accumulate,
-        repeats=repeats,
-        warmup=warmup,
-        optimizer=optimizer,
-        keep_output=keep_output,
-        peak_op=True,
+        model, sample, None, loop=loop, repeats=repeats, warmup=warmup, peak_op=True
     ).measurement
 
 
-def time_step(
-    model: nn.Module,
-    sample: Any,
-    *,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
-    keep_output: bool = True,
-) -> float:
-    """Seconds of one training step (gradients reset to the steady state first)."""
+def time_step(model: nn.Module, sample: Any, *, loop: TrainingLoop = USUAL) -> float:
+    """Seconds of one training step as ``loop`` runs it (gradients reset to its steady state
+    first)."""
     device = sample_device(model, sample)
-    reset_grads(model, accumulate, sample)
+    reset_grads(model, loop.accumulate, sample)
     synchronize(device)
     gc.collect()  # as timeit does: no collector pause inside the timed step
     enabled = gc.isenabled()  # and as timeit does, leave it as found (off stays off)
     gc.disable()
     try:
         start = time.perf_counter()
-        _step(model, sample, loss_fn, lambda _label: None, keep_output)
+        _step(model, sample, loop, lambda _label: None)
         synchronize(device)
         return time.perf_counter() - start
     finally:

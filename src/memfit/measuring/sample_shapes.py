@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.measuring.run import step_clock
-from memfit.measuring.step import LossFn, split_sample
+from memfit.measuring.loop import TrainingLoop
+from memfit.measuring.run import USUAL, step_clock
+from memfit.measuring.step import split_sample
 from memfit.planning.shape_fits import Shape
 
 Key = int | str  # a positional argument's index or a keyword argument's name
@@ -211,9 +212,7 @@ def step_seconds_at(
     samples: Mapping[Shape, Any],
     *,
     rounds: int = 5,
-    loss_fn: LossFn | None = None,
-    accumulate: bool = False,
-    keep_output: bool = True,
+    loop: TrainingLoop = USUAL,
 ) -> dict[Shape, float]:
     """The median CPU seconds (wall on CUDA) of a training step of ``model`` as it is now at
     each of several samples, timed in ``rounds`` passes over all of them, so that another
@@ -230,8 +229,6 @@ def step_seconds_at(
     seconds: dict[Shape, list[float]] = {shape: [] for shape in samples}
     for _ in range(rounds):
         for shape, sample in samples.items():
-            _wall, cpu = step_clock(
-                model, sample, loss_fn=loss_fn, accumulate=accumulate, keep_output=keep_output
-            )
+            _wall, cpu = step_clock(model, sample, loop=loop)
             seconds[shape].append(cpu)
     return {shape: statistics.median(values) for shape, values in seconds.items()}

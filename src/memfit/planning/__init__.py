@@ -1,6 +1,6 @@
 """Planning: costs in, plan out. Pure numbers: this package never imports torch."""
 
-from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
+from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, Skip, StageCosts, uniform_chain
 from memfit.planning.frontier import FrontierPoint, frontier
 from memfit.planning.plan import Plan, Segment, Stage, keep_tree, recompute_one, validate_tree
 from memfit.planning.simulate import Simulation, check_tree, simulate
@@ -14,6 +14,7 @@ __all__ = [
     "Plan",
     "Segment",
     "Simulation",
+    "Skip",
     "Stage",
     "StageCosts",
     "Strategy",

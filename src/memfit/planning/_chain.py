@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memfit.planning.costs import KEEP, ChainCosts
+from memfit.planning.costs import CHECKPOINT, KEEP, ChainCosts, StageCosts
 
 Int = np.int64
 
@@ -32,6 +32,17 @@ def default_segment_cap(n: int) -> int:
     "Segment cap").
     """
     return min(n, 16)
+
+
+def menu_names(stage: StageCosts) -> tuple[str, ...]:
+    """The options the solvers weigh for ``stage``, ``keep`` first. A block no gradient
+    reaches that the profile offers under a checkpoint (:data:`CHECKPOINT`) runs that way
+    only: the same forward, no rerun ever, less held to the end of the step. Its level after
+    the step then depends on its option, which the DPs' totals (one upper bound per stage,
+    :meth:`ChainArrays.total`) would charge as kept: LLaVA's floor was 17 KB high with both."""
+    if not stage.checkpointable and CHECKPOINT in stage.options:
+        return (CHECKPOINT,)
+    return (KEEP, *(name for name in stage.options if name != KEEP))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +86,7 @@ class ChainArrays:
         # its backward (see simulate); nested segments' states in the no-save forward are not
         # counted here, so the simulator may refuse a DP tree and a fallback then serves
         self.checkpoint_bytes = int(costs.checkpoint_bytes)
-        self.option_names = [
-            (KEEP, *(name for name in stage.options if name != KEEP)) for stage in stages
-        ]
+        self.option_names = [menu_names(stage) for stage in stages]
         self.output = np.array([stage.output_bytes for stage in stages], dtype=Int)
         inputs = np.array([stage.input_bytes for stage in stages], dtype=Int)
         # what a stage's no-save forward keeps past the checkpoint's hooks: held by the step's

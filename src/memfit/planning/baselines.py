@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from memfit.planning.costs import ChainCosts
+from memfit.planning._chain import menu_names
+from memfit.planning.costs import CHECKPOINT, ChainCosts
 from memfit.planning.offload import offloads_input
 from memfit.planning.plan import Item, Segment, Stage, Tree, keep_tree, recompute_one
 
@@ -33,7 +34,9 @@ def keep_all(costs: ChainCosts) -> Tree:
 
 
 def recompute_all(costs: ChainCosts) -> Tree:
-    """Every checkpointable stage recomputed in its own one-stage segment.
+    """Every checkpointable stage recomputed in its own one-stage segment, and every block no
+    gradient reaches under its checkpoint where the profile offers it (Hugging Face's switch
+    checkpoints those too: LLaVA's last vision layer).
 
     Args:
         costs: the chain.
@@ -41,7 +44,12 @@ def recompute_all(costs: ChainCosts) -> Tree:
     Returns:
         The schedule tree.
     """
-    return every_k(costs, 1)
+    return tuple(
+        Stage(item.index, CHECKPOINT)
+        if isinstance(item, Stage) and CHECKPOINT in menu_names(costs.stages[item.index])
+        else item
+        for item in every_k(costs, 1)
+    )
 
 
 def every_k(costs: ChainCosts, k: int) -> Tree:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KEEP = "keep"
+# A block no gradient reaches, run under one checkpoint (no rerun ever runs): its graph keeps
+# the checkpoint's inputs and RNG state instead of its saved tensors (memory-model.md)
+CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,6 +148,33 @@ class StageCosts:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A skip connection: stage ``maker``'s output, which the model reads again in stage
+    ``reader``'s forward, besides the next stage (a U-Net's down-block outputs, read by the up
+    blocks; DenseNet-style concatenations).
+
+    It is the next stage's input (``stages[maker + 1].input_bytes``). Wherever the chain would
+    free it before ``reader`` (in the step's no-save forward of a recompute segment that holds
+    both ``maker`` and ``maker + 1``), the model still holds it, until ``reader``'s forward has
+    read it (``docs/memory-model.md``, "Skip connections").
+
+    Attributes:
+        maker: the stage whose output it is.
+        reader: the last stage whose forward reads it (after ``maker + 1``).
+    """
+
+    maker: int
+    reader: int
+
+    def __post_init__(self) -> None:
+        if not (self.maker >= 0 and self.reader > self.maker + 1):
+            raise ValueError(
+                f"Skip(maker={self.maker}, reader={self.reader}): expected 0 <= maker and "
+                f"reader > maker + 1 (the next stage's read is the chain's own)"
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChainCosts:
     """The whole chain: stages in execution order plus what is held before the step.
@@ -181,6 +211,8 @@ class ChainCosts:
         host_bytes_per_s: the device-host copy bandwidth (the slower direction, pinned memory,
             measured); 0 where there is no device to offload from (a CPU model): then nothing
             is offloaded (:mod:`memfit.planning.offload`).
+        skips: stage outputs the model reads again stages later (:class:`Skip`); empty for a
+            plain chain.
     """
 
     stages: Sequence[StageCosts]
@@ -193,6 +225,7 @@ class ChainCosts:
     gathered_bytes: int = 0
     host_bytes_per_s: float = 0.0
     fragmentation_bytes: int = 0
+    skips: Sequence[Skip] = ()
 
     def __post_init__(self) -> None:
         if not self.host_bytes_per_s >= 0:
@@ -210,6 +243,16 @@ class ChainCosts:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         object.__setattr__(self, "stages", tuple(self.stages))
+        skips = tuple(sorted(set(self.skips), key=lambda skip: (skip.maker, skip.reader)))
+        for skip in skips:
+            if skip.reader >= len(self.stages):
+                raise ValueError(
+                    f"{skip} reads past the last of the {len(self.stages)} stages; expected a "
+                    f"reader below {len(self.stages)}"
+                )
+        if len({skip.maker for skip in skips}) < len(skips):
+            raise ValueError(f"skips {skips}: one skip per maker (its last reader)")
+        object.__setattr__(self, "skips", skips)
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -240,6 +283,7 @@ class ChainCosts:
             gathered_bytes=int(data.get("gathered_bytes", 0)),
             host_bytes_per_s=float(data.get("host_bytes_per_s", 0.0)),
             fragmentation_bytes=int(data.get("fragmentation_bytes", 0)),
+            skips=tuple(Skip(**skip) for skip in data.get("skips", ())),
         )
 
     @classmethod

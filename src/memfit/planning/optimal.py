@@ -77,6 +77,7 @@ import numpy as np
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning import baselines
 from memfit.planning._chain import ChainArrays, default_segment_cap
+from memfit.planning._skip_top import solve_top_skips
 from memfit.planning._tables import SegmentTables
 from memfit.planning._top import OffloadRows, solve_top
 from memfit.planning.costs import ChainCosts
@@ -262,7 +263,55 @@ class Planner:
                 ):
                     self.floor_tree, self.floor_simulation = tree, simulation
                     self.info["floor"] = name
+        if costs.skips:
+            self._skip_floor()
         self.info["setup_s"] = time.perf_counter() - started
+
+    def _dp_budget(self, budget_bytes: int) -> int:
+        """What the DP plans within: the budget less the reserves for what it does not see
+        (see :meth:`solve`)."""
+        costs = self.costs
+        tail = max(stage.tail_bytes for stage in costs.stages)
+        released = max(stage.released_input_bytes for stage in costs.stages)
+        return (
+            budget_bytes
+            - costs.side_input_bytes
+            - costs.side_grad_bytes
+            - costs.gathered_bytes
+            - costs.fragmentation_bytes
+            - tail
+            - released
+        )
+
+    def _top(self, dp_budget: int) -> tuple[Tree, float] | None:
+        """The top-level sweep: the plain one, or with the skips held (chains with skips)."""
+        if self.costs.skips:
+            return solve_top_skips(
+                self.costs, self.arrays, self.tables, dp_budget, self.floor.top, self.max_states
+            )
+        return solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
+
+    def _skip_floor(self) -> None:
+        """The smallest peak with skips: the min-peak DP does not see them (its peak without
+        them is a lower bound, its tree simulated with them an upper one), so the sweep with
+        skips is bisected between the two, keeping the lowest tree that fits."""
+        plain = replace(self.costs, skips=())
+        low = simulate(plain, self.floor_tree).peak_bytes + self.reserve(self.floor_tree) - 1
+        high = self.floor_simulation.peak_bytes + self.reserve(self.floor_tree)
+        while high - low > 1:
+            middle = (low + high) // 2
+            found = self._top(self._dp_budget(middle))
+            if found is None:
+                low = middle
+                continue
+            simulation = simulate(self.costs, found[0])
+            peak = simulation.peak_bytes + self.reserve(found[0])
+            if peak <= middle:
+                high = peak
+                self.floor_tree, self.floor_simulation = found[0], simulation
+            else:
+                low = middle
+        self.info["floor"] = "skip sweep"
 
     def _host_fits(self, tree: Tree) -> bool:
         limit = self.host_budget_bytes
@@ -350,18 +399,8 @@ class Planner:
         # callers hold, nor the inputs a recompute holds that its first stage lets go when kept
         # (the simulator does): it plans as if they were held all step (one tail and one input
         # at a time: the largest), and the tree it finds is simulated below
-        tail = max(stage.tail_bytes for stage in costs.stages)
-        released = max(stage.released_input_bytes for stage in costs.stages)
-        dp_budget = (
-            budget_bytes
-            - costs.side_input_bytes
-            - costs.side_grad_bytes
-            - costs.gathered_bytes
-            - costs.fragmentation_bytes
-            - tail
-            - released
-        )
-        found = solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
+        dp_budget = self._dp_budget(budget_bytes)
+        found = self._top(dp_budget)
         trees = {} if found is None else {"dp": found[0]}
         if self.offload:
             trees.update(self._offload_trees(dp_budget))

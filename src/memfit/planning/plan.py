@@ -151,7 +151,7 @@ _PLAN_KEYS = (
 _STAGE_KEYS = ("stage", "option")
 # the Plan's typed fields that the JSON keeps under "info" (format 1), and the free-form keys
 # written after them there
-TYPED_INFO = ("compile", "inexact", "notes")
+TYPED_INFO = ("compile", "inexact", "notes", "max_error")
 _LATER_INFO = ("setup_steps", "timed", "chosen_by", "shape", "margin")
 _SEGMENT_KEYS = ("segment", "inner", "offload")
 
@@ -241,6 +241,9 @@ class Plan:
             unplanned model (see :attr:`exact`).
         notes: what the profile left out of the menu, and why (offload on CPU, ``rebuild``
             on compiled blocks...).
+        max_error: the error budget the plan was made under (``plan(..., max_error=...)``):
+            the largest relative gradient error of any parameter group that a lossy option
+            may bring, as :func:`memfit.verify` measures it; ``None``: none given.
         info: free-form JSON facts for people and tables (solver details, what each option
             saves, solve and setup seconds, the plans timed); no behaviour reads it.
 
@@ -261,6 +264,7 @@ class Plan:
     compile: Any = None
     inexact: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    max_error: float | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -350,6 +354,8 @@ class Plan:
             typed["compile"] = self.compile
         if self.notes:
             typed["notes"] = list(self.notes)
+        if self.max_error is not None:
+            typed["max_error"] = self.max_error
         out: dict[str, Any] = {}
         for key, value in self.info.items():
             if key in _LATER_INFO:
@@ -401,6 +407,7 @@ class Plan:
             text(note, f"info.notes[{i}]")
             for i, note in enumerate(array(info.pop("notes", []), "info.notes"))
         )
+        max_error = info.pop("max_error", None)
         return cls(
             stage_names=names,
             tree=tree_from_data(data["tree"]),
@@ -416,6 +423,7 @@ class Plan:
             compile=compile,
             inexact=inexact,
             notes=notes,
+            max_error=None if max_error is None else number(max_error, "info.max_error"),
             info=info,
         )
 

@@ -128,6 +128,15 @@ class _Replay:
         self.record = record
         self.timeline: list[tuple[str, int]] = []
         self.lead = 0  # the recompute running now: its last stage's backward's bytes before it
+        self.skips = {skip.maker: skip.reader for skip in costs.skips}
+        self.held: dict[int, int] = {}  # reader -> skip bytes the model holds until it reads
+
+    def read_skips(self, index: int, context: str) -> None:
+        """After stage ``index``'s forward in the step: the skips it read last are freed."""
+        held = self.held.pop(index, 0)
+        if held:
+            label = f"forward: skips read by {self.name(index)} freed{context}"
+            self.event(label, FORWARD, 0, -held)
 
     def event(self, label: str, phase: str, peak_above: int, delta: int) -> None:
         top = self.level + max(peak_above, delta) + (self.lead if phase == RECOMPUTE else 0)
@@ -168,6 +177,8 @@ class _Replay:
                 if item.index == holds and _releases_own_input(stage):
                     label = f"recompute: input of {self.name(item.index)} held{context}"
                     self.event(label, phase, 0, stage.released_input_bytes)
+                if phase == FORWARD:
+                    self.read_skips(item.index, context)
                 continue
             inside = _inside(item, context)
             states = self.checkpoint_bytes * (1 + _nested(item.inner))
@@ -178,11 +189,17 @@ class _Replay:
                 # an input the model holds past this stage (released_input_at: a later
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
+                reader = self.skips.get(index - 1, -1) if phase == FORWARD else -1
+                if frees and reader > index:  # a skip: the model holds it for its reader
+                    self.held[reader] = self.held.get(reader, 0) + stage.input_bytes
+                    frees = False
                 delta = stage.output_bytes - (stage.input_bytes if frees else 0)
                 if phase == FORWARD:  # the step's graph keeps them to the stage's backward
                     delta += stage.nosave_held_bytes
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
+                if phase == FORWARD:
+                    self.read_skips(index, inside)
             if item.stop - item.start > 1:
                 label = f"{phase}: RNG check between the blocks{inside}"
                 self.rng_event(label, phase, 2 * self.checkpoint_bytes, 0)
@@ -363,6 +380,28 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
         timeline=tuple(replay.timeline),
         host_peak_bytes=host_bytes(costs, tree),
     )
+
+
+def skip_forward(costs: ChainCosts, item: Item, held: dict[int, int]) -> tuple[int, dict[int, int]]:
+    """What skips add to a top-level item's forward in the step: the peak it reaches above the
+    same forward without skips, with ``held`` (reader -> bytes) held when it starts; and the
+    skips held after it (the optimal DP's sweep over chains with skips reads both).
+
+    Example:
+        >>> from memfit.planning.costs import Skip, uniform_chain
+        >>> from dataclasses import replace
+        >>> costs = replace(uniform_chain(4, activation_bytes=1, saved_bytes=4), skips=(Skip(0, 3),))
+        >>> skip_forward(costs, Segment(0, 2, (Stage(0), Stage(1))), {})
+        (0, {3: 1})
+    """
+    with_skips, without = _Replay(costs, False), _Replay(costs, False)
+    without.skips = {}
+    with_skips.held = dict(held)
+    with_skips.level = with_skips.peak = without.level = without.peak = 0
+    with_skips.level = with_skips.peak = sum(held.values())
+    with_skips.forward([item], FORWARD, "")
+    without.forward([item], FORWARD, "")
+    return with_skips.peak - without.peak, with_skips.held
 
 
 def _first(item: Item) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from memfit.errors import InfeasibleBudgetError
@@ -126,7 +127,7 @@ def solve(
     chosen = stage_options(tree)
     names = [stage.name for stage in costs.stages]
     inexact = {
-        name: f"{chosen[names.index(name)]}: exact to rounding, not bit for bit"
+        name: f"{chosen[names.index(name)]}: {_why_inexact(detail)}"
         for name, detail in ops.items()
         if detail.get("exact") is False
     }
@@ -141,6 +142,16 @@ def solve(
         inexact=inexact,
         info=info,
     )
+
+
+def _why_inexact(detail: Mapping[str, Any]) -> str:
+    """Why an option is not bit-identical, from its profile detail: lossy (``compress:*``:
+    ``stores`` names the format, ``error`` the gradient error measured with every block under
+    it) or exact to rounding (``head:chunked``)."""
+    if "stores" not in detail:
+        return "exact to rounding, not bit for bit"
+    measured = f", gradient error {detail['error']:.1e} measured" if "error" in detail else ""
+    return f"lossy, saved activations stored in {detail['stores']}{measured}"
 
 
 def _option_details(costs: ChainCosts, tree: Tree) -> dict[str, dict[str, Any]]:
@@ -179,4 +190,6 @@ def min_peak_bytes(costs: ChainCosts) -> int:
         >>> min_peak_bytes(uniform_chain(8, activation_bytes=1, saved_bytes=4))
         11
     """
+    if costs.skips:  # the min-peak DP does not see them: the optimal planner's floor does
+        return Planner(costs).floor_simulation.peak_bytes
     return simulate(costs, min_peak(costs).tree()).peak_bytes

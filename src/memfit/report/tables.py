@@ -94,6 +94,16 @@ def describe_ops(option: str, detail: Mapping[str, Any] | None) -> str:
         parts.append("recomputes " + ", ".join(detail["recomputes"]))
     if detail.get("does"):
         parts.append(str(detail["does"]))
+    if detail.get("stores"):
+        stored = detail.get("compressed")
+        size = (
+            f": {format_bytes(stored[0])} -> {format_bytes(stored[1])}"
+            if isinstance(stored, list) and len(stored) == 2
+            else ""
+        )
+        parts.append(f"stores saved activations in {detail['stores']}{size}")
+    if detail.get("error") is not None:
+        parts.append(f"gradient error {detail['error']:.1e} (every block so)")
     if detail.get("rebuilds"):
         rebuilt = ", ".join(f"{k} {format_bytes(n)}" for k, n in sorted(detail["rebuilds"].items()))
         parts.append("rebuilds in backward: " + rebuilt)

@@ -60,6 +60,7 @@ from memfit.runtime.losses import (
     chunked_linear_cross_entropy,
     lean_cross_entropy,
 )
+from memfit.runtime.options import is_exact
 
 HEAD = "head:"
 LEAN_LOSS = "head:lean-loss"
@@ -123,8 +124,11 @@ def head_option(option: str) -> HeadOption:
 
 
 def inexact_options(options: Iterable[str]) -> list[str]:
-    """The options among ``options`` that are exact to rounding only."""
-    return sorted({o for o in options if is_head_option(o) and not head_option(o).exact})
+    """The options among ``options`` that are not bit-identical: exact to rounding only
+    (``head:chunked``) or lossy (``compress:*``, :attr:`~memfit.runtime.options.OptionKind.exact`)."""
+    return sorted(
+        {o for o in options if (not head_option(o).exact if is_head_option(o) else not is_exact(o))}
+    )
 
 
 def chunked_head_support(model: nn.Module) -> str | None:

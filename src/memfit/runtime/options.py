@@ -3,6 +3,12 @@
 Option names are self-describing, so a plan's JSON is all ``apply`` needs. Built in:
 
 * ``keep``: the block runs untouched; autograd saves what it always saves.
+* ``checkpoint``: the block under one non-reentrant ``checkpoint``, for blocks that no
+  gradient reaches whose graph outlives the forward (LLaVA's last vision layer, whose output
+  the model returns): the graph then keeps the checkpoint's inputs and RNG state instead of
+  every tensor the block saves, and no rerun ever runs. The profile offers it for such blocks
+  only (``memfit.measuring.profile``); on a block that a gradient reaches it would be a
+  one-block recompute segment.
 * ``selective:<policy>``: torch's selective checkpoint (non-reentrant ``checkpoint`` with a
   ``CheckpointPolicy`` function as ``context_fn``): the outputs of the policy's ops are saved,
   everything else is recomputed in backward. Policies: ``selective:matmul`` (matmuls,
@@ -41,7 +47,7 @@ from torch.utils.checkpoint import (
 )
 
 from memfit.measuring.ops import MATMUL_OPS, draws_random, full_op_name, saveable
-from memfit.planning.costs import KEEP
+from memfit.planning.costs import CHECKPOINT, KEEP
 from memfit.planning.offload import OFFLOAD
 from memfit.runtime.saved_writes import SavedWrites
 
@@ -69,6 +75,9 @@ class OptionKind:
         hooks_inside: whether the option works inside the block's forward through saved-tensor
             hooks or dispatch modes (``rebuild``, ``selective:``): it sees nothing of a compiled
             block, so profiles and plans of compiled blocks leave it out.
+        exact: whether the option's gradients are bit-identical to the unplanned model's.
+            ``False`` (``compress:*``, lossy): measured and planned only with ``exact=False``,
+            and named in ``plan.inexact``.
     """
 
     prefix: str
@@ -76,6 +85,7 @@ class OptionKind:
     recomputes: bool
     wrapper: Callable[[str], StageWrapper]
     hooks_inside: bool = False
+    exact: bool = True
 
     def __post_init__(self) -> None:
         if not self.prefix or (":" in self.prefix and not self.prefix.endswith(":")):
@@ -130,6 +140,14 @@ def hooks_inside(option: str) -> bool:
     registry's own checks reject it)."""
     kind = _KINDS.get(option if option in _KINDS else option.partition(":")[0] + ":")
     return kind is not None and kind.hooks_inside
+
+
+def is_exact(option: str) -> bool:
+    """Whether ``option`` gives gradients bit-identical to the unplanned model's
+    (:attr:`OptionKind.exact`); ``True`` for a name memfit does not know (the registry's own
+    checks reject it)."""
+    kind = _KINDS.get(option if option in _KINDS else option.partition(":")[0] + ":")
+    return kind is None or kind.exact
 
 
 def is_selective(option: str) -> bool:
@@ -271,12 +289,30 @@ class _Stacked:
             self.inner.__exit__(*exc)
 
 
+class Checkpointed:
+    """A block's forward under one non-reentrant checkpoint (the ``checkpoint`` option). A
+    plain object (not a closure), so planned models pickle."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpointed(_option: str) -> StageWrapper:
+    return Checkpointed
+
+
 def _selective(option: str) -> StageWrapper:
     ops = saved_ops(option)
     return functools.partial(Selective, ops=ops, option=option)
 
 
 register_option(OptionKind(prefix=KEEP, form=KEEP, recomputes=False, wrapper=_keep))
+register_option(
+    OptionKind(prefix=CHECKPOINT, form=CHECKPOINT, recomputes=True, wrapper=_checkpointed)
+)
 register_option(OptionKind(prefix=OFFLOAD, form=OFFLOAD, recomputes=False, wrapper=_keep))
 register_option(
     OptionKind(

@@ -1,0 +1,94 @@
+"""A Stable-Diffusion-like U-Net (diffusers' ``UNet2DConditionModel``, tiny, library defaults)
+planned over its blocks' children, as diffusers' switch checkpoints them: resnets, attentions,
+down- and upsamplers, one sequence through several lists, with the up blocks' inputs made by
+the model (``cat(output, skip)``: joins) and the down blocks' outputs read again by the up
+blocks (skip connections, held from maker to reader by the planner)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import memfit
+from memfit.measuring.chain import find_chain
+from memfit.planning.simulate import budget_base
+from tests.helpers.real_blocks import unet
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def children(model: nn.Module) -> list[str]:
+    """The U-Net's resnets, attentions, down- and upsamplers in the order its forward runs
+    them."""
+    names = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        container = getattr(model, part)
+        blocks = (
+            [(part, container)]
+            if part == "mid_block"
+            else [(f"{part}.{i}", block) for i, block in enumerate(container)]
+        )
+        for prefix, block in blocks:
+            attentions = getattr(block, "attentions", None) or []
+            if part == "mid_block":  # resnet, then (attention, resnet) pairs
+                names.append(f"{prefix}.resnets.0")
+                for j in range(len(attentions)):
+                    names += [f"{prefix}.attentions.{j}", f"{prefix}.resnets.{j + 1}"]
+                continue
+            for j in range(len(block.resnets)):
+                names.append(f"{prefix}.resnets.{j}")
+                if j < len(attentions):
+                    names.append(f"{prefix}.attentions.{j}")
+            for sampler in ("downsamplers", "upsamplers"):
+                if getattr(block, sampler, None) is not None:
+                    names.append(f"{prefix}.{sampler}.0")
+    return names
+
+
+def test_the_children_are_one_sequence_with_joins_and_skips() -> None:
+    built = unet()
+    model = built.model
+    names = children(model)
+    chain = find_chain(model, lambda: model(**built.sample), names)
+    assert chain.block_names == tuple(names)
+    # every up-block resnet reads cat(output, skip)
+    assert {names[k] for k in chain.joins} == {
+        name for name in names if name.startswith("up_blocks") and ".resnets." in name
+    }
+    # conv_in's output (<pre>), both down attentions, the downsampler and both resnets of the
+    # second down block, each read by the up block that concatenates it
+    makers = {("<pre>" if maker < 0 else names[maker]) for maker, _ in chain.skips}
+    assert makers == {
+        "<pre>",
+        "down_blocks.0.attentions.0",
+        "down_blocks.0.attentions.1",
+        "down_blocks.0.downsamplers.0",
+        "down_blocks.1.resnets.0",
+        "down_blocks.1.resnets.1",
+    }
+    for _maker, reader in chain.skips:
+        assert names[reader + 1].startswith("up_blocks") and reader + 1 in chain.joins
+
+
+def test_unet_plans_at_50_and_30_percent_bit_identical() -> None:
+    built = unet()
+    model, sample, loss_fn = built.model, built.sample, built.loss_fn
+    profile = memfit.profile(
+        model, sample, loss_fn=loss_fn, blocks=children(model), options=(), repeats=1
+    )
+    assert len(profile.costs.skips) == 6
+    base, activation = budget_base(profile.costs)
+    for budget in ("50%", "30%"):
+        plan = memfit.plan(profile, budget=budget)
+        memfit.apply(model, plan)
+        try:
+            report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+        finally:
+            memfit.remove(model)
+        assert report.loss_equal and report.gradients_equal, report.mismatched
+        assert report.trace_difference == ""
+        assert plan.budget_bytes is not None
+        assert report.measured_peak_bytes <= plan.budget_bytes
+        assert abs(report.prediction_error) <= 0.02, (budget, report.prediction_error)
+    floor = memfit.planning.min_peak_bytes(profile.costs)
+    assert (floor - base) / activation < 0.30
