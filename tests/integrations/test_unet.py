@@ -7,48 +7,19 @@ blocks (skip connections, held from maker to reader by the planner)."""
 from __future__ import annotations
 
 import pytest
-from torch import nn
 
 import memfit
 from memfit.measuring.chain import find_chain
 from memfit.planning.simulate import budget_base
-from tests.helpers.real_blocks import unet
+from tests.helpers.real_blocks import unet, unet_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-def children(model: nn.Module) -> list[str]:
-    """The U-Net's resnets, attentions, down- and upsamplers in the order its forward runs
-    them."""
-    names = []
-    for part in ("down_blocks", "mid_block", "up_blocks"):
-        container = getattr(model, part)
-        blocks = (
-            [(part, container)]
-            if part == "mid_block"
-            else [(f"{part}.{i}", block) for i, block in enumerate(container)]
-        )
-        for prefix, block in blocks:
-            attentions = getattr(block, "attentions", None) or []
-            if part == "mid_block":  # resnet, then (attention, resnet) pairs
-                names.append(f"{prefix}.resnets.0")
-                for j in range(len(attentions)):
-                    names += [f"{prefix}.attentions.{j}", f"{prefix}.resnets.{j + 1}"]
-                continue
-            for j in range(len(block.resnets)):
-                names.append(f"{prefix}.resnets.{j}")
-                if j < len(attentions):
-                    names.append(f"{prefix}.attentions.{j}")
-            for sampler in ("downsamplers", "upsamplers"):
-                if getattr(block, sampler, None) is not None:
-                    names.append(f"{prefix}.{sampler}.0")
-    return names
 
 
 def test_the_children_are_one_sequence_with_joins_and_skips() -> None:
     built = unet()
     model = built.model
-    names = children(model)
+    names = unet_children(model)
     chain = find_chain(model, lambda: model(**built.sample), names)
     assert chain.block_names == tuple(names)
     # every up-block resnet reads cat(output, skip)
@@ -73,9 +44,9 @@ def test_the_children_are_one_sequence_with_joins_and_skips() -> None:
 def test_unet_plans_at_50_and_30_percent_bit_identical() -> None:
     built = unet()
     model, sample, loss_fn = built.model, built.sample, built.loss_fn
-    profile = memfit.profile(
-        model, sample, loss_fn=loss_fn, blocks=children(model), options=(), repeats=1
-    )
+    # no blocks=: memfit finds the children itself (measuring.library_blocks)
+    profile = memfit.profile(model, sample, loss_fn=loss_fn, options=(), repeats=1)
+    assert profile.stage_names[1:-1] == tuple(unet_children(model))
     assert len(profile.costs.skips) == 6
     base, activation = budget_base(profile.costs)
     for budget in ("50%", "30%"):
