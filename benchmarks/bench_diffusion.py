@@ -1,8 +1,10 @@
-"""Dual-stream diffusion transformers against diffusers' own checkpointing switch.
+"""Diffusion models against diffusers' own checkpointing switch.
 
 On diffusers' ``SD3Transformer2DModel`` (4 joint blocks) and ``FluxTransformer2DModel`` (2
-dual-stream + 4 single-stream blocks) at the tiny sizes of ``tests/helpers/diffusion.py``
-(library defaults, MSE loss against a fixed target), one profile per model, then per row:
+dual-stream + 4 single-stream blocks) at the tiny sizes of ``tests/helpers/diffusion.py``, and
+a Stable-Diffusion-like ``UNet2DConditionModel`` (``tests/helpers/real_blocks.py``, planned over
+its resnets, attentions, down- and upsamplers with its skip connections, keep and recompute
+only), library defaults, MSE loss against a fixed target, one profile per model, then per row:
 
 * diffusers' ``enable_gradient_checkpointing()`` (every block recomputed), measured;
 * memfit's floor plan (the smallest feasible budget), at the switch's memory, at 50% and 30%,
@@ -35,7 +37,7 @@ from memfit.verification import seeded_gradients
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the tests' model builders
 
-from tests.helpers import diffusion  # noqa: E402
+from tests.helpers import diffusion, real_blocks  # noqa: E402
 
 
 def _step_s(model: torch.nn.Module, built: diffusion.Built) -> float:
@@ -73,7 +75,7 @@ def same_gradients(built: diffusion.Built) -> bool:
     )
 
 
-def rows(name: str, built: diffusion.Built, repeats: int) -> list[str]:
+def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -> list[str]:
     model, sample, loss_fn = built.model, built.sample, built.loss_fn
     plain = memfit.measure(model, sample, loss_fn=loss_fn, repeats=repeats)
     activation = plain.activation_bytes
@@ -92,7 +94,7 @@ def rows(name: str, built: diffusion.Built, repeats: int) -> list[str]:
         f"{share(switch.peak_bytes)} | | {switch_overhead(built, repeats):+.0%} | "
         f"{'yes' if same_gradients(built) else 'no'} |",
     ]
-    profile = memfit.profile(model, sample, loss_fn=loss_fn)
+    profile = memfit.profile(model, sample, loss_fn=loss_fn, **profile_args)
     try:
         memfit.plan(profile, budget=1)
     except memfit.InfeasibleBudgetError as error:
@@ -126,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = [
-        "# Dual-stream diffusion transformers vs diffusers' checkpointing switch",
+        "# Diffusion models vs diffusers' checkpointing switch",
         "",
         *header(libraries=("torch", "diffusers")),
         "",
@@ -136,6 +138,11 @@ def main() -> None:
     ]
     for name, build in (("SD3", diffusion.sd3), ("Flux", diffusion.flux)):
         lines += rows(name, build(), args.repeats)
+    # over its blocks' children, with joins and skips; keep and recompute only (the full menu
+    # took 864 s to profile at a load of 9 on this machine)
+    built = real_blocks.unet()
+    blocks = real_blocks.unet_children(built.model)
+    lines += rows("SD U-Net", built, args.repeats, blocks=blocks, options=())  # type: ignore[arg-type]
     write_results(args.out, lines)
 
 

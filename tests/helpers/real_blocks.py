@@ -304,6 +304,34 @@ def unet() -> Built:
     return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 32, 32)))
 
 
+def unet_children(model: torch.nn.Module) -> list[str]:
+    """The U-Net's resnets, attentions, down- and upsamplers in the order its forward runs
+    them."""
+    names = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        container = getattr(model, part)
+        blocks = (
+            [(part, container)]
+            if part == "mid_block"
+            else [(f"{part}.{i}", block) for i, block in enumerate(container)]
+        )
+        for prefix, block in blocks:
+            attentions = getattr(block, "attentions", None) or []
+            if part == "mid_block":  # resnet, then (attention, resnet) pairs
+                names.append(f"{prefix}.resnets.0")
+                for j in range(len(attentions)):
+                    names += [f"{prefix}.attentions.{j}", f"{prefix}.resnets.{j + 1}"]
+                continue
+            for j in range(len(block.resnets)):
+                names.append(f"{prefix}.resnets.{j}")
+                if j < len(attentions):
+                    names.append(f"{prefix}.attentions.{j}")
+            for sampler in ("downsamplers", "upsamplers"):
+                if getattr(block, sampler, None) is not None:
+                    names.append(f"{prefix}.{sampler}.0")
+    return names
+
+
 def vae() -> Built:
     """``AutoencoderKL`` with two down and two up blocks: diffusers checkpoints each down block,
     each mid block and each up block."""

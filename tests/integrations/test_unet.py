@@ -6,49 +6,23 @@ blocks (skip connections, held from maker to reader by the planner)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
-from torch import nn
 
 import memfit
 from memfit.measuring.chain import find_chain
-from memfit.planning.simulate import budget_base
-from tests.helpers.real_blocks import unet
+from memfit.planning.plan import Plan, Segment, Stage
+from memfit.planning.simulate import simulate
+from tests.helpers.real_blocks import unet, unet_children
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-def children(model: nn.Module) -> list[str]:
-    """The U-Net's resnets, attentions, down- and upsamplers in the order its forward runs
-    them."""
-    names = []
-    for part in ("down_blocks", "mid_block", "up_blocks"):
-        container = getattr(model, part)
-        blocks = (
-            [(part, container)]
-            if part == "mid_block"
-            else [(f"{part}.{i}", block) for i, block in enumerate(container)]
-        )
-        for prefix, block in blocks:
-            attentions = getattr(block, "attentions", None) or []
-            if part == "mid_block":  # resnet, then (attention, resnet) pairs
-                names.append(f"{prefix}.resnets.0")
-                for j in range(len(attentions)):
-                    names += [f"{prefix}.attentions.{j}", f"{prefix}.resnets.{j + 1}"]
-                continue
-            for j in range(len(block.resnets)):
-                names.append(f"{prefix}.resnets.{j}")
-                if j < len(attentions):
-                    names.append(f"{prefix}.attentions.{j}")
-            for sampler in ("downsamplers", "upsamplers"):
-                if getattr(block, sampler, None) is not None:
-                    names.append(f"{prefix}.{sampler}.0")
-    return names
 
 
 def test_the_children_are_one_sequence_with_joins_and_skips() -> None:
     built = unet()
     model = built.model
-    names = children(model)
+    names = unet_children(model)
     chain = find_chain(model, lambda: model(**built.sample), names)
     assert chain.block_names == tuple(names)
     # every up-block resnet reads cat(output, skip)
@@ -73,11 +47,10 @@ def test_the_children_are_one_sequence_with_joins_and_skips() -> None:
 def test_unet_plans_at_50_and_30_percent_bit_identical() -> None:
     built = unet()
     model, sample, loss_fn = built.model, built.sample, built.loss_fn
-    profile = memfit.profile(
-        model, sample, loss_fn=loss_fn, blocks=children(model), options=(), repeats=1
-    )
+    # no blocks=: memfit finds the children itself (measuring.library_blocks)
+    profile = memfit.profile(model, sample, loss_fn=loss_fn, options=(), repeats=1)
+    assert profile.stage_names[1:-1] == tuple(unet_children(model))
     assert len(profile.costs.skips) == 6
-    base, activation = budget_base(profile.costs)
     for budget in ("50%", "30%"):
         plan = memfit.plan(profile, budget=budget)
         memfit.apply(model, plan)
@@ -90,5 +63,39 @@ def test_unet_plans_at_50_and_30_percent_bit_identical() -> None:
         assert plan.budget_bytes is not None
         assert report.measured_peak_bytes <= plan.budget_bytes
         assert abs(report.prediction_error) <= 0.02, (budget, report.prediction_error)
+    # a segment over the second down block's resnets and the mid block's first resnet (the same
+    # temb): both resnets' outputs are skips, held by the model until the up blocks read them
+    names = profile.stage_names
+    start = names.index("down_blocks.1.resnets.0")
+    stop = names.index("mid_block.resnets.0") + 1
+    assert {start, start + 1} <= {skip.maker for skip in profile.costs.skips}
+    inner = tuple(Stage(i) for i in range(start, stop))
+    tree = (
+        *(Stage(i) for i in range(start)),
+        Segment(start, stop, inner),
+        *(Stage(i) for i in range(stop, len(names))),
+    )
+    simulation = simulate(profile.costs, tree, timeline=True)
+    assert sum("skips read by" in label for label, _ in simulation.timeline) == 2
+    plan = replace(
+        Plan.from_tree(names, tree, "test"),
+        predicted_peak_bytes=simulation.peak_bytes,
+        predicted_step_s=simulation.step_s,
+    )
+    memfit.apply(model, plan)
+    try:
+        report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+    finally:
+        memfit.remove(model)
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.trace_difference == ""
+    assert abs(report.prediction_error) <= 0.02, report.prediction_error
+    # the floor at or below diffusers' own switch (every resnet and transformer block
+    # checkpointed), measured
     floor = memfit.planning.min_peak_bytes(profile.costs)
-    assert (floor - base) / activation < 0.30
+    model.enable_gradient_checkpointing()
+    try:
+        switch = memfit.measure(model, sample, loss_fn=loss_fn, repeats=1)
+    finally:
+        model.disable_gradient_checkpointing()
+    assert floor <= switch.peak_bytes

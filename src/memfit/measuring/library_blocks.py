@@ -445,6 +445,14 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         except UnsupportedModelError as error:
             reasons = [*reasons, f"memfit's chain finder refused them: {error}"]
     model_name = type(model).__name__
+    children = _children_sequence(model, run_forward, library) if library.skipped else None
+    if children is not None and not library.repeated:
+        return children, [
+            f"blocks: the {len(children.blocks)} modules of the blocks {library.switch} "
+            f"checkpoints through ({_some(children.block_names)}), one sequence with "
+            f"{len(children.skips)} skip connection(s) held from maker to reader and "
+            f"{len(children.joins)} input(s) the model's code makes (cat(output, skip))"
+        ]
     if theirs is not None:
         found = "none" if chain is None else _some(chain.block_names)
         return theirs, [
@@ -484,6 +492,59 @@ def find_blocks(model: nn.Module, run_forward: Callable[[], Any]) -> tuple[Chain
         f"chain memfit can plan ({'; '.join(reasons)}): memfit plans the chain it found "
         f"({_some(chain.block_names)}), whose floor may be above that switch's"
     ]
+
+
+def _children_sequence(
+    model: nn.Module, run_forward: Callable[[], Any], library: LibraryBlocks
+) -> Chain | None:
+    """The children of the containers whose switch checkpoints the library's blocks (a U-Net
+    down, mid or up block's resnets, attentions, down- and upsamplers), as one sequence in
+    the order the forward calls them, with its joins and skips; ``None`` when they are no
+    such sequence. Diffusers' U-Net blocks checkpoint each resnet and each attention's
+    transformer blocks, whose residuals and projections run between the checkpoints (late
+    reads of every resnet output): their children, each called once on the previous one's
+    output or on a concatenation the model makes, are the stages."""
+    modules = dict(model.named_modules())
+    lists = (nn.ModuleList, nn.Sequential)
+    containers = {
+        name
+        for name, module in modules.items()
+        if _flagged(module) and name and any(isinstance(c, lists) for c in module.children())
+    }
+    if not containers:
+        return None
+    owners = set()
+    for block in library.names:
+        around = [c for c in containers if block.startswith(c + ".")]
+        if not around:
+            return None
+        owners.add(min(around, key=lambda c: c.count(".")))  # the outermost below the model
+    candidates = [
+        f"{owner}.{list_name}.{child}"
+        for owner in owners
+        for list_name, children in modules[owner].named_children()
+        if isinstance(children, lists)
+        for child, _ in children.named_children()
+    ]
+    order: list[str] = []
+    handles = [
+        modules[name].register_forward_pre_hook(lambda *_a, name=name: order.append(name))
+        for name in candidates
+    ]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    called = list(dict.fromkeys(order))
+    if len(called) != len(order) or len(called) < 2:
+        return None
+    try:
+        chain = find_chain(model, run_forward, called)
+    except UnsupportedModelError:
+        return None
+    return chain if chain.skips and len(chain.groups) == 1 else None
 
 
 SMALL_SHARE = 0.5  # blocks holding less of the activation memory than this get a note
