@@ -219,16 +219,15 @@ def training_part(args: argparse.Namespace) -> list[str]:
         difference = final / exact - 1
         last = statistics.fmean(run["train"][-20:])
         option = name.removeprefix("every block ")
-        menu = "-" if name == "exact" else ("yes" if difference <= 0.01 else "NO (> 1%)")
+        menu = "-"
+        if name != "exact":
+            belongs = "yes" if difference <= 0.01 else "NO (> 1%)"
+            listed = "listed" if option in LOSSY_OPTIONS else "not listed"
+            menu = f"{belongs} (menu.LOSSY_OPTIONS: {listed})"
         lines.append(
             f"| {name} | {run['curve'][0][1]:.4f} | {final:.4f} | {difference:+.2%} | "
             f"{last:.4f} | {run['seconds']:.0f} | {menu} |"
         )
-        if name != "exact":
-            listed = option in LOSSY_OPTIONS
-            lines.append(
-                f"|  | | | | | | menu.LOSSY_OPTIONS lists it: {'yes' if listed else 'no'} |"
-            )
     lines += [
         "",
         f"The exact run's held-out loss fell from {start:.3f} to {exact:.3f} "
