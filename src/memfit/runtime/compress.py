@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.measuring.step import storage_key
 from memfit.runtime.options import Forward, OptionKind, StageWrapper, register_option
+from memfit.runtime.rebuild.handles import geometry, unchanged_view
 from memfit.runtime.rebuild.masks import two_valued
 
 COMPRESS = "compress:"
@@ -118,17 +119,11 @@ class _Handle:
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor: torch.Tensor | None = tensor
         self.stored: _Stored | None = None
-        self.view = (tuple(tensor.shape), tensor.stride(), int(tensor.storage_offset()))
+        self.view = geometry(tensor)
         self.version = tensor._version  # saved-tensor hooks switch autograd's own check off
 
     def unchanged(self) -> bool:
-        tensor = self.tensor
-        return (
-            tensor is not None
-            and tensor._version == self.version
-            and not tensor.is_conj()
-            and not tensor.is_neg()
-        )
+        return unchanged_view(self.tensor, self.version)
 
     def unpack(self) -> torch.Tensor:
         if self.stored is not None:

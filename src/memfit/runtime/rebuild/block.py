@@ -19,13 +19,13 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.measuring.trace import bookkeeping
 from memfit.runtime.rebuild.handles import (
-    _geometry,
     _Handle,
     _ptr,
     _Recipe,
     _Source,
     _strided,
     _unpack,
+    geometry,
 )
 from memfit.runtime.rebuild.masks import pack_two_valued
 from memfit.runtime.rebuild.modules import _Call, _rerunnable, module_recipe, node_recipe
@@ -93,7 +93,7 @@ class _BlockSaves:
                 recipes[ptr] = recipe
         sources = {
             ptr: _Source(
-                recipe.label, _geometry(recipe.shaped), recipe.shaped.untyped_storage().nbytes()
+                recipe.label, geometry(recipe.shaped), recipe.shaped.untyped_storage().nbytes()
             )
             for ptr, recipe in recipes.items()
         }

@@ -32,8 +32,20 @@ def _strided(tensor: Any) -> bool:
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]
 
 
-def _geometry(tensor: torch.Tensor) -> Geometry:
+def geometry(tensor: torch.Tensor) -> Geometry:
+    """The view a saved tensor takes of its storage: shape, stride, offset."""
     return (tuple(tensor.shape), tensor.stride(), int(tensor.storage_offset()))
+
+
+def unchanged_view(tensor: torch.Tensor | None, version: int) -> bool:
+    """Whether a saved tensor is still a plain strided view of its storage, unchanged since its
+    ``_version`` was ``version`` (saved-tensor hooks switch autograd's own check off)."""
+    return (
+        tensor is not None
+        and tensor._version == version
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    )
 
 
 class _Source:
@@ -68,9 +80,9 @@ class _Source:
             device, enabled, dtype = self.autocast
             with torch.autocast(device, dtype=dtype, enabled=enabled), rerunning():
                 value = self.make()
-        if _geometry(value) != self.geometry or value.untyped_storage().nbytes() != self.nbytes:
+        if geometry(value) != self.geometry or value.untyped_storage().nbytes() != self.nbytes:
             raise RuntimeError(
-                f"memfit rebuild: the rebuilt {self.label} output has layout {_geometry(value)} "
+                f"memfit rebuild: the rebuilt {self.label} output has layout {geometry(value)} "
                 f"on {value.untyped_storage().nbytes()} bytes, the saved one had "
                 f"{self.geometry} on {self.nbytes}; plan this stage without 'rebuild'"
             )
@@ -92,19 +104,13 @@ class _Handle:
     def __init__(self, tensor: torch.Tensor, source: _Source | None = None) -> None:
         self.tensor: torch.Tensor | None = tensor if source is None else None
         self.source = source
-        self.view = _geometry(tensor)
+        self.view = geometry(tensor)
         self.dtype = tensor.dtype
         self.version = tensor._version  # autograd skips its own check when hooks are set
 
     def plain(self) -> bool:
         """Whether the saved tensor is a plain strided view of its storage, unchanged since."""
-        tensor = self.tensor
-        return (
-            tensor is not None
-            and tensor._version == self.version
-            and not tensor.is_conj()
-            and not tensor.is_neg()
-        )
+        return unchanged_view(self.tensor, self.version)
 
     def drop(self, source: _Source) -> None:
         self.tensor, self.source = None, source

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from memfit.measuring.trace import bookkeeping
-from memfit.runtime.rebuild.handles import _geometry, _Handle, _Source
+from memfit.runtime.rebuild.handles import _Handle, _Source, geometry
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 TWO_VALUED_MIN_NUMEL = 4096  # below this the check costs more than it could save
@@ -97,7 +97,7 @@ def pack_two_valued(
         packed = two_valued(base)
         if packed is None:
             continue
-        source = _Source(TWO_VALUED_LABEL, _geometry(base), base.untyped_storage().nbytes())
+        source = _Source(TWO_VALUED_LABEL, geometry(base), base.untyped_storage().nbytes())
         source.make = packed.rebuild
         sources[ptr] = source
         kept_bytes[ptr] = packed.nonzero.numel() + packed.value.element_size()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit.measuring.ops import written_arguments
-from memfit.runtime.rebuild.handles import _geometry, _Handle, _ptr, _Recipe, _Source, _strided
+from memfit.runtime.rebuild.handles import _Handle, _ptr, _Recipe, _Source, _strided, geometry
 from memfit.runtime.rebuild.ops import (
     _Arg,
     _aten_leaves,
@@ -85,7 +85,7 @@ class _OpMakers:
                 func,
                 _aten_map(self._arg, args),
                 {k: _aten_map(self._arg, (v,))[0] for k, v in kwargs.items()},
-                geometry=_geometry(out),
+                geometry=geometry(out),
                 nbytes=out.untyped_storage().nbytes(),
                 dtype=out.dtype,
             )
@@ -102,8 +102,8 @@ class _OpMakers:
         base = leaf if leaf._base is None else leaf._base
         constant = maker is None and leaf.numel() <= CONSTANT_NUMEL and not leaf.requires_grad
         if isinstance(base, nn.Parameter):
-            return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, leaf, leaf._version)
-        return _Arg(ptr, _geometry(leaf), leaf.dtype, maker, leaf.clone() if constant else None)
+            return _Arg(ptr, geometry(leaf), leaf.dtype, maker, leaf, leaf._version)
+        return _Arg(ptr, geometry(leaf), leaf.dtype, maker, leaf.clone() if constant else None)
 
     def recipe(
         self,
@@ -152,7 +152,7 @@ class _OpMakers:
             }
             device = base.device.type
             # the ops as dispatched, after autocast: rerun without it
-            recipe = _OpRecipe(call, table, _geometry(base))
+            recipe = _OpRecipe(call, table, geometry(base))
             return recipe, (device, False, torch.get_autocast_dtype(device))
 
         return _Recipe(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from memfit.measuring.ops import in_place_twin
-from memfit.runtime.rebuild.handles import Geometry, _geometry, _Source
+from memfit.runtime.rebuild.handles import Geometry, _Source, geometry
 
 # Ops whose outputs ``rebuild`` may compute again in backward from what the block saves anyway:
 # pointwise ops (``torch.Tag.pointwise``) and these cheap ones; never random ones.
@@ -114,7 +114,7 @@ def _evaluate(
     args = _aten_map(value, call.args)
     kwargs = {k: _aten_map(value, (v,))[0] for k, v in call.kwargs.items()}
     out = (func or call.func)(*args, **kwargs)
-    if not isinstance(out, torch.Tensor) or _geometry(out) != call.geometry:
+    if not isinstance(out, torch.Tensor) or geometry(out) != call.geometry:
         raise RuntimeError(
             f"memfit rebuild: {call.func} gave another layout than in the forward; plan this "
             f"stage without 'rebuild'"
