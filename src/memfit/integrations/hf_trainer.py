@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from memfit.api import auto
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.hf_switches import disable_hf_checkpointing
 from memfit.units import Budget, format_bytes, parse_budget
+from memfit.verbs.api import auto
 
 logger = logging.getLogger(__name__)
 
