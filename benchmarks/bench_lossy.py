@@ -40,12 +40,12 @@ from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import find_chain
 from memfit.measuring.run import step_clock
-from memfit.verbs.menu import LOSSY_OPTIONS
 from memfit.models import GPT
 from memfit.planning.candidates import used_options, without
 from memfit.planning.plan import Plan, Stage
 from memfit.runtime.apply import chain_of_plan, planned
 from memfit.runtime.compress import FORMATS, FP8, compress_log, fp8_halved
+from memfit.verbs.menu import LOSSY_OPTIONS
 
 HERE = Path(__file__).parent
 LOSSY = tuple(FORMATS)  # every lossy option, default menu or not

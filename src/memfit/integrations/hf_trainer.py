@@ -36,12 +36,12 @@ from torch import nn
 from transformers import TrainerCallback
 
 from memfit.planning.plan import Plan
-from memfit.verbs.profile_options import ProfileOptions
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.hf_switches import disable_hf_checkpointing
-from memfit.verbs.shape_profiles import shape_profile_options
 from memfit.units import Budget, format_bytes, parse_budget
 from memfit.verbs.api import auto
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.shape_profiles import shape_profile_options
 
 logger = logging.getLogger(__name__)
 
