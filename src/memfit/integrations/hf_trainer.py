@@ -35,13 +35,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from memfit.api import auto
 from memfit.planning.plan import Plan
-from memfit.profile_options import ProfileOptions
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.hf_switches import disable_hf_checkpointing
-from memfit.shape_profiles import shape_profile_options
 from memfit.units import Budget, format_bytes, parse_budget
+from memfit.verbs.api import auto
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.shape_profiles import shape_profile_options
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class MemfitCallback(TrainerCallback):
     Raises:
         ValueError, TypeError: a malformed budget or profile option, or a keyword neither
             :func:`memfit.auto` nor :func:`memfit.profile` takes: at construction, checked as
-            :func:`memfit.profile` checks them (:class:`~memfit.profile_options.ProfileOptions`),
+            :func:`memfit.profile` checks them (:class:`~memfit.verbs.profile_options.ProfileOptions`),
             before any training.
 
     Example:
