@@ -17,8 +17,9 @@ copy's blocks. What one forward leaves for the next blocks (:class:`SegmentRun`:
 checkpoints, weak references) is never copied or pickled.
 
 In a forward with gradients, planned blocks run on private copies of their KV caches
-(``caches``, done in ``replay.BlockForward``), and each recomputed item is watched in its first
-run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``);
+(``caches``, done in ``replay.BlockForward``) and of the dicts of shared keys and values of
+one-block items (``shared_states``: snapshots taken here, before a checkpoint holds them), and
+each recomputed item is watched in its first run for in-place changes of its arguments and writes to its modules' state (``guards.Watch``);
 the attributes it rebinds are put back around each rerun (``state_replay``).
 """
 
@@ -63,6 +64,7 @@ from memfit.runtime.options import KEEP, OFFLOAD, Forward, option_kind
 from memfit.runtime.regions import Region, Regions
 from memfit.runtime.replay import replaying
 from memfit.runtime.sharding import enter_block, gather_for_backward
+from memfit.runtime.shared_states import reads_shared_states, snapshot_shared_states
 from memfit.runtime.state_replay import StateReplay, Write, remember
 
 logger = logging.getLogger(__name__)
@@ -167,8 +169,11 @@ class Executor:
             ahead = self.chain.block_of_stage(stop) is not None
             self.offloader.item_done(main_tensor(out), group, segment=segment, ahead=ahead)
 
-    def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        """Split a planned top-level call."""
+    def call(
+        self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any], *, one_block: bool = True
+    ) -> Call:
+        """Split a planned top-level call; for an item of ``one_block``, with a snapshot of each
+        dict of shared keys and values in it (:mod:`memfit.runtime.shared_states`)."""
         if not self.resharding_told and own_fsdp_unit(self.chain.blocks[0]) != self.sharded:
             self.resharding_told = True
             logger.warning(
@@ -179,7 +184,19 @@ class Executor:
                 "per rank, shard first, then call memfit.auto",
                 "sharded with fully_shard" if not self.sharded else "unsharded",
             )
+        args, kwargs = self.snapshot(args, kwargs, one_block=one_block)
         return split(args, kwargs)
+
+    def snapshot(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, one_block: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A planned block call's arguments with a snapshot of each dict of shared keys and
+        values in them (:mod:`memfit.runtime.shared_states`)."""
+        read = vars(self).get("_reads_shared")
+        if read is None:
+            modules = (module for named in self.modules.values() for _, module in named)
+            read = self._reads_shared = reads_shared_states(modules)
+        return snapshot_shared_states(args, kwargs, read=read, one_block=one_block)
 
     def check_in_place(self, segment: Segment) -> None:
         """Raise if a block of ``segment`` is no longer where the plan found it (replaced in
@@ -523,11 +540,13 @@ class SegmentStart:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         executor, segment = self.executor, self.segment
         if segment.stop > segment.start + 1 and not torch.compiler.is_compiling():
-            call = executor.call(segment.start, args, kwargs)
+            call = executor.call(segment.start, args, kwargs, one_block=False)
             if not torch.is_grad_enabled():  # no backward: every block runs as it is
                 return executor.forwards[(segment.start, KEEP)](call[0], *call[1], **call[2])
             return executor.start_segment(segment, call)
-        call = executor.call(segment.start, args, kwargs)
+        call = executor.call(
+            segment.start, args, kwargs, one_block=segment.stop == segment.start + 1
+        )
         watch = executor.watched(segment.start, segment.stop, call)
         group = executor.offload_group(segment.start, segment.offload)
         try:
@@ -590,7 +609,7 @@ class Member:
         executor, segment, index = self.executor, self.segment, self.index
         if torch.compiler.is_compiling():
             return _traced_member(executor, segment, index, args, kwargs)
-        call = split(args, kwargs)
+        call = split(*executor.snapshot(args, kwargs, one_block=False))
         if not torch.is_grad_enabled():
             return executor.forwards[(index, KEEP)](call[0], *call[1], **call[2])
         return executor.continue_segment(segment, index, call)
