@@ -347,6 +347,8 @@ class Executor:
     def replay(self, item: Item, writes: list[Write]) -> None:
         """Keep what the first run of the top-level ``item`` rebound for the reruns of its
         blocks (:mod:`memfit.runtime.state_replay`), each block its own."""
+        if not writes:
+            return
         start, stop = (
             (item.index, item.index + 1) if isinstance(item, Stage) else (item.start, item.stop)
         )
