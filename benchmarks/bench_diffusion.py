@@ -32,7 +32,7 @@ import torch
 
 import memfit
 from common import add_threads, header, write_results
-from memfit.verification import seeded_gradients
+from memfit.verbs.verification import seeded_gradients
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the tests' model builders

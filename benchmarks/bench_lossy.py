@@ -6,7 +6,7 @@ text generated from a small grammar (no downloads), from the same seed, the same
 same dropout draws, once unplanned (exact) and once with every block under each lossy option (the
 most any plan compresses). The held-out loss is measured every ``--eval-every`` steps in eval
 mode; the final losses are compared. An option whose final held-out loss ends more than 1% above
-the exact run's is not in the default lossy menu (``memfit.menu.LOSSY_OPTIONS``).
+the exact run's is not in the default lossy menu (``memfit.verbs.menu.LOSSY_OPTIONS``).
 
 Part 2, the overhead. On the Hugging Face configs of ``eager-2026-12-02-5.md`` (GPT-2, Llama,
 BERT with library defaults; 8 layers, width 256, vocabulary 1,024, 4 x 256 tokens), one profile
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -38,12 +39,13 @@ import memfit
 from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import find_chain
-from memfit.menu import LOSSY_OPTIONS
+from memfit.measuring.run import step_clock
 from memfit.models import GPT
 from memfit.planning.candidates import used_options, without
 from memfit.planning.plan import Plan, Stage
-from memfit.runtime.compress import FORMATS
-from memfit.verification import timed_step_under
+from memfit.runtime.apply import chain_of_plan, planned
+from memfit.runtime.compress import FORMATS, FP8, compress_log, fp8_halved
+from memfit.verbs.menu import LOSSY_OPTIONS
 
 HERE = Path(__file__).parent
 LOSSY = tuple(FORMATS)  # every lossy option, default menu or not
@@ -237,6 +239,45 @@ def training_part(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def clocked(model: torch.nn.Module, sample: Any, plan: Plan | None) -> tuple[float, float]:
+    """Wall and CPU seconds of one step under ``plan`` (``None``: unplanned), after an untimed
+    one. CPU time is what other processes' load enters least (the process's own seconds)."""
+    chain = None if plan is None else chain_of_plan(model, plan)
+    with planned(model, chain, plan):
+        return step_clock(model, sample, warmup=1)
+
+
+def cast_floor(model: torch.nn.Module, sample: Any, plan: Plan) -> tuple[int, int, float]:
+    """What ``plan``'s compressed blocks store in one step (bytes before and after) and the CPU
+    seconds of the casts alone for that many bytes: for each format, one float32 tensor of its
+    blocks' bytes cast to it and back, one call each (no hooks, no Python per tensor, no scale;
+    fp8 decoded as the runtime decodes it). The part of a lossy plan's overhead that no faster
+    bookkeeping can take off on this machine."""
+    chain = chain_of_plan(model, plan)
+    with planned(model, chain, plan), compress_log() as log:
+        step_clock(model, sample, warmup=0)
+    # top-level stages run in order, one log entry each
+    options = [i.option for i in plan.tree if isinstance(i, Stage) and i.option in FORMATS]
+    if len(options) != len(log) or not log:
+        return sum(o for o, _s in log), sum(s for _o, s in log), 0.0
+    by_format: dict[str, int] = {}
+    for option, (original, _stored) in zip(options, log, strict=True):
+        by_format[option] = by_format.get(option, 0) + original
+    seconds = []
+    for _ in range(3):
+        spent = 0.0
+        for option, original in by_format.items():
+            source = torch.randn(original // 4)
+            started = time.process_time()
+            narrow = source.to(FORMATS[option])
+            del source
+            back = fp8_halved(narrow) if option == FP8 else narrow.to(torch.float32)
+            spent += time.process_time() - started
+            del narrow, back
+        seconds.append(spent)
+    return sum(o for o, _s in log), sum(s for _o, s in log), min(seconds)
+
+
 def overhead_part(arch: str, args: argparse.Namespace) -> list[str]:
     model, sample = build_hf(
         arch, layers=8, hidden=256, heads=4, seq=256, batch=4, vocab=1024, seed=0
@@ -259,35 +300,49 @@ def overhead_part(arch: str, args: argparse.Namespace) -> list[str]:
             reports[name] = memfit.verify(model, sample, repeats=1)
         finally:
             memfit.remove(model)
-    ratios: dict[str, list[float]] = {name: [] for name in plans}
+    # each round: every plan once, each paired with an unplanned step; wall and CPU seconds
+    ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in plans}
+    loads: list[float] = []
+    plain_cpu: list[float] = []
     for round_ in range(args.repeats):
         print(arch, "timing round", round_ + 1, file=sys.stderr)
+        loads.append(os.getloadavg()[0])
         for name, plan in plans.items():
-            planned = timed_step_under(model, sample, plan)
-            plain = timed_step_under(model, sample, None)
-            ratios[name].append(planned / plain)
+            wall, cpu = clocked(model, sample, plan)
+            plain_wall, plain = clocked(model, sample, None)
+            ratios[name].append((wall / plain_wall, cpu / plain))
+            plain_cpu.append(plain)
     m = both.measurement
+    step_cpu = statistics.median(plain_cpu)
     lines = [
         f"## {arch}",
         "",
         f"- unplanned step: peak {m.peak_bytes / 2**20:.1f} MiB, activations "
-        f"{m.activation_bytes / 2**20:.1f} MiB",
+        f"{m.activation_bytes / 2**20:.1f} MiB, {step_cpu:.2f} CPU s (median); load average "
+        f"{min(loads):.1f} to {max(loads):.1f} over the rounds",
         "",
-        "| plan | budget | measured MiB | activation share | overhead (median) | rounds | "
+        "| plan | budget | measured MiB | activation share | overhead, CPU time (median) | "
+        "rounds (CPU) | overhead, wall (median) | compressed per step | floor: casts alone | "
         "gradients | largest group error | cosine | plan |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, plan in plans.items():
         report = reports[name]
         share = (report.measured_peak_bytes - m.base_bytes) / m.activation_bytes
-        overhead = statistics.median(ratios[name]) - 1
+        cpu_ratios = [c for _w, c in ratios[name]]
+        overhead = statistics.median(cpu_ratios) - 1
+        wall = statistics.median(w for w, _c in ratios[name]) - 1
         grads = "bit-identical" if report.gradients_equal else "lossy"
         kind, _, budget = name.partition(" ")
         lossy = used_options(plan.tree) & set(LOSSY)
+        original, stored, floor = cast_floor(model, sample, plan)
+        compressed = f"{original / 2**20:.0f} -> {stored / 2**20:.0f} MiB" if original else "-"
+        floor_text = f"{floor / step_cpu:.1%}" if original else "-"
         lines.append(
             f"| {kind} | {budget} | {report.measured_peak_bytes / 2**20:.1f} | {share:.1%} | "
-            f"{overhead:+.1%} | {', '.join(f'{r - 1:+.0%}' for r in ratios[name])} | {grads} | "
-            f"{report.relative_error:.1e} | {report.cosine:.6f} | {plan.summary}"
+            f"{overhead:+.1%} | {', '.join(f'{r - 1:+.0%}' for r in cpu_ratios)} | {wall:+.1%} | "
+            f"{compressed} | {floor_text} | {grads} | {report.relative_error:.1e} | "
+            f"{report.cosine:.6f} | {plan.summary}"
             f"{' (lossy: ' + ', '.join(sorted(lossy)) + ')' if lossy else ''} |"
         )
     return [*lines, ""]
@@ -341,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             "- one profile with exact=False; exact plans from its menu without the lossy "
             f"options, lossy plans from the menu with the default ones ({list(LOSSY_OPTIONS)})",
             f"- overhead: median over {args.repeats} interleaved rounds of (plan step / paired "
-            "unplanned step) - 1; every plan of a model in every round",
+            "unplanned step) - 1; every plan of a model in every round. CPU time (the process's "
+            "seconds, torch on one thread) is the figure the targets are read on: on a shared "
+            "machine wall time adds other processes' load; wall medians beside it",
+            "- compressed per step: the bytes the plan's compressed blocks held before and after "
+            "(one step under `compress_log`); floor: the CPU time of the casts alone for those "
+            "bytes (one float32 tensor per format cast to it and back, one call each) as a share "
+            "of the unplanned step's CPU time",
             "",
         ]
         for arch in args.models.split(","):

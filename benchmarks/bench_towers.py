@@ -39,7 +39,7 @@ import torch
 import memfit
 from common import add_threads, header, write_results
 from memfit.measuring.trace import compare_traces
-from memfit.verification import traced_gradients
+from memfit.verbs.verification import traced_gradients
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the tests' model builders

@@ -8,7 +8,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 import pytest
 import torch
 
-pytest_plugins = ["tests.helpers.cpu_time"]
+pytest_plugins = ["tests.helpers.cpu_time", "tests.helpers.xdist_groups"]
 
 # One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
 # 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
@@ -136,7 +136,8 @@ def shared_fixture_group(item: pytest.Item) -> str | None:
             continue
         shared = True
         if callspec is not None and name in callspec.indices:
-            params.append(f"{name}[{callspec.indices[name]}]")
+            # no brackets: xdist takes a node id ending in "]" for one without a group
+            params.append(f"{name}={callspec.indices[name]}")
     return ",".join(sorted(params)) if shared else None
 
 

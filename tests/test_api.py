@@ -202,7 +202,7 @@ def test_frontier_with_selective_options_dominates_the_one_without(gpt_profile) 
 
 
 def test_repeats_must_be_positive(gpt_profile) -> None:
-    from memfit.bench import bench
+    from memfit.verbs.bench import bench
 
     model, sample, prof = gpt_profile
     with pytest.raises(ValueError, match="repeats must be at least 1"):
@@ -231,13 +231,13 @@ def test_a_plan_made_from_the_model_says_what_planning_took() -> None:
 def unmeasured(monkeypatch: pytest.MonkeyPatch):
     """A small MLP that fails the test if anything runs it or profiles it: a usage error must
     come before the first forward."""
-    import memfit.profiling
+    import memfit.verbs.profiling
 
     def profiled(*args, **kwargs):
         raise AssertionError("profiling started before the usage error")
 
-    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
-    monkeypatch.setattr("memfit.estimation.shape_profile_with", profiled)
+    monkeypatch.setattr(memfit.verbs.profiling, "_chain", profiled)
+    monkeypatch.setattr("memfit.verbs.estimation.shape_profile_with", profiled)
     model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
 
     def ran(module, args):

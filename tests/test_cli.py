@@ -236,12 +236,12 @@ def test_inexact_options_are_opt_in(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture
 def unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
     """Profiling fails the test: a usage error must come before any work."""
-    import memfit.profiling
+    import memfit.verbs.profiling
 
     def profiled(*args: object, **kwargs: object) -> None:
         raise AssertionError("profiling started before the usage error")
 
-    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
+    monkeypatch.setattr(memfit.verbs.profiling, "_chain", profiled)
 
 
 @pytest.mark.usefixtures("unmeasured")

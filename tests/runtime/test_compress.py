@@ -10,7 +10,7 @@ from memfit.models import build
 from memfit.planning.candidates import without
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime import BF16, FP8, compress_log
-from memfit.runtime.compress import MIN_NUMEL, Compressed, _narrow, compressing
+from memfit.runtime.compress import MIN_NUMEL, Compressed, _narrow, compressing, fp8_halved
 
 GPT = dict(layers=3, width=64, heads=4, vocab=128, seq=32, batch=4)
 
@@ -37,6 +37,28 @@ def test_fp8_scales_each_row_so_a_small_row_keeps_its_precision() -> None:
     bound = torch.maximum(t.abs() * 2**-4, scale * 2**-10)
     assert bool(((back - t).abs() <= bound * (1 + 1e-6)).all())
     assert not torch.equal(back, t)
+
+
+def test_fp8_halved_gives_every_finite_e4m3_code_exactly() -> None:
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    plain = codes.to(torch.float32)
+    finite = torch.isfinite(plain)
+    assert int(finite.sum()) == 254  # all but the two NaN codes, subnormals and -0 included
+    halved = fp8_halved(codes)
+    assert halved.dtype == torch.float32
+    assert torch.equal((halved * 256)[finite].view(torch.int32), plain[finite].view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_unpacks_as_the_plain_cast_times_the_scale_bit_for_bit(dtype: torch.dtype) -> None:
+    t = (torch.randn(32, 256) * torch.logspace(-6, 6, 32).unsqueeze(1)).to(dtype)
+    t[1, :200] = 0.0  # a row of mostly zeros, and e4m3 subnormals in every row
+    t[2] = 0.0  # an all-zero row: scale 1
+    stored = _narrow(t, torch.float8_e4m3fn)
+    assert stored is not None and stored.scale is not None
+    expected = (stored.data.to(torch.float32) * stored.scale).to(dtype).reshape(-1)
+    assert torch.equal(stored.value(), expected)
+    assert torch.equal(stored.value().view(32, 256)[2], t[2])
 
 
 def test_fp8_keeps_a_storage_with_an_infinity_as_it_is() -> None:
@@ -185,16 +207,16 @@ def test_the_exact_path_measures_and_plans_no_lossy_option() -> None:
 def test_auto_with_its_defaults_measures_and_plans_no_lossy_option(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import memfit.api
+    import memfit.verbs.api
 
     profiles = []
-    real = memfit.api.profile_with
+    real = memfit.verbs.api.profile_with
 
     def spy(*args: object, **kwargs: object) -> object:
         profiles.append(real(*args, **kwargs))  # type: ignore[arg-type]
         return profiles[-1]
 
-    monkeypatch.setattr(memfit.api, "profile_with", spy)
+    monkeypatch.setattr(memfit.verbs.api, "profile_with", spy)
     model, sample = build("gpt", **GPT)
     plan = memfit.auto(model, sample, budget="50%")
     memfit.remove(model)

@@ -12,9 +12,11 @@ Lossy by design: opt-in with ``exact=False`` (:attr:`OptionKind.exact` is false)
   when unpacked.
 
 How a block runs (:class:`Compressed`): its forward runs as it is under
-``saved_tensors_hooks`` whose pack holds each saved tensor in a handle. When the forward ends,
-every saved *storage* is decided once (the views autograd saves of one storage, as a ``q``/``k``/
-``v`` split or a transpose, share one compressed copy), and passes through unchanged when it is:
+``saved_tensors_hooks`` whose pack holds each saved tensor in a handle. Each saved *storage*
+is narrowed once, when its first view is packed (the views autograd saves of one storage, as a
+``q``/``k``/``v`` split or a transpose, share one compressed copy): the op that made it has just
+written it, so the cast reads it from cache. When the forward ends, the handles take the narrow
+copy and drop the original, unless the storage passes through unchanged, as it does when it is:
 
 * not made by the block's graph: parameters and other leaves (alive anyway), and the storages of
   the block's arguments and of what it returns (the next block holds them);
@@ -30,9 +32,12 @@ they are kept as a bool mask and their one value where they are exactly that
 
 Backward decompresses a storage when it first unpacks it and keeps the value until autograd
 drops the last handle of that storage, as a kept step holds the original until its last
-reader's backward; the compressed copy goes at once. Compressing at the end of the forward
-(not at each pack) is what lets the block's arguments and outputs pass through: both are known
-only then. A ``compress:*`` stage is a top-level option (hooks inside a checkpoint would take
+reader's backward; the compressed copy goes at once. Handing the copies over at the end of
+the forward (not at each pack) is what lets the block's outputs pass through (known only then)
+and a storage changed after it was saved raise as autograd does; the block's forward peak is
+therefore its kept forward's plus the copies. fp8's scales are one max and one min reduction,
+and its decoding moves the bits into a float16 (:func:`fp8_halved`): torch's own float8 to
+float32 cast runs element by element on CPU. A ``compress:*`` stage is a top-level option (hooks inside a checkpoint would take
 the checkpoint's place; the planner keeps options out of recompute segments).
 """
 
@@ -93,7 +98,7 @@ class _Stored:
         if self.cached is None:
             data = self.data
             if self.scale is not None:
-                value = (data.to(torch.float32) * self.scale).to(self.dtype).reshape(-1)
+                value = fp8_halved(data).mul_(self.scale * 256).to(self.dtype).reshape(-1)
             elif isinstance(data, torch.Tensor):
                 value = data.to(self.dtype)
             else:
@@ -174,6 +179,28 @@ def _rows(tensor: torch.Tensor, numel: int) -> int:
     return numel
 
 
+def fp8_halved(data: torch.Tensor) -> torch.Tensor:
+    """``float8_e4m3fn`` values times 2**-8 as float32, exactly, for every finite code.
+
+    torch's own ``float8_e4m3fn`` to float32 cast runs element by element on CPU (about 15x
+    a memory copy); this moves the bits into a float16 instead (e4m3's 4 exponent and 3
+    mantissa bits as the low exponent and top mantissa bits of float16's 5 and 10, which is
+    the value times 2**-8, subnormals included) and casts that, both vectorised. The caller
+    folds the 2**8 back into its scale. The two NaN codes come out finite: a storage with a
+    non-finite value is never narrowed."""
+    bits = data.view(torch.int8).to(torch.int16)  # sign-extended: bits 8-15 copy the sign
+    bits <<= 7  # sign to bits 14 and 15, exponent to 10-13, mantissa to 7-9
+    bits &= ~(1 << 14)  # bit 14 is the top exponent bit, 0 for every e4m3 value
+    return bits.view(torch.float16).to(torch.float32)
+
+
+def _row_peaks(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude (NaN where a row has one), as float32: a max and a min
+    reduction, each a vectorised pass (a norm of order inf runs several times slower)."""
+    peak = torch.maximum(rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True).neg_())
+    return peak.to(torch.float32)
+
+
 def _narrow(tensor: torch.Tensor, target: torch.dtype) -> _Stored | None:
     """``tensor``'s storage in ``target``; ``None`` where it passes through."""
     flat = _whole(tensor)
@@ -181,8 +208,8 @@ def _narrow(tensor: torch.Tensor, target: torch.dtype) -> _Stored | None:
         return None
     if target != torch.float8_e4m3fn:
         return _Stored(flat.to(target), None, flat.dtype)
-    rows = flat.view(-1, _rows(tensor, flat.numel())).to(torch.float32)
-    peak = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True)  # max |x|
+    rows = flat.view(-1, _rows(tensor, flat.numel()))
+    peak = _row_peaks(rows)
     if not bool(torch.isfinite(peak).all()):
         return None
     scale = torch.where(peak > 0, peak / FP8_MAX, torch.ones_like(peak))
@@ -198,6 +225,7 @@ class _BlockSaves:
         self.inputs = {storage_key(t) for t in tree_leaves(inputs) if _plain(t)}
         self.handles: dict[int, list[_Handle]] = {}
         self.first: dict[int, torch.Tensor] = {}  # storage -> the first tensor saved of it
+        self.narrowed: dict[int, _Stored | None] = {}  # storage -> its copy, made at first pack
         self.stored_bytes = 0  # what the compressed storages hold
         self.original_bytes = 0  # what they held before
 
@@ -208,23 +236,29 @@ class _BlockSaves:
             return tensor  # already at or below the target's width
         if tensor.requires_grad and tensor.grad_fn is None:
             return tensor  # parameters and other leaves: alive anyway
-        handle = _Handle(tensor)
         key = storage_key(tensor)
+        if key in self.inputs:
+            return tensor  # the block's argument: its caller holds it
+        handle = _Handle(tensor)
         self.handles.setdefault(key, []).append(handle)
-        self.first.setdefault(key, tensor)
+        if key not in self.first:
+            self.first[key] = tensor
+            # narrowed now, while the op that made it has just written it (in cache: several
+            # times cheaper than at the end of the forward); used at the end only if the
+            # storage is still unchanged and not returned
+            self.narrowed[key] = self._store(tensor)
         return handle
 
     def finish(self, outputs: Any) -> None:
-        """Compress every storage the block alone holds now that the forward has ended."""
-        keep = self.inputs | {storage_key(t) for t in tree_leaves(outputs) if _plain(t)}
+        """Hand each saved storage's narrow copy to its handles now that the forward has ended,
+        unless the block returns the storage or it changed since it was saved."""
+        keep = {storage_key(t) for t in tree_leaves(outputs) if _plain(t)}
         for key, handles in self.handles.items():
             tensor = self.first[key]
-            if key in keep or not all(h.unchanged() for h in handles):
+            stored = self.narrowed[key]
+            if stored is None or key in keep or not all(h.unchanged() for h in handles):
                 continue
             if any(h.tensor is not None and h.tensor.dtype != tensor.dtype for h in handles):
-                continue
-            stored = self._store(tensor)
-            if stored is None:
                 continue
             self.stored_bytes += stored.nbytes()
             self.original_bytes += tensor.untyped_storage().nbytes()
@@ -232,6 +266,7 @@ class _BlockSaves:
                 handle.tensor, handle.stored = None, stored
         self.handles.clear()
         self.first.clear()
+        self.narrowed.clear()
 
     def _store(self, tensor: torch.Tensor) -> _Stored | None:
         if tensor.requires_grad:
