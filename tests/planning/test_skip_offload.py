@@ -6,6 +6,7 @@ force over every tree and every choice of offloading."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from memfit.errors import InfeasibleBudgetError
 from memfit.planning.costs import ChainCosts, Skip, uniform_chain
-from memfit.planning.offload import host_bytes, offloads_skips
+from memfit.planning.offload import host_bytes, offloads_skips, skip_pairs
 from memfit.planning.optimal import Planner, solve_optimal
 from memfit.planning.plan import Plan, Segment, Stage, Tree
 from memfit.planning.simulate import Simulation, simulate
@@ -23,7 +24,7 @@ from memfit.planning.solve import min_peak_bytes
 from tests.helpers.strategies import UNIT, all_trees, chains
 
 
-def _flat(start: int, stop: int, offload_skips: bool = False) -> Segment:
+def _flat(start: int, stop: int, *offload_skips: tuple[int, int]) -> Segment:
     inner = tuple(Stage(i) for i in range(start, stop))
     return Segment(start, stop, inner, offload_skips=offload_skips)
 
@@ -42,7 +43,7 @@ def test_an_offloaded_skip_leaves_after_the_next_stage_and_comes_back_for_its_re
     (stage 1's no-save forward, stage 4's forward: 1 s each) do not hide."""
     plain = _hosted(uniform_chain(5, activation_bytes=1, saved_bytes=4))
     skipped = replace(plain, skips=(Skip(0, 4),))
-    held, hosted = _flat(0, 4), _flat(0, 4, offload_skips=True)
+    held, hosted = _flat(0, 4), _flat(0, 4, (0, 4))
     levels = {
         name: dict(simulate(costs, (segment, Stage(4)), timeline=True).timeline)
         for name, costs, segment in [
@@ -76,20 +77,22 @@ def test_an_offloaded_skip_leaves_after_the_next_stage_and_comes_back_for_its_re
 def test_offloading_skips_is_refused_where_it_cannot_run() -> None:
     costs = _hosted(replace(uniform_chain(5), skips=(Skip(1, 4),)))
     with pytest.raises(ValueError, match="no host to offload to"):
-        simulate(replace(costs, host_bytes_per_s=0.0), (Stage(0), _flat(1, 4, True), Stage(4)))
-    with pytest.raises(ValueError, match="leaves no skip on the device"):
-        simulate(costs, (_flat(0, 2, True), _flat(2, 4), Stage(4)))
-    nested = Segment(0, 4, (Stage(0), _flat(1, 4, True)))
+        simulate(replace(costs, host_bytes_per_s=0.0), (Stage(0), _flat(1, 4, (1, 4)), Stage(4)))
+    with pytest.raises(ValueError, match=r"leaves only \[\] on the device"):
+        simulate(costs, (_flat(0, 2, (1, 4)), _flat(2, 4), Stage(4)))
+    with pytest.raises(ValueError, match=r"offloads skip \(0, 4\)"):
+        simulate(costs, (Stage(0), _flat(1, 4, (0, 4)), Stage(4)))
+    nested = Segment(0, 4, (Stage(0), _flat(1, 4, (1, 4))))
     with pytest.raises(ValueError, match="top-level segments only"):
         simulate(costs, (nested, Stage(4)))
 
 
 def test_plan_json_keeps_offload_skips() -> None:
-    tree = (Stage(0), _flat(1, 4, True), Stage(4))
+    tree = (Stage(0), _flat(1, 4, (1, 4)), Stage(4))
     plan = Plan.from_tree([f"s{i}" for i in range(5)], tree, "hand")
     again = Plan.from_json(plan.to_json())
     assert again.tree == tree
-    assert '"offload_skips": true' in plan.to_json()
+    assert json.loads(plan.to_json())["tree"][1]["offload_skips"] == [[1, 4]]
 
 
 def _two_skips() -> ChainCosts:
@@ -140,7 +143,8 @@ def _twins(costs: ChainCosts, tree: Tree) -> Iterator[Tree]:
     for chosen in itertools.product([False, True], repeat=len(places)):
         items = list(tree)
         for place, offload in zip(places, chosen, strict=True):
-            items[place] = replace(items[place], offload_skips=offload)
+            pairs = skip_pairs(costs, items[place]) if offload else ()  # type: ignore[arg-type]
+            items[place] = replace(items[place], offload_skips=pairs)
         yield tuple(items)
 
 

@@ -397,7 +397,7 @@ def build_profile(
         side_grad_bytes=keep.side_grad_bytes,
         gathered_bytes=_gathered_bytes(chain),
         fragmentation_bytes=keep.measurement.fragmentation_bytes,
-        skips=_skips(chain),
+        skips=stage_skips(chain),
     )
     return Profile(
         costs=costs,
@@ -449,7 +449,7 @@ def _dead_checkpointed(
     }
 
 
-def _skips(chain: Chain) -> tuple[Skip, ...]:
+def stage_skips(chain: Chain) -> tuple[Skip, ...]:
     """The chain's skip connections (:attr:`Chain.skips`, block positions) as stages."""
     stages = chain.block_stages
     last = len(chain) - 1

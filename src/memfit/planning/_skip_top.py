@@ -28,13 +28,15 @@ bound otherwise (side inputs, tails): every tree is re-simulated before it is re
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from memfit.planning._chain import Candidates, ChainArrays
 from memfit.planning._tables import SegmentTables
 from memfit.planning._top import _pareto
 from memfit.planning.costs import ChainCosts
-from memfit.planning.offload import offloads_skips
+from memfit.planning.offload import offloads_skips, skip_pairs
 from memfit.planning.plan import Item, Segment, Stage, Tree
 from memfit.planning.simulate import skip_forward
 
@@ -43,14 +45,22 @@ State = tuple[Held, Held]  # skips held on the device, skips waiting in host mem
 
 
 def _item(
-    arrays: ChainArrays, cand: Candidates, boundary: int, choice: int, offload: bool = False
+    costs: ChainCosts,
+    arrays: ChainArrays,
+    cand: Candidates,
+    boundary: int,
+    choice: int,
+    offload: bool = False,
 ) -> Item:
     """The candidate as an item (a segment with a flat inner tree: its forward is the same)."""
     if choice < cand.options:
         return Stage(boundary, arrays.option_names[boundary][choice])
     stop = int(cand.rest_start[choice])
     inner = tuple(Stage(i) for i in range(boundary, stop))
-    return Segment(boundary, stop, inner, offload_skips=offload)
+    segment = Segment(boundary, stop, inner)
+    if not offload:
+        return segment
+    return replace(segment, offload_skips=skip_pairs(costs, segment))
 
 
 def _offloading(
@@ -106,7 +116,7 @@ def solve_top_skips(
                 choice = coded % count
                 key = (boundary, coded, state)
                 if key not in extras:
-                    item = _item(arrays, cand, boundary, choice, offload=coded >= count)
+                    item = _item(costs, arrays, cand, boundary, choice, offload=coded >= count)
                     effect = skip_forward(costs, item, dict(state[0]), dict(state[1]))
                     after = (
                         tuple(sorted(effect.held.items())),
@@ -137,10 +147,11 @@ def solve_top_skips(
     group = min(ends, key=lambda g: float(fronts[n][g][1][:, 1].min()))
     row = int(np.argmin(fronts[n][group][1][:, 1]))
     seconds = float(fronts[n][group][1][row, 1])
-    return _walk_back(arrays, tables, budget_bytes, fronts, group, row), seconds
+    return _walk_back(costs, arrays, tables, budget_bytes, fronts, group, row), seconds
 
 
 def _walk_back(
+    costs: ChainCosts,
     arrays: ChainArrays,
     tables: SegmentTables,
     budget_bytes: int,
@@ -167,6 +178,9 @@ def _walk_back(
             free = budget_bytes - level - int(cand.back_offset[choice])
             stop = int(cand.rest_start[choice])
             inner = tables.inner_tree(start, stop, tables.free_slots(free))
-            items.append(Segment(start, stop, inner, offload_skips=coded >= len(cand.time_s)))
+            segment = Segment(start, stop, inner)
+            if coded >= len(cand.time_s):
+                segment = replace(segment, offload_skips=skip_pairs(costs, segment))
+            items.append(segment)
         boundary = start
     return tuple(reversed(items))

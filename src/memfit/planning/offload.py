@@ -31,7 +31,7 @@ backward, a lower bound of any window there, so the DP never under-prices a tran
 
 A third, for chains with skip connections (``ChainCosts.skips``):
 
-* ``Segment(s, t, inner, offload_skips=True)``: a skip whose maker's next stage runs inside the
+* ``Segment(s, t, inner, offload_skips=((maker, reader), ...))``: a skip whose maker's next stage runs inside the
   segment (not first) is held by the model alone from that stage's no-save forward to its
   reader's forward (``docs/memory-model.md``, skip connections). It is copied to host memory
   from its maker's forward's end, leaves the device when the next stage's forward ends (the
@@ -144,6 +144,12 @@ def segment_skips(costs: ChainCosts, segment: Segment) -> list[tuple[int, int, i
     return found
 
 
+def skip_pairs(costs: ChainCosts, segment: Segment) -> tuple[tuple[int, int], ...]:
+    """``(maker, reader)`` of every skip :func:`segment_skips` finds (what the optimal
+    planner's offloading segments name in ``offload_skips``)."""
+    return tuple((maker, reader) for maker, reader, _ in segment_skips(costs, segment))
+
+
 def offloads_skips(costs: ChainCosts, segment: Segment) -> bool:
     """Whether a top-level segment may offload skips: a host to move them to and at least
     one skip its no-save forward leaves held."""
@@ -164,7 +170,8 @@ def host_bytes(costs: ChainCosts, tree: Sequence[Item]) -> int:
         size
         for item in tree
         if isinstance(item, Segment) and item.offload_skips
-        for _, _, size in segment_skips(costs, item)
+        for maker, reader, size in segment_skips(costs, item)
+        if (maker, reader) in item.offload_skips
     )
     return skips + sum(moved_bytes(costs, item) for item in tree)
 

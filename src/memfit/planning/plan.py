@@ -10,9 +10,9 @@ Each item is either
   over ``[start, stop)``. One recomputed block is ``Segment(i, i + 1, (Stage(i, "keep"),))``;
   nesting gives the multi-level schedules of the Rotor dynamic program. A top-level segment
   with ``offload=True`` also moves that input to host memory until its recompute (DeepSpeed's
-  and Megatron's "checkpoint to CPU"); with ``offload_skips=True``, the skip connections its
-  no-save forward would leave on the device (``ChainCosts.skips``) wait in host memory until
-  their readers' forwards.
+  and Megatron's "checkpoint to CPU"); ``offload_skips`` names skip connections (``(maker,
+  reader)`` stages, ``ChainCosts.skips``) that its no-save forward would leave on the device
+  and that wait in host memory until their readers' forwards instead.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Segment:
     inner: tuple[Item, ...]
     offload: bool = False  # the segment's input waits in host memory (top level only)
     # the skips the model holds past its no-save forward wait in host memory (top level only)
-    offload_skips: bool = False
+    offload_skips: tuple[tuple[int, int], ...] = ()
 
 
 Item = Union[Stage, Segment]  # noqa: UP007 (used at runtime by isinstance-free code paths)
@@ -136,7 +136,7 @@ def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
             if item.offload:
                 entry["offload"] = True
             if item.offload_skips:
-                entry["offload_skips"] = True
+                entry["offload_skips"] = [list(pair) for pair in item.offload_skips]
             entry["inner"] = tree_to_data(item.inner)
             out.append(entry)
     return out
@@ -184,7 +184,7 @@ def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
                 )
             inner = tree_from_data(entry["inner"], f"{where}.inner", depth + 1)
             offload = boolean(entry.get("offload", False), f"{where}.offload")
-            skips = boolean(entry.get("offload_skips", False), f"{where}.offload_skips")
+            skips = _skip_pairs(entry.get("offload_skips", []), f"{where}.offload_skips")
             items.append(Segment(start, stop, inner, offload, skips))
         elif isinstance(entry, Mapping) and "stage" in entry:
             record(entry, where, _STAGE_KEYS)
@@ -198,6 +198,19 @@ def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
                 entry,
             )
     return tuple(items)
+
+
+def _skip_pairs(data: Any, field: str) -> tuple[tuple[int, int], ...]:
+    """A segment's ``offload_skips``: a list of ``[maker, reader]`` stage pairs."""
+    pairs = []
+    for position, pair in enumerate(array(data, field)):
+        where = f"{field}[{position}]"
+        values = array(pair, where)
+        if len(values) != 2:
+            raise fail(where, "[maker, reader]", values)
+        maker, reader = (integer(value, where) for value in values)
+        pairs.append((maker, reader))
+    return tuple(pairs)
 
 
 def _info_object(data: Any) -> Mapping[str, Any]:

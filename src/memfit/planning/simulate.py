@@ -78,11 +78,14 @@ def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
                     f"have no host to offload to (host_bytes_per_s is 0: a model on the CPU); "
                     f"drop offload_skips"
                 )
-            if not segment_skips(costs, hosting):
+            held = [(maker, reader) for maker, reader, _ in segment_skips(costs, hosting)]
+            wrong = [pair for pair in hosting.offload_skips if pair not in held]
+            if wrong:
                 raise ValueError(
-                    f"segment [{hosting.start}, {hosting.stop}) offloads its skips, but its no-save "
-                    f"forward leaves no skip on the device (none is made by a stage before its "
-                    f"last whose next stage runs inside it); drop offload_skips"
+                    f"segment [{hosting.start}, {hosting.stop}) offloads skip {wrong[0]} (maker, "
+                    f"reader), but its no-save forward leaves only {held} on the device (a skip "
+                    f"made by a stage before its last whose next stage runs inside it); drop it "
+                    f"from offload_skips"
                 )
     for item in offloaded:
         if not costs.stages[item.start].input_offloadable:
@@ -230,7 +233,7 @@ class _Replay:
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
                 reader = self.skips.get(index - 1, -1) if phase == FORWARD else -1
-                hosts = frees and reader > index and item.offload_skips
+                hosts = frees and reader > index and (index - 1, reader) in item.offload_skips
                 if frees and reader > index and not hosts:  # the model holds it for its reader
                     self.held[reader] = self.held.get(reader, 0) + stage.input_bytes
                 frees = frees and reader <= index

@@ -110,6 +110,8 @@ class Executor:
     _offloader: Offloader | None = None
     places: dict[int, tuple[torch.nn.Module, str]] = {}  # noqa: RUF012 (read-only default)
     links: dict[int, Carry] = {}  # noqa: RUF012 (read-only default)
+    # maker stage -> reader stage of the skips the plan offloads (runtime.skip_offload)
+    skip_readers: dict[int, int] = {}  # noqa: RUF012 (read-only default)
 
     def __init__(
         self,
@@ -166,6 +168,24 @@ class Executor:
         if self.offloading and torch.is_grad_enabled():
             ahead = self.chain.block_of_stage(stop) is not None
             self.offloader.item_done(main_tensor(out), group, segment=segment, ahead=ahead)
+
+    def skips_before(self, index: int) -> None:
+        """Stage ``index``'s forward starts: the offloaded skips it reads come back."""
+        if self.skip_readers and torch.is_grad_enabled() and self._offloader is not None:
+            self._offloader.skips.fetch(index)
+
+    def skips_after(self, index: int, out: Any) -> None:
+        """Stage ``index``'s forward ended with ``out``: the skips it reads are back; its
+        output goes to host memory when it is an offloaded skip, and the skip made by the
+        stage before leaves the device."""
+        if not self.skip_readers or not torch.is_grad_enabled():
+            return
+        trips = self.offloader.skips
+        trips.arrived(index)
+        trips.release(index - 1, main_tensor(out))
+        reader = self.skip_readers.get(index)
+        if reader is not None:
+            trips.leave(index, self.name(index), reader, main_tensor(out))
 
     def call(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         """Split a planned top-level call."""
@@ -278,10 +298,12 @@ class Executor:
             for inner in nested.get(index, ()):
                 body = SegmentBody(self, inner, segment.start)
                 run.regions.enter(inner.stop, Region(body, (x, *rest), side))
+            self.skips_before(index)
             out = self.forwards[(index, KEEP)](x, *rest, **side)
             for region in run.regions.close_through(index + 1):
                 guarded = region.input() if region.input is not None else None
                 out = guard_input(out, guarded, self.name(segment.start))
+            self.skips_after(index, out)
         except BaseException as error:
             self.drop_run(segment.start, error)
             raise
@@ -529,7 +551,9 @@ class SegmentStart:
         watch = executor.watched(segment.start, segment.stop, call)
         group = executor.offload_group(segment.start, segment.offload)
         try:
+            executor.skips_before(segment.start)
             out = executor.run_segment(segment, *call, group=group)
+            executor.skips_after(segment.start, out)
         except BaseException:
             executor.abandon_offload()
             raise
@@ -667,6 +691,7 @@ class TopStage:
             watch = executor.watched(stage.index, stage.index + 1, call)
         group = executor.offload_group(stage.index, stage.option == OFFLOAD)
         try:
+            executor.skips_before(stage.index)
             if group is None:
                 out = executor.run_stage(stage, *call)
             else:  # parameters (and views of them) stay
@@ -675,6 +700,7 @@ class TopStage:
                 keys = storage_keys(module_tensors(block))
                 with executor.offloader.saving(group, keep=lambda t: storage_key(t) in keys):
                     out = executor.run_stage(stage, *call)
+            executor.skips_after(stage.index, out)
         except BaseException:
             executor.abandon_offload()
             raise
