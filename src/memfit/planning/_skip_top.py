@@ -21,7 +21,8 @@ readers' forwards. A chain without skips never comes here: the plain sweep keeps
 
 Known inefficiencies: states with different held sets are never compared (a state holding a
 subset at a lower level and time would dominate), so the sets grow with the number of skips
-that a top-level segment can hold at once (2 ** 6 at most on a U-Net with six skips); the
+that a top-level segment can hold at once (2 ** 6 at most on a U-Net with six skips, times
+the sets waiting in host memory where segments may offload them); the
 extra is exact when an item's plain forward peak is the simulator's (synthetic chains), and a
 bound otherwise (side inputs, tails): every tree is re-simulated before it is returned.
 """
