@@ -374,7 +374,11 @@ def build_profile(
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
-                    and keep.same_side_inputs.get(index, False)
+                    # called right after the block before (a reading); a segment's rerun hands
+                    # each block its own side inputs, but compiled blocks are traced as one
+                    # call that hands on the first block's
+                    and index in keep.same_side_inputs
+                    and (compile is None or keep.same_side_inputs[index])
                     # a segment's blocks pass on one output: no attention weights of their own
                     and not {index - 1, index} & keep.tails
                     # FSDP2 units: a segment across them would hold all its blocks' gathered

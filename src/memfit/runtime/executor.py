@@ -228,13 +228,14 @@ class Executor:
         run = SegmentRun(
             segment,
             side_inputs=(rest, side),
+            sides={segment.start: (rest, side)},
             watch=self.watched(segment.start, segment.stop, call),
             group=self.offload_group(segment.start, segment.offload),
             regions=Regions(),
             next=segment.start,
         )
         self.calls[segment.start] = run
-        body = SegmentBody(self, segment, segment.start)
+        body = SegmentBody(self, segment, segment.start, run.sides)
         try:
             if run.group is None:
                 region = Region(body, (x, *rest), side)
@@ -268,12 +269,6 @@ class Executor:
                 f"stage {name!r} did not get the output of the block before it (joined with it "
                 f"from {joined}): the model changes the hidden state between blocks"
             )
-        elif not same_side_inputs(uncarried(carry, *run.side_inputs), uncarried(carry, rest, side)):
-            problem = (
-                f"stage {name!r} got other side inputs (masks, positions...) than "
-                f"{self.name(segment.start)!r}, joined with it in one recompute segment (e.g. "
-                f"sliding and full attention layers alternate)"
-            )
         elif not same_rng_state(run.rng, rng_state(main.device)):
             problem = (
                 f"the model drew random numbers before stage {name!r}, between blocks joined "
@@ -287,6 +282,9 @@ class Executor:
         if "links" not in vars(self):  # an executor pickled before links existed
             self.links = {}
         self.links[index - 1] = carry
+        # its own side inputs (a resnet's temb, an attention's encoder states, a sliding
+        # window's mask): the segment's rerun hands them to it, held until then
+        run.sides[index] = uncarried(carry, rest, side)
         return self._run_member(run, index, call)
 
     def _run_member(self, run: SegmentRun, index: int, call: Call) -> Any:
@@ -296,7 +294,7 @@ class Executor:
             run.regions.resume()
             nested = self.nesting.setdefault(segment.start, _nested(segment.inner, {}))
             for inner in nested.get(index, ()):
-                body = SegmentBody(self, inner, segment.start)
+                body = SegmentBody(self, inner, segment.start, run.sides)
                 run.regions.enter(inner.stop, Region(body, (x, *rest), side))
             self.skips_before(index)
             out = self.forwards[(index, KEEP)](x, *rest, **side)
@@ -392,16 +390,21 @@ class Executor:
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         head: int,
+        sides: Mapping[int, Inputs] | None = None,
     ) -> Any:
-        """Run ``items`` inside the top-level segment whose first block is ``head``."""
+        """Run ``items`` inside the top-level segment whose first block is ``head``; ``sides``:
+        each block's own side inputs, as its first run got them (without: the first item's)."""
         out: Any = x
         for item in items:
             if isinstance(item, Stage):
                 out = self.run_stage(item, x, rest, kwargs, head)
             else:
-                out = self.run_segment(item, x, rest, kwargs, head)
+                out = self.run_segment(item, x, rest, kwargs, head, sides=sides)
             last = item.index if isinstance(item, Stage) else item.stop - 1
             carry = self.links.get(last, MAIN_ONLY)
+            own = sides.get(last + 1) if sides else None
+            if own is not None:
+                rest, kwargs = own
             x, rest, kwargs = hand_on(carry, out, x, rest, kwargs, main_tensor)
         return out
 
@@ -413,13 +416,15 @@ class Executor:
         kwargs: dict[str, Any],
         head: int | None = None,
         group: Group | None = None,
+        sides: Mapping[int, Inputs] | None = None,
     ) -> Any:
         """Run ``segment`` under a checkpoint; ``head``: the first block of the top-level
-        segment it lies in (``None``: it is that segment); ``group``: offload its input."""
+        segment it lies in (``None``: it is that segment); ``group``: offload its input;
+        ``sides``: as :meth:`run_items`'s."""
         head = segment.start if head is None else head
         if not torch.is_grad_enabled():
-            return self.run_items(segment.inner, x, rest, kwargs, head)
-        body = _SegmentBody(self, segment, head)
+            return self.run_items(segment.inner, x, rest, kwargs, head, sides)
+        body = _SegmentBody(self, segment, head, sides)
         if group is None:
             out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         else:  # outside the checkpoint, the hooks see what it keeps: its inputs
@@ -432,13 +437,21 @@ class Executor:
 class SegmentBody:
     """The function a segment's checkpoint runs (and reruns in backward)."""
 
-    def __init__(self, executor: Executor, segment: Segment, head: int) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        segment: Segment,
+        head: int,
+        sides: Mapping[int, Inputs] | None = None,
+    ) -> None:
         self.executor = executor
         self.segment = segment
         self.head = head
+        self.sides = sides  # each block's own side inputs (a multi-block top-level segment's)
 
     def __call__(self, x: Any, *rest: Any, **kwargs: Any) -> Any:
-        return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head)
+        sides = getattr(self, "sides", None)  # bodies pickled before it existed have none
+        return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head, sides)
 
 
 _SegmentBody = SegmentBody  # the name executors pickled before it was public refer to
@@ -450,7 +463,8 @@ class SegmentRun:
     block's return (:mod:`memfit.runtime.regions`)."""
 
     segment: Segment
-    side_inputs: Inputs  # the first block's (each later block must get the same)
+    side_inputs: Inputs  # the first block's
+    sides: dict[int, Inputs]  # every block's own side inputs, carried slots left out
     watch: Watch | None
     group: Group | None
     regions: Regions
