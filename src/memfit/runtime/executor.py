@@ -228,7 +228,7 @@ class Executor:
         run = SegmentRun(
             segment,
             side_inputs=(rest, side),
-            sides={segment.start: (rest, side)},
+            sides={},
             watch=self.watched(segment.start, segment.stop, call),
             group=self.offload_group(segment.start, segment.offload),
             regions=Regions(),
