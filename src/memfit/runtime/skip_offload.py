@@ -20,14 +20,20 @@ storage of no bytes: torch raises there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from memfit.errors import PlanMismatchError
 
-if TYPE_CHECKING:
-    from memfit.runtime.offload import Offloader
+
+class Offloader(Protocol):
+    """What the trips use of :class:`memfit.runtime.offload.Offloader` (which holds them):
+    its host pools and its copies' side streams."""
+
+    def pool_for(self, device: torch.device) -> Any: ...
+
+    def copies_for(self, device_type: str) -> Any: ...
 
 
 @dataclass(eq=False)
@@ -132,7 +138,7 @@ class SkipTrips:
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         copies = self.offloader.copies_for("cuda")
-        return copies.side(device)  # type: ignore[attr-defined]
+        return copies.side(device)
 
     def _wait(self, trip: Trip) -> None:
         if trip.event is not None:
