@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from _pytest.nodeid import NodeId
-from xdist.scheduler.loadgroup import LoadGroupScheduling
 
 from tests.conftest import pytest_ignore_collect, shared_fixture_group
 from tests.helpers.xdist_groups import suffix_group
@@ -88,6 +87,8 @@ def test_the_tests_of_a_fixtures_parameter_are_one_scheduling_unit() -> None:
     """Two tests sharing the first family's profile go to one worker: the group reaches
     xdist's scheduler through the node id pytest reports, and a group name ending in ``]``
     would read as no group at all."""
+    from xdist.scheduler.loadgroup import LoadGroupScheduling  # not imported by xdist's workers
+
     profiled = {"profiled": fixture("module"), "budget": fixture("function")}
     where = "integrations/test_families.py"
     group = f"{where}:{shared_fixture_group(item(profiled, indices={'profiled': 0}))}"

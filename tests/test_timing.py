@@ -30,9 +30,10 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def prof(gpt2):
-    """The model's profile (timed: ``repeats=1``), shared by the tests that only read it."""
+    """The model's profile (the default fast path: the plans' bytes are the timed path's, and
+    timing plans is what these tests check), shared by the tests that only read it."""
     model, sample = gpt2
-    return memfit.profile(model, sample, repeats=1)
+    return memfit.profile(model, sample)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_real_timing_leaves_the_model_as_found(gpt2, three) -> None:
 def test_plan_with_candidates_on_a_real_model(gpt2) -> None:
     model, sample = gpt2
     # a loop that keeps only the loss: every candidate is made and timed for that loop
-    prof = memfit.profile(model, sample, repeats=1, keep_output=False)
+    prof = memfit.profile(model, sample, keep_output=False)
     # a budget with room for optimal plans below the best one whatever the measured times: the
     # frontier's middle point, above its floor (50% of activation memory lay at the floor in
     # one CI run, where only one plan fits; the bytes, and so the floor, repeat exactly)
@@ -145,7 +146,7 @@ def test_plan_with_candidates_on_a_real_model(gpt2) -> None:
     budget = points[len(points) // 2].peak_bytes
     within = alternatives(prof.costs, budget, 3)
     assert len(within) >= 2  # this budget leaves room for other plans
-    plan = memfit.plan(model, sample, budget=budget, candidates=3, repeats=1, keep_output=False)
+    plan = memfit.plan(model, sample, budget=budget, candidates=3, keep_output=False)
     # an optimal plan of keep and recompute only still has the plans below it to time
     timed = plan.info["timed"]
     assert len(timed) >= 2 and sum(e["chosen"] for e in timed) == 1
@@ -174,7 +175,7 @@ def _render(table) -> str:
 
 def test_auto_with_candidates_applies_the_choice(gpt2) -> None:
     model, sample = gpt2
-    plan = memfit.auto(model, sample, budget="60%", candidates=2, repeats=1)
+    plan = memfit.auto(model, sample, budget="60%", candidates=2)
     try:
         assert applied_plan(model) is not None
         assert applied_plan(model).tree == plan.tree

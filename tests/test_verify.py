@@ -27,7 +27,7 @@ def gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 def test_a_planned_gpt2_runs_the_plain_steps_ops() -> None:
     model, sample = gpt2()
-    memfit.auto(model, sample, budget=None, strategy="sqrt", repeats=1)
+    memfit.auto(model, sample, budget=None, strategy="sqrt")
     try:
         report = memfit.verify(model, sample, repeats=1, trace=True)
     finally:
@@ -52,7 +52,7 @@ def test_the_trace_sees_what_equal_gradients_on_this_machine_hide(
         # older transformers (4.52) hand a layer's first keys back as they came: no other layout
         pytest.skip("this transformers' cache returns the keys as given: dropping it is alike")
     model, sample = gpt2()
-    memfit.auto(model, sample, budget=None, strategy="sqrt", repeats=1)
+    memfit.auto(model, sample, budget=None, strategy="sqrt")
     monkeypatch.setattr(replay, "private_caches", _dropping)
     try:
         report = memfit.verify(model, sample, repeats=1, trace=True)
@@ -81,7 +81,7 @@ class NumpyNoise(nn.Module):
 
 def test_a_model_that_does_not_repeat_itself_is_named_not_the_plan() -> None:
     model, x = NumpyNoise(), torch.randn(4, 8)
-    memfit.auto(model, (x,), budget=None, strategy="all", repeats=1)
+    memfit.auto(model, (x,), budget=None, strategy="all")
     try:
         report = memfit.verify(model, (x,), repeats=1)
     finally:

@@ -68,7 +68,8 @@ def _check_against_brute_force(costs: ChainCosts, budget: int) -> None:
     assert solution.info["source"] in ("dp", "fastest")
 
 
-@examples(60)
+# brute force (make test) checks every budget's time on chains of up to 7 stages: this samples
+@examples(20)
 @given(costs=chains(min_stages=2, max_stages=7), data=st.data())
 def test_more_budget_never_costs_time(costs: ChainCosts, data: st.DataObject) -> None:
     known = peaks(costs)
@@ -86,7 +87,7 @@ def test_keep_all_budget_gives_keep_all(costs: ChainCosts, extra: int) -> None:
     assert solution.simulation.step_s == keep.step_s
 
 
-@examples(80)
+@examples(40)  # brute force covers chains of up to 7 stages: optimal at every budget
 @given(costs=chains(min_stages=1, max_stages=9), k=st.integers(1, 4))
 def test_never_worse_than_baselines(costs: ChainCosts, k: int) -> None:
     for tree in (
@@ -99,7 +100,7 @@ def test_never_worse_than_baselines(costs: ChainCosts, k: int) -> None:
         assert solve_optimal(costs, baseline.peak_bytes).simulation.step_s <= baseline.step_s
 
 
-@examples(60)
+@examples(30)  # brute force checks the floor named for every budget below it up to 7 stages
 @given(costs=chains(min_stages=1, max_stages=12))
 def test_min_peak_is_tight(costs: ChainCosts) -> None:
     floor = min_peak(costs).peak_bytes

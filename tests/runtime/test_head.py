@@ -193,7 +193,7 @@ def test_head_options_run_on_the_last_stage_only() -> None:
 
 def test_chunked_is_opt_in() -> None:
     model, sample = build_hf("llama", layers=2, hidden=32, seq=32, batch=2, vocab=512)
-    exact = memfit.profile(model, sample, repeats=1)
+    exact = memfit.profile(model, sample)
     post = exact.costs.stages[-1].options
     assert LEAN_LOSS in post and CHUNKED not in post
     assert any("exact=False" in note for note in exact.notes)
@@ -201,7 +201,7 @@ def test_chunked_is_opt_in() -> None:
         memfit.profile(model, sample, options=[CHUNKED])
     with pytest.raises(ValueError, match="compiled blocks"):  # a compile around would trace it
         memfit.profile(model, sample, options=[LEAN_LOSS], compile=True)
-    rounding = memfit.profile(model, sample, options=HEADS, exact=False, repeats=1)
+    rounding = memfit.profile(model, sample, options=HEADS, exact=False)
     post = rounding.costs.stages[-1].options
     assert set(HEADS) <= set(post)
     assert post[CHUNKED].detail["exact"] is False and post[LEAN_LOSS].detail["exact"] is True
@@ -211,7 +211,7 @@ def test_chunked_is_opt_in() -> None:
 
 def test_absent_where_the_model_is_not_recognised() -> None:
     model, sample = build("gpt", layers=2, width=32, seq=16, batch=2)  # loss inside forward
-    prof = memfit.profile(model, sample, options=[LEAN_LOSS, CHUNKED], exact=False, repeats=1)
+    prof = memfit.profile(model, sample, options=[LEAN_LOSS, CHUNKED], exact=False)
     assert LEAN_LOSS in prof.costs.stages[-1].options
     for notes in (prof.notes, memfit.plan(prof, budget=None).notes):
         # the plan says why too
@@ -226,7 +226,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
         logits = output.logits  # type: ignore[attr-defined]
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    prof = memfit.profile(hf, hf_sample, loss_fn=loss_fn, options=[LEAN_LOSS], repeats=1)
+    prof = memfit.profile(hf, hf_sample, loss_fn=loss_fn, options=[LEAN_LOSS])
     assert LEAN_LOSS not in prof.costs.stages[-1].options
     assert any("loss_fn" in note for note in prof.notes)
 
@@ -235,9 +235,7 @@ def test_absent_where_the_model_is_not_recognised() -> None:
 def test_floor_plans_predict_the_measured_peak(exact: bool) -> None:
     # 8 MiB of logits: 8 chunks of the lean loss (at least 1 MiB each)
     model, sample = build_hf("llama", layers=2, hidden=32, seq=128, batch=2, vocab=8192)
-    prof = memfit.profile(
-        model, sample, options=HEADS if not exact else [LEAN_LOSS], exact=exact, repeats=1
-    )
+    prof = memfit.profile(model, sample, options=HEADS if not exact else [LEAN_LOSS], exact=exact)
     with pytest.raises(memfit.InfeasibleBudgetError) as error:
         memfit.plan(prof, budget=1)
     plan = memfit.plan(prof, budget=error.value.min_feasible_bytes)
@@ -258,7 +256,7 @@ def test_floor_plans_predict_the_measured_peak(exact: bool) -> None:
 
 def test_plans_mark_the_inexact_option() -> None:
     model, sample = build_hf("llama", layers=2, hidden=32, seq=32, batch=2, vocab=512)
-    prof = memfit.profile(model, sample, options=[CHUNKED], exact=False, repeats=1)
+    prof = memfit.profile(model, sample, options=[CHUNKED], exact=False)
     last = len(prof.stage_names) - 1
     tree = (*(Stage(i) for i in range(last)), Stage(last, CHUNKED))
     simulated = simulate(prof.costs, tree)
