@@ -413,8 +413,13 @@ def compare_traces(plain: Trace, planned: Trace) -> TraceDifference | None:
             while position < len(keys) and keys[position] != call.key:
                 position += 1
             if position == len(keys):
-                same = next((c for c in plain_forward if c.op == call.op), None)
-                return TraceDifference(f"recompute {number}", index, call, same)
+                same = next((c for c in plain_forward if c.key == call.key), None)
+                if same is not None:  # the op is the plain forward's, its place is not
+                    note = "the plain forward runs it only before the ops matched so far"
+                else:
+                    same = next((c for c in plain_forward if c.op == call.op), None)
+                    note = "" if same is None else "no op of the plain forward on these layouts"
+                return TraceDifference(f"recompute {number}", index, call, same, note)
             position += 1
     return None
 
