@@ -86,7 +86,11 @@ def same_gradients(built: diffusion.Built) -> bool:
     )
 
 
-def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -> list[str]:
+def rows(
+    name: str, built: diffusion.Built, repeats: int, *, every: bool = True, **profile_args: Any
+) -> list[str]:
+    """The table's rows for one model; ``every=False``: only the switch and memfit at the
+    switch's peak (the head-to-head)."""
     model, sample, loss_fn = built.model, built.sample, built.loss_fn
     switched = copy.deepcopy(model)  # for the head-to-head timing, before any plan
     plain = memfit.measure(model, sample, loss_fn=loss_fn, repeats=repeats)
@@ -117,6 +121,8 @@ def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -
         ("memfit 50%", "50%"),
         ("memfit 30%", "30%"),
     ]
+    if not every:
+        budgets = [budgets[1]]
     switched.enable_gradient_checkpointing()
     for label, budget in budgets:
         plan = memfit.plan(profile, budget=budget)
@@ -154,6 +160,11 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models"
     )
+    parser.add_argument(
+        "--switch-only",
+        action="store_true",
+        help="only the switch and memfit at the switch's peak (no floor, 50%% and 30%% rows)",
+    )
     add_threads(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,15 +177,18 @@ def main() -> None:
         "vs switch | grads bit-identical |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    every = not args.switch_only
     for name in args.models:
         if name == "SD U-Net":
             # over its blocks' children, with joins and skips; keep and recompute only (the
             # full menu took 864 s to profile at a load of 9 on this machine)
             built = real_blocks.unet()
             blocks = real_blocks.unet_children(built.model)
-            lines += rows(name, built, args.repeats, blocks=blocks, options=())  # type: ignore[arg-type]
+            made = rows(name, built, args.repeats, every=every, blocks=blocks, options=())  # type: ignore[arg-type]
         else:
-            lines += rows(name, MODELS[name](), args.repeats)
+            made = rows(name, MODELS[name](), args.repeats, every=every)
+        print("\n".join(made), flush=True)  # a row at a time: long runs on a shared machine
+        lines += made
     write_results(args.out, lines)
 
 

@@ -96,7 +96,9 @@ def same_gradients(built: Built) -> str:
     return f"{'yes' if equal else 'no'} on this CPU, {ops}"
 
 
-def rows(name: str, built: Built, repeats: int) -> list[str]:
+def rows(name: str, built: Built, repeats: int, *, every: bool = True) -> list[str]:
+    """The table's rows for one model; ``every=False``: only the switch and memfit at the
+    switch's peak (the head-to-head)."""
     model, sample = built.model, built.sample
     switched = copy.deepcopy(model)  # for the head-to-head timing, before any plan
     plain = memfit.measure(model, sample, repeats=repeats)
@@ -127,6 +129,8 @@ def rows(name: str, built: Built, repeats: int) -> list[str]:
         ("memfit 50%", "50%"),
         ("memfit 30%", "30%"),
     ]
+    if not every:
+        budgets = [budgets[1]]
     switched.gradient_checkpointing_enable()
     for label, budget in budgets:
         try:
@@ -172,6 +176,11 @@ def main() -> None:
         default=[4],
         help="layers a tower of the width-256 rows (compute, not Python, dominates their steps)",
     )
+    parser.add_argument(
+        "--switch-only",
+        action="store_true",
+        help="only the switch and memfit at the switch's peak (no floor, 50%% and 30%% rows)",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / f"towers-{date.today()}.md"))
     add_threads(parser)
     args = parser.parse_args()
@@ -195,7 +204,9 @@ def main() -> None:
         ]
         for name, build in models:
             torch.manual_seed(0)
-            lines += rows(name, build(), args.repeats)
+            made = rows(name, build(), args.repeats, every=not args.switch_only)
+            print("\n".join(made), flush=True)  # a row at a time: long runs on a shared machine
+            lines += made
     write_results(args.out, lines)
 
 
