@@ -43,7 +43,7 @@ from common import header
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.run import time_step
 from memfit.models import build, describe
-from memfit.verification import seeded_gradients
+from memfit.verbs.verification import seeded_gradients
 
 HERE = Path(__file__).parent
 COMPILE = {"backend": "inductor"}

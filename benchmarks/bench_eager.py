@@ -29,11 +29,11 @@ from typing import Any
 
 import memfit
 from common import header, write_results
-from memfit.bench import BenchRow, bench
 from memfit.integrations.hf import build_hf
 from memfit.planning.frontier import frontier
 from memfit.planning.solve import solve
 from memfit.runtime import REBUILD_OPS
+from memfit.verbs.bench import BenchRow, bench
 
 HERE = Path(__file__).parent
 

@@ -2,7 +2,7 @@
 
 For each Hugging Face config (GPT-2, Llama, BERT; ``build_hf``, library defaults: dropout on,
 SDPA where the library picks it), ``memfit.estimate`` profiles the model at its default shapes
-for a sample of ``batch x seq`` (``memfit.shape_profiles.default_profile_shapes``: batches B/2, B by
+for a sample of ``batch x seq`` (``memfit.verbs.shape_profiles.default_profile_shapes``: batches B/2, B by
 seqs S/8..S, and the sample's tokens at longer seqs, B/2 x 2S ... down to batch 1) and predicts
 the step time at shapes with 2x the sample's tokens (2B x S, B x 2S) and 4x (4B x S, 2B x 2S,
 B x 4S), with no plan and with the plan for ``--budget``. No profiled shape has more tokens

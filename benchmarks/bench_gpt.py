@@ -24,8 +24,8 @@ from pathlib import Path
 
 import memfit
 from common import header, write_results
-from memfit.bench import bench
 from memfit.models import build, describe
+from memfit.verbs.bench import bench
 
 HERE = Path(__file__).parent
 

@@ -6,7 +6,7 @@ text generated from a small grammar (no downloads), from the same seed, the same
 same dropout draws, once unplanned (exact) and once with every block under each lossy option (the
 most any plan compresses). The held-out loss is measured every ``--eval-every`` steps in eval
 mode; the final losses are compared. An option whose final held-out loss ends more than 1% above
-the exact run's is not in the default lossy menu (``memfit.menu.LOSSY_OPTIONS``).
+the exact run's is not in the default lossy menu (``memfit.verbs.menu.LOSSY_OPTIONS``).
 
 Part 2, the overhead. On the Hugging Face configs of ``eager-2026-12-02-5.md`` (GPT-2, Llama,
 BERT with library defaults; 8 layers, width 256, vocabulary 1,024, 4 x 256 tokens), one profile
@@ -40,12 +40,12 @@ from common import add_threads, header, write_results
 from memfit.integrations.hf import build_hf
 from memfit.measuring.chain import find_chain
 from memfit.measuring.run import step_clock
-from memfit.menu import LOSSY_OPTIONS
 from memfit.models import GPT
 from memfit.planning.candidates import used_options, without
 from memfit.planning.plan import Plan, Stage
 from memfit.runtime.apply import chain_of_plan, planned
 from memfit.runtime.compress import FORMATS, FP8, compress_log, fp8_halved
+from memfit.verbs.menu import LOSSY_OPTIONS
 
 HERE = Path(__file__).parent
 LOSSY = tuple(FORMATS)  # every lossy option, default menu or not

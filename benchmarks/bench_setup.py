@@ -72,9 +72,9 @@ def _cpu_s(run: Callable[[], Any]) -> float:
 def phases(model: torch.nn.Module, sample: Any, budget: str) -> list[tuple[str, float]]:
     """(phase, CPU seconds) of one default ``memfit.auto`` on a fresh copy of ``model``, then
     ``("plain step", CPU seconds)``: the median of five plain steps after two."""
-    import memfit.api
     import memfit.measuring.meter
-    import memfit.profiling
+    import memfit.verbs.api
+    import memfit.verbs.profiling
 
     spent: dict[str, float] = {}
     originals: list[tuple[Any, str, Any]] = []
@@ -93,7 +93,7 @@ def phases(model: torch.nn.Module, sample: Any, budget: str) -> list[tuple[str, 
 
         setattr(owner, name, timed)
 
-    planned = memfit.profiling.planned
+    planned = memfit.verbs.profiling.planned
 
     @contextlib.contextmanager
     def way(model: Any, chain: Any, plan: Any) -> Iterator[Any]:
@@ -103,22 +103,26 @@ def phases(model: torch.nn.Module, sample: Any, budget: str) -> list[tuple[str, 
         key = f"way: {plan.strategy}"
         spent[key] = spent.get(key, 0.0) + time.process_time() - start
 
-    wrap(memfit.profiling, "_chain", lambda *a, **k: "chain finding")
-    wrap(memfit.profiling, "profile_ops", lambda *a, **k: "op profile (selective candidates)")
-    wrap(memfit.profiling, "stage_clock", lambda *a, **k: "keep's plain timed step (in its way)")
+    wrap(memfit.verbs.profiling, "_chain", lambda *a, **k: "chain finding")
+    wrap(memfit.verbs.profiling, "profile_ops", lambda *a, **k: "op profile (selective candidates)")
+    wrap(
+        memfit.verbs.profiling,
+        "stage_clock",
+        lambda *a, **k: "keep's plain timed step (in its way)",
+    )
     wrap(
         memfit.measuring.meter.MemoryMeter,
         "__exit__",
         lambda *a, **k: "profiler stop + replay (in the ways)",
     )
-    wrap(memfit.api, "solve", lambda *a, **k: "solve")
-    wrap(memfit.api, "apply", lambda *a, **k: "apply")
-    memfit.profiling.planned = way
+    wrap(memfit.verbs.api, "solve", lambda *a, **k: "solve")
+    wrap(memfit.verbs.api, "apply", lambda *a, **k: "apply")
+    memfit.verbs.profiling.planned = way
     fresh = copy.deepcopy(model)
     try:
         total = _cpu_s(lambda: memfit.auto(fresh, sample, budget=budget))
     finally:
-        memfit.profiling.planned = planned
+        memfit.verbs.profiling.planned = planned
         for owner, name, original in originals:
             setattr(owner, name, original)
     args, kwargs = split_sample(sample)

@@ -41,7 +41,7 @@ from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime.apply import apply_plan, chain_of_plan
 from memfit.runtime.dynamic import shape_plans
-from memfit.verification import mismatched_gradients, seeded_gradients
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients
 
 HERE = Path(__file__).parent
 

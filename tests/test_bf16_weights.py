@@ -9,7 +9,7 @@ import torch
 import memfit
 from memfit.errors import InfeasibleBudgetError
 from memfit.models import build
-from memfit.verification import mismatched_gradients, seeded_gradients
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 

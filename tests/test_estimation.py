@@ -27,7 +27,7 @@ from memfit.models import gpt
 from memfit.planning.plan import Plan, keep_tree
 from memfit.planning.shape_fits import Shape
 from memfit.runtime.apply import chain_of_plan, planned
-from memfit.shape_profiles import default_profile_shapes
+from memfit.verbs.shape_profiles import default_profile_shapes
 
 PROFILED = [(b, s) for b in (1, 2) for s in (8, 16, 32, 64)]
 PROBE = (1, 256)
@@ -121,7 +121,7 @@ def test_stage_times_scaled_to_unmarked_steps_and_rungs_past_positions_left_out(
     model, sample = gpt(layers=2, width=32, heads=2, vocab=64, seq=32, batch=4)
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="memfit.shape_profiles"):
+    with caplog.at_level(logging.WARNING, logger="memfit.verbs.shape_profiles"):
         shaped = memfit.profile_shapes(model, sample, repeats=1)
     assert sorted(shaped.fitted.shapes) == [Shape(b, s) for b in (2, 4) for s in (4, 8, 16, 32)]
     assert "shape 2 x 64 left out" in caplog.text and "shape 1 x 128 left out" in caplog.text

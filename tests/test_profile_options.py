@@ -13,8 +13,8 @@ import torch
 import memfit
 from memfit.measuring.loop import TrainingLoop
 from memfit.models import build
-from memfit.profile_options import ProfileOptions
-from memfit.shape_profiles import shape_profile_options
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.shape_profiles import shape_profile_options
 
 
 def test_the_options_are_read_once_into_one_frozen_value() -> None:
@@ -44,13 +44,13 @@ def test_the_shape_profiles_measure_keep_and_recompute_unless_told() -> None:
 @pytest.fixture
 def unmeasured(monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, Any]:
     """A small MLP that fails the test if anything profiles it or runs it."""
-    import memfit.profiling
+    import memfit.verbs.profiling
 
     def profiled(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("profiling started before the usage error")
 
-    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
-    monkeypatch.setattr("memfit.estimation.shape_profile_with", profiled)
+    monkeypatch.setattr(memfit.verbs.profiling, "_chain", profiled)
+    monkeypatch.setattr("memfit.verbs.estimation.shape_profile_with", profiled)
     model, sample = build("mlp", layers=2, width=16, hidden=32, batch=4)
 
     def ran(module: Any, args: Any) -> None:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import memfit
-from memfit.bench import bench
 from memfit.measuring.run import time_step
 from memfit.models import gpt
+from memfit.verbs.bench import bench
 
 
 class Residual(nn.Module):

@@ -8,7 +8,12 @@ import pathlib
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from _pytest.nodeid import NodeId
+from xdist.scheduler.loadgroup import LoadGroupScheduling
+
 from tests.conftest import pytest_ignore_collect, shared_fixture_group
+from tests.helpers.xdist_groups import suffix_group
 
 
 def fixture(scope: str, baseid: str = "tests/test_x.py") -> SimpleNamespace:
@@ -39,7 +44,7 @@ def test_each_parameter_of_a_parametrized_module_fixture_is_a_group() -> None:
     first = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 1}))
     again = shared_fixture_group(item(profiled, indices={"profiled": 0, "budget": 0}))
     other = shared_fixture_group(item(profiled, indices={"profiled": 3, "budget": 1}))
-    assert first == again == "profiled[0]" and other == "profiled[3]"
+    assert first == again == "profiled=0" and other == "profiled=3"
 
 
 def test_what_collection_made_is_out_of_the_collectors_walks() -> None:
@@ -62,3 +67,58 @@ def test_quick_runs_do_not_import_files_slow_as_a_whole() -> None:
     for where in ("runtime", "runtime/test_apply.py", "test_api.py", "helpers"):
         assert ignored(where, "not slow") is None, where
     assert ignored("runtime/test_compiled.py", "not slow") is True
+
+
+class Collected:
+    """A collected test as pytest 9.2 holds it: the node id is the structured ``_id``."""
+
+    def __init__(self, nodeid: str, group: str) -> None:
+        self._id = NodeId.parse(nodeid)
+        self.marks = [pytest.mark.xdist_group(group).mark]
+
+    @property
+    def nodeid(self) -> str:
+        return str(self._id)
+
+    def iter_markers(self, name: str) -> Any:
+        return (mark for mark in self.marks if mark.name == name)
+
+
+def test_the_tests_of_a_fixtures_parameter_are_one_scheduling_unit() -> None:
+    """Two tests sharing the first family's profile go to one worker: the group reaches
+    xdist's scheduler through the node id pytest reports, and a group name ending in ``]``
+    would read as no group at all."""
+    profiled = {"profiled": fixture("module"), "budget": fixture("function")}
+    where = "integrations/test_families.py"
+    group = f"{where}:{shared_fixture_group(item(profiled, indices={'profiled': 0}))}"
+    first = Collected(f"tests/{where}::test_plans[gpt2-eager-30%]", group)
+    second = Collected(f"tests/{where}::test_floor[gpt2-eager]", group)
+    for test in (first, second):
+        test._nodeid = f"{test.nodeid}@{group}"  # what xdist 3.8 writes, unread by pytest 9.2
+        suffix_group(test)
+        suffix_group(test)  # once only
+    assert first.nodeid == f"tests/{where}::test_plans[gpt2-eager-30%]@{group}"
+    scope = LoadGroupScheduling._split_scope
+    assert scope(None, first.nodeid) == scope(None, second.nodeid) == group
+
+
+@pytest.fixture(scope="module")
+def shared() -> int:
+    return 1
+
+
+def test_a_test_under_loadgroup_carries_its_group(
+    request: pytest.FixtureRequest, shared: int
+) -> None:
+    """``make quick`` and ``make test`` (``--dist loadgroup``): this test's module fixture puts it
+    in its file's group, and the id the scheduler read says so."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("runs under pytest-xdist's --dist loadgroup only (make quick, make test)")
+    assert request.node.nodeid.endswith("@test_suite_groups.py")
+
+
+def test_tests_run_on_one_intra_op_thread() -> None:
+    """``tests/conftest.py`` sets it where tests run (in each xdist worker, not the controller)."""
+    import torch
+
+    assert torch.get_num_threads() == 1

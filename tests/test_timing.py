@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import memfit
-import memfit.timing
-from memfit.bench import bench
+import memfit.verbs.timing
 from memfit.errors import InfeasibleBudgetError
 from memfit.integrations.hf import build_hf
 from memfit.planning.candidates import alternatives, used_options
 from memfit.planning.frontier import frontier
 from memfit.report.tables import plan_table
 from memfit.runtime.apply import applied_plan
-from memfit.timing import ALONE, MARGIN, fastest
+from memfit.verbs.bench import bench
+from memfit.verbs.timing import ALONE, MARGIN, fastest
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, seconds) -> list[int]:
         calls.append(index)
         return seconds(index, calls.count(index) - 1)
 
-    monkeypatch.setattr(memfit.timing, "timed_step_under", fake)
+    monkeypatch.setattr(memfit.verbs.timing, "timed_step_under", fake)
     return calls
 
 

@@ -154,7 +154,7 @@ def test_a_block_difference_is_caught_with_the_head_exempt(
 
 
 def test_group_errors_and_cosine_measure_a_gradient_against_the_reference() -> None:
-    from memfit.verification import (
+    from memfit.verbs.verification import (
         OUTSIDE_BLOCKS,
         cosine_similarity,
         group_errors,

@@ -8,7 +8,6 @@ True
 """
 
 import memfit.integrations  # noqa: F401  (registers HF's checkpointing switch with the runtime)
-from memfit.api import Verification, apply, auto, plan, profile, remove, verify
 from memfit.errors import (
     AlreadyPlannedError,
     InfeasibleBudgetError,
@@ -18,11 +17,12 @@ from memfit.errors import (
     RankMismatchError,
     UnsupportedModelError,
 )
-from memfit.estimation import Estimate, ShapeProfile, estimate, profile_shapes
 from memfit.measuring import Measurement, MemoryMeter, Profile, measure
 from memfit.planning import ChainCosts, Plan
 from memfit.planning.shape_fits import Shape
 from memfit.units import Budget, format_bytes, parse_budget, parse_bytes
+from memfit.verbs.api import Verification, apply, auto, plan, profile, remove, verify
+from memfit.verbs.estimation import Estimate, ShapeProfile, estimate, profile_shapes
 
 __version__ = "0.1.0"
 

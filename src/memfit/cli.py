@@ -296,11 +296,11 @@ def _run_bench(
     target: str, args: argparse.Namespace, out: _Output, directory: Path | None, strict: bool
 ) -> tuple[dict[str, Any], bool]:
     import memfit
-    from memfit.bench import bench
     from memfit.models import describe
     from memfit.planning.frontier import frontier
     from memfit.report.plot import pareto_plot
     from memfit.report.tables import bench_table, seed_metrics
+    from memfit.verbs.bench import bench
 
     budgets = _budgets(args.budgets)
     model, sample = _load(target, args, strict)

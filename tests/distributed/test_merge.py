@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from memfit.distributed import describe_sample, merge, ranks
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts, uniform_chain
+from memfit.verbs.distributed import describe_sample, merge, ranks
 
 
 def test_merge_takes_the_worst_rank() -> None:

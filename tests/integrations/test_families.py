@@ -47,7 +47,7 @@ from memfit.measuring.run import measure_stages
 from memfit.measuring.trace import Trace, compare_traces
 from memfit.planning.plan import Plan, Stage, recompute_one
 from memfit.planning.simulate import simulate
-from memfit.verification import same_tensors, traced_gradients
+from memfit.verbs.verification import same_tensors, traced_gradients
 
 transformers = pytest.importorskip("transformers")
 Version = pytest.importorskip("packaging.version").Version  # a dependency of transformers

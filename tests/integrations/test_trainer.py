@@ -123,3 +123,25 @@ def test_callback_plans_the_first_batch(
 def test_callback_rejects_a_bad_budget() -> None:
     with pytest.raises(ValueError, match="budget"):
         MemfitCallback(budget="lots")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        ({"repeets": 1}, TypeError, "repeets"),
+        ({"repeats": 0}, ValueError, "repeats"),
+        ({"options": ("selective:nonsense",)}, ValueError, "nonsense"),
+        ({"shapes": "dynamic", "shapes_profiled": [(1, 8)], "blocs": "h"}, TypeError, "blocs"),
+    ],
+)
+def test_callback_rejects_a_bad_profile_option_before_training(
+    options: dict, error: type, names: str
+) -> None:
+    """Checked at construction as memfit.profile checks them, not at the first training batch."""
+    with pytest.raises(error, match=names):
+        MemfitCallback(budget="50%", **options)
+
+
+def test_callback_takes_autos_own_keywords() -> None:
+    callback = MemfitCallback(budget="50%", candidates=2, repeats=1)
+    assert callback.profile_options == {"keep_output": False, "candidates": 2, "repeats": 1}

@@ -107,6 +107,26 @@ def test_recomputes_skip_the_regions_ops() -> None:
     assert difference is not None and difference.where.startswith("recompute")
 
 
+def test_a_recompute_out_of_order_names_the_order_not_another_op() -> None:
+    """A recompute op the plain forward runs, but only before the ops matched ahead of it, is
+    reported as an order difference (shown beside a plain op of the same name, with other
+    layouts, it read as an op the plain step does not run)."""
+    plain = step()
+    planned = step(
+        after=(
+            OpCall("aten.gelu.default", ROW, "recompute", run=1),
+            OpCall("aten.mm.default", ROW, "recompute", run=1),
+        )
+    )
+    difference = compare_traces(plain, planned)
+    assert difference is not None and difference.where == "recompute 0"
+    assert difference.plain is not None and difference.planned is not None
+    assert difference.plain.key == difference.planned.key  # the same op, elsewhere
+    assert "only before the ops matched so far" in str(difference)
+    planned.calls[-1] = OpCall("aten.mm.default", STRIDED, "recompute", run=1)
+    assert "no op of the plain forward on these layouts" in str(compare_traces(plain, planned))
+
+
 def test_real_steps_mark_forward_and_backward_regions() -> None:
     logits = torch.randn(4, 8, requires_grad=True)
     target = torch.tensor([1, 2, 3, 0])

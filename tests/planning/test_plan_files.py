@@ -14,7 +14,7 @@ import memfit
 from memfit.models import build
 from memfit.planning import Plan
 from memfit.runtime.compiled import plan_compile_options
-from memfit.verification import mismatched_gradients, seeded_gradients
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients
 
 DATA = pathlib.Path(__file__).parent.parent / "data"
 FILES = ["plan-2026-12-07.json", "plan-2026-12-07-compiled.json", "plan-2026-12-07-inexact.json"]

@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.api import plan as make_strategy_plan
 from memfit.errors import InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.chain import find_chain
 from memfit.measuring.trace import Trace, compare_traces, tracing
 from memfit.planning.plan import Plan, Segment, Stage
-from memfit.profiling import profile
 from memfit.runtime import applied_plan, apply_plan, remove_plan
 from memfit.runtime.caches import cache_arguments, private_caches
 from memfit.runtime.head import is_head_option
+from memfit.verbs.api import plan as make_strategy_plan
+from memfit.verbs.profiling import profile
 from tests.helpers.plans import make_plan
 from tests.helpers.rng_draws import draws_between_blocks
 from tests.helpers.trees import TREES

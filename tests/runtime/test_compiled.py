@@ -29,8 +29,8 @@ from memfit.planning import Plan, Stage, recompute_one
 from memfit.runtime import compiled
 from memfit.runtime.apply import planned_module
 from memfit.runtime.compiled import runs_compiled_blocks
-from memfit.timing import fastest
-from memfit.verification import mismatched_gradients, seeded_gradients
+from memfit.verbs.timing import fastest
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients
 
 COMPILE = {"backend": "aot_eager"}
 # Dynamo reads .grad of fake tensors while it traces (its own warning, triggered inside torch)
@@ -367,12 +367,12 @@ def test_auto_passes_the_callers_own_compile_arguments_on() -> None:
 def test_a_compiled_model_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch, call) -> None:
     # nanoGPT compiles before its first batch: memfit must not plan the wrapper (eager numbers,
     # minutes of compiling, a plan that does not hold compiled), and must say how to plan it
-    import memfit.profiling
+    import memfit.verbs.profiling
 
     def profiled(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("profiling started before the refusal")
 
-    monkeypatch.setattr(memfit.profiling, "_chain", profiled)
+    monkeypatch.setattr(memfit.verbs.profiling, "_chain", profiled)
     model, sample = _gpt()
     compiled = torch.compile(model, **COMPILE)
     counters.clear()

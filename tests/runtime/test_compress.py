@@ -207,16 +207,16 @@ def test_the_exact_path_measures_and_plans_no_lossy_option() -> None:
 def test_auto_with_its_defaults_measures_and_plans_no_lossy_option(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import memfit.api
+    import memfit.verbs.api
 
     profiles = []
-    real = memfit.api.profile_with
+    real = memfit.verbs.api.profile_with
 
     def spy(*args: object, **kwargs: object) -> object:
         profiles.append(real(*args, **kwargs))  # type: ignore[arg-type]
         return profiles[-1]
 
-    monkeypatch.setattr(memfit.api, "profile_with", spy)
+    monkeypatch.setattr(memfit.verbs.api, "profile_with", spy)
     model, sample = build("gpt", **GPT)
     plan = memfit.auto(model, sample, budget="50%")
     memfit.remove(model)

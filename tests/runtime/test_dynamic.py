@@ -27,7 +27,7 @@ from memfit.planning.simulate import simulate
 from memfit.planning.solve import min_peak_bytes
 from memfit.runtime import applied_plan
 from memfit.runtime.dynamic import batch_bucket, shape_plans
-from memfit.verification import mismatched_gradients, seeded_gradients
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients
 
 STREAM = [16, 128, 40, 96, 16, 128]
 

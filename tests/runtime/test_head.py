@@ -19,7 +19,7 @@ from memfit.report.tables import plan_table
 from memfit.runtime import apply_plan, losses, remove_plan
 from memfit.runtime.head import CHUNKED, LEAN_LOSS, marking_head
 from memfit.runtime.losses import chunked_linear_cross_entropy, lean_cross_entropy
-from memfit.verification import ROUNDING, seeded_gradients, traced_gradients
+from memfit.verbs.verification import ROUNDING, seeded_gradients, traced_gradients
 from tests.helpers.plans import head_plan, make_plan
 
 transformers = pytest.importorskip("transformers")

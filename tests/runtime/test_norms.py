@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.api import plan as strategy_plan
 from memfit.errors import InfeasibleBudgetError
 from memfit.measuring.chain import find_chain
-from memfit.profiling import profile
 from memfit.runtime import apply_plan, remove_plan
+from memfit.verbs.api import plan as strategy_plan
+from memfit.verbs.profiling import profile
 from tests.helpers.plans import make_plan
 from tests.helpers.trees import RUNTIME_TREES as TREES
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memfit
+from memfit.measuring.trace import compare_traces, tracing
 from memfit.models import build
 from memfit.planning.solve import solve
 from memfit.report.tables import describe_ops
@@ -537,3 +538,58 @@ def test_chain_intermediates_are_written_in_place_only_where_the_result_fits_the
     assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
     # promoted, column and widened (add), chained (tanh)
     assert log.get("add chain") == 3 * 32 * 64 * 4 and log.get("tanh chain") == 32 * 64 * 4
+
+
+def test_an_intermediate_read_twice_is_rebuilt_once_as_in_the_forward() -> None:
+    """A rotary table as RecurrentGemma's layers make it, ``cat((freqs, freqs))`` of positions
+    times a 0-d scale tensor times inverse frequencies: the chain rebuilt for ``cos`` computes
+    ``freqs`` once, as the forward did (the op trace is the plain step's: computed twice, it
+    was not), and the other reader of ``freqs`` (a product written in place when it is the
+    last reader) does not overwrite it before the concatenation reads it."""
+    x = torch.randn(3, 7, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    positions = torch.arange(7.0).view(1, 7, 1)
+    inv_freq, scale = torch.tensor([1.0, 0.01]), torch.tensor(2.0)
+
+    def forward() -> torch.Tensor:
+        freqs = (positions * scale) * inv_freq
+        table = torch.cat((freqs * 3.0, freqs), -1)
+        return (x * table.cos()) @ w
+
+    with tracing() as plain_trace:
+        plain = torch.autograd.grad(forward().sum(), [x, w])
+    with tracing() as trace, recording() as log:
+        with rebuilding(ops=True):
+            out = forward()
+        rebuilt = torch.autograd.grad(out.sum(), [x, w])
+    assert log[0].get("cos chain") == 7 * 4 * 4  # the case this is about happened
+    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    difference = compare_traces(plain_trace, trace)
+    assert difference is None, str(difference)
+
+
+def test_storages_rebuilt_in_turn_run_their_ops_in_the_forwards_order() -> None:
+    """RecurrentGemma's recurrence: ``a = exp(log_a)`` and ``a2 = exp(2 * log_a)`` are both
+    saved, and a later saved storage reads them (here ``tanh(a2 * a)``). Rebuilt argument by
+    argument, ``a2``'s chain ran before ``a``'s, otherwise than in the forward (the op trace
+    differed); the rebuild runs every op in the forward's order, ``log_a`` once."""
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        gate = torch.sigmoid(h @ w)  # saves its output: kept, the chains' source
+        log_a = gate * -8.0
+        a = torch.exp(log_a)
+        a2 = torch.exp(log_a * 2.0)
+        return torch.tanh(a2 * a) @ w
+
+    with tracing() as plain_trace:
+        plain = torch.autograd.grad(forward().sum(), [h, w])
+    with tracing() as trace, recording() as log:
+        with rebuilding(ops=True):
+            out = forward()
+        rebuilt = torch.autograd.grad(out.sum(), [h, w])
+    assert log[0].get("exp chain") == 2 * 6 * 8 * 4 and log[0].get("tanh chain") == 6 * 8 * 4
+    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
+    difference = compare_traces(plain_trace, trace)
+    assert difference is None, str(difference)

@@ -83,7 +83,7 @@ class Tiny(nn.Module):
 def test_profile_leaves_out_an_option_that_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
     model, sample = Tiny().train(), (torch.randn(2, 8, 8),)
     options = ["selective:matmul", "selective:save=transpose.int"]
-    with caplog.at_level(logging.WARNING, logger="memfit.profiling"):
+    with caplog.at_level(logging.WARNING, logger="memfit.verbs.profiling"):
         profile = memfit.profile(model, sample, repeats=1, options=options)
     menu = profile.costs.stages[1].options
     assert "selective:matmul" in menu and "selective:save=transpose.int" not in menu

@@ -25,6 +25,7 @@ importing it until asked.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Mapping
@@ -34,11 +35,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from memfit.api import auto
 from memfit.planning.plan import Plan
 from memfit.runtime.apply import applied_plan
 from memfit.runtime.hf_switches import disable_hf_checkpointing
 from memfit.units import Budget, format_bytes, parse_budget
+from memfit.verbs.api import auto
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.shape_profiles import shape_profile_options
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,28 @@ TAKE_OVER = (
     "plan replaces Hugging Face's checkpointing, which is turned off (both would recompute "
     "twice); drop the argument to silence this"
 )
+
+
+# memfit.auto's own keywords beside budget and strategy (candidates, max_error, shapes...): the
+# callback hands them to auto as they are; every other keyword is a profile option
+AUTO_KEYWORDS = frozenset(
+    name
+    for name, parameter in inspect.signature(auto).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+) - {"budget", "strategy"}
+
+
+def _check_profile_options(arguments: Mapping[str, Any]) -> None:
+    """Refuse what :func:`memfit.auto` would refuse among ``arguments``' profile options, as
+    it checks them (:class:`ProfileOptions`; with ``shapes="dynamic"`` as
+    :func:`memfit.profile_shapes` does, beside its ``shapes_profiled`` and ``shape_profile``)."""
+    options = {name: value for name, value in arguments.items() if name not in AUTO_KEYWORDS}
+    if arguments.get("shapes") == "dynamic":
+        options.pop("shapes_profiled", None)
+        options.pop("shape_profile", None)
+        shape_profile_options(**options)
+    else:
+        ProfileOptions.of(**options)
 
 
 class MemfitCallback(TrainerCallback):
@@ -66,7 +91,10 @@ class MemfitCallback(TrainerCallback):
         plan: the plan applied, once the first batch has been seen (``None`` before).
 
     Raises:
-        ValueError: a malformed budget (at construction, before any training).
+        ValueError, TypeError: a malformed budget or profile option, or a keyword neither
+            :func:`memfit.auto` nor :func:`memfit.profile` takes: at construction, checked as
+            :func:`memfit.profile` checks them (:class:`~memfit.verbs.profile_options.ProfileOptions`),
+            before any training.
 
     Example:
         >>> trainer = Trainer(model=model, args=args, train_dataset=data)
@@ -81,10 +109,12 @@ class MemfitCallback(TrainerCallback):
         strategy: str = "optimal",
         **profile_options: Any,
     ) -> None:
-        parse_budget(budget)  # a malformed budget fails here, not at the first batch
+        # a malformed budget or profile option fails here, not at the first training batch
+        parse_budget(budget)
         self.budget = budget
         self.strategy = strategy
         self.profile_options = {"keep_output": False, **profile_options}
+        _check_profile_options(self.profile_options)
         self.plan: Plan | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 

@@ -109,7 +109,7 @@ def step_clock(
 
     The marks' hooks cost time of their own, which :func:`stage_clock`'s spans include:
     measured 0.5-0.7 ms on a 10 ms step of a 4-layer Llama config (about 14 marks). Shape fits
-    scale the stage times to this clock's step (:func:`memfit.shape_profiles.profile_shapes`).
+    scale the stage times to this clock's step (:func:`memfit.verbs.shape_profiles.profile_shapes`).
     """
     with preserved_grads(model, sample):
         _warm_up(model, sample, loop, warmup)

@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from memfit.measuring.ops import out_of_place_twin
 
@@ -224,6 +223,32 @@ class Trace:
 
 
 @functools.cache
+def _recorded_name(op: Any) -> tuple[str, bool] | None:
+    """How :class:`_Recorder` names ``op`` (``None``: a neutral op, not recorded): the
+    overload's name or its out-of-place twin's, and whether it runs in place. Once per op: the
+    recorder sees every op of a step."""
+    if _neutral(op):
+        return None
+    twin = out_of_place_twin(op)
+    return (str(op), False) if twin is None else (twin, True)
+
+
+def _tensors(value: Any, found: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in an aten op's arguments or results, in ``tree_flatten``'s order: aten
+    schemas nest at most lists (``Tensor[]``, ``Tensor?[]``) in tuples and the kwargs dict, and
+    a walk of those costs a fraction of the general pytree's."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensors(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors(item, found)
+    return found
+
+
+@functools.cache
 def _neutral(op: Any) -> bool:
     name = str(op)
     packet = name.rpartition(".")[0]
@@ -236,10 +261,15 @@ def _neutral(op: Any) -> bool:
     )
 
 
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype)
+
+
 def _describe(value: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], str]:
     if value.layout != torch.strided:
-        return tuple(value.shape), (), str(value.dtype)
-    return tuple(value.shape), tuple(value.stride()), str(value.dtype)
+        return tuple(value.shape), (), _dtype_name(value.dtype)
+    return tuple(value.shape), tuple(value.stride()), _dtype_name(value.dtype)
 
 
 class _Recorder(TorchDispatchMode):
@@ -250,12 +280,13 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _state.hidden or _neutral(func):
+        named = None if _state.hidden else _recorded_name(func)
+        if named is None:
             return out
-        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        outputs = _tensors(out, [])
         if not any(o.is_floating_point() or o.is_complex() for o in outputs):
             return out  # integers and booleans: exact everywhere
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        inputs = _tensors(kwargs, _tensors(args, []))
         run = _state.run if _state.depth else None
         if torch._C._current_graph_task_id() == -1:
             phase = FORWARD
@@ -264,9 +295,7 @@ class _Recorder(TorchDispatchMode):
         else:
             phase = BACKWARD
         layouts = tuple(_describe(a) for a in inputs)
-        twin = out_of_place_twin(func)
-        name = str(func) if twin is None else twin
-        call = OpCall(name, layouts, phase, run, twin is not None, _state.design)
+        call = OpCall(named[0], layouts, phase, run, named[1], _state.design)
         self.trace.calls.append(call)
         return out
 
@@ -384,8 +413,13 @@ def compare_traces(plain: Trace, planned: Trace) -> TraceDifference | None:
             while position < len(keys) and keys[position] != call.key:
                 position += 1
             if position == len(keys):
-                same = next((c for c in plain_forward if c.op == call.op), None)
-                return TraceDifference(f"recompute {number}", index, call, same)
+                same = next((c for c in plain_forward if c.key == call.key), None)
+                if same is not None:  # the op is the plain forward's, its place is not
+                    note = "the plain forward runs it only before the ops matched so far"
+                else:
+                    same = next((c for c in plain_forward if c.op == call.op), None)
+                    note = "" if same is None else "no op of the plain forward on these layouts"
+                return TraceDifference(f"recompute {number}", index, call, same, note)
             position += 1
     return None
 

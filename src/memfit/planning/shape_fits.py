@@ -300,7 +300,7 @@ def seconds_basis(
     short step), which then predicted 2-4x along the seq 22-49% low; the quadratic basis
     brought 117 of 129 cells within 15% instead of 88 (HF GPT-2, Llama and BERT configs on
     CPU, with shapes of equal tokens at longer seqs among the profiled ones,
-    :func:`memfit.shape_profiles.default_profile_shapes`; conditions in
+    :func:`memfit.verbs.shape_profiles.default_profile_shapes`; conditions in
     ``benchmarks/results/design-figures.md``, "Time basis of shape fits").
     """
     array = np.array(totals, dtype=np.float64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from memfit.bench import BenchResult
 from memfit.planning.frontier import FrontierPoint
+from memfit.verbs.bench import BenchResult
 
 
 def pareto_plot(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memfit.bench import BenchResult
-from memfit.estimation import Estimate
 from memfit.measuring.profile import Profile
 from memfit.planning.plan import Plan
 from memfit.units import format_bytes
+from memfit.verbs.bench import BenchResult
+from memfit.verbs.estimation import Estimate
 
 
 def _mib(n: int) -> str:

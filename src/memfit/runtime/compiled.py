@@ -354,7 +354,7 @@ def blocks_compiled(
 ) -> Iterator[bool]:
     """The blocks compiled with ``options`` inside the ``with`` (yields whether this call
     compiled them): the one way :func:`memfit.apply`, :func:`memfit.profile` and
-    :func:`memfit.timing.fastest` compile a planned model's blocks.
+    :func:`memfit.verbs.timing.fastest` compile a planned model's blocks.
 
     ``options=None``, or blocks memfit compiled already, are left as they are (and as they
     are afterwards). Blocks compiled here run their own forward again on leaving; with

@@ -7,7 +7,9 @@ block (a closure over ``block.forward`` kept computing with the *original* block
 
 In a forward with gradients (the first run and every recompute) each KV cache it is passed is
 replaced by a private structural copy (:mod:`memfit.runtime.caches`): the block runs the same ops
-as unplanned and never writes the model's cache, so a rerun starts from the same state.
+as unplanned and never writes the model's cache, so a rerun starts from the same state. A dict
+of shared keys and values (Gemma 4's ``shared_kv_states``) is replaced likewise by a private copy
+of the snapshot its item was called with (:mod:`memfit.runtime.shared_states`).
 
 It calls the forward as the model did: the runtime hands the main input on first, and a block
 called with keywords only whose keywords name the forward's first parameter (Reformer's
@@ -61,6 +63,7 @@ from memfit.measuring.meter import RECOMPUTE_RANGE, metered_range
 from memfit.measuring.trace import rerunning
 from memfit.runtime.caches import CacheArguments, cache_arguments, private_caches
 from memfit.runtime.guards import RUNNING_STATS
+from memfit.runtime.shared_states import private_shared_states
 from memfit.runtime.state_replay import replayed
 
 # torch's selective checkpoint (torch/utils/checkpoint.py) when a second backward reaches a
@@ -229,8 +232,13 @@ class BlockForward:
             # recompute (CheckpointError)
             if torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 self._remember_versions(args, kwargs)
+                args, kwargs, shared = private_shared_states(args, kwargs, first=True)
+                out = forward(*args, **kwargs)
+                shared.settle()
+                return out
             return forward(*args, **kwargs)
         self._refuse_changed_arguments(args, kwargs)
+        args, kwargs, _ = private_shared_states(args, kwargs, first=False)
         saved = _running_stats(self.norms)
         try:
             with rerunning():

@@ -57,6 +57,9 @@ class _OpMakers:
         self.thread = thread  # the dispatch mode ignores ops of other threads
         # storage -> what made it last during the forward (an _OpCall, or _Made)
         self.makers: dict[int, Any] = {}
+        # intermediates the recipes' chains read: id of the op call -> reading argument slots
+        self.readers: dict[int, int] = {}
+        self.calls = 0  # op calls recorded: each one's place in the forward
 
     def record_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note which op made each fresh storage (and that in-place writes made new ones).
@@ -88,7 +91,9 @@ class _OpMakers:
                 geometry=geometry(out),
                 nbytes=out.untyped_storage().nbytes(),
                 dtype=out.dtype,
+                order=self.calls,
             )
+            self.calls += 1
         for _tensor, ptr in fresh:
             self.makers[ptr] = call if call is not None else _Made()
 
@@ -152,7 +157,7 @@ class _OpMakers:
             }
             device = base.device.type
             # the ops as dispatched, after autocast: rerun without it
-            recipe = _OpRecipe(call, table, geometry(base))
+            recipe = _OpRecipe(call, table, geometry(base), self.readers)
             return recipe, (device, False, torch.get_autocast_dtype(device))
 
         return _Recipe(

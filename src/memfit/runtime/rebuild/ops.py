@@ -4,6 +4,7 @@ recipe that reruns the chain of cheap ops that made a saved storage."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class _OpCall:
     geometry: Geometry
     nbytes: int
     dtype: torch.dtype
+    order: int = 0  # its place among the block's recorded calls (the forward's order)
 
 
 @dataclass(slots=True, eq=False)
@@ -126,27 +128,88 @@ class _OpRecipe:
     """Rebuilds one storage by rerunning the chain of cheap ops that made it, from storages
     the block keeps saved (or rebuilds in turn), parameters and small constants.
 
+    Each op runs once per rebuild, as in the forward: an intermediate that several ops read,
+    in this chain (RecurrentGemma's rotary table, ``cat((freqs, freqs))``) or in the chains of
+    other storages of the block rebuilt meanwhile (its recurrence's ``log_a``, read by
+    ``exp(log_a)`` and ``exp(2 * log_a)``, both saved), is computed once per rebuild run and
+    handed to each (computed once per reader, the rebuild ran ops the forward did not run, and
+    the op trace differed from the plain step's). And the ops run in the forward's order: a
+    rebuild first makes every intermediate it needs, and every storage rebuilt in turn for it,
+    sorted by their calls' places in the forward (evaluated argument by argument, the chains of
+    two rebuilt storages interleaved otherwise than in the forward: RecurrentGemma's).
+
     An op whose first argument is an intermediate this recipe has just made (nobody saved it,
-    nothing else holds it) runs in place on it when its output has that argument's dtype and
-    layout: GPT-2's tanh chain then allocates 2 tensors instead of 5, and fresh memory is what
-    a rebuild pays most for on a CPU (the chain: 1.9 ms warm instead of 3.0 ms at width 768;
-    ``benchmarks/results/design-figures.md``, "Op-chain rebuild costs")."""
+    nothing else holds it, no other op of the block's chains reads it) runs in place on it when its
+    output has that argument's dtype and layout: GPT-2's tanh chain then allocates 2 tensors
+    instead of 5, and fresh memory is what a rebuild pays most for on a CPU (the chain: 1.9 ms
+    warm instead of 3.0 ms at width 768; ``benchmarks/results/design-figures.md``, "Op-chain
+    rebuild costs")."""
 
     def __init__(
         self,
         call: _OpCall,
         saved: dict[int, tuple[_Source | None, torch.Tensor | None, Any]],
         geometry: Geometry,
+        readers: dict[int, int],
     ) -> None:
         self.call = call
         # saved storage -> (its source when dropped, else its base tensor; what made it)
         self.saved = saved
         self.geometry = geometry  # of the saved base on the storage (a reshape's, say)
+        # the block's: intermediate (id of the op call that makes it) -> argument slots of the
+        # chains of its rebuilt storages that read it, this chain's added now
+        self.readers = readers
+        for key, count in self._readers().items():
+            readers[key] = readers.get(key, 0) + count
 
     def _saved(self, arg: _Arg) -> bool:
         """Whether ``arg`` is a saved storage, not a rerun intermediate that had its address."""
         entry = self.saved.get(arg.ptr)
         return entry is not None and entry[2] is arg.maker
+
+    def _readers(self) -> dict[int, int]:
+        """How many argument slots of the chain read each intermediate it reruns
+        (``id`` of the op call that makes it -> count)."""
+        readers: dict[int, int] = {}
+        pending, seen = [self.call], set()
+        while pending:
+            current = pending.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            for arg in _aten_leaves(current.args, current.kwargs, _Arg):
+                if arg.tensor is None and not self._saved(arg):
+                    assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
+                    readers[id(arg.maker)] = readers.get(id(arg.maker), 0) + 1
+                    pending.append(arg.maker)
+        return readers
+
+    def _schedule(self, into: dict[int, tuple[int, Any]]) -> None:
+        """Add what a rebuild of this storage runs besides its own call, each with its place in
+        the forward: ``id`` -> ``(order, (recipe, call))`` for an intermediate, ``(order,
+        source)`` for a saved storage rebuilt in turn (after its own intermediates)."""
+        pending = [self.call]
+        while pending:
+            current = pending.pop()
+            for arg in _aten_leaves(current.args, current.kwargs, _Arg):
+                if arg.tensor is not None:
+                    continue
+                if self._saved(arg):
+                    source = self.saved[arg.ptr][0]
+                    if source is None or source.cached is not None or id(source) in into:
+                        continue
+                    if isinstance(source.make, _OpRecipe):
+                        source.make._schedule(into)
+                        into[id(source)] = (source.make.call.order, source)
+                    else:  # a module's rerun: first (it reads no intermediate of an op chain)
+                        into[id(source)] = (-1, source)
+                    continue
+                assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
+                left = _run.left
+                left[id(arg.maker)] = left.get(id(arg.maker), 0) + 1  # one more read
+                if id(arg.maker) not in into:
+                    into[id(arg.maker)] = (arg.maker.order, (self, arg.maker))
+                    pending.append(arg.maker)
 
     def resolve(self, arg: _Arg) -> torch.Tensor:
         if arg.tensor is not None:
@@ -157,7 +220,15 @@ class _OpRecipe:
             assert whole is not None
             return whole.as_strided(*arg.geometry)
         assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
-        return self.evaluate(arg.maker).as_strided(*arg.geometry)
+        memo = _run.made
+        made = memo.get(id(arg.maker)) if memo is not None else None
+        if memo is not None and made is not None:
+            _run.left[id(arg.maker)] -= 1
+            if not _run.left[id(arg.maker)]:  # its last reader in this rebuild: let it go
+                del memo[id(arg.maker)]
+        else:  # not scheduled (read by a module's rerun inside this rebuild)
+            made = self.evaluate(arg.maker)
+        return made.as_strided(*arg.geometry)
 
     def evaluate(self, call: _OpCall) -> torch.Tensor:
         first = call.args[0] if call.args else None
@@ -168,6 +239,7 @@ class _OpRecipe:
             and first.tensor is None
             and not self._saved(first)  # made by this recipe, just now
             and isinstance(first.maker, _OpCall)
+            and self.readers.get(id(first.maker), 0) == 1  # read by this op alone
             and first.maker.geometry == first.geometry == call.geometry
             and first.maker.nbytes == call.nbytes
             and first.dtype == call.dtype
@@ -177,4 +249,30 @@ class _OpRecipe:
 
     def __call__(self) -> torch.Tensor:
         # the op made the whole storage (checked when recorded): the saved base is a view of it
-        return self.evaluate(self.call).as_strided(*self.geometry)
+        if _run.made is not None:  # inside another rebuild: its run
+            return self.evaluate(self.call).as_strided(*self.geometry)
+        made: dict[int, torch.Tensor] = {}
+        _run.made, _run.left = made, {}
+        try:
+            steps: dict[int, tuple[int, Any]] = {}
+            self._schedule(steps)
+            for _order, step in sorted(steps.values(), key=lambda entry: entry[0]):
+                if isinstance(step, tuple):
+                    recipe, call = step
+                    made[id(call)] = recipe.evaluate(call)
+                else:
+                    step.value()
+            return self.evaluate(self.call).as_strided(*self.geometry)
+        finally:
+            _run.made, _run.left = None, {}
+
+
+class _Run(threading.local):
+    """The intermediates made so far in the rebuild running now (outermost recipe call):
+    ``id`` of the op call -> its output."""
+
+    made: dict[int, torch.Tensor] | None = None
+    left: dict[int, int] = {}  # noqa: RUF012 (per thread, replaced per rebuild) reads to come
+
+
+_run = _Run()

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.distributed import agree, describe_sample, merge_profiles, rank0, ranks
 from memfit.errors import UnsupportedModelError
 from memfit.measuring.chain import Chain, find_chain
 from memfit.measuring.clock import profiler_share, wall_factor, wall_scaled
@@ -32,18 +31,9 @@ from memfit.measuring.readings import StageReading
 from memfit.measuring.run import measure_stages, stage_clock, stages_without_gradient
 from memfit.measuring.state import preserving_state
 from memfit.measuring.step import LossFn, split_sample
-from memfit.menu import (
-    NO_LOSS,
-    OFFLOAD_NOTE,
-    TIMED_NOTE,
-    Menu,
-    compiled_menu,
-    menu_for,
-)
 from memfit.planning.costs import CHECKPOINT, KEEP
 from memfit.planning.offload import with_offload
 from memfit.planning.plan import Plan, Stage, recompute_one
-from memfit.profile_options import Blocks, ProfileOptions
 from memfit.runtime import (
     REBUILD,
     REBUILD_LINEAR,
@@ -64,7 +54,17 @@ from memfit.runtime.head import (
 )
 from memfit.runtime.hf_switches import hf_checkpointing_off, refuse_layerdrop
 from memfit.runtime.options import is_exact, is_selective
-from memfit.verification import group_errors, parameter_groups, seeded_gradients
+from memfit.verbs.distributed import agree, describe_sample, merge_profiles, rank0, ranks
+from memfit.verbs.menu import (
+    NO_LOSS,
+    OFFLOAD_NOTE,
+    TIMED_NOTE,
+    Menu,
+    compiled_menu,
+    menu_for,
+)
+from memfit.verbs.profile_options import Blocks, ProfileOptions
+from memfit.verbs.verification import group_errors, parameter_groups, seeded_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def profile(
             (``torchrun``), every rank must call this with the same sample shapes; each
             measures, and all get the same merged profile (the worst rank's memory, the slowest
             rank's times), so that every rank plans the same schedule
-            (:mod:`memfit.distributed`). ``False``: this process alone.
+            (:mod:`memfit.verbs.distributed`). ``False``: this process alone.
         compile: profile the blocks compiled, as the plan will run them: ``True`` or a dict of
             ``torch.compile`` arguments (``{"backend": "inductor", "mode": ...}``). Each block's
             own forward is compiled and memfit's checkpoints run around it
@@ -520,7 +520,7 @@ def _lossy_errors(
     loss_fn: Any,
 ) -> dict[str, float]:
     """Way -> the largest relative gradient error over parameter groups
-    (:func:`~memfit.verification.group_errors`) of one step run that way, against the step with
+    (:func:`~memfit.verbs.verification.group_errors`) of one step run that way, against the step with
     every block kept, both from the seed :func:`memfit.verify` uses (0), for every way that is
     not bit-identical (``compress:*``, ``head:chunked``): what ``plan(max_error=...)`` compares.
     With every block under it, this is an option's error at its most: a plan that mixes it

@@ -1,7 +1,7 @@
 """``memfit.verify``: a planned model against itself unplanned, bit for bit, byte for byte.
 
 The checks here (seeded gradients compared with ``torch.equal``, metered peaks, paired timings)
-are the ones the benchmark (:mod:`memfit.bench`) runs for every row too.
+are the ones the benchmark (:mod:`memfit.verbs.bench`) runs for every row too.
 """
 
 from __future__ import annotations

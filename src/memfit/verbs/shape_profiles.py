@@ -3,7 +3,7 @@
 The model is profiled (:func:`memfit.profile`) at a few shapes made from the sample
 (:mod:`memfit.measuring.sample_shapes`: rows taken in turn, sequence positions spread), the plain
 step is timed at every one of them in rounds, and every figure of the chain's costs is fitted as a
-function of ``(batch, seq)`` (:mod:`memfit.planning.shape_costs`). :mod:`memfit.estimation` reads
+function of ``(batch, seq)`` (:mod:`memfit.planning.shape_costs`). :mod:`memfit.verbs.estimation` reads
 the fits at shapes never run.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import nn
 
-from memfit.distributed import ranks
 from memfit.measuring.sample_shapes import (
     SampleLayout,
     resize_sample,
@@ -33,9 +32,10 @@ from memfit.planning.plan import Plan
 from memfit.planning.shape_costs import ShapeCosts, fit_shapes, scale_seconds
 from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import simulate
-from memfit.profile_options import ProfileOptions
-from memfit.profiling import profile_with
 from memfit.runtime.apply import chain_of_plan, planned
+from memfit.verbs.distributed import ranks
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.profiling import profile_with
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The menu is ``keep`` and ``recompute`` (always), the block options (``rebuild*``
 ``<post>`` options (``head:*``) and ``offload``. This module refuses what cannot be measured
 (an unknown name, an option inexact to rounding without ``exact=False``, hooks on compiled
 blocks) with a usage error, and leaves out, with a note saying why, what ``"auto"`` would offer
-but this model cannot run. Measuring the menu is :mod:`memfit.profiling`'s job.
+but this model cannot run. Measuring the menu is :mod:`memfit.verbs.profiling`'s job.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and ``memfit.auto(..., shapes="dynamic")``.
 
 The model is profiled at a few shapes made from the sample and its costs fitted to the shape
-(:func:`memfit.shape_profiles.profile_shapes`); an estimate at a new shape is the simulator and
+(:func:`memfit.verbs.shape_profiles.profile_shapes`); an estimate at a new shape is the simulator and
 the planner run on the fitted costs there.
 """
 
@@ -24,14 +24,15 @@ from memfit.planning.shape_costs import largest_shape, plan_shape
 from memfit.planning.shape_fits import Shape
 from memfit.planning.simulate import budget_base, simulate
 from memfit.planning.solve import min_peak_bytes, parse_strategy
-from memfit.profile_options import ProfileOptions
 from memfit.runtime.apply import refuse_planned
 from memfit.runtime.dynamic import (
     ShapePlans,
     apply_shape_plans,
     check_bucket_and_margin,
 )
-from memfit.shape_profiles import (
+from memfit.units import Budget, parse_budget
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.shape_profiles import (
     ShapeProfile,
     ShapesArg,
     default_profile_shapes,
@@ -41,7 +42,6 @@ from memfit.shape_profiles import (
     shape_profile_options,
     shape_profile_with,
 )
-from memfit.units import Budget, parse_budget
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def auto_dynamic(
     options: ProfileOptions,
 ) -> Plan:
     """``memfit.auto(model, sample, budget=..., shapes="dynamic")``: see :func:`memfit.auto`
-    (``options``: its profile options, :func:`~memfit.shape_profiles.shape_profile_options`).
+    (``options``: its profile options, :func:`~memfit.verbs.shape_profiles.shape_profile_options`).
     Every argument is checked before the first shape is profiled."""
     parsed = parse_budget(budget)
     parse_strategy(strategy)

@@ -28,9 +28,9 @@ from memfit.planning.offload import offloads, without_offload
 from memfit.planning.plan import Plan
 from memfit.planning.solve import solve
 from memfit.runtime.apply import apply_plan, chain_of_plan, remove_plan
-from memfit.timing import fastest
 from memfit.units import parse_budget
-from memfit.verification import mismatched_gradients, seeded_gradients, timed_step_under
+from memfit.verbs.timing import fastest
+from memfit.verbs.verification import mismatched_gradients, seeded_gradients, timed_step_under
 
 STRATEGY_LABELS = {
     "none": "none",
@@ -120,7 +120,7 @@ def bench(
     Baselines (``none``, ``all``, ``every:k``, ``sqrt``) have no budget of their own: they are
     run once, with ``-`` in the budget column. ``optimal`` and ``optimal-recompute`` are run at
     every budget; ``optimal-timed`` times up to ``candidates`` plans within each budget on the
-    model first and runs the fastest (:func:`memfit.timing.fastest`). ``keep_output``:
+    model first and runs the fastest (:func:`memfit.verbs.timing.fastest`). ``keep_output``:
     whether the model's output stays alive through backward in the measured steps (``None``:
     as the profile measured it, ``profile.measurement``).
 

@@ -2,8 +2,8 @@
 
 They speak the user's words (a model, a sample, a budget such as ``"40%"`` or ``"12GiB"``) and
 compose the layers below: ``measuring/`` (meter, steps, chain), ``planning/`` (solvers) and
-``runtime/`` (executing a plan on the model). Profiling lives in :mod:`memfit.profiling`,
-verification in :mod:`memfit.verification`.
+``runtime/`` (executing a plan on the model). Profiling lives in :mod:`memfit.verbs.profiling`,
+verification in :mod:`memfit.verbs.verification`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 from torch import nn
 
-from memfit.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
 from memfit.errors import InfeasibleBudgetError, PlanMismatchError
 from memfit.measuring.offload import available_host_bytes
 from memfit.measuring.profile import Profile, fingerprint
@@ -25,8 +24,6 @@ from memfit.planning.lossy import check_max_error, within_error
 from memfit.planning.offload import offloads
 from memfit.planning.plan import Plan
 from memfit.planning.solve import Strategy, parse_strategy, solve
-from memfit.profile_options import ProfileOptions
-from memfit.profiling import profile, profile_with
 from memfit.runtime.apply import (
     applied_plan,
     apply_plan,
@@ -46,10 +43,13 @@ from memfit.runtime.compiled import (
 )
 from memfit.runtime.dynamic import remove_shape_plans
 from memfit.runtime.options import hooks_inside
-from memfit.shape_profiles import shape_profile_options
-from memfit.timing import fastest
 from memfit.units import Budget, infeasible_message, parse_budget, parse_bytes
-from memfit.verification import Verification, verify
+from memfit.verbs.distributed import agree_on_plan, rank0_plan, rank0_plans, ranks
+from memfit.verbs.profile_options import ProfileOptions
+from memfit.verbs.profiling import profile, profile_with
+from memfit.verbs.shape_profiles import shape_profile_options
+from memfit.verbs.timing import fastest
+from memfit.verbs.verification import Verification, verify
 
 __all__ = ["Verification", "apply", "auto", "plan", "profile", "remove", "verify"]
 
@@ -97,7 +97,7 @@ def plan(
             optimal plan of the predicted costs. More: that plan and the optimal plans over
             menus without the options it relies on (:func:`~memfit.planning.candidates.
             alternatives`) run in turns, whole steps, and the fastest by more than 1% wins
-            (:func:`memfit.timing.fastest`: ``plan.info["timed"]`` lists what was measured).
+            (:func:`memfit.verbs.timing.fastest`: ``plan.info["timed"]`` lists what was measured).
             Costs 10 steps per plan (5 rounds of an untimed and a timed step; ``repeats`` does
             not change it); worth it where predictions of mixed plans miss. Across ranks
             every rank times the same plans in lockstep and all run rank 0's choice.
@@ -481,7 +481,7 @@ def auto(
                 "(each shape's plan is made in milliseconds, at its first batch); use "
                 "candidates=1"
             )
-        from memfit.estimation import auto_dynamic
+        from memfit.verbs.estimation import auto_dynamic
 
         assert budget is not None  # refused above
         shapes_profiled = profile_options.pop("shapes_profiled", None)

@@ -29,7 +29,7 @@ from memfit.planning.plan import Plan
 from memfit.runtime.apply import chain_of_plan
 from memfit.runtime.compiled import blocks_compiled, plan_compile_options
 from memfit.runtime.hf_switches import hf_checkpointing_off
-from memfit.verification import timed_step_under
+from memfit.verbs.verification import timed_step_under
 
 MARGIN = 0.01  # another plan must be at least 1% faster (median of paired ratios) to be chosen
 ROUNDS = 5  # timed steps per plan (each after an untimed one)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from memfit.measuring.loop import TrainingLoop
-from memfit.menu import check_options
 from memfit.runtime.compiled import compile_options
+from memfit.verbs.menu import check_options
 
 __all__ = ["Blocks", "ProfileOptions"]
 
@@ -31,7 +31,7 @@ class ProfileOptions:
         repeats: timed steps per way of running the model; ``None``: the fast path, or 3 when
             ``thorough``.
         options: the menu beside keep and recompute: ``"auto"`` or a tuple of option names,
-            checked (:func:`memfit.menu.check_options`).
+            checked (:func:`memfit.verbs.menu.check_options`).
         distributed: ``None``: across ranks when a process group of several is initialised;
             ``False``: this process alone.
         compile: the blocks' ``torch.compile`` arguments (``None``: eager blocks), as
