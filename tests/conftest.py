@@ -48,6 +48,7 @@ SLOW = (
     "integrations/",
     "distributed/",
     "test_estimation.py",
+    "test_lossy_shapes.py",
     "test_readme.py",
     "runtime/test_compiled.py",
     "runtime/test_caches.py",
