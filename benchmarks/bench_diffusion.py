@@ -9,6 +9,9 @@ only), library defaults, MSE loss against a fixed target, one profile per model,
 * diffusers' ``enable_gradient_checkpointing()`` (every block recomputed), measured;
 * memfit's floor plan (the smallest feasible budget), at the switch's memory, at 50% and 30%,
   each applied and checked by ``memfit.verify`` (gradients and loss bit for bit, measured peak).
+  "vs switch" times memfit's plan at the switch's memory against the switch itself: two copies
+  of the model, one planned and one switched, stepped in turns (A, B, A, B), the median of the
+  paired ratios.
 
 Activation memory is the step peak above what the plain step holds before it and the gradients
 it makes (``Measurement.base_bytes``), as a share of the plain step's. Overheads are medians of
@@ -21,9 +24,11 @@ same pairing here for the switch). Results go to ``benchmarks/results/diffusion-
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,12 @@ def _step_s(model: torch.nn.Module, built: diffusion.Built) -> float:
     built.loss_fn(model(**built.sample)).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def _paired(first: Callable[[], float], second: Callable[[], float], repeats: int) -> float:
+    """Median of ``first() / second()`` over ``repeats`` pairs run in turns, after one of each."""
+    first(), second()  # warm-up
+    return statistics.median(first() / second() for _ in range(repeats))
 
 
 def switch_overhead(built: diffusion.Built, repeats: int) -> float:
@@ -77,6 +88,7 @@ def same_gradients(built: diffusion.Built) -> bool:
 
 def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -> list[str]:
     model, sample, loss_fn = built.model, built.sample, built.loss_fn
+    switched = copy.deepcopy(model)  # for the head-to-head timing, before any plan
     plain = memfit.measure(model, sample, loss_fn=loss_fn, repeats=repeats)
     activation = plain.activation_bytes
 
@@ -89,9 +101,9 @@ def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -
     finally:
         model.disable_gradient_checkpointing()
     lines = [
-        f"| {name} | plain step | {plain.peak_bytes:,} | 100% | | | |",
+        f"| {name} | plain step | {plain.peak_bytes:,} | 100% | | | | |",
         f"| {name} | diffusers `enable_gradient_checkpointing()` | {switch.peak_bytes:,} | "
-        f"{share(switch.peak_bytes)} | | {switch_overhead(built, repeats):+.0%} | "
+        f"{share(switch.peak_bytes)} | | {switch_overhead(built, repeats):+.0%} | | "
         f"{'yes' if same_gradients(built) else 'no'} |",
     ]
     profile = memfit.profile(model, sample, loss_fn=loss_fn, **profile_args)
@@ -105,25 +117,43 @@ def rows(name: str, built: diffusion.Built, repeats: int, **profile_args: Any) -
         ("memfit 50%", "50%"),
         ("memfit 30%", "30%"),
     ]
+    switched.enable_gradient_checkpointing()
     for label, budget in budgets:
         plan = memfit.plan(profile, budget=budget)
         memfit.apply(model, plan)
         try:
             report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=repeats)
+            versus = ""
+            if label == "memfit at the switch's peak":
+                ratio = _paired(
+                    lambda: _step_s(model, built), lambda: _step_s(switched, built), repeats
+                )
+                versus = f"{ratio - 1:+.0%}"
         finally:
             memfit.remove(model)
         lines.append(
-            f"| {name} | {label} (budget {plan.budget_bytes:,}) | {report.measured_peak_bytes:,} "
+            f"| {name} | {label} (budget {plan.budget_bytes:,}; {plan.summary}) "
+            f"| {report.measured_peak_bytes:,} "
             f"| {share(report.measured_peak_bytes)} | {report.prediction_error:+.2%} | "
-            f"{report.overhead:+.0%} | {'yes' if report.gradients_equal else 'no'} |"
+            f"{report.overhead:+.0%} | {versus} | {'yes' if report.gradients_equal else 'no'} |"
         )
     return lines
+
+
+MODELS: dict[str, Callable[[], Any]] = {
+    "SD3": diffusion.sd3,
+    "Flux": diffusion.flux,
+    "SD U-Net": real_blocks.unet,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=str(HERE / "results" / f"diffusion-{date.today()}.md"))
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models"
+    )
     add_threads(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,16 +163,18 @@ def main() -> None:
         *header(libraries=("torch", "diffusers")),
         "",
         "| model | way | step peak (B) | activation | prediction error | overhead | "
-        "grads bit-identical |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "vs switch | grads bit-identical |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, build in (("SD3", diffusion.sd3), ("Flux", diffusion.flux)):
-        lines += rows(name, build(), args.repeats)
-    # over its blocks' children, with joins and skips; keep and recompute only (the full menu
-    # took 864 s to profile at a load of 9 on this machine)
-    built = real_blocks.unet()
-    blocks = real_blocks.unet_children(built.model)
-    lines += rows("SD U-Net", built, args.repeats, blocks=blocks, options=())  # type: ignore[arg-type]
+    for name in args.models:
+        if name == "SD U-Net":
+            # over its blocks' children, with joins and skips; keep and recompute only (the
+            # full menu took 864 s to profile at a load of 9 on this machine)
+            built = real_blocks.unet()
+            blocks = real_blocks.unet_children(built.model)
+            lines += rows(name, built, args.repeats, blocks=blocks, options=())  # type: ignore[arg-type]
+        else:
+            lines += rows(name, MODELS[name](), args.repeats)
     write_results(args.out, lines)
 
 

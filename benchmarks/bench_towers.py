@@ -147,15 +147,16 @@ def rows(name: str, built: Built, repeats: int) -> list[str]:
             memfit.remove(model)
         identical = report.gradients_equal and report.trace_difference == ""
         lines.append(
-            f"| {name} | {label} (budget {plan.budget_bytes:,}) | {report.measured_peak_bytes:,} "
+            f"| {name} | {label} (budget {plan.budget_bytes:,}; {plan.summary}) "
+            f"| {report.measured_peak_bytes:,} "
             f"| {share(report.measured_peak_bytes)} | {report.prediction_error:+.2%} | "
             f"{report.overhead:+.0%} | {versus} | {'yes' if identical else 'no'} |"
         )
     return lines
 
 
-def _t5_without_cache(layers: int) -> Built:
-    built = towers.t5(layers, layers)
+def _t5_without_cache(layers: int, width: int) -> Built:
+    built = towers.t5(layers, layers, width=width)
     built.sample["use_cache"] = False
     return built
 
@@ -164,6 +165,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="layers a tower")
+    parser.add_argument(
+        "--wide",
+        type=int,
+        nargs="*",
+        default=[4],
+        help="layers a tower of the width-256 rows (compute, not Python, dominates their steps)",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / f"towers-{date.today()}.md"))
     add_threads(parser)
     args = parser.parse_args()
@@ -177,11 +185,13 @@ def main() -> None:
         "vs switch | bit-identical |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for layers in args.layers:
+    sizes = [(layers, 32) for layers in args.layers] + [(layers, 256) for layers in args.wide]
+    for layers, width in sizes:
+        size = f"{layers}+{layers}" + ("" if width == 32 else f" w{width}")
         models: list[tuple[str, Callable[[], Built]]] = [
-            (f"LLaVA {layers}+{layers}", lambda n=layers: towers.llava(n, n)),
-            (f"T5 {layers}+{layers}", lambda n=layers: towers.t5(n, n)),
-            (f"T5 {layers}+{layers}, use_cache=False", lambda n=layers: _t5_without_cache(n)),
+            (f"LLaVA {size}", lambda n=layers, w=width: towers.llava(n, n, width=w)),
+            (f"T5 {size}", lambda n=layers, w=width: towers.t5(n, n, width=w)),
+            (f"T5 {size}, use_cache=False", lambda n=layers, w=width: _t5_without_cache(n, w)),
         ]
         for name, build in models:
             torch.manual_seed(0)

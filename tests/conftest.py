@@ -6,17 +6,27 @@ import pathlib
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import pytest
-import torch
 
 pytest_plugins = ["tests.helpers.cpu_time", "tests.helpers.xdist_groups"]
 
-# One intra-op thread: the tests check bytes and bits, not speed, and tiny ops on a busy
-# 2-core machine lose far more to OpenMP spinning than they gain from a second thread.
-torch.set_num_threads(1)
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread where tests run: the tests check bytes and bits, not speed, and tiny
+    ops on a busy 2-core machine lose far more to OpenMP spinning than they gain from a second
+    thread. xdist's controller runs no test and imports no test module: it does not import
+    torch either (4 CPU s of each ``make quick``)."""
+    if getattr(config.option, "dist", "no") != "no":
+        return  # xdist's controller (its workers run with dist "no")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
+    import torch
+
     torch.manual_seed(0)
 
 
@@ -143,6 +153,8 @@ def shared_fixture_group(item: pytest.Item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
     skip = pytest.mark.skip(reason="needs CUDA")
     tests = pathlib.Path(__file__).parent
     listed = {name: False for name in SLOW_TESTS}

@@ -17,10 +17,13 @@ SMALL_GPT = dict(layers=6, width=128, heads=4, vocab=512, seq=64, batch=4)
 
 @pytest.fixture(scope="module")
 def gpt_profile():
-    """The built-in 12-layer GPT-style model (narrower and shorter than its default size, which
-    took 143 s of the suite to profile), selective options included."""
+    """The built-in 12-layer GPT-style model (narrower and shorter than its default size),
+    profiled as users profile it: the fast path (a step per way; the timed path's
+    ``repeats=2`` took five times the CPU for the same bytes). Its menu holds rebuild and
+    selective options; the selective policies picked by measured op times (timed path only)
+    are exercised in ``measuring/test_random_ops.py`` and ``measuring/test_setup_steps.py``."""
     model, sample = build("gpt", width=128, seq=64, batch=4)
-    return model, sample, memfit.profile(model, sample, repeats=2)
+    return model, sample, memfit.profile(model, sample)
 
 
 def test_profile_names_the_chain(gpt_profile) -> None:
@@ -91,7 +94,7 @@ def test_planned_steps_fit_their_budget_and_keep_gradients(gpt_profile, budget: 
 def test_auto_then_remove_round_trips() -> None:
     model, sample = build("mlp", layers=8, width=64, hidden=256, batch=256)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = memfit.auto(model, sample, budget="50%", repeats=1)
+    plan = memfit.auto(model, sample, budget="50%")
     assert set(model.state_dict()) == set(state)
     # which options reach 50% depends on measured times; that some block is not kept does not
     assert any(option != "keep" for option in plan.options.values())
@@ -219,7 +222,7 @@ def test_repeats_must_be_positive(gpt_profile) -> None:
 
 def test_a_plan_made_from_the_model_says_what_planning_took() -> None:
     model, sample = build("gpt", layers=2, width=32, heads=2, seq=16, batch=2)
-    plan = memfit.plan(model, sample, budget=None, strategy="all", repeats=1)
+    plan = memfit.plan(model, sample, budget=None, strategy="all")
     assert plan.info["setup_s"] > 0 and plan.info["setup_steps"] > 1
     assert memfit.Plan.from_json(plan.to_json()).info["setup_s"] == plan.info["setup_s"]
 

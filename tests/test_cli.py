@@ -8,9 +8,12 @@ import pytest
 
 from memfit.cli import main
 
-TINY = ["--layers", "2", "--width", "32", "--seq", "16", "--batch", "2", "--repeats", "1"]
+# profile and plan run the default (fast) profile, as the README's commands do; bench and demo
+# take --repeats 1 (one timed pair per row instead of 3; their profile then takes the timed path)
+TINY = ["--layers", "2", "--width", "32", "--seq", "16", "--batch", "2"]
 # 4 blocks whose activations outweigh the embedding and head, so that 60% is feasible
-SMALL = ["--layers", "4", "--width", "64", "--seq", "64", "--batch", "2", "--repeats", "1"]
+SMALL = ["--layers", "4", "--width", "64", "--seq", "64", "--batch", "2"]
+ONE_PAIR = ["--repeats", "1"]
 
 
 def test_profile_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -22,10 +25,7 @@ def test_profile_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_profile_json_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "profile.json"
-    assert (
-        main(["profile", "mlp", "--layers", "2", "--repeats", "1", "--json", "-o", str(target)])
-        == 0
-    )
+    assert main(["profile", "mlp", "--layers", "2", "--json", "-o", str(target)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["costs"]["stages"][1]["name"] == "blocks.0"
     assert json.loads(target.read_text())["measurement"] == data["measurement"]
@@ -68,7 +68,7 @@ def test_plan_host_budget_is_checked(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_plan_for_a_loss_only_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "plan.json"
-    argv = ["plan", "mlp", "--layers", "4", "--repeats", "1", "--budget", "60%"]
+    argv = ["plan", "mlp", "--layers", "4", "--budget", "60%"]
     assert main([*argv, "--drop-output", "-o", str(target)]) == 0
     from memfit import Plan
 
@@ -126,13 +126,13 @@ def test_user_file_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "def build():\n"
         "    return mlp(layers=2, width=16, hidden=32, batch=4)\n"
     )
-    assert main(["profile", f"{source}:build", "--repeats", "1"]) == 0
+    assert main(["profile", f"{source}:build"]) == 0
     assert "blocks.1" in capsys.readouterr().out
     assert main(["profile", f"{source}:nothing"]) == 2
 
 
 def test_bench_writes_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", "gpt", *SMALL, "--budgets", "60%,80%", "--out", str(tmp_path)])
+    code = main(["bench", "gpt", *SMALL, *ONE_PAIR, "--budgets", "60%,80%", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "optimal" in out and "all (HF-style)" in out
@@ -144,7 +144,18 @@ def test_bench_writes_plot_and_json(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", *TINY, "--models", "mlp", "--budgets", "80%", "--out", str(tmp_path), "--json"]
+    argv = [
+        "demo",
+        *TINY,
+        *ONE_PAIR,
+        "--models",
+        "mlp",
+        "--budgets",
+        "80%",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data[0]["target"] == "mlp"
@@ -154,7 +165,7 @@ def test_demo_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning:transformers")
 def test_hugging_face_target(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    assert main(["profile", "hf:gpt2", "--layers", "2", "--repeats", "1"]) == 0
+    assert main(["profile", "hf:gpt2", "--layers", "2"]) == 0
     assert "transformer.h.1" in capsys.readouterr().out
     assert main(["profile", "hf:t5"]) == 2
     assert "unknown Hugging Face architecture" in capsys.readouterr().err
@@ -193,7 +204,7 @@ def test_errors_of_the_users_model_exit_1(
     """A ValueError or TypeError raised by the user's own code is no usage error."""
     source = tmp_path / "broken.py"
     source.write_text(BROKEN_MODEL)
-    assert main(["profile", f"{source}:{function}", "--repeats", "1"]) == 1
+    assert main(["profile", f"{source}:{function}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("memfit: error:") and message in err and "Traceback" not in err
 

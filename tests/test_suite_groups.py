@@ -115,3 +115,10 @@ def test_a_test_under_loadgroup_carries_its_group(
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("runs under pytest-xdist's --dist loadgroup only (make quick, make test)")
     assert request.node.nodeid.endswith("@test_suite_groups.py")
+
+
+def test_tests_run_on_one_intra_op_thread() -> None:
+    """``tests/conftest.py`` sets it where tests run (in each xdist worker, not the controller)."""
+    import torch
+
+    assert torch.get_num_threads() == 1

@@ -61,6 +61,34 @@ def verified_at_its_floor(built: Built) -> tuple[int, Any, Any]:
     return floor, plan, report
 
 
+def verified_within_budget(model: nn.Module, sample: Any, loss_fn: LossFn | None, plan: Any) -> Any:
+    """Apply ``plan`` to ``model``, ``memfit.verify`` it with the op trace and take the plan off
+    again; assert what every real-model case asserts of a plan: loss and gradients
+    ``torch.equal`` to the unplanned step's, the same ops on the same layouts, the measured
+    peak within the plan's budget (when it has one), the predicted peak within 2% of the
+    measured one. Returns the report for the case's own checks."""
+    import memfit
+
+    memfit.apply(model, plan)
+    try:
+        report = memfit.verify(model, sample, loss_fn=loss_fn, repeats=1, trace=True)
+    finally:
+        memfit.remove(model)
+    assert report.loss_equal and report.gradients_equal, report.mismatched
+    assert report.trace_difference == "", report.trace_difference
+    if plan.budget_bytes is not None:
+        assert report.budget_bytes == plan.budget_bytes
+        assert report.measured_peak_bytes <= plan.budget_bytes, (
+            report.measured_peak_bytes,
+            plan.budget_bytes,
+        )
+    assert abs(report.prediction_error) <= 0.02, (
+        report.predicted_peak_bytes,
+        report.measured_peak_bytes,
+    )
+    return report
+
+
 def _tokens(batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq))
 

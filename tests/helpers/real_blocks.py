@@ -283,10 +283,13 @@ def _segmentation() -> dict[str, Any]:
     }
 
 
-def unet() -> Built:
+def unet(size: int = 16) -> Built:
+    """Latents of ``size`` x ``size`` (16: the second down block works on 8 x 8, each
+    attention on 256 positions; what the tests check, the children, joins and skips, does not
+    depend on the size, and a step at 32 x 32 costs about four times as much)."""
     diffusers = pytest.importorskip("diffusers")
     model = diffusers.UNet2DConditionModel(
-        sample_size=32,
+        sample_size=size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -297,11 +300,11 @@ def unet() -> Built:
         attention_head_dim=8,
     )
     sample = {
-        "sample": torch.randn(2, 4, 32, 32),
+        "sample": torch.randn(2, 4, size, size),
         "timestep": torch.randint(0, 1000, (2,)),
         "encoder_hidden_states": torch.randn(2, 7, 32),
     }
-    return Built(model.train(), sample, _mse_to(torch.randn(2, 4, 32, 32)))
+    return Built(model.train(), sample, _mse_to(torch.randn(2, 4, size, size)))
 
 
 def unet_children(model: torch.nn.Module) -> list[str]:

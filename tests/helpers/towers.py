@@ -15,10 +15,18 @@ import torch
 from tests.helpers.hf_testers import BATCH, SEQ, VOCAB, Built, _tokens
 
 
-def llava(vision_layers: int = 2, text_layers: int = 2, image_size: int = 8) -> Built:
+def _feed_forward(width: int) -> int:
+    """The testers' feed-forward width (37 for 32), scaled with the width."""
+    return 37 * width // 32
+
+
+def llava(
+    vision_layers: int = 2, text_layers: int = 2, image_size: int = 8, width: int = 32
+) -> Built:
     """``LlavaForConditionalGeneration``: a CLIP vision tower of ``vision_layers`` layers on
     3 images of ``image_size`` pixels (patches of 2), the projector, and a Llama of
-    ``text_layers`` layers reading the image features and 7 text tokens, with labels."""
+    ``text_layers`` layers reading the image features and 7 text tokens, with labels; both
+    towers ``width`` wide (the testers' 32; the benchmark's larger rows 256)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     image_tokens = (image_size // 2) ** 2
@@ -26,10 +34,10 @@ def llava(vision_layers: int = 2, text_layers: int = 2, image_size: int = 8) -> 
         text_config={
             "model_type": "llama",
             "vocab_size": VOCAB,
-            "hidden_size": 32,
+            "hidden_size": width,
             "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
-            "intermediate_size": 37,
+            "intermediate_size": _feed_forward(width),
             "hidden_act": "gelu",
             "max_position_embeddings": 512,
             "pad_token_id": 1,
@@ -38,11 +46,11 @@ def llava(vision_layers: int = 2, text_layers: int = 2, image_size: int = 8) -> 
             "image_size": image_size,
             "patch_size": 2,
             "num_channels": 3,
-            "hidden_size": 32,
-            "projection_dim": 32,
+            "hidden_size": width,
+            "projection_dim": width,
             "num_hidden_layers": vision_layers,
             "num_attention_heads": 4,
-            "intermediate_size": 37,
+            "intermediate_size": _feed_forward(width),
         },
         image_token_index=0,
         image_seq_length=image_tokens,
@@ -58,16 +66,17 @@ def llava(vision_layers: int = 2, text_layers: int = 2, image_size: int = 8) -> 
     return Built(LlavaForConditionalGeneration(config).train(), sample)
 
 
-def t5(encoder_layers: int = 2, decoder_layers: int = 2) -> Built:
-    """``T5ForConditionalGeneration`` with ``encoder_layers`` and ``decoder_layers`` layers on
-    13 sequences of 7 tokens (a random padding mask), decoder inputs and labels."""
+def t5(encoder_layers: int = 2, decoder_layers: int = 2, width: int = 32) -> Built:
+    """``T5ForConditionalGeneration`` with ``encoder_layers`` and ``decoder_layers`` layers
+    ``width`` wide on 13 sequences of 7 tokens (a random padding mask), decoder inputs and
+    labels."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
         vocab_size=VOCAB,
-        d_model=32,
-        d_ff=37,
-        d_kv=8,
+        d_model=width,
+        d_ff=_feed_forward(width),
+        d_kv=width // 4,
         num_layers=encoder_layers,
         num_decoder_layers=decoder_layers,
         num_heads=4,

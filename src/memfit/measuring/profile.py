@@ -374,7 +374,11 @@ def build_profile(
                 joins_previous=(
                     is_block
                     and chain.block_of_stage(index - 1) is not None
-                    and keep.same_side_inputs.get(index, False)
+                    # called right after the block before (a reading); a segment's rerun hands
+                    # each block its own side inputs, but compiled blocks are traced as one
+                    # call that hands on the first block's
+                    and index in keep.same_side_inputs
+                    and (compile is None or keep.same_side_inputs[index])
                     # a segment's blocks pass on one output: no attention weights of their own
                     and not {index - 1, index} & keep.tails
                     # FSDP2 units: a segment across them would hold all its blocks' gathered
@@ -397,7 +401,7 @@ def build_profile(
         side_grad_bytes=keep.side_grad_bytes,
         gathered_bytes=_gathered_bytes(chain),
         fragmentation_bytes=keep.measurement.fragmentation_bytes,
-        skips=_skips(chain),
+        skips=stage_skips(chain),
     )
     return Profile(
         costs=costs,
@@ -449,7 +453,7 @@ def _dead_checkpointed(
     }
 
 
-def _skips(chain: Chain) -> tuple[Skip, ...]:
+def stage_skips(chain: Chain) -> tuple[Skip, ...]:
     """The chain's skip connections (:attr:`Chain.skips`, block positions) as stages."""
     stages = chain.block_stages
     last = len(chain) - 1

@@ -29,9 +29,19 @@ backward (with its recompute). The simulator uses the tree's actual windows; the
 ``forward_s``/``backward_s`` (what the DP adds up) use the next stage's kept forward and
 backward, a lower bound of any window there, so the DP never under-prices a transfer.
 
+A third, for chains with skip connections (``ChainCosts.skips``):
+
+* ``Segment(s, t, inner, offload_skips=((maker, reader), ...))``: a skip whose maker's next stage runs inside the
+  segment (not first) is held by the model alone from that stage's no-save forward to its
+  reader's forward (``docs/memory-model.md``, skip connections). It is copied to host memory
+  from its maker's forward's end, leaves the device when the next stage's forward ends (the
+  copy's window), and comes back in its reader's forward (the fetch's window), before the
+  model reads it; the backward never needs it (the recompute makes it anew).
+
 Host memory: every offloaded byte stays in host memory from its forward to its backward, so
-the host peak is their sum (:func:`host_bytes`); :class:`~memfit.planning.optimal.Planner`
-keeps it within ``host_budget_bytes``.
+the host peak is their sum (:func:`host_bytes`; offloaded skips count as if held all forward,
+an upper bound: each is back before its reader's forward ends);
+:class:`~memfit.planning.optimal.Planner` keeps it within ``host_budget_bytes``.
 """
 
 from __future__ import annotations
@@ -117,6 +127,35 @@ def offloads(costs: ChainCosts) -> bool:
     return costs.host_bytes_per_s > 0 and any(stage.checkpointable for stage in costs.stages)
 
 
+def segment_skips(costs: ChainCosts, segment: Segment) -> list[tuple[int, int, int]]:
+    """``(maker, reader, bytes)`` of the skips a top-level segment's no-save forward leaves
+    held by the model alone: those whose maker's next stage runs inside it, not first (what
+    ``offload_skips`` moves to host memory). The bytes are that stage's input."""
+    found = []
+    for skip in costs.skips:
+        after = skip.maker + 1
+        if not segment.start < after < segment.stop:
+            continue
+        stage = costs.stages[after]
+        at = stage.released_input_at
+        if stage.released_input_bytes > 0 and at is not None and at > after:
+            continue  # a later stage's kept forward frees it: the model holds it anyway
+        found.append((skip.maker, skip.reader, stage.input_bytes))
+    return found
+
+
+def skip_pairs(costs: ChainCosts, segment: Segment) -> tuple[tuple[int, int], ...]:
+    """``(maker, reader)`` of every skip :func:`segment_skips` finds (what the optimal
+    planner's offloading segments name in ``offload_skips``)."""
+    return tuple((maker, reader) for maker, reader, _ in segment_skips(costs, segment))
+
+
+def offloads_skips(costs: ChainCosts, segment: Segment) -> bool:
+    """Whether a top-level segment may offload skips: a host to move them to and at least
+    one skip its no-save forward leaves held."""
+    return costs.host_bytes_per_s > 0 and bool(segment_skips(costs, segment))
+
+
 def moved_bytes(costs: ChainCosts, item: Item) -> int:
     """Bytes a top-level item moves to host memory (0 if it offloads nothing)."""
     if isinstance(item, Segment):
@@ -125,8 +164,16 @@ def moved_bytes(costs: ChainCosts, item: Item) -> int:
 
 
 def host_bytes(costs: ChainCosts, tree: Sequence[Item]) -> int:
-    """A tree's host-memory peak: every offloaded byte, all held at the end of the forward."""
-    return sum(moved_bytes(costs, item) for item in tree)
+    """A tree's host-memory peak: every offloaded byte, all held at the end of the forward
+    (offloaded skips, back by then, counted too: an upper bound)."""
+    skips = sum(
+        size
+        for item in tree
+        if isinstance(item, Segment) and item.offload_skips
+        for maker, reader, size in segment_skips(costs, item)
+        if (maker, reader) in item.offload_skips
+    )
+    return skips + sum(moved_bytes(costs, item) for item in tree)
 
 
 def in_flight_bytes(costs: ChainCosts) -> int:

@@ -284,12 +284,17 @@ class Planner:
         )
 
     def _top(self, dp_budget: int) -> tuple[Tree, float] | None:
-        """The top-level sweep: the plain one, or with the skips held (chains with skips)."""
-        if self.costs.skips:
-            return solve_top_skips(
-                self.costs, self.arrays, self.tables, dp_budget, self.floor.top, self.max_states
-            )
-        return solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
+        """The top-level sweep: the plain one, or with the skips held (chains with skips);
+        with a host, segments may offload their skips, unless that tree holds more host
+        memory than the host budget (then the sweep runs again without)."""
+        if not self.costs.skips:
+            return solve_top(self.arrays, self.tables, dp_budget, self.floor.top, self.max_states)
+        arguments = (self.costs, self.arrays, self.tables, dp_budget, self.floor.top)
+        if self.costs.host_bytes_per_s > 0:
+            found = solve_top_skips(*arguments, self.max_states, offload_skips=True)
+            if found is None or self._host_fits(found[0]):
+                return found
+        return solve_top_skips(*arguments, self.max_states)
 
     def _skip_floor(self) -> None:
         """The smallest peak with skips: the min-peak DP does not see them (its peak without

@@ -10,7 +10,9 @@ Each item is either
   over ``[start, stop)``. One recomputed block is ``Segment(i, i + 1, (Stage(i, "keep"),))``;
   nesting gives the multi-level schedules of the Rotor dynamic program. A top-level segment
   with ``offload=True`` also moves that input to host memory until its recompute (DeepSpeed's
-  and Megatron's "checkpoint to CPU").
+  and Megatron's "checkpoint to CPU"); ``offload_skips`` names skip connections (``(maker,
+  reader)`` stages, ``ChainCosts.skips``) that its no-save forward would leave on the device
+  and that wait in host memory until their readers' forwards instead.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Segment:
     stop: int
     inner: tuple[Item, ...]
     offload: bool = False  # the segment's input waits in host memory (top level only)
+    # the skips the model holds past its no-save forward wait in host memory (top level only)
+    offload_skips: tuple[tuple[int, int], ...] = ()
 
 
 Item = Union[Stage, Segment]  # noqa: UP007 (used at runtime by isinstance-free code paths)
@@ -131,6 +135,8 @@ def tree_to_data(tree: Sequence[Item]) -> list[dict[str, Any]]:
             entry: dict[str, Any] = {"segment": [item.start, item.stop]}
             if item.offload:
                 entry["offload"] = True
+            if item.offload_skips:
+                entry["offload_skips"] = [list(pair) for pair in item.offload_skips]
             entry["inner"] = tree_to_data(item.inner)
             out.append(entry)
     return out
@@ -153,7 +159,7 @@ _STAGE_KEYS = ("stage", "option")
 # written after them there
 TYPED_INFO = ("compile", "inexact", "notes", "max_error")
 _LATER_INFO = ("setup_steps", "timed", "chosen_by", "shape", "margin")
-_SEGMENT_KEYS = ("segment", "inner", "offload")
+_SEGMENT_KEYS = ("segment", "inner", "offload", "offload_skips")
 
 
 def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
@@ -178,7 +184,8 @@ def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
                 )
             inner = tree_from_data(entry["inner"], f"{where}.inner", depth + 1)
             offload = boolean(entry.get("offload", False), f"{where}.offload")
-            items.append(Segment(start, stop, inner, offload))
+            skips = _skip_pairs(entry.get("offload_skips", []), f"{where}.offload_skips")
+            items.append(Segment(start, stop, inner, offload, skips))
         elif isinstance(entry, Mapping) and "stage" in entry:
             record(entry, where, _STAGE_KEYS)
             index = integer(entry["stage"], f"{where}.stage")
@@ -191,6 +198,19 @@ def tree_from_data(data: Any, field: str = "tree", depth: int = 0) -> Tree:
                 entry,
             )
     return tuple(items)
+
+
+def _skip_pairs(data: Any, field: str) -> tuple[tuple[int, int], ...]:
+    """A segment's ``offload_skips``: a list of ``[maker, reader]`` stage pairs."""
+    pairs = []
+    for position, pair in enumerate(array(data, field)):
+        where = f"{field}[{position}]"
+        values = array(pair, where)
+        if len(values) != 2:
+            raise fail(where, "[maker, reader]", values)
+        maker, reader = (integer(value, where) for value in values)
+        pairs.append((maker, reader))
+    return tuple(pairs)
 
 
 def _info_object(data: Any) -> Mapping[str, Any]:

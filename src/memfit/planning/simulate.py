@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memfit.planning.costs import KEEP, ChainCosts, StageCosts
-from memfit.planning.offload import OFFLOAD, exposed_s, host_bytes, moved_bytes, runs_ahead
+from memfit.planning.offload import (
+    OFFLOAD,
+    exposed_s,
+    host_bytes,
+    moved_bytes,
+    runs_ahead,
+    segment_skips,
+)
 from memfit.planning.plan import Item, Segment, Stage, keep_tree, validate_tree
 
 FORWARD, RECOMPUTE, BACKWARD = "forward", "recompute", "backward"
@@ -63,6 +70,23 @@ def check_tree(costs: ChainCosts, tree: Sequence[Item]) -> None:
             f"segment [{item.start}, {item.stop}) offloads its input, but these costs have no "
             f"host to offload to (host_bytes_per_s is 0: a model on the CPU); drop offload"
         )
+    for hosting in tree:
+        if isinstance(hosting, Segment) and hosting.offload_skips:
+            if costs.host_bytes_per_s <= 0:
+                raise ValueError(
+                    f"segment [{hosting.start}, {hosting.stop}) offloads its skips, but these costs "
+                    f"have no host to offload to (host_bytes_per_s is 0: a model on the CPU); "
+                    f"drop offload_skips"
+                )
+            held = [(maker, reader) for maker, reader, _ in segment_skips(costs, hosting)]
+            wrong = [pair for pair in hosting.offload_skips if pair not in held]
+            if wrong:
+                raise ValueError(
+                    f"segment [{hosting.start}, {hosting.stop}) offloads skip {wrong[0]} (maker, "
+                    f"reader), but its no-save forward leaves only {held} on the device (a skip "
+                    f"made by a stage before its last whose next stage runs inside it); drop it "
+                    f"from offload_skips"
+                )
     for item in offloaded:
         if not costs.stages[item.start].input_offloadable:
             raise ValueError(
@@ -104,6 +128,12 @@ def _check_items(
                     f"segment [{item.start}, {item.stop}) spans stage {index} ({stage.name!r}), "
                     "which does not join the stage before it; end the segment before it"
                 )
+        if in_segment and item.offload_skips:
+            raise ValueError(
+                f"segment [{item.start}, {item.stop}) offloads its skips inside another "
+                "segment, whose no-save forward already holds none; offload_skips is for "
+                "top-level segments only"
+            )
         if in_segment and item.offload:
             raise ValueError(
                 f"segment [{item.start}, {item.stop}) offloads its input inside another "
@@ -130,6 +160,17 @@ class _Replay:
         self.lead = 0  # the recompute running now: its last stage's backward's bytes before it
         self.skips = {skip.maker: skip.reader for skip in costs.skips}
         self.held: dict[int, int] = {}  # reader -> skip bytes the model holds until it reads
+        self.hosted: dict[int, int] = {}  # reader -> offloaded skip bytes waiting in host memory
+
+    def fetch_skips(self, index: int, window_s: float, context: str) -> None:
+        """Before stage ``index``'s forward in the step: the offloaded skips it reads come
+        back (the copy overlaps that forward, which ends waiting for it)."""
+        hosted = self.hosted.pop(index, 0)
+        if hosted:
+            self.step_s += exposed_s(hosted, self.costs.host_bytes_per_s, window_s)
+            label = f"forward: skips for {self.name(index)} fetched from host{context}"
+            self.event(label, FORWARD, 0, hosted)
+            self.held[index] = self.held.get(index, 0) + hosted
 
     def read_skips(self, index: int, context: str) -> None:
         """After stage ``index``'s forward in the step: the skips it read last are freed."""
@@ -172,6 +213,8 @@ class _Replay:
                     self.step_s += sum(_kept_times(self.costs, item))
                 else:
                     self.step_s += option.forward_s + option.backward_s
+                if phase == FORWARD:
+                    self.fetch_skips(item.index, option.forward_s, context)
                 label = f"{phase} of {self.name(item.index)}{context}"
                 self.event(label, phase, peak, delta)
                 if item.index == holds and _releases_own_input(stage):
@@ -190,14 +233,24 @@ class _Replay:
                 # stage's kept forward frees it) is not freed here either
                 frees = index > item.start and not _released_later(stage, index)
                 reader = self.skips.get(index - 1, -1) if phase == FORWARD else -1
-                if frees and reader > index:  # a skip: the model holds it for its reader
+                hosts = frees and reader > index and (index - 1, reader) in item.offload_skips
+                if frees and reader > index and not hosts:  # the model holds it for its reader
                     self.held[reader] = self.held.get(reader, 0) + stage.input_bytes
-                    frees = False
+                frees = frees and reader <= index
                 delta = stage.output_bytes - (stage.input_bytes if frees else 0)
                 if phase == FORWARD:  # the step's graph keeps them to the stage's backward
                     delta += stage.nosave_held_bytes
+                    self.fetch_skips(index, stage.nosave_forward_s, inside)
                 label = f"{phase} (no save) of {self.name(index)}{inside}"
                 self.event(label, phase, stage.nosave_forward_peak_bytes, delta)
+                if hosts:  # copied since its maker's forward ended, waited for here
+                    size = stage.input_bytes
+                    self.step_s += exposed_s(
+                        size, self.costs.host_bytes_per_s, stage.nosave_forward_s
+                    )
+                    label = f"forward: skip of {self.name(index - 1)} to host{inside}"
+                    self.event(label, FORWARD, 0, -size)
+                    self.hosted[reader] = self.hosted.get(reader, 0) + size
                 if phase == FORWARD:
                     self.read_skips(index, inside)
             if item.stop - item.start > 1:
@@ -382,26 +435,50 @@ def simulate(costs: ChainCosts, tree: Sequence[Item], *, timeline: bool = False)
     )
 
 
-def skip_forward(costs: ChainCosts, item: Item, held: dict[int, int]) -> tuple[int, dict[int, int]]:
-    """What skips add to a top-level item's forward in the step: the peak it reaches above the
-    same forward without skips, with ``held`` (reader -> bytes) held when it starts; and the
-    skips held after it (the optimal DP's sweep over chains with skips reads both).
+@dataclass(frozen=True, slots=True)
+class SkipForward:
+    """What skips change in a top-level item's forward in the step (:func:`skip_forward`).
+
+    Attributes:
+        extra_bytes: the peak it reaches above the same forward without skips.
+        extra_s: seconds its skips' copies to and from host memory leave exposed.
+        held: the skips the model holds on the device after it (reader -> bytes).
+        hosted: the offloaded skips waiting in host memory after it (reader -> bytes).
+    """
+
+    extra_bytes: int
+    extra_s: float
+    held: dict[int, int]
+    hosted: dict[int, int]
+
+
+def skip_forward(
+    costs: ChainCosts, item: Item, held: dict[int, int], hosted: dict[int, int] | None = None
+) -> SkipForward:
+    """What skips change in a top-level item's forward, with ``held`` (reader -> bytes) on the
+    device and ``hosted`` in host memory when it starts (the optimal DP's sweep over chains with
+    skips reads it: the simulator itself, once per item and state).
 
     Example:
         >>> from memfit.planning.costs import Skip, uniform_chain
         >>> from dataclasses import replace
         >>> costs = replace(uniform_chain(4, activation_bytes=1, saved_bytes=4), skips=(Skip(0, 3),))
         >>> skip_forward(costs, Segment(0, 2, (Stage(0), Stage(1))), {})
-        (0, {3: 1})
+        SkipForward(extra_bytes=0, extra_s=0.0, held={3: 1}, hosted={})
     """
     with_skips, without = _Replay(costs, False), _Replay(costs, False)
     without.skips = {}
-    with_skips.held = dict(held)
-    with_skips.level = with_skips.peak = without.level = without.peak = 0
+    with_skips.held, with_skips.hosted = dict(held), dict(hosted or {})
+    without.level = without.peak = 0
     with_skips.level = with_skips.peak = sum(held.values())
     with_skips.forward([item], FORWARD, "")
     without.forward([item], FORWARD, "")
-    return with_skips.peak - without.peak, with_skips.held
+    return SkipForward(
+        extra_bytes=with_skips.peak - without.peak,
+        extra_s=with_skips.step_s - without.step_s,
+        held=with_skips.held,
+        hosted=with_skips.hosted,
+    )
 
 
 def _first(item: Item) -> int:

@@ -130,10 +130,12 @@ def _check(plan: Plan, chain: Chain) -> None:
                     f"<pre>, <post> and the stages between block lists cannot be recomputed"
                 )
         if isinstance(item, Segment):
-            nested = [inner for inner in _segments(item.inner) if inner.offload]
+            nested = [
+                inner for inner in _segments(item.inner) if inner.offload or inner.offload_skips
+            ]
             if nested:
                 raise PlanMismatchError(
-                    f"the plan offloads the input of segment [{nested[0].start}, "
+                    f"the plan offloads the input or skips of segment [{nested[0].start}, "
                     f"{nested[0].stop}) inside another segment, whose checkpoint's hooks hide "
                     f"it; offload top-level segments only"
                 )
@@ -218,10 +220,16 @@ def apply_plan(model: nn.Module, chain: Chain, plan: Plan) -> None:
             places[index] = (parent, key)
     executor = Executor(chain, forwards, modules, places)
     executor.offloading = any(
-        (isinstance(item, Segment) and item.offload)
+        (isinstance(item, Segment) and (item.offload or bool(item.offload_skips)))
         or (isinstance(item, Stage) and item.option == OFFLOAD)
         for item in plan.tree
     )
+    executor.skip_readers = {
+        maker: reader
+        for item in plan.tree
+        if isinstance(item, Segment)
+        for maker, reader in item.offload_skips
+    }
     overrides: dict[int, Forward] = {}
     for item in plan.tree:
         if isinstance(item, Stage):

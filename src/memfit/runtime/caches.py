@@ -30,6 +30,7 @@ object but ``use_cache`` on (a legacy layer that would return its keys as ``pres
 from __future__ import annotations
 
 import copy
+import copyreg
 import inspect
 import sys
 from dataclasses import dataclass
@@ -77,32 +78,81 @@ def cache_arguments(block: nn.Module) -> CacheArguments:
     return CacheArguments(positions, defaults.get(USE_CACHE))
 
 
-def _is_cache(value: Any) -> bool:
-    # transformers is never imported for this: a Cache object means it is imported already
+def _is_cache_type(kind: type) -> bool:
+    # transformers is never imported for this: a Cache type means it is imported already
     cache_utils = sys.modules.get("transformers.cache_utils")
     cache_type = getattr(cache_utils, "Cache", None)
-    return cache_type is not None and isinstance(value, cache_type)
+    return cache_type is not None and issubclass(kind, cache_type)
 
 
-def _is_config(value: Any) -> bool:
+def _is_config_type(kind: type) -> bool:
     configuration_utils = sys.modules.get("transformers.configuration_utils")
     config_type = getattr(configuration_utils, "PreTrainedConfig", None) or getattr(
         configuration_utils, "PretrainedConfig", None
     )
-    return config_type is not None and isinstance(value, config_type)
+    return config_type is not None and issubclass(kind, config_type)
+
+
+def _is_cache_object_type(kind: type) -> bool:
+    """Whether objects of type ``kind`` that have a ``__dict__`` are objects a cache argument
+    may hold and a layer may write to: not tensors, modules, types, callables or model
+    configs (those are shared by the copy)."""
+    return (
+        not issubclass(kind, torch.Tensor | nn.Module | type)
+        and not any("__call__" in vars(base) for base in kind.__mro__)  # callable(value)
+        and not _is_config_type(kind)
+    )
+
+
+_COPY_HOOKS = ("__copy__", "__setstate__", "__getnewargs__", "__getnewargs_ex__")
+
+
+def _plain_copy(kind: type) -> bool:
+    """Whether ``copy.copy`` of a ``kind`` is ``kind.__new__(kind)`` with the original's
+    ``__dict__``: no ``__reduce__``, ``__reduce_ex__``, ``__getstate__``, slots (``abc.ABC``'s
+    empty ``__slots__`` make none) or :data:`_COPY_HOOKS` of its own, and not a type ``copy`` dispatches on. Such objects are
+    copied that way, without ``copy``'s generic path, which a block call pays for every
+    object of its cache."""
+    return (
+        kind not in copy._copy_dispatch  # type: ignore[attr-defined]
+        and kind not in copyreg.dispatch_table
+        and all(getattr(kind, name, None) is None for name in _COPY_HOOKS)
+        and kind.__reduce_ex__ is object.__reduce_ex__
+        and kind.__reduce__ is object.__reduce__
+        and kind.__getstate__ is object.__getstate__
+        and not any(vars(base).get("__slots__") for base in kind.__mro__[:-1])
+    )
+
+
+# the facts above depend on the type alone (a Cache or config type exists only once
+# transformers' module defining it is imported), so they are read once a type
+_KINDS: dict[type, tuple[bool, bool, bool]] = {}
+
+
+def _kind(value: Any) -> tuple[bool, bool, bool]:
+    """(a transformers Cache, an object a cache argument may hold when it has a ``__dict__``,
+    copied plainly)."""
+    kind = type(value)
+    facts = _KINDS.get(kind)
+    if facts is None:
+        facts = _KINDS[kind] = (
+            _is_cache_type(kind),
+            _is_cache_object_type(kind),
+            _plain_copy(kind),
+        )
+    return facts
+
+
+def _is_cache(value: Any) -> bool:
+    return _kind(value)[0]
 
 
 def _is_cache_object(value: Any) -> bool:
-    """An object a cache argument may hold and a layer may write to: not a tensor, a module, a
-    type, a function, a model config or a plain value (those are shared by the copy)."""
-    if _is_cache(value):
-        return True
-    return (
-        hasattr(value, "__dict__")
-        and not isinstance(value, torch.Tensor | nn.Module | type)
-        and not callable(value)
-        and not _is_config(value)
-    )
+    """An object a cache argument may hold and a layer may write to: a transformers Cache, or
+    an object with a ``__dict__`` that is no tensor, module, type, callable or model config
+    (those, and plain values, are shared by the copy)."""
+    cache, cache_object, _ = _kind(value)
+    return cache or (cache_object and hasattr(value, "__dict__"))
 
 
 def structural_copy(value: Any, depth: int = 0) -> Any:
@@ -119,9 +169,14 @@ def structural_copy(value: Any, depth: int = 0) -> Any:
         return new
     if not _is_cache_object(value):
         return value
-    new = copy.copy(value)
-    for name, item in vars(value).items():
-        new.__dict__[name] = structural_copy(item, depth + 1)
+    if _kind(value)[2]:
+        kind: Any = type(value)
+        new = kind.__new__(kind)
+    else:
+        new = copy.copy(value)
+    new.__dict__.update(
+        (name, structural_copy(item, depth + 1)) for name, item in vars(value).items()
+    )
     return new
 
 

@@ -112,6 +112,8 @@ class Executor:
     _offloader: Offloader | None = None
     places: dict[int, tuple[torch.nn.Module, str]] = {}  # noqa: RUF012 (read-only default)
     links: dict[int, Carry] = {}  # noqa: RUF012 (read-only default)
+    # maker stage -> reader stage of the skips the plan offloads (runtime.skip_offload)
+    skip_readers: dict[int, int] = {}  # noqa: RUF012 (read-only default)
 
     def __init__(
         self,
@@ -169,6 +171,24 @@ class Executor:
             ahead = self.chain.block_of_stage(stop) is not None
             self.offloader.item_done(main_tensor(out), group, segment=segment, ahead=ahead)
 
+    def skips_before(self, index: int) -> None:
+        """Stage ``index``'s forward starts: the offloaded skips it reads come back."""
+        if self.skip_readers and torch.is_grad_enabled() and self._offloader is not None:
+            self._offloader.skips.fetch(index)
+
+    def skips_after(self, index: int, out: Any) -> None:
+        """Stage ``index``'s forward ended with ``out``: the skips it reads are back; its
+        output goes to host memory when it is an offloaded skip, and the skip made by the
+        stage before leaves the device."""
+        if not self.skip_readers or not torch.is_grad_enabled():
+            return
+        trips = self.offloader.skips
+        trips.arrived(index)
+        trips.release(index - 1, main_tensor(out))
+        reader = self.skip_readers.get(index)
+        if reader is not None:
+            trips.leave(index, self.name(index), reader, main_tensor(out))
+
     def call(
         self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any], *, one_block: bool = True
     ) -> Call:
@@ -225,13 +245,14 @@ class Executor:
         run = SegmentRun(
             segment,
             side_inputs=(rest, side),
+            sides={},
             watch=self.watched(segment.start, segment.stop, call),
             group=self.offload_group(segment.start, segment.offload),
             regions=Regions(),
             next=segment.start,
         )
         self.calls[segment.start] = run
-        body = SegmentBody(self, segment, segment.start)
+        body = SegmentBody(self, segment, segment.start, run.sides)
         try:
             if run.group is None:
                 region = Region(body, (x, *rest), side)
@@ -265,12 +286,6 @@ class Executor:
                 f"stage {name!r} did not get the output of the block before it (joined with it "
                 f"from {joined}): the model changes the hidden state between blocks"
             )
-        elif not same_side_inputs(uncarried(carry, *run.side_inputs), uncarried(carry, rest, side)):
-            problem = (
-                f"stage {name!r} got other side inputs (masks, positions...) than "
-                f"{self.name(segment.start)!r}, joined with it in one recompute segment (e.g. "
-                f"sliding and full attention layers alternate)"
-            )
         elif not same_rng_state(run.rng, rng_state(main.device)):
             problem = (
                 f"the model drew random numbers before stage {name!r}, between blocks joined "
@@ -284,6 +299,9 @@ class Executor:
         if "links" not in vars(self):  # an executor pickled before links existed
             self.links = {}
         self.links[index - 1] = carry
+        # its own side inputs (a resnet's temb, an attention's encoder states, a sliding
+        # window's mask): the segment's rerun hands them to it, held until then
+        run.sides[index] = uncarried(carry, rest, side)
         return self._run_member(run, index, call)
 
     def _run_member(self, run: SegmentRun, index: int, call: Call) -> Any:
@@ -293,12 +311,14 @@ class Executor:
             run.regions.resume()
             nested = self.nesting.setdefault(segment.start, _nested(segment.inner, {}))
             for inner in nested.get(index, ()):
-                body = SegmentBody(self, inner, segment.start)
+                body = SegmentBody(self, inner, segment.start, run.sides)
                 run.regions.enter(inner.stop, Region(body, (x, *rest), side))
+            self.skips_before(index)
             out = self.forwards[(index, KEEP)](x, *rest, **side)
             for region in run.regions.close_through(index + 1):
                 guarded = region.input() if region.input is not None else None
                 out = guard_input(out, guarded, self.name(segment.start))
+            self.skips_after(index, out)
         except BaseException as error:
             self.drop_run(segment.start, error)
             raise
@@ -347,6 +367,8 @@ class Executor:
     def replay(self, item: Item, writes: list[Write]) -> None:
         """Keep what the first run of the top-level ``item`` rebound for the reruns of its
         blocks (:mod:`memfit.runtime.state_replay`), each block its own."""
+        if not writes:
+            return
         start, stop = (
             (item.index, item.index + 1) if isinstance(item, Stage) else (item.start, item.stop)
         )
@@ -387,16 +409,21 @@ class Executor:
         rest: tuple[Any, ...],
         kwargs: dict[str, Any],
         head: int,
+        sides: Mapping[int, Inputs] | None = None,
     ) -> Any:
-        """Run ``items`` inside the top-level segment whose first block is ``head``."""
+        """Run ``items`` inside the top-level segment whose first block is ``head``; ``sides``:
+        each block's own side inputs, as its first run got them (without: the first item's)."""
         out: Any = x
         for item in items:
             if isinstance(item, Stage):
                 out = self.run_stage(item, x, rest, kwargs, head)
             else:
-                out = self.run_segment(item, x, rest, kwargs, head)
+                out = self.run_segment(item, x, rest, kwargs, head, sides=sides)
             last = item.index if isinstance(item, Stage) else item.stop - 1
             carry = self.links.get(last, MAIN_ONLY)
+            own = sides.get(last + 1) if sides else None
+            if own is not None:
+                rest, kwargs = own
             x, rest, kwargs = hand_on(carry, out, x, rest, kwargs, main_tensor)
         return out
 
@@ -408,13 +435,15 @@ class Executor:
         kwargs: dict[str, Any],
         head: int | None = None,
         group: Group | None = None,
+        sides: Mapping[int, Inputs] | None = None,
     ) -> Any:
         """Run ``segment`` under a checkpoint; ``head``: the first block of the top-level
-        segment it lies in (``None``: it is that segment); ``group``: offload its input."""
+        segment it lies in (``None``: it is that segment); ``group``: offload its input;
+        ``sides``: as :meth:`run_items`'s."""
         head = segment.start if head is None else head
         if not torch.is_grad_enabled():
-            return self.run_items(segment.inner, x, rest, kwargs, head)
-        body = _SegmentBody(self, segment, head)
+            return self.run_items(segment.inner, x, rest, kwargs, head, sides)
+        body = _SegmentBody(self, segment, head, sides)
         if group is None:
             out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         else:  # outside the checkpoint, the hooks see what it keeps: its inputs
@@ -427,13 +456,21 @@ class Executor:
 class SegmentBody:
     """The function a segment's checkpoint runs (and reruns in backward)."""
 
-    def __init__(self, executor: Executor, segment: Segment, head: int) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        segment: Segment,
+        head: int,
+        sides: Mapping[int, Inputs] | None = None,
+    ) -> None:
         self.executor = executor
         self.segment = segment
         self.head = head
+        self.sides = sides  # each block's own side inputs (a multi-block top-level segment's)
 
     def __call__(self, x: Any, *rest: Any, **kwargs: Any) -> Any:
-        return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head)
+        sides = getattr(self, "sides", None)  # bodies pickled before it existed have none
+        return self.executor.run_items(self.segment.inner, x, rest, kwargs, self.head, sides)
 
 
 _SegmentBody = SegmentBody  # the name executors pickled before it was public refer to
@@ -445,7 +482,8 @@ class SegmentRun:
     block's return (:mod:`memfit.runtime.regions`)."""
 
     segment: Segment
-    side_inputs: Inputs  # the first block's (each later block must get the same)
+    side_inputs: Inputs  # the first block's
+    sides: dict[int, Inputs]  # every block's own side inputs, carried slots left out
     watch: Watch | None
     group: Group | None
     regions: Regions
@@ -548,7 +586,9 @@ class SegmentStart:
         watch = executor.watched(segment.start, segment.stop, call)
         group = executor.offload_group(segment.start, segment.offload)
         try:
+            executor.skips_before(segment.start)
             out = executor.run_segment(segment, *call, group=group)
+            executor.skips_after(segment.start, out)
         except BaseException:
             executor.abandon_offload()
             raise
@@ -686,6 +726,7 @@ class TopStage:
             watch = executor.watched(stage.index, stage.index + 1, call)
         group = executor.offload_group(stage.index, stage.option == OFFLOAD)
         try:
+            executor.skips_before(stage.index)
             if group is None:
                 out = executor.run_stage(stage, *call)
             else:  # parameters (and views of them) stay
@@ -694,6 +735,7 @@ class TopStage:
                 keys = storage_keys(module_tensors(block))
                 with executor.offloader.saving(group, keep=lambda t: storage_key(t) in keys):
                     out = executor.run_stage(stage, *call)
+            executor.skips_after(stage.index, out)
         except BaseException:
             executor.abandon_offload()
             raise

@@ -16,6 +16,8 @@
   module's tensors (``self.seen.add_(1)``), replaced parameters and rebound attributes of other
   types are refused. Checked around the first run of every recomputed top-level item, before
   any backward.
+  The common case (nothing changed) costs identity and version comparisons of flat lists
+  (:class:`Reading`); a change is then looked at attribute by attribute to name it.
 
 What the watch cannot see: Python containers changed in place (``self.log.append(x)``), state
 outside the block's modules (globals, other modules), and tensors reached through containers.
@@ -28,7 +30,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from itertools import chain, compress, repeat
+from operator import is_
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -108,15 +112,78 @@ def _arguments(main: Any, rest: tuple[Any, ...], side: dict[str, Any]) -> list[t
     ]
 
 
-def _tensors_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's parameters, buffers and tensor attributes (norm statistics excepted)."""
-    tensors = {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}
-    tensors.update((k, v) for k, v in module._parameters.items() if v is not None)
-    tensors.update((k, v) for k, v in module._buffers.items() if v is not None)
+def _tensors_in(
+    module: nn.Module,
+    attributes: dict[str, Any],
+    parameters: dict[str, Any],
+    buffers: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The tensors among a module's attributes, parameters and buffers (norm statistics
+    excepted), given its three dicts."""
+    tensors = {k: v for k, v in attributes.items() if isinstance(v, torch.Tensor)}
+    tensors.update((k, v) for k, v in parameters.items() if v is not None)
+    tensors.update((k, v) for k, v in buffers.items() if v is not None)
     if isinstance(module, _NormBase):  # restored after every rerun (memfit.runtime.replay)
         for name in RUNNING_STATS:
             tensors.pop(name, None)
     return tensors
+
+
+def _running_stats(module: nn.Module) -> list[torch.Tensor]:
+    """A norm layer's running statistics (restored after every rerun: memfit.runtime.replay)."""
+    if not isinstance(module, _NormBase):
+        return []
+    return [t for t in map(module._buffers.get, RUNNING_STATS) if isinstance(t, torch.Tensor)]
+
+
+def _tensors_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters, buffers and tensor attributes (norm statistics excepted)."""
+    return _tensors_in(module, vars(module), module._parameters, module._buffers)
+
+
+def _dicts(modules: Sequence[nn.Module]) -> list[dict[str, Any]]:
+    """The attribute, parameter and buffer dicts of ``modules``, three a module (the live
+    ones: read them again to see a change)."""
+    return [
+        own for module in modules for own in (vars(module), module._parameters, module._buffers)
+    ]
+
+
+class Reading(NamedTuple):
+    """The attribute, parameter and buffer dicts of an item's modules, flat: three dicts a
+    module, in order. Two readings are :meth:`same` exactly when every dict holds the very
+    objects under the same names in the same order: identity comparisons of flat lists, a few
+    list operations a module. A reading holds the objects, so their identities stay
+    comparable while it lives."""
+
+    sizes: list[int]
+    keys: list[str]
+    values: list[Any]
+
+    @classmethod
+    def of(cls, modules: Sequence[nn.Module]) -> Reading:
+        dicts = _dicts(modules)
+        return cls(
+            list(map(len, dicts)),
+            list(chain.from_iterable(dicts)),
+            list(chain.from_iterable(map(dict.values, dicts))),
+        )
+
+    def same(self, other: Reading) -> bool:
+        return (
+            self.sizes == other.sizes
+            and self.keys == other.keys
+            and all(map(is_, self.values, other.values))
+        )
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """Copies of the dicts as they were read."""
+        out, at = [], 0
+        for size in self.sizes:
+            keys, values = self.keys[at : at + size], self.values[at : at + size]
+            out.append(dict(zip(keys, values, strict=True)))
+            at += size
+        return out
 
 
 class Watch:
@@ -127,32 +194,41 @@ class Watch:
         modules: the item's blocks and their submodules, with their fqns.
         main, rest, side: the item's arguments (the hidden state, positional, keyword).
 
+    The common case costs identity and version comparisons of flat lists (:class:`Reading`,
+    :meth:`_unchanged`); only a run that changed something is looked at attribute by
+    attribute (:meth:`_written`), to name the write or replay it.
+
     While torch.compile traces the item (a compiled model or block around memfit's runtime) it
     watches nothing: reading version counters and attribute dicts would break the graph, and a
     compiled region's recompute replays the traced graph, not the module's Python.
     """
 
     def __init__(
-        self, stage: str, modules: NamedModules, main: Any, rest: tuple[Any, ...], side: Any
+        self,
+        stage: str,
+        modules: NamedModules,
+        main: Any,
+        rest: tuple[Any, ...],
+        side: Any,
     ) -> None:
         self.stage = stage
+        self.names = [name for name, _ in modules]
+        self.modules = [module for _, module in modules]
+        self.inputs: list[tuple[str, torch.Tensor, int]] = []
+        self.reading = Reading([], [], [])
+        self.tensors: list[torch.Tensor] = []  # every module tensor watched, flat
+        self.versions: list[int] = []  # their versions before the run
         if torch.compiler.is_compiling():
-            self.inputs: list[tuple[str, torch.Tensor, int]] = []
-            self.modules: list[
-                tuple[str, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]
-            ] = []
+            self.names, self.modules = [], []
             return
         self.inputs = [(label, t, t._version) for label, t in _arguments(main, rest, side)]
-        self.modules = [
-            (
-                name,
-                module,
-                dict(vars(module)),
-                {k: (t, t._version) for k, t in _tensors_of(module).items()},
-                dict(module._buffers),
-            )
-            for name, module in modules
-        ]
+        self.reading = Reading.of(self.modules)
+        values = self.reading.values
+        self.tensors = list(compress(values, map(isinstance, values, repeat(torch.Tensor))))
+        if any(map(isinstance, self.modules, repeat(_NormBase))):
+            restored = {id(t) for module in self.modules for t in _running_stats(module)}
+            self.tensors = [t for t in self.tensors if id(t) not in restored]
+        self.versions = [t._version for t in self.tensors]
 
     def check(self) -> list[Write]:
         """Raise if the run changed an argument in place or wrote to its modules' state in a
@@ -170,6 +246,8 @@ class Watch:
                 f"block compute a new tensor instead (mask = mask.masked_fill(...), not "
                 f"mask.masked_fill_(...)), or keep this stage in the plan (no recompute)"
             )
+        if self._unchanged():
+            return []
         rebound, written = self._written()
         if written:
             raise UnsupportedModelError(
@@ -185,21 +263,35 @@ class Watch:
             )
         return rebound
 
+    def _unchanged(self) -> bool:
+        """Whether the run left every watched module as it found it: the same objects under the
+        same names in its attribute, parameter and buffer dicts, in the same order, and the
+        same versions of its tensors. Whatever :meth:`_written` reports changes an identity or
+        a version compared here, so where this finds nothing, so would it."""
+        return (
+            Reading.of(self.modules).same(self.reading)
+            and [t._version for t in self.tensors] == self.versions
+        )
+
     def _written(self) -> tuple[list[Write], list[str]]:
         """The attributes the run rebound to values a rerun can replay, and the names of every
         other write (in place, a parameter, another type)."""
         rebound: dict[str, Write] = {}
         written: set[str] = set()
-        for name, module, attributes, tensors, buffers in self.modules:
+        version_before = {id(t): v for t, v in zip(self.tensors, self.versions, strict=True)}
+        dicts = self.reading.dicts()
+        for index, (name, module) in enumerate(zip(self.names, self.modules, strict=True)):
+            attributes, parameters, buffers = dicts[3 * index : 3 * index + 3]
+            tensors = _tensors_in(module, attributes, parameters, buffers)
             prefix = f"{name}." if name else ""
             current = _tensors_of(module)
             for key in tensors.keys() | current.keys():
                 old, tensor = tensors.get(key), current.get(key)
-                if old is not None and tensor is not None and (sharded(old[0]) or sharded(tensor)):
+                if old is not None and tensor is not None and (sharded(old) or sharded(tensor)):
                     continue  # FSDP2 gathered or resharded the block's parameters meanwhile
-                if old is not None and old[0]._version != old[1]:
+                if old is not None and old._version != version_before.get(id(old), old._version):
                     written.add(prefix + key)  # written in place: the value before is gone
-                elif key in module._parameters and tensor is not (None if old is None else old[0]):
+                elif key in module._parameters and tensor is not old:
                     written.add(prefix + key)  # a parameter replaced
             now = vars(module)
             for key in attributes.keys() | now.keys():

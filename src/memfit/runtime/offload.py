@@ -52,6 +52,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from memfit.measuring.offload import offloadable
 from memfit.measuring.step import storage_key
+from memfit.runtime.skip_offload import SkipTrips
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class Offloader:
         self.waiting: Group | None = None  # fetched when the next item's backward starts
         self.log: list[tuple[str, str]] | None = None  # (event, group) when tests ask
         self.told = False  # the host-to-host warning, once
+        self.skips = SkipTrips(self)  # offloaded skip connections (runtime.skip_offload)
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # buffers and per-step state are never copied or pickled
@@ -293,6 +295,7 @@ class Offloader:
             self.copying.versions.clear()
             self.drain(self.copying)
         self.copying = self.waiting = None
+        self.skips.reset()
         for pool in self.pools.values():
             pool.trim()
 

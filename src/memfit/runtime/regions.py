@@ -9,8 +9,9 @@ called and *closed* when block ``t-1`` returns, with torch's own non-reentrant c
 (``_checkpoint_without_reentrant_generator``, the generator ``torch.utils.checkpoint.checkpoint``
 itself drives), and every block runs in its own call and returns its own output. In backward
 the checkpoint reruns the segment's blocks as one function (:class:`SegmentBody`), from the first
-block's input, which holds because each block is checked to receive the previous block's output
-and the first block's side inputs, with no random numbers drawn between them.
+block's input, which holds because each block is checked to receive the previous block's output,
+with no random numbers drawn between them, and gets its own side inputs again (the executor
+keeps each block's).
 
 Between two blocks of an open region the model's own code runs (collecting hidden states,
 logging). Its tensors must not be saved through the checkpoint's hooks (the rerun would not
