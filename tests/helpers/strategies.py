@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from memfit.planning.costs import KEEP, ChainCosts, OptionCosts, StageCosts
 from memfit.planning.plan import Item, Segment, Stage, Tree
-from memfit.planning.simulate import simulate
+from memfit.planning.simulate import Simulation, simulate
 
 UNIT = 1 << 20
 
@@ -206,3 +206,27 @@ def best_time(costs: ChainCosts, budget_bytes: int) -> float | None:
 def peaks(costs: ChainCosts) -> list[int]:
     """The simulated peaks of the Pareto trees (interesting budgets)."""
     return sorted({simulate(costs, s[3]).peak_bytes for s in pareto_summaries(costs)})
+
+
+def assert_optimal_matches_brute_force(
+    costs: ChainCosts, budget: int, runs: list[Simulation]
+) -> None:
+    """The optimal DP against every tree's simulation ``runs``: the same floor (named by the
+    error where ``budget`` is below it), and within the budget the fastest step."""
+    import pytest
+
+    from memfit.errors import InfeasibleBudgetError
+    from memfit.planning.optimal import solve_optimal
+    from memfit.planning.solve import min_peak_bytes
+
+    floor = min(run.peak_bytes for run in runs)
+    fitting = [run.step_s for run in runs if run.peak_bytes <= budget]
+    assert min_peak_bytes(costs) == floor
+    if not fitting:
+        with pytest.raises(InfeasibleBudgetError) as error:
+            solve_optimal(costs, budget)
+        assert error.value.min_feasible_bytes == floor
+        return
+    solution = solve_optimal(costs, budget)
+    assert solution.simulation.peak_bytes <= budget
+    assert solution.simulation.step_s == min(fitting)

@@ -21,7 +21,7 @@ from memfit.planning.optimal import Planner, solve_optimal
 from memfit.planning.plan import Plan, Segment, Stage, Tree
 from memfit.planning.simulate import Simulation, simulate
 from memfit.planning.solve import min_peak_bytes
-from tests.helpers.strategies import UNIT, all_trees, chains
+from tests.helpers.strategies import UNIT, all_trees, assert_optimal_matches_brute_force, chains
 
 
 def _flat(start: int, stop: int, *offload_skips: tuple[int, int]) -> Segment:
@@ -189,14 +189,4 @@ def hosted_chain(draw: st.DrawFn) -> tuple[ChainCosts, int, list[Simulation]]:
 def test_optimal_matches_brute_force_with_offloaded_skips(
     case: tuple[ChainCosts, int, list[Simulation]],
 ) -> None:
-    costs, budget, runs = case
-    fitting = [run.step_s for run in runs if run.peak_bytes <= budget]
-    assert min_peak_bytes(costs) == min(run.peak_bytes for run in runs)
-    if not fitting:
-        with pytest.raises(InfeasibleBudgetError) as error:
-            solve_optimal(costs, budget)
-        assert error.value.min_feasible_bytes == min(run.peak_bytes for run in runs)
-        return
-    solution = solve_optimal(costs, budget)
-    assert solution.simulation.peak_bytes <= budget
-    assert solution.simulation.step_s == min(fitting)
+    assert_optimal_matches_brute_force(*case)
