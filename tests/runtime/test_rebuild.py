@@ -572,30 +572,3 @@ def test_an_intermediate_read_twice_is_rebuilt_once_as_in_the_forward() -> None:
     assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
     difference = compare_traces(plain_trace, trace)
     assert difference is None, str(difference)
-
-
-def test_storages_rebuilt_in_turn_run_their_ops_in_the_forwards_order() -> None:
-    """RecurrentGemma's recurrence: ``a = exp(log_a)`` and ``a2 = exp(2 * log_a)`` are both
-    saved, and a later saved storage reads them (here ``tanh(a2 * a)``). Rebuilt argument by
-    argument, ``a2``'s chain ran before ``a``'s, otherwise than in the forward (the op trace
-    differed); the rebuild runs every op in the forward's order, ``log_a`` once."""
-    h = torch.randn(6, 8, requires_grad=True)
-    w = torch.randn(8, 8, requires_grad=True)
-
-    def forward() -> torch.Tensor:
-        gate = torch.sigmoid(h @ w)  # saves its output: kept, the chains' source
-        log_a = gate * -8.0
-        a = torch.exp(log_a)
-        a2 = torch.exp(log_a * 2.0)
-        return torch.tanh(a2 * a) @ w
-
-    with tracing() as plain_trace:
-        plain = torch.autograd.grad(forward().sum(), [h, w])
-    with tracing() as trace, recording() as log:
-        with rebuilding(ops=True):
-            out = forward()
-        rebuilt = torch.autograd.grad(out.sum(), [h, w])
-    assert log[0].get("exp chain") == 2 * 6 * 8 * 4 and log[0].get("tanh chain") == 6 * 8 * 4
-    assert all(torch.equal(p, r) for p, r in zip(plain, rebuilt, strict=True))
-    difference = compare_traces(plain_trace, trace)
-    assert difference is None, str(difference)

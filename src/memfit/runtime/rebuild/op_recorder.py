@@ -59,7 +59,6 @@ class _OpMakers:
         self.makers: dict[int, Any] = {}
         # intermediates the recipes' chains read: id of the op call -> reading argument slots
         self.readers: dict[int, int] = {}
-        self.calls = 0  # op calls recorded: each one's place in the forward
 
     def record_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note which op made each fresh storage (and that in-place writes made new ones).
@@ -91,9 +90,7 @@ class _OpMakers:
                 geometry=geometry(out),
                 nbytes=out.untyped_storage().nbytes(),
                 dtype=out.dtype,
-                order=self.calls,
             )
-            self.calls += 1
         for _tensor, ptr in fresh:
             self.makers[ptr] = call if call is not None else _Made()
 

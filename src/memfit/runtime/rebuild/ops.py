@@ -57,7 +57,6 @@ class _OpCall:
     geometry: Geometry
     nbytes: int
     dtype: torch.dtype
-    order: int = 0  # its place among the block's recorded calls (the forward's order)
 
 
 @dataclass(slots=True, eq=False)
@@ -133,10 +132,7 @@ class _OpRecipe:
     other storages of the block rebuilt meanwhile (its recurrence's ``log_a``, read by
     ``exp(log_a)`` and ``exp(2 * log_a)``, both saved), is computed once per rebuild run and
     handed to each (computed once per reader, the rebuild ran ops the forward did not run, and
-    the op trace differed from the plain step's). And the ops run in the forward's order: a
-    rebuild first makes every intermediate it needs, and every storage rebuilt in turn for it,
-    sorted by their calls' places in the forward (evaluated argument by argument, the chains of
-    two rebuilt storages interleaved otherwise than in the forward: RecurrentGemma's).
+    the op trace differed from the plain step's).
 
     An op whose first argument is an intermediate this recipe has just made (nobody saved it,
     nothing else holds it, no other op of the block's chains reads it) runs in place on it when its
@@ -184,33 +180,6 @@ class _OpRecipe:
                     pending.append(arg.maker)
         return readers
 
-    def _schedule(self, into: dict[int, tuple[int, Any]]) -> None:
-        """Add what a rebuild of this storage runs besides its own call, each with its place in
-        the forward: ``id`` -> ``(order, (recipe, call))`` for an intermediate, ``(order,
-        source)`` for a saved storage rebuilt in turn (after its own intermediates)."""
-        pending = [self.call]
-        while pending:
-            current = pending.pop()
-            for arg in _aten_leaves(current.args, current.kwargs, _Arg):
-                if arg.tensor is not None:
-                    continue
-                if self._saved(arg):
-                    source = self.saved[arg.ptr][0]
-                    if source is None or source.cached is not None or id(source) in into:
-                        continue
-                    if isinstance(source.make, _OpRecipe):
-                        source.make._schedule(into)
-                        into[id(source)] = (source.make.call.order, source)
-                    else:  # a module's rerun: first (it reads no intermediate of an op chain)
-                        into[id(source)] = (-1, source)
-                    continue
-                assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
-                left = _run.left
-                left[id(arg.maker)] = left.get(id(arg.maker), 0) + 1  # one more read
-                if id(arg.maker) not in into:
-                    into[id(arg.maker)] = (arg.maker.order, (self, arg.maker))
-                    pending.append(arg.maker)
-
     def resolve(self, arg: _Arg) -> torch.Tensor:
         if arg.tensor is not None:
             return arg.tensor
@@ -220,14 +189,11 @@ class _OpRecipe:
             assert whole is not None
             return whole.as_strided(*arg.geometry)
         assert isinstance(arg.maker, _OpCall)  # checked when the recipe was made
-        memo = _run.made
-        made = memo.get(id(arg.maker)) if memo is not None else None
-        if memo is not None and made is not None:
-            _run.left[id(arg.maker)] -= 1
-            if not _run.left[id(arg.maker)]:  # its last reader in this rebuild: let it go
-                del memo[id(arg.maker)]
-        else:  # not scheduled (read by a module's rerun inside this rebuild)
+        made = _run.made.get(id(arg.maker)) if _run.made is not None else None
+        if made is None:
             made = self.evaluate(arg.maker)
+            if _run.made is not None and self.readers.get(id(arg.maker), 0) > 1:
+                _run.made[id(arg.maker)] = made
         return made.as_strided(*arg.geometry)
 
     def evaluate(self, call: _OpCall) -> torch.Tensor:
@@ -251,28 +217,18 @@ class _OpRecipe:
         # the op made the whole storage (checked when recorded): the saved base is a view of it
         if _run.made is not None:  # inside another rebuild: its run
             return self.evaluate(self.call).as_strided(*self.geometry)
-        made: dict[int, torch.Tensor] = {}
-        _run.made, _run.left = made, {}
+        _run.made = {}
         try:
-            steps: dict[int, tuple[int, Any]] = {}
-            self._schedule(steps)
-            for _order, step in sorted(steps.values(), key=lambda entry: entry[0]):
-                if isinstance(step, tuple):
-                    recipe, call = step
-                    made[id(call)] = recipe.evaluate(call)
-                else:
-                    step.value()
             return self.evaluate(self.call).as_strided(*self.geometry)
         finally:
-            _run.made, _run.left = None, {}
+            _run.made = None
 
 
 class _Run(threading.local):
-    """The intermediates made so far in the rebuild running now (outermost recipe call):
-    ``id`` of the op call -> its output."""
+    """The intermediates made so far in the rebuild running now (outermost recipe call), that
+    more than one op reads: ``id`` of the op call -> its output."""
 
     made: dict[int, torch.Tensor] | None = None
-    left: dict[int, int] = {}  # noqa: RUF012 (per thread, replaced per rebuild) reads to come
 
 
 _run = _Run()
