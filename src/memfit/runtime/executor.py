@@ -443,7 +443,7 @@ class Executor:
         head = segment.start if head is None else head
         if not torch.is_grad_enabled():
             return self.run_items(segment.inner, x, rest, kwargs, head, sides)
-        body = _SegmentBody(self, segment, head, sides)
+        body = SegmentBody(self, segment, head, sides)
         if group is None:
             out = checkpoint(body, x, *rest, use_reentrant=False, **kwargs)
         else:  # outside the checkpoint, the hooks see what it keeps: its inputs
